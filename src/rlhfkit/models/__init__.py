@@ -1,0 +1,1 @@
+"""rlhfkit.models."""
