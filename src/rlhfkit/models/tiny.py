@@ -15,7 +15,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] | trim + '<|im_end|>' + '\n' }}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] | trim"
+    " + '<|im_end|>' + '\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
@@ -82,7 +83,10 @@ def tiny_config(vocab_size: int, **overrides: object) -> LlamaConfig:
 
 
 def tiny_model(
-    vocab_size: int | None = None, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: object
+    vocab_size: int | None = None,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    **overrides: object,
 ) -> LlamaForCausalLM:
     """A freshly initialised tiny Llama causal LM (deterministic for a given seed).
 

@@ -1,1 +1,1 @@
-"""rlhfkit.rollout."""
+"""Rollout generation: the Generator protocol and its Hugging Face implementation."""

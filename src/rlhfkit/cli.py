@@ -1,0 +1,58 @@
+"""Command line: ``rlhfkit <command> [--config file.yaml] [--section.field value ...]``.
+
+Each command maps to a recipe's Config dataclass and ``main``; ``rlhfkit <command> --help``
+documents every option from the config docstrings.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "sft": ("rlhfkit.recipes.sft", "SFTConfig", "Supervised fine-tuning on chat data."),
+    "generate": (
+        "rlhfkit.recipes.generate",
+        "GenerateConfig",
+        "Sample chat completions from a model.",
+    ),
+    "demo": (
+        "rlhfkit.recipes.demo",
+        "DemoConfig",
+        "The pipeline on the embedded model, with before/after samples.",
+    ),
+}
+
+
+def _usage() -> str:
+    lines = [
+        "usage: rlhfkit <command> [--config file.yaml] [--section.field value ...]",
+        "",
+        "commands:",
+    ]
+    lines += [f"  {name:<10} {help_}" for name, (_, _, help_) in COMMANDS.items()]
+    lines += ["", "rlhfkit <command> --help lists every option."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``rlhfkit`` console script."""
+    from rlhfkit.config import parse_cli
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        raise SystemExit(f"unknown command {command!r}\n\n{_usage()}")
+    module_name, config_name, help_ = COMMANDS[command]
+    module = importlib.import_module(module_name)
+    cfg = parse_cli(
+        getattr(module, config_name), rest, prog=f"rlhfkit {command}", description=help_
+    )
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "urllib3", "datasets", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    module.main(cfg)

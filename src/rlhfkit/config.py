@@ -1,0 +1,195 @@
+"""Shared config sections, YAML presets and CLI parsing.
+
+Every recipe's Config is a dataclass composed of these small sections plus its own algorithm
+section. Each field is documented by the docstring under it: tyro turns those into ``--help``,
+so there is one source for type, default and help text. A YAML preset supplies values
+(``--config configs/sft.yaml``); ``--section.field value`` flags override them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+@dataclass
+class ModelConfig:
+    """Which model to train and how it computes."""
+
+    name: str = "smollm2-135m-instruct"
+    """Hugging Face hub id, local directory, or 'smollm2-135m-instruct' (the embedded default)."""
+    precision: Literal["auto", "bf16", "fp32", "fp16"] = "auto"
+    """Compute dtype; 'auto' picks bf16 where the CPU (AMX / AVX512-BF16) or GPU supports it.
+    Master weights, optimiser state and loss math are always fp32."""
+    attn_implementation: str = "sdpa"
+    """Attention kernel passed to transformers ('sdpa', 'eager', 'flash_attention_2')."""
+    trust_remote_code: bool = False
+    """Allow model code from the hub (only for models you trust)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+    lora: bool = False
+    """Train a LoRA adapter (peft) instead of all weights."""
+    lora_r: int = 16
+    """LoRA rank."""
+    lora_alpha: int = 32
+    """LoRA scaling numerator (update scaled by alpha / r)."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA input."""
+    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """Modules to adapt; 'all-linear' adapts every linear layer except the head."""
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and the learning-rate schedule."""
+
+    lr: float = 2e-5
+    """Peak learning rate."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay (matrices only)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Adam moment coefficients."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    """Decay after warmup: linear to 0, cosine to 0, or constant."""
+    warmup_ratio: float = 0.05
+    """Fraction of the steps spent warming up linearly."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this (0 disables clipping)."""
+
+
+@dataclass
+class LoopConfig:
+    """Batching, length of training, evaluation, checkpoints."""
+
+    batch_size: int = 16
+    """Sequences per optimiser step (global, over all micro-batches and ranks)."""
+    micro_batch_tokens: int = 4096
+    """Token budget of one micro-batch (packed row or padded bucket); trades memory for speed,
+    never changes the gradient."""
+    epochs: float = 1.0
+    """Passes over the training data (ignored when max_steps is set)."""
+    max_steps: int | None = None
+    """Stop after this many optimiser steps."""
+    seed: int = 0
+    """Seed for data order, initialisation and sampling."""
+    eval_every: int = 0
+    """Evaluate every N steps (0: only before and after training)."""
+    save_every: int = 0
+    """Checkpoint every N steps (0: only at the end)."""
+    keep_last: int = 2
+    """Checkpoints to keep."""
+    resume: bool = False
+    """Continue from the run directory's latest checkpoint."""
+    max_nonfinite: int = 3
+    """Abort after this many consecutive steps with a NaN/inf loss (each is skipped)."""
+
+
+@dataclass
+class LogConfig:
+    """Where outputs go."""
+
+    run_dir: str = "runs/sft"
+    """Run directory: final model, checkpoints, metrics.jsonl, config and provenance."""
+    tensorboard: bool = True
+    """Write TensorBoard event files (when tensorboard is installed)."""
+    wandb: bool = False
+    """Log to Weights & Biases (pip install wandb)."""
+    trackio: bool = False
+    """Log to trackio (pip install trackio)."""
+    project: str = "rlhfkit"
+    """Project name for wandb / trackio."""
+    progress: bool = True
+    """Show a progress bar."""
+    log_every: int = 1
+    """Write metrics every N steps."""
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A config as plain YAML-safe values (tuples become lists)."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [plain(v) for v in value]
+        return value
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def from_dict(cls: type[T], values: dict[str, Any], *, where: str = "config") -> T:
+    """Build dataclass ``cls`` from nested ``values``; unknown keys raise naming their path.
+
+    Raises:
+        ValueError: For a key that is not a field, or a section that is not a mapping.
+    """
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in names:
+            raise ValueError(
+                f"{where}: unknown field '{key}' for {cls.__name__}; "
+                f"valid: {', '.join(sorted(names))}"
+            )
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise ValueError(f"{where}: '{key}' must be a mapping of {hint.__name__} fields")
+            value = from_dict(hint, value, where=f"{where}.{key}")
+        elif _is_tuple(hint) and isinstance(value, list):
+            value = tuple(value)
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _is_tuple(hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    return origin is tuple or (origin is types.UnionType and tuple in typing.get_args(hint))
+
+
+def load_yaml(cls: type[T], path: str | Path) -> T:
+    """Read a YAML preset into ``cls`` (missing fields keep their defaults)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} not found")
+    values = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: the top level must be a mapping of config sections")
+    return from_dict(cls, values, where=str(path))
+
+
+def parse_cli(cls: type[T], args: list[str], *, prog: str, description: str) -> T:
+    """Parse ``[--config file.yaml] [--section.field value ...]`` into ``cls``.
+
+    The preset (if any) supplies defaults; flags override them. ``--help`` lists every field
+    with its docstring.
+    """
+    import tyro
+
+    default = cls()
+    rest = list(args)
+    if "--config" in rest:
+        i = rest.index("--config")
+        if i + 1 >= len(rest):
+            raise SystemExit("--config needs a YAML file path")
+        default = load_yaml(cls, rest[i + 1])
+        del rest[i : i + 2]
+    return tyro.cli(
+        cls,
+        default=default,
+        args=rest,
+        prog=prog,
+        description=description,
+        config=(tyro.conf.FlagConversionOff,),
+    )

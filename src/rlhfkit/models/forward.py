@@ -1,0 +1,126 @@
+"""Forward passes that return fp32 log-probabilities of labels without (B, L, V) fp32 logits.
+
+Two entry points share one head computation:
+
+- ``label_logprobs(model, batch)``: HF-style ``labels`` (-100 = ignore, the model's usual shift:
+  the label at position i is predicted from positions < i). Only the hidden states of positions
+  that predict a label go through the head, so prompt tokens cost no head FLOPs. Used by SFT and
+  any loss over a flat set of labelled tokens, padded or packed.
+- ``completion_logprobs(model, prompt_ids, ...)``: the RL / preference convention of METHODS.md
+  section 1: prompts left-padded, completions right-padded, result in completion space (B, T).
+
+Models whose head is a plain bias-free linear map use the fused chunked op of
+:mod:`rlhfkit.ops.logprobs`; others (logit soft-capping, logit scaling, biased heads) fall back to
+the model's own logits (the naive path, also used as the reference in tests).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from rlhfkit.ops.logprobs import linear_logprobs, logits_logprobs
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model under a peft wrapper (LoRA layers are injected in place)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def fused_head(model: nn.Module) -> nn.Linear | None:
+    """The output head if it is a plain bias-free linear layer that can be fused, else None."""
+    lm = _unwrap(model)
+    head = lm.get_output_embeddings()
+    config = lm.config
+    special = any(
+        getattr(config, name, None) not in (None, 1.0)
+        for name in ("final_logit_softcapping", "logit_scale", "logits_scaling")
+    )
+    if special or not isinstance(head, nn.Linear) or head.bias is not None:
+        return None
+    return head
+
+
+def backbone_hidden(model: nn.Module, **inputs: torch.Tensor) -> torch.Tensor:
+    """Final hidden states of the decoder (before the head).
+
+    Shapes:
+        input_ids: (B, L); returns (B, L, H).
+    """
+    lm = _unwrap(model)
+    backbone = getattr(lm, lm.base_model_prefix)
+    return backbone(**inputs, use_cache=False).last_hidden_state
+
+
+def _model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    keys = ("input_ids", "attention_mask", "position_ids")
+    return {k: batch[k] for k in keys if k in batch}
+
+
+def label_logprobs(
+    model: nn.Module, batch: dict[str, torch.Tensor], *, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 log-probabilities of every labelled token of a (padded or packed) batch.
+
+    Args:
+        model: A causal LM.
+        batch: ``input_ids`` and ``labels`` (-100 = not a label), optional ``attention_mask``
+            and ``position_ids``.
+        temperature: Logits are divided by it.
+
+    Returns:
+        ``(logprobs, rows)``: log pi of each label, in row-major order of the label positions,
+        and the batch row each label belongs to.
+
+    Shapes:
+        input_ids, labels: (B, L); returns (N,), (N,) with N the number of labels.
+    """
+    labels = batch["labels"][:, 1:]  # (B, L-1): label i+1 is predicted at position i
+    select = labels != -100  # (B, L-1)
+    targets = labels[select]  # (N,)
+    rows = select.nonzero()[:, 0]  # (N,)
+    head = fused_head(model)
+    if head is None:
+        logits = model(**_model_inputs(batch), use_cache=False).logits[:, :-1]  # (B, L-1, V)
+        return logits_logprobs(logits[select], targets), rows
+    hidden = backbone_hidden(model, **_model_inputs(batch))[:, :-1]  # (B, L-1, H)
+    return linear_logprobs(hidden[select], head.weight, targets, temperature=temperature), rows
+
+
+def completion_logprobs(
+    model: nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Log pi(y_t | x, y_<t) for every completion position (METHODS.md section 1).
+
+    Runs ``cat(prompt, completion)`` with ``position_ids = cumsum(attention) - 1`` (clamped at
+    0), takes the hidden states at columns P-1 .. P+T-2 (those that predict the completion
+    tokens), divides the logits by ``temperature`` and returns fp32 log-softmax gathered at the
+    completion ids. Positions where ``completion_mask`` is False get 0.
+
+    Shapes:
+        prompt_ids, prompt_mask: (B, P), left-padded; completion_ids, completion_mask: (B, T),
+        right-padded; returns (B, T) fp32.
+    """
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # (B, L)
+    attention = torch.cat([prompt_mask, completion_mask], dim=1).long()  # (B, L)
+    position_ids = (attention.cumsum(1) - 1).clamp(min=0)  # (B, L)
+    inputs = {"input_ids": input_ids, "attention_mask": attention, "position_ids": position_ids}
+    p = prompt_ids.shape[1]
+    select = completion_mask.bool()  # (B, T)
+    out = torch.zeros(completion_ids.shape, dtype=torch.float32, device=completion_ids.device)
+    head = fused_head(model)
+    if head is None:
+        logits = model(**inputs, use_cache=False).logits[:, p - 1 : -1] / temperature  # (B, T, V)
+        out[select] = logits_logprobs(logits[select], completion_ids[select])
+        return out
+    hidden = backbone_hidden(model, **inputs)[:, p - 1 : -1]  # (B, T, H)
+    out[select] = linear_logprobs(
+        hidden[select], head.weight, completion_ids[select], temperature=temperature
+    )
+    return out

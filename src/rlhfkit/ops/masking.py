@@ -1,0 +1,110 @@
+"""Masked reductions and the loss aggregation modes (METHODS.md section 6.1).
+
+``mask`` is bool and True where a token counts in the loss; it is cast only here.
+Aggregation divides by a *global* normaliser (summed over micro-batches and ranks by
+``training.accumulate``), so that the gradient does not depend on how a batch is split.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+AggregationName = Literal["token_mean", "seq_mean_token_mean", "fixed_length", "sum"]
+
+
+@dataclass(frozen=True)
+class Aggregation:
+    """A loss-aggregation mode.
+
+    Attributes:
+        mode: ``token_mean`` (sum over all loss tokens / total loss tokens, DAPO, SFT),
+            ``seq_mean_token_mean`` (per-sequence token mean, then mean over sequences; GRPO),
+            ``fixed_length`` (per-sequence sum / ``max_len``, then mean over sequences;
+            Dr. GRPO) or ``sum`` (plain sum; normaliser 1).
+        max_len: L_max of ``fixed_length`` (1 gives the per-sequence sum).
+    """
+
+    mode: AggregationName = "token_mean"
+    max_len: int = 1
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("token_mean", "seq_mean_token_mean", "fixed_length", "sum"):
+            raise ValueError(
+                f"unknown aggregation mode {self.mode!r}; choose token_mean, "
+                "seq_mean_token_mean, fixed_length or sum"
+            )
+        if self.max_len < 1:
+            raise ValueError(f"fixed_length needs max_len >= 1, got {self.max_len}")
+
+
+def masked_sum(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Sum of ``values`` where ``mask`` is True.
+
+    Shapes:
+        values, mask: (B, T) (or any equal shapes); returns a scalar or the reduced shape.
+    """
+    masked = values * mask.to(values.dtype)
+    return masked.sum() if dim is None else masked.sum(dim)
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of ``values`` over True entries of ``mask`` (0 where a row has none).
+
+    Shapes:
+        values, mask: (B, T); returns a scalar or (B,) for ``dim=-1``.
+    """
+    count = mask.to(values.dtype).sum() if dim is None else mask.to(values.dtype).sum(dim)
+    return masked_sum(values, mask, dim) / count.clamp(min=1)
+
+
+def normaliser_count(mask: torch.Tensor, agg: Aggregation) -> torch.Tensor:
+    """This micro-batch's share of the global normaliser.
+
+    token_mean: number of loss tokens; seq_mean_token_mean / fixed_length: number of sequences
+    (rows with at least one loss token); sum: 0 (the normaliser is fixed to 1).
+
+    Shapes:
+        mask: (B, T); returns a scalar fp64 tensor (exact counts).
+    """
+    if agg.mode == "token_mean":
+        return mask.sum().to(torch.float64)
+    if agg.mode == "sum":
+        return torch.zeros((), dtype=torch.float64)
+    return mask.any(dim=-1).sum().to(torch.float64)
+
+
+def aggregate(
+    loss: torch.Tensor, mask: torch.Tensor, agg: Aggregation, normaliser: float | torch.Tensor
+) -> torch.Tensor:
+    """Reduce a per-token loss matrix to this micro-batch's share of the batch loss.
+
+    With ``normaliser`` the global count from :func:`normaliser_count` summed over all
+    micro-batches and ranks, the shares of all micro-batches add up to:
+
+    - token_mean: sum_{i,t} l_it m_it / sum_i |y_i|
+    - seq_mean_token_mean: (1/B) sum_i (1/|y_i|) sum_t l_it m_it
+    - fixed_length: (1/B) sum_i (1/L_max) sum_t l_it m_it
+    - sum: sum_{i,t} l_it m_it
+
+    Args:
+        loss: Per-token loss, fp32.
+        mask: True where the token counts.
+        agg: The aggregation mode.
+        normaliser: Global normaliser (ignored for ``sum``); must be > 0 otherwise.
+
+    Shapes:
+        loss, mask: (B, T); returns a scalar.
+    """
+    per_token = loss * mask.to(loss.dtype)  # (B, T)
+    if agg.mode == "sum":
+        return per_token.sum()
+    if agg.mode == "token_mean":
+        total = per_token.sum()
+    elif agg.mode == "seq_mean_token_mean":
+        total = (per_token.sum(-1) / mask.sum(-1).clamp(min=1).to(loss.dtype)).sum()
+    else:
+        total = per_token.sum() / agg.max_len
+    return total / normaliser

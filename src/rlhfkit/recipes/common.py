@@ -1,0 +1,207 @@
+"""Glue shared by recipes: build the model and run directory, step the optimiser, checkpoint.
+
+Not a trainer: recipes own their loop and call these helpers explicitly.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlhfkit.config import LogConfig, ModelConfig, OptimConfig
+from rlhfkit.models.load import LoraSpec, apply_lora, load_model, load_tokenizer
+from rlhfkit.models.precision import Precision, resolve_precision
+from rlhfkit.training.accumulate import StepStats
+from rlhfkit.training.checkpoint import (
+    TrainerState,
+    capture_rng,
+    latest_checkpoint,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
+from rlhfkit.training.logging import MetricsLogger, write_run_info
+from rlhfkit.training.optim import build_optimizer, build_scheduler, clip_grad_norm
+from rlhfkit.training.precision import MasterWeights
+from rlhfkit.training.progress import TrainProgress
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive steps had a NaN or infinite loss."""
+
+
+@dataclass
+class RunContext:
+    """The objects a training recipe works with, and its step counter."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    precision: Precision
+    master: MasterWeights
+    run_dir: Path
+    logger: MetricsLogger
+    show_progress: bool = True
+    packing: bool = False
+    step: int = 0
+    nonfinite: int = 0
+    optimizer: torch.optim.Optimizer | None = None
+    scheduler: Any = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def pad_id(self) -> int:
+        """The tokenizer's padding id."""
+        return int(self.tokenizer.pad_token_id)
+
+    def start_training(self, optim: OptimConfig, total_steps: int, *, resume: bool) -> None:
+        """Build optimiser and schedule; with ``resume``, restore the latest checkpoint."""
+        self.optimizer = build_optimizer(
+            self.master.params(),
+            lr=optim.lr,
+            weight_decay=optim.weight_decay,
+            betas=optim.betas,
+            eps=optim.eps,
+        )
+        self.scheduler = build_scheduler(
+            self.optimizer,
+            total_steps=total_steps,
+            warmup_ratio=optim.warmup_ratio,
+            schedule=optim.schedule,
+        )
+        if not resume:
+            return
+        path = latest_checkpoint(self.run_dir)
+        if path is None:
+            raise FileNotFoundError(
+                f"--loop.resume: no checkpoint under {self.run_dir}/checkpoints"
+            )
+        weights, state = load_checkpoint(path)
+        self.master.load_state_dict(weights)
+        self.optimizer.load_state_dict(state.optimizer)
+        self.scheduler.load_state_dict(state.scheduler)
+        restore_rng(state.rng)
+        self.step, self.extra = state.step, state.extra
+        log.info("resumed from %s at step %d", path, self.step)
+
+    def apply_step(self, stats: StepStats, max_grad_norm: float, max_nonfinite: int) -> bool:
+        """Clip, step and schedule after ``accumulate``; skip a non-finite step.
+
+        Returns:
+            True if the optimiser stepped; False if the step was skipped.
+
+        Raises:
+            NonFiniteLossError: After ``max_nonfinite`` skipped steps in a row (the last good
+                checkpoint is untouched).
+        """
+        if not stats.finite:
+            self.master.zero_grad()
+            self.nonfinite += 1
+            log.warning(
+                "step %d: non-finite loss, step skipped (%d in a row)", self.step, self.nonfinite
+            )
+            if self.nonfinite >= max_nonfinite:
+                raise NonFiniteLossError(
+                    f"{self.nonfinite} consecutive non-finite losses at step {self.step}; "
+                    f"stopping. The last good checkpoint in {self.run_dir}/checkpoints is "
+                    "intact: lower optim.lr, check the data, or use --model.precision fp32, "
+                    "then --loop.resume True."
+                )
+            return False
+        self.nonfinite = 0
+        self.extra["grad_norm"] = clip_grad_norm(self.master.params(), max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.master.zero_grad()
+        self.master.sync_to_model()
+        self.step += 1
+        return True
+
+    def log_step(self, metrics: dict[str, float], every: int) -> None:
+        """Log ``metrics`` plus learning rate and gradient norm every ``every`` steps."""
+        if every and self.step % every == 0:
+            lr = self.scheduler.get_last_lr()[0]
+            self.logger.log(
+                self.step,
+                {**metrics, "train/lr": lr, "train/grad_norm": self.extra.get("grad_norm", 0.0)},
+            )
+
+    def save(self, keep_last: int, data: dict[str, Any] | None = None) -> Path:
+        """Write an atomic checkpoint of the current step."""
+        state = TrainerState(
+            step=self.step,
+            optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(),
+            rng=capture_rng(),
+            data=data or {},
+            extra={k: v for k, v in self.extra.items() if k != "grad_norm"},
+        )
+        return save_checkpoint(self.run_dir, self.master.state_dict(), state, keep_last=keep_last)
+
+    def progress(self, total: int) -> TrainProgress:
+        """A progress bar starting at the current step."""
+        return TrainProgress(total, start=self.step, enabled=self.show_progress)
+
+
+def build_run(
+    model_cfg: ModelConfig, log_cfg: LogConfig, seed: int, config: dict[str, Any]
+) -> RunContext:
+    """Seed, load model + tokenizer with the precision policy and optional LoRA, open the run."""
+    torch.manual_seed(seed)
+    precision = resolve_precision(model_cfg.precision)
+    tokenizer = load_tokenizer(model_cfg.name, trust_remote_code=model_cfg.trust_remote_code)
+    model = load_model(
+        model_cfg.name,
+        dtype=torch.float32,
+        attn_implementation=model_cfg.attn_implementation,
+        trust_remote_code=model_cfg.trust_remote_code,
+    )
+    if model_cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    if model_cfg.lora:
+        spec = LoraSpec(
+            model_cfg.lora_r,
+            model_cfg.lora_alpha,
+            model_cfg.lora_dropout,
+            list(model_cfg.lora_target_modules),
+        )
+        model = apply_lora(model, spec)
+    model.train()
+    master = MasterWeights(model, precision.compute)
+    run_dir = Path(log_cfg.run_dir)
+    write_run_info(run_dir, config)
+    logger = MetricsLogger(
+        run_dir,
+        tensorboard=log_cfg.tensorboard,
+        wandb=log_cfg.wandb,
+        trackio=log_cfg.trackio,
+        project=log_cfg.project,
+        config=config,
+    )
+    log.info("precision: compute %s (%s), master fp32", precision.compute, precision.reason)
+    return RunContext(
+        model, tokenizer, precision, master, run_dir, logger, show_progress=log_cfg.progress
+    )
+
+
+def finish_run(ctx: RunContext, keep_last: int) -> Path:
+    """Checkpoint, then save the final model (fp32, Hugging Face format) and tokenizer."""
+    ctx.save(keep_last)
+    final = ctx.run_dir / "final"
+    tmp = ctx.run_dir / ".final.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    ctx.model.to(torch.float32)  # parameters change dtype in place; master keeps its handles
+    ctx.master.sync_to_model()
+    model = ctx.model.merge_and_unload() if hasattr(ctx.model, "merge_and_unload") else ctx.model
+    model.save_pretrained(tmp, safe_serialization=True)
+    ctx.tokenizer.save_pretrained(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    ctx.logger.close()
+    return ctx.run_dir

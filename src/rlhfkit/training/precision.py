@@ -1,0 +1,86 @@
+"""fp32 master weights for a model that computes in bf16 (or fp16).
+
+The model's parameters are cast to the compute dtype once, so forward and backward run without
+per-op autocast casts. An fp32 copy of every trainable parameter holds the master weights; the
+optimiser (and its state) works on that copy. After each micro-batch's backward, the low-precision
+gradients are added into fp32 master gradients (so accumulation over micro-batches happens in
+fp32), and after each optimiser step the master weights are copied back into the model.
+
+With an fp32 compute dtype the master parameters *are* the model's parameters and every method
+is a no-op, so recipes use one code path for both.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class MasterWeights:
+    """fp32 master copy of a model's trainable parameters.
+
+    Args:
+        model: The model; its parameters are cast to ``compute_dtype`` in place.
+        compute_dtype: The dtype forward and backward run in.
+    """
+
+    def __init__(self, model: nn.Module, compute_dtype: torch.dtype = torch.float32) -> None:
+        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
+        self.model_params = [p for p in model.parameters() if p.requires_grad]
+        self.mixed = compute_dtype != torch.float32
+        if not self.mixed:
+            self.master = self.model_params
+            return
+        self.master = [nn.Parameter(p.detach().float().clone()) for p in self.model_params]
+        model.to(compute_dtype)
+
+    def params(self) -> list[nn.Parameter]:
+        """Parameters the optimiser updates (fp32)."""
+        return list(self.master)
+
+    @torch.no_grad()
+    def collect_grads(self) -> None:
+        """Add the model's low-precision gradients into the fp32 master gradients."""
+        if not self.mixed:
+            return
+        for param, master in zip(self.model_params, self.master, strict=True):
+            if param.grad is None:
+                continue
+            if master.grad is None:
+                master.grad = param.grad.float()
+            else:
+                master.grad.add_(param.grad)
+            param.grad = None
+
+    @torch.no_grad()
+    def sync_to_model(self) -> None:
+        """Copy the master weights into the model (after an optimiser step or a load)."""
+        if not self.mixed:
+            return
+        for param, master in zip(self.model_params, self.master, strict=True):
+            param.copy_(master)
+
+    def zero_grad(self) -> None:
+        """Drop master and model gradients."""
+        for p in self.master:
+            p.grad = None
+        for p in self.model_params:
+            p.grad = None
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Master weights by parameter name (fp32, detached)."""
+        return {n: m.detach() for n, m in zip(self.names, self.master, strict=True)}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load master weights by name and copy them into the model.
+
+        Raises:
+            KeyError: If a trainable parameter is missing from ``state``.
+        """
+        missing = [n for n in self.names if n not in state]
+        if missing:
+            raise KeyError(f"checkpoint lacks trainable parameters: {missing[:5]}")
+        for name, master in zip(self.names, self.master, strict=True):
+            master.copy_(state[name])
+        self.sync_to_model()
