@@ -29,8 +29,9 @@ class ModelConfig:
     precision: Literal["auto", "bf16", "fp32", "fp16"] = "auto"
     """Compute dtype; 'auto' picks bf16 where the CPU (AMX / AVX512-BF16) or GPU supports it.
     Master weights, optimiser state and loss math are always fp32."""
-    attn_implementation: str = "sdpa"
-    """Attention kernel passed to transformers ('sdpa', 'eager', 'flash_attention_2')."""
+    attn_implementation: str = "varlen_sdpa"
+    """Attention kernel: 'varlen_sdpa' (sdpa, run per document on packed rows), 'sdpa',
+    'eager', 'flash_attention_2'."""
     trust_remote_code: bool = False
     """Allow model code from the hub (only for models you trust)."""
     gradient_checkpointing: bool = False

@@ -38,10 +38,14 @@ from rlhfkit.types import TokenizedExample
 IGNORE_INDEX = -100
 """Label value excluded from the loss (``torch.nn.functional.cross_entropy`` default)."""
 
-PADDING_FREE_ATTENTION = frozenset({"sdpa", "eager", "flash_attention_2", "flash_attention_3"})
+PADDING_FREE_ATTENTION = frozenset(
+    {"sdpa", "eager", "varlen_sdpa", "flash_attention_2", "flash_attention_3"}
+)
 """Attention implementations whose packed (position-id) path is verified.
 
-``sdpa`` and ``eager`` are checked by ``tests/equivalence/test_packing.py``; the flash kernels
+``sdpa`` and ``eager`` are checked by ``tests/equivalence/test_packing.py``, ``varlen_sdpa``
+(rlhfkit's per-document sdpa, which uses ``cu_seqlens``) by
+``tests/equivalence/test_varlen_attention.py``; the flash kernels
 use transformers' position-id varlen path (read in the source, not testable on CPU).
 """
 

@@ -134,8 +134,9 @@ def _decode_line(raw: bytes, location: str, *, first: bool) -> str:
         return raw.decode("utf-8-sig" if first else "utf-8")
     except UnicodeDecodeError as err:
         raise DataError(
-            location, None, f"not valid UTF-8 ({err.reason} at byte {err.start + 1}); "
-            "re-save the file as UTF-8"
+            location,
+            None,
+            f"not valid UTF-8 ({err.reason} at byte {err.start + 1}); re-save the file as UTF-8",
         ) from err
 
 
@@ -168,9 +169,7 @@ def _datasets_reader(builder: str) -> Callable[[Path, str, int | None], list[Row
             dataset = datasets.load_dataset(builder, data_files=str(path), split="train")
         except (datasets.exceptions.DatasetsError, ValueError, OSError) as err:
             cause = err.__cause__ or err
-            raise DataError(
-                source, None, f"could not read the file as {builder}: {cause}"
-            ) from err
+            raise DataError(source, None, f"could not read the file as {builder}: {cause}") from err
         return _rows_from_dataset(dataset, lambda i: f"{source}:row {i}", limit)
 
     return read

@@ -53,8 +53,15 @@ def backbone_hidden(model: nn.Module, **inputs: torch.Tensor) -> torch.Tensor:
 
 
 def _model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Model keyword arguments of a batch; packed rows also pass their document boundaries
+    (the varlen keywords that ``varlen_sdpa`` and flash-attention kernels read)."""
     keys = ("input_ids", "attention_mask", "position_ids")
-    return {k: batch[k] for k in keys if k in batch}
+    inputs = {k: batch[k] for k in keys if k in batch}
+    if "cu_seqlens" in batch:
+        inputs["cu_seq_lens_q"] = inputs["cu_seq_lens_k"] = batch["cu_seqlens"]
+        longest = int(batch["seq_lens"].max())
+        inputs["max_length_q"] = inputs["max_length_k"] = longest
+    return inputs
 
 
 def label_logprobs(
@@ -82,7 +89,7 @@ def label_logprobs(
     head = fused_head(model)
     if head is None:
         logits = model(**_model_inputs(batch), use_cache=False).logits[:, :-1]  # (B, L-1, V)
-        return logits_logprobs(logits[select], targets), rows
+        return logits_logprobs(logits[select] / temperature, targets), rows
     hidden = backbone_hidden(model, **_model_inputs(batch))[:, :-1]  # (B, L-1, H)
     return linear_logprobs(hidden[select], head.weight, targets, temperature=temperature), rows
 

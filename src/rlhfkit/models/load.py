@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from rlhfkit.models.attention import VARLEN_SDPA
 from rlhfkit.models.embedded import EMBEDDED_NAME, embedded_model_dir
 from rlhfkit.models.tiny import CHATML_TEMPLATE
 
@@ -70,7 +71,7 @@ def load_model(
     name_or_path: str,
     *,
     dtype: torch.dtype = torch.float32,
-    attn_implementation: str = "sdpa",
+    attn_implementation: str = VARLEN_SDPA,
     device: str | torch.device = "cpu",
     trust_remote_code: bool = False,
 ) -> PreTrainedModel:
@@ -79,7 +80,8 @@ def load_model(
     Args:
         name_or_path: Hub id, directory, or ``smollm2-135m-instruct`` / ``embedded``.
         dtype: Parameter dtype.
-        attn_implementation: ``sdpa`` (default), ``eager`` or ``flash_attention_2``.
+        attn_implementation: ``varlen_sdpa`` (default: sdpa, per document on packed rows; see
+            :mod:`rlhfkit.models.attention`), ``sdpa``, ``eager`` or ``flash_attention_2``.
         device: Where to put the model.
         trust_remote_code: Forwarded to transformers.
     """

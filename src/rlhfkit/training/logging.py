@@ -1,6 +1,7 @@
 """Run outputs: metrics, progress and provenance.
 
-Metrics go to JSONL always, TensorBoard when installed, wandb/trackio on request; a progress bar with tokens/s and ETA, and the run's provenance (config, git revision, versions).
+Metrics go to JSONL always, TensorBoard when installed, wandb/trackio on request. Provenance:
+the resolved config, the git revision and the package versions.
 """
 
 from __future__ import annotations

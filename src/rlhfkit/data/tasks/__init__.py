@@ -57,4 +57,7 @@ def builtin_rows(name: str, split: str) -> list[Row]:
     if split not in SPLITS:
         raise ValueError(f"builtin:{name} has no split {split!r}; use one of {', '.join(SPLITS)}")
     prefix = f"builtin:{name}[{split}]"
-    return [Row(data=data, location=f"{prefix}:row {i}") for i, data in enumerate(BUILTIN[name](split), 1)]
+    return [
+        Row(data=data, location=f"{prefix}:row {i}")
+        for i, data in enumerate(BUILTIN[name](split), 1)
+    ]

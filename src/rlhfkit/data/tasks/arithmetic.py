@@ -111,7 +111,9 @@ def generate(
         seen.add(prompt)
         tokens = expression.split()
         answer = evaluate([int(t) for t in tokens[::2]], tokens[1::2])
-        rows.append({"prompt": prompt, "answer": str(answer), "verifier": "math", "task": "arithmetic"})
+        rows.append(
+            {"prompt": prompt, "answer": str(answer), "verifier": "math", "task": "arithmetic"}
+        )
     return rows
 
 

@@ -1,0 +1,83 @@
+"""varlen_sdpa (per-document attention on packed rows) equals padded sdpa and single forwards."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import rlhfkit.models.attention  # noqa: F401  (registers varlen_sdpa)
+from rlhfkit.data.collate import packed_batch, pad_batch, supports_padding_free
+from rlhfkit.data.templates import render_messages
+from rlhfkit.models.forward import _model_inputs, label_logprobs
+from rlhfkit.models.tiny import tiny_model, tiny_tokenizer
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "5"}],
+    [
+        {"role": "user", "content": "Reverse the word cat"},
+        {"role": "assistant", "content": "tac, the word reversed."},
+    ],
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "List three colours"},
+        {"role": "assistant", "content": "red, green, blue"},
+        {"role": "user", "content": "Translate hello to French"},
+        {"role": "assistant", "content": "bonjour"},
+    ],
+]
+
+
+@pytest.fixture(scope="module")
+def examples():
+    tok = tiny_tokenizer()
+    return [render_messages(tok, c, mask_mode="all_assistant_turns") for c in CONVERSATIONS]
+
+
+def grads(model, value):
+    return torch.autograd.grad(value, [p for p in model.parameters()])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_packed_varlen_equals_padded_sdpa(examples, dtype):
+    atol = 1e-5 if dtype == torch.float32 else 1e-10
+    varlen = tiny_model(dtype=dtype, attn_implementation="varlen_sdpa")
+    sdpa = tiny_model(dtype=dtype, attn_implementation="sdpa")
+    assert supports_padding_free(varlen)
+    packed = packed_batch(examples)
+    padded = pad_batch(examples, pad_id=tiny_tokenizer().pad_token_id)
+    lp_packed, rows_packed = label_logprobs(varlen, packed)
+    lp_padded, rows_padded = label_logprobs(sdpa, padded)
+    assert lp_packed.numel() == sum(e.num_loss_tokens for e in examples)
+    torch.testing.assert_close(lp_packed, lp_padded, atol=atol, rtol=0)
+    g_packed = grads(varlen, lp_packed.sum())
+    g_padded = grads(sdpa, lp_padded.sum())
+    for a, b in zip(g_packed, g_padded, strict=True):
+        torch.testing.assert_close(a, b, atol=atol, rtol=0)
+
+
+def test_per_document_logits(examples):
+    model = tiny_model(attn_implementation="varlen_sdpa")
+    packed = packed_batch(examples)
+    with torch.no_grad():
+        logits = model(**_model_inputs(packed), use_cache=False).logits[0]
+        cu = packed["cu_seqlens"].tolist()
+        for d, ex in enumerate(examples):
+            alone = model(input_ids=torch.tensor([ex.input_ids]), use_cache=False).logits[0]
+            torch.testing.assert_close(logits[cu[d] : cu[d + 1]], alone, atol=1e-5, rtol=0)
+        # Negative control: declaring the row one document lets later documents see earlier ones.
+        whole = dict(_model_inputs(packed))
+        n = packed["input_ids"].shape[1]
+        whole["cu_seq_lens_q"] = whole["cu_seq_lens_k"] = torch.tensor([0, n], dtype=torch.int32)
+        leaked = model(**whole, use_cache=False).logits[0]
+        assert (leaked[cu[1] :] - logits[cu[1] :]).abs().max() > 1e-3
+
+
+def test_padded_batches_fall_back_to_sdpa(examples):
+    varlen = tiny_model(attn_implementation="varlen_sdpa")
+    sdpa = tiny_model(attn_implementation="sdpa")
+    for side in ("left", "right"):
+        padded = pad_batch(examples, pad_id=tiny_tokenizer().pad_token_id, side=side)
+        with torch.no_grad():
+            a = varlen(**_model_inputs(padded), use_cache=False).logits
+            b = sdpa(**_model_inputs(padded), use_cache=False).logits
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
