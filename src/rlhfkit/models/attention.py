@@ -15,6 +15,8 @@ so that ``from_pretrained(..., attn_implementation="varlen_sdpa")`` or
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
@@ -66,7 +68,7 @@ def varlen_sdpa_attention(
         value = value.repeat_interleave(groups, dim=1)  # (1, H, N, D)
     p = dropout if module.training else 0.0
     bounds = cu_seq_lens_q.tolist()
-    lengths = [e - s for s, e in zip(bounds[:-1], bounds[1:], strict=True)]
+    lengths = [e - s for s, e in itertools.pairwise(bounds)]
     # split (not slicing): its backward concatenates the pieces' gradients instead of
     # zero-filling a full-size buffer per document.
     pieces = zip(*(t.split(lengths, dim=2) for t in (query, key, value)), strict=True)
