@@ -53,8 +53,11 @@ def backbone_hidden(model: nn.Module, **inputs: torch.Tensor) -> torch.Tensor:
 
 
 def _model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Model keyword arguments of a batch; packed rows also pass their document boundaries
-    (the varlen keywords that ``varlen_sdpa`` and flash-attention kernels read)."""
+    """Model keyword arguments of a batch.
+
+    Packed rows also pass their document boundaries (the varlen keywords that ``varlen_sdpa``
+    and flash-attention kernels read).
+    """
     keys = ("input_ids", "attention_mask", "position_ids")
     inputs = {k: batch[k] for k in keys if k in batch}
     if "cu_seqlens" in batch:
