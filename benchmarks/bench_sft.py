@@ -100,7 +100,9 @@ def generated_rows(n: int, seed: int = 0) -> list[list[dict[str, str]]]:
     rows = []
     for _ in range(n):
         question, answer = one()
-        rows.append([{"role": "user", "content": question}, {"role": "assistant", "content": answer}])
+        rows.append(
+            [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        )
     return rows
 
 
@@ -443,7 +445,7 @@ def run(settings: Settings, profile: bool) -> common.Reporter:
     finally:
         for worker in workers:
             worker.close()
-    for side, steps in measured.items():
+    for steps in measured.values():
         for k, step in enumerate(steps):
             step["tokens"] = work["per_step"][settings.warmup + k]["tokens"]
     peak = common.median(peak_before["samples"] + peak_after["samples"])

@@ -52,11 +52,16 @@ def sample_chat(
     Returns:
         For each conversation, its completions (special tokens removed, stripped).
     """
+    greedy = sampling.temperature <= 0
+    if greedy and sampling.num_samples > 1:
+        raise ValueError(
+            "greedy decoding (temperature 0) gives identical samples: set sampling.num_samples 1 "
+            "or a temperature > 0"
+        )
     was_training = model.training
     model.eval()
     generator_state = torch.get_rng_state()
     torch.manual_seed(sampling.seed)
-    greedy = sampling.temperature <= 0
     options: dict[str, Any] = {
         "max_new_tokens": sampling.max_new_tokens,
         "do_sample": not greedy,
