@@ -14,6 +14,7 @@ after. See benchmarks/README.md for what is measured and what could not be made 
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import sys
 import tempfile
@@ -179,7 +180,7 @@ def _rlhfkit_step(run: dict[str, Any], settings: Settings, index: int) -> dict[s
     ctx = run["ctx"]
     size = settings.batch_size
     batch = run["examples"][index * size : (index + 1) * size]
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     parts = micro_batches(batch, packing=ctx.packing, budget=run["budget"], pad_id=ctx.pad_id)
     stats = accumulate(
         parts, run["step_loss"], count_fn=label_count, after_backward=ctx.master.collect_grads
@@ -189,6 +190,7 @@ def _rlhfkit_step(run: dict[str, Any], settings: Settings, index: int) -> dict[s
     seconds = time.perf_counter() - start
     return {
         "seconds": seconds,
+        "cpu_seconds": time.process_time() - cpu_start,
         "loss": stats.loss,
         "stepped": stepped,
         "tokens": sum(len(e.input_ids) for e in batch),
@@ -263,7 +265,7 @@ def _trl_callback(conn: Any) -> Any:
     class DriverCallback(TrainerCallback):
         def __init__(self) -> None:
             self.ready: dict[str, Any] = {}
-            self.start = 0.0
+            self.start = self.cpu_start = 0.0
             self.done = False
 
         def wait(self, control: Any) -> None:
@@ -271,10 +273,13 @@ def _trl_callback(conn: Any) -> Any:
             if command == "stop":
                 self.done = True
                 control.should_training_stop = True
-            self.start = time.perf_counter()
+            self.start, self.cpu_start = time.perf_counter(), time.process_time()
 
         def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            conn.send({**self.ready, "rss_mib": common.rss_mib()})
+            model = kwargs["model"]  # as trained: checkpointing is switched on in train()
+            checkpointing = getattr(model, "is_activation_checkpointing", None)
+            self.ready.update(activation_checkpointing=checkpointing, rss_mib=common.rss_mib())
+            conn.send(self.ready)
             self.wait(control)
 
         def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
@@ -284,6 +289,7 @@ def _trl_callback(conn: Any) -> Any:
             conn.send(
                 {
                     "seconds": seconds,
+                    "cpu_seconds": time.process_time() - self.cpu_start,
                     "loss": float(logs["loss"]),
                     "num_tokens_total": float(logs.get("num_tokens", float("nan"))),
                     "peak_rss_mib": common.peak_rss_mib(),
@@ -313,7 +319,7 @@ def _trl_config(settings: Settings, output_dir: str) -> Any:
         max_length=settings.max_len,
         assistant_only_loss=True,
         chat_template_path=str(TEMPLATE),
-        gradient_checkpointing=False,  # TRL's default is True; rlhfkit's is False
+        activation_checkpointing=False,  # TRL's default is True (recomputation); rlhfkit's False
         packing=False,
         padding_free=False,
         train_sampling_strategy="sequential",
@@ -337,7 +343,7 @@ def trl_worker(conn: Any, settings: Settings, conversations: list) -> None:
         import datasets
         import torch
         import transformers
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
         from trl import SFTTrainer
 
         from rlhfkit.models.embedded import embedded_model_dir
@@ -357,11 +363,13 @@ def trl_worker(conn: Any, settings: Settings, conversations: list) -> None:
                 processing_class=tokenizer,
                 callbacks=[callback],
             )
+            trainer.remove_callback(PrinterCallback)  # log lines to stdout; rlhfkit's go to JSONL
             prepared = trainer.train_dataset
             callback.ready = {
                 "params": sum(p.numel() for p in model.parameters()),
                 "attn_implementation": model.config._attn_implementation,
                 "padding_free": trainer.padding_free,
+                "packing": trainer.args.packing,
                 "compute_dtype": f"{next(model.parameters()).dtype} weights, bf16 autocast",
                 "input_ids": [list(x) for x in prepared["input_ids"]],
                 "loss_masks": [[t != -100 for t in x] for x in prepared["labels"]],
@@ -411,12 +419,50 @@ def summarise(
         report.figure(f"{side}.s_per_step", common.median(seconds[side]))
         report.figure(f"{side}.tokens_per_s", common.median(rates[side]))
         report.figure(f"{side}.mfu", common.median(mfus))
+        report.figure(f"{side}.cpu_s_per_step", common.median([s["cpu_seconds"] for s in steps]))
         report.figure(f"{side}.peak_rss_mib", steps[-1]["peak_rss_mib"])
     report.figure("speedup_tokens_per_s", common.ratio_of_medians(rates["rlhfkit"], rates["trl"]))
     report.figure("speedup_s_per_step", common.ratio_of_medians(seconds["trl"], seconds["rlhfkit"]))
     report.figure(
         "memory_ratio", answers["rlhfkit"][-1]["peak_rss_mib"] / answers["trl"][-1]["peak_rss_mib"]
     )
+
+
+def peak_sample() -> dict[str, Any]:
+    """A short matmul-rate sample and the load average (taken between rounds)."""
+    sample = common.matmul_peak(iters=10, repeats=3)
+    sample["load_average"] = os.getloadavg()
+    return sample
+
+
+def check_trl_tokens(warm: dict, measured: dict, work: dict) -> bool:
+    """Whether TRL's own non-padding token count per step equals the planned one."""
+    totals = [s["num_tokens_total"] for s in warm["trl"] + measured["trl"]]
+    per_step = [b - a for a, b in zip([0.0, *totals], totals, strict=False)]
+    return per_step == [float(s["tokens"]) for s in work["per_step"]]
+
+
+def drive(workers: list[common.Worker], settings: Settings, profile: bool) -> dict[str, Any]:
+    """Warm up, alternate the measured steps with peak samples between rounds, stop."""
+    ready = {w.name: w.wait_ready() for w in workers}
+    work = check_same_work(ready["rlhfkit"], ready["trl"], settings)
+    for info in ready.values():
+        del info["input_ids"], info["loss_masks"]
+    samples = [peak_sample()]
+    warm, _ = common.alternate(workers, settings.warmup)
+    measured, between = common.alternate(workers, settings.steps, before_round=peak_sample)
+    samples += [*between, peak_sample()]
+    table = workers[0].request("profile")["profile"] if profile else None
+    final = {w.name: w.request("stop") for w in workers}
+    return {
+        "ready": ready,
+        "work": work,
+        "warm": warm,
+        "measured": measured,
+        "peak_samples": samples,
+        "profile": table,
+        "final": final,
+    }
 
 
 def run(settings: Settings, profile: bool) -> common.Reporter:
@@ -432,35 +478,31 @@ def run(settings: Settings, profile: bool) -> common.Reporter:
         common.Worker.start("trl", trl_worker, settings, conversations),
     ]
     try:
-        ready = {w.name: w.wait_ready() for w in workers}
-        work = check_same_work(ready["rlhfkit"], ready["trl"], settings)
-        for info in ready.values():
-            del info["input_ids"], info["loss_masks"]
-        peak_before = common.matmul_peak()
-        warm = common.alternate(workers, settings.warmup)
-        measured = common.alternate(workers, settings.steps)
-        peak_after = common.matmul_peak()
-        table = workers[0].request("profile")["profile"] if profile else None
-        final = {w.name: w.request("stop") for w in workers}
+        result = drive(workers, settings, profile)
     finally:
         for worker in workers:
             worker.close()
+    work, measured = result["work"], result["measured"]
     for steps in measured.values():
         for k, step in enumerate(steps):
             step["tokens"] = work["per_step"][settings.warmup + k]["tokens"]
-    peak = common.median(peak_before["samples"] + peak_after["samples"])
+    work["trl_token_count_matches"] = check_trl_tokens(result["warm"], measured, work)
+    peak = common.median([x for s in result["peak_samples"] for x in s["samples"]])
     report.figure("peak_bf16_tflops", peak / 1e12)
-    summarise(report, measured, ready, peak)
+    summarise(report, measured, result["ready"], peak)
+    for side, steps in result["warm"].items():
+        if steps:  # the same weights and rows: the losses agree up to bf16 rounding
+            report.figure(f"{side}.first_step_loss", steps[0]["loss"])
     report.details.update(
         settings=asdict(settings),
         data=data_name,
         work=work,
-        sides=ready,
-        warmup_steps=warm,
+        sides=result["ready"],
+        warmup_steps=result["warm"],
         measured_steps=measured,
-        final=final,
-        matmul_peak={"before": peak_before, "after": peak_after},
-        profile=table,
+        final=result["final"],
+        matmul_peak_samples=result["peak_samples"],
+        profile=result["profile"],
     )
     return report
 

@@ -243,17 +243,29 @@ class Worker:
             self.process.join(timeout=10)
 
 
-def alternate(workers: Sequence[Worker], steps: int) -> dict[str, list[dict[str, Any]]]:
+def alternate(
+    workers: Sequence[Worker], steps: int, before_round: Callable[[], Any] | None = None
+) -> tuple[dict[str, list[dict[str, Any]]], list[Any]]:
     """Ask each worker for one step in turn, ``steps`` rounds: A B A B ...
 
+    Args:
+        workers: The sides, in the order they run within a round.
+        steps: Rounds (steps per worker).
+        before_round: Called before each round while every worker waits (for example a short
+            matmul-rate sample, so that the hardware limit is sampled under the same load as
+            the steps); its results are returned.
+
     Returns:
-        The step answers of each worker, by worker name.
+        The step answers of each worker, by worker name, and the ``before_round`` results.
     """
     answers: dict[str, list[dict[str, Any]]] = {w.name: [] for w in workers}
+    extras = []
     for _ in range(steps):
+        if before_round is not None:
+            extras.append(before_round())
         for worker in workers:
             answers[worker.name].append(worker.request("step"))
-    return answers
+    return answers, extras
 
 
 def worker_main(conn: Any, body: Callable[[], None]) -> None:
