@@ -167,3 +167,27 @@ def test_nonfinite_losses_abort_and_keep_last_checkpoint(
     latest = (run / "checkpoints" / "latest").read_text().strip()
     assert (run / "checkpoints" / latest / "model.safetensors").is_file()
     assert not list((run / "checkpoints").glob(".tmp-*"))
+
+
+def test_unroll_makes_one_example_per_assistant_turn(tiny_model_dir, tmp_path):
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": "a"},
+                {"role": "assistant", "content": "b"},
+                {"role": "user", "content": "c"},
+                {"role": "assistant", "content": "d"},
+            ]
+        }
+    ] * 3
+    path = tmp_path / "multi.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    data = sft.SFTDataConfig(train=str(path), mask_mode="final_turn", unroll=True)
+    examples, counts = sft.tokenize_examples(tokenizer, str(path), "train", data)
+    assert len(examples) == 6 and counts["dropped"] == 0
+    labelled = [
+        tokenizer.decode([t for t, m in zip(e.input_ids, e.loss_mask, strict=True) if m])
+        for e in examples
+    ]
+    assert labelled[:2] == ["b<|im_end|>", "d<|im_end|>"]

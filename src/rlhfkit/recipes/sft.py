@@ -42,7 +42,7 @@ from rlhfkit.data.collate import (
     supports_padding_free,
 )
 from rlhfkit.data.schemas import load_examples
-from rlhfkit.data.templates import render_messages
+from rlhfkit.data.templates import render_messages, unroll_turns
 from rlhfkit.losses.sft import sft_loss
 from rlhfkit.models.forward import label_logprobs
 from rlhfkit.recipes.common import RunContext, build_run, finish_run
@@ -68,6 +68,9 @@ class SFTDataConfig:
     """Row format: 'sft' (messages) or 'prompt_completion' (docs/data_formats.md)."""
     mask_mode: Literal["final_turn", "all_assistant_turns"] = "all_assistant_turns"
     """Which assistant turns are labelled."""
+    unroll: bool = False
+    """With final_turn: one example per assistant turn (a conversation with N assistant turns
+    gives N examples), so every turn is learned with only its history as context."""
     max_len: int = 2048
     """Maximum tokens per example."""
     truncation: Literal["right", "drop", "left_prompt"] = "right"
@@ -100,21 +103,26 @@ def tokenize_examples(
         source, data.schema, split=split, on_error=data.on_error, limit=data.limit
     )
     examples: list[TokenizedExample] = []
-    for ex in result.examples:
+    conversations = [
+        (ex.location, conv)
+        for ex in result.examples
+        for conv in (unroll_turns(ex.messages) if data.unroll else [ex.messages])
+    ]
+    for location, messages in conversations:
         rendered = render_messages(
             tokenizer,
-            ex.messages,
+            messages,
             mask_mode=data.mask_mode,
             max_len=data.max_len,
             truncation=data.truncation,
-            source=ex.location,
+            source=location,
         )
         if rendered is not None:
             examples.append(rendered)
     counts = {
         "rows": len(result.examples) + len(result.errors),
         "bad_rows": len(result.errors),
-        "dropped": len(result.examples) - len(examples),
+        "dropped": len(conversations) - len(examples),
         "examples": len(examples),
     }
     for err in result.errors[:10]:
