@@ -36,7 +36,10 @@ def build_optimizer(
         {"params": no_decay, "weight_decay": 0.0},
     ]
     groups = [g for g in groups if g["params"]]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, foreach=True)
+    # The fused kernel updates each tensor in one pass; on CPU it is several times faster than
+    # the foreach path, which materialises temporaries the size of the model.
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
 
 
 def lr_factor(step: int, *, total_steps: int, warmup_steps: int, schedule: ScheduleName) -> float:
