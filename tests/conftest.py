@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
 import pytest
+import torch
 
 from rlhfkit.models.tiny import tiny_model, tiny_tokenizer
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One intra-op thread per xdist worker: two workers x two OpenMP threads on two cores make
+    # the threads spin against each other and everything several times slower.
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
