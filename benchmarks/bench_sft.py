@@ -423,6 +423,10 @@ def summarise(
         report.figure(f"{side}.peak_rss_mib", steps[-1]["peak_rss_mib"])
     report.figure("speedup_tokens_per_s", common.ratio_of_medians(rates["rlhfkit"], rates["trl"]))
     report.figure("speedup_s_per_step", common.ratio_of_medians(seconds["trl"], seconds["rlhfkit"]))
+    # Secondary: each round's TRL/rlhfkit time ratio, whose two steps ran back to back under
+    # about the same machine load; its median shows how much load swings moved the main figure.
+    rounds = [t / r for t, r in zip(seconds["trl"], seconds["rlhfkit"], strict=True)]
+    report.figure("speedup_median_round_ratio", common.median(rounds))
     report.figure(
         "memory_ratio", answers["rlhfkit"][-1]["peak_rss_mib"] / answers["trl"][-1]["peak_rss_mib"]
     )

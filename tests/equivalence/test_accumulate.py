@@ -236,10 +236,6 @@ def test_zero_normaliser_raises():
     assert calls == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src bug: normaliser_count returns 0 for 'sum', which accumulate rejects as empty",
-)
 def test_sum_mode_with_normaliser_count():
     features, mask, theta = make_problem()
     agg = Aggregation("sum")

@@ -101,7 +101,8 @@ def test_packed_equals_padded_equals_single(examples, dtype, attn, side):
         )
     model = make_model(dtype, attn)
     assert supports_padding_free(model)
-    atol = TOLERANCE[dtype]
+    # transformers' eager attention takes its softmax in fp32, so fp64 eager is fp32-accurate.
+    atol = 1e-6 if (attn, dtype) == ("eager", torch.float64) else TOLERANCE[dtype]
 
     batch, logits = packed_forward(model, examples, use_cache=False)
     packed_tokens = token_ce(logits, batch["labels"])

@@ -85,7 +85,7 @@ def test_normaliser_count():
     assert normaliser_count(mask, Aggregation("token_mean")).item() == 15
     assert normaliser_count(mask, Aggregation("seq_mean_token_mean")).item() == 2
     assert normaliser_count(mask, Aggregation("fixed_length", max_len=7)).item() == 2
-    assert normaliser_count(mask, Aggregation("sum")).item() == 0
+    assert normaliser_count(mask, Aggregation("sum")).item() == 15  # tokens; ignored by aggregate
     assert normaliser_count(mask, Aggregation("token_mean")).dtype == torch.float64
 
 
@@ -204,3 +204,11 @@ def test_property_aggregate_split_invariance(mask_rows, mode, max_len, cuts, see
     else:
         expected = sum(map(sum, rows))
     assert float(split) == pytest.approx(expected, abs=1e-9)
+
+
+def test_masked_out_non_finite_values_do_not_leak():
+    values = torch.tensor([[1.0, float("inf"), float("nan")]])
+    mask = torch.tensor([[True, False, False]])
+    assert masked_sum(values, mask).item() == 1.0
+    assert masked_mean(values, mask).item() == 1.0
+    assert aggregate(values, mask, Aggregation("token_mean"), 1.0).item() == 1.0

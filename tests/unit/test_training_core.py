@@ -290,11 +290,6 @@ def test_keep_last_prunes_oldest(tmp_path):
     assert len(list(root.glob("step-*"))) == 5
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src bug: pruning sorts by step, so saving a lower step than an existing one "
-    "(resuming from an older checkpoint) with keep_last=1 deletes the checkpoint just saved",
-)
 def test_keep_last_never_deletes_the_checkpoint_just_saved(tmp_path):
     net, opt, sched = make_training()
     save(tmp_path, net, opt, sched, step=4, keep_last=None)

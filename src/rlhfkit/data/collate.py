@@ -98,6 +98,7 @@ def pad_batch(
         cols = slice(0, n) if side == "right" else slice(length - n, length)
         input_ids[b, cols] = torch.tensor(example.input_ids, dtype=torch.long)
         labels[b, cols] = torch.tensor(_labels(example), dtype=torch.long)
+        labels[b, cols.start] = IGNORE_INDEX  # nothing precedes it: it cannot be predicted
         attention_mask[b, cols] = 1
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, L)
     return {

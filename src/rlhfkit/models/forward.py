@@ -123,7 +123,8 @@ def completion_logprobs(
     inputs = {"input_ids": input_ids, "attention_mask": attention, "position_ids": position_ids}
     p = prompt_ids.shape[1]
     select = completion_mask.bool()  # (B, T)
-    out = torch.zeros(completion_ids.shape, dtype=torch.float32, device=completion_ids.device)
+    dtype = torch.promote_types(next(model.parameters()).dtype, torch.float32)
+    out = torch.zeros(completion_ids.shape, dtype=dtype, device=completion_ids.device)
     head = fused_head(model)
     if head is None:
         logits = model(**inputs, use_cache=False).logits[:, p - 1 : -1] / temperature  # (B, T, V)

@@ -25,6 +25,11 @@ DEFAULT_CHUNK_ELEMENTS = 1 << 24
 """Elements in one fp32 (chunk, V) block: 16M floats = 64 MB."""
 
 
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """fp32 for low-precision inputs; fp64 stays fp64 (exact reference tests)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def _chunk_rows(vocab_size: int, chunk_rows: int | None) -> int:
     return chunk_rows or max(1, DEFAULT_CHUNK_ELEMENTS // vocab_size)
 
@@ -126,7 +131,7 @@ def naive_linear_logprobs(
     Shapes:
         hidden: (N, H); weight: (V, H); targets: (N,); returns (N,).
     """
-    logits = (hidden @ weight.T).float() / temperature  # (N, V)
+    logits = _at_least_fp32(hidden @ weight.T) / temperature  # (N, V)
     return logits.log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
 
 
@@ -138,7 +143,7 @@ def logits_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     Shapes:
         logits: (..., V); targets: (...); returns (...) fp32.
     """
-    return F.log_softmax(logits.float(), dim=-1).gather(-1, targets[..., None]).squeeze(-1)
+    return F.log_softmax(_at_least_fp32(logits), dim=-1).gather(-1, targets[..., None]).squeeze(-1)
 
 
 @torch.no_grad()

@@ -46,7 +46,7 @@ def masked_sum(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None)
     Shapes:
         values, mask: (B, T) (or any equal shapes); returns a scalar or the reduced shape.
     """
-    masked = values * mask.to(values.dtype)
+    masked = torch.where(mask, values, 0.0)  # not values * mask: inf * 0 would be NaN
     return masked.sum() if dim is None else masked.sum(dim)
 
 
@@ -63,16 +63,15 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None
 def normaliser_count(mask: torch.Tensor, agg: Aggregation) -> torch.Tensor:
     """This micro-batch's share of the global normaliser.
 
-    token_mean: number of loss tokens; seq_mean_token_mean / fixed_length: number of sequences
-    (rows with at least one loss token); sum: 0 (the normaliser is fixed to 1).
+    token_mean and sum: number of loss tokens (``sum`` ignores the normaliser, the count only
+    tells ``accumulate`` that the batch is not empty); seq_mean_token_mean / fixed_length:
+    number of sequences (rows with at least one loss token).
 
     Shapes:
         mask: (B, T); returns a scalar fp64 tensor (exact counts).
     """
-    if agg.mode == "token_mean":
+    if agg.mode in ("token_mean", "sum"):
         return mask.sum().to(torch.float64)
-    if agg.mode == "sum":
-        return torch.zeros((), dtype=torch.float64)
     return mask.any(dim=-1).sum().to(torch.float64)
 
 
@@ -98,7 +97,7 @@ def aggregate(
     Shapes:
         loss, mask: (B, T); returns a scalar.
     """
-    per_token = loss * mask.to(loss.dtype)  # (B, T)
+    per_token = torch.where(mask, loss, 0.0)  # (B, T); masked inf/NaN never leak in
     if agg.mode == "sum":
         return per_token.sum()
     if agg.mode == "token_mean":

@@ -106,8 +106,8 @@ def save_checkpoint(
             shutil.rmtree(tmp, ignore_errors=True)
     _atomic_write_text(root / LATEST, final.name + "\n")
     if keep_last:
-        steps = sorted(p for p in root.glob("step-*") if p.is_dir())
-        for old in steps[:-keep_last]:
+        others = sorted(p for p in root.glob("step-*") if p.is_dir() and p != final)
+        for old in others[: max(0, len(others) - (keep_last - 1))]:
             shutil.rmtree(old, ignore_errors=True)
     return final
 

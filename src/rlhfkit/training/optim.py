@@ -49,10 +49,6 @@ def lr_factor(step: int, *, total_steps: int, warmup_steps: int, schedule: Sched
     decays to 0 at ``total_steps``, ``cosine`` follows 0.5(1 + cos(pi * progress)), and
     ``constant`` stays at 1.
     """
-    if step < warmup_steps:
-        return (step + 1) / (warmup_steps + 1)
-    decay_steps = max(1, total_steps - warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / decay_steps)
     shapes = {
         "linear": lambda x: 1.0 - x,
         "cosine": lambda x: 0.5 * (1.0 + math.cos(math.pi * x)),
@@ -60,6 +56,10 @@ def lr_factor(step: int, *, total_steps: int, warmup_steps: int, schedule: Sched
     }
     if schedule not in shapes:
         raise ValueError(f"unknown schedule {schedule!r}; choose {', '.join(shapes)}")
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    decay_steps = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
     return shapes[schedule](progress)
 
 
