@@ -491,6 +491,8 @@ def run(settings: Settings, profile: bool) -> common.Reporter:
         for k, step in enumerate(steps):
             step["tokens"] = work["per_step"][settings.warmup + k]["tokens"]
     work["trl_token_count_matches"] = check_trl_tokens(result["warm"], measured, work)
+    if not all(s["stepped"] for s in result["warm"]["rlhfkit"] + measured["rlhfkit"]):
+        print("warning: rlhfkit skipped a non-finite step; its timings cover less work")
     peak = common.median([x for s in result["peak_samples"] for x in s["samples"]])
     report.figure("peak_bf16_tflops", peak / 1e12)
     summarise(report, measured, result["ready"], peak)

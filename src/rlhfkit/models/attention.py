@@ -19,11 +19,25 @@ import itertools
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 VARLEN_SDPA = "varlen_sdpa"
+
+MATH_MAX_LEN = 1024
+"""On CPU, documents up to this length use sdpa's math kernel: for short sequences its forward
+and backward are about twice as fast as the CPU flash kernel (measured: 16 documents of 52-80
+tokens, 9 heads of 64, bf16: 12.6 ms against 25.8 ms per layer); memory is O(L^2) per head,
+which is small at these lengths."""
+
+
+def _backends(query: torch.Tensor, longest: int) -> list[SDPBackend]:
+    """Kernel preference for one packed row (every kernel computes the same function)."""
+    if query.device.type == "cpu" and longest <= MATH_MAX_LEN:
+        return [SDPBackend.MATH]
+    return [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def varlen_sdpa_attention(
@@ -72,10 +86,11 @@ def varlen_sdpa_attention(
     # split (not slicing): its backward concatenates the pieces' gradients instead of
     # zero-filling a full-size buffer per document.
     pieces = zip(*(t.split(lengths, dim=2) for t in (query, key, value)), strict=True)
-    outputs = [
-        F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, scale=scaling)
-        for q, k, v in pieces
-    ]  # each (1, H, L_d, D)
+    with sdpa_kernel(_backends(query, max(lengths))):
+        outputs = [
+            F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, scale=scaling)
+            for q, k, v in pieces
+        ]  # each (1, H, L_d, D)
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None  # (1, N, H, D)
 
 
