@@ -12,6 +12,7 @@ embedded SmolLM2-135M-Instruct on the built-in instruction data.
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,7 +64,7 @@ def _eval_losses(run_dir: Path) -> tuple[float, float]:
 
 def main(cfg: DemoConfig) -> None:
     """Run the demo and print the comparison."""
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 120)
     rows = load_rows(cfg.sft.data.eval or cfg.sft.data.train, split=cfg.sft.data.eval_split)
     prompts = [r.data["messages"][:-1] for r in rows[: cfg.num_prompts]]
     console.rule("[bold]1. base model samples")
