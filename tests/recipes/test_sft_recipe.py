@@ -191,3 +191,32 @@ def test_unroll_makes_one_example_per_assistant_turn(tiny_model_dir, tmp_path):
         for e in examples
     ]
     assert labelled[:2] == ["b<|im_end|>", "d<|im_end|>"]
+
+
+def test_packing_and_micro_batching_do_not_change_the_step(tiny_model_dir, chat_data, tmp_path):
+    losses = {}
+    for name, packing, budget in (
+        ("packed", True, 4096),
+        ("buckets", False, 64),
+        ("one", False, 4096),
+    ):
+        cfg = make_cfg(
+            tiny_model_dir, chat_data, tmp_path / name, max_steps=2, micro_batch_tokens=budget
+        )
+        cfg.data.packing = packing
+        sft.main(cfg)
+        losses[name] = train_losses(tmp_path / name)
+    for name in ("buckets", "one"):
+        for step in (1, 2):
+            assert losses[name][step] == pytest.approx(losses["packed"][step], abs=1e-5)
+
+
+def test_tracker_without_its_package_gives_an_install_hint(tiny_model_dir, chat_data, tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed")
+    cfg = make_cfg(tiny_model_dir, chat_data, tmp_path / "run", max_steps=1)
+    cfg.log.wandb = True
+    with pytest.raises(ImportError, match="pip install wandb"):
+        sft.main(cfg)

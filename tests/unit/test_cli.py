@@ -79,3 +79,13 @@ def test_generate_on_a_local_model(tiny_model_dir, tmp_path, capsys):
         generate_main(cfg)
     cfg.sampling.num_samples = 1
     assert generate_main(cfg) == generate_main(cfg)
+
+
+@pytest.mark.parametrize("command", ["generate", "demo"])
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as done:
+        cli.main([command, "--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    assert "--model.name" in text or "--sft.model.name" in text
+    assert "temperature" in text.lower()
