@@ -16,23 +16,13 @@ schema                   row fields                              example type
 ``verifiable``           prompt, answer, [verifier], ...         :class:`VerifiableExample`
 =======================  ======================================  =====================
 
-Conversation rules (METHODS.md section 2): roles are system, user, assistant and tool; one
-optional leading system message; then strict user/assistant alternation starting with a user
-message, where a tool message may follow an assistant message (or another tool message) and an
-assistant message may follow a tool message. User and assistant content must be a non-empty
-string (an assistant message that only makes ``tool_calls`` may have empty content). Prompts end
-with a user (or tool) message; completions hold only assistant (and tool) messages, start and
-end with an assistant message. Extra message keys (``tool_calls``, ``name``, ...) pass through;
-extra keys whose value is None (added when Arrow unifies message structs) are dropped. Fields of
-the row that the schema does not use are kept in the example's ``meta``.
+Message lists follow the conversation rules of :mod:`rlhfkit.data.messages` (roles, their order,
+prompt and completion shapes), which also holds the message parsers used here. Fields of the row
+that the schema does not use are kept in the example's ``meta``.
 
 Errors are :class:`~rlhfkit.data.sources.DataError` naming the row's location, the field path
 and the reason, e.g. ``data.jsonl:4: field 'messages[2].role': expected 'assistant' after a
 'user' message, got 'user'``.
-
-This module is longer than the ~400-line guideline on purpose: it is the single place that states
-every format and the message rules they share (one documented dataclass per format, one small
-parser per format, one table); split across files the shared rules would drift apart.
 """
 
 from __future__ import annotations
@@ -42,21 +32,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from rlhfkit.data.messages import ROLES as ROLES  # re-exported: public here before the split
+from rlhfkit.data.messages import (
+    Message,
+    parse_completion,
+    parse_conversation,
+    parse_prompt,
+    split_implicit_prompt,
+    type_name,
+)
 from rlhfkit.data.sources import DataError, Row, load_rows
-
-Message = dict[str, Any]
-"""One chat message: ``{"role": str, "content": str, ...extra keys}``."""
-
-ROLES = ("system", "user", "assistant", "tool")
-
-_NEXT_ROLES: dict[str | None, tuple[str, ...]] = {
-    None: ("user",),
-    "system": ("user",),
-    "user": ("assistant",),
-    "assistant": ("user", "tool"),
-    "tool": ("assistant", "tool"),
-}
-"""Role -> roles allowed to follow it (None: the start of the conversation)."""
 
 
 @dataclass(frozen=True)
@@ -195,153 +180,6 @@ class ValidationResult:
 
 
 # ---------------------------------------------------------------------------------------------
-# Messages
-
-
-def _type_name(value: Any) -> str:
-    return "null" if value is None else type(value).__name__
-
-
-def _parse_message(value: Any, path: str, loc: str) -> Message:
-    """Check one message's shape, role and content; return a normalised copy."""
-    if not isinstance(value, dict):
-        raise DataError(
-            loc,
-            path,
-            f"expected a message object with 'role' and 'content', got {_type_name(value)}",
-        )
-    role = value.get("role")
-    if role not in ROLES:
-        raise DataError(loc, f"{path}.role", f"expected one of {_quoted(ROLES)}, got {role!r}")
-    message = {key: item for key, item in value.items() if item is not None}
-    message["content"] = _message_content(value, path, loc)
-    return message
-
-
-def _message_content(message: dict[str, Any], path: str, loc: str) -> str:
-    """The message's content: a string, non-empty for user/assistant turns."""
-    role, content = message["role"], message.get("content")
-    if role == "assistant" and message.get("tool_calls") and content in (None, ""):
-        return ""  # a pure tool-call turn has no text
-    if not isinstance(content, str):
-        raise DataError(loc, f"{path}.content", f"expected a string, got {_type_name(content)}")
-    if role in ("user", "assistant") and not content.strip():
-        raise DataError(
-            loc, f"{path}.content", f"empty {role} message; write its text or remove the message"
-        )
-    return content
-
-
-def _parse_messages(value: Any, path: str, loc: str) -> list[Message]:
-    """Check that ``value`` is a non-empty list of messages; return normalised copies."""
-    if not isinstance(value, list):
-        raise DataError(
-            loc, path, f"expected a list of messages ({{role, content}}), got {_type_name(value)}"
-        )
-    if not value:
-        raise DataError(loc, path, "empty list of messages")
-    return [_parse_message(item, f"{path}[{i}]", loc) for i, item in enumerate(value)]
-
-
-def _quoted(names: Sequence[str]) -> str:
-    quoted = [f"'{name}'" for name in names]
-    return quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " or " + quoted[-1]
-
-
-def _order_reason(prev: str | None, role: str) -> str:
-    """Explain why ``role`` may not follow ``prev``."""
-    if role == "system":
-        return "a 'system' message may only be the first message; merge it into that one"
-    if prev is None:
-        return f"expected 'user' as the first message (after an optional 'system'), got '{role}'"
-    article = "an" if prev == "assistant" else "a"  # "a user", "a tool", "a system"
-    return f"expected {_quoted(_NEXT_ROLES[prev])} after {article} '{prev}' message, got '{role}'"
-
-
-def _check_order(
-    messages: list[Message], path: str, loc: str, prev: str | None = None, offset: int = 0
-) -> str | None:
-    """Check role alternation, continuing after ``prev``; return the last role.
-
-    ``offset`` is added to indices in error paths (for a slice of a longer list).
-    """
-    for i, message in enumerate(messages):
-        role = message["role"]
-        if role == "system" and prev is None and i == 0:
-            prev = role
-            continue
-        if role not in _NEXT_ROLES[prev]:
-            raise DataError(loc, f"{path}[{i + offset}].role", _order_reason(prev, role))
-        prev = role
-    return prev
-
-
-def _conversation(value: Any, path: str, loc: str) -> list[Message]:
-    """A full conversation: alternating roles, ending with an assistant reply."""
-    messages = _parse_messages(value, path, loc)
-    _check_order(messages, path, loc)
-    if messages[-1]["role"] != "assistant":
-        raise DataError(
-            loc,
-            path,
-            f"the last message must be an 'assistant' reply, got '{messages[-1]['role']}'; "
-            "add the reply or remove the trailing message",
-        )
-    return messages
-
-
-def _prompt(value: Any, path: str, loc: str) -> list[Message]:
-    """A prompt: a non-empty string (one user message) or messages ending with user/tool."""
-    if isinstance(value, str):
-        if not value.strip():
-            raise DataError(loc, path, "empty prompt")
-        return [{"role": "user", "content": value}]
-    messages = _parse_messages(value, path, loc)
-    last = _check_order(messages, path, loc)
-    if last not in ("user", "tool"):
-        raise DataError(
-            loc,
-            path,
-            f"a prompt must end with a 'user' (or 'tool') message, got '{last}'; "
-            "move the reply into the completion",
-        )
-    return messages
-
-
-def _completion(value: Any, path: str, loc: str, after: str) -> list[Message]:
-    """A completion following a prompt whose last role is ``after``.
-
-    A non-empty string (one assistant message) or assistant/tool messages that start and end
-    with an assistant message.
-    """
-    if isinstance(value, str):
-        if not value.strip():
-            raise DataError(loc, path, "empty completion; every example needs a non-empty reply")
-        return [{"role": "assistant", "content": value}]
-    messages = _parse_messages(value, path, loc)
-    _check_completion_messages(messages, path, loc, after=after)
-    return messages
-
-
-def _check_completion_messages(
-    messages: list[Message], path: str, loc: str, *, after: str, offset: int = 0
-) -> None:
-    """Check roles of a completion (a slice of a list starting at ``offset``)."""
-    for i, message in enumerate(messages):
-        allowed = ("assistant",) if i == 0 else ("assistant", "tool")
-        if message["role"] not in allowed:
-            raise DataError(
-                loc,
-                f"{path}[{i + offset}].role",
-                "a completion holds only 'assistant' (and 'tool') messages and starts with "
-                f"'assistant', got '{message['role']}'; earlier turns belong in the prompt",
-            )
-    _check_order(messages, path, loc, prev=after, offset=offset)
-    if messages[-1]["role"] != "assistant":
-        raise DataError(loc, path, "a completion must end with an 'assistant' message")
-
-
-# ---------------------------------------------------------------------------------------------
 # Scalars
 
 
@@ -379,13 +217,13 @@ def _meta(data: dict[str, Any], used: Sequence[str]) -> dict[str, Any]:
 
 
 def _parse_sft(data: dict[str, Any], loc: str) -> SFTExample:
-    messages = _conversation(data["messages"], "messages", loc)
+    messages = parse_conversation(data["messages"], "messages", loc)
     return SFTExample(messages=messages, meta=_meta(data, ("messages",)), location=loc)
 
 
 def _parse_prompt_completion(data: dict[str, Any], loc: str) -> SFTExample:
-    prompt = _prompt(data["prompt"], "prompt", loc)
-    completion = _completion(data["completion"], "completion", loc, prompt[-1]["role"])
+    prompt = parse_prompt(data["prompt"], "prompt", loc)
+    completion = parse_completion(data["completion"], "completion", loc, prompt[-1]["role"])
     meta = _meta(data, ("prompt", "completion"))
     return SFTExample(messages=prompt + completion, meta=meta, location=loc)
 
@@ -394,9 +232,9 @@ def _parse_preference(data: dict[str, Any], loc: str) -> PreferenceExample:
     if data.get("prompt") is None:
         prompt, chosen, rejected = split_implicit_prompt(data["chosen"], data["rejected"], loc)
     else:
-        prompt = _prompt(data["prompt"], "prompt", loc)
-        chosen = _completion(data["chosen"], "chosen", loc, prompt[-1]["role"])
-        rejected = _completion(data["rejected"], "rejected", loc, prompt[-1]["role"])
+        prompt = parse_prompt(data["prompt"], "prompt", loc)
+        chosen = parse_completion(data["chosen"], "chosen", loc, prompt[-1]["role"])
+        rejected = parse_completion(data["rejected"], "rejected", loc, prompt[-1]["role"])
     if chosen == rejected:
         raise DataError(
             loc,
@@ -410,63 +248,9 @@ def _parse_preference(data: dict[str, Any], loc: str) -> PreferenceExample:
     return PreferenceExample(prompt, chosen, rejected, margin=margin, meta=meta, location=loc)
 
 
-def split_implicit_prompt(
-    chosen: Any, rejected: Any, loc: str = "<row>"
-) -> tuple[list[Message], list[Message], list[Message]]:
-    """Split two full conversations into (prompt, chosen completion, rejected completion).
-
-    The prompt is the longest common prefix of messages that ends right before an assistant
-    message in both conversations; the rest of each conversation is its completion.
-
-    Args:
-        chosen: The preferred full conversation (a list of messages).
-        rejected: The dispreferred full conversation.
-        loc: Location used in errors.
-
-    Returns:
-        ``(prompt, chosen, rejected)`` as normalised message lists.
-
-    Raises:
-        DataError: A conversation is invalid, or they share no prompt.
-    """
-    for name, value in (("chosen", chosen), ("rejected", rejected)):
-        if not isinstance(value, list):
-            raise DataError(
-                loc,
-                name,
-                f"without a 'prompt' field, 'chosen' and 'rejected' must be full conversations "
-                f"(lists of messages) that share the prompt, got {_type_name(value)}; add a "
-                "'prompt' field or give both as message lists",
-            )
-    chosen_msgs = _conversation(chosen, "chosen", loc)
-    rejected_msgs = _conversation(rejected, "rejected", loc)
-    k = _common_prompt_length(chosen_msgs, rejected_msgs)
-    if k == 0:
-        raise DataError(
-            loc,
-            "chosen",
-            "'chosen' and 'rejected' do not start with the same prompt messages; the implicit "
-            "prompt format needs a shared prefix (or add an explicit 'prompt' field)",
-        )
-    for name, messages in (("chosen", chosen_msgs), ("rejected", rejected_msgs)):
-        after = messages[k - 1]["role"]
-        _check_completion_messages(messages[k:], name, loc, after=after, offset=k)
-    return chosen_msgs[:k], chosen_msgs[k:], rejected_msgs[k:]
-
-
-def _common_prompt_length(a: list[Message], b: list[Message]) -> int:
-    """Length of the longest common prefix that both conversations continue with an assistant."""
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    while n > 0 and not (n < len(a) and n < len(b) and a[n]["role"] == b[n]["role"] == "assistant"):
-        n -= 1
-    return n
-
-
 def _parse_unpaired(data: dict[str, Any], loc: str) -> UnpairedExample:
-    prompt = _prompt(data["prompt"], "prompt", loc)
-    completion = _completion(data["completion"], "completion", loc, prompt[-1]["role"])
+    prompt = parse_prompt(data["prompt"], "prompt", loc)
+    completion = parse_completion(data["completion"], "completion", loc, prompt[-1]["role"])
     label = _label(data["label"], "label", loc)
     meta = _meta(data, ("prompt", "completion", "label"))
     return UnpairedExample(prompt, completion, label, meta=meta, location=loc)
@@ -476,16 +260,16 @@ def _completion_list(data: dict[str, Any], prompt: list[Message], loc: str) -> l
     """The ``completions`` field: a list of >= 2 completions of the prompt."""
     value = data["completions"]
     if not isinstance(value, list) or len(value) < 2:
-        got = f"{len(value)} item(s)" if isinstance(value, list) else _type_name(value)
+        got = f"{len(value)} item(s)" if isinstance(value, list) else type_name(value)
         raise DataError(loc, "completions", f"expected a list of at least 2 completions, got {got}")
     after = prompt[-1]["role"]
-    return [_completion(item, f"completions[{i}]", loc, after) for i, item in enumerate(value)]
+    return [parse_completion(item, f"completions[{i}]", loc, after) for i, item in enumerate(value)]
 
 
 def _per_completion_list(value: Any, name: str, k: int, loc: str) -> list[Any]:
     """A list with one entry per completion."""
     if not isinstance(value, list) or len(value) != k:
-        got = f"{len(value)}" if isinstance(value, list) else _type_name(value)
+        got = f"{len(value)}" if isinstance(value, list) else type_name(value)
         raise DataError(
             loc, name, f"expected a list of {k} entries (one per completion), got {got}"
         )
@@ -493,7 +277,7 @@ def _per_completion_list(value: Any, name: str, k: int, loc: str) -> list[Any]:
 
 
 def _parse_ratings(data: dict[str, Any], loc: str) -> RatingsExample:
-    prompt = _prompt(data["prompt"], "prompt", loc)
+    prompt = parse_prompt(data["prompt"], "prompt", loc)
     completions = _completion_list(data, prompt, loc)
     raw = _per_completion_list(data["ratings"], "ratings", len(completions), loc)
     ratings = [_finite_number(value, f"ratings[{i}]", loc) for i, value in enumerate(raw)]
@@ -502,7 +286,7 @@ def _parse_ratings(data: dict[str, Any], loc: str) -> RatingsExample:
 
 
 def _parse_rankings(data: dict[str, Any], loc: str) -> RankingExample:
-    prompt = _prompt(data["prompt"], "prompt", loc)
+    prompt = parse_prompt(data["prompt"], "prompt", loc)
     completions = _completion_list(data, prompt, loc)
     k = len(completions)
     ranking = _per_completion_list(data["ranking"], "ranking", k, loc)
@@ -519,7 +303,7 @@ def _parse_rankings(data: dict[str, Any], loc: str) -> RankingExample:
 
 
 def _parse_verifiable(data: dict[str, Any], loc: str) -> VerifiableExample:
-    prompt = _prompt(data["prompt"], "prompt", loc)
+    prompt = parse_prompt(data["prompt"], "prompt", loc)
     answer = _answer(data["answer"], "answer", loc)
     verifier = data.get("verifier")
     if verifier is not None and (not isinstance(verifier, str) or not verifier.strip()):
@@ -554,7 +338,7 @@ REQUIRED_FIELDS: dict[str, tuple[str, ...]] = {
 def _check_required(data: Any, schema: str, loc: str) -> dict[str, Any]:
     """Check the row is an object with the schema's required fields."""
     if not isinstance(data, dict):
-        raise DataError(loc, None, f"expected an object (a JSON {{...}}), got {_type_name(data)}")
+        raise DataError(loc, None, f"expected an object (a JSON {{...}}), got {type_name(data)}")
     present = {key for key, value in data.items() if value is not None}
     for key in REQUIRED_FIELDS[schema]:
         if key not in present:

@@ -31,19 +31,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Literal
 
+from rlhfkit.data.messages import NEXT_ROLES, misplaced_role
 from rlhfkit.types import TokenizedExample
 
 MaskMode = Literal["final_turn", "all_assistant_turns"]
 Truncation = Literal["right", "drop", "left_prompt"]
-
-_NEXT_ROLES: dict[str | None, tuple[str, ...]] = {
-    None: ("system", "user"),
-    "system": ("user",),
-    "user": ("assistant",),
-    "assistant": ("user", "tool"),
-    "tool": ("tool", "assistant"),
-}
-"""Allowed role of a message given the role of the one before (``None``: first message)."""
 
 
 def check_roles(messages: Sequence[dict[str, Any]], source: str = "") -> None:
@@ -51,6 +43,7 @@ def check_roles(messages: Sequence[dict[str, Any]], source: str = "") -> None:
 
     An optional leading ``system`` message, then ``user`` and ``assistant`` alternating; ``tool``
     messages may follow an assistant message (a tool call) and are followed by the assistant.
+    The order is :data:`rlhfkit.data.messages.NEXT_ROLES`, shared with dataset validation.
 
     Args:
         messages: Chat messages with ``role`` and ``content`` keys.
@@ -59,19 +52,15 @@ def check_roles(messages: Sequence[dict[str, Any]], source: str = "") -> None:
     Raises:
         ValueError: If a message has no role or the order is not allowed.
     """
-    where = source or "conversation"
-    previous: str | None = None
-    for index, message in enumerate(messages):
-        role = message.get("role")
-        allowed = _NEXT_ROLES[previous]
-        if role not in allowed:
-            after = f"after a {previous!r} message" if previous else "as the first message"
-            raise ValueError(
-                f"{where}: message {index} has role {role!r}, but only {allowed} may come "
-                f"{after}; fix the role order (optional system, then user/assistant alternating, "
-                "tool messages only after an assistant tool call)"
-            )
-        previous = role
+    bad = misplaced_role(message.get("role") for message in messages)
+    if bad is not None:
+        index, previous, role = bad
+        after = f"after a {previous!r} message" if previous else "as the first message"
+        raise ValueError(
+            f"{source or 'conversation'}: message {index} has role {role!r}, but only "
+            f"{NEXT_ROLES[previous]} may come {after}; fix the role order (optional system, "
+            "then user/assistant alternating, tool messages only after an assistant tool call)"
+        )
 
 
 def unroll_turns(messages: Sequence[dict[str, Any]]) -> list[list[dict[str, Any]]]:

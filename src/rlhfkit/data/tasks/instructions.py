@@ -16,8 +16,7 @@ prompt. Everything derives from ``SEED`` through ``random.Random``; ``main()`` r
 shipped ``instructions_train.jsonl`` and ``instructions_heldout.jsonl`` (a test checks they equal
 a fresh build).
 
-This file is longer than the ~400-line guideline because it holds the hand-written word lists
-and facts the rows are built from; the code follows them.
+The hand-written word lists and facts the rows are built from live in ``instruction_facts.py``.
 """
 
 from __future__ import annotations
@@ -30,209 +29,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rlhfkit.data.tasks.instruction_facts import (
+    ANTONYMS,
+    CAPITALS,
+    DEFINITIONS,
+    GIFTS,
+    LISTS,
+    NAMES,
+    SENTENCES,
+    SYSTEM_PROMPTS,
+    UNITS,
+    WORDS,
+)
+
 SEED = 20240611
 
-# --- Hand-written material (written for this project) -----------------------------------
-
-# fmt: off
-WORDS = (
-    "apple", "garden", "planet", "window", "river", "candle", "forest", "rocket", "pencil",
-    "silver", "orange", "butter", "castle", "dragon", "guitar", "island", "jacket", "kitten",
-    "ladder", "marble", "needle", "pepper", "rabbit", "saddle", "tunnel", "velvet", "wizard",
-    "yellow", "zipper", "basket", "camera", "desert", "engine", "flower", "ginger", "hammer",
-    "jungle", "kettle", "lemon", "mirror", "nature", "ocean", "parrot", "quiet", "rainbow",
-    "sunset", "tomato", "unicorn", "violin", "walrus", "anchor", "bridge", "cactus", "dolphin",
-    "eagle", "falcon", "glacier", "harbor", "igloo", "jelly", "koala", "lantern", "meadow",
-    "noodle", "oyster", "pirate", "quilt", "ribbon", "spider", "throne", "umbrella", "volcano",
-    "whistle", "cookie", "puzzle", "blanket", "chimney", "feather", "pumpkin", "teapot", "compass",
-    "magnet",
-)
-
-SENTENCES = (
-    "The cat sat on the mat.", "We walked to the park after lunch.",
-    "My brother plays the piano every evening.", "Rain is expected later this afternoon.",
-    "She painted the old fence bright blue.", "The train leaves at seven in the morning.",
-    "Birds sing loudly in the spring.", "Please close the door when you leave.",
-    "Our team won the final match.", "The library opens at nine.",
-    "He bought fresh bread from the bakery.", "The moon looks very bright tonight.",
-    "I like to read before bed.", "They planted tomatoes in the garden.",
-    "The river flows through the old town.", "My grandmother tells wonderful stories.",
-    "The children built a snowman in the yard.", "A small boat sailed across the lake.",
-    "The museum has a famous painting.", "We need more chairs for the party.",
-    "The dog chased the ball across the field.", "Fresh snow covered the mountain road.",
-    "The baker starts work before sunrise.", "Please send me the report by Friday.",
-    "The orange cat sleeps on the sofa.", "Tom and Anna visited Paris last summer.",
-    "The coffee in this cafe is excellent.", "Every student brought a notebook.",
-    "The wind blew the leaves across the street.", "Our neighbor grows roses and tulips.",
-    "The concert starts in ten minutes.", "A rainbow appeared after the storm.",
-    "The old clock still works perfectly.", "My sister swims in the lake every morning.",
-    "The kitchen smells of warm cinnamon.", "We watched the stars from the roof.",
-    "The bus was late again today.", "He fixed the bike with a small wrench.",
-    "The farmer feeds the chickens at dawn.", "Lisa wrote a letter to her friend.",
-    "The shop sells handmade candles.", "The waves crashed against the rocks.",
-    "Our teacher explained the lesson clearly.", "The bread is still warm from the oven.",
-    "A gentle breeze cooled the hot afternoon.", "The puppy fell asleep in my arms.",
-    "We packed sandwiches for the long trip.", "The lights of the city sparkled at night.",
-    "My phone battery is almost empty.", "The garden looks lovely in June.",
-)
-
-CAPITALS = (  # (country as written mid-sentence, capital city)
-    ("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spain", "Madrid"),
-    ("Portugal", "Lisbon"), ("the United Kingdom", "London"), ("Ireland", "Dublin"),
-    ("Belgium", "Brussels"), ("Austria", "Vienna"), ("Switzerland", "Bern"), ("Poland", "Warsaw"),
-    ("the Czech Republic", "Prague"), ("Hungary", "Budapest"), ("Greece", "Athens"),
-    ("Sweden", "Stockholm"), ("Norway", "Oslo"), ("Denmark", "Copenhagen"), ("Finland", "Helsinki"),
-    ("Iceland", "Reykjavik"), ("Russia", "Moscow"), ("Ukraine", "Kyiv"), ("Romania", "Bucharest"),
-    ("Bulgaria", "Sofia"), ("Serbia", "Belgrade"), ("Croatia", "Zagreb"), ("Turkey", "Ankara"),
-    ("Egypt", "Cairo"), ("Kenya", "Nairobi"), ("Nigeria", "Abuja"), ("Ghana", "Accra"),
-    ("Ethiopia", "Addis Ababa"), ("Morocco", "Rabat"), ("Japan", "Tokyo"), ("China", "Beijing"),
-    ("South Korea", "Seoul"), ("India", "New Delhi"), ("Pakistan", "Islamabad"),
-    ("Thailand", "Bangkok"), ("Vietnam", "Hanoi"), ("the Philippines", "Manila"),
-    ("Australia", "Canberra"), ("New Zealand", "Wellington"), ("Canada", "Ottawa"),
-    ("the United States", "Washington, D.C."), ("Mexico", "Mexico City"), ("Brazil", "Brasilia"),
-    ("Argentina", "Buenos Aires"), ("Chile", "Santiago"), ("Peru", "Lima"), ("Colombia", "Bogota"),
-    ("Cuba", "Havana"), ("Iran", "Tehran"), ("Iraq", "Baghdad"), ("Saudi Arabia", "Riyadh"),
-    ("Nepal", "Kathmandu"), ("Bangladesh", "Dhaka"), ("Malaysia", "Kuala Lumpur"),
-    ("Estonia", "Tallinn"), ("Latvia", "Riga"), ("Lithuania", "Vilnius"),
-    ("Slovakia", "Bratislava"), ("Slovenia", "Ljubljana"), ("Uganda", "Kampala"),
-    ("Senegal", "Dakar"), ("Algeria", "Algiers"), ("Tunisia", "Tunis"), ("Jamaica", "Kingston"),
-    ("Mongolia", "Ulaanbaatar"), ("Qatar", "Doha"), ("Jordan", "Amman"), ("Lebanon", "Beirut"),
-)
-
-ANTONYMS = (
-    ("hot", "cold"), ("big", "small"), ("fast", "slow"), ("happy", "sad"), ("full", "empty"),
-    ("early", "late"), ("wet", "dry"), ("loud", "quiet"), ("rich", "poor"), ("thick", "thin"),
-    ("long", "short"), ("push", "pull"), ("win", "lose"), ("buy", "sell"), ("true", "false"),
-    ("clean", "dirty"), ("heavy", "light"), ("above", "below"), ("inside", "outside"),
-    ("asleep", "awake"), ("before", "after"), ("remember", "forget"), ("increase", "decrease"),
-    ("maximum", "minimum"), ("enter", "exit"), ("question", "answer"), ("success", "failure"),
-    ("friend", "enemy"), ("brave", "cowardly"), ("smooth", "rough"), ("shallow", "deep"),
-    ("narrow", "wide"), ("cheap", "expensive"), ("safe", "dangerous"), ("north", "south"),
-    ("east", "west"), ("top", "bottom"), ("first", "last"), ("always", "never"),
-    ("everything", "nothing"), ("laugh", "cry"), ("polite", "rude"), ("tidy", "messy"),
-    ("float", "sink"), ("borrow", "lend"), ("dawn", "dusk"), ("ancient", "modern"),
-)
-
-DEFINITIONS = (  # (word, definition, example sentence)
-    ("library", "A library is a place where people can read or borrow books.",
-     "We borrowed three books from the library."),
-    ("island", "An island is a piece of land with water all around it.",
-     "They took a ferry to the island."),
-    ("volcano", "A volcano is a mountain that can erupt with hot lava, ash and gas.",
-     "The volcano erupted for the first time in years."),
-    ("bridge", "A bridge is a structure that carries a road or path over a river or valley.",
-     "We walked across the bridge."),
-    ("calendar", "A calendar is a chart that shows the days, weeks and months of a year.",
-     "I marked her birthday on the calendar."),
-    ("thermometer", "A thermometer is a tool that measures temperature.",
-     "The thermometer showed twenty degrees."),
-    ("umbrella", "An umbrella is a folding cover that keeps you dry in the rain.",
-     "Take an umbrella in case it rains."),
-    ("dictionary", "A dictionary is a book or app that lists words with their meanings.",
-     "She looked up the word in a dictionary."),
-    ("orchestra", "An orchestra is a large group of musicians who play instruments together.",
-     "The orchestra played a symphony."),
-    ("desert", "A desert is a very dry area of land that gets little rain.",
-     "Camels can walk a long way across the desert."),
-    ("glacier", "A glacier is a huge, slow-moving mass of ice.",
-     "The glacier moves a few meters each year."),
-    ("harbor", "A harbor is a sheltered area of water where ships can stay safely.",
-     "The fishing boats returned to the harbor."),
-    ("triangle", "A triangle is a flat shape with three straight sides.",
-     "She drew a triangle on the board."),
-    ("noun", "A noun is a word that names a person, place or thing.",
-     "In 'the dog barked', 'dog' is a noun."),
-    ("verb", "A verb is a word that describes an action or a state.",
-     "In 'she runs fast', 'runs' is a verb."),
-    ("adjective", "An adjective is a word that describes a noun.",
-     "In 'a red car', 'red' is an adjective."),
-    ("recipe", "A recipe is a set of instructions for cooking a dish.",
-     "I followed my grandmother's recipe for soup."),
-    ("passport", "A passport is an official document that lets you travel between countries.",
-     "Remember to bring your passport to the airport."),
-    ("compass", "A compass is a tool with a magnetic needle that points north.",
-     "The hikers used a compass to find their way."),
-    ("microscope", "A microscope is an instrument that makes tiny things look much larger.",
-     "We looked at a leaf under the microscope."),
-    ("telescope", "A telescope is an instrument that makes distant objects look closer.",
-     "He saw the rings of Saturn through a telescope."),
-    ("map", "A map is a drawing of an area that shows where places are.",
-     "We checked the map before the hike."),
-    ("bakery", "A bakery is a shop where bread and cakes are made and sold.",
-     "The bakery opens early every morning."),
-    ("museum", "A museum is a building where interesting objects are kept and shown to the public.",
-     "The museum has dinosaur bones."),
-    ("astronaut", "An astronaut is a person trained to travel into space.",
-     "The astronaut spent six months in space."),
-    ("vegetarian", "A vegetarian is a person who does not eat meat.",
-     "My friend is a vegetarian, so we made a bean stew."),
-    ("peninsula", "A peninsula is a piece of land almost surrounded by water.",
-     "The town sits at the tip of a peninsula."),
-    ("canyon", "A canyon is a deep valley with steep sides, often cut by a river.",
-     "The river carved a deep canyon."),
-    ("lighthouse", "A lighthouse is a tower with a bright light that guides ships.",
-     "The lighthouse flashed every few seconds."),
-    ("fossil", "A fossil is the preserved remains or trace of an ancient plant or animal.",
-     "She found a fossil of a shell in the rock."),
-    ("magnet", "A magnet is an object that pulls iron and steel toward it.",
-     "The magnet held the note on the fridge."),
-    ("alphabet", "An alphabet is the set of letters used to write a language.",
-     "The English alphabet has 26 letters."),
-    ("synonym", "A synonym is a word that means the same as another word.",
-     "'Big' is a synonym of 'large'."),
-    ("century", "A century is a period of one hundred years.",
-     "The castle is more than a century old."),
-    ("decade", "A decade is a period of ten years.", "They have lived here for a decade."),
-    ("fortnight", "A fortnight is a period of two weeks.",
-     "We will be on holiday for a fortnight."),
-    ("dozen", "A dozen is a group of twelve.", "She bought a dozen eggs."),
-    ("hexagon", "A hexagon is a flat shape with six straight sides.",
-     "Each cell of a honeycomb is a hexagon."),
-    ("marathon", "A marathon is a running race of about 42 kilometers.",
-     "She trained for months to run a marathon."),
-    ("habitat", "A habitat is the natural home of an animal or plant.",
-     "The forest is the habitat of many birds."),
-    ("orbit", "An orbit is the curved path of an object around a planet or star.",
-     "The Moon is in orbit around the Earth."),
-)
-
-UNITS = (  # (from, from singular, to, factor): exactly `factor` of `to` in one `from`
-    ("kilometers", "kilometer", "meters", 1000), ("meters", "meter", "centimeters", 100),
-    ("centimeters", "centimeter", "millimeters", 10), ("kilograms", "kilogram", "grams", 1000),
-    ("liters", "liter", "milliliters", 1000), ("hours", "hour", "minutes", 60),
-    ("minutes", "minute", "seconds", 60), ("days", "day", "hours", 24),
-    ("weeks", "week", "days", 7), ("years", "year", "months", 12), ("feet", "foot", "inches", 12),
-    ("yards", "yard", "feet", 3),
-)
-
-NAMES = (
-    "Maya", "Omar", "Lucas", "Priya", "Chen", "Sofia", "Daniel", "Aisha", "Leo", "Hannah", "Mateo",
-    "Yuki", "Grace", "Samuel", "Amara", "Noah", "Elena", "Ravi", "Zoe", "Felix", "Nadia", "Oscar",
-    "Ines", "Kofi", "Mia", "Jonas", "Lena", "Tariq", "Clara", "Ben",
-)
-
-GIFTS = (
-    "flowers", "birthday card", "book", "lovely dinner", "help with the move", "kind words",
-    "chocolates", "ride to the airport", "warm scarf", "good advice", "plant", "concert tickets",
-    "homemade cookies", "postcard", "coffee",
-)
-
-LISTS = (  # (kind, sentence opening, items)
-    ("shopping", "We need", (
-        "eggs", "flour", "milk", "butter", "apples", "rice", "cheese", "carrots", "onions", "bread",
-        "tea", "sugar", "oranges", "beans", "pasta", "yogurt", "honey", "spinach",
-    )),
-    ("packing", "Remember to pack", (
-        "a hat", "sunscreen", "a towel", "a map", "a warm jacket", "spare socks", "a phone charger",
-        "a good book", "some snacks", "a water bottle", "sunglasses", "a toothbrush",
-    )),
-)
-
-SYSTEM_PROMPTS = (  # (system message, opening added to the reply)
-    ("You are a helpful assistant. Keep your answers short and clear.", ""),
-    ("You are a cheerful assistant. Start every reply with 'Happy to help!'", "Happy to help! "),
-)
-# fmt: on
 
 # --- Renderers: (item, rng) -> (user message, assistant reply) -------------------------------
 
