@@ -220,3 +220,26 @@ def test_tracker_without_its_package_gives_an_install_hint(tiny_model_dir, chat_
     cfg.log.wandb = True
     with pytest.raises(ImportError, match="pip install wandb"):
         sft.main(cfg)
+
+
+def test_one_nonfinite_batch_is_skipped_and_training_goes_on(
+    tiny_model_dir, chat_data, tmp_path, monkeypatch
+):
+    run = tmp_path / "run"
+    cfg = make_cfg(tiny_model_dir, chat_data, run, max_steps=3, micro_batch_tokens=4096)
+    real = sft.sft_loss
+    calls = {"n": 0}
+
+    def poisoned(**kwargs):
+        out = real(**kwargs)
+        if kwargs["logprobs"].requires_grad:
+            calls["n"] += 1
+            if calls["n"] == 2:  # the second batch (one packed micro-batch per batch)
+                out.loss = out.loss * float("inf")
+        return out
+
+    monkeypatch.setattr(sft, "sft_loss", poisoned)
+    sft.main(cfg)
+    rows = [m for m in metrics(run) if "train/loss" in m]
+    assert [m["step"] for m in rows] == [1, 2, 3]  # three optimiser steps from four batches
+    assert [m["train/skipped_batches"] for m in rows] == [0, 1, 1]

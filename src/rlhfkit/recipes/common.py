@@ -6,6 +6,7 @@ Not a trainer: recipes own their loop and call these helpers explicitly.
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,38 +91,51 @@ class RunContext:
         self.step, self.extra = state.step, state.extra
         log.info("resumed from %s at step %d", path, self.step)
 
+    @property
+    def batches_done(self) -> int:
+        """Batches consumed: optimiser steps plus skipped (non-finite) batches."""
+        return self.step + int(self.extra.get("skipped", 0))
+
     def apply_step(self, stats: StepStats, max_grad_norm: float, max_nonfinite: int) -> bool:
-        """Clip, step and schedule after ``accumulate``; skip a non-finite step.
+        """Clip, step and schedule after ``accumulate``; skip a non-finite batch.
+
+        A NaN/inf loss or gradient norm drops the gradients and moves on to the next batch
+        (counted in ``extra["skipped"]``) without touching the weights or the schedule.
 
         Returns:
-            True if the optimiser stepped; False if the step was skipped.
+            True if the optimiser stepped; False if the batch was skipped.
 
         Raises:
-            NonFiniteLossError: After ``max_nonfinite`` skipped steps in a row (the last good
+            NonFiniteLossError: After ``max_nonfinite`` skipped batches in a row (the last good
                 checkpoint is untouched).
         """
-        if not stats.finite:
-            self.master.zero_grad()
-            self.nonfinite += 1
-            log.warning(
-                "step %d: non-finite loss, step skipped (%d in a row)", self.step, self.nonfinite
-            )
-            if self.nonfinite >= max_nonfinite:
-                raise NonFiniteLossError(
-                    f"{self.nonfinite} consecutive non-finite losses at step {self.step}; "
-                    f"stopping. The last good checkpoint in {self.run_dir}/checkpoints is "
-                    "intact: lower optim.lr, check the data, or use --model.precision fp32, "
-                    "then --loop.resume True."
-                )
+        grad_norm = clip_grad_norm(self.master.params(), max_grad_norm) if stats.finite else 0.0
+        if not stats.finite or not math.isfinite(grad_norm):
+            self._skip(max_nonfinite, "loss" if not stats.finite else "gradient norm")
             return False
         self.nonfinite = 0
-        self.extra["grad_norm"] = clip_grad_norm(self.master.params(), max_grad_norm)
+        self.extra["grad_norm"] = grad_norm
         self.optimizer.step()
         self.scheduler.step()
         self.master.zero_grad()
         self.master.sync_to_model()
         self.step += 1
         return True
+
+    def _skip(self, max_nonfinite: int, what: str) -> None:
+        self.master.zero_grad()
+        self.nonfinite += 1
+        self.extra["skipped"] = int(self.extra.get("skipped", 0)) + 1
+        log.warning(
+            "step %d: non-finite %s, batch skipped (%d in a row)", self.step, what, self.nonfinite
+        )
+        if self.nonfinite >= max_nonfinite:
+            raise NonFiniteLossError(
+                f"{self.nonfinite} consecutive non-finite losses at step {self.step}; "
+                f"stopping. The last good checkpoint in {self.run_dir}/checkpoints is "
+                "intact: lower optim.lr, check the data, or use --model.precision fp32, "
+                "then --loop.resume True."
+            )
 
     def log_step(self, metrics: dict[str, float], every: int) -> None:
         """Log ``metrics`` plus learning rate and gradient norm every ``every`` steps."""

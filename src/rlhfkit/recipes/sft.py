@@ -148,14 +148,14 @@ def label_count(batch: dict[str, torch.Tensor]) -> float:
     return float((batch["labels"][:, 1:] != -100).sum())
 
 
-def batch_order(n: int, batch_size: int, seed: int, step: int) -> list[int]:
-    """Example indices of optimiser step ``step``.
+def batch_order(n: int, batch_size: int, seed: int, position: int) -> list[int]:
+    """Example indices of the batch at ``position`` (batches consumed so far).
 
-    A seeded shuffle per epoch, last partial batch dropped. A pure function of ``step``, so
-    resuming needs only the step.
+    A seeded shuffle per epoch, last partial batch dropped. A pure function of the position, so
+    resuming needs only the position.
     """
     per_epoch = n // batch_size
-    epoch, index = divmod(step, per_epoch)
+    epoch, index = divmod(position, per_epoch)
     order = list(range(n))
     random.Random(seed * 1_000_003 + epoch).shuffle(order)
     return order[index * batch_size : (index + 1) * batch_size]
@@ -212,10 +212,9 @@ def main(cfg: SFTConfig) -> Path:
     step_loss = make_step_loss(ctx.model)
     with ctx.progress(total) as bar:
         while ctx.step < total:
-            batch = [
-                train[i]
-                for i in batch_order(len(train), cfg.loop.batch_size, cfg.loop.seed, ctx.step)
-            ]
+            position = ctx.batches_done
+            order = batch_order(len(train), cfg.loop.batch_size, cfg.loop.seed, position)
+            batch = [train[i] for i in order]
             parts = micro_batches(
                 batch, packing=ctx.packing, budget=cfg.loop.micro_batch_tokens, pad_id=ctx.pad_id
             )
@@ -225,14 +224,19 @@ def main(cfg: SFTConfig) -> Path:
             if not ctx.apply_step(stats, cfg.optim.max_grad_norm, cfg.loop.max_nonfinite):
                 continue
             bar.update(loss=stats.loss, tokens=sum(len(e.input_ids) for e in batch))
-            metrics = {"train/loss": stats.loss, "train/tokens": stats.normaliser}
+            metrics = {
+                "train/loss": stats.loss,
+                "train/tokens": stats.normaliser,
+                "train/skipped_batches": ctx.batches_done - ctx.step,
+            }
             if cfg.loop.eval_every and ctx.step % cfg.loop.eval_every == 0 and ctx.step < total:
                 metrics["eval/loss"] = evaluate(ctx, held_out, cfg)
             ctx.log_step(metrics, cfg.log.log_every)
             if cfg.loop.save_every and ctx.step % cfg.loop.save_every == 0:
-                ctx.save(
-                    cfg.loop.keep_last,
-                    data={"epoch": ctx.step // per_epoch, "batch": ctx.step % per_epoch},
-                )
+                data = {
+                    "epoch": ctx.batches_done // per_epoch,
+                    "batch": ctx.batches_done % per_epoch,
+                }
+                ctx.save(cfg.loop.keep_last, data=data)
     ctx.logger.log(ctx.step, {"eval/loss": evaluate(ctx, held_out, cfg)})
     return finish_run(ctx, cfg.loop.keep_last)
