@@ -34,6 +34,21 @@ def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def poison_training_losses(monkeypatch, bad) -> None:
+    """Make the n-th training micro-batch loss non-finite whenever ``bad(n)`` (n from 1)."""
+    real, calls = sft.sft_loss, {"n": 0}
+
+    def poisoned(**kwargs):
+        out = real(**kwargs)
+        if kwargs["logprobs"].requires_grad:
+            calls["n"] += 1
+            if bad(calls["n"]):
+                out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(sft, "sft_loss", poisoned)
+
+
 def train_losses(run_dir: Path) -> dict[int, float]:
     return {m["step"]: m["train/loss"] for m in metrics(run_dir) if "train/loss" in m}
 
@@ -150,18 +165,7 @@ def test_nonfinite_losses_abort_and_keep_last_checkpoint(
 ):
     run = tmp_path / "run"
     cfg = make_cfg(tiny_model_dir, chat_data, run, max_steps=6, save_every=2, max_nonfinite=2)
-    real = sft.sft_loss
-    calls = {"n": 0}
-
-    def poisoned(**kwargs):
-        out = real(**kwargs)
-        if kwargs["logprobs"].requires_grad:
-            calls["n"] += 1
-            if calls["n"] > 2 * 8:  # every micro-batch after the first steps
-                out.loss = out.loss * float("nan")
-        return out
-
-    monkeypatch.setattr(sft, "sft_loss", poisoned)
+    poison_training_losses(monkeypatch, lambda n: n > 2 * 8)  # every micro-batch after a few
     with pytest.raises(NonFiniteLossError, match="consecutive non-finite"):
         sft.main(cfg)
     latest = (run / "checkpoints" / "latest").read_text().strip()
@@ -227,18 +231,7 @@ def test_one_nonfinite_batch_is_skipped_and_training_goes_on(
 ):
     run = tmp_path / "run"
     cfg = make_cfg(tiny_model_dir, chat_data, run, max_steps=3, micro_batch_tokens=4096)
-    real = sft.sft_loss
-    calls = {"n": 0}
-
-    def poisoned(**kwargs):
-        out = real(**kwargs)
-        if kwargs["logprobs"].requires_grad:
-            calls["n"] += 1
-            if calls["n"] == 2:  # the second batch (one packed micro-batch per batch)
-                out.loss = out.loss * float("inf")
-        return out
-
-    monkeypatch.setattr(sft, "sft_loss", poisoned)
+    poison_training_losses(monkeypatch, lambda n: n == 2)  # one packed micro-batch per batch
     sft.main(cfg)
     rows = [m for m in metrics(run) if "train/loss" in m]
     assert [m["step"] for m in rows] == [1, 2, 3]  # three optimiser steps from four batches

@@ -333,3 +333,17 @@ def test_property_lr_factor_bounded_and_monotone(total, warmup_frac, schedule):
     assert all(b <= a + 1e-15 for a, b in itertools.pairwise(f[warmup:]))
     if schedule != "constant":
         assert f[total] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_atomic_directory_replaces_or_keeps(tmp_path):
+    from rlhfkit.atomic import atomic_directory
+
+    target = tmp_path / "out"
+    with atomic_directory(target) as tmp:
+        (tmp / "a.txt").write_text("1")
+    assert (target / "a.txt").read_text() == "1"
+    with pytest.raises(RuntimeError), atomic_directory(target) as tmp:
+        (tmp / "a.txt").write_text("2")
+        raise RuntimeError("crash while writing")
+    assert (target / "a.txt").read_text() == "1"  # the old complete version survives
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary left behind

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from rlhfkit.atomic import atomic_directory
 from rlhfkit.config import LogConfig, ModelConfig, OptimConfig
 from rlhfkit.models.load import LoraSpec, apply_lora, load_model, load_tokenizer
 from rlhfkit.models.precision import Precision, resolve_precision
@@ -207,15 +207,11 @@ def build_run(
 def finish_run(ctx: RunContext, keep_last: int) -> Path:
     """Checkpoint, then save the final model (fp32, Hugging Face format) and tokenizer."""
     ctx.save(keep_last)
-    final = ctx.run_dir / "final"
-    tmp = ctx.run_dir / ".final.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
     ctx.model.to(torch.float32)  # parameters change dtype in place; master keeps its handles
     ctx.master.sync_to_model()
     model = ctx.model.merge_and_unload() if hasattr(ctx.model, "merge_and_unload") else ctx.model
-    model.save_pretrained(tmp, safe_serialization=True)
-    ctx.tokenizer.save_pretrained(tmp)
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
+    with atomic_directory(ctx.run_dir / "final") as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        ctx.tokenizer.save_pretrained(tmp)
     ctx.logger.close()
     return ctx.run_dir
