@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
 
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -52,7 +53,11 @@ def main(argv: list[str] | None = None) -> None:
     cfg = parse_cli(
         getattr(module, config_name), rest, prog=f"rlhfkit {command}", description=help_
     )
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 reports progress
+    logging.basicConfig(
+        level=logging.INFO if main_rank else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     for noisy in ("httpx", "urllib3", "datasets", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     module.main(cfg)

@@ -152,6 +152,9 @@ class FakeDist(types.SimpleNamespace):
     def get_world_size(self, group=None):
         return 2
 
+    def get_backend(self, group=None):
+        return "gloo"
+
     def all_reduce(self, tensor, group=None):
         tensor += self.other_count
 

@@ -26,6 +26,13 @@ from rlhfkit.training.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
+from rlhfkit.training.distributed import (
+    DistInfo,
+    all_reduce_mean_,
+    all_reduce_sum,
+    barrier,
+    init_distributed,
+)
 from rlhfkit.training.logging import MetricsLogger, write_run_info
 from rlhfkit.training.optim import build_optimizer, build_scheduler, clip_grad_norm
 from rlhfkit.training.precision import MasterWeights
@@ -52,6 +59,7 @@ class RunContext:
     packing: bool = False
     step: int = 0
     nonfinite: int = 0
+    dist: DistInfo = field(default_factory=DistInfo)
     optimizer: torch.optim.Optimizer | None = None
     scheduler: Any = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -109,8 +117,11 @@ class RunContext:
             NonFiniteLossError: After ``max_nonfinite`` skipped batches in a row (the last good
                 checkpoint is untouched).
         """
-        grad_norm = clip_grad_norm(self.master.params(), max_grad_norm) if stats.finite else 0.0
-        if not stats.finite or not math.isfinite(grad_norm):
+        finite = all_reduce_sum(0.0 if stats.finite else 1.0) == 0  # every rank must agree
+        if finite:
+            self._average_gradients()
+        grad_norm = clip_grad_norm(self.master.params(), max_grad_norm) if finite else 0.0
+        if not finite or not math.isfinite(grad_norm):
             self._skip(max_nonfinite, "loss" if not stats.finite else "gradient norm")
             return False
         self.nonfinite = 0
@@ -121,6 +132,20 @@ class RunContext:
         self.master.sync_to_model()
         self.step += 1
         return True
+
+    def _average_gradients(self) -> None:
+        """Average the fp32 master gradients across ranks (no-op on one process)."""
+        if self.dist.world_size == 1:
+            return
+        params = self.master.params()
+        for p in params:
+            if p.grad is None:  # every rank must reduce the same tensors
+                p.grad = torch.zeros_like(p)
+        all_reduce_mean_([p.grad for p in params])
+
+    def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Move a collated batch to this rank's device."""
+        return {k: v.to(self.dist.device, non_blocking=True) for k, v in batch.items()}
 
     def _skip(self, max_nonfinite: int, what: str) -> None:
         self.master.zero_grad()
@@ -147,7 +172,11 @@ class RunContext:
             )
 
     def save(self, keep_last: int, data: dict[str, Any] | None = None) -> Path:
-        """Write an atomic checkpoint of the current step."""
+        """Write an atomic checkpoint of the current step (rank 0 writes, all ranks wait)."""
+        path = self.run_dir / "checkpoints" / f"step-{self.step:08d}"
+        if not self.dist.is_main:
+            barrier()
+            return path
         state = TrainerState(
             step=self.step,
             optimizer=self.optimizer.state_dict(),
@@ -156,17 +185,26 @@ class RunContext:
             data=data or {},
             extra={k: v for k, v in self.extra.items() if k != "grad_norm"},
         )
-        return save_checkpoint(self.run_dir, self.master.state_dict(), state, keep_last=keep_last)
+        path = save_checkpoint(self.run_dir, self.master.state_dict(), state, keep_last=keep_last)
+        barrier()
+        return path
 
     def progress(self, total: int) -> TrainProgress:
         """A progress bar starting at the current step."""
-        return TrainProgress(total, start=self.step, enabled=self.show_progress)
+        return TrainProgress(
+            total, start=self.step, enabled=self.show_progress and self.dist.is_main
+        )
 
 
 def build_run(
     model_cfg: ModelConfig, log_cfg: LogConfig, seed: int, config: dict[str, Any]
 ) -> RunContext:
-    """Seed, load model + tokenizer with the precision policy and optional LoRA, open the run."""
+    """Seed, load model + tokenizer with the precision policy and optional LoRA, open the run.
+
+    Under torchrun each rank joins the process group and holds a replica on its device; only
+    rank 0 writes the run directory.
+    """
+    dist_info = init_distributed()
     torch.manual_seed(seed)
     precision = resolve_precision(model_cfg.precision)
     tokenizer = load_tokenizer(model_cfg.name, trust_remote_code=model_cfg.trust_remote_code)
@@ -186,10 +224,11 @@ def build_run(
             list(model_cfg.lora_target_modules),
         )
         model = apply_lora(model, spec)
-    model.train()
+    model.to(dist_info.device).train()
     master = MasterWeights(model, precision.compute)
     run_dir = Path(log_cfg.run_dir)
-    write_run_info(run_dir, config)
+    if dist_info.is_main:
+        write_run_info(run_dir, config)
     logger = MetricsLogger(
         run_dir,
         tensorboard=log_cfg.tensorboard,
@@ -197,10 +236,18 @@ def build_run(
         trackio=log_cfg.trackio,
         project=log_cfg.project,
         config=config,
+        enabled=dist_info.is_main,
     )
     log.info("precision: compute %s (%s), master fp32", precision.compute, precision.reason)
     return RunContext(
-        model, tokenizer, precision, master, run_dir, logger, show_progress=log_cfg.progress
+        model,
+        tokenizer,
+        precision,
+        master,
+        run_dir,
+        logger,
+        show_progress=log_cfg.progress,
+        dist=dist_info,
     )
 
 
@@ -210,8 +257,10 @@ def finish_run(ctx: RunContext, keep_last: int) -> Path:
     ctx.model.to(torch.float32)  # parameters change dtype in place; master keeps its handles
     ctx.master.sync_to_model()
     model = ctx.model.merge_and_unload() if hasattr(ctx.model, "merge_and_unload") else ctx.model
-    with atomic_directory(ctx.run_dir / "final") as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        ctx.tokenizer.save_pretrained(tmp)
+    if ctx.dist.is_main:
+        with atomic_directory(ctx.run_dir / "final") as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            ctx.tokenizer.save_pretrained(tmp)
+    barrier()
     ctx.logger.close()
     return ctx.run_dir

@@ -47,6 +47,7 @@ from rlhfkit.losses.sft import sft_loss
 from rlhfkit.models.forward import label_logprobs
 from rlhfkit.recipes.common import RunContext, build_run, finish_run
 from rlhfkit.training.accumulate import StepStats, accumulate
+from rlhfkit.training.distributed import all_reduce_sum
 from rlhfkit.types import LossOutput, TokenizedExample
 
 log = logging.getLogger(__name__)
@@ -181,12 +182,14 @@ def evaluate(ctx: RunContext, examples: list[TokenizedExample], cfg: SFTConfig) 
     if not examples:
         return float("nan")
     ctx.model.eval()
+    mine = ctx.dist.shard(examples)
     batches = micro_batches(
-        examples, packing=ctx.packing, budget=cfg.loop.micro_batch_tokens, pad_id=ctx.pad_id
+        mine, packing=ctx.packing, budget=cfg.loop.micro_batch_tokens, pad_id=ctx.pad_id
     )
+    batches = [ctx.to_device(b) for b in batches]
     stats = accumulate(batches, make_step_loss(ctx.model), count_fn=label_count, backward=False)
     ctx.model.train()
-    return stats.loss
+    return all_reduce_sum(stats.loss)  # each rank's share is over the global token count
 
 
 def main(cfg: SFTConfig) -> Path:
@@ -200,6 +203,11 @@ def main(cfg: SFTConfig) -> Path:
         else []
     )
     log.info("data: %s; held-out examples: %d; packing: %s", counts, len(held_out), ctx.packing)
+    if cfg.loop.batch_size < ctx.dist.world_size:
+        raise ValueError(
+            f"loop.batch_size {cfg.loop.batch_size} is global: it must be at least the number "
+            f"of ranks ({ctx.dist.world_size})"
+        )
     if len(train) < cfg.loop.batch_size:
         raise ValueError(
             f"{cfg.data.train}: {len(train)} usable examples < batch_size {cfg.loop.batch_size}"
@@ -214,10 +222,11 @@ def main(cfg: SFTConfig) -> Path:
         while ctx.step < total:
             position = ctx.batches_done
             order = batch_order(len(train), cfg.loop.batch_size, cfg.loop.seed, position)
-            batch = [train[i] for i in order]
+            batch = ctx.dist.shard([train[i] for i in order])  # this rank's share
             parts = micro_batches(
                 batch, packing=ctx.packing, budget=cfg.loop.micro_batch_tokens, pad_id=ctx.pad_id
             )
+            parts = [ctx.to_device(part) for part in parts]
             stats: StepStats = accumulate(
                 parts, step_loss, count_fn=label_count, after_backward=ctx.master.collect_grads
             )
@@ -225,7 +234,7 @@ def main(cfg: SFTConfig) -> Path:
                 continue
             bar.update(loss=stats.loss, tokens=sum(len(e.input_ids) for e in batch))
             metrics = {
-                "train/loss": stats.loss,
+                "train/loss": all_reduce_sum(stats.loss),
                 "train/tokens": stats.normaliser,
                 "train/skipped_batches": ctx.batches_done - ctx.step,
             }

@@ -47,7 +47,9 @@ def global_count(local: float, group: dist.ProcessGroup | None = None) -> float:
     """Sum ``local`` over all ranks (identity when torch.distributed is not initialised)."""
     if not (dist.is_available() and dist.is_initialized()):
         return float(local)
-    tensor = torch.tensor([float(local)], dtype=torch.float64)
+    nccl = dist.get_backend(group) == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+    tensor = torch.tensor([float(local)], dtype=torch.float64, device=device)
     dist.all_reduce(tensor, group=group)
     return float(tensor.item())
 
