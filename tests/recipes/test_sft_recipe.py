@@ -236,3 +236,20 @@ def test_one_nonfinite_batch_is_skipped_and_training_goes_on(
     rows = [m for m in metrics(run) if "train/loss" in m]
     assert [m["step"] for m in rows] == [1, 2, 3]  # three optimiser steps from four batches
     assert [m["train/skipped_batches"] for m in rows] == [0, 1, 1]
+
+
+def test_lora_bf16_final_model_keeps_fp32_base_weights(tiny_model_dir, chat_data, tmp_path):
+    cfg = make_cfg(tiny_model_dir, chat_data, tmp_path / "run", max_steps=2)
+    cfg.model.lora, cfg.model.lora_r, cfg.model.precision = True, 4, "bf16"
+    cfg.model.lora_target_modules = ["q_proj", "v_proj"]
+    sft.main(cfg)
+    final = tmp_path / "run" / "final"
+    assert (final / "adapter" / "adapter_config.json").is_file()
+    merged = load_file(str(final / "model.safetensors"))
+    base = load_file(str(tiny_model_dir / "model.safetensors"))
+    # Untouched weights are bit-identical to the fp32 base (not rounded through bf16) ...
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert torch.equal(merged[name], base[name])
+    # ... and adapted ones moved.
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(merged[q], base[q])

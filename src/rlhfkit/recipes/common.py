@@ -60,6 +60,8 @@ class RunContext:
     step: int = 0
     nonfinite: int = 0
     dist: DistInfo = field(default_factory=DistInfo)
+    lora_base: tuple[str, LoraSpec, bool] | None = None
+    """(model name, LoRA spec, trust_remote_code) of a LoRA run, to rebuild the fp32 base."""
     optimizer: torch.optim.Optimizer | None = None
     scheduler: Any = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -248,19 +250,42 @@ def build_run(
         logger,
         show_progress=log_cfg.progress,
         dist=dist_info,
+        lora_base=(model_cfg.name, spec, model_cfg.trust_remote_code) if model_cfg.lora else None,
     )
 
 
 def finish_run(ctx: RunContext, keep_last: int) -> Path:
-    """Checkpoint, then save the final model (fp32, Hugging Face format) and tokenizer."""
+    """Checkpoint, then save the final model (fp32, Hugging Face format) and tokenizer.
+
+    A LoRA run also saves its adapter (``final/adapter``) and merges it into a freshly loaded
+    fp32 base: the training copy of the frozen base weights was rounded to the compute dtype.
+    """
     ctx.save(keep_last)
-    ctx.model.to(torch.float32)  # parameters change dtype in place; master keeps its handles
-    ctx.master.sync_to_model()
-    model = ctx.model.merge_and_unload() if hasattr(ctx.model, "merge_and_unload") else ctx.model
     if ctx.dist.is_main:
+        model, adapter = ctx.model, None
+        if ctx.lora_base is None:
+            model.to(torch.float32)  # parameters change dtype in place; master keeps handles
+            ctx.master.sync_to_model()
+        else:
+            adapter = _fp32_adapter(ctx)
         with atomic_directory(ctx.run_dir / "final") as tmp:
+            if adapter is not None:
+                adapter.save_pretrained(tmp / "adapter")
+                model = adapter.merge_and_unload()
             model.save_pretrained(tmp, safe_serialization=True)
             ctx.tokenizer.save_pretrained(tmp)
     barrier()
     ctx.logger.close()
     return ctx.run_dir
+
+
+def _fp32_adapter(ctx: RunContext) -> torch.nn.Module:
+    """A fresh fp32 base model wrapped with the trained adapter (fp32 master weights)."""
+    name, spec, trust = ctx.lora_base
+    fresh = apply_lora(load_model(name, dtype=torch.float32, trust_remote_code=trust), spec)
+    result = fresh.load_state_dict(ctx.master.state_dict(), strict=False)
+    if result.unexpected_keys:
+        raise RuntimeError(
+            f"adapter weights do not fit the rebuilt model: {result.unexpected_keys[:5]}"
+        )
+    return fresh
