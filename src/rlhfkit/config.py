@@ -148,15 +148,58 @@ def from_dict(cls: type[T], values: dict[str, Any], *, where: str = "config") ->
             if not isinstance(value, dict):
                 raise ValueError(f"{where}: '{key}' must be a mapping of {hint.__name__} fields")
             value = from_dict(hint, value, where=f"{where}.{key}")
-        elif _is_tuple(hint) and isinstance(value, list):
-            value = tuple(value)
+        else:
+            value = coerce(value, hint, where=f"{where}.{key}")
         kwargs[key] = value
     return cls(**kwargs)
 
 
-def _is_tuple(hint: Any) -> bool:
-    origin = typing.get_origin(hint)
-    return origin is tuple or (origin is types.UnionType and tuple in typing.get_args(hint))
+def coerce(value: Any, hint: Any, *, where: str) -> Any:
+    """Check a YAML value against a field's type and convert what YAML leaves ambiguous.
+
+    YAML reads ``1e-5`` as a string and ``3`` where a float is meant as an int; both become
+    floats. Literals must be one of their values; lists become tuples for tuple fields.
+
+    Raises:
+        ValueError: Naming ``where``, the expected type and the value.
+    """
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return coerce(value, option, where=where)
+            except ValueError as err:
+                errors.append(str(err))
+        raise ValueError(errors[0])
+    if origin is Literal:
+        if value not in args:
+            raise ValueError(f"{where}: expected one of {list(args)}, got {value!r}")
+        return value
+    if origin in (tuple, list):
+        if not isinstance(value, list | tuple):
+            raise ValueError(f"{where}: expected a list, got {value!r}")
+        item = args[0] if args else Any
+        items = [coerce(v, item, where=f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    return _scalar(value, hint, where)
+
+
+def _scalar(value: Any, hint: Any, where: str) -> Any:
+    if hint is float and not isinstance(value, bool):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            pass
+    exact = {int: (int,), str: (str,), bool: (bool,)}
+    if hint not in (float, *exact):  # Any, Path, ...: tyro and the dataclass handle the rest
+        return value
+    accepted = hint in exact and isinstance(value, exact[hint])
+    if accepted and not (hint is int and isinstance(value, bool)):
+        return value
+    raise ValueError(f"{where}: expected {hint.__name__}, got {value!r}")
 
 
 def load_yaml(cls: type[T], path: str | Path) -> T:
@@ -180,6 +223,11 @@ def parse_cli(cls: type[T], args: list[str], *, prog: str, description: str) -> 
 
     default = cls()
     rest = list(args)
+    rest = [
+        part
+        for arg in rest
+        for part in (arg.split("=", 1) if arg.startswith("--config=") else [arg])
+    ]
     if "--config" in rest:
         i = rest.index("--config")
         if i + 1 >= len(rest):

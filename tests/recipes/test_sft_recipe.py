@@ -131,7 +131,13 @@ def test_bf16_compute_with_fp32_master(tiny_model_dir, chat_data, tmp_path):
     evals = [m["eval/loss"] for m in metrics(tmp_path / "run") if "eval/loss" in m]
     assert evals[-1] < evals[0]
     saved = load_file(str(tmp_path / "run" / "final" / "model.safetensors"))
+    master = load_file(
+        str(tmp_path / "run" / "checkpoints" / "step-00000006" / "model.safetensors")
+    )
     assert all(t.dtype == torch.float32 for t in saved.values())
+    for name, weight in master.items():  # the fp32 master weights, not bf16-rounded copies
+        assert torch.equal(saved[name], weight), name
+    assert any(not torch.equal(w, w.bfloat16().float()) for w in master.values())
 
 
 def test_lora_trains_only_the_adapter(tiny_model_dir, chat_data, tmp_path):
@@ -253,3 +259,14 @@ def test_lora_bf16_final_model_keeps_fp32_base_weights(tiny_model_dir, chat_data
     # ... and adapted ones moved.
     q = "model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(merged[q], base[q])
+
+
+def test_invalid_combinations_are_refused(tiny_model_dir, chat_data, tmp_path):
+    cfg = make_cfg(tiny_model_dir, chat_data, tmp_path / "run", max_steps=1)
+    cfg.model.precision = "fp16"
+    with pytest.raises(ValueError, match="loss scaling"):
+        sft.main(cfg)
+    cfg = make_cfg(tiny_model_dir, chat_data, tmp_path / "run2", max_steps=1)
+    cfg.data.unroll, cfg.data.mask_mode = True, "all_assistant_turns"
+    with pytest.raises(ValueError, match="unroll needs"):
+        sft.main(cfg)

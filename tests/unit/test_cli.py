@@ -89,3 +89,27 @@ def test_every_command_has_help(command, capsys):
     text = capsys.readouterr().out
     assert "--model.name" in text or "--sft.model.name" in text
     assert "temperature" in text.lower()
+
+
+def test_yaml_values_are_type_checked(tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("optim:\n  lr: 1e-5\n  warmup_ratio: 0\nloop:\n  max_steps: null\n")
+    cfg = load_yaml(SFTConfig, preset)  # YAML reads 1e-5 as a string and 0 as an int
+    assert cfg.optim.lr == 1e-5 and isinstance(cfg.optim.warmup_ratio, float)
+    assert cfg.loop.max_steps is None
+    for bad, message in (
+        ("model:\n  precision: bf17\n", r"p.yaml.model.precision: expected one of"),
+        ("loop:\n  batch_size: many\n", r"p.yaml.loop.batch_size: expected int"),
+        ("optim:\n  lr: fast\n", r"p.yaml.optim.lr: expected float"),
+        ("optim:\n  betas: 0.9\n", r"p.yaml.optim.betas: expected a list"),
+    ):
+        preset.write_text(bad)
+        with pytest.raises(ValueError, match=message):
+            load_yaml(SFTConfig, preset)
+
+
+def test_config_equals_form(tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("loop:\n  batch_size: 4\n")
+    cfg = parse_cli(SFTConfig, [f"--config={preset}"], prog="t", description="")
+    assert cfg.loop.batch_size == 4

@@ -347,3 +347,12 @@ def test_atomic_directory_replaces_or_keeps(tmp_path):
         raise RuntimeError("crash while writing")
     assert (target / "a.txt").read_text() == "1"  # the old complete version survives
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary left behind
+
+
+def test_master_weights_cast_parameters_but_not_buffers():
+    from rlhfkit.models.tiny import tiny_model
+
+    model = tiny_model()
+    MasterWeights(model, torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert model.model.rotary_emb.inv_freq.dtype == torch.float32  # RoPE frequencies stay exact

@@ -92,7 +92,7 @@ def label_logprobs(
     head = fused_head(model)
     if head is None:
         logits = model(**_model_inputs(batch), use_cache=False).logits[:, :-1]  # (B, L-1, V)
-        return logits_logprobs(logits[select] / temperature, targets), rows
+        return logits_logprobs(logits[select].float() / temperature, targets), rows
     hidden = backbone_hidden(model, **_model_inputs(batch))[:, :-1]  # (B, L-1, H)
     return linear_logprobs(hidden[select], head.weight, targets, temperature=temperature), rows
 
@@ -127,8 +127,8 @@ def completion_logprobs(
     out = torch.zeros(completion_ids.shape, dtype=dtype, device=completion_ids.device)
     head = fused_head(model)
     if head is None:
-        logits = model(**inputs, use_cache=False).logits[:, p - 1 : -1] / temperature  # (B, T, V)
-        out[select] = logits_logprobs(logits[select], completion_ids[select])
+        logits = model(**inputs, use_cache=False).logits[:, p - 1 : -1]  # (B, T, V)
+        out[select] = logits_logprobs(logits[select].float() / temperature, completion_ids[select])
         return out
     hidden = backbone_hidden(model, **inputs)[:, p - 1 : -1]  # (B, T, H)
     out[select] = linear_logprobs(

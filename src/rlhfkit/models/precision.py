@@ -54,6 +54,11 @@ def cpu_bf16_flags() -> tuple[str, ...]:
     return tuple(sorted(f for f in flags if f in ("amx_bf16", "amx_tile", "avx512_bf16")))
 
 
+def default_device() -> torch.device:
+    """The first CUDA device when there is one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def resolve_precision(
     name: PrecisionName | str = "auto", device: str | torch.device = "cpu"
 ) -> Precision:

@@ -15,7 +15,13 @@ import torch
 
 from rlhfkit.atomic import atomic_directory
 from rlhfkit.config import LogConfig, ModelConfig, OptimConfig
-from rlhfkit.models.load import LoraSpec, apply_lora, load_model, load_tokenizer
+from rlhfkit.models.load import (
+    LoraSpec,
+    apply_lora,
+    load_model,
+    load_tokenizer,
+    resolve_model_path,
+)
 from rlhfkit.models.precision import Precision, resolve_precision
 from rlhfkit.training.accumulate import StepStats
 from rlhfkit.training.checkpoint import (
@@ -128,6 +134,7 @@ class RunContext:
             return False
         self.nonfinite = 0
         self.extra["grad_norm"] = grad_norm
+        self.extra["lr"] = self.scheduler.get_last_lr()[0]  # the rate this step uses
         self.optimizer.step()
         self.scheduler.step()
         self.master.zero_grad()
@@ -167,11 +174,11 @@ class RunContext:
     def log_step(self, metrics: dict[str, float], every: int) -> None:
         """Log ``metrics`` plus learning rate and gradient norm every ``every`` steps."""
         if every and self.step % every == 0:
-            lr = self.scheduler.get_last_lr()[0]
-            self.logger.log(
-                self.step,
-                {**metrics, "train/lr": lr, "train/grad_norm": self.extra.get("grad_norm", 0.0)},
-            )
+            extra = {
+                "train/lr": self.extra.get("lr", 0.0),
+                "train/grad_norm": self.extra.get("grad_norm", 0.0),
+            }
+            self.logger.log(self.step, {**metrics, **extra})
 
     def save(self, keep_last: int, data: dict[str, Any] | None = None) -> Path:
         """Write an atomic checkpoint of the current step (rank 0 writes, all ranks wait)."""
@@ -185,7 +192,7 @@ class RunContext:
             scheduler=self.scheduler.state_dict(),
             rng=capture_rng(),
             data=data or {},
-            extra={k: v for k, v in self.extra.items() if k != "grad_norm"},
+            extra={k: v for k, v in self.extra.items() if k not in ("grad_norm", "lr")},
         )
         path = save_checkpoint(self.run_dir, self.master.state_dict(), state, keep_last=keep_last)
         barrier()
@@ -208,7 +215,16 @@ def build_run(
     """
     dist_info = init_distributed()
     torch.manual_seed(seed)
-    precision = resolve_precision(model_cfg.precision)
+    precision = resolve_precision(model_cfg.precision, dist_info.device)
+    if precision.compute == torch.float16:
+        raise ValueError(
+            "--model.precision fp16 is for inference only: training in fp16 needs loss scaling, "
+            "which rlhfkit does not implement. Use bf16 (or auto)."
+        )
+    if dist_info.world_size > 1:  # one rank builds a missing embedded-model cache, then all load
+        if dist_info.local_rank == 0:
+            resolve_model_path(model_cfg.name)
+        barrier()
     tokenizer = load_tokenizer(model_cfg.name, trust_remote_code=model_cfg.trust_remote_code)
     model = load_model(
         model_cfg.name,
@@ -260,7 +276,8 @@ def finish_run(ctx: RunContext, keep_last: int) -> Path:
     A LoRA run also saves its adapter (``final/adapter``) and merges it into a freshly loaded
     fp32 base: the training copy of the frozen base weights was rounded to the compute dtype.
     """
-    ctx.save(keep_last)
+    if latest_checkpoint(ctx.run_dir) != ctx.run_dir / "checkpoints" / f"step-{ctx.step:08d}":
+        ctx.save(keep_last)
     if ctx.dist.is_main:
         model, adapter = ctx.model, None
         if ctx.lora_base is None:

@@ -22,7 +22,7 @@ from rich.table import Table
 from rlhfkit.config import LogConfig, LoopConfig, ModelConfig, OptimConfig
 from rlhfkit.data.sources import load_rows
 from rlhfkit.models.load import load_model, load_tokenizer
-from rlhfkit.models.precision import resolve_precision
+from rlhfkit.models.precision import default_device, resolve_precision
 from rlhfkit.recipes import sft
 from rlhfkit.rollout.hf import SamplingConfig, sample_chat
 
@@ -30,6 +30,7 @@ from rlhfkit.rollout.hf import SamplingConfig, sample_chat
 def _demo_sft() -> sft.SFTConfig:
     return sft.SFTConfig(
         model=ModelConfig(),
+        data=sft.SFTDataConfig(mask_mode="all_assistant_turns"),
         optim=OptimConfig(lr=5e-5, warmup_ratio=0.1),
         loop=LoopConfig(batch_size=16, max_steps=30, micro_batch_tokens=2048),
         log=LogConfig(run_dir="runs/demo/sft"),
@@ -52,7 +53,10 @@ def _sample(
     model_name: str, precision: str, prompts: list[list[dict[str, str]]], sampling: SamplingConfig
 ) -> list[str]:
     tokenizer = load_tokenizer(model_name)
-    model = load_model(model_name, dtype=resolve_precision(precision).compute)
+    device = default_device()
+    model = load_model(
+        model_name, dtype=resolve_precision(precision, device).compute, device=device
+    )
     return [outs[0] for outs in sample_chat(model, tokenizer, prompts, sampling)]
 
 

@@ -7,8 +7,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rlhfkit.config import ModelConfig
+from rlhfkit.data.messages import parse_prompt
+from rlhfkit.data.sources import DataError, load_rows
 from rlhfkit.models.load import load_model, load_tokenizer
-from rlhfkit.models.precision import resolve_precision
+from rlhfkit.models.precision import default_device, resolve_precision
 from rlhfkit.rollout.hf import SamplingConfig, sample_chat
 
 
@@ -32,19 +34,13 @@ def _conversations(cfg: GenerateConfig) -> list[list[dict[str, str]]]:
     prefix = [{"role": "system", "content": cfg.system}] if cfg.system else []
     convs = [[*prefix, {"role": "user", "content": p}] for p in cfg.prompts]
     if cfg.prompts_file:
-        path = Path(cfg.prompts_file)
-        for number, line in enumerate(path.read_text().splitlines(), start=1):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            if "messages" in row:
-                convs.append(row["messages"])
-            elif isinstance(row.get("prompt"), str):
-                convs.append([*prefix, {"role": "user", "content": row["prompt"]}])
+        for row in load_rows(cfg.prompts_file):  # errors name file:line
+            if "messages" in row.data:
+                convs.append(parse_prompt(row.data["messages"], "messages", row.location))
+            elif isinstance(row.data.get("prompt"), str):
+                convs.append([*prefix, {"role": "user", "content": row.data["prompt"]}])
             else:
-                raise ValueError(
-                    f"{path}:{number}: field 'prompt': expected a string (or a 'messages' list)"
-                )
+                raise DataError(row.location, "prompt", "expected a string (or a 'messages' list)")
     if not convs:
         raise SystemExit("rlhfkit generate: give --prompts 'text' ... or --prompts-file file.jsonl")
     return convs
@@ -52,13 +48,15 @@ def _conversations(cfg: GenerateConfig) -> list[list[dict[str, str]]]:
 
 def main(cfg: GenerateConfig) -> list[list[str]]:
     """Load the model, sample, print and optionally save the completions."""
-    precision = resolve_precision(cfg.model.precision)
+    device = default_device()
+    precision = resolve_precision(cfg.model.precision, device)
     tokenizer = load_tokenizer(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
     model = load_model(
         cfg.model.name,
         dtype=precision.compute,
         attn_implementation=cfg.model.attn_implementation,
         trust_remote_code=cfg.model.trust_remote_code,
+        device=device,
     )
     conversations = _conversations(cfg)
     completions = sample_chat(model, tokenizer, conversations, cfg.sampling)

@@ -67,8 +67,9 @@ class SFTDataConfig:
     """Split of the evaluation source."""
     schema: Literal["sft", "prompt_completion"] = "sft"
     """Row format: 'sft' (messages) or 'prompt_completion' (docs/data_formats.md)."""
-    mask_mode: Literal["final_turn", "all_assistant_turns"] = "all_assistant_turns"
-    """Which assistant turns are labelled."""
+    mask_mode: Literal["final_turn", "all_assistant_turns"] = "final_turn"
+    """Which assistant turns are labelled: the last one (METHODS.md default; with unroll, every
+    turn once) or all of them."""
     unroll: bool = False
     """With final_turn: one example per assistant turn (a conversation with N assistant turns
     gives N examples), so every turn is learned with only its history as context."""
@@ -100,6 +101,11 @@ def tokenize_examples(
     tokenizer: object, source: str, split: str, data: SFTDataConfig
 ) -> tuple[list[TokenizedExample], dict[str, int]]:
     """Load, validate and render one source; returns examples and counts for the log."""
+    if data.unroll and data.mask_mode != "final_turn":
+        raise ValueError(
+            "data.unroll needs data.mask_mode final_turn (with all_assistant_turns every "
+            "unrolled prefix would label the earlier turns again)"
+        )
     result = load_examples(
         source, data.schema, split=split, on_error=data.on_error, limit=data.limit
     )
@@ -218,8 +224,11 @@ def main(cfg: SFTConfig) -> Path:
     if ctx.step == 0:
         ctx.logger.log(0, {"eval/loss": evaluate(ctx, held_out, cfg)})
     step_loss = make_step_loss(ctx.model)
+    # An epoch-based run ends after its batches even if some were skipped (non-finite); a
+    # max_steps run continues into the next epoch's shuffle instead.
+    batch_limit = None if cfg.loop.max_steps else total
     with ctx.progress(total) as bar:
-        while ctx.step < total:
+        while ctx.step < total and (batch_limit is None or ctx.batches_done < batch_limit):
             position = ctx.batches_done
             order = batch_order(len(train), cfg.loop.batch_size, cfg.loop.seed, position)
             batch = ctx.dist.shard([train[i] for i in order])  # this rank's share
@@ -232,9 +241,10 @@ def main(cfg: SFTConfig) -> Path:
             )
             if not ctx.apply_step(stats, cfg.optim.max_grad_norm, cfg.loop.max_nonfinite):
                 continue
-            bar.update(loss=stats.loss, tokens=sum(len(e.input_ids) for e in batch))
+            loss = all_reduce_sum(stats.loss)  # each rank's share is over the global count
+            bar.update(loss=loss, tokens=int(all_reduce_sum(sum(len(e.input_ids) for e in batch))))
             metrics = {
-                "train/loss": all_reduce_sum(stats.loss),
+                "train/loss": loss,
                 "train/tokens": stats.normaliser,
                 "train/skipped_batches": ctx.batches_done - ctx.step,
             }

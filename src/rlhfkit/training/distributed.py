@@ -30,11 +30,13 @@ class DistInfo:
     Attributes:
         rank: Global rank.
         world_size: Number of processes.
+        local_rank: Rank within this machine.
         device: The device this rank computes on.
     """
 
     rank: int = 0
     world_size: int = 1
+    local_rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
@@ -59,7 +61,7 @@ def init_distributed() -> DistInfo:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
-    return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), device=device)
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local, device)
 
 
 def all_reduce_mean_(tensors: list[torch.Tensor]) -> None:

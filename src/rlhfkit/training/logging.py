@@ -143,7 +143,7 @@ def write_run_info(run_dir: str | Path, config: dict[str, Any]) -> None:
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     info = {
         "command": sys.argv,
-        "git": git_revision(),
+        "git": git_revision(Path(__file__).resolve().parent),
         "versions": package_versions(),
         "platform": platform.platform(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

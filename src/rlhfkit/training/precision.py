@@ -32,7 +32,10 @@ class MasterWeights:
             self.master = self.model_params
             return
         self.master = [nn.Parameter(p.detach().float().clone()) for p in self.model_params]
-        model.to(compute_dtype)
+        # Parameters only: buffers such as RoPE's inv_freq stay fp32, as from_pretrained(dtype=)
+        # leaves them, so training and inference compute the same function.
+        for param in model.parameters():
+            param.data = param.data.to(compute_dtype)
 
     def params(self) -> list[nn.Parameter]:
         """Parameters the optimiser updates (fp32)."""
