@@ -37,6 +37,7 @@ from rlhfkit.training.distributed import (
     all_reduce_mean_,
     all_reduce_sum,
     barrier,
+    gather_objects,
     init_distributed,
 )
 from rlhfkit.training.logging import MetricsLogger, write_run_info
@@ -64,6 +65,7 @@ class RunContext:
     show_progress: bool = True
     packing: bool = False
     step: int = 0
+    saved_step: int = -1
     nonfinite: int = 0
     dist: DistInfo = field(default_factory=DistInfo)
     lora_base: tuple[str, LoraSpec, bool] | None = None
@@ -103,8 +105,15 @@ class RunContext:
         self.master.load_state_dict(weights)
         self.optimizer.load_state_dict(state.optimizer)
         self.scheduler.load_state_dict(state.scheduler)
-        restore_rng(state.rng)
+        ranks = state.rng.get("ranks", [state.rng])
+        if len(ranks) != self.dist.world_size:
+            log.warning("checkpoint has RNG states of %d ranks, this run has %d: not restoring "
+                        "them (dropout masks will differ from an uninterrupted run)",
+                        len(ranks), self.dist.world_size)  # fmt: skip
+        else:
+            restore_rng(ranks[self.dist.rank])
         self.step, self.extra = state.step, state.extra
+        self.saved_step = state.step
         log.info("resumed from %s at step %d", path, self.step)
 
     @property
@@ -183,6 +192,8 @@ class RunContext:
     def save(self, keep_last: int, data: dict[str, Any] | None = None) -> Path:
         """Write an atomic checkpoint of the current step (rank 0 writes, all ranks wait)."""
         path = self.run_dir / "checkpoints" / f"step-{self.step:08d}"
+        self.saved_step = self.step
+        rng = gather_objects(capture_rng())  # every rank's generators, restored per rank
         if not self.dist.is_main:
             barrier()
             return path
@@ -190,7 +201,7 @@ class RunContext:
             step=self.step,
             optimizer=self.optimizer.state_dict(),
             scheduler=self.scheduler.state_dict(),
-            rng=capture_rng(),
+            rng={"ranks": rng},
             data=data or {},
             extra={k: v for k, v in self.extra.items() if k not in ("grad_norm", "lr")},
         )
@@ -276,7 +287,7 @@ def finish_run(ctx: RunContext, keep_last: int) -> Path:
     A LoRA run also saves its adapter (``final/adapter``) and merges it into a freshly loaded
     fp32 base: the training copy of the frozen base weights was rounded to the compute dtype.
     """
-    if latest_checkpoint(ctx.run_dir) != ctx.run_dir / "checkpoints" / f"step-{ctx.step:08d}":
+    if ctx.saved_step != ctx.step:  # decided the same way on every rank (no file-system read)
         ctx.save(keep_last)
     if ctx.dist.is_main:
         model, adapter = ctx.model, None

@@ -100,6 +100,15 @@ def collective_device() -> torch.device:
     return torch.device("cpu")
 
 
+def gather_objects(obj: object) -> list:
+    """Every rank's ``obj``, in rank order (``[obj]`` on one process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def barrier() -> None:
     """Wait for every rank (no-op on one process)."""
     if dist.is_available() and dist.is_initialized():
