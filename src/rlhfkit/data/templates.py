@@ -38,6 +38,16 @@ MaskMode = Literal["final_turn", "all_assistant_turns"]
 Truncation = Literal["right", "drop", "left_prompt"]
 
 
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] | trim"
+    " + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+"""ChatML (METHODS.md section 2) without a default system message."""
+
+
 def check_roles(messages: Sequence[dict[str, Any]], source: str = "") -> None:
     """Check that roles follow the strict chat order of METHODS.md section 2.
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from rlhfkit.data.templates import CHATML_TEMPLATE
 from rlhfkit.models.attention import VARLEN_SDPA
 from rlhfkit.models.embedded import EMBEDDED_NAME, embedded_model_dir
-from rlhfkit.models.tiny import CHATML_TEMPLATE
 
 EMBEDDED_ALIASES = (EMBEDDED_NAME, "embedded", "default")
 

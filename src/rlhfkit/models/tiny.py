@@ -13,14 +13,7 @@ from functools import lru_cache
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] | trim"
-    " + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-"""ChatML (METHODS.md section 2) without a default system message."""
+from rlhfkit.data.templates import CHATML_TEMPLATE
 
 _CORPUS = (
     "The quick brown fox jumps over the lazy dog. user assistant system "
