@@ -29,7 +29,7 @@ demo: $(STAMP)
 	$(VENV)/bin/rlhfkit demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile tests
+	$(PY) -m pytest -q tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
