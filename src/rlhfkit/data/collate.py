@@ -137,20 +137,28 @@ class _MaxTree:
 def pack_examples(examples: Sequence[TokenizedExample], *, max_tokens: int) -> list[list[int]]:
     """Group example indices into bins of at most ``max_tokens`` tokens (first-fit decreasing).
 
-    Examples are taken longest first (ties by index) and each goes into the first bin with
-    room; an example longer than ``max_tokens`` gets a bin of its own. Deterministic;
-    O(n log n).
+    See :func:`pack_lengths`; the length of an example is its number of tokens.
+    """
+    return pack_lengths([len(e.input_ids) for e in examples], max_tokens=max_tokens)
+
+
+def pack_lengths(lengths: Sequence[int], *, max_tokens: int) -> list[list[int]]:
+    """Group indices into bins whose lengths sum to at most ``max_tokens`` (first-fit decreasing).
+
+    Items are taken longest first (ties by index) and each goes into the first bin with
+    room; an item longer than ``max_tokens`` gets a bin of its own. Deterministic;
+    O(n log n). Used for examples and for groups of examples that must share a micro-batch
+    (the chosen and rejected sequences of a preference pair).
 
     Args:
-        examples: Examples to pack.
+        lengths: Token count of each item.
         max_tokens: Capacity of a bin (tokens per packed row).
 
     Returns:
-        Bins of example indices, in the order the bins were opened; every index appears once.
+        Bins of indices, in the order the bins were opened; every index appears once.
     """
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
-    lengths = [len(e.input_ids) for e in examples]
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     tree = _MaxTree(len(lengths))
     bins: list[list[int]] = []
@@ -163,7 +171,7 @@ def pack_examples(examples: Sequence[TokenizedExample], *, max_tokens: int) -> l
             free.append(max_tokens)
         bins[slot].append(i)
         free[slot] -= lengths[i]
-        tree.set(slot, free[slot])  # negative for an oversized example: the bin stays closed
+        tree.set(slot, free[slot])  # negative for an oversized item: the bin stays closed
     return bins
 
 

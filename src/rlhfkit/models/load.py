@@ -12,13 +12,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+)
 
 from rlhfkit.data.templates import CHATML_TEMPLATE
 from rlhfkit.models.attention import VARLEN_SDPA
 from rlhfkit.models.embedded import EMBEDDED_NAME, embedded_model_dir
 
 EMBEDDED_ALIASES = (EMBEDDED_NAME, "embedded", "default")
+
+TASKS: dict[str, tuple[type, str]] = {
+    "causal_lm": (AutoModelForCausalLM, "CAUSAL_LM"),
+    "score": (AutoModelForSequenceClassification, "SEQ_CLS"),
+}
+"""Model task -> (transformers auto class, peft task type). ``score`` is the backbone plus a
+bias-free linear head of ``num_labels`` outputs: reward, ORM/PRM and value models
+(:mod:`rlhfkit.models.heads`)."""
 
 
 @dataclass
@@ -74,8 +87,11 @@ def load_model(
     attn_implementation: str = VARLEN_SDPA,
     device: str | torch.device = "cpu",
     trust_remote_code: bool = False,
+    task: str = "causal_lm",
+    num_labels: int = 1,
+    pad_token_id: int | None = None,
 ) -> PreTrainedModel:
-    """Load a causal LM by hub id, local directory, or embedded name.
+    """Load a causal LM (or a scalar-head model on its backbone) by id, directory or name.
 
     Args:
         name_or_path: Hub id, directory, or ``smollm2-135m-instruct`` / ``embedded``.
@@ -84,24 +100,39 @@ def load_model(
             :mod:`rlhfkit.models.attention`), ``sdpa``, ``eager`` or ``flash_attention_2``.
         device: Where to put the model.
         trust_remote_code: Forwarded to transformers.
+        task: ``causal_lm`` or ``score`` (see :data:`TASKS`); a causal-LM checkpoint loaded as
+            ``score`` keeps its backbone and gets a freshly initialised head.
+        num_labels: Head outputs of a ``score`` model (1: reward / value, 3: PRM).
+        pad_token_id: Written into a ``score`` model's config (transformers pools at the last
+            non-pad token).
     """
+    if task not in TASKS:
+        raise ValueError(f"unknown model task {task!r}; use one of {', '.join(TASKS)}")
     path = resolve_model_path(name_or_path)
     if not Path(path).exists() and "/" not in path:
         raise FileNotFoundError(
             f"model {name_or_path!r} is neither a local directory nor a hub id (owner/name) nor "
             f"one of {', '.join(EMBEDDED_ALIASES)}"
         )
-    model = AutoModelForCausalLM.from_pretrained(
+    extra = {"num_labels": num_labels} if task == "score" else {}
+    model = TASKS[task][0].from_pretrained(
         path,
         dtype=dtype,
         attn_implementation=attn_implementation,
         trust_remote_code=trust_remote_code,
+        **extra,
     )
+    if task == "score" and pad_token_id is not None:
+        model.config.pad_token_id = pad_token_id
     return model.to(device)
 
 
 def apply_lora(model: PreTrainedModel, spec: LoraSpec):
-    """Wrap ``model`` with a peft LoRA adapter; only adapter weights stay trainable."""
+    """Wrap ``model`` with a peft LoRA adapter; only adapter weights stay trainable.
+
+    A ``score`` model (sequence classification) also trains its head in full: peft's
+    ``SEQ_CLS`` task keeps a trainable copy of ``score``.
+    """
     from peft import LoraConfig, get_peft_model
 
     targets = spec.target_modules
@@ -110,6 +141,6 @@ def apply_lora(model: PreTrainedModel, spec: LoraSpec):
         lora_alpha=spec.alpha,
         lora_dropout=spec.dropout,
         target_modules=targets[0] if targets == ["all-linear"] else targets,
-        task_type="CAUSAL_LM",
+        task_type="SEQ_CLS" if hasattr(model, "score") else "CAUSAL_LM",
     )
     return get_peft_model(model, config)

@@ -107,3 +107,39 @@ def aggregate(
     else:
         total = per_token.sum() / agg.max_len
     return total / normaliser
+
+
+def last_token_index(mask: torch.Tensor) -> torch.Tensor:
+    """Column of the last True entry of each row, for left or right padding alike.
+
+    ``idx = T - 1 - argmax(flip(mask, -1), -1)`` (METHODS.md section 3.1). ``mask.sum(1) - 1``
+    is only right for right padding and must not be used. A row without a True entry gets
+    ``T - 1``.
+
+    Shapes:
+        mask: (B, T) bool or 0/1; returns (B,) long.
+    """
+    flipped = mask.flip(-1).to(torch.int8)  # (B, T); argmax finds the first 1 = the last token
+    return mask.shape[-1] - 1 - flipped.argmax(-1)
+
+
+def unpack_rows(values: torch.Tensor, seq_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split a packed row into a right-padded matrix, one row per document.
+
+    Args:
+        values: Per-token values of a packed row (any trailing dims).
+        seq_lens: Document lengths, summing to N.
+
+    Returns:
+        ``(padded, mask)``: padded with zeros after each document, mask True on real tokens.
+
+    Shapes:
+        values: (N, ...); seq_lens: (D,); returns (D, T_max, ...), (D, T_max).
+    """
+    lengths = seq_lens.to(torch.long)
+    longest = int(lengths.max()) if lengths.numel() else 0
+    cols = torch.arange(longest, device=values.device)  # (T_max,)
+    mask = cols[None, :] < lengths[:, None]  # (D, T_max)
+    padded = values.new_zeros((len(lengths), longest, *values.shape[1:]))  # (D, T_max, ...)
+    padded[mask] = values
+    return padded, mask

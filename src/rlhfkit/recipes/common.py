@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,8 +69,8 @@ class RunContext:
     saved_step: int = -1
     nonfinite: int = 0
     dist: DistInfo = field(default_factory=DistInfo)
-    lora_base: tuple[str, LoraSpec, bool] | None = None
-    """(model name, LoRA spec, trust_remote_code) of a LoRA run, to rebuild the fp32 base."""
+    lora_base: tuple[str, LoraSpec, dict[str, Any]] | None = None
+    """(model name, LoRA spec, load_model keywords) of a LoRA run, to rebuild the fp32 base."""
     optimizer: torch.optim.Optimizer | None = None
     scheduler: Any = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -217,12 +218,19 @@ class RunContext:
 
 
 def build_run(
-    model_cfg: ModelConfig, log_cfg: LogConfig, seed: int, config: dict[str, Any]
+    model_cfg: ModelConfig,
+    log_cfg: LogConfig,
+    seed: int,
+    config: dict[str, Any],
+    *,
+    task: str = "causal_lm",
+    num_labels: int = 1,
 ) -> RunContext:
     """Seed, load model + tokenizer with the precision policy and optional LoRA, open the run.
 
     Under torchrun each rank joins the process group and holds a replica on its device; only
-    rank 0 writes the run directory.
+    rank 0 writes the run directory. ``task="score"`` loads a scalar-head model
+    (:mod:`rlhfkit.models.heads`) with ``num_labels`` outputs.
     """
     dist_info = init_distributed()
     torch.manual_seed(seed)
@@ -237,12 +245,14 @@ def build_run(
             resolve_model_path(model_cfg.name)
         barrier()
     tokenizer = load_tokenizer(model_cfg.name, trust_remote_code=model_cfg.trust_remote_code)
-    model = load_model(
-        model_cfg.name,
-        dtype=torch.float32,
-        attn_implementation=model_cfg.attn_implementation,
-        trust_remote_code=model_cfg.trust_remote_code,
-    )
+    load_kwargs: dict[str, Any] = {
+        "attn_implementation": model_cfg.attn_implementation,
+        "trust_remote_code": model_cfg.trust_remote_code,
+        "task": task,
+        "num_labels": num_labels,
+        "pad_token_id": tokenizer.pad_token_id if task == "score" else None,
+    }
+    model = load_model(model_cfg.name, dtype=torch.float32, **load_kwargs)
     if model_cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     if model_cfg.lora:
@@ -277,7 +287,7 @@ def build_run(
         logger,
         show_progress=log_cfg.progress,
         dist=dist_info,
-        lora_base=(model_cfg.name, spec, model_cfg.trust_remote_code) if model_cfg.lora else None,
+        lora_base=(model_cfg.name, spec, load_kwargs) if model_cfg.lora else None,
     )
 
 
@@ -309,11 +319,24 @@ def finish_run(ctx: RunContext, keep_last: int) -> Path:
 
 def _fp32_adapter(ctx: RunContext) -> torch.nn.Module:
     """A fresh fp32 base model wrapped with the trained adapter (fp32 master weights)."""
-    name, spec, trust = ctx.lora_base
-    fresh = apply_lora(load_model(name, dtype=torch.float32, trust_remote_code=trust), spec)
+    name, spec, load_kwargs = ctx.lora_base
+    fresh = apply_lora(load_model(name, dtype=torch.float32, **load_kwargs), spec)
     result = fresh.load_state_dict(ctx.master.state_dict(), strict=False)
     if result.unexpected_keys:
         raise RuntimeError(
             f"adapter weights do not fit the rebuilt model: {result.unexpected_keys[:5]}"
         )
     return fresh
+
+
+def batch_order(n: int, batch_size: int, seed: int, position: int) -> list[int]:
+    """Example indices of the batch at ``position`` (batches consumed so far).
+
+    A seeded shuffle per epoch, last partial batch dropped. A pure function of the position, so
+    resuming needs only the position.
+    """
+    per_epoch = n // batch_size
+    epoch, index = divmod(position, per_epoch)
+    order = list(range(n))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return order[index * batch_size : (index + 1) * batch_size]

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -45,7 +44,7 @@ from rlhfkit.data.schemas import load_examples
 from rlhfkit.data.templates import render_messages, unroll_turns
 from rlhfkit.losses.sft import sft_loss
 from rlhfkit.models.forward import label_logprobs
-from rlhfkit.recipes.common import RunContext, build_run, finish_run
+from rlhfkit.recipes.common import RunContext, batch_order, build_run, finish_run
 from rlhfkit.training.accumulate import StepStats, accumulate
 from rlhfkit.training.distributed import all_reduce_sum
 from rlhfkit.types import LossOutput, TokenizedExample
@@ -153,19 +152,6 @@ def micro_batches(
 def label_count(batch: dict[str, torch.Tensor]) -> float:
     """Loss tokens in a micro-batch (its share of the token_mean normaliser)."""
     return float((batch["labels"][:, 1:] != -100).sum())
-
-
-def batch_order(n: int, batch_size: int, seed: int, position: int) -> list[int]:
-    """Example indices of the batch at ``position`` (batches consumed so far).
-
-    A seeded shuffle per epoch, last partial batch dropped. A pure function of the position, so
-    resuming needs only the position.
-    """
-    per_epoch = n // batch_size
-    epoch, index = divmod(position, per_epoch)
-    order = list(range(n))
-    random.Random(seed * 1_000_003 + epoch).shuffle(order)
-    return order[index * batch_size : (index + 1) * batch_size]
 
 
 def make_step_loss(model: torch.nn.Module):

@@ -1,0 +1,182 @@
+r"""Scalar heads on a causal-LM backbone: reward models, ORM/PRM token heads, value models.
+
+A reward model is ``AutoModelForSequenceClassification`` with ``num_labels=1`` (the backbone
+plus ``score = Linear(hidden, 1, bias=False)``; METHODS.md section 3.1): loading a causal-LM
+checkpoint into it keeps the backbone and initialises the head, and ``save_pretrained`` writes a
+directory that ``AutoModelForSequenceClassification.from_pretrained`` loads as it is. The same
+container with ``num_labels=3`` is the 3-class process reward model, and the per-token head
+outputs of a 1-label model serve as token-level ORM logits and as PPO values (section 3.8).
+
+rlhfkit never calls the transformers forward of that class: it runs the backbone padding-free
+(packed rows, no compute on padding) and reads the head only where it is needed, in fp32.
+
+Pooling. rlhfkit reads the reward at the last *attended* token of each sequence
+(:func:`rlhfkit.ops.masking.last_token_index`, or the end of each packed document), which is
+right for left and right padding. The transformers class reads it at the last token whose id is
+not ``config.pad_token_id``. The two agree whenever a sequence does not end with the pad id;
+ChatML renders ``<|im_end|>\n``, so a pad of ``<|im_end|>`` (SmolLM2) is fine, and
+:func:`check_pooling_compatible` guards the rest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from rlhfkit.data.collate import packed_batch, pad_batch
+from rlhfkit.models.forward import _model_inputs, _unwrap, backbone_hidden
+from rlhfkit.ops.masking import last_token_index
+from rlhfkit.types import TokenizedExample
+
+
+def score_head(model: nn.Module) -> nn.Linear:
+    """The ``score`` linear head of a sequence-classification model (through a peft wrapper).
+
+    Raises:
+        TypeError: If the model has no ``score`` linear layer.
+    """
+    lm = _unwrap(model)
+    head = getattr(lm, "score", None)
+    copies = getattr(head, "modules_to_save", None)
+    if copies is not None:  # peft ModulesToSaveWrapper: the active adapter's trained copy
+        head = copies[head.active_adapters[0]]
+    if not isinstance(head, nn.Linear):
+        raise TypeError(
+            f"{type(lm).__name__} has no 'score' linear head; load the model with "
+            "load_model(..., task='score') (AutoModelForSequenceClassification)"
+        )
+    return head
+
+
+def apply_head(head: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
+    """The head on selected hidden states, in fp32 at least (bf16 weights are upcast).
+
+    Shapes:
+        hidden: (N, H); returns (N, C) fp32.
+    """
+    dtype = torch.promote_types(hidden.dtype, torch.float32)  # fp32, or fp64 in tests
+    out = hidden.to(dtype) @ head.weight.to(dtype).T  # (N, C)
+    return out if head.bias is None else out + head.bias.to(dtype)
+
+
+def last_positions(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, column) of the last token of every sequence of a padded or packed batch.
+
+    Packed rows (``cu_seqlens``) end each document at ``cu_seqlens[1:] - 1``; padded rows at the
+    last attended column.
+
+    Shapes:
+        returns (D,), (D,) long with D sequences (documents).
+    """
+    if "cu_seqlens" in batch:
+        cols = batch["cu_seqlens"][1:].to(torch.long) - 1  # (D,)
+        return torch.zeros_like(cols), cols
+    mask = batch.get("attention_mask")
+    if mask is None:
+        mask = torch.ones_like(batch["input_ids"])
+    cols = last_token_index(mask)  # (B,)
+    return torch.arange(len(cols), device=cols.device), cols
+
+
+def sequence_scores(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Head output at the last token of each sequence (rewards for ``num_labels=1``).
+
+    Args:
+        model: A sequence-classification model (see module docstring).
+        batch: Padded (``input_ids``, ``attention_mask``, ``position_ids``) or packed
+            (``input_ids``, ``position_ids``, ``cu_seqlens``, ``seq_lens``) batch.
+
+    Shapes:
+        returns (D, C) fp32: D sequences, C labels.
+    """
+    hidden = backbone_hidden(model, **_model_inputs(batch))  # (B, L, H)
+    rows, cols = last_positions(batch)
+    return apply_head(score_head(model), hidden[rows, cols])  # (D, C)
+
+
+def token_scores(
+    model: nn.Module, batch: dict[str, torch.Tensor], select: torch.Tensor
+) -> torch.Tensor:
+    """Head output at the selected positions (ORM/PRM token logits, values).
+
+    Shapes:
+        select: (B, L) bool; returns (N, C) fp32 in row-major order of the selected positions.
+    """
+    hidden = backbone_hidden(model, **_model_inputs(batch))  # (B, L, H)
+    return apply_head(score_head(model), hidden[select])  # (N, C)
+
+
+def check_pooling_compatible(sequences: Sequence[Sequence[int]], pad_token_id: int | None) -> int:
+    """Count sequences that end with the pad id (transformers would pool elsewhere for them)."""
+    if pad_token_id is None:
+        return 0
+    return sum(1 for ids in sequences if ids and ids[-1] == pad_token_id)
+
+
+def collate_sequences(
+    examples: Sequence[TokenizedExample], *, packing: bool, pad_id: int
+) -> dict[str, torch.Tensor]:
+    """One micro-batch of whole sequences: a packed row, or right-padded rows."""
+    return packed_batch(examples) if packing else pad_batch(examples, pad_id=pad_id)
+
+
+@torch.no_grad()
+def score_examples(
+    model: nn.Module,
+    examples: Sequence[TokenizedExample],
+    *,
+    packing: bool,
+    pad_id: int,
+    max_tokens: int = 8192,
+) -> torch.Tensor:
+    """Score many sequences: sorted by length, batched by a token budget, order restored.
+
+    Args:
+        model: A sequence-classification model in eval mode.
+        examples: Rendered sequences (prompt + completion).
+        packing: Pack each batch into one padding-free row (else pad similar lengths).
+        pad_id: Padding id for the padded path.
+        max_tokens: Tokens per forward pass.
+
+    Returns:
+        Head outputs in the order of ``examples``.
+
+    Shapes:
+        returns (D, C) fp32 (fp64 for an fp64 model) on the CPU.
+    """
+    if not examples:
+        return torch.zeros(0, _unwrap(model).config.num_labels)
+    device = next(model.parameters()).device
+    lengths = [len(e.input_ids) for e in examples]
+    order = sorted(range(len(examples)), key=lambda i: lengths[i])
+    out: torch.Tensor | None = None
+    for chunk in _budget_chunks(order, lengths, max_tokens, padded=not packing):
+        batch = collate_sequences([examples[i] for i in chunk], packing=packing, pad_id=pad_id)
+        scores = sequence_scores(model, {k: v.to(device) for k, v in batch.items()}).cpu()
+        if out is None:
+            out = torch.zeros(len(examples), scores.shape[-1])
+        out[torch.tensor(chunk)] = scores
+    return out
+
+
+def _budget_chunks(
+    order: Sequence[int], lengths: Sequence[int], max_tokens: int, *, padded: bool
+) -> list[list[int]]:
+    """Cut length-sorted indices into consecutive chunks within the token budget.
+
+    The cost of a chunk is its token count (packed) or ``size x longest`` (padded; the indices
+    are sorted by length, so the newest is the longest).
+    """
+    chunks: list[list[int]] = []
+    chunk: list[int] = []
+    tokens = 0
+    for i in order:
+        cost = (len(chunk) + 1) * lengths[i] if padded else tokens + lengths[i]
+        if chunk and cost > max_tokens:
+            chunks.append(chunk)
+            chunk, tokens = [], 0
+        chunk.append(i)
+        tokens += lengths[i]
+    return [*chunks, chunk] if chunk else chunks

@@ -1,0 +1,111 @@
+"""Reward-model head: padding side, packing and batching invariance; Hugging Face round trip.
+
+METHODS.md section 3.1: the reward is read at the last non-pad token, computed from the mask
+(``T - 1 - argmax(flip(mask))``), so left and right padding give the same reward, and a batch
+gives the same rewards as scoring one sequence at a time.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification
+
+from rlhfkit.data.collate import packed_batch, pad_batch
+from rlhfkit.models.heads import score_examples, sequence_scores, token_scores
+from rlhfkit.models.load import load_model
+from rlhfkit.ops.masking import last_token_index, unpack_rows
+from rlhfkit.types import TokenizedExample
+
+
+def _examples(lengths: list[int], seed: int = 0) -> list[TokenizedExample]:
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for n in lengths:
+        ids = torch.randint(5, 200, (n,), generator=gen).tolist()
+        out.append(TokenizedExample(ids, [False] + [True] * (n - 1)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def reward_model(tiny_model_dir):
+    torch.manual_seed(0)
+    model = load_model(
+        str(tiny_model_dir), dtype=torch.float64, attn_implementation="sdpa", task="score",
+        pad_token_id=0,
+    )  # fmt: skip
+    return model.eval()
+
+
+def test_last_token_index_left_and_right_padding():
+    """Right padding [1,1,0] -> 1; left padding [0,1,1] -> 2; no padding -> T-1."""
+    mask = torch.tensor([[1, 1, 0, 0], [0, 0, 1, 1], [1, 1, 1, 1], [0, 1, 0, 0]])
+    assert last_token_index(mask).tolist() == [1, 3, 3, 1]
+    assert last_token_index(mask.bool()).tolist() == [1, 3, 3, 1]
+
+
+def test_unpack_rows_roundtrip():
+    values = torch.arange(7.0)
+    padded, mask = unpack_rows(values, torch.tensor([3, 1, 3]))
+    assert padded.tolist() == [[0, 1, 2], [3, 0, 0], [4, 5, 6]]
+    assert mask.sum().item() == 7 and torch.equal(padded[mask], values)
+
+
+@torch.no_grad()
+def test_left_right_padding_packing_and_batching_agree(reward_model):
+    examples = _examples([5, 9, 3, 12])
+    right = sequence_scores(reward_model, pad_batch(examples, pad_id=0, side="right"))
+    left = sequence_scores(reward_model, pad_batch(examples, pad_id=0, side="left"))
+    packed = sequence_scores(reward_model, packed_batch(examples))
+    single = torch.cat([sequence_scores(reward_model, pad_batch([e], pad_id=0)) for e in examples])
+    assert right.shape == (4, 1)
+    torch.testing.assert_close(left, right, atol=1e-9, rtol=0)
+    torch.testing.assert_close(packed, right, atol=1e-9, rtol=0)
+    torch.testing.assert_close(single, right, atol=1e-9, rtol=0)
+
+
+@torch.no_grad()
+def test_score_examples_restores_order(reward_model):
+    examples = _examples([7, 2, 11, 4, 9], seed=1)
+    expected = torch.cat([sequence_scores(reward_model, packed_batch([e])) for e in examples])
+    for packing in (True, False):
+        got = score_examples(reward_model, examples, packing=packing, pad_id=0, max_tokens=16)
+        torch.testing.assert_close(got, expected, atol=1e-9, rtol=0)
+
+
+@torch.no_grad()
+def test_token_scores_last_position_equals_sequence_score(reward_model):
+    examples = _examples([6, 4])
+    batch = pad_batch(examples, pad_id=0, side="left")
+    select = torch.zeros_like(batch["attention_mask"], dtype=torch.bool)
+    select[:, -1] = True  # left padding: every sequence ends in the last column
+    torch.testing.assert_close(
+        token_scores(reward_model, batch, select), sequence_scores(reward_model, batch)
+    )
+
+
+@torch.no_grad()
+def test_saved_model_loads_in_transformers_with_same_scores(reward_model, tmp_path):
+    """AutoModelForSequenceClassification pools at the last non-pad id: same rewards."""
+    reward_model.save_pretrained(tmp_path)
+    hf = AutoModelForSequenceClassification.from_pretrained(tmp_path, dtype=torch.float64)
+    hf.eval()
+    examples = _examples([5, 9, 3])
+    for side in ("left", "right"):
+        batch = pad_batch(examples, pad_id=0, side=side)
+        ours = sequence_scores(reward_model, batch)
+        theirs = hf(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            position_ids=batch["position_ids"],
+        ).logits
+        torch.testing.assert_close(ours, theirs, atol=1e-9, rtol=0)
+
+
+def test_head_gradient_reaches_backbone(reward_model):
+    examples = _examples([5, 8])
+    reward_model.zero_grad()
+    sequence_scores(reward_model, packed_batch(examples)).sum().backward()
+    assert reward_model.score.weight.grad.abs().sum() > 0
+    assert reward_model.model.embed_tokens.weight.grad.abs().sum() > 0
+    reward_model.zero_grad()
