@@ -156,7 +156,7 @@ def score_examples(
         batch = collate_sequences([examples[i] for i in chunk], packing=packing, pad_id=pad_id)
         scores = sequence_scores(model, {k: v.to(device) for k, v in batch.items()}).cpu()
         if out is None:
-            out = torch.zeros(len(examples), scores.shape[-1])
+            out = scores.new_zeros(len(examples), scores.shape[-1])
         out[torch.tensor(chunk)] = scores
     return out
 
