@@ -11,19 +11,40 @@ import logging
 import os
 import sys
 
-COMMANDS: dict[str, tuple[str, str, str]] = {
-    "sft": ("rlhfkit.recipes.sft", "SFTConfig", "Supervised fine-tuning on chat data."),
+COMMANDS: dict[str, tuple[str, str, str, str]] = {
+    "sft": ("rlhfkit.recipes.sft", "SFTConfig", "main", "Supervised fine-tuning on chat data."),
+    "rm train": (
+        "rlhfkit.recipes.reward_model",
+        "RMConfig",
+        "main",
+        "Train a reward model (bt, margin, all_pairs, plackett_luce, orm, prm).",
+    ),
+    "rm eval": (
+        "rlhfkit.recipes.reward_model_eval",
+        "RMEvalConfig",
+        "eval_main",
+        "Pairwise accuracy, margin, calibration of a reward model.",
+    ),
+    "rm score": (
+        "rlhfkit.recipes.reward_model_eval",
+        "RMScoreConfig",
+        "score_main",
+        "Add a reward column to prompt/completion rows.",
+    ),
     "generate": (
         "rlhfkit.recipes.generate",
         "GenerateConfig",
+        "main",
         "Sample chat completions from a model.",
     ),
     "demo": (
         "rlhfkit.recipes.demo",
         "DemoConfig",
+        "main",
         "The pipeline on the embedded model, with before/after samples.",
     ),
 }
+"""Command (one or two words) -> (module, Config class, entry function, help)."""
 
 
 def _usage() -> str:
@@ -32,7 +53,7 @@ def _usage() -> str:
         "",
         "commands:",
     ]
-    lines += [f"  {name:<10} {help_}" for name, (_, _, help_) in COMMANDS.items()]
+    lines += [f"  {name:<10} {entry[-1]}" for name, entry in COMMANDS.items()]
     lines += ["", "rlhfkit <command> --help lists every option."]
     return "\n".join(lines)
 
@@ -45,10 +66,11 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return
-    command, rest = argv[0], argv[1:]
+    words = 2 if " ".join(argv[:2]) in COMMANDS else 1
+    command, rest = " ".join(argv[:words]), argv[words:]
     if command not in COMMANDS:
         raise SystemExit(f"unknown command {command!r}\n\n{_usage()}")
-    module_name, config_name, help_ = COMMANDS[command]
+    module_name, config_name, entry, help_ = COMMANDS[command]
     module = importlib.import_module(module_name)
     cfg = parse_cli(
         getattr(module, config_name), rest, prog=f"rlhfkit {command}", description=help_
@@ -60,4 +82,4 @@ def main(argv: list[str] | None = None) -> None:
     )
     for noisy in ("httpx", "urllib3", "datasets", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    module.main(cfg)
+    getattr(module, entry)(cfg)
