@@ -8,6 +8,7 @@ length, L = P + T, V vocabulary. ``mask`` always means "this token counts in the
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import pairwise
 
 import torch
 
@@ -51,3 +52,60 @@ class TokenizedExample:
     def num_loss_tokens(self) -> int:
         """Number of tokens that count in the loss."""
         return sum(self.loss_mask)
+
+
+STEP_LABELS = (-1, 0, 1)
+"""Process-reward step labels (METHODS.md section 3.7): bad, neutral, good."""
+
+
+@dataclass
+class StepExample:
+    """One rendered process-reward example (METHODS.md section 3.7).
+
+    Only the last token of each step carries a label; every other token is unlabelled.
+
+    Attributes:
+        input_ids: Token ids of the whole rendered conversation, length L.
+        step_positions: For each kept step, the index into ``input_ids`` of its last token;
+            strictly increasing.
+        step_labels: The label of each kept step, in :data:`STEP_LABELS`; same length as
+            ``step_positions``.
+        source: Where the example came from (``file:row``), for error messages.
+    """
+
+    input_ids: list[int]
+    step_positions: list[int]
+    step_labels: list[int]
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        where = self.source or "example"
+        if len(self.step_positions) != len(self.step_labels):
+            raise ValueError(
+                f"{where}: step_positions ({len(self.step_positions)}) and step_labels "
+                f"({len(self.step_labels)}) differ in length"
+            )
+        bounds = [-1, *self.step_positions, len(self.input_ids)]
+        if any(a >= b for a, b in pairwise(bounds)):
+            raise ValueError(
+                f"{where}: step_positions {self.step_positions} must be strictly increasing "
+                f"indices into input_ids (length {len(self.input_ids)})"
+            )
+        if any(label not in STEP_LABELS for label in self.step_labels):
+            raise ValueError(f"{where}: step_labels {self.step_labels} must be -1, 0 or 1")
+
+    @property
+    def num_steps(self) -> int:
+        """Number of labelled steps."""
+        return len(self.step_positions)
+
+    def token_labels(self, ignore_index: int = -100) -> list[int]:
+        """Per-token labels, length L: the step label at each step's last token, else ignored.
+
+        Args:
+            ignore_index: The value of unlabelled tokens.
+        """
+        labels = [ignore_index] * len(self.input_ids)
+        for position, label in zip(self.step_positions, self.step_labels, strict=True):
+            labels[position] = label
+        return labels

@@ -519,6 +519,8 @@ def test_schema_table_is_complete() -> None:
         "ratings",
         "rankings",
         "verifiable",
+        "likert",
+        "process",
     }
 
 

@@ -14,6 +14,8 @@ schema                   row fields                              example type
 ``ratings``              prompt, completions, ratings            :class:`RatingsExample`
 ``rankings``             prompt, completions, ranking            :class:`RankingExample`
 ``verifiable``           prompt, answer, [verifier], ...         :class:`VerifiableExample`
+``likert``               prompt, completions (2), likert, scale  :class:`LikertExample`
+``process``              prompt, steps, labels                   :class:`ProcessExample`
 =======================  ======================================  =====================
 
 Message lists follow the conversation rules of :mod:`rlhfkit.data.messages` (roles, their order,
@@ -156,6 +158,49 @@ class VerifiableExample:
     location: str = ""
 
 
+@dataclass(frozen=True)
+class LikertExample:
+    """Two completions A and B compared on a relative Likert scale (schema ``likert``).
+
+    5-point scale: 1 = A much better, 2 = A better, 3 = tie, 4 = B better, 5 = B much better.
+    8-point scale (no tie): 1..4 = A better (1 strongest), 5..8 = B better (8 strongest).
+
+    Attributes:
+        prompt: Messages before the completions.
+        completions: ``[A, B]``, each a list of assistant messages.
+        likert: The rating, an integer in ``1..scale``.
+        scale: 5 or 8.
+        meta: The row's other fields.
+        location: Where the row came from.
+    """
+
+    prompt: list[Message]
+    completions: list[list[Message]]
+    likert: int
+    scale: int
+    meta: dict[str, Any] = field(default_factory=dict)
+    location: str = ""
+
+
+@dataclass(frozen=True)
+class ProcessExample:
+    """A step-by-step solution with one label per step (schema ``process``, for PRMs).
+
+    Attributes:
+        prompt: Messages before the solution.
+        steps: The solution's steps, non-empty strings, in order.
+        labels: One label per step: -1 (wrong), 0 (neutral) or 1 (correct).
+        meta: The row's other fields.
+        location: Where the row came from.
+    """
+
+    prompt: list[Message]
+    steps: list[str]
+    labels: list[int]
+    meta: dict[str, Any] = field(default_factory=dict)
+    location: str = ""
+
+
 Example = (
     SFTExample
     | PreferenceExample
@@ -163,7 +208,15 @@ Example = (
     | RatingsExample
     | RankingExample
     | VerifiableExample
+    | LikertExample
+    | ProcessExample
 )
+
+LIKERT_SCALES = (5, 8)
+"""Allowed ``scale`` values of the ``likert`` schema."""
+
+PROCESS_LABELS = (-1, 0, 1)
+"""Allowed step labels of the ``process`` schema: wrong, neutral, correct."""
 
 
 @dataclass
@@ -206,6 +259,13 @@ def _answer(value: Any, path: str, loc: str) -> str:
     if isinstance(value, float) and math.isfinite(value):
         return str(int(value)) if value.is_integer() else repr(value)
     raise DataError(loc, path, f"expected a non-empty string or a number, got {value!r}")
+
+
+def _int_choice(value: Any, path: str, allowed: Sequence[int], loc: str, what: str) -> int:
+    """An integer (not a bool or float) from ``allowed``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value not in allowed:
+        raise DataError(loc, path, f"expected {what}, got {value!r}")
+    return value
 
 
 def _meta(data: dict[str, Any], used: Sequence[str]) -> dict[str, Any]:
@@ -266,13 +326,13 @@ def _completion_list(data: dict[str, Any], prompt: list[Message], loc: str) -> l
     return [parse_completion(item, f"completions[{i}]", loc, after) for i, item in enumerate(value)]
 
 
-def _per_completion_list(value: Any, name: str, k: int, loc: str) -> list[Any]:
-    """A list with one entry per completion."""
+def _per_completion_list(
+    value: Any, name: str, k: int, loc: str, per: str = "completion"
+) -> list[Any]:
+    """A list with one entry per completion (or per ``per``)."""
     if not isinstance(value, list) or len(value) != k:
         got = f"{len(value)}" if isinstance(value, list) else type_name(value)
-        raise DataError(
-            loc, name, f"expected a list of {k} entries (one per completion), got {got}"
-        )
+        raise DataError(loc, name, f"expected a list of {k} entries (one per {per}), got {got}")
     return value
 
 
@@ -312,6 +372,38 @@ def _parse_verifiable(data: dict[str, Any], loc: str) -> VerifiableExample:
     return VerifiableExample(prompt, answer, verifier, meta=meta, location=loc)
 
 
+def _parse_likert(data: dict[str, Any], loc: str) -> LikertExample:
+    prompt = parse_prompt(data["prompt"], "prompt", loc)
+    value = data["completions"]
+    if isinstance(value, list) and len(value) != 2:
+        raise DataError(
+            loc, "completions", f"expected exactly 2 completions (A and B), got {len(value)}"
+        )
+    completions = _completion_list(data, prompt, loc)
+    scale = _int_choice(data["scale"], "scale", LIKERT_SCALES, loc, "5 or 8 (points)")
+    likert = _int_choice(
+        data["likert"], "likert", range(1, scale + 1), loc, f"an integer in 1..{scale}"
+    )
+    meta = _meta(data, ("prompt", "completions", "likert", "scale"))
+    return LikertExample(prompt, completions, likert, scale, meta=meta, location=loc)
+
+
+def _parse_process(data: dict[str, Any], loc: str) -> ProcessExample:
+    prompt = parse_prompt(data["prompt"], "prompt", loc)
+    steps = data["steps"]
+    if not isinstance(steps, list) or not steps:
+        got = "an empty list" if isinstance(steps, list) else type_name(steps)
+        raise DataError(loc, "steps", f"expected a non-empty list of step strings, got {got}")
+    for i, step in enumerate(steps):
+        if not isinstance(step, str) or not step.strip():
+            raise DataError(loc, f"steps[{i}]", f"expected a non-empty string, got {step!r}")
+    raw = _per_completion_list(data["labels"], "labels", len(steps), loc, per="step")
+    what = "-1, 0 or 1 (wrong, neutral, correct)"
+    labels = [_int_choice(v, f"labels[{i}]", PROCESS_LABELS, loc, what) for i, v in enumerate(raw)]
+    meta = _meta(data, ("prompt", "steps", "labels"))
+    return ProcessExample(prompt, list(steps), labels, meta=meta, location=loc)
+
+
 SCHEMAS: dict[str, Callable[[dict[str, Any], str], Any]] = {
     "sft": _parse_sft,
     "prompt_completion": _parse_prompt_completion,
@@ -320,6 +412,8 @@ SCHEMAS: dict[str, Callable[[dict[str, Any], str], Any]] = {
     "ratings": _parse_ratings,
     "rankings": _parse_rankings,
     "verifiable": _parse_verifiable,
+    "likert": _parse_likert,
+    "process": _parse_process,
 }
 """Schema name -> parser(row data, location) returning the normalised example."""
 
@@ -331,6 +425,8 @@ REQUIRED_FIELDS: dict[str, tuple[str, ...]] = {
     "ratings": ("prompt", "completions", "ratings"),
     "rankings": ("prompt", "completions", "ranking"),
     "verifiable": ("prompt", "answer"),
+    "likert": ("prompt", "completions", "likert", "scale"),
+    "process": ("prompt", "steps", "labels"),
 }
 """Schema name -> fields every row must have (a None value counts as missing)."""
 

@@ -5,6 +5,10 @@
   ``python -m rlhfkit.data.tasks.instructions``); schema ``sft``.
 - ``builtin:arithmetic``: procedurally generated arithmetic problems (``arithmetic.py``);
   schema ``verifiable``.
+- ``builtin:preferences``: preference pairs built from ``builtin:instructions`` (the reference
+  reply against a perturbation of it), each with its programmatic gold scores
+  (``preferences.py``, whose ``gold_score`` judges any completion of these prompts); schema
+  ``preference``.
 
 Every built-in dataset has the splits ``"train"`` and ``"heldout"``, which share no prompt.
 """
@@ -17,7 +21,7 @@ from importlib import resources
 from typing import Any
 
 from rlhfkit.data.sources import Row
-from rlhfkit.data.tasks import arithmetic
+from rlhfkit.data.tasks import arithmetic, preferences
 
 SPLITS = ("train", "heldout")
 """Splits of every built-in dataset."""
@@ -32,6 +36,7 @@ def _instructions(split: str) -> list[dict[str, Any]]:
 BUILTIN: dict[str, Callable[[str], list[dict[str, Any]]]] = {
     "instructions": _instructions,
     "arithmetic": arithmetic.builtin_split,
+    "preferences": preferences.builtin_split,
 }
 """Built-in dataset name -> function(split) returning its raw rows."""
 

@@ -1,0 +1,1 @@
+"""rlhfkit.eval: evaluation metrics (pure functions) and evaluation runs."""
