@@ -15,13 +15,8 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from rlhfkit.data.sources import DataError
-from rlhfkit.data.templates import (
-    STEP_SEPARATOR,
-    render_messages,
-    render_prompt,
-    render_sequence,
-    render_steps,
-)
+from rlhfkit.data.steps import STEP_SEPARATOR, render_sequence, render_steps
+from rlhfkit.data.templates import render_messages, render_prompt
 from rlhfkit.models.embedded import EMBEDDED_NAME, cache_root
 from rlhfkit.models.tiny import tiny_tokenizer
 from rlhfkit.types import StepExample
