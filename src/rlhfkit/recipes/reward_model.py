@@ -40,7 +40,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -55,7 +55,7 @@ from rlhfkit.data.groups import (
 )
 from rlhfkit.data.preferences import to_groups
 from rlhfkit.data.schemas import load_examples
-from rlhfkit.eval.reward_model import print_report, rm_report, score_pairs
+from rlhfkit.eval.reward_model import ScoredPair, print_report, rm_report, score_pairs
 from rlhfkit.losses.reward import all_pairs_loss, bradley_terry_loss, plackett_luce_loss
 from rlhfkit.models.heads import sequence_scores
 from rlhfkit.recipes.common import RunContext, batch_order, build_run, finish_run
@@ -187,8 +187,7 @@ def load_groups(
         likert_margin=data.likert_margin,
     )
     tokenized, counts = tokenize_groups(tokenizer, groups, max_len=data.max_len)
-    counts = {**pair_counts, **counts, "bad_rows": len(result.errors)}
-    return tokenized, counts
+    return tokenized, {**pair_counts, **counts, "bad_rows": len(result.errors)}
 
 
 def make_step_loss(model: torch.nn.Module, loss: PairwiseLoss) -> GroupLoss:
@@ -207,64 +206,123 @@ def group_count(batch: dict[str, torch.Tensor]) -> float:
     return float(batch["group_mask"].shape[0])
 
 
-@torch.no_grad()
-def evaluate(
-    ctx: RunContext, groups: list[TokenizedGroup], cfg: RMConfig
-) -> tuple[dict[str, float], dict]:
-    """Held-out pairwise accuracy, margin, ECE and loss (all ranks score a share).
+class PairwiseTask:
+    """Pairwise and K-wise comparisons (bt, margin, all_pairs, plackett_luce).
 
-    Returns:
-        The metrics to log and the full report (:func:`rlhfkit.eval.reward_model.rm_report`).
+    Items are :class:`TokenizedGroup` s; a micro-batch holds whole groups; the normaliser is
+    the number of groups (pairs for K = 2).
     """
-    if not groups:
+
+    num_labels = 1
+
+    def __init__(self, cfg: RMConfig) -> None:
+        self.cfg = cfg
+        self.loss = LOSSES[cfg.algo.loss]
+
+    def load(
+        self, tokenizer: object, source: str, split: str, seed: int
+    ) -> tuple[list[TokenizedGroup], dict[str, int]]:
+        """Groups of one source and counts for the log (:func:`load_groups`)."""
+        return load_groups(tokenizer, source, split, self.cfg, seed)
+
+    @staticmethod
+    def tokens(item: TokenizedGroup) -> int:
+        """Tokens of one item."""
+        return item.num_tokens
+
+    def micro_batches(
+        self, items: list[TokenizedGroup], *, max_tokens: int, packing: bool, pad_id: int
+    ) -> list[dict[str, torch.Tensor]]:
+        """Whole groups per micro-batch."""
+        return group_micro_batches(items, max_tokens=max_tokens, packing=packing, pad_id=pad_id)
+
+    def step_loss(self, model: torch.nn.Module) -> GroupLoss:
+        """The per-micro-batch loss (:func:`make_step_loss`)."""
+        return make_step_loss(model, self.loss)
+
+    count = staticmethod(group_count)
+
+    @staticmethod
+    def train_metrics(sums: dict[str, float]) -> dict[str, float]:
+        """Training accuracy and margin from the summed loss metrics."""
+        pairs = max(sums.get("pairs", 0.0), 1.0)
+        return {
+            "train/accuracy": sums.get("correct", 0.0) / pairs,
+            "train/margin": sums.get("margin_sum", 0.0) / pairs,
+        }
+
+    def score(
+        self, model: torch.nn.Module, items: list[TokenizedGroup], **kw: Any
+    ) -> list[ScoredPair]:
+        """Rewards of every held-out pair."""
+        return score_pairs(model, items, category_key=self.cfg.data.category_key, **kw)
+
+    print_report = staticmethod(print_report)
+
+    @staticmethod
+    def report(records: list[ScoredPair]) -> tuple[dict[str, float], dict[str, Any]]:
+        """Logged metrics and the full report of the scored pairs."""
+        report = rm_report(records)
+        metrics = {f"eval/{k}": float(v) for k, v in report["overall"].items()}
+        for name, summary in report["per_category"].items():
+            metrics[f"eval/accuracy/{name}"] = summary["accuracy"]
+        return metrics, report
+
+
+def make_task(cfg: RMConfig) -> Any:
+    """The task object of ``cfg.algo.loss``: pairwise here, token-level in reward_model_token."""
+    if cfg.algo.loss in LOSSES:
+        return PairwiseTask(cfg)
+    from rlhfkit.recipes.reward_model_token import TOKEN_TASKS
+
+    return TOKEN_TASKS[cfg.algo.loss](cfg)
+
+
+@torch.no_grad()
+def evaluate(ctx: RunContext, task: Any, items: list, cfg: RMConfig) -> tuple[dict, dict]:
+    """Held-out metrics and report; every rank scores a share, all ranks get the report."""
+    if not items:
         return {}, {}
     ctx.model.eval()
-    mine = score_pairs(
+    mine = task.score(
         ctx.model,
-        ctx.dist.shard(groups),
+        ctx.dist.shard(items),
         packing=ctx.packing,
         pad_id=ctx.pad_id,
         max_tokens=cfg.loop.micro_batch_tokens,
-        category_key=cfg.data.category_key,
     )
     ctx.model.train()
-    pairs = [p for part in gather_objects(mine) for p in part]
-    report = rm_report(pairs)
-    metrics = {f"eval/{k}": float(v) for k, v in report["overall"].items()}
-    for name, summary in report["per_category"].items():
-        metrics[f"eval/accuracy/{name}"] = summary["accuracy"]
-    return metrics, report
+    return task.report([r for part in gather_objects(mine) for r in part])
 
 
 def main(cfg: RMConfig) -> Path:
     """Train a reward model; returns the run directory (model under ``<run_dir>/final``)."""
-    if cfg.algo.loss not in LOSSES:
-        from rlhfkit.recipes import reward_model_token
-
-        return reward_model_token.main(cfg)
-    ctx = build_run(cfg.model, cfg.log, cfg.loop.seed, to_dict(cfg), task="score")
+    task = make_task(cfg)
+    ctx = build_run(
+        cfg.model, cfg.log, cfg.loop.seed, to_dict(cfg), task="score", num_labels=task.num_labels
+    )
     ctx.packing = cfg.data.packing and supports_padding_free(ctx.model)
-    train, counts = load_groups(ctx.tokenizer, cfg.data.train, cfg.data.train_split, cfg, 0)
-    held_out = []
-    if cfg.data.eval:
-        held_out = load_groups(ctx.tokenizer, cfg.data.eval, cfg.data.eval_split, cfg, 1)[0]
-    log.info("data: %s; held-out groups: %d; packing: %s", counts, len(held_out), ctx.packing)
+    train, counts = task.load(ctx.tokenizer, cfg.data.train, cfg.data.train_split, 0)
+    held_out = (
+        task.load(ctx.tokenizer, cfg.data.eval, cfg.data.eval_split, 1)[0] if cfg.data.eval else []
+    )
+    log.info("data: %s; held-out items: %d; packing: %s", counts, len(held_out), ctx.packing)
     if len(train) < cfg.loop.batch_size:
         raise ValueError(
-            f"{cfg.data.train}: {len(train)} usable groups < batch_size {cfg.loop.batch_size}"
+            f"{cfg.data.train}: {len(train)} usable items < batch_size {cfg.loop.batch_size}"
         )
     per_epoch = len(train) // cfg.loop.batch_size
     total = cfg.loop.max_steps or max(1, math.ceil(cfg.loop.epochs * per_epoch))
     ctx.start_training(cfg.optim, total, resume=cfg.loop.resume)
     if ctx.step == 0:
-        ctx.logger.log(0, evaluate(ctx, held_out, cfg)[0])
-    step_loss = make_step_loss(ctx.model, LOSSES[cfg.algo.loss])
+        ctx.logger.log(0, evaluate(ctx, task, held_out, cfg)[0])
+    step_loss = task.step_loss(ctx.model)
     batch_limit = None if cfg.loop.max_steps else total
     with ctx.progress(total) as bar:
         while ctx.step < total and (batch_limit is None or ctx.batches_done < batch_limit):
             order = batch_order(len(train), cfg.loop.batch_size, cfg.loop.seed, ctx.batches_done)
             batch = ctx.dist.shard([train[i] for i in order])
-            parts = group_micro_batches(
+            parts = task.micro_batches(
                 batch,
                 max_tokens=cfg.loop.micro_batch_tokens,
                 packing=ctx.packing,
@@ -272,28 +330,23 @@ def main(cfg: RMConfig) -> Path:
             )
             parts = [ctx.to_device(part) for part in parts]
             stats = accumulate(
-                parts, step_loss, count_fn=group_count, after_backward=ctx.master.collect_grads
+                parts, step_loss, count_fn=task.count, after_backward=ctx.master.collect_grads
             )
             if not ctx.apply_step(stats, cfg.optim.max_grad_norm, cfg.loop.max_nonfinite):
                 continue
             loss = all_reduce_sum(stats.loss)
-            pairs = all_reduce_sum(stats.metrics.get("pairs", 0.0))
-            tokens = int(all_reduce_sum(sum(g.num_tokens for g in batch)))
+            tokens = int(all_reduce_sum(sum(task.tokens(item) for item in batch)))
             bar.update(loss=loss, tokens=tokens)
-            metrics = {
-                "train/loss": loss,
-                "train/accuracy": all_reduce_sum(stats.metrics.get("correct", 0.0)) / pairs,
-                "train/margin": all_reduce_sum(stats.metrics.get("margin_sum", 0.0)) / pairs,
-                "train/tokens": tokens,
-            }
+            sums = {k: all_reduce_sum(v) for k, v in sorted(stats.metrics.items())}
+            metrics = {"train/loss": loss, "train/tokens": tokens, **task.train_metrics(sums)}
             if cfg.loop.eval_every and ctx.step % cfg.loop.eval_every == 0 and ctx.step < total:
-                metrics.update(evaluate(ctx, held_out, cfg)[0])
+                metrics.update(evaluate(ctx, task, held_out, cfg)[0])
             ctx.log_step(metrics, cfg.log.log_every)
             if cfg.loop.save_every and ctx.step % cfg.loop.save_every == 0:
                 ctx.save(cfg.loop.keep_last)
-    final, report = evaluate(ctx, held_out, cfg)
+    final, report = evaluate(ctx, task, held_out, cfg)
     ctx.logger.log(ctx.step, final)
     if report and ctx.dist.is_main:
         atomic_write_text(ctx.run_dir / "eval.json", json.dumps(report, indent=2) + "\n")
-        print_report(report, title=f"held-out ({cfg.data.eval})")
+        task.print_report(report, title=f"held-out ({cfg.data.eval})")
     return finish_run(ctx, cfg.loop.keep_last)
