@@ -180,3 +180,19 @@ def _budget_chunks(
         chunk.append(i)
         tokens += lengths[i]
     return [*chunks, chunk] if chunk else chunks
+
+
+def selected_documents(batch: dict[str, torch.Tensor], select: torch.Tensor) -> torch.Tensor:
+    """The sequence (document) each selected position belongs to, in row-major order.
+
+    Packed rows map a column to its document through ``cu_seqlens``; padded rows are one
+    sequence each.
+
+    Shapes:
+        select: (B, L) bool; returns (N,) long with N = select.sum().
+    """
+    rows, cols = select.nonzero(as_tuple=True)  # (N,), (N,)
+    if "cu_seqlens" not in batch:
+        return rows
+    ends = batch["cu_seqlens"][1:].to(cols.device, torch.long)  # (D,)
+    return torch.searchsorted(ends, cols, right=True)  # (N,)

@@ -110,6 +110,8 @@ class RMAlgoConfig:
     loss: LossName = "bt"
     """bt, margin, all_pairs, plackett_luce (pairwise and K-wise), orm or orm_sequence
     (outcome labels), prm (step labels)."""
+    orm_score: Literal["final", "mean", "min", "product", "last_m", "flag"] = "final"
+    """orm: how token probabilities become a completion's held-out score (METHODS.md 3.6)."""
     prm_separator: str = "\n<step>\n"
     """prm: text joining the steps of a solution."""
     prm_mode: Literal["3class", "binary"] = "3class"
