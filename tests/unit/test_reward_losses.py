@@ -548,3 +548,32 @@ def test_prm_3class_shift_property(rows, shift):
     assert torch.equal(prm_class_to_label(prm_label_to_class(labels)), labels)
     expected = F.cross_entropy(logits, labels + 1)  # independent check of the class map
     close(a.loss, float(expected))
+
+
+def test_pairwise_stats_hand_values():
+    """Group scores [2, 1, 1] (completion 0 beats 1 and 2; 1 vs 2 is a tie, skipped) with
+    rewards [0.5, 1.0, 0.5]: pairs (0,1) wrong, (0,2) tied -> correct 0 + 0.5 = 0.5 over 2
+    pairs, margins -0.5 + 0 = -0.5. A padded column never counts."""
+    from rlhfkit.losses.reward import pairwise_stats
+
+    rewards = torch.tensor([[0.5, 1.0, 0.5, 9.0]], dtype=torch.float64)
+    scores = torch.tensor([[2.0, 1.0, 1.0, 0.0]], dtype=torch.float64)
+    mask = torch.tensor([[True, True, True, False]])
+    stats = pairwise_stats(rewards=rewards, scores=scores, mask=mask)
+    assert float(stats["pairs"]) == 2 and float(stats["correct"]) == 0.5
+    assert float(stats["margin_sum"]) == pytest.approx(-0.5, abs=1e-12)
+
+
+def test_pairwise_stats_equal_bt_metrics_for_pairs():
+    """K = 2: the same pairs, correct and margin_sum as bradley_terry_loss."""
+    from rlhfkit.losses.reward import pairwise_stats
+
+    gen = torch.Generator().manual_seed(0)
+    r = torch.randn(7, 2, generator=gen, dtype=torch.float64)
+    r[3, 1] = r[3, 0]  # a tie counts half in both
+    bt = bradley_terry_loss(chosen_rewards=r[:, 0], rejected_rewards=r[:, 1]).metrics
+    stats = pairwise_stats(
+        rewards=r, scores=torch.tensor([[1.0, 0.0]] * 7), mask=torch.ones(7, 2, dtype=torch.bool)
+    )
+    for key in ("pairs", "correct", "margin_sum"):
+        assert float(stats[key]) == pytest.approx(float(bt[key]), abs=1e-12)

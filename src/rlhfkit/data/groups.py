@@ -58,7 +58,7 @@ def tokenize_group(
         The tokenized group, or the reason it is dropped: ``"empty"`` (a completion rendered to
         nothing trainable) or ``"identical"`` (two completions with different scores have the
         same ids after truncation; for K > 2 the later duplicate is removed instead, and the
-        group is dropped only if fewer than 2 completions remain).
+        group is dropped only if no two distinct completions with different scores remain).
     """
     sequences: list[TokenizedExample] = []
     scores: list[float] = []
@@ -78,8 +78,8 @@ def tokenize_group(
             continue  # identical after truncation: no signal against its twin
         sequences.append(rendered)
         scores.append(score)
-    if len(sequences) < 2:
-        return "identical"
+    if len(sequences) < 2 or min(scores) == max(scores):
+        return "identical"  # no preference left among the distinct completions
     margin = group.margin or 0.0
     return TokenizedGroup(sequences, scores, margin, dict(group.meta), group.location)
 

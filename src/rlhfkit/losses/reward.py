@@ -91,6 +91,32 @@ def bradley_terry_loss(
     return LossOutput(loss=loss, metrics=_detach(metrics))
 
 
+def pairwise_stats(
+    *, rewards: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Pairwise accuracy sums over every ordered pair of a group with different scores.
+
+    For each group n and completions i, j with scores[n, i] > scores[n, j]: ``pairs`` counts
+    them, ``correct`` adds 1[r_i > r_j] + 0.5 * 1[r_i == r_j], ``margin_sum`` adds r_i - r_j.
+    With K = 2 these are the Bradley-Terry metrics; they give every pairwise or K-wise loss
+    the same training accuracy.
+
+    Shapes:
+        rewards, scores, mask: (N, K); returns detached fp64 scalars.
+    """
+    r = _fp(rewards).detach()
+    diff = r[:, :, None] - r[:, None, :]  # (N, K, K): r_i - r_j
+    both = mask[:, :, None] & mask[:, None, :]  # (N, K, K)
+    valid = both & (scores[:, :, None] > scores[:, None, :])  # (N, K, K): i preferred to j
+    wins = (diff > 0).to(r.dtype) + 0.5 * (diff == 0).to(r.dtype)
+    metrics = {
+        "pairs": valid.sum(),
+        "correct": torch.where(valid, wins, 0.0).sum(),
+        "margin_sum": torch.where(valid, diff, 0.0).sum(),
+    }
+    return _detach(metrics)
+
+
 def all_pairs_loss(
     *,
     rewards: torch.Tensor,

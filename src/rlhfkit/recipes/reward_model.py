@@ -56,7 +56,12 @@ from rlhfkit.data.groups import (
 from rlhfkit.data.preferences import to_groups
 from rlhfkit.data.schemas import load_examples
 from rlhfkit.eval.reward_model import ScoredPair, print_report, rm_report, score_pairs
-from rlhfkit.losses.reward import all_pairs_loss, bradley_terry_loss, plackett_luce_loss
+from rlhfkit.losses.reward import (
+    all_pairs_loss,
+    bradley_terry_loss,
+    pairwise_stats,
+    plackett_luce_loss,
+)
 from rlhfkit.models.heads import sequence_scores
 from rlhfkit.recipes.common import RunContext, batch_order, build_run, finish_run
 from rlhfkit.training.accumulate import accumulate
@@ -198,7 +203,10 @@ def make_step_loss(model: torch.nn.Module, loss: PairwiseLoss) -> GroupLoss:
     def step_loss(batch: dict[str, torch.Tensor], normaliser: float) -> LossOutput:
         rewards = sequence_scores(model, batch)[:, 0]  # (D,)
         matrix = scatter_rewards(rewards, batch["slots"], batch["group_mask"])  # (N, K)
-        return loss.fn(matrix, batch, normaliser)
+        out = loss.fn(matrix, batch, normaliser)
+        stats = pairwise_stats(rewards=matrix, scores=batch["scores"], mask=batch["group_mask"])
+        out.metrics.update(stats)  # the same training accuracy for every loss row
+        return out
 
     return step_loss
 
