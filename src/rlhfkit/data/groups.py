@@ -105,11 +105,88 @@ def tokenize_groups(
 
 
 def group_micro_batches(
-    groups: Sequence[TokenizedGroup], *, max_tokens: int, packing: bool, pad_id: int
+    groups: Sequence[TokenizedGroup],
+    *,
+    max_tokens: int,
+    packing: bool,
+    pad_id: int,
+    share_prefix: bool = False,
 ) -> list[dict[str, torch.Tensor]]:
-    """Split groups into micro-batches of about ``max_tokens`` tokens, whole groups each."""
-    bins = pack_lengths([g.num_tokens for g in groups], max_tokens=max_tokens)
+    """Split groups into micro-batches of about ``max_tokens`` tokens, whole groups each.
+
+    With ``share_prefix`` (packed rows only) each group becomes one prefix-tree document
+    (:func:`tree_batch`), and the budget counts the tokens actually computed.
+    """
+    if share_prefix and not packing:
+        raise ValueError("share_prefix needs packing (prefix trees live in packed rows)")
+    cost = [tree_tokens(g) if share_prefix else g.num_tokens for g in groups]
+    bins = pack_lengths(cost, max_tokens=max_tokens)
+    if share_prefix:
+        return [tree_batch([groups[i] for i in b]) for b in bins]
     return [group_batch([groups[i] for i in b], packing=packing, pad_id=pad_id) for b in bins]
+
+
+def shared_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
+    """Length of the longest common prefix of all sequences, leaving each >= 1 own token."""
+    shortest = min(len(s) for s in sequences)
+    n = 0
+    while n < shortest - 1 and all(s[n] == sequences[0][n] for s in sequences):
+        n += 1
+    return n
+
+
+def tree_tokens(group: TokenizedGroup) -> int:
+    """Tokens of a group as a prefix tree (the shared prefix counted once)."""
+    ids = [s.input_ids for s in group.sequences]
+    return group.num_tokens - (len(ids) - 1) * shared_prefix_length(ids)
+
+
+def tree_batch(groups: Sequence[TokenizedGroup]) -> dict[str, torch.Tensor]:
+    """Collate groups as prefix trees: each group's common prefix is computed once.
+
+    Group g becomes one document ``[prefix, branch_1, ..., branch_K]`` where ``prefix`` is the
+    longest common prefix of its K sequences' ids and ``branch_k`` the rest of sequence k.
+    Positions continue from the prefix in every branch, and the attention mask
+    (:func:`rlhfkit.ops.masking.prefix_tree_mask`, built by the forward pass from
+    ``tree_prefix`` and ``tree_branches``) lets each branch see the prefix and itself only, so
+    every sequence gets exactly the hidden states it would get alone. Needs the ``varlen_sdpa``
+    attention. The result has the keys of :func:`group_batch` (no ``labels``) plus
+    ``last_cols``, the column of each sequence's last token.
+
+    Shapes:
+        input_ids, position_ids: (1, N); cu_seqlens: (G + 1,); tree_prefix: (G,);
+        tree_branches: (G, K); last_cols, slots, lengths: (S,) for S sequences.
+    """
+    ids: list[int] = []
+    positions: list[int] = []
+    prefixes, branches, last_cols, doc_lens = [], [], [], []
+    k = max(len(g.sequences) for g in groups)
+    for g in groups:
+        seqs = [s.input_ids for s in g.sequences]
+        p = shared_prefix_length(seqs)
+        start = len(ids)
+        ids.extend(seqs[0][:p])
+        positions.extend(range(p))
+        for seq in seqs:
+            ids.extend(seq[p:])
+            positions.extend(range(p, len(seq)))
+            last_cols.append(len(ids) - 1)
+        prefixes.append(p)
+        branches.append([len(seq) - p for seq in seqs] + [0] * (k - len(seqs)))
+        doc_lens.append(len(ids) - start)
+    seq_lens = torch.tensor(doc_lens, dtype=torch.int32)  # (G,)
+    cu_seqlens = torch.zeros(len(groups) + 1, dtype=torch.int32)  # (G + 1,)
+    cu_seqlens[1:] = seq_lens.cumsum(0)
+    batch = {
+        "input_ids": torch.tensor([ids], dtype=torch.long),  # (1, N)
+        "position_ids": torch.tensor([positions], dtype=torch.long),  # (1, N)
+        "seq_lens": seq_lens,
+        "cu_seqlens": cu_seqlens,
+        "tree_prefix": torch.tensor(prefixes, dtype=torch.long),  # (G,)
+        "tree_branches": torch.tensor(branches, dtype=torch.long),  # (G, K)
+        "last_cols": torch.tensor(last_cols, dtype=torch.long),  # (S,)
+    }
+    return {**batch, **_group_targets(groups)}
 
 
 def group_batch(
@@ -127,6 +204,12 @@ def group_batch(
     """
     sequences = [s for g in groups for s in g.sequences]
     batch = packed_batch(sequences) if packing else pad_batch(sequences, pad_id=pad_id)
+    return {**batch, **_group_targets(groups)}
+
+
+def _group_targets(groups: Sequence[TokenizedGroup]) -> dict[str, torch.Tensor]:
+    """``slots``, ``scores``, ``group_mask``, ``margins`` and ``lengths`` of whole groups."""
+    sequences = [s for g in groups for s in g.sequences]
     k = max(len(g.sequences) for g in groups)
     slots = [gi * k + j for gi, g in enumerate(groups) for j in range(len(g.sequences))]
     scores = torch.zeros(len(groups), k)  # (N, K)
@@ -134,12 +217,13 @@ def group_batch(
     for gi, g in enumerate(groups):
         scores[gi, : len(g.scores)] = torch.tensor(g.scores)
         group_mask[gi, : len(g.scores)] = True
-    batch["slots"] = torch.tensor(slots, dtype=torch.long)
-    batch["scores"] = scores
-    batch["group_mask"] = group_mask
-    batch["margins"] = torch.tensor([g.margin for g in groups], dtype=torch.float32)
-    batch["lengths"] = torch.tensor([len(s.input_ids) for s in sequences], dtype=torch.long)
-    return batch
+    return {
+        "slots": torch.tensor(slots, dtype=torch.long),  # (S,)
+        "scores": scores,
+        "group_mask": group_mask,
+        "margins": torch.tensor([g.margin for g in groups], dtype=torch.float32),  # (N,)
+        "lengths": torch.tensor([len(s.input_ids) for s in sequences], dtype=torch.long),
+    }
 
 
 def scatter_rewards(

@@ -6,7 +6,9 @@ masks most of it away: with 16 documents of 60 tokens that is 16x the attention 
 masked CPU kernel is slower than the causal one. ``varlen_sdpa`` receives the documents'
 boundaries (``cu_seq_lens_q``, the same keyword transformers passes to flash-attention varlen
 kernels) and runs causal sdpa on each document separately: exact, and O(sum of L_d^2) instead of
-O(N^2). Without boundaries (padded batches, generation) it is plain ``sdpa``.
+O(N^2). Without boundaries (padded batches, generation) it is plain ``sdpa``. A document may
+carry its own mask (``doc_masks``): a prompt shared by several completions is then computed
+once (:func:`rlhfkit.ops.masking.prefix_tree_mask`).
 
 It is registered with transformers' attention and mask interfaces under the name ``varlen_sdpa``
 so that ``from_pretrained(..., attn_implementation="varlen_sdpa")`` or
@@ -49,6 +51,7 @@ def varlen_sdpa_attention(
     dropout: float = 0.0,
     scaling: float | None = None,
     cu_seq_lens_q: torch.Tensor | None = None,
+    doc_masks: list[torch.Tensor | None] | None = None,
     **kwargs: object,
 ) -> tuple[torch.Tensor, None]:
     """Causal attention within each packed document (sdpa when no boundaries are given).
@@ -62,6 +65,9 @@ def varlen_sdpa_attention(
         dropout: Attention dropout probability (training only).
         scaling: Softmax scale.
         cu_seq_lens_q: Cumulative document lengths [0, L_1, L_1 + L_2, ..., N] (B must be 1).
+        doc_masks: Optional explicit (L_d, L_d) boolean mask per document (None entries are
+            causal), e.g. :func:`rlhfkit.ops.masking.prefix_tree_mask` for a prompt shared by
+            several completions.
         **kwargs: Forwarded to sdpa on the fallback path.
 
     Returns:
@@ -86,10 +92,13 @@ def varlen_sdpa_attention(
     # split (not slicing): its backward concatenates the pieces' gradients instead of
     # zero-filling a full-size buffer per document.
     pieces = zip(*(t.split(lengths, dim=2) for t in (query, key, value)), strict=True)
+    masks = doc_masks if doc_masks is not None else [None] * len(lengths)
     with sdpa_kernel(_backends(query, max(lengths))):
         outputs = [
-            F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, scale=scaling)
-            for q, k, v in pieces
+            F.scaled_dot_product_attention(
+                q, k, v, attn_mask=m, dropout_p=p, is_causal=m is None, scale=scaling
+            )
+            for (q, k, v), m in zip(pieces, masks, strict=True)
         ]  # each (1, H, L_d, D)
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None  # (1, N, H, D)
 

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from rlhfkit.ops.logprobs import linear_logprobs, logits_logprobs
+from rlhfkit.ops.masking import prefix_tree_mask
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -56,7 +57,8 @@ def _model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Model keyword arguments of a batch.
 
     Packed rows also pass their document boundaries (the varlen keywords that ``varlen_sdpa``
-    and flash-attention kernels read).
+    and flash-attention kernels read); prefix-tree documents (a prompt shared by several
+    completions) pass one mask per document, which only ``varlen_sdpa`` reads.
     """
     keys = ("input_ids", "attention_mask", "position_ids")
     inputs = {k: batch[k] for k in keys if k in batch}
@@ -64,6 +66,12 @@ def _model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         inputs["cu_seq_lens_q"] = inputs["cu_seq_lens_k"] = batch["cu_seqlens"]
         longest = int(batch["seq_lens"].max())
         inputs["max_length_q"] = inputs["max_length_k"] = longest
+    if "tree_prefix" in batch:  # documents that share a prefix among several branches
+        branches = batch["tree_branches"].tolist()
+        inputs["doc_masks"] = [
+            prefix_tree_mask(int(p), [b for b in bs if b > 0], batch["input_ids"].device)
+            for p, bs in zip(batch["tree_prefix"].tolist(), branches, strict=True)
+        ]
     return inputs
 
 

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from rlhfkit.data.collate import packed_batch, pad_batch
+from rlhfkit.models.attention import VARLEN_SDPA
 from rlhfkit.models.forward import _model_inputs, _unwrap, backbone_hidden
 from rlhfkit.ops.masking import last_token_index
 from rlhfkit.types import TokenizedExample
@@ -64,12 +65,15 @@ def apply_head(head: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
 def last_positions(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(row, column) of the last token of every sequence of a padded or packed batch.
 
-    Packed rows (``cu_seqlens``) end each document at ``cu_seqlens[1:] - 1``; padded rows at the
-    last attended column.
+    Packed rows (``cu_seqlens``) end each document at ``cu_seqlens[1:] - 1``; prefix-tree rows
+    give the end of every branch (``last_cols``); padded rows end at the last attended column.
 
     Shapes:
         returns (D,), (D,) long with D sequences (documents).
     """
+    if "last_cols" in batch:  # prefix trees: each branch ends inside its document
+        cols = batch["last_cols"].to(torch.long)  # (D,)
+        return torch.zeros_like(cols), cols
     if "cu_seqlens" in batch:
         cols = batch["cu_seqlens"][1:].to(torch.long) - 1  # (D,)
         return torch.zeros_like(cols), cols
@@ -196,3 +200,9 @@ def selected_documents(batch: dict[str, torch.Tensor], select: torch.Tensor) -> 
         return rows
     ends = batch["cu_seqlens"][1:].to(cols.device, torch.long)  # (D,)
     return torch.searchsorted(ends, cols, right=True)  # (N,)
+
+
+def supports_prefix_trees(model: nn.Module) -> bool:
+    """Whether the model's attention reads per-document masks (``varlen_sdpa`` does)."""
+    config = _unwrap(model).config
+    return getattr(config, "_attn_implementation", None) == VARLEN_SDPA

@@ -143,3 +143,27 @@ def unpack_rows(values: torch.Tensor, seq_lens: torch.Tensor) -> tuple[torch.Ten
     padded = values.new_zeros((len(lengths), longest, *values.shape[1:]))  # (D, T_max, ...)
     padded[mask] = values
     return padded, mask
+
+
+def prefix_tree_mask(
+    prefix_len: int, branch_lens: list[int], device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """Attention mask of one shared prefix followed by K branches that share it.
+
+    The document is laid out ``[prefix, branch_1, ..., branch_K]``. A prefix token attends
+    causally within the prefix; a token of branch k attends to the whole prefix and causally
+    within branch k, never to another branch. Each branch then sees exactly what it would see
+    as the sequence ``prefix + branch_k`` on its own, so the prefix is computed once for all K.
+
+    Shapes:
+        returns (L, L) bool with L = prefix_len + sum(branch_lens); True = may attend.
+    """
+    lengths = [prefix_len, *branch_lens]
+    segment = torch.repeat_interleave(
+        torch.arange(len(lengths), device=device), torch.tensor(lengths, device=device)
+    )  # (L,): 0 for the prefix, k for branch k
+    n = segment.numel()
+    causal = torch.ones(n, n, dtype=torch.bool, device=device).tril()  # (L, L)
+    same = segment[:, None] == segment[None, :]  # (L, L)
+    to_prefix = segment[None, :] == 0  # (1, L): every token may see the prefix
+    return causal & (same | to_prefix)

@@ -62,7 +62,7 @@ from rlhfkit.losses.reward import (
     pairwise_stats,
     plackett_luce_loss,
 )
-from rlhfkit.models.heads import sequence_scores
+from rlhfkit.models.heads import sequence_scores, supports_prefix_trees
 from rlhfkit.recipes.common import RunContext, batch_order, build_run, finish_run
 from rlhfkit.training.accumulate import accumulate
 from rlhfkit.training.distributed import all_reduce_sum, gather_objects
@@ -100,6 +100,9 @@ class RMDataConfig:
     """Maximum tokens of prompt + completion (the prompt is cut from the left)."""
     packing: bool = True
     """Pack sequences into padding-free rows (padded buckets if the attention cannot)."""
+    share_prefix: bool = True
+    """Compute the common prefix (the prompt) of a group's completions once: each group is one
+    prefix-tree document (exact; needs packing and the varlen_sdpa attention)."""
     on_error: Literal["raise", "skip"] = "raise"
     """Bad rows: stop with an error naming file, row and field, or skip and report them."""
     limit: int | None = None
@@ -228,6 +231,8 @@ class PairwiseTask:
     def __init__(self, cfg: RMConfig) -> None:
         self.cfg = cfg
         self.loss = LOSSES[cfg.algo.loss]
+        self.share_prefix = False
+        """Set by the recipe when the model can run prefix trees."""
 
     def load(
         self, tokenizer: object, source: str, split: str, seed: int
@@ -237,14 +242,20 @@ class PairwiseTask:
 
     @staticmethod
     def tokens(item: TokenizedGroup) -> int:
-        """Tokens of one item."""
+        """Tokens of one item (every sequence in full: the work, however it is computed)."""
         return item.num_tokens
 
     def micro_batches(
         self, items: list[TokenizedGroup], *, max_tokens: int, packing: bool, pad_id: int
     ) -> list[dict[str, torch.Tensor]]:
-        """Whole groups per micro-batch."""
-        return group_micro_batches(items, max_tokens=max_tokens, packing=packing, pad_id=pad_id)
+        """Whole groups per micro-batch (as prefix trees when ``share_prefix``)."""
+        return group_micro_batches(
+            items,
+            max_tokens=max_tokens,
+            packing=packing,
+            pad_id=pad_id,
+            share_prefix=self.share_prefix and packing,
+        )
 
     def step_loss(self, model: torch.nn.Module) -> GroupLoss:
         """The per-micro-batch loss (:func:`make_step_loss`)."""
@@ -312,6 +323,7 @@ def main(cfg: RMConfig) -> Path:
         cfg.model, cfg.log, cfg.loop.seed, to_dict(cfg), task="score", num_labels=task.num_labels
     )
     ctx.packing = cfg.data.packing and supports_padding_free(ctx.model)
+    task.share_prefix = cfg.data.share_prefix and ctx.packing and supports_prefix_trees(ctx.model)
     train, counts = task.load(ctx.tokenizer, cfg.data.train, cfg.data.train_split, 0)
     held_out = (
         task.load(ctx.tokenizer, cfg.data.eval, cfg.data.eval_split, 1)[0] if cfg.data.eval else []
