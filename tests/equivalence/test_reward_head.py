@@ -128,14 +128,18 @@ def test_prefix_tree_mask_hand_layout():
     assert torch.equal(prefix_tree_mask(2, [2, 1]), expected)
 
 
-def _groups(seed: int) -> list:
-    """Groups whose sequences share prompts of different lengths (and sometimes more)."""
+def _groups(seed: int, system: int = 0) -> list:
+    """Groups whose sequences share prompts of different lengths (and sometimes more); with
+    ``system`` > 0 every sequence starts with the same ``system`` tokens (a template's default
+    system prompt)."""
     from rlhfkit.data.groups import TokenizedGroup
 
     gen = torch.Generator().manual_seed(seed)
+    head = torch.randint(5, 200, (system,), generator=gen).tolist()
     out = []
     for k, prompt_len in ((2, 6), (3, 3), (2, 1), (2, 9)):
-        prompt = torch.randint(5, 200, (prompt_len,), generator=gen).tolist()
+        prompt = head + torch.randint(5, 200, (prompt_len,), generator=gen).tolist()
+        prompt_len += system
         seqs = []
         for j in range(k):
             tail = torch.randint(5, 200, (3 + 2 * j,), generator=gen).tolist()
@@ -146,13 +150,15 @@ def _groups(seed: int) -> list:
     return out
 
 
-def test_prefix_trees_give_the_rewards_and_gradients_of_separate_sequences(tiny_model_dir):
+@pytest.mark.parametrize("system", [0, 4], ids=["per-group", "with-shared-context"])
+def test_prefix_trees_give_the_rewards_and_gradients_of_separate_sequences(tiny_model_dir, system):
     from rlhfkit.data.groups import group_batch, scatter_rewards, shared_prefix_length, tree_batch
 
     torch.manual_seed(0)
     model = load_model(str(tiny_model_dir), dtype=torch.float64, task="score", pad_token_id=0)
-    groups = _groups(0)
-    assert shared_prefix_length([s.input_ids for s in groups[1].sequences]) == 3
+    groups = _groups(0, system)
+    assert shared_prefix_length([s.input_ids for s in groups[1].sequences]) == 3 + system
+    assert int(tree_batch(groups)["tree_context"][0]) == system
     results = []
     for batch in (group_batch(groups, packing=True, pad_id=0), tree_batch(groups)):
         model.zero_grad()

@@ -142,46 +142,58 @@ def tree_tokens(group: TokenizedGroup) -> int:
 
 
 def tree_batch(groups: Sequence[TokenizedGroup]) -> dict[str, torch.Tensor]:
-    """Collate groups as prefix trees: each group's common prefix is computed once.
+    """Collate groups as prefix trees: shared prefixes are computed once.
 
-    Group g becomes one document ``[prefix, branch_1, ..., branch_K]`` where ``prefix`` is the
-    longest common prefix of its K sequences' ids and ``branch_k`` the rest of sequence k.
-    Positions continue from the prefix in every branch, and the attention mask
-    (:func:`rlhfkit.ops.masking.prefix_tree_mask`, built by the forward pass from
-    ``tree_prefix`` and ``tree_branches``) lets each branch see the prefix and itself only, so
-    every sequence gets exactly the hidden states it would get alone. Needs the ``varlen_sdpa``
-    attention. The result has the keys of :func:`group_batch` (no ``labels``) plus
-    ``last_cols``, the column of each sequence's last token.
+    Two levels of sharing, both exact:
+
+    - Within a group: group g becomes one document ``[prefix, branch_1, ..., branch_K]`` where
+      ``prefix`` is the longest common prefix of its K sequences' ids and ``branch_k`` the rest
+      of sequence k; a branch attends to the prefix and to itself only
+      (:func:`rlhfkit.ops.masking.prefix_tree_mask`).
+    - Across groups: the longest prefix common to *every* sequence of the micro-batch (a chat
+      template's default system prompt, say) is a context document of its own at the start of
+      the row, and every group document also attends to it (``tree_context`` tokens).
+
+    Positions continue from the shared part, so every sequence gets exactly the hidden states
+    it would get alone. Needs the ``varlen_sdpa`` attention (the forward pass builds the masks
+    from ``tree_context``, ``tree_prefix`` and ``tree_branches``). The result has the keys of
+    :func:`group_batch` (no ``labels``) plus ``last_cols``, the column of each sequence's last
+    token.
 
     Shapes:
-        input_ids, position_ids: (1, N); cu_seqlens: (G + 1,); tree_prefix: (G,);
-        tree_branches: (G, K); last_cols, slots, lengths: (S,) for S sequences.
+        input_ids, position_ids: (1, N); cu_seqlens: (docs + 1,) with docs = G (+ 1 with a
+        context); tree_context: (1,); tree_prefix: (G,); tree_branches: (G, K);
+        last_cols, slots, lengths: (S,) for S sequences.
     """
-    ids: list[int] = []
-    positions: list[int] = []
-    prefixes, branches, last_cols, doc_lens = [], [], [], []
+    every = [s.input_ids for g in groups for s in g.sequences]
+    context = shared_prefix_length(every) if len(groups) > 1 else 0
+    ids: list[int] = list(every[0][:context])
+    positions: list[int] = list(range(context))
+    doc_lens = [context] if context else []
+    prefixes, branches, last_cols = [], [], []
     k = max(len(g.sequences) for g in groups)
     for g in groups:
         seqs = [s.input_ids for s in g.sequences]
-        p = shared_prefix_length(seqs)
+        p = shared_prefix_length(seqs)  # >= context: the context is common to all
         start = len(ids)
-        ids.extend(seqs[0][:p])
-        positions.extend(range(p))
+        ids.extend(seqs[0][context:p])
+        positions.extend(range(context, p))
         for seq in seqs:
             ids.extend(seq[p:])
             positions.extend(range(p, len(seq)))
             last_cols.append(len(ids) - 1)
-        prefixes.append(p)
+        prefixes.append(p - context)
         branches.append([len(seq) - p for seq in seqs] + [0] * (k - len(seqs)))
         doc_lens.append(len(ids) - start)
-    seq_lens = torch.tensor(doc_lens, dtype=torch.int32)  # (G,)
-    cu_seqlens = torch.zeros(len(groups) + 1, dtype=torch.int32)  # (G + 1,)
+    seq_lens = torch.tensor(doc_lens, dtype=torch.int32)  # (docs,)
+    cu_seqlens = torch.zeros(len(doc_lens) + 1, dtype=torch.int32)  # (docs + 1,)
     cu_seqlens[1:] = seq_lens.cumsum(0)
     batch = {
         "input_ids": torch.tensor([ids], dtype=torch.long),  # (1, N)
         "position_ids": torch.tensor([positions], dtype=torch.long),  # (1, N)
         "seq_lens": seq_lens,
         "cu_seqlens": cu_seqlens,
+        "tree_context": torch.tensor([context], dtype=torch.long),  # (1,)
         "tree_prefix": torch.tensor(prefixes, dtype=torch.long),  # (G,)
         "tree_branches": torch.tensor(branches, dtype=torch.long),  # (G, K)
         "last_cols": torch.tensor(last_cols, dtype=torch.long),  # (S,)

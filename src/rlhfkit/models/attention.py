@@ -52,6 +52,7 @@ def varlen_sdpa_attention(
     scaling: float | None = None,
     cu_seq_lens_q: torch.Tensor | None = None,
     doc_masks: list[torch.Tensor | None] | None = None,
+    doc_context: int = 0,
     **kwargs: object,
 ) -> tuple[torch.Tensor, None]:
     """Causal attention within each packed document (sdpa when no boundaries are given).
@@ -67,7 +68,10 @@ def varlen_sdpa_attention(
         cu_seq_lens_q: Cumulative document lengths [0, L_1, L_1 + L_2, ..., N] (B must be 1).
         doc_masks: Optional explicit (L_d, L_d) boolean mask per document (None entries are
             causal), e.g. :func:`rlhfkit.ops.masking.prefix_tree_mask` for a prompt shared by
-            several completions.
+            several completions. With ``doc_context`` the mask of every document after the
+            first is (L_d, doc_context + L_d).
+        doc_context: If > 0, the first document is a shared context of this many tokens that
+            every later document also attends to (its keys and values are prepended).
         **kwargs: Forwarded to sdpa on the fallback path.
 
     Returns:
@@ -93,7 +97,9 @@ def varlen_sdpa_attention(
     # zero-filling a full-size buffer per document.
     pieces = zip(*(t.split(lengths, dim=2) for t in (query, key, value)), strict=True)
     masks = doc_masks if doc_masks is not None else [None] * len(lengths)
-    with sdpa_kernel(_backends(query, max(lengths))):
+    if doc_context:
+        pieces = _with_context(list(pieces), doc_context)
+    with sdpa_kernel(_backends(query, max(lengths) + doc_context)):
         outputs = [
             F.scaled_dot_product_attention(
                 q, k, v, attn_mask=m, dropout_p=p, is_causal=m is None, scale=scaling
@@ -101,6 +107,21 @@ def varlen_sdpa_attention(
             for (q, k, v), m in zip(pieces, masks, strict=True)
         ]  # each (1, H, L_d, D)
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None  # (1, N, H, D)
+
+
+def _with_context(
+    pieces: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], context: int
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Prepend the first document's keys and values (the shared context) to every other one.
+
+    Shapes:
+        each piece: (1, H, L_d, D); later pieces' keys and values become (1, H, C + L_d, D).
+    """
+    first, rest = pieces[0], pieces[1:]
+    if first[0].shape[2] != context:
+        raise ValueError(f"doc_context {context} != length of the first document")
+    ck, cv = first[1], first[2]
+    return [first] + [(q, torch.cat([ck, k], 2), torch.cat([cv, v], 2)) for q, k, v in rest]
 
 
 AttentionInterface.register(VARLEN_SDPA, varlen_sdpa_attention)

@@ -67,11 +67,18 @@ def _model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         longest = int(batch["seq_lens"].max())
         inputs["max_length_q"] = inputs["max_length_k"] = longest
     if "tree_prefix" in batch:  # documents that share a prefix among several branches
-        branches = batch["tree_branches"].tolist()
-        inputs["doc_masks"] = [
-            prefix_tree_mask(int(p), [b for b in bs if b > 0], batch["input_ids"].device)
-            for p, bs in zip(batch["tree_prefix"].tolist(), branches, strict=True)
+        context = int(batch["tree_context"][0]) if "tree_context" in batch else 0
+        device = batch["input_ids"].device
+        masks = [
+            prefix_tree_mask(int(p), [b for b in bs if b > 0], device)
+            for p, bs in zip(
+                batch["tree_prefix"].tolist(), batch["tree_branches"].tolist(), strict=True
+            )
         ]
+        if context:  # a leading context document that every other document also sees
+            masks = [None] + [torch.cat([m.new_ones(m.shape[0], context), m], dim=1) for m in masks]
+            inputs["doc_context"] = context
+        inputs["doc_masks"] = masks
     return inputs
 
 
