@@ -150,7 +150,21 @@ def test_master_weights_bf16_layout_and_fp32_accumulation():
         assert torch.equal(p.detach(), master.detach().bfloat16())
         assert not torch.equal(p.detach(), old)
     mw.zero_grad()
-    assert all(m.grad is None for m in mw.params())
+    assert all(p.grad is None for p in net.parameters())
+    # The next step's first collect overwrites the (reused) master buffers instead of adding.
+    x = xs[0]
+    fresh = torch.autograd.grad(net(x).float().pow(2).sum(), list(net.parameters()))
+    net(x).float().pow(2).sum().backward()
+    mw.collect_grads()
+    for master, g in zip(mw.params(), fresh, strict=True):
+        assert torch.equal(master.grad, g.float())
+    # A parameter that gets no gradient in a step has none in the master either (no stale one).
+    mw.zero_grad()
+    first = next(net.parameters())
+    net(x).float().pow(2).sum().backward()
+    first.grad = None
+    mw.collect_grads()
+    assert mw.params()[0].grad is None and mw.params()[1].grad is not None
 
 
 def test_master_weights_fp32_is_a_no_op():
