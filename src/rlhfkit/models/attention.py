@@ -60,7 +60,7 @@ def varlen_sdpa_attention(
     Args:
         module: The attention module (for ``num_key_value_groups``).
         query: Queries.
-        key: Keys (grouped-query heads are repeated here).
+        key: Keys (grouped-query: H_kv heads, each shared by H / H_kv query heads).
         value: Values.
         attention_mask: The mask transformers built; ignored when ``cu_seq_lens_q`` is given.
         dropout: Attention dropout probability (training only).
@@ -86,10 +86,7 @@ def varlen_sdpa_attention(
         )
     if query.shape[0] != 1:
         raise ValueError("varlen_sdpa expects packed rows with batch size 1")
-    groups = getattr(module, "num_key_value_groups", 1)
-    if groups > 1:
-        key = key.repeat_interleave(groups, dim=1)  # (1, H, N, D)
-        value = value.repeat_interleave(groups, dim=1)  # (1, H, N, D)
+    gqa = getattr(module, "num_key_value_groups", 1) > 1  # sdpa shares each kv head itself
     p = dropout if module.training else 0.0
     bounds = cu_seq_lens_q.tolist()
     lengths = [e - s for s, e in itertools.pairwise(bounds)]
@@ -102,7 +99,14 @@ def varlen_sdpa_attention(
     with sdpa_kernel(_backends(query, max(lengths) + doc_context)):
         outputs = [
             F.scaled_dot_product_attention(
-                q, k, v, attn_mask=m, dropout_p=p, is_causal=m is None, scale=scaling
+                q,
+                k,
+                v,
+                attn_mask=m,
+                dropout_p=p,
+                is_causal=m is None,
+                scale=scaling,
+                enable_gqa=gqa,
             )
             for (q, k, v), m in zip(pieces, masks, strict=True)
         ]  # each (1, H, L_d, D)
