@@ -171,6 +171,7 @@ def tree_batch(groups: Sequence[TokenizedGroup]) -> dict[str, torch.Tensor]:
     positions: list[int] = list(range(context))
     doc_lens = [context] if context else []
     prefixes, branches, last_cols = [], [], []
+    targets = _Targets()
     k = max(len(g.sequences) for g in groups)
     for g in groups:
         seqs = [s.input_ids for s in g.sequences]
@@ -178,10 +179,17 @@ def tree_batch(groups: Sequence[TokenizedGroup]) -> dict[str, torch.Tensor]:
         start = len(ids)
         ids.extend(seqs[0][context:p])
         positions.extend(range(context, p))
-        for seq in seqs:
+        for example in g.sequences:
+            seq = example.input_ids
+            branch = len(ids)
             ids.extend(seq[p:])
             positions.extend(range(p, len(seq)))
             last_cols.append(len(ids) - 1)
+            columns = [
+                t if t < context else start + t - context if t < p else branch + t - p
+                for t in range(len(seq))
+            ]  # where token t of this sequence sits in the row
+            targets.add(example, columns)
         prefixes.append(p - context)
         branches.append([len(seq) - p for seq in seqs] + [0] * (k - len(seqs)))
         doc_lens.append(len(ids) - start)
@@ -198,7 +206,7 @@ def tree_batch(groups: Sequence[TokenizedGroup]) -> dict[str, torch.Tensor]:
         "tree_branches": torch.tensor(branches, dtype=torch.long),  # (G, K)
         "last_cols": torch.tensor(last_cols, dtype=torch.long),  # (S,)
     }
-    return {**batch, **_group_targets(groups)}
+    return {**batch, **targets.tensors(), **_group_targets(groups)}
 
 
 def group_batch(
@@ -209,14 +217,53 @@ def group_batch(
     Returns:
         The sequences as a packed row (or right-padded rows) with, in addition, ``slots``
         (flat index ``group * K + position`` of each sequence), ``scores`` and ``group_mask``
-        (which of the K columns exist), ``margins`` and ``lengths`` (tokens per sequence).
+        (which of the K columns exist), ``margins`` and ``lengths`` (tokens per sequence), and
+        the completion tokens as ``target_ids`` predicted at ``(target_rows, target_cols)``,
+        belonging to sequence ``target_seq`` (for log-probabilities: DPO and its family).
 
     Shapes:
         slots, lengths: (D,) for D sequences; scores, group_mask: (N, K); margins: (N,).
     """
     sequences = [s for g in groups for s in g.sequences]
     batch = packed_batch(sequences) if packing else pad_batch(sequences, pad_id=pad_id)
-    return {**batch, **_group_targets(groups)}
+    targets = _Targets()
+    start = 0
+    for row, example in enumerate(sequences):
+        n = len(example.input_ids)
+        columns = list(range(start, start + n)) if packing else list(range(n))
+        targets.add(example, columns, row=0 if packing else row)
+        start += n if packing else 0
+    return {**batch, **targets.tensors(), **_group_targets(groups)}
+
+
+class _Targets:
+    """Completion tokens of every sequence with the row position that predicts each one."""
+
+    def __init__(self) -> None:
+        self.ids: list[int] = []
+        self.rows: list[int] = []
+        self.cols: list[int] = []
+        self.seq: list[int] = []
+        self.count = 0
+
+    def add(self, example: TokenizedExample, columns: list[int], row: int = 0) -> None:
+        """Token t (loss mask set, t >= 1) is predicted at the column of token t - 1."""
+        for t in range(1, len(example.input_ids)):
+            if example.loss_mask[t]:
+                self.ids.append(example.input_ids[t])
+                self.rows.append(row)
+                self.cols.append(columns[t - 1])
+                self.seq.append(self.count)
+        self.count += 1
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """``target_ids``, ``target_rows``, ``target_cols``, ``target_seq`` (all (M,) long)."""
+        return {
+            "target_ids": torch.tensor(self.ids, dtype=torch.long),
+            "target_rows": torch.tensor(self.rows, dtype=torch.long),
+            "target_cols": torch.tensor(self.cols, dtype=torch.long),
+            "target_seq": torch.tensor(self.seq, dtype=torch.long),
+        }
 
 
 def _group_targets(groups: Sequence[TokenizedGroup]) -> dict[str, torch.Tensor]:

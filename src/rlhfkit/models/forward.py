@@ -150,3 +150,41 @@ def completion_logprobs(
         hidden[select], head.weight, completion_ids[select], temperature=temperature
     )
     return out
+
+
+def target_logprobs(
+    model: nn.Module, batch: dict[str, torch.Tensor], *, temperature: float = 1.0
+) -> torch.Tensor:
+    """fp32 log-probabilities of explicitly placed targets (prefix trees, packed or padded).
+
+    ``target_ids[m]`` is predicted by the hidden state at ``(target_rows[m], target_cols[m])``
+    (for a prefix tree the first token of a branch is predicted at the end of the shared
+    prefix, not at the previous position of the row). Made by
+    :func:`rlhfkit.data.groups.group_batch` and :func:`rlhfkit.data.groups.tree_batch`.
+
+    Shapes:
+        target_ids, target_rows, target_cols: (M,); returns (M,).
+    """
+    rows, cols, targets = batch["target_rows"], batch["target_cols"], batch["target_ids"]
+    head = fused_head(model)
+    if head is None:
+        logits = model(**_model_inputs(batch), use_cache=False).logits  # (B, L, V)
+        return logits_logprobs(logits[rows, cols].float() / temperature, targets)
+    hidden = backbone_hidden(model, **_model_inputs(batch))  # (B, L, H)
+    return linear_logprobs(hidden[rows, cols], head.weight, targets, temperature=temperature)
+
+
+def sequence_logprobs(
+    model: nn.Module, batch: dict[str, torch.Tensor], *, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed completion log-probability and completion length of every sequence of a batch.
+
+    Shapes:
+        returns (S,) fp32 sums (differentiable) and (S,) token counts, S = number of sequences.
+    """
+    logprobs = target_logprobs(model, batch, temperature=temperature)  # (M,)
+    seq = batch["target_seq"]  # (M,)
+    count = int(batch["slots"].numel()) if "slots" in batch else int(seq.max()) + 1
+    sums = logprobs.new_zeros(count).index_add(0, seq, logprobs)  # (S,)
+    tokens = torch.bincount(seq, minlength=count)  # (S,)
+    return sums, tokens
