@@ -117,13 +117,27 @@ def group_micro_batches(
     With ``share_prefix`` (packed rows only) each group becomes one prefix-tree document
     (:func:`tree_batch`), and the budget counts the tokens actually computed.
     """
+    bins = group_bins(groups, max_tokens=max_tokens, share_prefix=share_prefix)
+    return [collate_groups([groups[i] for i in b], packing, pad_id, share_prefix) for b in bins]
+
+
+def group_bins(
+    groups: Sequence[TokenizedGroup], *, max_tokens: int, share_prefix: bool
+) -> list[list[int]]:
+    """Indices of the groups of each micro-batch (first-fit decreasing on their tokens)."""
+    cost = [tree_tokens(g) if share_prefix else g.num_tokens for g in groups]
+    return pack_lengths(cost, max_tokens=max_tokens)
+
+
+def collate_groups(
+    groups: Sequence[TokenizedGroup], packing: bool, pad_id: int, share_prefix: bool
+) -> dict[str, torch.Tensor]:
+    """One micro-batch: prefix trees, a packed row or right-padded rows."""
     if share_prefix and not packing:
         raise ValueError("share_prefix needs packing (prefix trees live in packed rows)")
-    cost = [tree_tokens(g) if share_prefix else g.num_tokens for g in groups]
-    bins = pack_lengths(cost, max_tokens=max_tokens)
     if share_prefix:
-        return [tree_batch([groups[i] for i in b]) for b in bins]
-    return [group_batch([groups[i] for i in b], packing=packing, pad_id=pad_id) for b in bins]
+        return tree_batch(groups)
+    return group_batch(groups, packing=packing, pad_id=pad_id)
 
 
 def shared_prefix_length(sequences: Sequence[Sequence[int]]) -> int:

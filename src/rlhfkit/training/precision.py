@@ -75,8 +75,11 @@ class MasterWeights:
             param.copy_(master)
 
     def zero_grad(self) -> None:
-        """Drop model gradients; master gradients become stale (overwritten by the next
-        :meth:`collect_grads`, or dropped in full precision where there is no separate master)."""
+        """Drop model gradients; master gradients become stale.
+
+        The next :meth:`collect_grads` overwrites them; in full precision (no separate master)
+        they are dropped.
+        """
         self._collected = False
         if not self.mixed:
             for p in self.master:
