@@ -31,6 +31,12 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
         "score_main",
         "Add a reward column to prompt/completion rows.",
     ),
+    "dpo": (
+        "rlhfkit.recipes.dpo",
+        "DPOConfig",
+        "main",
+        "Direct alignment on preference pairs (dpo, ipo, simpo, orpo, kto, ...).",
+    ),
     "generate": (
         "rlhfkit.recipes.generate",
         "GenerateConfig",

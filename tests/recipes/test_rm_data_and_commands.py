@@ -12,13 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification
+from recipe_helpers import hf_reward_model, render_reply, rm_config, save_reward_model, write_jsonl
 
 from rlhfkit import cli
-from rlhfkit.config import LogConfig, LoopConfig, ModelConfig, OptimConfig
 from rlhfkit.data import DataError
 from rlhfkit.models.tiny import tiny_tokenizer
 from rlhfkit.recipes import reward_model as rm
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 PAIRS = [
     {"prompt": "What is 2 + 3?", "chosen": "The answer is 5.", "rejected": "5", "category": "math"},
@@ -32,63 +33,27 @@ PAIRS = [
 ]  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on the 2 shared cores two OpenMP threads spin against other
-    processes and make these tests 10-80x slower (conftest does this only under xdist)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def rm_dir(tiny_model_dir, tmp_path_factory) -> Path:
     """The tiny model as a 1-label reward model with a unit-scale head (rewards of units)."""
-    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
-    tokenizer = tiny_tokenizer()
-    model.config.pad_token_id = tokenizer.pad_token_id
-    gen = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        model.score.weight.copy_(0.5 * torch.randn(model.score.weight.shape, generator=gen))
-    path = tmp_path_factory.mktemp("rm-cli-model")
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_reward_model(tiny_model_dir, tmp_path_factory.mktemp("rm-cli-model"), seed=2)
 
 
 @pytest.fixture(scope="module")
 def reference(rm_dir) -> torch.nn.Module:
     """The reward model in transformers' own class, fp64, sdpa attention."""
-    return AutoModelForSequenceClassification.from_pretrained(
-        rm_dir, dtype=torch.float64, attn_implementation="sdpa"
-    ).eval()
+    return hf_reward_model(rm_dir)
 
 
 @torch.no_grad()
 def reward_alone(model: torch.nn.Module, prompt: str | list[dict], completion: str) -> float:
     """transformers' forward on the single rendered sequence (no padding)."""
-    tokenizer = tiny_tokenizer()
-    prompt_msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-    messages = [*prompt_msgs, {"role": "assistant", "content": completion}]
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = render_reply(tiny_tokenizer(), prompt, completion)
     return float(model(input_ids=torch.tensor([ids])).logits[0, 0])
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 def make_cfg(model_dir: Path, train: Path, run_dir: Path) -> rm.RMConfig:
-    return rm.RMConfig(
-        model=ModelConfig(name=str(model_dir), precision="fp32"),
-        data=rm.RMDataConfig(train=str(train), eval=str(train), eval_split="train", max_len=256),
-        optim=OptimConfig(lr=2e-3, warmup_ratio=0.0),
-        loop=LoopConfig(batch_size=4, micro_batch_tokens=128, max_steps=1),
-        log=LogConfig(run_dir=str(run_dir), tensorboard=False, progress=False),
-    )
+    return rm_config(model_dir, train, run_dir, max_steps=1)
 
 
 # Truncation

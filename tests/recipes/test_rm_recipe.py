@@ -14,16 +14,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from recipe_helpers import hf_reward_model, render_reply, rm_config, save_reward_model, write_jsonl
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
-from rlhfkit.config import LogConfig, LoopConfig, ModelConfig, OptimConfig
 from rlhfkit.data.groups import group_micro_batches
 from rlhfkit.models.heads import score_examples
 from rlhfkit.models.load import load_model, load_tokenizer
-from rlhfkit.models.tiny import tiny_tokenizer
 from rlhfkit.recipes import reward_model as rm
 from rlhfkit.training.accumulate import accumulate
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # Data and helpers
 
@@ -57,47 +58,11 @@ RANKINGS = [  # plackett_luce; ranking = completion indices best first
 ]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on the 2 shared cores two OpenMP threads spin against other
-    processes and make these tests 10-80x slower (conftest does this only under xdist)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def conversation(prompt: str | list[dict], completion: str) -> list[dict]:
-    msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-    return [*msgs, {"role": "assistant", "content": completion}]
-
-
 @pytest.fixture(scope="module")
 def rm_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
     """The tiny model as a reward model whose head has larger weights than a fresh one (rewards
     of order 1, far apart), saved with its head so that every run starts from it."""
-    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
-    tokenizer = tiny_tokenizer()
-    model.config.pad_token_id = tokenizer.pad_token_id
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        model.score.weight.copy_(0.5 * torch.randn(model.score.weight.shape, generator=gen))
-    path = tmp_path_factory.mktemp("rm-model")
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-def hf_model(path: Path) -> torch.nn.Module:
-    """The reference scorer: transformers' own class and sdpa (eager softmaxes in fp32), fp64."""
-    return AutoModelForSequenceClassification.from_pretrained(
-        path, dtype=torch.float64, attn_implementation="sdpa"
-    ).eval()
+    return save_reward_model(tiny_model_dir, tmp_path_factory.mktemp("rm-model"), seed=1)
 
 
 @torch.no_grad()
@@ -110,13 +75,8 @@ def hf_scores(model: torch.nn.Module, sequences: list[list[int]], pad_id: int) -
     return model(input_ids=ids, attention_mask=mask).logits[:, 0].tolist()
 
 
-def render_ids(tokenizer, messages: list[dict]) -> list[int]:
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
 def rewards_of(model, tokenizer, prompt, completions: list[str]) -> list[float]:
-    seqs = [render_ids(tokenizer, conversation(prompt, c)) for c in completions]
+    seqs = [render_reply(tokenizer, prompt, c) for c in completions]
     return hf_scores(model, seqs, tokenizer.pad_token_id)
 
 
@@ -125,14 +85,7 @@ def softplus(x: float) -> float:
 
 
 def make_cfg(model_dir, train, run_dir, **loop) -> rm.RMConfig:
-    loop_cfg = {"batch_size": 4, "micro_batch_tokens": 128, "max_steps": 4, "seed": 3, **loop}
-    return rm.RMConfig(
-        model=ModelConfig(name=str(model_dir), precision="fp32"),
-        data=rm.RMDataConfig(train=str(train), eval=str(train), eval_split="train", max_len=256),
-        optim=OptimConfig(lr=2e-3, warmup_ratio=0.0),
-        loop=LoopConfig(**loop_cfg),
-        log=LogConfig(run_dir=str(run_dir), tensorboard=False, progress=False),
-    )
+    return rm_config(model_dir, train, run_dir, **{"max_steps": 4, "seed": 3, **loop})
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -201,7 +154,7 @@ def first_step(loss: str, model_dir: Path, tmp_path: Path) -> tuple[dict, list[d
 def test_first_step_loss_matches_transformers_forward(loss, rm_model_dir, tmp_path):
     logged, rows = first_step(loss, rm_model_dir, tmp_path)
     tokenizer = load_tokenizer(str(rm_model_dir))
-    expected = GOLDEN[loss][2](hf_model(rm_model_dir), tokenizer, rows)
+    expected = GOLDEN[loss][2](hf_reward_model(rm_model_dir), tokenizer, rows)
     assert logged["step"] == 1
     assert logged["train/loss"] == pytest.approx(expected, abs=2e-5)
 
@@ -224,7 +177,7 @@ def test_first_step_train_accuracy_and_margin(loss, rm_model_dir, tmp_path):
     """Over every pair (i, j) of a group with s_i > s_j: mean 1[r_i > r_j] (ties 1/2) and mean
     r_i - r_j, from transformers' rewards before the update."""
     logged, rows = first_step(loss, rm_model_dir, tmp_path)
-    model, tokenizer = hf_model(rm_model_dir), load_tokenizer(str(rm_model_dir))
+    model, tokenizer = hf_reward_model(rm_model_dir), load_tokenizer(str(rm_model_dir))
     wins, gaps = [], []
     for row in rows:
         prompt, completions, s = ranked(row)
@@ -318,14 +271,14 @@ def test_final_model_eval_report_and_metrics(rm_model_dir, tmp_path):
     held_out, _ = rm.load_groups(tokenizer, "builtin:preferences", "heldout", cfg, 1)
     seqs = [s.input_ids for g in held_out for s in g.sequences]
     # transformers' class loads the directory as it is and scores like rlhfkit.
-    reference = hf_scores(hf_model(final), seqs, tokenizer.pad_token_id)
+    reference = hf_scores(hf_reward_model(final), seqs, tokenizer.pad_token_id)
     ours = load_model(str(final), dtype=torch.float64, task="score").eval()
     got = score_examples(
         ours, [s for g in held_out for s in g.sequences], packing=True,
         pad_id=tokenizer.pad_token_id, max_tokens=300,
     )[:, 0].tolist()  # fmt: skip
     assert got == pytest.approx(reference, abs=1e-9)
-    base = hf_scores(hf_model(rm_model_dir), seqs, tokenizer.pad_token_id)
+    base = hf_scores(hf_reward_model(rm_model_dir), seqs, tokenizer.pad_token_id)
     assert max(abs(a - b) for a, b in zip(base, reference, strict=True)) > 1e-3  # it trained
 
     report = json.loads((run / "eval.json").read_text())
@@ -377,5 +330,5 @@ def test_lora_final_is_a_merged_sequence_classifier(rm_model_dir, tmp_path, monk
     ctx = captured["ctx"]
     pad_id = tokenizer.pad_token_id
     in_memory = score_examples(ctx.model.eval(), seqs, packing=True, pad_id=pad_id)[:, 0].tolist()
-    reference = hf_scores(hf_model(final), [s.input_ids for s in seqs], pad_id)
+    reference = hf_scores(hf_reward_model(final), [s.input_ids for s in seqs], pad_id)
     assert in_memory == pytest.approx(reference, abs=1e-4)
