@@ -15,43 +15,27 @@ what is measured and what could not be made equal.
 
 from __future__ import annotations
 
-import argparse
-import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import common
+import versus
 
 
 @dataclass(frozen=True)
-class Settings:
-    """What both sides are asked to do."""
+class Settings(versus.BenchSettings):
+    """What both sides are asked to do: ``batch_size`` preference pairs per optimiser step.
 
-    steps: int = 6
-    """Measured optimiser steps per side."""
-    warmup: int = 1
-    """Warm-up optimiser steps per side (alternating too, not measured)."""
-    batch_size: int = 16
-    """Preference pairs per optimiser step."""
-    max_len: int = 512
-    """Maximum tokens of prompt + completion (no pair of the data reaches it)."""
+    ``max_len`` bounds prompt + completion; ``seed`` seeds the head's initialisation (both
+    sides) and rlhfkit's batch order.
+    """
+
     lr: float = 5e-5
     """Constant AdamW learning rate (the reward-model recipe's default for a small model)."""
-    max_grad_norm: float = 1.0
-    """Gradient clipping."""
-    seed: int = 0
-    """Seed of both sides: the head's initialisation and rlhfkit's batch order."""
-    threads: int = 2
-    """torch threads in every process."""
     data: str = "builtin:preferences"
     """Preference source (train split), read by the reward-model recipe's ``load_groups``."""
-
-    @property
-    def total_steps(self) -> int:
-        """Optimiser steps each side runs."""
-        return self.warmup + self.steps
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,27 +116,10 @@ def _rlhfkit_step(run: dict[str, Any]) -> dict[str, Any]:
         sums = {k: all_reduce_sum(v) for k, v in sorted(stats.metrics.items())}
         metrics = {"train/loss": loss, "train/tokens": tokens, **task.train_metrics(sums)}
         ctx.log_step(metrics, cfg.log.log_every)
-    seconds = time.perf_counter() - start
-    return {
-        "seconds": seconds,
-        "cpu_seconds": time.process_time() - cpu_start,
-        "loss": stats.loss,
-        "stepped": stepped,
-        "tokens": sum(g.num_tokens for g in batch),
-        "pairs": len(batch),
-        "micro_batches": len(parts),
-        "processed_tokens": sum(int(p["input_ids"].numel()) for p in parts),
-    }
-
-
-def _profile_step(run: dict[str, Any]) -> dict[str, Any]:
-    """One more step under torch.profiler; returns the top operators by self CPU time."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        answer = _rlhfkit_step(run)
-    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
-    return {**answer, "profile": table}
+    pairs_tokens = sum(g.num_tokens for g in batch)  # every sequence in full
+    return versus.step_answer(
+        start, cpu_start, stats, stepped, parts, tokens=pairs_tokens, pairs=len(batch)
+    )
 
 
 def rlhfkit_worker(conn: Any, settings: Settings) -> None:
@@ -160,8 +127,6 @@ def rlhfkit_worker(conn: Any, settings: Settings) -> None:
 
     def body() -> None:
         common.set_threads(settings.threads)
-        import torch
-
         from rlhfkit.models.heads import check_pooling_compatible, score_head
 
         with tempfile.TemporaryDirectory(prefix="bench-rm-rlhfkit-") as run_dir:
@@ -170,13 +135,11 @@ def rlhfkit_worker(conn: Any, settings: Settings) -> None:
             sequences = [s.input_ids for g in run["train"] for s in g.sequences]
             conn.send(
                 {
-                    "params": sum(p.numel() for p in ctx.model.parameters()),
+                    **common.model_facts(ctx.model),
                     "embedding_params": ctx.model.get_input_embeddings().weight.numel(),
-                    "attn_implementation": ctx.model.config._attn_implementation,
                     "packing": ctx.packing,
                     "share_prefix": run["task"].share_prefix,
                     "micro_batch_tokens": run["cfg"].loop.micro_batch_tokens,
-                    "compute_dtype": str(next(ctx.model.parameters()).dtype),
                     "group_counts": run["counts"],
                     "sequences_ending_with_pad": check_pooling_compatible(sequences, ctx.pad_id),
                     "head": score_head(ctx.model).weight.detach().float().flatten().tolist(),
@@ -184,12 +147,7 @@ def rlhfkit_worker(conn: Any, settings: Settings) -> None:
                     "rss_mib": common.rss_mib(),
                 }
             )
-            while (command := conn.recv()) != "stop":
-                answer = _profile_step(run) if command == "profile" else _rlhfkit_step(run)
-                answer.update(peak_rss_mib=common.peak_rss_mib(), threads=torch.get_num_threads())
-                conn.send(answer)
-            ctx.logger.close()
-            conn.send({"peak_rss_mib": common.peak_rss_mib()})
+            versus.serve_steps(conn, lambda: _rlhfkit_step(run), close=ctx.logger.close)
 
     common.worker_main(conn, body)
 
@@ -198,83 +156,12 @@ def rlhfkit_worker(conn: Any, settings: Settings) -> None:
 # TRL side
 
 
-def _trl_callback(conn: Any) -> Any:
-    """A TrainerCallback that hands control to the driver between optimiser steps.
-
-    It waits for the driver's command before the first step and after each step's log line, so
-    the trainer computes only when the driver asked for a step; a step's time runs from the
-    command to that step's ``on_log`` (batch collation, forward, backward, clipping, AdamW,
-    scheduler and TRL's per-step reward metrics and logging included).
-    """
-    import torch
-    from transformers import TrainerCallback
-
-    class DriverCallback(TrainerCallback):
-        def __init__(self) -> None:
-            self.ready: dict[str, Any] = {}
-            self.start = self.cpu_start = 0.0
-            self.done = False
-
-        def wait(self, control: Any) -> None:
-            if conn.recv() == "stop":
-                self.done = True
-                control.should_training_stop = True
-            self.start, self.cpu_start = time.perf_counter(), time.process_time()
-
-        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            model = kwargs["model"]  # as trained (Trainer switches checkpointing on in train())
-            checkpointing = getattr(model, "is_activation_checkpointing", None)
-            self.ready.update(activation_checkpointing=checkpointing, rss_mib=common.rss_mib())
-            conn.send(self.ready)
-            self.wait(control)
-
-        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
-            if self.done or not logs or "loss" not in logs:
-                return  # the end-of-training summary, or a step after "stop"
-            conn.send(
-                {
-                    "seconds": time.perf_counter() - self.start,
-                    "cpu_seconds": time.process_time() - self.cpu_start,
-                    "loss": float(logs["loss"]),
-                    "accuracy": float(logs.get("accuracy", float("nan"))),
-                    "num_tokens_total": float(logs.get("num_tokens", float("nan"))),
-                    "peak_rss_mib": common.peak_rss_mib(),
-                    "threads": torch.get_num_threads(),
-                }
-            )
-            self.wait(control)
-
-    return DriverCallback()
-
-
 def _trl_config(settings: Settings, output_dir: str) -> Any:
-    """RewardConfig for the same work: one micro-batch of 16 pairs per step, no recomputation."""
+    """RewardConfig for the same work: the shared arguments (TRL gets the rows already in
+    rlhfkit's batch order, so its sequential sampling reproduces the recipe's shuffle)."""
     from trl import RewardConfig
 
-    return RewardConfig(
-        output_dir=output_dir,
-        per_device_train_batch_size=settings.batch_size,
-        gradient_accumulation_steps=1,
-        max_steps=settings.total_steps,
-        learning_rate=settings.lr,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        weight_decay=0.0,
-        max_grad_norm=settings.max_grad_norm,
-        bf16=True,
-        max_length=settings.max_len,
-        activation_checkpointing=False,  # TRL's default is True (recomputation); rlhfkit's False
-        train_sampling_strategy="sequential",  # rows arrive already in rlhfkit's batch order
-        report_to=[],
-        logging_strategy="steps",
-        logging_steps=1,
-        save_strategy="no",
-        eval_strategy="no",
-        disable_tqdm=True,
-        use_cpu=True,
-        seed=settings.seed,
-        dataloader_num_workers=0,
-    )
+    return RewardConfig(**versus.trl_args(settings, output_dir))
 
 
 def trl_worker(conn: Any, settings: Settings, rows: list[dict[str, Any]]) -> None:
@@ -284,15 +171,10 @@ def trl_worker(conn: Any, settings: Settings, rows: list[dict[str, Any]]) -> Non
         common.set_threads(settings.threads)
         import datasets
         import torch
-        import transformers
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer, PrinterCallback
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
         from trl import RewardTrainer
 
-        from rlhfkit.models.embedded import embedded_model_dir
-
-        transformers.logging.set_verbosity_error()
-        datasets.disable_progress_bars()
-        path = str(embedded_model_dir())
+        path = versus.trl_model_dir()
         tokenizer = AutoTokenizer.from_pretrained(path)
         torch.manual_seed(settings.seed)  # the head's initialisation, as rlhfkit's build_run
         model = AutoModelForSequenceClassification.from_pretrained(
@@ -300,30 +182,29 @@ def trl_worker(conn: Any, settings: Settings, rows: list[dict[str, Any]]) -> Non
         )
         model.config.pad_token_id = tokenizer.pad_token_id
         head = model.score.weight.detach().to(torch.bfloat16).float().flatten().tolist()
-        callback = _trl_callback(conn)
-        with tempfile.TemporaryDirectory(prefix="bench-rm-trl-") as output_dir:
-            trainer = RewardTrainer(
+
+        def make_trainer(output_dir: str, callbacks: list[Any]) -> Any:
+            return RewardTrainer(
                 model=model,
                 args=_trl_config(settings, output_dir),
                 train_dataset=datasets.Dataset.from_list(rows),
                 processing_class=tokenizer,
-                callbacks=[callback],
+                callbacks=callbacks,
             )
-            trainer.remove_callback(PrinterCallback)  # log lines to stdout; rlhfkit's go to JSONL
+
+        def describe(trainer: Any) -> dict[str, Any]:
             prepared = trainer.train_dataset
-            callback.ready = {
-                "params": sum(p.numel() for p in model.parameters()),
+            return {
                 "embedding_params": model.get_input_embeddings().weight.numel(),
-                "attn_implementation": model.config._attn_implementation,
-                "compute_dtype": f"{next(model.parameters()).dtype} weights, bf16 autocast",
                 "pad_token_id": model.config.pad_token_id,
                 "head": head,
                 "chosen_ids": [list(x) for x in prepared["chosen_ids"]],
                 "rejected_ids": [list(x) for x in prepared["rejected_ids"]],
-                "optimizer": trainer.args.optim,
             }
-            trainer.train()
-        conn.send({"peak_rss_mib": common.peak_rss_mib()})
+
+        versus.train_trl(
+            conn, model, make_trainer, describe, prefix="bench-rm-trl-", logged=("accuracy",)
+        )
 
     common.worker_main(conn, body)
 
@@ -370,57 +251,27 @@ def check_same_work(ours: dict[str, Any], theirs: dict[str, Any], settings: Sett
     }
 
 
-def trl_token_counts(warm: dict, measured: dict) -> list[float]:
-    """TRL's own non-padding tokens of each step (differences of its running ``num_tokens``)."""
-    totals = [s["num_tokens_total"] for s in warm["trl"] + measured["trl"]]
-    return [b - a for a, b in zip([0.0, *totals], totals, strict=False)]
-
-
-def _mfu(params: int, step: dict[str, Any], peak: float) -> float:
-    """6 * params * tokens computed / seconds / the measured peak.
-
-    Tokens computed: the non-padding tokens on TRL's side; on rlhfkit's side the tokens of its
-    packed rows, where a pair's shared prompt is computed once (``share_prefix``), so the MFU
-    counts only arithmetic that was done, never the prompt twice.
-    """
-    tokens = step.get("processed_tokens", step["tokens"])
-    return common.mfu(common.training_flops(params, tokens), step["seconds"], peak)
-
-
 def summarise(
     report: common.Reporter, answers: dict[str, list[dict]], ready: dict[str, dict], peak: float
 ) -> None:
-    """Turn the measured steps into the figures (medians and ratios of medians)."""
-    rates: dict[str, list[float]] = {}
-    seconds: dict[str, list[float]] = {}
-    for side, steps in answers.items():
-        seconds[side] = [s["seconds"] for s in steps]
-        rates[side] = [s["tokens"] / s["seconds"] for s in steps]
-        mfus = [_mfu(ready[side]["params"], s, peak) for s in steps]
+    """The shared figures, with ``mfu`` and ``mfu_no_embedding`` per side.
+
+    MFU is 6 * params * tokens computed / seconds / the measured peak. Tokens computed: the
+    non-padding tokens on TRL's side; on rlhfkit's side the tokens of its packed rows
+    (``processed_tokens``), where a pair's shared prompt is computed once (``share_prefix``), so
+    the MFU counts only arithmetic that was done, never the prompt twice.
+    """
+
+    def efficiency(side: str, steps: list[dict]) -> dict[str, float]:
+        params = ready[side]["params"]
         # The embedding matrix is only a lookup in a reward model (no LM head multiplies by it).
-        executed = ready[side]["params"] - ready[side]["embedding_params"]
-        report.figure(f"{side}.s_per_step", common.median(seconds[side]))
-        report.figure(f"{side}.tokens_per_s", common.median(rates[side]))
-        report.figure(f"{side}.mfu", common.median(mfus))
-        report.figure(
-            f"{side}.mfu_no_embedding", common.median([_mfu(executed, s, peak) for s in steps])
-        )
-        report.figure(f"{side}.cpu_s_per_step", common.median([s["cpu_seconds"] for s in steps]))
-        report.figure(f"{side}.peak_rss_mib", steps[-1]["peak_rss_mib"])
-    report.figure("speedup_tokens_per_s", common.ratio_of_medians(rates["rlhfkit"], rates["trl"]))
-    report.figure("speedup_s_per_step", common.ratio_of_medians(seconds["trl"], seconds["rlhfkit"]))
-    rounds = [t / r for t, r in zip(seconds["trl"], seconds["rlhfkit"], strict=True)]
-    report.figure("speedup_median_round_ratio", common.median(rounds))
-    report.figure(
-        "rss_ratio", answers["rlhfkit"][-1]["peak_rss_mib"] / answers["trl"][-1]["peak_rss_mib"]
-    )
+        executed = params - ready[side]["embedding_params"]
+        return {
+            "mfu": common.median_mfu(params, steps, peak, "processed_tokens"),
+            "mfu_no_embedding": common.median_mfu(executed, steps, peak, "processed_tokens"),
+        }
 
-
-def peak_sample() -> dict[str, Any]:
-    """A short matmul-rate sample and the load average (taken between rounds)."""
-    sample = common.matmul_peak(iters=10, repeats=3)
-    sample["load_average"] = os.getloadavg()
-    return sample
+    versus.summarise(report, answers, efficiency, "rss_ratio")
 
 
 def drive(settings: Settings, profile: bool) -> dict[str, Any]:
@@ -436,24 +287,11 @@ def drive(settings: Settings, profile: bool) -> dict[str, Any]:
         work["sources"] = [[p["source"] for p in step] for step in ready["rlhfkit"].pop("plan")]
         del ready["rlhfkit"]["head"], ready["trl"]["head"]
         del ready["trl"]["chosen_ids"], ready["trl"]["rejected_ids"]
-        samples = [peak_sample()]
-        warm, _ = common.alternate(workers, settings.warmup)
-        measured, between = common.alternate(workers, settings.steps, before_round=peak_sample)
-        samples += [*between, peak_sample()]
-        table = ours.request("profile")["profile"] if profile else None
-        final = {w.name: w.request("stop") for w in workers}
+        measured = versus.measure(workers, settings, profile)
     finally:
         for worker in workers:
             worker.close()
-    return {
-        "ready": ready,
-        "work": work,
-        "warm": warm,
-        "measured": measured,
-        "peak_samples": samples,
-        "profile": table,
-        "final": final,
-    }
+    return {"ready": ready, "work": work, **measured}
 
 
 def run(settings: Settings, profile: bool) -> common.Reporter:
@@ -463,7 +301,7 @@ def run(settings: Settings, profile: bool) -> common.Reporter:
     report.details["environment"] = common.environment()
     result = drive(settings, profile)
     work, warm, measured = result["work"], result["warm"], result["measured"]
-    trl_tokens = trl_token_counts(warm, measured)
+    trl_tokens = versus.trl_token_counts(warm, measured)
     ours_tokens = [float(s["tokens"]) for s in warm["rlhfkit"] + measured["rlhfkit"]]
     for k, step in enumerate(measured["trl"]):
         step["tokens"] = trl_tokens[settings.warmup + k]  # TRL's own count (attention mask)
@@ -473,59 +311,13 @@ def run(settings: Settings, profile: bool) -> common.Reporter:
         token_counts_match=ours_tokens == trl_tokens,
         planned_tokens_match=ours_tokens == [float(s["tokens"]) for s in work["per_step"]],
     )
-    if not all(s["stepped"] for s in warm["rlhfkit"] + measured["rlhfkit"]):
-        print("warning: rlhfkit skipped a non-finite step; its timings cover less work")
-    peak = common.median([x for s in result["peak_samples"] for x in s["samples"]])
-    report.figure("peak_bf16_tflops", peak / 1e12)
-    summarise(report, measured, result["ready"], peak)
-    for side, steps in warm.items():
-        if steps:  # the same weights and pairs: the losses agree up to bf16 rounding
-            report.figure(f"{side}.first_step_loss", steps[0]["loss"])
-    report.details.update(
-        settings=asdict(settings),
-        work=work,
-        sides=result["ready"],
-        warmup_steps=warm,
-        measured_steps=measured,
-        final=result["final"],
-        matmul_peak_samples=result["peak_samples"],
-        profile=result["profile"],
-    )
+    versus.report_result(report, result, settings, summarise)
     return report
-
-
-def parse_args(argv: list[str] | None = None) -> tuple[Settings, bool]:
-    """Command line -> (settings, profile?)."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    defaults = Settings()
-    parser.add_argument("--steps", type=int, default=defaults.steps, help="measured steps per side")
-    parser.add_argument("--warmup", type=int, default=defaults.warmup, help="warm-up steps")
-    parser.add_argument("--max-len", type=int, default=defaults.max_len)
-    parser.add_argument("--lr", type=float, default=defaults.lr)
-    parser.add_argument("--threads", type=int, default=defaults.threads)
-    parser.add_argument("--data", default=defaults.data, help="preference source (train split)")
-    parser.add_argument(
-        "--profile", action="store_true", help="profile one extra rlhfkit step (not measured)"
-    )
-    args = parser.parse_args(argv)
-    settings = Settings(
-        steps=args.steps,
-        warmup=args.warmup,
-        max_len=args.max_len,
-        lr=args.lr,
-        threads=args.threads,
-        data=args.data,
-    )
-    return settings, args.profile
 
 
 def main(argv: list[str] | None = None) -> None:
     """Run the benchmark, print the figures and write the JSON result."""
-    settings, profile = parse_args(argv)
-    report = run(settings, profile)
-    if report.details.get("profile"):
-        print(report.details["profile"])
-    print(f"wrote {report.write()}")
+    versus.main(Settings, run, __doc__.splitlines()[0], "preference source (train split)", argv)
 
 
 if __name__ == "__main__":

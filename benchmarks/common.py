@@ -9,6 +9,9 @@
 - a reporter that prints one machine-readable line per figure (``BENCH name value``) and writes
   every figure, the raw timings and the environment to a JSON file under
   ``benchmarks/results/`` (gitignored).
+
+The frame shared by the rlhfkit-vs-TRL benchmarks (settings, TRL arguments and step callback,
+worker loops, measurement rounds, figures) is in ``versus.py``.
 """
 
 from __future__ import annotations
@@ -80,6 +83,13 @@ def matmul_peak(
     return {"flops": statistics.median(samples), "samples": samples, "size": size, "dtype": dtype}
 
 
+def peak_sample() -> dict[str, Any]:
+    """A short matmul-rate sample and the load average (taken between measured rounds)."""
+    sample = matmul_peak(iters=10, repeats=3)
+    sample["load_average"] = os.getloadavg()
+    return sample
+
+
 def training_flops(params: int, tokens: float) -> float:
     """Model FLOPs of training on ``tokens`` tokens: 6 * params * tokens (forward + backward)."""
     return 6.0 * params * tokens
@@ -93,6 +103,16 @@ def forward_flops(params: int, tokens: float) -> float:
 def mfu(model_flops: float, seconds: float, peak_flops: float) -> float:
     """Model FLOPs utilisation: achieved model FLOP/s over the measured peak FLOP/s."""
     return model_flops / seconds / peak_flops
+
+
+def median_mfu(params: int, steps: Sequence[dict], peak: float, tokens: str = "tokens") -> float:
+    """Median over steps of 6 * params * tokens / seconds / peak.
+
+    ``tokens`` names the step's token count (``step["tokens"]`` where the step lacks it).
+    """
+    return median(
+        [mfu(training_flops(params, s.get(tokens, s["tokens"])), s["seconds"], peak) for s in steps]
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,6 +286,25 @@ def alternate(
         for worker in workers:
             answers[worker.name].append(worker.request("step"))
     return answers, extras
+
+
+def model_facts(model: Any, compute_dtype: str | None = None) -> dict[str, Any]:
+    """Parameter count, attention implementation and compute dtype (default: the weights')."""
+    return {
+        "params": sum(p.numel() for p in model.parameters()),
+        "attn_implementation": model.config._attn_implementation,
+        "compute_dtype": compute_dtype or str(next(model.parameters()).dtype),
+    }
+
+
+def profiled(step: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Run ``step`` under torch.profiler; its answer plus the top operators by self CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        answer = step()
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
+    return {**answer, "profile": table}
 
 
 def worker_main(conn: Any, body: Callable[[], None]) -> None:
