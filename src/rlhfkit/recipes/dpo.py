@@ -315,6 +315,19 @@ def main(cfg: DPOConfig) -> Path:
             ctx.log_step(metrics, cfg.log.log_every)
             if cfg.loop.save_every and ctx.step % cfg.loop.save_every == 0:
                 ctx.save(cfg.loop.keep_last)
+    final_evaluation(ctx, cfg, held_out, step_loss, count)
+    ctx.extra.pop("gold_before", None)
+    return finish_run(ctx, cfg.loop.keep_last)
+
+
+def final_evaluation(
+    ctx: RunContext, cfg: DPOConfig, held_out: PairBatches | None, step_loss: Any, count: Any
+) -> dict[str, float]:
+    """Held-out pair metrics and the gold comparison after training.
+
+    Logged, written to ``eval.json``, and the greedy replies before and after to
+    ``gold_samples.json``.
+    """
     final = heldout_metrics(ctx, held_out, step_loss, count, cfg) if held_out is not None else {}
     after = gold_comparison(ctx, cfg, ctx.extra.get("gold_before"))
     if after:
@@ -322,6 +335,8 @@ def main(cfg: DPOConfig) -> Path:
     ctx.logger.log(ctx.step, final)
     if ctx.dist.is_main:
         atomic_write_text(ctx.run_dir / "eval.json", json.dumps(final, indent=2) + "\n")
+        if after:
+            text = json.dumps(after["samples"], indent=2, ensure_ascii=False) + "\n"
+            atomic_write_text(ctx.run_dir / "gold_samples.json", text)
         log.info("final: %s", {k: round(v, 4) for k, v in final.items()})
-    ctx.extra.pop("gold_before", None)
-    return finish_run(ctx, cfg.loop.keep_last)
+    return final

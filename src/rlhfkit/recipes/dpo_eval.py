@@ -93,6 +93,6 @@ def gold_comparison(ctx: RunContext, cfg: Any, before: dict | None) -> dict | No
     summary = gold_win_rate(replies, before["replies"], refs)
     samples = [
         {"prompt": p[-1]["content"], "before": b, "after": a}
-        for p, b, a in zip(prompts[:5], before["replies"], replies, strict=False)
+        for p, b, a in zip(prompts, before["replies"], replies, strict=True)
     ]
     return {"replies": replies, "summary": summary, "samples": samples}
