@@ -7,6 +7,7 @@ one sequence at a time (no padding), on ids rendered by the tokenizer's chat tem
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -74,8 +75,14 @@ def test_pairs_identical_after_truncation_are_dropped_and_counted(rm_dir, tmp_pa
     groups, counts = rm.load_groups(tokenizer, cfg.data.train, "train", cfg, 0)
     assert counts == {
         "examples": 4, "groups": 4, "skipped_ties": 0, "dropped_identical": 2,
-        "dropped_empty": 0, "kept": 2, "bad_rows": 0,
+        "dropped_empty": 0, "kept": 2, "bad_rows": 0, "ending_with_pad": 0,
     }  # fmt: skip
+    # A pad token equal to the template's last token would make transformers pool elsewhere:
+    # every such sequence is counted (and warned about).
+    last = groups[0].sequences[0].input_ids[-1]
+    other = copy.deepcopy(tokenizer)  # tiny_tokenizer() is shared: never mutate it
+    other.pad_token = other.convert_ids_to_tokens(last)
+    assert rm.load_groups(other, cfg.data.train, "train", cfg, 0)[1]["ending_with_pad"] == 4
     assert [g.source.rsplit(":", 1)[1] for g in groups] == ["2", "3"]
     # The long prompt is cut from the left; the completions stay whole, end of turn included.
     for seq, text in zip(groups[0].sequences, ("5.", "6."), strict=True):

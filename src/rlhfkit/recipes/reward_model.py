@@ -62,7 +62,11 @@ from rlhfkit.losses.reward import (
     pairwise_stats,
     plackett_luce_loss,
 )
-from rlhfkit.models.heads import sequence_scores, supports_prefix_trees
+from rlhfkit.models.heads import (
+    check_pooling_compatible,
+    sequence_scores,
+    supports_prefix_trees,
+)
 from rlhfkit.recipes.common import RunContext, batch_order, build_run, finish_run
 from rlhfkit.training.accumulate import accumulate
 from rlhfkit.training.distributed import all_reduce_sum, gather_objects
@@ -197,7 +201,18 @@ def load_groups(
         likert_margin=data.likert_margin,
     )
     tokenized, counts = tokenize_groups(tokenizer, groups, max_len=data.max_len)
-    return tokenized, {**pair_counts, **counts, "bad_rows": len(result.errors)}
+    sequences = [s.input_ids for g in tokenized for s in g.sequences]
+    ending_with_pad = check_pooling_compatible(sequences, getattr(tokenizer, "pad_token_id", None))
+    if ending_with_pad:
+        log.warning(
+            "%s: %d sequences end with the pad id; rlhfkit reads their reward at that token, but "
+            "AutoModelForSequenceClassification would read it at the last non-pad token: give "
+            "the tokenizer a pad token that the chat template never ends with",
+            source,
+            ending_with_pad,
+        )
+    counts = {**pair_counts, **counts, "bad_rows": len(result.errors)}
+    return tokenized, {**counts, "ending_with_pad": ending_with_pad}
 
 
 def make_step_loss(model: torch.nn.Module, loss: PairwiseLoss) -> GroupLoss:
