@@ -28,7 +28,6 @@ from typing import Any
 
 import common
 import versus
-from bench_rm import trl_rows
 
 
 @dataclass(frozen=True)
@@ -371,7 +370,7 @@ def drive(settings: Settings, profile: bool) -> dict[str, Any]:
     try:
         ready = {"rlhfkit": ours.wait_ready()}
         plan = ready["rlhfkit"].pop("plan")
-        rows = trl_rows(plan, settings.data)
+        rows = versus.trl_preference_rows(plan, settings.data)
         workers.append(common.Worker.start("trl", trl_worker, settings, rows))
         ready["trl"] = workers[1].wait_ready()
         work = check_same_work(plan, ready["trl"], settings)

@@ -209,24 +209,6 @@ def trl_worker(conn: Any, settings: Settings, rows: list[dict[str, Any]]) -> Non
     common.worker_main(conn, body)
 
 
-def trl_rows(plan: list[list[dict[str, Any]]], spec: str) -> list[dict[str, Any]]:
-    """TRL's conversational preference rows, in rlhfkit's batch order (one row per pair)."""
-    from rlhfkit.data.sources import load_rows
-
-    by_location = {row.location: row.data for row in load_rows(spec, split="train")}
-    rows = []
-    for pair in (p for step in plan for p in step):
-        data = by_location[pair["source"]]
-        rows.append(
-            {
-                "prompt": data["prompt"],
-                "chosen": [{"role": "assistant", "content": data["chosen"]}],
-                "rejected": [{"role": "assistant", "content": data["rejected"]}],
-            }
-        )
-    return rows
-
-
 # ---------------------------------------------------------------------------------------------
 # Driver
 
@@ -280,7 +262,7 @@ def drive(settings: Settings, profile: bool) -> dict[str, Any]:
     workers = [ours]
     try:
         ready = {"rlhfkit": ours.wait_ready()}
-        rows = trl_rows(ready["rlhfkit"]["plan"], settings.data)
+        rows = versus.trl_preference_rows(ready["rlhfkit"]["plan"], settings.data)
         workers.append(common.Worker.start("trl", trl_worker, settings, rows))
         ready["trl"] = workers[1].wait_ready()
         work = check_same_work(ready["rlhfkit"], ready["trl"], settings)

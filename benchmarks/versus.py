@@ -408,3 +408,25 @@ def main(
     if report.details.get("profile"):
         print(report.details["profile"])
     print(f"wrote {report.write()}")
+
+
+def trl_preference_rows(plan: list[list[dict[str, Any]]], spec: str) -> list[dict[str, Any]]:
+    """TRL's conversational preference rows, in rlhfkit's batch order (one row per pair).
+
+    Shared by the reward-model and DPO benchmarks: ``plan`` holds each step's pairs with their
+    ``source`` location; the rows are looked up in the train split of ``spec``.
+    """
+    from rlhfkit.data.sources import load_rows
+
+    by_location = {row.location: row.data for row in load_rows(spec, split="train")}
+    rows = []
+    for pair in (p for step in plan for p in step):
+        data = by_location[pair["source"]]
+        rows.append(
+            {
+                "prompt": data["prompt"],
+                "chosen": [{"role": "assistant", "content": data["chosen"]}],
+                "rejected": [{"role": "assistant", "content": data["rejected"]}],
+            }
+        )
+    return rows
