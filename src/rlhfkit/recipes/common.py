@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ from rlhfkit.training.logging import MetricsLogger, write_run_info
 from rlhfkit.training.optim import build_optimizer, build_scheduler, clip_grad_norm
 from rlhfkit.training.precision import MasterWeights
 from rlhfkit.training.progress import TrainProgress
+from rlhfkit.training.reference import starting_model
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +76,22 @@ class RunContext:
     optimizer: torch.optim.Optimizer | None = None
     scheduler: Any = None
     extra: dict[str, Any] = field(default_factory=dict)
+    source: tuple[str, dict[str, Any]] | None = None
+    """(model name, load_model keywords) of the starting model, to load it again as pi_ref."""
+
+    def starting_model(self) -> AbstractContextManager[torch.nn.Module]:
+        """The starting model pi_ref for a pass outside the reference cache.
+
+        Under LoRA the policy with its adapter disabled; otherwise loaded again from its source
+        at the compute dtype and freed on exit (no reference is held while training).
+        """
+        if self.source is None:
+            raise ValueError("this run has no recorded starting model")
+        name, kwargs = self.source
+        device, dtype = self.dist.device, self.precision.compute
+        return starting_model(
+            self.model, lambda: load_model(name, dtype=dtype, **kwargs).to(device).eval()
+        )
 
     @property
     def pad_id(self) -> int:
@@ -288,6 +306,7 @@ def build_run(
         show_progress=log_cfg.progress,
         dist=dist_info,
         lora_base=(model_cfg.name, spec, load_kwargs) if model_cfg.lora else None,
+        source=(model_cfg.name, load_kwargs),
     )
 
 

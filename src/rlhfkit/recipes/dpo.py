@@ -58,7 +58,7 @@ from rlhfkit.losses.preference import (
 from rlhfkit.models.forward import sequence_logprobs
 from rlhfkit.models.heads import supports_prefix_trees
 from rlhfkit.recipes.common import RunContext, batch_order, build_run, finish_run
-from rlhfkit.recipes.dpo_eval import gold_comparison, heldout_metrics, pair_metrics
+from rlhfkit.recipes.dpo_eval import gold_comparison, heldout_metrics, kl_metrics, pair_metrics
 from rlhfkit.training.accumulate import accumulate
 from rlhfkit.training.distributed import all_reduce_sum
 from rlhfkit.training.reference import cached_reference
@@ -132,7 +132,10 @@ class DPOEvalConfig:
     prompts: int = 48
     """Held-out prompts for the win rate."""
     max_new_tokens: int = 96
-    """Reply length limit for the win rate."""
+    """Reply length limit for the win rate and the KL samples."""
+    kl_prompts: int = 32
+    """Held-out prompts sampled (temperature 1) for the KL estimate to the reference at each
+    evaluation; 0 disables it."""
 
 
 @dataclass
@@ -287,37 +290,59 @@ def main(cfg: DPOConfig) -> Path:
         ctx.logger.log(0, heldout_metrics(ctx, held_out, step_loss, count, cfg))
     batch_limit = None if cfg.loop.max_steps else total
     with ctx.progress(total) as bar:
-        while ctx.step < total and (batch_limit is None or ctx.batches_done < batch_limit):
-            order = batch_order(
-                len(train.pairs), cfg.loop.batch_size, cfg.loop.seed, ctx.batches_done
-            )
-            mine = ctx.dist.shard(order)
-            parts = [
-                ctx.to_device(b) for b in train.micro_batches(mine, cfg.loop.micro_batch_tokens)
-            ]
-            stats = accumulate(
-                parts, step_loss, count_fn=count, after_backward=ctx.master.collect_grads
-            )
-            if not ctx.apply_step(stats, cfg.optim.max_grad_norm, cfg.loop.max_nonfinite):
-                continue
-            loss = all_reduce_sum(stats.loss)
-            tokens = int(all_reduce_sum(sum(train.pairs[i].num_tokens for i in mine)))
-            bar.update(loss=loss, tokens=tokens)
-            sums = {k: all_reduce_sum(v) for k, v in sorted(stats.metrics.items())}
-            metrics = {"train/loss": loss, "train/tokens": tokens, **pair_metrics(sums, "train")}
-            if (
-                held_out is not None
-                and cfg.loop.eval_every
-                and ctx.step % cfg.loop.eval_every == 0
-                and ctx.step < total
-            ):
-                metrics.update(heldout_metrics(ctx, held_out, step_loss, count, cfg))
-            ctx.log_step(metrics, cfg.log.log_every)
-            if cfg.loop.save_every and ctx.step % cfg.loop.save_every == 0:
-                ctx.save(cfg.loop.keep_last)
+        train_steps(
+            ctx, cfg, train, held_out, (step_loss, count), bar, stop_step=total,
+            batch_limit=batch_limit, save_every=cfg.loop.save_every,
+        )  # fmt: skip
     final_evaluation(ctx, cfg, held_out, step_loss, count)
     ctx.extra.pop("gold_before", None)
     return finish_run(ctx, cfg.loop.keep_last)
+
+
+def train_steps(
+    ctx: RunContext,
+    cfg: DPOConfig,
+    train: PairBatches,
+    held_out: PairBatches | None,
+    loss: tuple[Any, Any],
+    bar: Any,
+    *,
+    stop_step: int,
+    batch_limit: int | None,
+    save_every: int,
+    batch_offset: int = 0,
+) -> None:
+    """Optimiser steps on ``train`` until step ``stop_step`` (or ``batch_limit`` batches).
+
+    The batch at position p (batches consumed since ``batch_offset``) is a pure function of p
+    (:func:`batch_order`), so a resumed run sees the same batches. ``loss`` is the pair
+    ``(step_loss, count)`` of :func:`make_step_loss` and :func:`example_count`.
+    """
+    step_loss, count = loss
+    batch_size = min(cfg.loop.batch_size, len(train.pairs))
+    while ctx.step < stop_step and (
+        batch_limit is None or ctx.batches_done - batch_offset < batch_limit
+    ):
+        position = ctx.batches_done - batch_offset
+        mine = ctx.dist.shard(batch_order(len(train.pairs), batch_size, cfg.loop.seed, position))
+        parts = [ctx.to_device(b) for b in train.micro_batches(mine, cfg.loop.micro_batch_tokens)]
+        stats = accumulate(
+            parts, step_loss, count_fn=count, after_backward=ctx.master.collect_grads
+        )
+        if not ctx.apply_step(stats, cfg.optim.max_grad_norm, cfg.loop.max_nonfinite):
+            continue
+        loss_value = all_reduce_sum(stats.loss)
+        tokens = int(all_reduce_sum(sum(train.pairs[i].num_tokens for i in mine)))
+        bar.update(loss=loss_value, tokens=tokens)
+        sums = {k: all_reduce_sum(v) for k, v in sorted(stats.metrics.items())}
+        metrics = {"train/loss": loss_value, "train/tokens": tokens, **pair_metrics(sums, "train")}
+        every = cfg.loop.eval_every
+        if held_out is not None and every and ctx.step % every == 0 and ctx.step < stop_step:
+            metrics.update(heldout_metrics(ctx, held_out, step_loss, count, cfg))
+            metrics.update(kl_metrics(ctx, cfg))
+        ctx.log_step(metrics, cfg.log.log_every)
+        if save_every and ctx.step % save_every == 0:
+            ctx.save(cfg.loop.keep_last)
 
 
 def final_evaluation(
@@ -329,6 +354,7 @@ def final_evaluation(
     ``gold_samples.json``.
     """
     final = heldout_metrics(ctx, held_out, step_loss, count, cfg) if held_out is not None else {}
+    final.update(kl_metrics(ctx, cfg))
     after = gold_comparison(ctx, cfg, ctx.extra.get("gold_before"))
     if after:
         final.update({f"eval/gold/{k}": v for k, v in after["summary"].items()})

@@ -2,6 +2,8 @@
 
 - Pairs: the loss and its metrics on held-out pairs (implicit-reward accuracy, rewards and
   margins, reply log-probs, log-ratio to the reference, preference displacement).
+- KL: KL(pi_theta || pi_ref) estimated (k1, k3) on one temperature-1 sample per held-out prompt
+  from the policy, scored by the policy and by the starting model (:mod:`rlhfkit.eval.kl`).
 - Gold: on the built-in preference task, greedy replies to held-out prompts before and after
   training, compared by the gold judge (win rate of the trained model against the starting one,
   and mean gold scores).
@@ -13,8 +15,10 @@ from typing import Any
 
 import torch
 
+from rlhfkit.data.schemas import load_examples
 from rlhfkit.data.sources import load_rows
 from rlhfkit.eval.gold import gold_win_rate
+from rlhfkit.eval.kl import sampled_kl
 from rlhfkit.recipes.common import RunContext
 from rlhfkit.rollout.hf import SamplingConfig, sample_chat
 from rlhfkit.training.accumulate import accumulate
@@ -59,6 +63,42 @@ def heldout_metrics(
     ctx.model.train()
     sums = {k: all_reduce_sum(v) for k, v in sorted(stats.metrics.items())}
     return {"eval/loss": all_reduce_sum(stats.loss), **pair_metrics(sums, "eval")}
+
+
+def distinct_prompts(source: str, split: str, schema: str, limit: int) -> list[list[dict]]:
+    """The first ``limit`` distinct prompts of a preference source."""
+    prompts, seen = [], set()
+    for example in load_examples(source, schema, split=split, on_error="skip").examples:
+        key = repr(example.prompt)
+        if key not in seen:
+            seen.add(key)
+            prompts.append(list(example.prompt))
+        if len(prompts) == limit:
+            break
+    return prompts
+
+
+def kl_metrics(ctx: RunContext, cfg: Any) -> dict[str, float]:
+    """Sampled KL(pi_theta || pi_ref) on held-out prompts (rank 0; empty when disabled)."""
+    if not cfg.eval.kl_prompts or not cfg.data.eval or not ctx.dist.is_main:
+        return {}
+    prompts = distinct_prompts(
+        cfg.data.eval, cfg.data.eval_split, cfg.data.schema, cfg.eval.kl_prompts
+    )
+    kl = sampled_kl(
+        ctx.model,
+        ctx.starting_model(),
+        ctx.tokenizer,
+        prompts,
+        max_new_tokens=cfg.eval.max_new_tokens,
+        max_len=cfg.data.max_len,
+        seed=cfg.loop.seed,
+    )
+    return {
+        "eval/kl/k1": kl["k1"],
+        "eval/kl/k3": kl["k3"],
+        "eval/kl/k1_per_token": kl["k1_per_token"],
+    }
 
 
 def gold_prompts(limit: int) -> tuple[list[list[dict[str, str]]], list[dict[str, Any]]]:

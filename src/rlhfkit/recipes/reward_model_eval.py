@@ -21,7 +21,6 @@ import torch
 
 from rlhfkit.atomic import atomic_write_text
 from rlhfkit.config import ModelConfig
-from rlhfkit.data.collate import supports_padding_free
 from rlhfkit.data.groups import tokenize_groups
 from rlhfkit.data.preferences import to_groups
 from rlhfkit.data.schemas import load_examples, validate_rows
@@ -29,8 +28,7 @@ from rlhfkit.data.sources import load_rows
 from rlhfkit.data.templates import render_messages
 from rlhfkit.eval.reward_model import print_report, rm_report, score_pairs
 from rlhfkit.models.heads import score_examples
-from rlhfkit.models.load import load_model, load_tokenizer
-from rlhfkit.models.precision import default_device, resolve_precision
+from rlhfkit.rewards.model import RewardModelScorer
 
 log = logging.getLogger(__name__)
 
@@ -78,19 +76,13 @@ class RMScoreConfig:
 
 def load_scorer(cfg: ModelConfig) -> tuple[torch.nn.Module, Any, bool]:
     """(model in eval mode at the compute dtype, tokenizer, packing) of a reward model."""
-    device = default_device()
-    precision = resolve_precision(cfg.precision, device)
-    tokenizer = load_tokenizer(cfg.name, trust_remote_code=cfg.trust_remote_code)
-    model = load_model(
+    scorer = RewardModelScorer(
         cfg.name,
-        dtype=precision.compute,
-        attn_implementation=cfg.attn_implementation,
+        precision=cfg.precision,
         trust_remote_code=cfg.trust_remote_code,
-        task="score",
-        pad_token_id=tokenizer.pad_token_id,
-        device=device,
-    ).eval()
-    return model, tokenizer, supports_padding_free(model)
+        attn_implementation=cfg.attn_implementation,
+    )
+    return scorer.model, scorer.tokenizer, scorer.packing
 
 
 def eval_main(cfg: RMEvalConfig) -> dict[str, Any]:

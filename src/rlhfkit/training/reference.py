@@ -19,7 +19,7 @@ import contextlib
 import hashlib
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -127,3 +127,23 @@ def cached_reference(
     tmp.replace(path)
     log.info("reference log-probs: computed %d groups, cached at %s", len(groups), path)
     return sums, tokens, False
+
+
+@contextlib.contextmanager
+def starting_model(model: nn.Module, load: Callable[[], nn.Module]) -> Iterator[nn.Module]:
+    """pi_ref as a model, for log-probs of sequences that are not in the cache (fresh samples).
+
+    Under LoRA it is the policy itself with the adapter disabled (no copy). Otherwise ``load``
+    builds the starting model again (eval mode) and it is freed on exit, so no reference model
+    stays in memory while training.
+    """
+    disable = getattr(model, "disable_adapter", None)
+    if disable is not None:
+        with disable():
+            yield model
+        return
+    reference = load()
+    try:
+        yield reference
+    finally:
+        del reference

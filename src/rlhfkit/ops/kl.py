@@ -1,0 +1,58 @@
+"""KL estimators between the policy and the reference (METHODS.md section 5; Schulman 2020).
+
+Standard convention: samples y ~ pi_theta, Delta = log pi_theta(y) - log pi_ref(y),
+r = pi_ref / pi_theta = exp(-Delta).
+
+- ``k1 = -log r = Delta``: unbiased for KL(pi_theta || pi_ref), high variance, can be negative.
+- ``k2 = Delta^2 / 2``: biased, low variance.
+- ``k3 = r - 1 - log r = expm1(-Delta) + Delta``: unbiased and >= 0 (expm1 keeps it accurate
+  for small Delta, where the naive form cancels catastrophically). Delta is clamped to [-20, 20].
+
+As differentiable losses on fixed on-policy samples, E[grad k1] = 0, E[grad k2] is the gradient of
+KL(pi_theta || pi_ref), and E[grad k3] is the gradient of the forward KL(pi_ref || pi_theta).
+(The book's reference code uses the inverted ratio; rlhfkit does not.)
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+Estimator = Literal["k1", "k2", "k3"]
+
+DELTA_CLAMP = 20.0
+
+
+def kl_k1(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """k1 = log pi_theta - log pi_ref, elementwise (any shape, e.g. (B, T))."""
+    return logp - ref_logp
+
+
+def kl_k2(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """k2 = (log pi_theta - log pi_ref)^2 / 2, elementwise."""
+    return 0.5 * (logp - ref_logp).square()
+
+
+def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """k3 = expm1(-Delta) + Delta with Delta = log pi_theta - log pi_ref clamped to [-20, 20]."""
+    delta = (logp - ref_logp).clamp(-DELTA_CLAMP, DELTA_CLAMP)
+    return torch.expm1(-delta) + delta
+
+
+KL_ESTIMATORS = {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}
+"""The estimators by name (METHODS.md section 5)."""
+
+
+def full_kl(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
+    """Exact per-position KL(pi_theta || pi_ref) over the vocabulary.
+
+    KL_t = sum_v pi_theta(v | s_t) (log pi_theta - log pi_ref)(v | s_t), in fp32.
+
+    Shapes:
+        logits, ref_logits: (..., V); returns (...).
+    """
+    logp = F.log_softmax(logits.float(), dim=-1)
+    ref = F.log_softmax(ref_logits.float(), dim=-1)
+    return F.kl_div(ref, logp, log_target=True, reduction="none").sum(-1)

@@ -1,0 +1,126 @@
+"""The reward-function protocol and how a reward is named on the command line.
+
+A reward function scores one completion given the fields of the example it answers::
+
+    def my_reward(completion: str, *, prompt, reference=None, **fields) -> float | None
+
+It returns a float, or None to skip the completion (no reward for it). The function receives only
+the example fields its signature names (all of them when it takes ``**fields``), so a plain
+function such as ``rlhfkit.data.tasks.preferences:gold_score(completion, reference, task)`` is a
+reward as it stands. Batched scorers (a reward model) also provide ``score_batch(completions,
+fields)``, which :func:`score_completions` prefers.
+
+A reward is named by ``module:function`` (an importable module, or a ``path/to/file.py``) or by
+``rm:<checkpoint directory>`` for a reward model trained with ``rlhfkit rm train``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+
+@runtime_checkable
+class RewardFn(Protocol):
+    """Scores one completion; None means "no reward for this one" (it is skipped)."""
+
+    def __call__(self, completion: str, **fields: Any) -> float | None:
+        """Reward of ``completion`` for the example whose fields are ``fields``."""
+        ...
+
+
+def _import_attribute(spec: str) -> Any:
+    """``module:attr`` or ``path/file.py:attr`` to the attribute, with errors naming ``spec``."""
+    module_name, sep, attr = spec.rpartition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"reward {spec!r}: expected 'module:function' or 'path/file.py:function'")
+    if module_name.endswith(".py"):
+        path = Path(module_name)
+        if not path.is_file():
+            raise FileNotFoundError(f"reward {spec!r}: no file {path}")
+        loader_spec = importlib.util.spec_from_file_location(path.stem, path)
+        assert loader_spec is not None and loader_spec.loader is not None
+        module = importlib.util.module_from_spec(loader_spec)
+        loader_spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as err:
+            raise ValueError(f"reward {spec!r}: cannot import {module_name!r}: {err}") from err
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise ValueError(f"reward {spec!r}: {module_name!r} has no attribute {attr!r}") from None
+
+
+def load_reward_fn(spec: str, **options: Any) -> Callable[..., float | None]:
+    """The reward named by ``spec``.
+
+    Args:
+        spec: ``module:function``, ``path/to/file.py:function``, or ``rm:<directory>`` (a reward
+            model checkpoint; ``options`` go to :class:`rlhfkit.rewards.model.RewardModelScorer`).
+        options: Settings of a reward-model scorer (ignored for functions).
+
+    Raises:
+        ValueError: When the spec is malformed or names nothing callable.
+    """
+    if spec.startswith("rm:"):
+        from rlhfkit.rewards.model import RewardModelScorer
+
+        return RewardModelScorer(spec[3:], **options)
+    fn = _import_attribute(spec)
+    if not callable(fn):
+        raise ValueError(f"reward {spec!r} is not callable")
+    return fn
+
+
+def _accepted(fn: Callable[..., Any], fields: dict[str, Any]) -> dict[str, Any]:
+    """The subset of ``fields`` that ``fn`` takes as keyword arguments."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # builtins without a signature: pass everything
+        return fields
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return {k: v for k, v in fields.items() if k != "completion"}
+    names = [n for n, p in params.items() if p.kind is not inspect.Parameter.POSITIONAL_ONLY]
+    return {k: fields[k] for k in names[1:] if k in fields}
+
+
+def score_completions(
+    fn: Callable[..., Any], completions: Sequence[str], fields: Sequence[dict[str, Any]]
+) -> list[float | None]:
+    """Rewards of ``completions[i]`` given ``fields[i]``; None where the function skipped one.
+
+    Uses ``fn.score_batch`` when the scorer has it (one batched pass), else calls ``fn`` per
+    completion with the fields it accepts.
+
+    Raises:
+        ValueError: When a reward is neither None nor a finite number (naming the completion).
+    """
+    if len(completions) != len(fields):
+        raise ValueError(f"{len(completions)} completions but {len(fields)} field sets")
+    batch = getattr(fn, "score_batch", None)
+    if batch is not None:
+        raw = list(batch(list(completions), list(fields)))
+    else:
+        raw = [fn(c, **_accepted(fn, f)) for c, f in zip(completions, fields, strict=True)]
+    out: list[float | None] = []
+    for i, value in enumerate(raw):
+        if value is None:
+            out.append(None)
+            continue
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"reward returned {value!r} for completion {i}; need a number or None"
+            ) from None
+        if not math.isfinite(number):
+            raise ValueError(f"reward returned {number} for completion {i}; need a finite number")
+        out.append(number)
+    return out
