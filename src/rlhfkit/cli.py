@@ -37,6 +37,12 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
         "main",
         "Direct alignment on preference pairs (dpo, ipo, simpo, orpo, kto, ...).",
     ),
+    "dpo online": (
+        "rlhfkit.recipes.dpo_online",
+        "OnlineDPOConfig",
+        "main",
+        "Iterative DPO: sample pairs from the policy, label them with a reward, train; repeat.",
+    ),
     "generate": (
         "rlhfkit.recipes.generate",
         "GenerateConfig",

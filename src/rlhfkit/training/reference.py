@@ -67,10 +67,12 @@ def compute_reference(
     pad_id: int,
     share_prefix: bool,
     temperature: float = 1.0,
+    disable_adapter: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed completion log-probs and token counts of every sequence, in eval mode.
 
-    With a peft model the adapter is disabled, so the reference is the base model.
+    With a peft model the adapter is disabled (unless ``disable_adapter`` is False), so the
+    reference is the base model.
 
     Shapes:
         returns (G, K) fp32 sums and (G, K) counts (0 where a group has fewer completions).
@@ -80,7 +82,7 @@ def compute_reference(
     tokens = torch.zeros(len(groups), k, dtype=torch.long)
     was_training = model.training
     model.eval()
-    disable = getattr(model, "disable_adapter", None)
+    disable = getattr(model, "disable_adapter", None) if disable_adapter else None
     device = next(model.parameters()).device
     with disable() if disable is not None else contextlib.nullcontext():
         for index in group_bins(groups, max_tokens=max_tokens, share_prefix=share_prefix):

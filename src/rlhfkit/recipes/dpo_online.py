@@ -1,0 +1,278 @@
+"""Iterative (online) DPO: sample pairs from the current policy, label them, train; repeat.
+
+RLHF book chapter 8 (online and iterative direct alignment); the loop of Xu et al. 2023
+("Some things are more CRINGE than others"), Guo et al. 2024 (online AI feedback) and Xiong et
+al. 2024 (iterative DPO with a reward model). Offline DPO learns from pairs some other model
+wrote; here every round's pairs come from the policy being trained, labelled by a reward.
+
+Loop, for round k = 1 .. ``rounds``:
+    1. Prompts: the next ``prompts_per_round`` distinct prompts of the training source (a seeded
+       shuffle, cycled).
+    2. Sample ``num_samples`` completions per prompt from the current policy.
+    3. Score them with the reward: ``rm:<checkpoint>`` (a reward model from ``rlhfkit rm train``)
+       or any ``module:function`` (:mod:`rlhfkit.rewards`); None skips a completion.
+    4. Pair the best completion of each prompt with its worst; prompts whose best and worst
+       differ by no more than ``min_gap`` give no pair (counted as ties). The score gap is the
+       pair's margin and the scores feed ODPO's offset.
+    5. Reference log-probs of the new pairs, before any update of the round: ``round`` uses the
+       policy as it starts the round (each round is anchored to the previous iterate; no second
+       model), ``initial`` the starting model (the adapter disabled under LoRA, else loaded again
+       for this pass and freed).
+    6. ``steps_per_round`` optimiser steps on the round's pairs, the same step as ``rlhfkit dpo``
+       (one prefix-tree document per pair, the loss picked by ``--algo.loss``).
+    7. Log the round (reward mean and spread of the samples, reward of chosen and rejected,
+       pairs and ties), write its samples to ``rounds/round-<k>.jsonl`` and a checkpoint.
+    Then the held-out pair metrics, the sampled KL to the starting model and (built-in task) the
+    gold win rate against the starting model, as in offline DPO.
+
+Deviations: held-out pair metrics always use the starting model's cached reference (so they are
+comparable across rounds), whatever ``reference`` is. A run resumes at the last finished round.
+Under torchrun every rank samples and scores the same round (replicated, same seed); the
+optimiser steps are sharded as in offline DPO.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from rlhfkit.atomic import atomic_write_text
+from rlhfkit.config import LogConfig, to_dict
+from rlhfkit.data.collate import supports_padding_free
+from rlhfkit.data.groups import TokenizedGroup, tokenize_groups
+from rlhfkit.data.preferences import RankedGroup
+from rlhfkit.data.schemas import load_examples
+from rlhfkit.losses.preference import PREFERENCE_LOSSES
+from rlhfkit.models.heads import supports_prefix_trees
+from rlhfkit.recipes.common import RunContext, build_run, finish_run
+from rlhfkit.recipes.dpo import (
+    DPOConfig,
+    PairBatches,
+    example_count,
+    final_evaluation,
+    load_pairs,
+    make_step_loss,
+    train_steps,
+)
+from rlhfkit.recipes.dpo_eval import gold_comparison, heldout_metrics
+from rlhfkit.rewards import load_reward_fn, score_completions
+from rlhfkit.rollout.hf import SamplingConfig, sample_chat
+from rlhfkit.training.reference import cached_reference, compute_reference
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class OnlineConfig:
+    """The sample-label-train rounds."""
+
+    reward: str = "rlhfkit.data.tasks.preferences:gold_score"
+    """Labeller: 'rm:<reward model directory>' or 'module:function' / 'path/file.py:function'
+    (called with the completion and the example fields it names; the default is the built-in
+    task's gold judge)."""
+    rounds: int = 3
+    """Sample-label-train rounds."""
+    prompts_per_round: int = 64
+    """Prompts sampled per round."""
+    num_samples: int = 4
+    """Completions sampled per prompt (>= 2)."""
+    temperature: float = 0.8
+    """Sampling temperature (> 0)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass."""
+    max_new_tokens: int = 96
+    """Completion length limit."""
+    steps_per_round: int = 4
+    """Optimiser steps on each round's pairs (``loop.batch_size`` pairs per step)."""
+    reference: Literal["round", "initial"] = "round"
+    """pi_ref of a round's pairs: the policy as it starts the round, or the starting model."""
+    min_gap: float = 0.0
+    """Keep a prompt's pair only when best - worst score exceeds this."""
+    rm_max_tokens: int = 8192
+    """Tokens per forward pass of a reward-model labeller."""
+
+
+@dataclass
+class OnlineDPOConfig(DPOConfig):
+    """rlhfkit dpo online: iterative DPO on pairs sampled from the policy and labelled."""
+
+    online: OnlineConfig = field(default_factory=OnlineConfig)
+    log: LogConfig = field(default_factory=lambda: LogConfig(run_dir="runs/dpo_online"))
+
+
+def round_prompts(cfg: OnlineDPOConfig) -> list[dict[str, Any]]:
+    """Distinct prompts of the training source, each with its row's fields (for the reward)."""
+    data = cfg.data
+    result = load_examples(
+        data.train, data.schema, split=data.train_split, on_error=data.on_error, limit=data.limit
+    )
+    out, seen = [], set()
+    for example in result.examples:
+        key = repr(example.prompt)
+        if key not in seen:
+            seen.add(key)
+            meta = getattr(example, "meta", {}) or {}
+            out.append({**meta, "prompt": list(example.prompt), "location": example.location})
+    if not out:
+        raise ValueError(f"{data.train}: no prompts to sample from")
+    return out
+
+
+def pick_prompts(prompts: list[dict[str, Any]], k: int, per_round: int, seed: int) -> list[dict]:
+    """The prompts of round ``k``: consecutive slices of seeded shuffles (one per pass)."""
+    out = []
+    for position in range(k * per_round, (k + 1) * per_round):
+        epoch, index = divmod(position, len(prompts))
+        order = list(range(len(prompts)))
+        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+        out.append(prompts[order[index]])
+    return out
+
+
+def best_vs_worst(
+    fields: dict[str, Any], completions: list[str], scores: list[float | None], min_gap: float
+) -> RankedGroup | None:
+    """The pair (best, worst) of one prompt's scored completions, or None for a tie.
+
+    Ties among the best (or worst) go to the earliest sample; skipped (None) completions and
+    empty ones are left out.
+    """
+    scored = [(s, i) for i, s in enumerate(scores) if s is not None and completions[i].strip()]
+    if len(scored) < 2:
+        return None
+    best = max(scored, key=lambda t: (t[0], -t[1]))
+    worst = min(scored, key=lambda t: (t[0], t[1]))
+    if best[0] - worst[0] <= min_gap:
+        return None
+    return RankedGroup(
+        prompt=fields["prompt"],
+        completions=[[{"role": "assistant", "content": completions[i]}] for _, i in (best, worst)],
+        scores=[best[0], worst[0]],
+        margin=best[0] - worst[0],
+        meta={"source": fields.get("location", "")},
+        location=f"round sample of {fields.get('location', 'prompt')}",
+    )
+
+
+def sample_round(
+    ctx: RunContext, cfg: OnlineDPOConfig, reward: Any, prompts: list[dict[str, Any]], k: int
+) -> tuple[list[TokenizedGroup], dict[str, float], list[dict[str, Any]]]:
+    """Steps 1-4 of round ``k``: pairs, round metrics and the records written to disk."""
+    on = cfg.online
+    chosen = pick_prompts(prompts, k, on.prompts_per_round, cfg.loop.seed)
+    sampling = SamplingConfig(
+        max_new_tokens=on.max_new_tokens,
+        temperature=on.temperature,
+        top_p=on.top_p,
+        num_samples=on.num_samples,
+        seed=cfg.loop.seed * 1_000_003 + k,
+    )
+    samples = sample_chat(ctx.model, ctx.tokenizer, [p["prompt"] for p in chosen], sampling)
+    flat = [c for completions in samples for c in completions]
+    fields = [p for p, completions in zip(chosen, samples, strict=True) for _ in completions]
+    flat_scores = score_completions(reward, flat, fields)
+    groups, records, offset = [], [], 0
+    for p, completions in zip(chosen, samples, strict=True):
+        scores = flat_scores[offset : offset + len(completions)]
+        offset += len(completions)
+        group = best_vs_worst(p, completions, scores, on.min_gap)
+        if group is not None:
+            groups.append(group)
+        records.append({"prompt": p["prompt"], "completions": completions, "scores": scores})
+    pairs, counts = tokenize_groups(ctx.tokenizer, groups, max_len=cfg.data.max_len)
+    valid = [s for s in flat_scores if s is not None]
+    metrics = {
+        "online/round": float(k + 1),
+        "online/reward_mean": statistics.fmean(valid) if valid else float("nan"),
+        "online/reward_std": statistics.pstdev(valid) if valid else float("nan"),
+        "online/skipped": float(len(flat) - len(valid)),
+        "online/ties": float(len(chosen) - len(groups)),
+        "online/pairs": float(len(pairs)),
+        "online/dropped": float(counts["dropped_identical"] + counts["dropped_empty"]),
+    }
+    if pairs:
+        metrics["online/reward_chosen"] = statistics.fmean(g.scores[0] for g in pairs)
+        metrics["online/reward_rejected"] = statistics.fmean(g.scores[1] for g in pairs)
+    return pairs, metrics, records
+
+
+def round_reference(
+    ctx: RunContext, cfg: OnlineDPOConfig, pairs: list[TokenizedGroup], share: bool
+) -> torch.Tensor | None:
+    """Step 5: reference sums of the round's pairs (None for a reference-free loss).
+
+    Shapes:
+        returns (G, 2) fp32.
+    """
+    if PREFERENCE_LOSSES[cfg.algo.loss].reference_free:
+        return None
+    options = {
+        "max_tokens": cfg.loop.micro_batch_tokens, "packing": ctx.packing, "pad_id": ctx.pad_id,
+        "share_prefix": share, "disable_adapter": False,
+    }  # fmt: skip
+    if cfg.online.reference == "round":
+        return compute_reference(ctx.model, pairs, **options)[0]
+    with ctx.starting_model() as reference:
+        return compute_reference(reference, pairs, **options)[0]
+
+
+def main(cfg: OnlineDPOConfig) -> Path:
+    """Run iterative DPO; returns the run directory (model under ``<run_dir>/final``)."""
+    on = cfg.online
+    if on.num_samples < 2 or on.temperature <= 0 or on.rounds < 1 or on.steps_per_round < 1:
+        raise ValueError(
+            "online DPO needs num_samples >= 2, temperature > 0, rounds >= 1, steps_per_round >= 1"
+        )
+    ctx = build_run(cfg.model, cfg.log, cfg.loop.seed, to_dict(cfg))
+    ctx.packing = supports_padding_free(ctx.model)
+    share = cfg.data.share_prefix and ctx.packing and supports_prefix_trees(ctx.model)
+    reward = load_reward_fn(on.reward, max_tokens=on.rm_max_tokens)
+    prompts = round_prompts(cfg)
+    held_out = None
+    if cfg.data.eval:
+        held = load_pairs(ctx.tokenizer, cfg.data.eval, cfg.data.eval_split, cfg, 1)[0]
+        ref = cached_reference(
+            ctx.model, held, max_tokens=cfg.loop.micro_batch_tokens, packing=ctx.packing,
+            pad_id=ctx.pad_id, share_prefix=share,
+        )[0] if held else None  # fmt: skip
+        held_out = PairBatches(held, ref, ctx.packing, ctx.pad_id, share) if held else None
+    total = on.rounds * on.steps_per_round
+    ctx.start_training(cfg.optim, total, resume=cfg.loop.resume)
+    before = gold_comparison(ctx, cfg, None) if ctx.step == 0 else ctx.extra.get("gold_before")
+    if before is not None:
+        ctx.extra["gold_before"] = before
+    loss = (make_step_loss(ctx.model, cfg.algo), example_count(cfg.algo))
+    if ctx.step == 0 and held_out is not None:
+        ctx.logger.log(0, heldout_metrics(ctx, held_out, *loss, cfg))
+    with ctx.progress(total) as bar:
+        for k in range(int(ctx.extra.get("round", 0)), on.rounds):
+            pairs, metrics, records = sample_round(ctx, cfg, reward, prompts, k)
+            ctx.logger.log(ctx.step, metrics)
+            log.info("round %d: %s", k + 1, {n: round(v, 4) for n, v in metrics.items()})
+            if ctx.dist.is_main:
+                text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+                path = ctx.run_dir / "rounds" / f"round-{k + 1:03d}.jsonl"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(path, text)
+            if pairs:
+                train = PairBatches(
+                    pairs, round_reference(ctx, cfg, pairs, share), ctx.packing, ctx.pad_id, share
+                )
+                train_steps(
+                    ctx, cfg, train, held_out, loss, bar, stop_step=ctx.step + on.steps_per_round,
+                    batch_limit=None, save_every=0, batch_offset=ctx.batches_done,
+                )  # fmt: skip
+            else:
+                log.warning("round %d: every prompt tied; no update this round", k + 1)
+            ctx.extra["round"] = k + 1
+            ctx.save(cfg.loop.keep_last)
+    final_evaluation(ctx, cfg, held_out, *loss)
+    ctx.extra.pop("gold_before", None)
+    return finish_run(ctx, cfg.loop.keep_last)

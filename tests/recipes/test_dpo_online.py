@@ -1,0 +1,242 @@
+"""Iterative (online) DPO, the reward-function plumbing it labels with, and the sampled KL.
+
+Exact properties: with ``reference=round`` the policy equals the reference at the first step of
+every round, so the DPO loss there is log 2 (fp32); with ``reference=initial`` only the first
+round starts at log 2. An interrupted run resumed at its last round ends with the same weights as
+an uninterrupted one. The sampled KL of a model against itself is exactly 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rlhfkit.config import from_dict
+from rlhfkit.data.templates import render_messages
+from rlhfkit.eval.kl import sampled_kl, sequence_kl
+from rlhfkit.models.heads import score_examples
+from rlhfkit.models.load import load_model, load_tokenizer
+from rlhfkit.recipes import dpo_online
+from rlhfkit.rewards import load_reward_fn, score_completions
+from rlhfkit.rewards.model import RewardModelScorer
+
+REWARD_FILE = '''
+def vowels(completion, prompt):
+    """Reward: share of vowels in the completion (deterministic, varied across samples)."""
+    text = completion.lower()
+    return sum(ch in "aeiou" for ch in text) / max(len(text), 1)
+
+
+def with_kwargs(completion, **fields):
+    return float(len(fields))
+'''
+
+
+@pytest.fixture(scope="module")
+def reward_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("reward") / "my_reward.py"
+    path.write_text(REWARD_FILE)
+    return path
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory) -> Path:
+    rows = [
+        {"prompt": f"Say something about {i}.", "chosen": f"{i} is nice.", "rejected": "No."}
+        for i in range(12)
+    ]
+    path = tmp_path_factory.mktemp("online") / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _cfg(model_dir, data, run_dir, reward, **online) -> dpo_online.OnlineDPOConfig:
+    return from_dict(
+        dpo_online.OnlineDPOConfig,
+        {
+            "model": {"name": str(model_dir), "precision": "fp32"},
+            "data": {"train": str(data), "eval": None},
+            "optim": {"lr": 1e-3, "warmup_ratio": 0.0, "schedule": "constant"},
+            "loop": {"batch_size": 4},
+            "log": {"run_dir": str(run_dir), "progress": False, "tensorboard": False},
+            "eval": {"win_rate": False, "kl_prompts": 0},
+            "online": {
+                "reward": reward, "rounds": 2, "prompts_per_round": 6, "num_samples": 3,
+                "max_new_tokens": 12, "steps_per_round": 1, "temperature": 1.0, **online,
+            },
+        },
+    )  # fmt: skip
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+# ---------------------------------------------------------------------------------------------
+# Rewards
+
+
+def test_module_function_and_file_rewards(reward_file):
+    fn = load_reward_fn(f"{reward_file}:vowels")
+    fields = [{"prompt": "p", "reference": "unused"}] * 2
+    assert score_completions(fn, ["aa", "bb"], fields) == [1.0, 0.0]
+    kw = load_reward_fn(f"{reward_file}:with_kwargs")
+    assert score_completions(kw, ["x"], [{"prompt": "p", "a": 1}]) == [2.0]
+    gold = load_reward_fn("rlhfkit.data.tasks.preferences:gold_score")
+    out = score_completions(
+        gold, ["Add.\nAnswer: 4"], [{"reference": "x\nAnswer: 4", "prompt": []}]
+    )
+    assert out == [pytest.approx(1.3)]
+
+
+def test_bad_reward_specs_and_values_are_named(reward_file, tmp_path):
+    with pytest.raises(ValueError, match="module:function"):
+        load_reward_fn("no_colon")
+    with pytest.raises(ValueError, match="has no attribute 'missing'"):
+        load_reward_fn(f"{reward_file}:missing".replace(str(reward_file), "json"))
+    with pytest.raises(FileNotFoundError, match=r"nope\.py"):
+        load_reward_fn(f"{tmp_path}/nope.py:f")
+    with pytest.raises(ValueError, match="completion 1"):
+        score_completions(lambda c: None if c == "a" else float("nan"), ["a", "b"], [{}, {}])
+
+
+def test_reward_model_scorer_scores_in_order(tiny_model_dir, tmp_path):
+    model = load_model(str(tiny_model_dir), task="score")
+    model.save_pretrained(tmp_path / "rm")
+    load_tokenizer(str(tiny_model_dir)).save_pretrained(tmp_path / "rm")
+    scorer = load_reward_fn(f"rm:{tmp_path / 'rm'}", precision="fp32")
+    assert isinstance(scorer, RewardModelScorer)
+    prompt = [{"role": "user", "content": "Hi there"}]
+    completions = ["a much longer reply than the other", "short", ""]
+    got = score_completions(scorer, completions, [{"prompt": prompt}] * 3)
+    assert got[2] is None  # nothing scorable
+    for text, value in zip(completions[:2], got, strict=False):
+        seq = render_messages(
+            scorer.tokenizer, [*prompt, {"role": "assistant", "content": text}],
+            truncation="left_prompt",
+        )  # fmt: skip
+        expected = score_examples(scorer.model, [seq], packing=scorer.packing, pad_id=0)[0, 0]
+        assert value == pytest.approx(float(expected), abs=1e-5)
+    assert scorer("short", prompt=prompt) == pytest.approx(got[1], abs=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Round construction
+
+
+def test_best_vs_worst_pairs_ties_and_skips():
+    fields = {"prompt": [{"role": "user", "content": "q"}], "location": "f:1"}
+    group = dpo_online.best_vs_worst(fields, ["a", "b", "c", "d"], [0.5, 2.0, None, -1.0], 0.0)
+    assert [c[0]["content"] for c in group.completions] == ["b", "d"]
+    assert group.scores == [2.0, -1.0] and group.margin == 3.0
+    assert dpo_online.best_vs_worst(fields, ["a", "b"], [1.0, 1.0], 0.0) is None
+    assert dpo_online.best_vs_worst(fields, ["a", "b"], [1.0, 1.5], 0.5) is None
+    assert dpo_online.best_vs_worst(fields, ["a", "b", "c"], [1.0, None, None], 0.0) is None
+    assert dpo_online.best_vs_worst(fields, ["a", " "], [1.0, 0.0], 0.0) is None  # empty reply
+
+
+def test_round_prompts_cycle_through_every_prompt():
+    prompts = [{"prompt": i} for i in range(5)]
+    first_pass = [p["prompt"] for k in range(5) for p in dpo_online.pick_prompts(prompts, k, 1, 3)]
+    assert sorted(first_pass) == list(range(5))
+    again = [p["prompt"] for p in dpo_online.pick_prompts(prompts, 0, 7, 3)]
+    assert again == [p["prompt"] for p in dpo_online.pick_prompts(prompts, 0, 7, 3)]
+    assert sorted(again[:5]) == list(range(5))
+
+
+# ---------------------------------------------------------------------------------------------
+# The recipe
+
+
+def _first_losses(run_dir: Path) -> list[float]:
+    return [m["train/loss"] for m in _metrics(run_dir) if "train/loss" in m]
+
+
+@pytest.mark.parametrize("reference", ["round", "initial"])
+def test_rounds_anchor_to_the_chosen_reference(
+    tiny_model_dir, prompts_file, reward_file, tmp_path, reference
+):
+    run = tmp_path / "run"
+    cfg = _cfg(tiny_model_dir, prompts_file, run, f"{reward_file}:vowels", reference=reference)
+    dpo_online.main(cfg)
+    losses = _first_losses(run)
+    assert len(losses) == 2
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-5)
+    if reference == "round":
+        assert losses[1] == pytest.approx(math.log(2), abs=1e-5)
+    else:
+        assert abs(losses[1] - math.log(2)) > 1e-3
+    rounds = [m for m in _metrics(run) if "online/round" in m]
+    assert [m["online/round"] for m in rounds] == [1.0, 2.0]
+    assert all(m["online/pairs"] + m["online/ties"] == 6 for m in rounds)
+    assert rounds[0]["online/reward_chosen"] > rounds[0]["online/reward_rejected"]
+    records = (run / "rounds" / "round-001.jsonl").read_text().splitlines()
+    assert len(records) == 6 and len(json.loads(records[0])["completions"]) == 3
+    assert (run / "final" / "model.safetensors").exists()
+
+
+def test_resume_at_last_round_matches_uninterrupted(
+    tiny_model_dir, prompts_file, reward_file, tmp_path, monkeypatch
+):
+    reward = f"{reward_file}:vowels"
+    dpo_online.main(_cfg(tiny_model_dir, prompts_file, tmp_path / "a", reward))
+    real = dpo_online.sample_round
+
+    def crash_in_round_two(ctx, cfg, fn, prompts, k):
+        if k == 1:
+            raise KeyboardInterrupt
+        return real(ctx, cfg, fn, prompts, k)
+
+    monkeypatch.setattr(dpo_online, "sample_round", crash_in_round_two)
+    with pytest.raises(KeyboardInterrupt):
+        dpo_online.main(_cfg(tiny_model_dir, prompts_file, tmp_path / "b", reward))
+    monkeypatch.setattr(dpo_online, "sample_round", real)
+    cfg = _cfg(tiny_model_dir, prompts_file, tmp_path / "b", reward)
+    cfg.loop.resume = True
+    dpo_online.main(cfg)
+    a = load_file(tmp_path / "a" / "final" / "model.safetensors")
+    b = load_file(tmp_path / "b" / "final" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bad_online_settings_are_rejected(tiny_model_dir, prompts_file, reward_file, tmp_path):
+    cfg = _cfg(tiny_model_dir, prompts_file, tmp_path / "r", f"{reward_file}:vowels", num_samples=1)
+    with pytest.raises(ValueError, match="num_samples >= 2"):
+        dpo_online.main(cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampled KL
+
+
+def test_sampled_kl_of_a_model_against_itself_is_zero(tiny_model_dir):
+    model = load_model(str(tiny_model_dir), dtype=torch.float32).eval()
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    prompts = [[{"role": "user", "content": f"Tell me {i}"}] for i in range(3)]
+    same = sampled_kl(
+        model, contextlib.nullcontext(model), tokenizer, prompts, max_new_tokens=8, max_len=64
+    )
+    assert same["samples"] == 3 and same["k1"] == 0.0 and same["k3"] == 0.0
+    other = load_model(str(tiny_model_dir), dtype=torch.float32).eval()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    kl = sampled_kl(
+        model, contextlib.nullcontext(other), tokenizer, prompts, max_new_tokens=8, max_len=64
+    )
+    assert kl["k3"] > 0
+
+
+def test_sequence_kl_sums_per_sequence():
+    logp = torch.tensor([-1.0, -2.0, -0.5])
+    ref = torch.tensor([-1.5, -2.0, -1.0])
+    out = sequence_kl(logp, ref, torch.tensor([0, 0, 1]), 2)
+    assert out["k1"].tolist() == pytest.approx([0.5, 0.5])
+    k3 = math.expm1(-0.5) + 0.5
+    assert out["k3"].tolist() == pytest.approx([k3, k3])
