@@ -53,6 +53,80 @@ def backbone_hidden(model: nn.Module, **inputs: torch.Tensor) -> torch.Tensor:
     return backbone(**inputs, use_cache=False).last_hidden_state
 
 
+PARTIAL_LAST_LAYER = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+"""Model types whose decoder layer is ``x + attn(norm1(x))`` then ``x + mlp(norm2(x))``: their last
+layer's MLP can run only at the positions that are read (:func:`selected_hidden`)."""
+
+
+class _StopBeforeLastLayer(Exception):
+    """Raised by a pre-hook to end the backbone's forward at its last decoder layer."""
+
+
+def _checkpointing(lm: nn.Module) -> bool:
+    """Whether activation checkpointing is on (the newer transformers name first)."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(lm), name):
+            return bool(getattr(lm, name))
+    return False
+
+
+def _decoder(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """(backbone, last decoder layer) when the last layer can run on selected positions."""
+    lm = _unwrap(model)
+    backbone = getattr(lm, lm.base_model_prefix, None)
+    layers = getattr(backbone, "layers", None)
+    if (
+        getattr(lm.config, "model_type", None) not in PARTIAL_LAST_LAYER
+        or not layers
+        or _checkpointing(lm)
+        or not isinstance(getattr(backbone, "norm", None), nn.Module)
+    ):
+        return None
+    last = layers[-1]
+    parts = ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")
+    return (backbone, last) if all(hasattr(last, a) for a in parts) else None
+
+
+def selected_hidden(
+    model: nn.Module, inputs: dict[str, torch.Tensor], rows: torch.Tensor, cols: torch.Tensor
+) -> torch.Tensor:
+    """Final hidden states at the positions ``(rows, cols)`` only (pooled reward heads).
+
+    Equal to ``backbone_hidden(model, **inputs)[rows, cols]``. Every layer but the last runs
+    on all positions; the last one's attention too (its keys and values are needed
+    everywhere), but its MLP and the final norm run only at the selected positions: for a
+    reward model read at one token per sequence that skips about three quarters of a layer
+    (2.5% of SmolLM2-135M's forward and backward). Other model types run the whole backbone.
+
+    Shapes:
+        rows, cols: (S,); returns (S, H).
+    """
+    found = _decoder(model)
+    if found is None:
+        return backbone_hidden(model, **inputs)[rows, cols]
+    backbone, last = found
+    captured: dict[str, object] = {}
+
+    def stop(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        captured["args"], captured["kwargs"] = args, kwargs
+        raise _StopBeforeLastLayer
+
+    handle = last.register_forward_pre_hook(stop, with_kwargs=True)
+    try:
+        backbone(**inputs, use_cache=False)
+    except _StopBeforeLastLayer:
+        pass
+    finally:
+        handle.remove()
+    kwargs = dict(captured["kwargs"])  # type: ignore[arg-type]
+    args = captured["args"]
+    hidden = args[0] if args else kwargs.pop("hidden_states")  # type: ignore[index]
+    attended, _ = last.self_attn(hidden_states=last.input_layernorm(hidden), **kwargs)
+    picked = (hidden + attended)[rows, cols]  # (S, H)
+    picked = picked + last.mlp(last.post_attention_layernorm(picked))
+    return backbone.norm(picked)
+
+
 def _model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Model keyword arguments of a batch.
 

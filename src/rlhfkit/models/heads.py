@@ -27,7 +27,7 @@ from torch import nn
 
 from rlhfkit.data.collate import packed_batch, pad_batch
 from rlhfkit.models.attention import VARLEN_SDPA
-from rlhfkit.models.forward import _model_inputs, _unwrap, backbone_hidden
+from rlhfkit.models.forward import _model_inputs, _unwrap, backbone_hidden, selected_hidden
 from rlhfkit.ops.masking import last_token_index
 from rlhfkit.types import TokenizedExample
 
@@ -95,9 +95,9 @@ def sequence_scores(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.T
     Shapes:
         returns (D, C) fp32: D sequences, C labels.
     """
-    hidden = backbone_hidden(model, **_model_inputs(batch))  # (B, L, H)
     rows, cols = last_positions(batch)
-    return apply_head(score_head(model), hidden[rows, cols])  # (D, C)
+    hidden = selected_hidden(model, _model_inputs(batch), rows, cols)  # (D, H)
+    return apply_head(score_head(model), hidden)  # (D, C)
 
 
 def token_scores(

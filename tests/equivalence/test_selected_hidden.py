@@ -1,0 +1,93 @@
+"""The last decoder layer run only at the read positions (``selected_hidden``) equals the full
+backbone read at those positions: values and gradients, for padded, packed and prefix-tree
+batches (with a shared context document), and the full path where the shortcut does not apply."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlhfkit.data.collate import packed_batch, pad_batch
+from rlhfkit.data.groups import TokenizedGroup, tree_batch
+from rlhfkit.models.forward import _model_inputs, backbone_hidden, selected_hidden
+from rlhfkit.models.heads import last_positions
+from rlhfkit.models.load import load_model
+from rlhfkit.types import TokenizedExample
+
+
+def _examples(lengths: list[int]) -> list[TokenizedExample]:
+    gen = torch.Generator().manual_seed(1)
+    return [
+        TokenizedExample(
+            torch.randint(5, 200, (n,), generator=gen).tolist(), [False] + [True] * (n - 1)
+        )
+        for n in lengths
+    ]
+
+
+def _tree(system: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(2)
+    head = torch.randint(5, 200, (system,), generator=gen).tolist()
+    groups = []
+    for prompt_len, lens in ((5, (3, 6)), (2, (4, 2))):
+        prompt = head + torch.randint(5, 200, (prompt_len,), generator=gen).tolist()
+        seqs = [
+            TokenizedExample(
+                prompt + torch.randint(5, 200, (n,), generator=gen).tolist(),
+                [False] * len(prompt) + [True] * n,
+            )
+            for n in lens
+        ]
+        groups.append(TokenizedGroup(seqs, [1.0, 0.0]))
+    return tree_batch(groups)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    return load_model(str(tiny_model_dir), dtype=torch.float64, task="score", pad_token_id=0)
+
+
+BATCHES = {
+    "padded": lambda: pad_batch(_examples([5, 9, 3]), pad_id=0),
+    "packed": lambda: packed_batch(_examples([5, 9, 3])),
+    "tree": lambda: _tree(0),
+    "tree_with_context": lambda: _tree(4),
+}
+
+
+@pytest.mark.parametrize("kind", list(BATCHES))
+def test_selected_hidden_equals_full_backbone(model, kind):
+    batch = BATCHES[kind]()
+    inputs = _model_inputs(batch)
+    rows, cols = last_positions(batch)
+    grads = []
+    for fn in (lambda: selected_hidden(model, inputs, rows, cols),
+               lambda: backbone_hidden(model, **inputs)[rows, cols]):  # fmt: skip
+        model.zero_grad()
+        out = fn()
+        (out * torch.linspace(-1, 1, out.shape[-1], dtype=out.dtype)).sum().backward()
+        grads.append(
+            (
+                out.detach(),
+                {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+            )
+        )
+    (fast, fast_grads), (full, full_grads) = grads
+    torch.testing.assert_close(fast, full, atol=1e-10, rtol=0)
+    assert fast_grads.keys() == full_grads.keys()
+    for name in full_grads:
+        torch.testing.assert_close(fast_grads[name], full_grads[name], atol=1e-10, rtol=0)
+
+
+def test_falls_back_to_the_full_backbone(model, monkeypatch):
+    """Unsupported model types (and gradient checkpointing) never reach the shortcut."""
+    batch = BATCHES["packed"]()
+    inputs, (rows, cols) = _model_inputs(batch), last_positions(batch)
+    expected = backbone_hidden(model, **inputs)[rows, cols]
+    monkeypatch.setattr(model.config, "model_type", "gpt2")
+    calls = []
+    handle = model.model.layers[-1].register_forward_hook(lambda *a: calls.append(1))
+    got = selected_hidden(model, inputs, rows, cols)
+    handle.remove()
+    assert calls == [1]  # the last layer ran as a whole
+    torch.testing.assert_close(got, expected, atol=0, rtol=0)
