@@ -219,17 +219,13 @@ def test_sampled_kl_of_a_model_against_itself_is_zero(tiny_model_dir):
     model = load_model(str(tiny_model_dir), dtype=torch.float32).eval()
     tokenizer = load_tokenizer(str(tiny_model_dir))
     prompts = [[{"role": "user", "content": f"Tell me {i}"}] for i in range(3)]
-    same = sampled_kl(
-        model, contextlib.nullcontext(model), tokenizer, prompts, max_new_tokens=8, max_len=64
-    )
+    same = sampled_kl(model, contextlib.nullcontext(model), tokenizer, prompts, max_new_tokens=8)
     assert same["samples"] == 3 and same["k1"] == 0.0 and same["k3"] == 0.0
     other = load_model(str(tiny_model_dir), dtype=torch.float32).eval()
     with torch.no_grad():
         for p in other.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    kl = sampled_kl(
-        model, contextlib.nullcontext(other), tokenizer, prompts, max_new_tokens=8, max_len=64
-    )
+    kl = sampled_kl(model, contextlib.nullcontext(other), tokenizer, prompts, max_new_tokens=8)
     assert kl["k3"] > 0
 
 
@@ -240,3 +236,51 @@ def test_sequence_kl_sums_per_sequence():
     assert out["k1"].tolist() == pytest.approx([0.5, 0.5])
     k3 = math.expm1(-0.5) + 0.5
     assert out["k3"].tolist() == pytest.approx([k3, k3])
+
+
+def test_sampled_kl_agrees_with_exact_kl_for_one_token(tiny_model_dir):
+    """One sampled token per prompt: the sample mean of k1 and k3 estimates the exact KL over the
+    vocabulary at the prompt's last position (within 4 standard errors; seeded)."""
+    from rlhfkit.eval.kl import sample_sequences, sequence_kl, token_logprobs
+    from rlhfkit.ops.kl import full_kl
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    policy = load_model(str(tiny_model_dir), dtype=torch.float64).eval()
+    reference = load_model(str(tiny_model_dir), dtype=torch.float64).eval()
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    prompt = [{"role": "user", "content": "Hello"}]
+    samples = sample_sequences(policy, tokenizer, [prompt] * 600, max_new_tokens=1, seed=5)
+    assert all(sum(s.loss_mask) == 1 for s in samples)
+    logp, owners = token_logprobs(policy, samples, pad_id=0)
+    ref, _ = token_logprobs(reference, samples, pad_id=0)
+    kl = sequence_kl(logp, ref, owners, len(samples))
+    ids = torch.tensor([samples[0].input_ids[:-1]])
+    with torch.no_grad():
+        exact = float(full_kl(policy(ids).logits[0, -1], reference(ids).logits[0, -1]))
+    for name in ("k1", "k3"):
+        values = kl[name]
+        stderr = float(values.std()) / math.sqrt(len(values))
+        assert abs(float(values.mean()) - exact) < 4 * stderr + 1e-9, (name, exact)
+
+
+def test_sample_chat_top_k_zero_means_no_truncation(tiny_model_dir, monkeypatch):
+    """transformers falls back to generation_config.top_k (50) when top_k is None: rlhfkit passes
+    0 through so that "no limit" really samples from the whole vocabulary."""
+    from rlhfkit.rollout.hf import SamplingConfig, sample_chat
+
+    model = load_model(str(tiny_model_dir), dtype=torch.float32).eval()
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    seen = {}
+    real = model.generate
+
+    def spy(**kwargs):
+        seen.update(kwargs)
+        return real(**kwargs)
+
+    monkeypatch.setattr(model, "generate", spy)
+    sample_chat(
+        model, tokenizer, [[{"role": "user", "content": "hi"}]], SamplingConfig(max_new_tokens=2)
+    )
+    assert seen["top_k"] == 0 and seen["do_sample"]

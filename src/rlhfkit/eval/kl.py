@@ -1,13 +1,12 @@
 """KL(pi_theta || pi_ref) estimated on completions sampled from the policy.
 
-Completions are sampled from the policy at temperature 1 (so they are samples of pi_theta),
-rendered after their prompt with the chat template (the end-of-turn token included), and scored
-token by token by both models. Per sequence, k1 = sum_t Delta_t and k3 = sum_t
-(expm1(-Delta_t) + Delta_t), with Delta_t = log pi_theta - log pi_ref (METHODS.md section 5);
-both are unbiased for the sequence KL, k3 is never negative. Re-rendering the decoded text can
-differ from the sampled ids in rare tokenisation corner cases, and a reply cut at
-``max_new_tokens`` gets an end-of-turn token it did not sample; both are small next to the
-sampling noise.
+Completions are sampled from the policy with plain ancestral sampling (temperature 1, no top-k or
+top-p truncation), so they are samples of pi_theta, and the sampled token ids (the end-of-turn
+token included when it was sampled) are scored token by token by both models. Per sequence,
+k1 = sum_t Delta_t and k3 = sum_t (expm1(-Delta_t) + Delta_t), with Delta_t = log pi_theta -
+log pi_ref (METHODS.md section 5). Both are unbiased for the sequence KL; k3 is never negative
+but heavy-tailed once the policy has moved far (a sampled token that pi_ref likes e^10 times
+more than pi_theta contributes e^10), so k1 is the figure to read at large KL.
 """
 
 from __future__ import annotations
@@ -19,10 +18,9 @@ import torch
 from torch import nn
 
 from rlhfkit.data.collate import pad_batch
-from rlhfkit.data.templates import render_messages
+from rlhfkit.data.templates import render_prompt
 from rlhfkit.models.forward import label_logprobs
 from rlhfkit.ops.kl import kl_k1, kl_k3
-from rlhfkit.rollout.hf import SamplingConfig, sample_chat
 from rlhfkit.types import TokenizedExample
 
 
@@ -48,21 +46,60 @@ def token_logprobs(
     return torch.cat(values), torch.cat(owners)
 
 
-def render_samples(
-    tokenizer: Any, prompts: Sequence[list[dict[str, str]]], replies: Sequence[str], max_len: int
+@torch.no_grad()
+def sample_sequences(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[list[dict[str, str]]],
+    *,
+    max_new_tokens: int,
+    seed: int = 0,
+    batch_size: int = 16,
 ) -> list[TokenizedExample]:
-    """Prompt + reply rendered for scoring (the prompt cut from the left); empty replies dropped."""
-    out = []
-    for i, (prompt, reply) in enumerate(zip(prompts, replies, strict=True)):
-        example = render_messages(
-            tokenizer,
-            [*prompt, {"role": "assistant", "content": reply}],
-            max_len=max_len,
-            truncation="left_prompt",
-            source=f"sample {i}",
-        )
-        if example is not None:
-            out.append(example)
+    """One ancestral sample (T = 1, untruncated) per prompt, as prompt + sampled ids.
+
+    The completion ends at the first end-of-sequence id (kept) or after ``max_new_tokens``.
+
+    Returns:
+        One example per prompt; ``loss_mask`` marks the sampled tokens.
+    """
+    device = next(model.parameters()).device
+    eos = tokenizer.eos_token_id
+    was_training = model.training
+    model.eval()
+    state = torch.get_rng_state()
+    torch.manual_seed(seed)
+    out: list[TokenizedExample] = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            ids = [render_prompt(tokenizer, p) for p in prompts[start : start + batch_size]]
+            width = max(len(i) for i in ids)
+            input_ids = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
+            mask = torch.zeros_like(input_ids)
+            for row, prompt in enumerate(ids):  # left padding
+                input_ids[row, width - len(prompt) :] = torch.tensor(prompt)
+                mask[row, width - len(prompt) :] = 1
+            generated = model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=mask.to(device),
+                do_sample=True,
+                temperature=1.0,
+                top_k=0,
+                top_p=1.0,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=eos,
+            )[:, width:].cpu()
+            for prompt, row in zip(ids, generated.tolist(), strict=True):
+                completion = row[: row.index(eos) + 1] if eos in row else row
+                out.append(
+                    TokenizedExample(
+                        prompt + completion, [False] * len(prompt) + [True] * len(completion)
+                    )
+                )
+    finally:
+        torch.set_rng_state(state)
+        model.train(was_training)
     return out
 
 
@@ -90,10 +127,9 @@ def sampled_kl(
     prompts: Sequence[list[dict[str, str]]],
     *,
     max_new_tokens: int,
-    max_len: int,
     seed: int = 0,
 ) -> dict[str, float]:
-    """Mean sequence KL(pi_theta || pi_ref) over one T = 1 sample per prompt.
+    """Mean sequence KL(pi_theta || pi_ref) over one ancestral sample per prompt.
 
     Args:
         policy: The model being trained.
@@ -101,16 +137,19 @@ def sampled_kl(
         tokenizer: Their tokenizer.
         prompts: Message lists ending with a user turn.
         max_new_tokens: Sample length limit.
-        max_len: Maximum rendered length (the prompt cut from the left).
         seed: Sampling seed.
 
     Returns:
         ``k1`` and ``k3`` (means over sequences of the summed estimators, nats),
         ``k1_per_token`` and ``samples``.
     """
-    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=1.0, seed=seed)
-    replies = [r[0] for r in sample_chat(policy, tokenizer, list(prompts), sampling)]
-    examples = render_samples(tokenizer, prompts, replies, max_len)
+    examples = [
+        e
+        for e in sample_sequences(
+            policy, tokenizer, prompts, max_new_tokens=max_new_tokens, seed=seed
+        )
+        if any(e.loss_mask)
+    ]
     if not examples:
         return {"k1": float("nan"), "k3": float("nan"), "k1_per_token": float("nan"), "samples": 0}
     pad_id = tokenizer.pad_token_id

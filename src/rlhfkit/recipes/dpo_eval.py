@@ -91,7 +91,6 @@ def kl_metrics(ctx: RunContext, cfg: Any) -> dict[str, float]:
         ctx.tokenizer,
         prompts,
         max_new_tokens=cfg.eval.max_new_tokens,
-        max_len=cfg.data.max_len,
         seed=cfg.loop.seed,
     )
     return {

@@ -70,9 +70,7 @@ def sample_chat(
         "eos_token_id": tokenizer.eos_token_id,
     }
     if not greedy:
-        options.update(
-            temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or None
-        )
+        options.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
     padding_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     results: list[list[str]] = []
