@@ -56,3 +56,14 @@ def full_kl(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
     logp = F.log_softmax(logits.float(), dim=-1)
     ref = F.log_softmax(ref_logits.float(), dim=-1)
     return F.kl_div(ref, logp, log_target=True, reduction="none").sum(-1)
+
+
+def adaptive_kl_coef(
+    beta: float, kl: float, target: float, n_steps: int, horizon: int, clip: float = 0.2
+) -> float:
+    """Adaptive KL controller (Ziegler et al. 2019).
+
+    beta <- beta * (1 + clip(KL / target - 1, -clip, clip) * n_steps / horizon).
+    """
+    error = min(max(kl / target - 1.0, -clip), clip)
+    return beta * (1.0 + error * n_steps / horizon)

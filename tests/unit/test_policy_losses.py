@@ -1,0 +1,316 @@
+"""Policy-gradient objectives, TIS, the value loss and the presets (METHODS.md section 6)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rlhfkit.losses.policy import (
+    OBJECTIVES,
+    PG_PRESETS,
+    ObjectiveParams,
+    policy_loss,
+    tis_weights,
+    value_loss,
+)
+from rlhfkit.ops.masking import Aggregation, normaliser_count
+
+P = ObjectiveParams()
+
+
+def _obj_and_grad(name: str, rho: float, adv: float, params: ObjectiveParams = P):
+    """obj = -loss at one token with log pi_old = 0, and d obj / d rho."""
+    ratio = torch.tensor([[rho]], dtype=torch.float64, requires_grad=True)
+    logp = ratio.log()
+    loss, _ = OBJECTIVES[name](
+        logp,
+        torch.zeros_like(logp),
+        torch.tensor([[adv]], dtype=torch.float64),
+        torch.ones(1, 1, dtype=torch.bool),
+        params,
+    )
+    (grad,) = torch.autograd.grad(-loss.sum(), ratio)
+    return -float(loss.detach()), float(grad)
+
+
+@pytest.mark.parametrize(
+    ("rho", "adv", "obj", "grad"),
+    [
+        (math.e, 1.0, 1.2, 0.0),
+        (1 / math.e, -1.0, -0.8, 0.0),
+        (0.5, 1.0, 0.5, 1.0),
+        (1.5, -1.0, -1.5, -1.0),
+        (1.3, 1.0, 1.2, 0.0),
+        (0.7, -1.0, -0.8, 0.0),
+    ],
+)
+def test_ppo_clip_table(rho, adv, obj, grad):
+    value, g = _obj_and_grad("ppo_clip", rho, adv)
+    assert value == pytest.approx(obj, abs=1e-12)
+    assert g == pytest.approx(grad, abs=1e-12)
+
+
+def test_dual_clip_caps_negative_advantage_loss():
+    value, grad = _obj_and_grad("ppo_clip", 10.0, -1.0, ObjectiveParams(dual_clip=3.0))
+    assert value == pytest.approx(-3.0) and grad == 0.0
+    assert _obj_and_grad("ppo_clip", 10.0, -1.0)[0] == pytest.approx(-10.0)
+
+
+def test_ppo_clip_first_step_equals_reinforce_gradient():
+    """pi_old = sg(pi_theta): ratio 1, clipping inactive, same gradient as REINFORCE."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 5, 7, generator=gen, dtype=torch.float64, requires_grad=True)
+    tokens = torch.randint(0, 7, (3, 5), generator=gen)
+    adv = torch.randn(3, 1, generator=gen, dtype=torch.float64).expand(3, 5)
+    mask = torch.rand(3, 5, generator=gen) > 0.2
+    grads = {}
+    for name in ("reinforce", "ppo_clip", "sapo"):
+        logp = torch.log_softmax(logits, -1).gather(-1, tokens[..., None])[..., 0]
+        agg = Aggregation("seq_mean_token_mean")
+        out = policy_loss(
+            logp,
+            logp.detach(),
+            adv,
+            mask,
+            objective=name,
+            params=P,
+            aggregation=agg,
+            normaliser=normaliser_count(mask, agg),
+        )
+        (grads[name],) = torch.autograd.grad(out.loss, logits)
+        assert out.metrics["clipped"] == 0
+    torch.testing.assert_close(grads["ppo_clip"], grads["reinforce"])
+    torch.testing.assert_close(grads["sapo"], grads["reinforce"])  # f'(1) = 1
+
+
+def test_reinforce_matches_the_exact_bandit_gradient():
+    """2-armed bandit: MC mean of the REINFORCE gradient = pi(a)(r(a) - J), with or without a
+    baseline; the baseline lowers the variance."""
+    logits = torch.tensor([0.3, -0.2], dtype=torch.float64, requires_grad=True)
+    rewards = torch.tensor([1.0, 0.2], dtype=torch.float64)
+    probs = torch.softmax(logits, 0)
+    exact = (probs * (rewards - (probs * rewards).sum())).detach()
+    gen = torch.Generator().manual_seed(3)
+    actions = torch.multinomial(probs.detach(), 20000, replacement=True, generator=gen)
+    estimates = {}
+    for name, baseline in (("none", 0.0), ("batch", float(rewards[actions].mean()))):
+        logp = torch.log_softmax(logits, 0)[actions]
+        adv = (rewards[actions] - baseline)[:, None]
+        per, _ = OBJECTIVES["reinforce"](
+            logp[:, None],
+            logp[:, None].detach(),
+            adv,
+            torch.ones(len(actions), 1, dtype=torch.bool),
+            P,
+        )
+        jac = torch.stack(
+            [
+                torch.autograd.grad(-per[i, 0], logits, retain_graph=True)[0]
+                for i in range(0, 20000, 50)
+            ]
+        )
+        estimates[name] = jac
+        mean = torch.autograd.grad(-per.mean(), logits)[0]
+        assert mean.tolist() == pytest.approx(exact.tolist(), abs=0.01)
+    assert estimates["batch"].var(0).sum() < estimates["none"].var(0).sum()
+
+
+def test_gspo_sequence_ratio_and_reduction_to_ppo():
+    logp = torch.tensor([[0.1, -0.1, 0.3]], dtype=torch.float64)
+    old = torch.zeros_like(logp)
+    adv = torch.ones_like(logp)
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    loss, _ = OBJECTIVES["gspo"](logp, old, adv, mask, ObjectiveParams(1.0, 1.0))
+    approx = math.exp(0.1)
+    assert loss.tolist()[0] == pytest.approx([-approx] * 3, abs=1e-6)
+    same = torch.full((2, 4), 0.05, dtype=torch.float64)
+    a = torch.tensor([[1.0], [-2.0]], dtype=torch.float64).expand(2, 4)
+    m = torch.ones(2, 4, dtype=torch.bool)
+    torch.testing.assert_close(
+        OBJECTIVES["gspo"](same, old.new_zeros(2, 4), a, m, P)[0],
+        OBJECTIVES["ppo_clip"](same, old.new_zeros(2, 4), a, m, P)[0],
+    )
+    padded = torch.cat([logp, torch.full((1, 2), 7.0, dtype=torch.float64)], 1)
+    pmask = torch.tensor([[True, True, True, False, False]])
+    out, _ = OBJECTIVES["gspo"](
+        padded, torch.zeros_like(padded), torch.ones_like(padded), pmask, ObjectiveParams(1.0, 1.0)
+    )
+    assert out[0, :3].tolist() == pytest.approx([-approx] * 3, abs=1e-6)  # padding-invariant
+
+
+def test_cispo_keeps_a_clipped_gradient():
+    for rho, expected in ((1.5, 1.4), (1.0, 1.0)):
+        logp = torch.tensor([[math.log(rho)]], dtype=torch.float64, requires_grad=True)
+        loss, _ = OBJECTIVES["cispo"](
+            logp,
+            torch.zeros(1, 1, dtype=torch.float64),
+            torch.ones(1, 1, dtype=torch.float64),
+            torch.ones(1, 1, dtype=torch.bool),
+            ObjectiveParams(0.2, 0.4),
+        )
+        (g,) = torch.autograd.grad(-loss.sum(), logp)
+        assert float(g) == pytest.approx(expected)  # d obj / d log pi
+    assert _obj_and_grad("ppo_clip", 1.5, 1.0)[1] == 0.0
+
+
+@pytest.mark.parametrize(
+    ("tau", "rho", "deriv"),
+    [
+        (1.0, 1.0, 1.0),
+        (1.05, 1.0, 1.0),
+        (1.0, 2.0, 0.786448),
+        (1.0, 0.5, 0.940015),
+        (1.05, 2.0, 0.768110),
+    ],
+)
+def test_sapo_gate_derivative(tau, rho, deriv):
+    adv = 1.0 if tau == 1.0 else -1.0
+    _, g = _obj_and_grad("sapo", rho, adv)
+    assert g / adv == pytest.approx(deriv, abs=1e-6)
+
+
+def test_tis_weights():
+    lp = torch.tensor([0.0, math.log(3), -math.log(2), 15.0])
+    w = tis_weights(lp, torch.zeros(4))
+    assert w.tolist() == pytest.approx([1.0, 2.0, 0.5, 2.0])
+    assert not w.requires_grad
+    assert tis_weights(
+        torch.tensor([math.log(3)]), torch.zeros(1), cap=math.inf
+    ).item() == pytest.approx(3.0)
+
+
+def test_uncapped_tis_is_unbiased_on_a_categorical():
+    sampler = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
+    learner = torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64)
+    f = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    w = tis_weights(learner.log(), sampler.log(), cap=math.inf)
+    assert float((sampler * w * f).sum()) == pytest.approx(float((learner * f).sum()))
+
+
+def test_value_loss_clipping():
+    v = torch.tensor([[1.0]], dtype=torch.float64, requires_grad=True)
+    agg = Aggregation("token_mean")
+    out = value_loss(
+        v,
+        torch.tensor([[0.5]]).double(),
+        torch.tensor([[1.0]]).double(),
+        torch.ones(1, 1, dtype=torch.bool),
+        aggregation=agg,
+        normaliser=1.0,
+        clip=0.2,
+    )
+    assert float(out.loss) == pytest.approx(0.045)
+    (g,) = torch.autograd.grad(out.loss, v)
+    assert float(g) == 0.0
+    gen = torch.Generator().manual_seed(0)
+    vals, old, ret = (torch.randn(4, 6, generator=gen, dtype=torch.float64) for _ in range(3))
+    m = torch.ones(4, 6, dtype=torch.bool)
+    clipped = value_loss(vals, old, ret, m, aggregation=agg, normaliser=24.0, clip=0.2).loss
+    plain = value_loss(vals, old, ret, m, aggregation=agg, normaliser=24.0, clip=None).loss
+    assert clipped >= plain
+
+
+@pytest.mark.parametrize("mode", ["token_mean", "seq_mean_token_mean", "fixed_length"])
+@pytest.mark.parametrize("objective", sorted(OBJECTIVES))
+def test_gradient_independent_of_micro_batch_split(mode, objective):
+    gen = torch.Generator().manual_seed(4)
+    logits = torch.randn(8, 6, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    tokens = torch.randint(0, 5, (8, 6), generator=gen)
+    old = torch.log_softmax(
+        logits.detach() + 0.1 * torch.randn(8, 6, 5, generator=gen, dtype=torch.float64), -1
+    ).gather(-1, tokens[..., None])[..., 0]
+    adv = torch.randn(8, 1, generator=gen, dtype=torch.float64).expand(8, 6)
+    mask = torch.rand(8, 6, generator=gen) > 0.25
+    mask[:, 0] = True
+    agg = Aggregation(mode, max_len=6)
+    normaliser = normaliser_count(mask, agg)
+    grads = []
+    for parts in ([8], [4, 4], [2, 2, 2, 2], [1] * 8):
+        logits.grad = None
+        start = 0
+        for n in parts:
+            rows = slice(start, start + n)
+            logp = torch.log_softmax(logits[rows], -1).gather(-1, tokens[rows, :, None])[..., 0]
+            out = policy_loss(
+                logp,
+                old[rows],
+                adv[rows],
+                mask[rows],
+                objective=objective,
+                params=P,
+                aggregation=agg,
+                normaliser=normaliser,
+            )
+            out.loss.backward()
+            start += n
+        grads.append(logits.grad.clone())
+    for g in grads[1:]:
+        torch.testing.assert_close(g, grads[0], atol=1e-12, rtol=0)
+
+
+def test_kl_in_loss_adds_beta_k():
+    logp = torch.zeros(1, 2, dtype=torch.float64)
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    kl = torch.tensor([[0.5, 1.5]], dtype=torch.float64)
+    agg = Aggregation("token_mean")
+    base = policy_loss(
+        logp,
+        logp,
+        torch.ones(1, 2),
+        mask,
+        objective="ppo_clip",
+        params=P,
+        aggregation=agg,
+        normaliser=2.0,
+    )
+    with_kl = policy_loss(
+        logp,
+        logp,
+        torch.ones(1, 2),
+        mask,
+        objective="ppo_clip",
+        params=P,
+        aggregation=agg,
+        normaliser=2.0,
+        kl=kl,
+        beta=0.1,
+    )
+    assert float(with_kl.loss - base.loss) == pytest.approx(0.1)
+    assert with_kl.metrics["kl"] == pytest.approx(2.0)
+
+
+def test_presets_resolve_to_the_table():
+    table = {
+        "reinforce": ("batch_baseline", "reinforce", "seq_mean_token_mean", "reward", "k1", "seq"),
+        "rloo": ("leave_one_out", "reinforce", "fixed_length", "reward", "k1", "seq"),
+        "remax": ("greedy_baseline", "reinforce", "fixed_length", "reward", "k1", "seq"),
+        "reinforce_pp": ("batch_whiten", "ppo_clip", "token_mean", "reward", "k1", "token"),
+        "ppo": ("gae", "ppo_clip", "seq_mean_token_mean", "reward", "k1", "token"),
+        "grpo": ("group_zscore", "ppo_clip", "seq_mean_token_mean", "loss", "k3", "token"),
+        "dr_grpo": ("group_center", "ppo_clip", "fixed_length", "none", "k1", "token"),
+        "dapo": ("group_zscore", "ppo_clip", "token_mean", "none", "k1", "token"),
+        "gspo": ("group_zscore", "gspo", "seq_mean_token_mean", "none", "k1", "token"),
+        "cispo": ("group_zscore", "cispo", "token_mean", "none", "k1", "token"),
+        "sapo": ("group_zscore", "sapo", "seq_mean_token_mean", "none", "k1", "token"),
+        "maxrl": ("maxrl", "reinforce", "seq_mean_token_mean", "none", "k1", "token"),
+        "grpo_process": ("process_group", "ppo_clip", "seq_mean_token_mean", "loss", "k3", "token"),
+    }
+    assert set(PG_PRESETS) == set(table)
+    for name, row in table.items():
+        p = PG_PRESETS[name]
+        assert (
+            p.advantage,
+            p.objective,
+            p.aggregation,
+            p.kl_placement,
+            p.kl_estimator,
+            p.kl_per,
+        ) == row
+    assert PG_PRESETS["grpo"].beta == 0.04 and PG_PRESETS["ppo"].beta == 0.05
+    assert (PG_PRESETS["dapo"].params.eps_low, PG_PRESETS["dapo"].params.eps_high) == (0.2, 0.28)
+    assert (PG_PRESETS["gspo"].params.eps_low, PG_PRESETS["gspo"].params.eps_high) == (3e-4, 4e-4)
+    assert (PG_PRESETS["cispo"].params.eps_low, PG_PRESETS["cispo"].params.eps_high) == (0.2, 0.4)
+    assert PG_PRESETS["ppo"].critic and PG_PRESETS["ppo"].whiten_advantages
+    assert PG_PRESETS["dapo"].dynamic_sampling and PG_PRESETS["dapo"].overlong_penalty
