@@ -109,3 +109,31 @@ class StepExample:
         for position, label in zip(self.step_positions, self.step_labels, strict=True):
             labels[position] = label
         return labels
+
+
+FinishReason = str
+"""Why a completion ended: ``"eos"`` (end-of-sequence id), ``"stop"`` (a stop id or stop string)
+or ``"length"`` (``max_new_tokens`` reached)."""
+
+
+@dataclass
+class Rollout:
+    """Completions sampled for a batch of prompts (one row per completion, B = P * G).
+
+    Attributes:
+        prompt_index: For each completion, the index of its prompt (its group).
+        prompt_ids: For each completion, the prompt's token ids.
+        completion_ids: The sampled ids, ending with the stop or end-of-sequence id that ended it.
+        logprobs: log pi_sampler of each sampled id: the log-softmax of the logits divided by
+            the temperature (1 for greedy), before any top-k / top-p / min-p truncation.
+        finish_reasons: One :data:`FinishReason` per completion.
+    """
+
+    prompt_index: list[int]
+    prompt_ids: list[list[int]]
+    completion_ids: list[list[int]]
+    logprobs: list[list[float]]
+    finish_reasons: list[FinishReason]
+
+    def __len__(self) -> int:
+        return len(self.completion_ids)

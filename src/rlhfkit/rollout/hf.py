@@ -25,8 +25,12 @@ class SamplingConfig:
     """Nucleus sampling mass."""
     top_k: int = 0
     """Sample among the k most likely tokens (0: no limit)."""
+    min_p: float = 0.0
+    """Drop tokens whose probability is below min_p times the most likely one's (0: off)."""
     num_samples: int = 1
     """Completions per prompt."""
+    stop: tuple[str, ...] = ()
+    """Stop strings: a completion ends at the token that completes one (the rollout engine)."""
     seed: int = 0
     """Sampling seed."""
 
