@@ -43,6 +43,12 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
         "main",
         "Iterative DPO: sample pairs from the policy, label them with a reward, train; repeat.",
     ),
+    "rl": (
+        "rlhfkit.recipes.pg",
+        "PGConfig",
+        "main",
+        "Policy-gradient RL against rewards (grpo, rloo, reinforce, dr_grpo, gspo, cispo, ...).",
+    ),
     "generate": (
         "rlhfkit.recipes.generate",
         "GenerateConfig",
