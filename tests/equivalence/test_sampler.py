@@ -137,3 +137,17 @@ def test_greedy_with_several_samples_is_refused(model, tokenizer):
         _generator(model, tokenizer).generate(
             PROMPTS, SamplingConfig(temperature=0.0, num_samples=2)
         )
+
+
+def test_inverse_cdf_sampling_matches_the_distribution():
+    """Frequencies of 200k draws are within 5 standard errors of the probabilities; a
+    zero-probability entry is never drawn."""
+    from rlhfkit.rollout.sampler import sample_from
+
+    probs = torch.tensor([0.5, 0.0, 0.3, 0.15, 0.05]).repeat(200_000, 1)
+    draws = sample_from(probs, torch.Generator().manual_seed(0))
+    freq = torch.bincount(draws, minlength=5).double() / len(draws)
+    p = probs[0].double()
+    stderr = (p * (1 - p) / len(draws)).sqrt()
+    assert freq[1] == 0
+    assert ((freq - p).abs() <= 5 * stderr + 1e-12).all()
