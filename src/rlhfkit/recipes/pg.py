@@ -97,7 +97,8 @@ class PGAlgoConfig:
     """Which preset, and overrides of its axes (None: the preset's value)."""
 
     preset: str = "grpo"
-    """reinforce, rloo, grpo, dr_grpo, dapo, gspo, cispo, sapo or maxrl."""
+    """reinforce, rloo, grpo, dr_grpo, gspo, cispo, sapo or maxrl (ppo, reinforce_pp, remax, dapo
+    and grpo_process are in the table but not yet runnable here)."""
     beta: float | None = None
     """KL coefficient."""
     eps_low: float | None = None

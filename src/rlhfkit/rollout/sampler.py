@@ -156,14 +156,17 @@ class HFGenerator:
         greedy = sampling.temperature <= 0
         temperature = 1.0 if greedy else sampling.temperature
         scaled = logits if temperature == 1.0 else logits / temperature
+        lse = torch.logsumexp(scaled, dim=-1, keepdim=True)  # (B, 1): one pass for both uses
         if greedy:
             tokens = scaled.argmax(dim=-1)
-        else:
+        elif sampling.top_k or sampling.top_p < 1.0 or sampling.min_p > 0:
             filtered = filter_logits(
                 scaled, top_k=sampling.top_k, top_p=sampling.top_p, min_p=sampling.min_p
             )
             tokens = sample_from(torch.softmax(filtered, dim=-1), gen)
-        logp = torch.log_softmax(scaled, dim=-1).gather(1, tokens[:, None])[:, 0]
+        else:
+            tokens = sample_from(torch.exp(scaled - lse), gen)
+        logp = scaled.gather(1, tokens[:, None])[:, 0] - lse[:, 0]
         return tokens, logp.tolist()
 
     def _finish_reason(self, ids: list[int], stops: Sequence[str]) -> str | None:
