@@ -69,7 +69,9 @@ def test_grpo_learns_the_toy_task(tiny_model_dir, task, tmp_path):
     assert (tmp_path / "run" / "final" / "model.safetensors").exists()
 
 
-@pytest.mark.parametrize("preset", ["grpo", "rloo", "dr_grpo", "cispo", "gspo", "maxrl"])
+@pytest.mark.parametrize(
+    "preset", ["grpo", "rloo", "dr_grpo", "cispo", "gspo", "maxrl", "remax", "reinforce_pp"]
+)
 def test_step_gradient_is_independent_of_the_micro_batch_split(
     tiny_model_dir, task, tmp_path, preset
 ):
@@ -80,14 +82,7 @@ def test_step_gradient_is_independent_of_the_micro_batch_split(
     cfg = _cfg(tiny_model_dir, task, tmp_path / "r", algo__preset=preset)
     preset_row = pg.resolve_preset(cfg.algo)
     ctx = build_run(cfg.model, cfg.log, 0, {})
-    run = {
-        "preset": preset_row, "prompts": pg.load_prompts(ctx.tokenizer, cfg),
-        "fns": [pg.load_reward_fn(s) for s in cfg.rewards], "temperature": 1.0,
-        "needs_ref": preset_row.kl_placement != "none" and preset_row.beta > 0,
-        "reference": pg.reference_model(ctx), "generator": pg.HFGenerator(
-            ctx.model, pad_id=ctx.pad_id, eos_ids=[ctx.tokenizer.eos_token_id],
-        ),
-    }  # fmt: skip
+    run = pg.run_state(ctx, cfg, preset_row)
     batch = pg.collect(ctx, cfg, run)
     step_loss, count = pg.make_step_loss(ctx.model, preset_row, cfg, 1.0)
     rollout, grads = batch.rollout, []
@@ -99,6 +94,11 @@ def test_step_gradient_is_independent_of_the_micro_batch_split(
             with run["reference"]() as ref:
                 pg.attach_logprobs(ref, parts, "ref_logp", 1.0)
         pg._set_advantages(parts, batch.advantages)
+        if preset == "reinforce_pp":
+            pg.token_advantages(parts, preset_row.beta)
+            values = torch.cat([p["advantages"][p["completion_mask"]] for p in parts])
+            assert float(values.mean()) == pytest.approx(0.0, abs=1e-5)
+            assert float(values.std()) == pytest.approx(1.0, abs=1e-4)
         assert len(parts) == (1 if budget > 1000 else len(parts)) and (
             budget > 1000 or len(parts) > 2
         )
@@ -115,7 +115,7 @@ def test_two_epochs_recompute_pi_old_and_clip(tiny_model_dir, task, tmp_path):
 
 
 def test_presets_without_their_machinery_are_refused():
-    for name in ("ppo", "reinforce_pp", "remax", "dapo", "grpo_process"):
+    for name in ("ppo", "dapo", "grpo_process"):
         with pytest.raises(NotImplementedError, match=name):
             pg.resolve_preset(pg.PGAlgoConfig(preset=name))
     with pytest.raises(ValueError, match="unknown preset"):
@@ -142,3 +142,17 @@ def test_exact_answer():
     assert pg.exact_answer("37 + 58 = 95", "95") == 1.0
     assert pg.exact_answer("It is 1,234.", "1234") == 1.0
     assert pg.exact_answer("no idea", "3") == 0.0
+
+
+def test_remax_baseline_is_the_greedy_reward(tiny_model_dir, task, tmp_path):
+    from rlhfkit.recipes.common import build_run
+
+    cfg = _cfg(tiny_model_dir, task, tmp_path / "r", algo__preset="remax")
+    preset_row = pg.resolve_preset(cfg.algo)
+    ctx = build_run(cfg.model, cfg.log, 0, {})
+    run = pg.run_state(ctx, cfg, preset_row)
+    batch = pg.collect(ctx, cfg, run)
+    greedy = pg.greedy_rewards(ctx, cfg, run, batch.prompts)
+    kl = pg._sequence_k1(batch.batches, len(batch.advantages)).view_as(batch.rewards)
+    expected = batch.rewards - preset_row.beta * kl - greedy[:, None]
+    torch.testing.assert_close(batch.advantages, expected.flatten())

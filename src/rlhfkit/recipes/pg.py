@@ -25,10 +25,12 @@ Loop, for each step:
        lengths, finish reasons, advantage statistics, the share of zero-variance groups, and a
        few samples every ``log.sample_every`` steps (``samples.jsonl``).
 
-Not yet here (stated, not faked): the critic (PPO, GAE), per-token KL in the reward
-(REINFORCE++), the greedy baseline (ReMax), process rewards and DAPO's dynamic sampling; those
-presets raise a clear error. The reference model for a KL is the starting model, held in memory
-(eval mode, compute dtype) or, under LoRA, the policy with its adapter disabled.
+ReMax decodes each prompt greedily once more for its baseline; REINFORCE++ puts the KL in the
+reward per token (k1 against the sampler's log-probs), takes returns-to-go and whitens them over
+every token of the batch. Not yet here (stated, not faked): the critic (PPO, GAE), process
+rewards and DAPO's dynamic sampling; those presets raise a clear error. The reference model
+for a KL is the starting model, held in memory (eval mode, compute dtype) or, under LoRA, the
+policy with its adapter disabled.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ from rlhfkit.ops.kl import KL_ESTIMATORS
 from rlhfkit.ops.masking import Aggregation, normaliser_count
 from rlhfkit.recipes.common import RunContext, batch_order, build_run, finish_run
 from rlhfkit.rewards import load_reward_fn, score_completions
-from rlhfkit.rewards.shaping import weighted_sum
+from rlhfkit.rewards.shaping import kl_in_reward, weighted_sum
 from rlhfkit.rollout.hf import SamplingConfig
 from rlhfkit.rollout.sampler import HFGenerator
 from rlhfkit.training.accumulate import accumulate
@@ -65,15 +67,16 @@ from rlhfkit.training.distributed import all_reduce_sum
 log = logging.getLogger(__name__)
 
 GROUP_ESTIMATORS: dict[str, Callable[..., torch.Tensor]] = {
-    "batch_baseline": lambda r, cfg: adv_ops.batch_baseline(r),
-    "leave_one_out": lambda r, cfg: adv_ops.leave_one_out(r),
-    "group_zscore": lambda r, cfg: adv_ops.group_zscore(r, std=cfg.std, eps=cfg.std_eps),
-    "group_center": lambda r, cfg: adv_ops.group_center(r),
-    "maxrl": lambda r, cfg: adv_ops.maxrl(r),
-    "batch_whiten": lambda r, cfg: adv_ops.masked_whiten(r, torch.ones_like(r, dtype=torch.bool)),
+    "batch_baseline": lambda r, cfg, extra: adv_ops.batch_baseline(r),
+    "leave_one_out": lambda r, cfg, extra: adv_ops.leave_one_out(r),
+    "group_zscore": lambda r, cfg, extra: adv_ops.group_zscore(r, std=cfg.std, eps=cfg.std_eps),
+    "group_center": lambda r, cfg, extra: adv_ops.group_center(r),
+    "maxrl": lambda r, cfg, extra: adv_ops.maxrl(r),
+    "greedy_baseline": lambda r, cfg, extra: adv_ops.greedy_baseline(r, extra["greedy"]),
+    "batch_whiten": lambda r, cfg, extra: r,  # token level: see token_advantages
 }
-"""Advantage estimators on (prompts, G) rewards that this recipe runs (the rest need a critic,
-a greedy decode or step rewards)."""
+"""Advantage estimators on (prompts, G) rewards that this recipe runs (GAE needs a critic and
+process_group step rewards: not yet). ``extra`` carries the greedy rewards for ReMax."""
 
 
 @dataclass
@@ -97,7 +100,7 @@ class PGAlgoConfig:
     """Which preset, and overrides of its axes (None: the preset's value)."""
 
     preset: str = "grpo"
-    """reinforce, rloo, grpo, dr_grpo, gspo, cispo, sapo or maxrl (ppo, reinforce_pp, remax, dapo
+    """reinforce, rloo, remax, reinforce_pp, grpo, dr_grpo, gspo, cispo, sapo or maxrl (ppo, dapo
     and grpo_process are in the table but not yet runnable here)."""
     beta: float | None = None
     """KL coefficient."""
@@ -164,8 +167,8 @@ def resolve_preset(cfg: PGAlgoConfig) -> PGPreset:
         missing.append(f"advantage {preset.advantage!r}")
     if preset.critic or preset.dynamic_sampling:
         missing.append("a critic" if preset.critic else "dynamic sampling")
-    if preset.kl_placement == "reward" and preset.kl_per == "token" and preset.beta:
-        missing.append("per-token KL in the reward")
+    if preset.kl_per == "token" and preset.kl_placement == "reward" and preset.critic:
+        missing.append("per-token rewards for a critic")
     if missing:
         raise NotImplementedError(
             f"preset {cfg.preset!r} needs {', '.join(missing)}, which rlhfkit rl does not have yet"
@@ -406,9 +409,73 @@ def collect(ctx: RunContext, cfg: PGConfig, run: dict[str, Any]) -> RolloutBatch
             attach_logprobs(ref, batches, "ref_logp", run["temperature"])
         if preset.kl_placement == "reward":
             shaped = rewards - preset.beta * _sequence_k1(batches, len(flat)).view_as(rewards)
-    adv = GROUP_ESTIMATORS[preset.advantage](shaped, cfg.algo).flatten()
+    extra = {}
+    if preset.advantage == "greedy_baseline":  # ReMax: one greedy decode per prompt
+        extra["greedy"] = greedy_rewards(ctx, cfg, run, chosen)
+    token_level = preset.kl_per == "token" and preset.kl_placement == "reward"
+    if token_level:
+        shaped = rewards  # the KL goes in per token (token_advantages)
+    adv = GROUP_ESTIMATORS[preset.advantage](shaped, cfg.algo, extra).flatten()
     _set_advantages(batches, adv)
+    if token_level:
+        token_advantages(batches, preset.beta if run["needs_ref"] else 0.0)
     return RolloutBatch(batches, rewards, components, adv, rollout, texts, chosen)
+
+
+def greedy_rewards(
+    ctx: RunContext, cfg: PGConfig, run: dict[str, Any], chosen: list[PromptRow]
+) -> torch.Tensor:
+    """ReMax's baseline: the reward of each prompt's greedy completion.
+
+    Shapes:
+        returns (P,) fp64.
+    """
+    greedy = replace(cfg.sampling, temperature=0.0, num_samples=1)
+    rollout = run["generator"].generate([p.ids for p in chosen], greedy)
+    texts = ctx.tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
+    finished = [r != "length" for r in rollout.finish_reasons]
+    values, _ = score(texts, [p.fields for p in chosen], finished, cfg, run["fns"])
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def token_advantages(batches: list[dict[str, torch.Tensor]], beta: float) -> None:
+    """REINFORCE++ advantages, in place: whitened returns-to-go of per-token rewards.
+
+    Per-token rewards are -beta k1_t plus the score at the last token; the returns are whitened
+    over every token of the batch (all micro-batches and ranks together). On entry each
+    micro-batch's ``advantages`` holds its sequences' scores (broadcast over tokens).
+    """
+    returns = []
+    for b in batches:
+        mask = b["completion_mask"]
+        k1 = b["sampler_logp"] - b["ref_logp"] if beta else torch.zeros_like(b["sampler_logp"])
+        scores = b["advantages"][:, 0].double()
+        token_rewards = kl_in_reward(scores, k1.double(), mask, beta, per_token=True)
+        returns.append(adv_ops.returns_to_go(token_rewards, mask))
+    pairs = list(zip(batches, returns, strict=True))
+    total = sum(float(torch.where(b["completion_mask"], r, 0.0).sum()) for b, r in pairs)
+    squares = sum(float(torch.where(b["completion_mask"], r, 0.0).square().sum()) for b, r in pairs)
+    count = sum(float(b["completion_mask"].sum()) for b in batches)
+    stats = tuple(
+        torch.tensor(all_reduce_sum(v), dtype=torch.float64) for v in (total, squares, count)
+    )
+    for b, r in zip(batches, returns, strict=True):
+        b["advantages"] = adv_ops.masked_whiten(r, b["completion_mask"], stats=stats).float()
+
+
+def run_state(ctx: RunContext, cfg: PGConfig, preset: PGPreset) -> dict[str, Any]:
+    """What the loop needs besides the run context: prompts, rewards, reference, sampler."""
+    needs_ref = preset.kl_placement != "none" and preset.beta > 0
+    return {
+        "preset": preset, "prompts": load_prompts(ctx.tokenizer, cfg),
+        "fns": [load_reward_fn(spec) for spec in cfg.rewards], "needs_ref": needs_ref,
+        "reference": reference_model(ctx) if needs_ref else no_reference,
+        "temperature": cfg.sampling.temperature if cfg.sampling.temperature > 0 else 1.0,
+        "generator": HFGenerator(
+            ctx.model, pad_id=ctx.pad_id, eos_ids=[ctx.tokenizer.eos_token_id],
+            tokenizer=ctx.tokenizer,
+        ),
+    }  # fmt: skip
 
 
 def main(cfg: PGConfig) -> Path:
@@ -419,17 +486,7 @@ def main(cfg: PGConfig) -> Path:
             f"preset {cfg.algo.preset!r} needs sampling.num_samples >= {preset.min_group_size}"
         )
     ctx = build_run(cfg.model, cfg.log, cfg.loop.seed, to_dict(cfg))
-    needs_ref = preset.kl_placement != "none" and preset.beta > 0
-    run = {
-        "preset": preset, "prompts": load_prompts(ctx.tokenizer, cfg),
-        "fns": [load_reward_fn(spec) for spec in cfg.rewards], "needs_ref": needs_ref,
-        "reference": reference_model(ctx) if needs_ref else no_reference,
-        "temperature": cfg.sampling.temperature if cfg.sampling.temperature > 0 else 1.0,
-        "generator": HFGenerator(
-            ctx.model, pad_id=ctx.pad_id, eos_ids=[ctx.tokenizer.eos_token_id],
-            tokenizer=ctx.tokenizer,
-        ),
-    }  # fmt: skip
+    run = run_state(ctx, cfg, preset)
     per_epoch = max(1, len(run["prompts"]) // cfg.loop.batch_size)
     total = cfg.loop.max_steps or max(1, math.ceil(cfg.loop.epochs * per_epoch))
     ctx.start_training(cfg.optim, total, resume=cfg.loop.resume)
