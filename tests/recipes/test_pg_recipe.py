@@ -11,6 +11,7 @@ import torch
 
 from rlhfkit.config import from_dict
 from rlhfkit.recipes import pg
+from rlhfkit.rewards.answers import exact_answer
 
 REWARD = '''
 CALLS = []
@@ -87,7 +88,7 @@ def test_step_gradient_is_independent_of_the_micro_batch_split(
     step_loss, count = pg.make_step_loss(ctx.model, preset_row, cfg, 1.0)
     rollout, grads = batch.rollout, []
     for budget in (100_000, 40):
-        parts = pg.build_batches(
+        parts = pg.rollout_micro_batches(
             rollout.prompt_ids, rollout.completion_ids, rollout.logprobs, ctx.pad_id, budget
         )
         if run["needs_ref"]:
@@ -139,9 +140,9 @@ def test_truncated_completions_get_the_penalty_without_a_reward_call(task):
 
 
 def test_exact_answer():
-    assert pg.exact_answer("37 + 58 = 95", "95") == 1.0
-    assert pg.exact_answer("It is 1,234.", "1234") == 1.0
-    assert pg.exact_answer("no idea", "3") == 0.0
+    assert exact_answer("37 + 58 = 95", "95") == 1.0
+    assert exact_answer("It is 1,234.", "1234") == 1.0
+    assert exact_answer("no idea", "3") == 0.0
 
 
 def test_remax_baseline_is_the_greedy_reward(tiny_model_dir, task, tmp_path):

@@ -49,6 +49,7 @@ from typing import Any
 import torch
 
 from rlhfkit.config import LogConfig, LoopConfig, ModelConfig, OptimConfig, to_dict
+from rlhfkit.data.rollouts import rollout_micro_batches
 from rlhfkit.data.schemas import load_examples
 from rlhfkit.data.templates import render_prompt
 from rlhfkit.losses.policy import PG_PRESETS, PGPreset, policy_loss, tis_weights
@@ -130,7 +131,7 @@ class PGConfig:
     sampling: SamplingConfig = field(
         default_factory=lambda: SamplingConfig(max_new_tokens=64, temperature=1.0, num_samples=8)
     )
-    rewards: tuple[str, ...] = ("rlhfkit.recipes.pg:exact_answer",)
+    rewards: tuple[str, ...] = ("rlhfkit.rewards.answers:exact_answer",)
     """Rewards: 'module:function', 'path/file.py:function' or 'rm:<reward model dir>'."""
     weights: tuple[float, ...] = ()
     """Weight of each reward (default 1 each)."""
@@ -139,14 +140,6 @@ class PGConfig:
     log: LogConfig = field(default_factory=lambda: LogConfig(run_dir="runs/rl"))
     sample_every: int = 10
     """Write a few completions to samples.jsonl every N steps (0: never)."""
-
-
-def exact_answer(completion: str, answer: str) -> float:
-    """1.0 when the completion's last number equals ``answer`` (the verifiable schema's field)."""
-    import re
-
-    numbers = re.findall(r"-?\d+(?:\.\d+)?", completion.replace(",", ""))
-    return float(bool(numbers) and numbers[-1] == str(answer).strip())
 
 
 def resolve_preset(cfg: PGAlgoConfig) -> PGPreset:
@@ -233,59 +226,6 @@ def score(
 def no_reference() -> Iterator[None]:
     """Stand-in when no KL is computed."""
     yield None
-
-
-def _pad(rows: list[list[Any]], value: float, left: bool, dtype: torch.dtype) -> torch.Tensor:
-    """Rows padded to the longest, on the left or the right."""
-    width = max(len(r) for r in rows)
-    out = torch.full((len(rows), width), value, dtype=dtype)
-    for i, r in enumerate(rows):
-        if r:
-            cols = slice(width - len(r), width) if left else slice(0, len(r))
-            out[i, cols] = torch.tensor(r, dtype=dtype)
-    return out
-
-
-def build_batches(
-    prompt_ids: list[list[int]],
-    completion_ids: list[list[int]],
-    sampler_logps: list[list[float]],
-    pad_id: int,
-    max_tokens: int,
-) -> list[dict[str, torch.Tensor]]:
-    """Micro-batches of whole sequences under a token budget.
-
-    Prompts are left-padded and completions right-padded; ``rows`` gives each row's index in
-    the rollout. Completion-space tensors are (B, T).
-    """
-    order = sorted(
-        range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]) + len(completion_ids[i])
-    )
-    batches, current, width = [], [], 0
-    for i in order:
-        length = len(prompt_ids[i]) + len(completion_ids[i])
-        if current and max(width, length) * (len(current) + 1) > max_tokens:
-            batches.append(current)
-            current, width = [], 0
-        current.append(i)
-        width = max(width, length)
-    if current:
-        batches.append(current)
-    out = []
-    for idx in batches:
-        prompts = [prompt_ids[i] for i in idx]
-        comps = [completion_ids[i] for i in idx]
-        mask = _pad([[1] * len(c) for c in comps], 0, False, torch.long).bool()
-        out.append({
-            "prompt_ids": _pad(prompts, pad_id, True, torch.long),
-            "prompt_mask": _pad([[1] * len(p) for p in prompts], 0, True, torch.long),
-            "completion_ids": _pad(comps, pad_id, False, torch.long),
-            "completion_mask": mask,
-            "sampler_logp": _pad([sampler_logps[i] for i in idx], 0.0, False, torch.float32),
-            "advantages": torch.zeros(mask.shape),  # set by _set_advantages
-            "rows": torch.tensor(idx),
-        })  # fmt: skip
-    return out
 
 
 def make_step_loss(
@@ -398,7 +338,7 @@ def collect(ctx: RunContext, cfg: PGConfig, run: dict[str, Any]) -> RolloutBatch
     finished = [r != "length" for r in rollout.finish_reasons]
     flat, components = score(texts, fields, finished, cfg, run["fns"])
     rewards = torch.tensor(flat, dtype=torch.float64).view(len(chosen), sampling.num_samples)
-    batches = build_batches(
+    batches = rollout_micro_batches(
         rollout.prompt_ids, rollout.completion_ids, rollout.logprobs, ctx.pad_id,
         cfg.loop.micro_batch_tokens,
     )  # fmt: skip
