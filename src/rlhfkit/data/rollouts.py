@@ -2,7 +2,6 @@
 
 Prompts are left-padded and completions right-padded, in completion space (B rows, T completion
 tokens; the ``types`` glossary), and the rows are cut into micro-batches by a token budget.
-
 """
 
 from __future__ import annotations

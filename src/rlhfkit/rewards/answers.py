@@ -1,7 +1,6 @@
 """Answer-checking rewards usable as ``module:function``.
 
 The verifiers of the reasoning issue (``rewards/verifiers/``) will build on these.
-
 """
 
 from __future__ import annotations
