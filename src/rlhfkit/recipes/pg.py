@@ -56,7 +56,7 @@ from rlhfkit.losses.policy import PG_PRESETS, PGPreset, policy_loss, tis_weights
 from rlhfkit.models.forward import completion_logprobs
 from rlhfkit.ops import advantages as adv_ops
 from rlhfkit.ops.kl import KL_ESTIMATORS
-from rlhfkit.ops.masking import Aggregation, normaliser_count
+from rlhfkit.ops.masking import Aggregation, masked_mean, normaliser_count
 from rlhfkit.recipes.common import RunContext, batch_order, build_run, finish_run
 from rlhfkit.rewards import load_reward_fn, score_completions
 from rlhfkit.rewards.shaping import kl_in_reward, weighted_sum
@@ -155,6 +155,8 @@ def resolve_preset(cfg: PGAlgoConfig) -> PGPreset:
             eps_high=cfg.eps_high if cfg.eps_high is not None else params.eps_high,
         )
     preset = replace(preset, params=params, beta=preset.beta if cfg.beta is None else cfg.beta)
+    if cfg.epochs < 1:
+        raise ValueError(f"algo.epochs must be >= 1, got {cfg.epochs}")
     missing = []
     if preset.advantage not in GROUP_ESTIMATORS:
         missing.append(f"advantage {preset.advantage!r}")
@@ -213,13 +215,11 @@ def score(
             column[i] = v
         components[spec] = column
     total = weighted_sum(components, dict(zip(cfg.rewards, weights, strict=True)))
-    out = []
-    for i, value in enumerate(total):
-        if i not in set(scored):
-            out.append(float(cfg.algo.truncation_penalty))
-        else:
-            out.append(0.0 if value is None else value)
-    return out, components
+    kept = set(scored)
+    return [
+        (0.0 if value is None else value) if i in kept else float(cfg.algo.truncation_penalty)
+        for i, value in enumerate(total)
+    ], components
 
 
 @contextlib.contextmanager
@@ -329,9 +329,10 @@ def collect(ctx: RunContext, cfg: PGConfig, run: dict[str, Any]) -> RolloutBatch
     """Sample, score, shape and compute advantages for the next prompts."""
     prompts, preset = run["prompts"], run["preset"]
     size = min(cfg.loop.batch_size, len(prompts))
-    order = batch_order(len(prompts), size, cfg.loop.seed, ctx.batches_done)
+    position = int(ctx.extra.get("rollouts", 0))  # rollout batches so far (epochs reuse one)
+    order = batch_order(len(prompts), size, cfg.loop.seed, position)
     chosen = [prompts[i] for i in ctx.dist.shard(order)]
-    sampling = replace(cfg.sampling, seed=cfg.loop.seed * 1_000_003 + ctx.batches_done)
+    sampling = replace(cfg.sampling, seed=cfg.loop.seed * 1_000_003 + position)
     rollout = run["generator"].generate([p.ids for p in chosen], sampling)
     texts = ctx.tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
     fields = [chosen[i].fields for i in rollout.prompt_index]
@@ -357,8 +358,12 @@ def collect(ctx: RunContext, cfg: PGConfig, run: dict[str, Any]) -> RolloutBatch
         shaped = rewards  # the KL goes in per token (token_advantages)
     adv = GROUP_ESTIMATORS[preset.advantage](shaped, cfg.algo, extra).flatten()
     _set_advantages(batches, adv)
-    if token_level:
+    if token_level:  # log each sequence's mean token advantage, not its raw score
         token_advantages(batches, preset.beta if run["needs_ref"] else 0.0)
+        adv = torch.zeros_like(adv)
+        for b in batches:
+            mean = masked_mean(b["advantages"], b["completion_mask"], dim=-1)
+            adv[b["rows"].cpu()] = mean.double().cpu()
     return RolloutBatch(batches, rewards, components, adv, rollout, texts, chosen)
 
 
@@ -428,15 +433,16 @@ def main(cfg: PGConfig) -> Path:
     ctx = build_run(cfg.model, cfg.log, cfg.loop.seed, to_dict(cfg))
     run = run_state(ctx, cfg, preset)
     per_epoch = max(1, len(run["prompts"]) // cfg.loop.batch_size)
-    total = cfg.loop.max_steps or max(1, math.ceil(cfg.loop.epochs * per_epoch))
+    total = cfg.loop.max_steps or cfg.algo.epochs * max(1, math.ceil(cfg.loop.epochs * per_epoch))
     ctx.start_training(cfg.optim, total, resume=cfg.loop.resume)
     step_loss, count = make_step_loss(ctx.model, preset, cfg, run["temperature"])
     with ctx.progress(total) as bar:
         while ctx.step < total:
             batch = collect(ctx, cfg, run)
+            ctx.extra["rollouts"] = int(ctx.extra.get("rollouts", 0)) + 1
             if cfg.algo.epochs > 1:
                 attach_logprobs(ctx.model, batch.batches, "old_logp", run["temperature"])
-            for _ in range(cfg.algo.epochs):
+            for _ in range(min(cfg.algo.epochs, total - ctx.step)):
                 stats = accumulate(
                     batch.batches, step_loss, count_fn=count,
                     after_backward=ctx.master.collect_grads,
