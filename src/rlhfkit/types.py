@@ -127,6 +127,8 @@ class Rollout:
         logprobs: log pi_sampler of each sampled id: the log-softmax of the logits divided by
             the temperature (1 for greedy), before any top-k / top-p / min-p truncation.
         finish_reasons: One :data:`FinishReason` per completion.
+        entropies: Entropy (nats) of the tempered sampling distribution at each sampled
+            position, before truncation; empty when the backend does not report it.
     """
 
     prompt_index: list[int]
@@ -134,6 +136,7 @@ class Rollout:
     completion_ids: list[list[int]]
     logprobs: list[list[float]]
     finish_reasons: list[FinishReason]
+    entropies: list[list[float]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.completion_ids)

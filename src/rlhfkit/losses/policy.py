@@ -246,6 +246,7 @@ class PGPreset:
     dynamic_sampling: bool = False
     overlong_penalty: bool = False
     min_group_size: int = 1
+    epochs: int = 1
 
 
 _SEQ_KL = {"kl_placement": "reward", "kl_estimator": "k1", "kl_per": "seq", "beta": 0.05}
@@ -259,7 +260,8 @@ PG_PRESETS: dict[str, PGPreset] = {
     "remax": PGPreset("greedy_baseline", "reinforce", "fixed_length", **_SEQ_KL),
     "reinforce_pp": PGPreset("batch_whiten", "ppo_clip", "token_mean", **_TOKEN_KL),
     "ppo": PGPreset(
-        "gae", "ppo_clip", "seq_mean_token_mean", **_TOKEN_KL, critic=True, whiten_advantages=True
+        "gae", "ppo_clip", "seq_mean_token_mean", **_TOKEN_KL, critic=True, whiten_advantages=True,
+        epochs=4,
     ),
     "grpo": PGPreset("group_zscore", "ppo_clip", "seq_mean_token_mean", **_LOSS_KL, **_GROUP),
     "dr_grpo": PGPreset("group_center", "ppo_clip", "fixed_length", **_GROUP),

@@ -186,6 +186,26 @@ def label_logprobs(
     return linear_logprobs(hidden[select], head.weight, targets, temperature=temperature), rows
 
 
+def completion_inputs(
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """Model inputs of ``cat(prompt, completion)``, position ids counting attended tokens only.
+
+    Column P-1+t of the output predicts completion token t (the state before it is emitted).
+
+    Shapes:
+        prompt_ids, prompt_mask: (B, P) left-padded; completion_ids, completion_mask: (B, T)
+        right-padded; returns (B, P+T) tensors.
+    """
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # (B, L)
+    attention = torch.cat([prompt_mask, completion_mask], dim=1).long()  # (B, L)
+    position_ids = (attention.cumsum(1) - 1).clamp(min=0)  # (B, L)
+    return {"input_ids": input_ids, "attention_mask": attention, "position_ids": position_ids}
+
+
 def completion_logprobs(
     model: nn.Module,
     prompt_ids: torch.Tensor,
@@ -206,10 +226,7 @@ def completion_logprobs(
         prompt_ids, prompt_mask: (B, P), left-padded; completion_ids, completion_mask: (B, T),
         right-padded; returns (B, T) fp32.
     """
-    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # (B, L)
-    attention = torch.cat([prompt_mask, completion_mask], dim=1).long()  # (B, L)
-    position_ids = (attention.cumsum(1) - 1).clamp(min=0)  # (B, L)
-    inputs = {"input_ids": input_ids, "attention_mask": attention, "position_ids": position_ids}
+    inputs = completion_inputs(prompt_ids, prompt_mask, completion_ids, completion_mask)
     p = prompt_ids.shape[1]
     select = completion_mask.bool()  # (B, T)
     dtype = torch.promote_types(next(model.parameters()).dtype, torch.float32)

@@ -27,7 +27,13 @@ from torch import nn
 
 from rlhfkit.data.collate import packed_batch, pad_batch
 from rlhfkit.models.attention import VARLEN_SDPA
-from rlhfkit.models.forward import _model_inputs, _unwrap, backbone_hidden, selected_hidden
+from rlhfkit.models.forward import (
+    _model_inputs,
+    _unwrap,
+    backbone_hidden,
+    completion_inputs,
+    selected_hidden,
+)
 from rlhfkit.ops.masking import last_token_index
 from rlhfkit.types import TokenizedExample
 
@@ -110,6 +116,33 @@ def token_scores(
     """
     hidden = backbone_hidden(model, **_model_inputs(batch))  # (B, L, H)
     return apply_head(score_head(model), hidden[select])  # (N, C)
+
+
+def completion_values(
+    model: nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+) -> torch.Tensor:
+    """PPO values V(s_t) of every completion position: the head at the state before token t.
+
+    V_t is read at column P-1+t of ``cat(prompt, completion)``, the position whose logits
+    predict completion token t (as in :func:`rlhfkit.models.forward.completion_logprobs`).
+
+    Shapes:
+        prompt_ids, prompt_mask: (B, P) left-padded; completion_ids, completion_mask: (B, T)
+        right-padded; returns (B, T) fp32 (0 where the mask is False).
+    """
+    inputs = completion_inputs(prompt_ids, prompt_mask, completion_ids, completion_mask)
+    hidden = backbone_hidden(model, **inputs)[:, prompt_ids.shape[1] - 1 : -1]  # (B, T, H)
+    select = completion_mask.bool()
+    out = torch.zeros(completion_ids.shape, dtype=torch.float32, device=completion_ids.device)
+    values = apply_head(score_head(model), hidden[select])[:, 0]  # (N,)
+    if values.dtype != out.dtype:  # fp64 in tests
+        out = out.to(values.dtype)
+    out[select] = values
+    return out
 
 
 def check_pooling_compatible(sequences: Sequence[Sequence[int]], pad_token_id: int | None) -> int:

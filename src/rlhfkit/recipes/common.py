@@ -56,6 +56,40 @@ class NonFiniteLossError(RuntimeError):
 
 
 @dataclass
+class Companion:
+    """A second model trained next to the policy and stepped with it (PPO's value model).
+
+    It has its own fp32 master weights, AdamW, schedule and gradient clipping. Its weights are
+    written into the policy's checkpoint under ``<name>/`` and its optimiser and schedule into
+    ``TrainerState.data["companions"]``, so one atomic checkpoint restores both models.
+    """
+
+    model: torch.nn.Module
+    master: MasterWeights
+    optim: OptimConfig
+    optimizer: torch.optim.Optimizer | None = None
+    scheduler: Any = None
+
+    def start(self, total_steps: int) -> None:
+        """Build the optimiser and schedule for ``total_steps`` steps."""
+        o = self.optim
+        self.optimizer = build_optimizer(
+            self.master.params(), lr=o.lr, weight_decay=o.weight_decay, betas=o.betas, eps=o.eps
+        )
+        self.scheduler = build_scheduler(
+            self.optimizer, total_steps=total_steps, warmup_ratio=o.warmup_ratio,
+            schedule=o.schedule,
+        )  # fmt: skip
+
+    def step(self) -> None:
+        """Optimiser and schedule step, then copy the master weights into the model."""
+        self.optimizer.step()
+        self.scheduler.step()
+        self.master.zero_grad()
+        self.master.sync_to_model()
+
+
+@dataclass
 class RunContext:
     """The objects a training recipe works with, and its step counter."""
 
@@ -78,6 +112,8 @@ class RunContext:
     extra: dict[str, Any] = field(default_factory=dict)
     source: tuple[str, dict[str, Any]] | None = None
     """(model name, load_model keywords) of the starting model, to load it again as pi_ref."""
+    companions: dict[str, Companion] = field(default_factory=dict)
+    """Further trained models (name -> :class:`Companion`), stepped and saved with the policy."""
 
     def starting_model(self) -> AbstractContextManager[torch.nn.Module]:
         """The starting model pi_ref for a pass outside the reference cache.
@@ -113,6 +149,8 @@ class RunContext:
             warmup_ratio=optim.warmup_ratio,
             schedule=optim.schedule,
         )
+        for companion in self.companions.values():
+            companion.start(total_steps)
         if not resume:
             return
         path = latest_checkpoint(self.run_dir)
@@ -124,6 +162,16 @@ class RunContext:
         self.master.load_state_dict(weights)
         self.optimizer.load_state_dict(state.optimizer)
         self.scheduler.load_state_dict(state.scheduler)
+        for name, companion in self.companions.items():
+            prefix = f"{name}/"
+            companion.master.load_state_dict(
+                {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
+            )
+            saved = state.data.get("companions", {}).get(name)
+            if saved is None:
+                raise KeyError(f"{path}: the checkpoint has no state of the {name!r} model")
+            companion.optimizer.load_state_dict(saved["optimizer"])
+            companion.scheduler.load_state_dict(saved["scheduler"])
         ranks = state.rng.get("ranks", [state.rng])
         if len(ranks) != self.dist.world_size:
             log.warning("checkpoint has RNG states of %d ranks, this run has %d: not restoring "
@@ -154,27 +202,36 @@ class RunContext:
                 checkpoint is untouched).
         """
         finite = all_reduce_sum(0.0 if stats.finite else 1.0) == 0  # every rank must agree
+        norms = {}
         if finite:
-            self._average_gradients()
-        grad_norm = clip_grad_norm(self.master.params(), max_grad_norm) if finite else 0.0
-        if not finite or not math.isfinite(grad_norm):
+            for name, master in self._masters().items():
+                self._average_gradients(master)
+                norms[name] = clip_grad_norm(master.params(), max_grad_norm)
+        if not finite or not all(math.isfinite(v) for v in norms.values()):
             self._skip(max_nonfinite, "loss" if not stats.finite else "gradient norm")
             return False
         self.nonfinite = 0
-        self.extra["grad_norm"] = grad_norm
+        self.extra["grad_norm"] = norms.pop("")
+        self.extra.update({f"grad_norm/{name}": v for name, v in norms.items()})
         self.extra["lr"] = self.scheduler.get_last_lr()[0]  # the rate this step uses
         self.optimizer.step()
         self.scheduler.step()
         self.master.zero_grad()
         self.master.sync_to_model()
+        for companion in self.companions.values():
+            companion.step()
         self.step += 1
         return True
 
-    def _average_gradients(self) -> None:
-        """Average the fp32 master gradients across ranks (no-op on one process)."""
+    def _masters(self) -> dict[str, MasterWeights]:
+        """The policy's master weights (under "") and every companion's."""
+        return {"": self.master, **{k: c.master for k, c in self.companions.items()}}
+
+    def _average_gradients(self, master: MasterWeights) -> None:
+        """Average fp32 master gradients across ranks (no-op on one process)."""
         if self.dist.world_size == 1:
             return
-        params = self.master.params()
+        params = master.params()
         for p in params:
             if p.grad is None:  # every rank must reduce the same tensors
                 p.grad = torch.zeros_like(p)
@@ -185,7 +242,8 @@ class RunContext:
         return {k: v.to(self.dist.device, non_blocking=True) for k, v in batch.items()}
 
     def _skip(self, max_nonfinite: int, what: str) -> None:
-        self.master.zero_grad()
+        for master in self._masters().values():
+            master.zero_grad()
         self.nonfinite += 1
         self.extra["skipped"] = int(self.extra.get("skipped", 0)) + 1
         log.warning(
@@ -205,6 +263,7 @@ class RunContext:
             extra = {
                 "train/lr": self.extra.get("lr", 0.0),
                 "train/grad_norm": self.extra.get("grad_norm", 0.0),
+                **{f"train/{k}": v for k, v in self.extra.items() if k.startswith("grad_norm/")},
             }
             self.logger.log(self.step, {**metrics, **extra})
 
@@ -216,15 +275,24 @@ class RunContext:
         if not self.dist.is_main:
             barrier()
             return path
+        data = dict(data or {})
+        weights = self.master.state_dict()
+        if self.companions:
+            data["companions"] = {
+                name: {"optimizer": c.optimizer.state_dict(), "scheduler": c.scheduler.state_dict()}
+                for name, c in self.companions.items()
+            }
+            for name, c in self.companions.items():
+                weights.update({f"{name}/{k}": v for k, v in c.master.state_dict().items()})
         state = TrainerState(
             step=self.step,
             optimizer=self.optimizer.state_dict(),
             scheduler=self.scheduler.state_dict(),
             rng={"ranks": rng},
-            data=data or {},
-            extra={k: v for k, v in self.extra.items() if k not in ("grad_norm", "lr")},
+            data=data,
+            extra={k: v for k, v in self.extra.items() if not k.startswith(("grad_norm", "lr"))},
         )
-        path = save_checkpoint(self.run_dir, self.master.state_dict(), state, keep_last=keep_last)
+        path = save_checkpoint(self.run_dir, weights, state, keep_last=keep_last)
         barrier()
         return path
 

@@ -1,36 +1,37 @@
-"""Policy-gradient RL with critic-free estimators (RLHF book chapter 6; METHODS.md sections 5-6).
+"""Policy-gradient RL (RLHF book chapter 6; METHODS.md sections 5-6): ``rlhfkit rl``.
 
-REINFORCE, RLOO, GRPO, Dr. GRPO, GSPO, CISPO, SAPO and MaxRL.
+REINFORCE, RLOO, ReMax, REINFORCE++, PPO, GRPO, Dr. GRPO, DAPO, GSPO, CISPO, SAPO and MaxRL.
 
 Every algorithm is a row of ``PG_PRESETS``: an advantage estimator, an objective, a loss
-aggregation and a KL placement; ``--algo.preset grpo`` picks the row and the other ``--algo``
-fields override single axes.
+aggregation and a KL placement, plus modifiers; ``--algo.preset grpo`` picks the row and the
+other ``--algo`` fields override single axes.
 
-Loop, for each step:
+Loop, for each rollout batch (steps 1-5 in :mod:`rlhfkit.recipes.pg_collect`):
     1. The next ``loop.batch_size`` prompts of a seeded shuffle, rendered with the chat template.
     2. Sample ``sampling.num_samples`` completions per prompt from the policy (KV cache, one
        prefill per prompt; :class:`rlhfkit.rollout.sampler.HFGenerator`), with the sampler's
-       per-token log-probs and finish reasons.
+       per-token log-probs, entropies and finish reasons.
     3. Rewards: every ``--rewards`` entry (``module:function`` or ``rm:<dir>``) scores the
        completion text with the example's fields; the weighted sum is the reward, each component
        logged. Completions cut at ``max_new_tokens`` get ``truncation_penalty`` instead (when
-       set), without calling the rewards (EOS-only scoring).
-    4. KL placed in the reward: R <- R - beta * sum_t k1_t (per sequence).
-    5. Advantages from the rewards shaped (prompts, G), broadcast over each completion's tokens.
-    6. Policy loss per token (objective, TIS weight against the sampler, KL in the loss), reduced
-       with the preset's aggregation under one global normaliser over all micro-batches; clip;
-       AdamW. With ``algo.epochs`` > 1, log pi_old is recomputed on the learner first and the
-       batch is reused; with 1 epoch pi_old = sg(pi_theta) (the ratio is 1: clipping inactive).
-    7. Log reward mean/std and per component, KL, clip fraction, approximate KL, completion
-       lengths, finish reasons, advantage statistics, the share of zero-variance groups, and a
-       few samples every ``log.sample_every`` steps (``samples.jsonl``).
+       set), without calling the rewards (EOS-only scoring). DAPO adds its overlong penalty. A
+       reward of None skips the completion.
+    4. DAPO's dynamic sampling drops groups with all-equal rewards and samples more prompts.
+    5. KL in the reward (per sequence, or per token for REINFORCE++ and PPO), then advantages:
+       a group estimator broadcast over each completion's tokens, REINFORCE++'s whitened
+       returns-to-go, or PPO's GAE with the critic (:mod:`rlhfkit.recipes.ppo`).
+    6. ``algo.epochs`` x ``algo.minibatches`` optimiser steps on the batch: policy loss per token
+       (objective, TIS weight against the sampler, KL in the loss), reduced with the preset's
+       aggregation under one global normaliser per minibatch; clip; AdamW. With more than one
+       step per batch, log pi_old is computed on the learner before the first; with one,
+       pi_old = sg(pi_theta) (the ratio is 1: clipping inactive).
+    7. Log reward mean/std and per component, KL, entropy, clip fraction, approximate KL,
+       completion lengths, finish reasons, advantage statistics, the share of zero-variance
+       groups, and a few samples every ``sample_every`` steps (``samples.jsonl``).
 
-ReMax decodes each prompt greedily once more for its baseline; REINFORCE++ puts the KL in the
-reward per token (k1 against the sampler's log-probs), takes returns-to-go and whitens them over
-every token of the batch. Not yet here (stated, not faked): the critic (PPO, GAE), process
-rewards and DAPO's dynamic sampling; those presets raise a clear error. The reference model
-for a KL is the starting model, held in memory (eval mode, compute dtype) or, under LoRA, the
-policy with its adapter disabled.
+The reference model for a KL is the starting model, held in memory (eval mode, compute dtype)
+or, under LoRA, the policy with its adapter disabled. Not yet here (stated, not faked): process
+rewards (``grpo_process`` raises a clear error).
 """
 
 from __future__ import annotations
@@ -50,35 +51,31 @@ import torch
 
 from rlhfkit.config import LogConfig, LoopConfig, ModelConfig, OptimConfig, to_dict
 from rlhfkit.data.rollouts import rollout_micro_batches
-from rlhfkit.data.schemas import load_examples
-from rlhfkit.data.templates import render_prompt
 from rlhfkit.losses.policy import PG_PRESETS, PGPreset, policy_loss, tis_weights
 from rlhfkit.models.forward import completion_logprobs
-from rlhfkit.ops import advantages as adv_ops
 from rlhfkit.ops.kl import KL_ESTIMATORS
-from rlhfkit.ops.masking import Aggregation, masked_mean, normaliser_count
-from rlhfkit.recipes.common import RunContext, batch_order, build_run, finish_run
-from rlhfkit.rewards import load_reward_fn, score_completions
-from rlhfkit.rewards.shaping import kl_in_reward, weighted_sum
+from rlhfkit.ops.masking import Aggregation, normaliser_count
+from rlhfkit.recipes.common import RunContext, build_run, finish_run
+from rlhfkit.recipes.pg_collect import (
+    ESTIMATORS,
+    PromptRow,
+    RolloutBatch,
+    _sequence_k1,
+    _set_advantages,
+    attach_logprobs,
+    collect,
+    greedy_rewards,
+    load_prompts,
+    score,
+    token_advantages,
+)
+from rlhfkit.rewards import load_reward_fn
 from rlhfkit.rollout.hf import SamplingConfig
 from rlhfkit.rollout.sampler import HFGenerator
 from rlhfkit.training.accumulate import accumulate
 from rlhfkit.training.distributed import all_reduce_sum
 
 log = logging.getLogger(__name__)
-
-GROUP_ESTIMATORS: dict[str, Callable[..., torch.Tensor]] = {
-    "batch_baseline": lambda r, cfg, extra: adv_ops.batch_baseline(r),
-    "leave_one_out": lambda r, cfg, extra: adv_ops.leave_one_out(r),
-    "group_zscore": lambda r, cfg, extra: adv_ops.group_zscore(r, std=cfg.std, eps=cfg.std_eps),
-    "group_center": lambda r, cfg, extra: adv_ops.group_center(r),
-    "maxrl": lambda r, cfg, extra: adv_ops.maxrl(r),
-    "greedy_baseline": lambda r, cfg, extra: adv_ops.greedy_baseline(r, extra["greedy"]),
-    "batch_whiten": lambda r, cfg, extra: r,  # token level: see token_advantages
-}
-"""Advantage estimators on (prompts, G) rewards that this recipe runs (GAE needs a critic and
-process_group step rewards: not yet). ``extra`` carries the greedy rewards for ReMax."""
-
 
 @dataclass
 class PGDataConfig:
@@ -98,11 +95,21 @@ class PGDataConfig:
 
 @dataclass
 class PGAlgoConfig:
-    """Which preset, and overrides of its axes (None: the preset's value)."""
+    """Which preset, and overrides of its axes and modifiers (None: the preset's value)."""
 
     preset: str = "grpo"
-    """reinforce, rloo, remax, reinforce_pp, grpo, dr_grpo, gspo, cispo, sapo or maxrl (ppo, dapo
-    and grpo_process are in the table but not yet runnable here)."""
+    """reinforce, rloo, remax, reinforce_pp, ppo, grpo, dr_grpo, dapo, gspo, cispo, sapo or
+    maxrl (grpo_process is in the table but not yet runnable)."""
+    advantage: str | None = None
+    """Advantage estimator (batch_baseline, ema_baseline, leave_one_out, group_zscore, ...)."""
+    objective: str | None = None
+    """reinforce, ppo_clip, gspo, cispo or sapo."""
+    aggregation: str | None = None
+    """seq_mean_token_mean, token_mean or fixed_length."""
+    kl_placement: str | None = None
+    """none, reward or loss."""
+    kl_estimator: str | None = None
+    """k1, k2 or k3."""
     beta: float | None = None
     """KL coefficient."""
     eps_low: float | None = None
@@ -113,12 +120,47 @@ class PGAlgoConfig:
     """group_zscore: 'unbiased' or 'biased' std."""
     std_eps: float = 1e-4
     """group_zscore: added to the std."""
+    ema_decay: float = 0.9
+    """ema_baseline: decay of the running baseline."""
     tis_cap: float = 2.0
     """Truncated importance sampling cap C against the sampler's log-probs (inf: plain IS)."""
     truncation_penalty: float | None = None
     """Reward of a completion cut at max_new_tokens (None: score it like the others)."""
-    epochs: int = 1
-    """Optimiser passes over each rollout batch."""
+    dynamic_sampling: bool | None = None
+    """Drop groups whose rewards are all equal and sample more prompts (DAPO)."""
+    max_refills: int = 3
+    """Dynamic sampling: most extra sampling rounds per batch."""
+    overlong_penalty: bool | None = None
+    """Add DAPO's soft overlong penalty to the reward."""
+    overlong_cache: int | None = None
+    """Overlong penalty's L_cache (None: max_new_tokens // 4); L_max is max_new_tokens."""
+    epochs: int | None = None
+    """Optimiser passes over each rollout batch (None: the preset's; PPO 4, others 1)."""
+    minibatches: int = 1
+    """Optimiser steps per pass: the rollout batch is cut into this many minibatches."""
+
+
+@dataclass
+class CriticConfig:
+    """PPO's value model (used only by presets with a critic)."""
+
+    init: str = "auto"
+    """'reward_model' (the --critic.model reward model, or the rm:<dir> reward's), 'policy'
+    (the policy's weights plus a new scalar head), or 'auto' (reward_model when one is known)."""
+    model: str | None = None
+    """Checkpoint of the value model (default: by ``init``)."""
+    lr: float = 1e-5
+    """Learning rate of the value model (same schedule as the policy)."""
+    vf_coef: float = 0.5
+    """c_v: weight of the value loss in L = L_pi + c_v L_V."""
+    value_clip: float | None = 0.2
+    """eps_v: value clipping around V_old (None: no clipping)."""
+    gamma: float = 1.0
+    """Discount of GAE."""
+    lam: float = 0.95
+    """lambda of GAE."""
+    warmup_steps: int = 0
+    """Optimiser steps at the start that train only the value model."""
 
 
 @dataclass
@@ -128,6 +170,7 @@ class PGConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: PGDataConfig = field(default_factory=PGDataConfig)
     algo: PGAlgoConfig = field(default_factory=PGAlgoConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
     sampling: SamplingConfig = field(
         default_factory=lambda: SamplingConfig(max_new_tokens=64, temperature=1.0, num_samples=8)
     )
@@ -142,6 +185,11 @@ class PGConfig:
     """Write a few completions to samples.jsonl every N steps (0: never)."""
 
 
+_AXES = ("advantage", "objective", "aggregation", "kl_placement", "kl_estimator", "beta",
+         "dynamic_sampling", "overlong_penalty", "epochs")  # fmt: skip
+"""Preset fields that an ``--algo`` field of the same name overrides when set."""
+
+
 def resolve_preset(cfg: PGAlgoConfig) -> PGPreset:
     """The preset row with the overrides applied."""
     if cfg.preset not in PG_PRESETS:
@@ -154,72 +202,21 @@ def resolve_preset(cfg: PGAlgoConfig) -> PGPreset:
             eps_low=cfg.eps_low if cfg.eps_low is not None else params.eps_low,
             eps_high=cfg.eps_high if cfg.eps_high is not None else params.eps_high,
         )
-    preset = replace(preset, params=params, beta=preset.beta if cfg.beta is None else cfg.beta)
-    if cfg.epochs < 1:
-        raise ValueError(f"algo.epochs must be >= 1, got {cfg.epochs}")
-    missing = []
-    if preset.advantage not in GROUP_ESTIMATORS:
-        missing.append(f"advantage {preset.advantage!r}")
-    if preset.critic or preset.dynamic_sampling:
-        missing.append("a critic" if preset.critic else "dynamic sampling")
-    if preset.kl_per == "token" and preset.kl_placement == "reward" and preset.critic:
-        missing.append("per-token rewards for a critic")
-    if missing:
+    overrides = {k: getattr(cfg, k) for k in _AXES if getattr(cfg, k) is not None}
+    preset = replace(preset, params=params, **overrides)
+    if preset.epochs < 1 or cfg.minibatches < 1:
+        raise ValueError(
+            f"algo.epochs and algo.minibatches must be >= 1, got {preset.epochs}, "
+            f"{cfg.minibatches}"
+        )
+    if preset.advantage not in ESTIMATORS:
         raise NotImplementedError(
-            f"preset {cfg.preset!r} needs {', '.join(missing)}, which rlhfkit rl does not have yet"
+            f"preset {cfg.preset!r} needs advantage {preset.advantage!r} (step rewards from a "
+            "process reward model), which rlhfkit rl does not have yet"
         )
+    if (preset.advantage == "gae") != preset.critic:
+        raise ValueError("the 'gae' advantage and a critic go together (preset 'ppo')")
     return preset
-
-
-@dataclass
-class PromptRow:
-    """A prompt with its rendered ids and the fields the rewards see."""
-
-    ids: list[int]
-    fields: dict[str, Any]
-
-
-def load_prompts(tokenizer: Any, cfg: PGConfig) -> list[PromptRow]:
-    """Prompts of the source, rendered for sampling."""
-    data = cfg.data
-    result = load_examples(data.train, data.schema, split=data.train_split, limit=data.limit)
-    rows = []
-    for example in result.examples:
-        fields = {**(getattr(example, "meta", None) or {}), "prompt": list(example.prompt)}
-        if hasattr(example, "answer"):
-            fields["answer"] = example.answer
-        rows.append(
-            PromptRow(render_prompt(tokenizer, example.prompt, max_len=data.max_prompt_len), fields)
-        )
-    if not rows:
-        raise ValueError(f"{data.train}: no prompts")
-    return rows
-
-
-def score(
-    rollout_texts: list[str], fields: list[dict], finished: list[bool], cfg: PGConfig, fns: list
-) -> tuple[list[float], dict[str, list[float | None]]]:
-    """Step 3: the weighted reward of every completion and each component."""
-    weights = list(cfg.weights) or [1.0] * len(fns)
-    if len(weights) != len(fns):
-        raise ValueError(f"{len(fns)} rewards but {len(weights)} weights")
-    penalise = cfg.algo.truncation_penalty is not None
-    scored = [i for i, f in enumerate(finished) if f or not penalise]
-    components: dict[str, list[float | None]] = {}
-    for spec, fn in zip(cfg.rewards, fns, strict=True):
-        values = score_completions(
-            fn, [rollout_texts[i] for i in scored], [fields[i] for i in scored]
-        )
-        column: list[float | None] = [None] * len(rollout_texts)
-        for i, v in zip(scored, values, strict=True):
-            column[i] = v
-        components[spec] = column
-    total = weighted_sum(components, dict(zip(cfg.rewards, weights, strict=True)))
-    kept = set(scored)
-    return [
-        (0.0 if value is None else value) if i in kept else float(cfg.algo.truncation_penalty)
-        for i, value in enumerate(total)
-    ], components
 
 
 @contextlib.contextmanager
@@ -230,7 +227,7 @@ def no_reference() -> Iterator[None]:
 
 def make_step_loss(
     model: torch.nn.Module, preset: PGPreset, cfg: PGConfig, temperature: float
-) -> Callable[[dict[str, torch.Tensor], float], Any]:
+) -> tuple[Callable[[dict[str, torch.Tensor], float], Any], Callable[..., float]]:
     """Step 6 for one micro-batch: log-probs, TIS weights, KL, the preset's objective."""
     agg = Aggregation(preset.aggregation, max_len=cfg.sampling.max_new_tokens)
     estimator = KL_ESTIMATORS[preset.kl_estimator]
@@ -254,27 +251,15 @@ def make_step_loss(
             out.metrics["kl"] = float(
                 torch.where(mask, logp.detach() - batch["ref_logp"], 0.0).sum()
             )
+        out.metrics["sampler_gap"] = float(
+            torch.where(mask, (logp.detach() - batch["sampler_logp"]).abs(), 0.0).sum()
+        )
         return out
 
     def count(batch: dict[str, torch.Tensor]) -> float:
         return float(normaliser_count(batch["completion_mask"], agg))
 
     return step_loss, count
-
-
-@torch.no_grad()
-def attach_logprobs(
-    model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], key: str, temperature: float
-) -> None:
-    """Store detached completion log-probs of ``model`` under ``key`` in every micro-batch."""
-    was_training = model.training
-    model.eval()
-    for b in batches:
-        b[key] = completion_logprobs(
-            model, b["prompt_ids"], b["prompt_mask"], b["completion_ids"], b["completion_mask"],
-            temperature=temperature,
-        ).float()  # fmt: skip
-    model.train(was_training)
 
 
 def reference_model(ctx: RunContext) -> Callable[[], contextlib.AbstractContextManager]:
@@ -286,126 +271,37 @@ def reference_model(ctx: RunContext) -> Callable[[], contextlib.AbstractContextM
     return lambda: contextlib.nullcontext(frozen)
 
 
-def rollout_metrics(
-    rewards: torch.Tensor, components: dict[str, list], rollout: Any, advantages: torch.Tensor
-) -> dict[str, float]:
-    """Reward, length, finish-reason and advantage statistics of one rollout batch."""
+def rollout_metrics(batch: RolloutBatch) -> dict[str, float]:
+    """Reward, length, entropy, finish-reason and advantage statistics of one rollout batch."""
+    rewards, rollout, advantages = batch.rewards, batch.rollout, batch.advantages
     lengths = [len(c) for c in rollout.completion_ids]
     reasons = Counter(rollout.finish_reasons)
-    flat = rewards.flatten().tolist()
+    flat = [v for v in rewards.flatten().tolist() if not math.isnan(v)]
     out = {
-        "rollout/reward": statistics.fmean(flat),
-        "rollout/reward_std": statistics.pstdev(flat),
+        "rollout/reward": statistics.fmean(flat) if flat else 0.0,
+        "rollout/reward_std": statistics.pstdev(flat) if flat else 0.0,
+        "rollout/skipped": 1.0 - len(flat) / rewards.numel(),
         "rollout/length": statistics.fmean(lengths),
         "rollout/length_max": float(max(lengths)),
-        "rollout/zero_variance_groups": float((rewards == rewards[:, :1]).all(1).float().mean()),
+        "rollout/zero_variance_groups": float(
+            (torch.nan_to_num(rewards, nan=0.0) == torch.nan_to_num(rewards[:, :1], nan=0.0))
+            .all(1).float().mean()
+        ),
         "rollout/advantage_mean": float(advantages.mean()),
         "rollout/advantage_std": float(advantages.std()) if advantages.numel() > 1 else 0.0,
         "rollout/advantage_abs_max": float(advantages.abs().max()),
-    }
+        **batch.stats,
+    }  # fmt: skip
+    if rollout.entropies:
+        tokens = [h for row in rollout.entropies for h in row]
+        out["rollout/entropy"] = statistics.fmean(tokens) if tokens else 0.0
     for reason in ("eos", "stop", "length"):
         out[f"rollout/finish_{reason}"] = reasons.get(reason, 0) / len(lengths)
-    for name, values in components.items():
+    for name, values in batch.components.items():
         valid = [v for v in values if v is not None]
         if valid:
             out[f"rollout/reward/{name}"] = statistics.fmean(valid)
     return out
-
-
-@dataclass
-class RolloutBatch:
-    """Steps 1-5 of one training step: micro-batches with advantages, and what to log."""
-
-    batches: list[dict[str, torch.Tensor]]
-    rewards: torch.Tensor  # (P, G)
-    components: dict[str, list[float | None]]
-    advantages: torch.Tensor  # (P*G,)
-    rollout: Any
-    texts: list[str]
-    prompts: list[PromptRow]
-
-
-def collect(ctx: RunContext, cfg: PGConfig, run: dict[str, Any]) -> RolloutBatch:
-    """Sample, score, shape and compute advantages for the next prompts."""
-    prompts, preset = run["prompts"], run["preset"]
-    size = min(cfg.loop.batch_size, len(prompts))
-    position = int(ctx.extra.get("rollouts", 0))  # rollout batches so far (epochs reuse one)
-    order = batch_order(len(prompts), size, cfg.loop.seed, position)
-    chosen = [prompts[i] for i in ctx.dist.shard(order)]
-    sampling = replace(cfg.sampling, seed=cfg.loop.seed * 1_000_003 + position)
-    rollout = run["generator"].generate([p.ids for p in chosen], sampling)
-    texts = ctx.tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
-    fields = [chosen[i].fields for i in rollout.prompt_index]
-    finished = [r != "length" for r in rollout.finish_reasons]
-    flat, components = score(texts, fields, finished, cfg, run["fns"])
-    rewards = torch.tensor(flat, dtype=torch.float64).view(len(chosen), sampling.num_samples)
-    batches = rollout_micro_batches(
-        rollout.prompt_ids, rollout.completion_ids, rollout.logprobs, ctx.pad_id,
-        cfg.loop.micro_batch_tokens,
-    )  # fmt: skip
-    batches = [ctx.to_device(b) for b in batches]
-    shaped = rewards
-    if run["needs_ref"]:
-        with run["reference"]() as ref:
-            attach_logprobs(ref, batches, "ref_logp", run["temperature"])
-        if preset.kl_placement == "reward":
-            shaped = rewards - preset.beta * _sequence_k1(batches, len(flat)).view_as(rewards)
-    extra = {}
-    if preset.advantage == "greedy_baseline":  # ReMax: one greedy decode per prompt
-        extra["greedy"] = greedy_rewards(ctx, cfg, run, chosen)
-    token_level = preset.kl_per == "token" and preset.kl_placement == "reward"
-    if token_level:
-        shaped = rewards  # the KL goes in per token (token_advantages)
-    adv = GROUP_ESTIMATORS[preset.advantage](shaped, cfg.algo, extra).flatten()
-    _set_advantages(batches, adv)
-    if token_level:  # log each sequence's mean token advantage, not its raw score
-        token_advantages(batches, preset.beta if run["needs_ref"] else 0.0)
-        adv = torch.zeros_like(adv)
-        for b in batches:
-            mean = masked_mean(b["advantages"], b["completion_mask"], dim=-1)
-            adv[b["rows"].cpu()] = mean.double().cpu()
-    return RolloutBatch(batches, rewards, components, adv, rollout, texts, chosen)
-
-
-def greedy_rewards(
-    ctx: RunContext, cfg: PGConfig, run: dict[str, Any], chosen: list[PromptRow]
-) -> torch.Tensor:
-    """ReMax's baseline: the reward of each prompt's greedy completion.
-
-    Shapes:
-        returns (P,) fp64.
-    """
-    greedy = replace(cfg.sampling, temperature=0.0, num_samples=1)
-    rollout = run["generator"].generate([p.ids for p in chosen], greedy)
-    texts = ctx.tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
-    finished = [r != "length" for r in rollout.finish_reasons]
-    values, _ = score(texts, [p.fields for p in chosen], finished, cfg, run["fns"])
-    return torch.tensor(values, dtype=torch.float64)
-
-
-def token_advantages(batches: list[dict[str, torch.Tensor]], beta: float) -> None:
-    """REINFORCE++ advantages, in place: whitened returns-to-go of per-token rewards.
-
-    Per-token rewards are -beta k1_t plus the score at the last token; the returns are whitened
-    over every token of the batch (all micro-batches and ranks together). On entry each
-    micro-batch's ``advantages`` holds its sequences' scores (broadcast over tokens).
-    """
-    returns = []
-    for b in batches:
-        mask = b["completion_mask"]
-        k1 = b["sampler_logp"] - b["ref_logp"] if beta else torch.zeros_like(b["sampler_logp"])
-        scores = b["advantages"][:, 0].double()
-        token_rewards = kl_in_reward(scores, k1.double(), mask, beta, per_token=True)
-        returns.append(adv_ops.returns_to_go(token_rewards, mask))
-    pairs = list(zip(batches, returns, strict=True))
-    total = sum(float(torch.where(b["completion_mask"], r, 0.0).sum()) for b, r in pairs)
-    squares = sum(float(torch.where(b["completion_mask"], r, 0.0).square().sum()) for b, r in pairs)
-    count = sum(float(b["completion_mask"].sum()) for b in batches)
-    stats = tuple(
-        torch.tensor(all_reduce_sum(v), dtype=torch.float64) for v in (total, squares, count)
-    )
-    for b, r in zip(batches, returns, strict=True):
-        b["advantages"] = adv_ops.masked_whiten(r, b["completion_mask"], stats=stats).float()
 
 
 def run_state(ctx: RunContext, cfg: PGConfig, preset: PGPreset) -> dict[str, Any]:
@@ -416,6 +312,9 @@ def run_state(ctx: RunContext, cfg: PGConfig, preset: PGPreset) -> dict[str, Any
         "fns": [load_reward_fn(spec) for spec in cfg.rewards], "needs_ref": needs_ref,
         "reference": reference_model(ctx) if needs_ref else no_reference,
         "temperature": cfg.sampling.temperature if cfg.sampling.temperature > 0 else 1.0,
+        "minibatches": cfg.algo.minibatches,
+        # pi_old on the learner when a batch serves several steps, and for PPO's KL reward
+        "needs_old": preset.epochs * cfg.algo.minibatches > 1 or preset.critic,
         "generator": HFGenerator(
             ctx.model, pad_id=ctx.pad_id, eos_ids=[ctx.tokenizer.eos_token_id],
             tokenizer=ctx.tokenizer,
@@ -423,46 +322,88 @@ def run_state(ctx: RunContext, cfg: PGConfig, preset: PGPreset) -> dict[str, Any
     }  # fmt: skip
 
 
+def total_steps(cfg: PGConfig, preset: PGPreset, prompts: int) -> int:
+    """Optimiser steps of the run.
+
+    ``loop.max_steps``, else the rollout batches of ``loop.epochs`` passes over the prompts
+    times the steps each batch serves (epochs x minibatches).
+    """
+    if cfg.loop.max_steps:
+        return cfg.loop.max_steps
+    per_epoch = max(1, prompts // cfg.loop.batch_size)
+    per_batch = preset.epochs * cfg.algo.minibatches
+    return per_batch * max(1, math.ceil(cfg.loop.epochs * per_epoch))
+
+
+def update(
+    ctx: RunContext, cfg: PGConfig, batch: RolloutBatch, steps: int, step_loss: Callable,
+    count: Callable, after_backward: Callable[[], None],
+) -> Any:
+    """Step 6: up to ``steps`` optimiser steps, epochs over the batch's minibatches.
+
+    Returns:
+        The accumulated statistics of the last step that was taken (None if none was).
+    """  # fmt: skip
+    last = None
+    for _ in range(steps // len(batch.minibatches) + 1):
+        for minibatch in batch.minibatches:
+            if steps <= 0:
+                return last
+            stats = accumulate(minibatch, step_loss, count_fn=count, after_backward=after_backward)
+            steps -= 1
+            if ctx.apply_step(stats, cfg.optim.max_grad_norm, cfg.loop.max_nonfinite):
+                last = stats
+    return last
+
+
 def main(cfg: PGConfig) -> Path:
     """Run policy-gradient RL; returns the run directory (model under ``<run_dir>/final``)."""
     preset = resolve_preset(cfg.algo)
+    if preset.critic:  # PPO trains a value model next to the policy
+        from rlhfkit.recipes import ppo
+
+        return ppo.main(cfg)
     if preset.min_group_size > cfg.sampling.num_samples:
         raise ValueError(
             f"preset {cfg.algo.preset!r} needs sampling.num_samples >= {preset.min_group_size}"
         )
     ctx = build_run(cfg.model, cfg.log, cfg.loop.seed, to_dict(cfg))
     run = run_state(ctx, cfg, preset)
-    per_epoch = max(1, len(run["prompts"]) // cfg.loop.batch_size)
-    total = cfg.loop.max_steps or cfg.algo.epochs * max(1, math.ceil(cfg.loop.epochs * per_epoch))
+    total = total_steps(cfg, preset, len(run["prompts"]))
     ctx.start_training(cfg.optim, total, resume=cfg.loop.resume)
     step_loss, count = make_step_loss(ctx.model, preset, cfg, run["temperature"])
+    train(ctx, cfg, run, total, step_loss, count, ctx.master.collect_grads)
+    return finish_run(ctx, cfg.loop.keep_last)
+
+
+def train(
+    ctx: RunContext, cfg: PGConfig, run: dict[str, Any], total: int, step_loss: Callable,
+    count: Callable, after_backward: Callable[[], None],
+) -> None:
+    """The loop: collect a rollout batch, update on it, log, sample, checkpoint."""  # fmt: skip
+    per_batch = run["preset"].epochs * cfg.algo.minibatches
     with ctx.progress(total) as bar:
         while ctx.step < total:
             batch = collect(ctx, cfg, run)
-            ctx.extra["rollouts"] = int(ctx.extra.get("rollouts", 0)) + 1
-            if cfg.algo.epochs > 1:
-                attach_logprobs(ctx.model, batch.batches, "old_logp", run["temperature"])
-            for _ in range(min(cfg.algo.epochs, total - ctx.step)):
-                stats = accumulate(
-                    batch.batches, step_loss, count_fn=count,
-                    after_backward=ctx.master.collect_grads,
-                )  # fmt: skip
-                stepped = ctx.apply_step(stats, cfg.optim.max_grad_norm, cfg.loop.max_nonfinite)
-            if not stepped:
+            before = ctx.step
+            stats = update(
+                ctx, cfg, batch, min(per_batch, total - ctx.step), step_loss, count,
+                after_backward,
+            )  # fmt: skip
+            if stats is None:
                 continue
             metrics = step_metrics(stats, batch)
             tokens = int(sum(len(c) for c in batch.rollout.completion_ids))
-            bar.update(loss=metrics["train/loss"], tokens=tokens)
+            bar.update(ctx.step - before, loss=metrics["train/loss"], tokens=tokens)
             ctx.log_step(metrics, cfg.log.log_every)
             if cfg.sample_every and ctx.step % cfg.sample_every == 0 and ctx.dist.is_main:
                 _write_samples(ctx, batch)
             if cfg.loop.save_every and ctx.step % cfg.loop.save_every == 0:
                 ctx.save(cfg.loop.keep_last)
-    return finish_run(ctx, cfg.loop.keep_last)
 
 
 def step_metrics(stats: Any, batch: RolloutBatch) -> dict[str, float]:
-    """Loss-side and rollout-side metrics of one step (metric sums all-reduced)."""
+    """Loss-side metrics of the last step and rollout-side metrics (sums all-reduced)."""
     sums = {k: all_reduce_sum(v) for k, v in sorted(stats.metrics.items())}
     tokens = max(sums.get("tokens", 1.0), 1.0)
     metrics = {
@@ -470,27 +411,15 @@ def step_metrics(stats: Any, batch: RolloutBatch) -> dict[str, float]:
         "train/clip_frac": sums.get("clipped", 0.0) / tokens,
         "train/approx_kl": sums.get("approx_kl", 0.0) / tokens,
         "train/ratio_mean": sums.get("ratio", tokens) / tokens,
-        **rollout_metrics(batch.rewards, batch.components, batch.rollout, batch.advantages),
+        "train/sampler_gap": sums.get("sampler_gap", 0.0) / tokens,
+        **rollout_metrics(batch),
     }
     if "kl" in sums:
         metrics["train/kl_per_token"] = sums["kl"] / tokens
+    for key in ("value_loss", "value_clipped", "value_mean", "returns_mean"):
+        if key in sums:
+            metrics[f"critic/{key}"] = sums[key] / tokens
     return metrics
-
-
-def _sequence_k1(batches: list[dict[str, torch.Tensor]], n: int) -> torch.Tensor:
-    """Per sequence sum_t (log pi_sampler - log pi_ref), in rollout order (KL in the reward)."""
-    out = torch.zeros(n, dtype=torch.float64)
-    for b in batches:
-        k1 = torch.where(b["completion_mask"], b["sampler_logp"] - b["ref_logp"], 0.0).sum(1)
-        out[b["rows"].cpu()] = k1.double().cpu()
-    return out
-
-
-def _set_advantages(batches: list[dict[str, torch.Tensor]], adv: torch.Tensor) -> None:
-    """Broadcast each completion's advantage over its tokens."""
-    for b in batches:
-        values = adv[b["rows"].cpu()].to(b["advantages"].dtype).to(b["advantages"].device)
-        b["advantages"] = values[:, None].expand_as(b["completion_mask"]).clone()
 
 
 def _write_samples(ctx: RunContext, batch: RolloutBatch) -> None:
@@ -501,10 +430,16 @@ def _write_samples(ctx: RunContext, batch: RolloutBatch) -> None:
             "step": ctx.step,
             "prompt": batch.prompts[rollout.prompt_index[i]].fields["prompt"][-1]["content"],
             "completion": batch.texts[i],
-            "reward": flat[i],
+            "reward": None if math.isnan(flat[i]) else flat[i],
             "finish": rollout.finish_reasons[i],
         }
         for i in range(min(4, len(batch.texts)))
     ]
     with (ctx.run_dir / "samples.jsonl").open("a") as f:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+
+
+__all__ = [
+    "PromptRow", "_sequence_k1", "_set_advantages", "attach_logprobs", "greedy_rewards",
+    "rollout_micro_batches", "score", "token_advantages",
+]  # fmt: skip

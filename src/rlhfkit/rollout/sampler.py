@@ -12,7 +12,8 @@ model's own forward with a transformers ``DynamicCache``:
    computes, and what truncated importance sampling compares against).
 3. A row ends at the end-of-sequence id ("eos"), a stop id or stop string ("stop", the token that
    completed it kept), or after ``max_new_tokens`` ("length"). Finished rows are dropped from the
-   cache and the batch at once, and decoding stops when no row is left.
+   cache and the batch at once, and decoding stops when no row is left. The entropy of each
+   step's tempered distribution is recorded too (the policy-entropy metric at no extra forward).
 """
 
 from __future__ import annotations
@@ -147,16 +148,21 @@ class HFGenerator:
     @staticmethod
     def _sample(
         logits: torch.Tensor, sampling: SamplingConfig, gen: torch.Generator
-    ) -> tuple[torch.Tensor, list[float]]:
-        """One token per row and its log pi_sampler (tempered, before filtering).
+    ) -> tuple[torch.Tensor, list[float], list[float]]:
+        """One token per row, its log pi_sampler and the entropy (tempered, before filtering).
+
+        The entropy H = logsumexp(z) - sum_v p_v z_v of softmax(z), z = logits / T, costs one
+        multiply-add over the vocabulary next to the model's forward.
 
         Shapes:
-            logits: (B, V) fp32; returns (B,) ids and B floats.
+            logits: (B, V) fp32; returns (B,) ids, B log-probs and B entropies.
         """
         greedy = sampling.temperature <= 0
         temperature = 1.0 if greedy else sampling.temperature
         scaled = logits if temperature == 1.0 else logits / temperature
-        lse = torch.logsumexp(scaled, dim=-1, keepdim=True)  # (B, 1): one pass for both uses
+        lse = torch.logsumexp(scaled, dim=-1, keepdim=True)  # (B, 1): one pass for all uses
+        probs = torch.exp(scaled - lse)  # (B, V)
+        entropy = lse[:, 0] - (probs * scaled.nan_to_num(neginf=0.0)).sum(-1)
         if greedy:
             tokens = scaled.argmax(dim=-1)
         elif sampling.top_k or sampling.top_p < 1.0 or sampling.min_p > 0:
@@ -165,9 +171,9 @@ class HFGenerator:
             )
             tokens = sample_from(torch.softmax(filtered, dim=-1), gen)
         else:
-            tokens = sample_from(torch.exp(scaled - lse), gen)
+            tokens = sample_from(probs, gen)
         logp = scaled.gather(1, tokens[:, None])[:, 0] - lse[:, 0]
-        return tokens, logp.tolist()
+        return tokens, logp.tolist(), entropy.tolist()
 
     def _finish_reason(self, ids: list[int], stops: Sequence[str]) -> str | None:
         """Why the completion ``ids`` ends after its last token, or None if it goes on."""
@@ -193,15 +199,17 @@ class HFGenerator:
         live = torch.arange(n)  # global row of each batch row
         completions: list[list[int]] = [[] for _ in range(n)]
         logps: list[list[float]] = [[] for _ in range(n)]
+        entropies: list[list[float]] = [[] for _ in range(n)]
         reasons = ["length"] * n
         for step in range(sampling.max_new_tokens):
-            tokens, chosen = self._sample(logits, sampling, gen)
+            tokens, chosen, entropy = self._sample(logits, sampling, gen)
             keep = []
-            for b, (row, token, lp) in enumerate(
-                zip(live.tolist(), tokens.tolist(), chosen, strict=True)
+            for b, (row, token, lp, h) in enumerate(
+                zip(live.tolist(), tokens.tolist(), chosen, entropy, strict=True)
             ):
                 completions[row].append(token)
                 logps[row].append(lp)
+                entropies[row].append(h)
                 reason = self._finish_reason(completions[row], stops)
                 if reason is None:
                     keep.append(b)
@@ -227,4 +235,5 @@ class HFGenerator:
             completion_ids=completions,
             logprobs=logps,
             finish_reasons=reasons,
+            entropies=entropies,
         )

@@ -49,8 +49,8 @@ class TrainProgress:
     ) -> None:
         self.progress.stop()
 
-    def update(self, *, loss: float, tokens: int) -> None:
-        """Advance one step that processed ``tokens`` non-padding tokens."""
+    def update(self, steps: int = 1, *, loss: float, tokens: int) -> None:
+        """Advance ``steps`` steps that processed ``tokens`` non-padding tokens."""
         self.tokens += tokens
         rate = self.tokens / max(1e-9, time.perf_counter() - self.started)
-        self.progress.update(self.task, advance=1, loss=f"{loss:.4f}", tps=f"{rate:,.0f}")
+        self.progress.update(self.task, advance=steps, loss=f"{loss:.4f}", tps=f"{rate:,.0f}")

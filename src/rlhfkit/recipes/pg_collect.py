@@ -1,0 +1,535 @@
+"""Steps 1-5 of a policy-gradient step: sample, score, filter, shape and estimate advantages.
+
+Used by ``rlhfkit rl`` (:mod:`rlhfkit.recipes.pg`) and its PPO loop (:mod:`rlhfkit.recipes.ppo`).
+
+1. The next prompt batch of a seeded shuffle (a counter in the checkpoint, ``rollouts``).
+2. ``num_samples`` completions per prompt from the policy, with sampler log-probs, entropies
+   and finish reasons.
+3. Rewards (:func:`score`): the weighted sum of every reward component; a completion cut at
+   ``max_new_tokens`` gets ``truncation_penalty`` without a reward call when that is set
+   (EOS-only scoring, METHODS.md 6.7); DAPO's overlong penalty is one more component. A reward
+   that returns None skips the completion: it takes no part in its group's baseline nor in the
+   loss.
+4. Dynamic sampling (DAPO): groups whose rewards are all equal carry no signal; they are dropped
+   and further prompt batches are sampled until the batch is full again (at most
+   ``algo.max_refills`` more rounds).
+5. KL in the reward (per sequence or per token), then the preset's advantage estimator.
+
+The completions are cut into micro-batches (whole sequences under a token budget) per
+minibatch, so that ``algo.epochs x algo.minibatches`` optimiser steps can reuse one rollout.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from rlhfkit.data.rollouts import rollout_micro_batches
+from rlhfkit.data.schemas import load_examples
+from rlhfkit.data.templates import render_prompt
+from rlhfkit.losses.policy import PGPreset
+from rlhfkit.models.forward import completion_logprobs
+from rlhfkit.models.heads import completion_values
+from rlhfkit.ops import advantages as adv_ops
+from rlhfkit.ops.masking import masked_mean
+from rlhfkit.recipes.common import RunContext, batch_order
+from rlhfkit.rewards import score_completions
+from rlhfkit.rewards.shaping import kl_in_reward, overlong_penalty, weighted_sum
+from rlhfkit.training.distributed import all_reduce_sum
+from rlhfkit.types import Rollout
+
+if TYPE_CHECKING:
+    from rlhfkit.recipes.pg import PGAlgoConfig, PGConfig
+
+log = logging.getLogger(__name__)
+
+OVERLONG = "overlong"
+"""Name of DAPO's overlong-penalty reward component."""
+
+
+@dataclass(frozen=True)
+class Estimator:
+    """One advantage estimator of (P, G) rewards.
+
+    Attributes:
+        fn: ``fn(rewards, algo_cfg, extra)`` -> advantages of the same shape.
+        scope: "group" (rows are prompts' groups) or "batch" (one pool of all rewards).
+        min_size: Fewest scored samples a group needs; smaller groups get A = 0.
+    """
+
+    fn: Callable[[torch.Tensor, Any, dict[str, Any]], torch.Tensor]
+    scope: str = "group"
+    min_size: int = 1
+
+
+ESTIMATORS: dict[str, Estimator] = {
+    "batch_baseline": Estimator(lambda r, c, e: adv_ops.batch_baseline(r), "batch"),
+    "ema_baseline": Estimator(
+        lambda r, c, e: adv_ops.ema_baseline(r, e.get("ema"), c.ema_decay)[0], "batch"
+    ),
+    "leave_one_out": Estimator(lambda r, c, e: adv_ops.leave_one_out(r), min_size=2),
+    "group_zscore": Estimator(
+        lambda r, c, e: adv_ops.group_zscore(r, std=c.std, eps=c.std_eps), min_size=2
+    ),
+    "group_center": Estimator(lambda r, c, e: adv_ops.group_center(r)),
+    "maxrl": Estimator(lambda r, c, e: adv_ops.maxrl(r)),
+    "greedy_baseline": Estimator(lambda r, c, e: adv_ops.greedy_baseline(r, e["greedy"])),
+    "batch_whiten": Estimator(lambda r, c, e: r, "batch"),  # token level: token_advantages
+    "gae": Estimator(lambda r, c, e: r, "batch"),  # token level, needs a critic: gae_advantages
+}
+"""Advantage estimators this recipe runs (``process_group`` needs step rewards: not yet)."""
+
+
+def estimate(
+    rewards: torch.Tensor, name: str, algo: PGAlgoConfig, extra: dict[str, Any]
+) -> torch.Tensor:
+    """Advantages of (P, G) rewards where NaN marks a skipped completion (A = 0 there).
+
+    With every completion scored the estimator sees the full tensor. Otherwise a group estimator
+    runs on each group's scored samples alone (a group below ``min_size`` gets 0) and a batch
+    estimator on all scored samples, so a skipped completion moves no baseline.
+
+    Shapes:
+        rewards: (P, G) fp64; returns (P, G).
+    """
+    est = ESTIMATORS[name]
+    valid = ~torch.isnan(rewards)
+    if bool(valid.all()):
+        return est.fn(rewards, algo, extra)
+    out = torch.zeros_like(rewards)
+    if est.scope == "batch":
+        if bool(valid.any()):
+            out[valid] = est.fn(rewards[valid], algo, extra)
+        return out
+    for i in range(rewards.shape[0]):
+        row = rewards[i, valid[i]]
+        if row.numel() < max(est.min_size, 1):
+            continue
+        sub = {k: v[i : i + 1] if torch.is_tensor(v) else v for k, v in extra.items()}
+        out[i, valid[i]] = est.fn(row[None], algo, sub)[0]
+    return out
+
+
+@dataclass
+class PromptRow:
+    """A prompt with its rendered ids and the fields the rewards see."""
+
+    ids: list[int]
+    fields: dict[str, Any]
+
+
+def load_prompts(tokenizer: Any, cfg: PGConfig) -> list[PromptRow]:
+    """Prompts of the source, rendered for sampling."""
+    data = cfg.data
+    result = load_examples(data.train, data.schema, split=data.train_split, limit=data.limit)
+    rows = []
+    for example in result.examples:
+        fields = {**(getattr(example, "meta", None) or {}), "prompt": list(example.prompt)}
+        if hasattr(example, "answer"):
+            fields["answer"] = example.answer
+        rows.append(
+            PromptRow(render_prompt(tokenizer, example.prompt, max_len=data.max_prompt_len), fields)
+        )
+    if not rows:
+        raise ValueError(f"{data.train}: no prompts")
+    return rows
+
+
+def score(
+    rollout_texts: list[str],
+    fields: list[dict],
+    finished: list[bool],
+    cfg: PGConfig,
+    fns: list,
+    *,
+    lengths: list[int] | None = None,
+    overlong: bool = False,
+) -> tuple[list[float], dict[str, list[float | None]]]:
+    """Step 3: the weighted reward of every completion (NaN: skipped) and each component.
+
+    Args:
+        rollout_texts: Decoded completions.
+        fields: Each completion's example fields (what the reward functions may ask for).
+        finished: Whether each completion ended with a stop token.
+        cfg: The run configuration (rewards, weights, truncation penalty, overlong cache).
+        fns: The loaded reward functions, one per ``cfg.rewards`` entry.
+        lengths: Completion token counts (needed with ``overlong``).
+        overlong: Add DAPO's overlong penalty as the component ``overlong`` (weight 1).
+
+    Returns:
+        The rewards and the components (None where a component did not score a completion).
+    """
+    weights = list(cfg.weights) or [1.0] * len(fns)
+    if len(weights) != len(fns):
+        raise ValueError(f"{len(fns)} rewards but {len(weights)} weights")
+    penalise = cfg.algo.truncation_penalty is not None
+    scored = [i for i, f in enumerate(finished) if f or not penalise]
+    components: dict[str, list[float | None]] = {}
+    for spec, fn in zip(cfg.rewards, fns, strict=True):
+        values = score_completions(
+            fn, [rollout_texts[i] for i in scored], [fields[i] for i in scored]
+        )
+        column: list[float | None] = [None] * len(rollout_texts)
+        for i, v in zip(scored, values, strict=True):
+            column[i] = v
+        components[spec] = column
+    named = dict(zip(cfg.rewards, weights, strict=True))
+    if overlong:
+        if lengths is None:
+            raise ValueError("the overlong penalty needs the completion lengths")
+        max_len = cfg.sampling.max_new_tokens
+        cache = cfg.algo.overlong_cache or max(1, max_len // 4)
+        components[OVERLONG] = [overlong_penalty(n, max_len, cache) for n in lengths]
+        named[OVERLONG] = 1.0
+        for i in set(range(len(lengths))) - set(scored):  # penalised ones keep the penalty
+            components[OVERLONG][i] = None
+    total = weighted_sum({k: components[k] for k in named}, named)
+    kept = set(scored)
+    return [
+        (math.nan if value is None else value) if i in kept else float(cfg.algo.truncation_penalty)
+        for i, value in enumerate(total)
+    ], components
+
+
+@dataclass
+class Sampled:
+    """Scored groups: G completions for each of P prompts (rows grouped by prompt)."""
+
+    prompts: list[PromptRow]
+    rollout: Rollout
+    texts: list[str]
+    rewards: torch.Tensor  # (P, G) fp64, NaN = skipped
+    components: dict[str, list[float | None]]
+
+    def select(self, groups: list[int]) -> Sampled:
+        """Only the given groups, in that order."""
+        g = self.rewards.shape[1]
+        rows = [p * g + j for p in groups for j in range(g)]
+        r = self.rollout
+        rollout = Rollout(
+            prompt_index=[k // g for k in range(len(rows))],
+            prompt_ids=[r.prompt_ids[i] for i in rows],
+            completion_ids=[r.completion_ids[i] for i in rows],
+            logprobs=[r.logprobs[i] for i in rows],
+            finish_reasons=[r.finish_reasons[i] for i in rows],
+            entropies=[r.entropies[i] for i in rows] if r.entropies else [],
+        )
+        return Sampled(
+            [self.prompts[p] for p in groups], rollout, [self.texts[i] for i in rows],
+            self.rewards[groups], {k: [v[i] for i in rows] for k, v in self.components.items()},
+        )  # fmt: skip
+
+    @staticmethod
+    def concat(parts: list[Sampled]) -> Sampled:
+        """The groups of several rounds, one after another."""
+        if len(parts) == 1:
+            return parts[0]
+        first, offset, index = parts[0], 0, []
+        for part in parts:
+            index += [offset + i for i in part.rollout.prompt_index]
+            offset += len(part.prompts)
+
+        def cat(attr: str) -> list:
+            return [x for part in parts for x in getattr(part.rollout, attr)]
+
+        rollout = Rollout(
+            index, cat("prompt_ids"), cat("completion_ids"), cat("logprobs"),
+            cat("finish_reasons"), cat("entropies"),
+        )  # fmt: skip
+        return Sampled(
+            [p for part in parts for p in part.prompts], rollout,
+            [t for part in parts for t in part.texts], torch.cat([p.rewards for p in parts]),
+            {k: [x for part in parts for x in part.components[k]] for k in first.components},
+        )  # fmt: skip
+
+
+def sample_round(ctx: RunContext, cfg: PGConfig, run: dict[str, Any]) -> Sampled:
+    """Steps 1-3 for the next prompt batch (advances the ``rollouts`` counter)."""
+    prompts, preset = run["prompts"], run["preset"]
+    size = min(cfg.loop.batch_size, len(prompts))
+    position = int(ctx.extra.get("rollouts", 0))
+    ctx.extra["rollouts"] = position + 1
+    order = batch_order(len(prompts), size, cfg.loop.seed, position)
+    chosen = [prompts[i] for i in ctx.dist.shard(order)]
+    sampling = replace(cfg.sampling, seed=cfg.loop.seed * 1_000_003 + position)
+    rollout = run["generator"].generate([p.ids for p in chosen], sampling)
+    texts = ctx.tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
+    fields = [chosen[i].fields for i in rollout.prompt_index]
+    finished = [r != "length" for r in rollout.finish_reasons]
+    flat, components = score(
+        texts, fields, finished, cfg, run["fns"],
+        lengths=[len(c) for c in rollout.completion_ids], overlong=preset.overlong_penalty,
+    )  # fmt: skip
+    rewards = torch.tensor(flat, dtype=torch.float64).view(len(chosen), sampling.num_samples)
+    return Sampled(chosen, rollout, texts, rewards, components)
+
+
+def informative_groups(rewards: torch.Tensor) -> list[int]:
+    """Groups whose scored rewards are not all equal (DAPO's filter keeps the mixed groups).
+
+    Shapes:
+        rewards: (P, G) with NaN for skipped samples.
+    """
+    keep = []
+    for i, row in enumerate(rewards):
+        valid = row[~torch.isnan(row)]
+        if valid.numel() >= 2 and bool((valid != valid[0]).any()):
+            keep.append(i)
+    return keep
+
+
+def sample_groups(ctx: RunContext, cfg: PGConfig, run: dict[str, Any]) -> tuple[Sampled, dict]:
+    """Steps 1-4: one prompt batch, or with dynamic sampling as many rounds as fill it.
+
+    Returns:
+        The groups to train on and sampling statistics for the log.
+    """
+    first = sample_round(ctx, cfg, run)
+    if not run["preset"].dynamic_sampling:
+        return first, {}
+    need, parts, rounds, seen = len(first.prompts), [], 0, 0
+    current = first
+    while True:
+        rounds, seen = rounds + 1, seen + len(current.prompts)
+        parts.append(current.select(informative_groups(current.rewards)))
+        have = sum(len(p.prompts) for p in parts)
+        # every rank samples the same number of rounds, so the prompt counter stays in step
+        short = all_reduce_sum(float(max(0, need - have)))
+        if short == 0 or rounds > cfg.algo.max_refills:
+            break
+        current = sample_round(ctx, cfg, run)
+    kept = Sampled.concat(parts)
+    stats = {
+        "rollout/dynamic_rounds": float(rounds),
+        "rollout/kept_groups": float(len(kept.prompts)) / need,
+        "rollout/informative_share": sum(len(p.prompts) for p in parts) / seen,
+    }
+    if not kept.prompts:  # nothing informative: train on the last round (A = 0 but KL)
+        log.warning("dynamic sampling found no group with differing rewards in %d rounds", rounds)
+        return current, stats
+    return kept.select(list(range(min(need, len(kept.prompts))))), stats
+
+
+@dataclass
+class RolloutBatch:
+    """Steps 1-5 of one training step: micro-batches with advantages, and what to log."""
+
+    minibatches: list[list[dict[str, torch.Tensor]]]
+    rewards: torch.Tensor  # (P, G), NaN = skipped
+    components: dict[str, list[float | None]]
+    advantages: torch.Tensor  # (P*G,) per sequence (0 for skipped)
+    rollout: Rollout
+    texts: list[str]
+    prompts: list[PromptRow]
+    stats: dict[str, float]
+
+    @property
+    def batches(self) -> list[dict[str, torch.Tensor]]:
+        """Every micro-batch of every minibatch."""
+        return [b for mb in self.minibatches for b in mb]
+
+
+def split_minibatches(rows: list[int], parts: int, seed: int) -> list[list[int]]:
+    """``rows`` shuffled (seeded) and cut into ``parts`` near-equal minibatches."""
+    if parts <= 1:
+        return [rows]
+    shuffled = list(rows)
+    random.Random(seed).shuffle(shuffled)
+    return [sorted(shuffled[k::parts]) for k in range(parts) if shuffled[k::parts]]
+
+
+def micro_batches(
+    ctx: RunContext, rollout: Rollout, rows: list[int], budget: int
+) -> list[dict[str, torch.Tensor]]:
+    """Micro-batches of the given rollout rows; ``rows`` of each holds rollout indices."""
+    parts = rollout_micro_batches(
+        [rollout.prompt_ids[i] for i in rows], [rollout.completion_ids[i] for i in rows],
+        [rollout.logprobs[i] for i in rows], ctx.pad_id, budget,
+    )  # fmt: skip
+    index = torch.tensor(rows, dtype=torch.long)
+    for b in parts:
+        b["rows"] = index[b["rows"]]
+    return [ctx.to_device(b) for b in parts]
+
+
+def collect(ctx: RunContext, cfg: PGConfig, run: dict[str, Any]) -> RolloutBatch:
+    """Sample, score, filter, shape and compute advantages for the next prompts."""
+    preset: PGPreset = run["preset"]
+    sampled, stats = sample_groups(ctx, cfg, run)
+    rewards, rollout = sampled.rewards, sampled.rollout
+    n = rewards.numel()
+    valid = [i for i, v in enumerate(rewards.flatten().tolist()) if not math.isnan(v)]
+    position = int(ctx.extra.get("rollouts", 0))
+    minibatches = [
+        micro_batches(ctx, rollout, rows, cfg.loop.micro_batch_tokens)
+        for rows in split_minibatches(valid, run["minibatches"], cfg.loop.seed + position)
+    ]
+    batches = [b for mb in minibatches for b in mb]
+    if run["needs_old"]:
+        attach_logprobs(ctx.model, batches, "old_logp", run["temperature"])
+    shaped = rewards
+    if run["needs_ref"]:
+        with run["reference"]() as ref:
+            attach_logprobs(ref, batches, "ref_logp", run["temperature"])
+        if preset.kl_placement == "reward" and preset.kl_per == "seq":
+            shaped = rewards - preset.beta * _sequence_k1(batches, n).view_as(rewards)
+    extra: dict[str, Any] = {"ema": ctx.extra.get("ema_baseline")}
+    if preset.advantage == "greedy_baseline":  # ReMax: one greedy decode per prompt
+        extra["greedy"] = greedy_rewards(ctx, cfg, run, sampled.prompts)
+    adv = estimate(shaped, preset.advantage, cfg.algo, extra)
+    if preset.advantage == "ema_baseline" and valid:
+        scored = rewards.flatten()[valid]
+        ctx.extra["ema_baseline"] = adv_ops.ema_baseline(
+            scored, extra["ema"], cfg.algo.ema_decay
+        )[1]
+    adv = torch.nan_to_num(adv.flatten(), nan=0.0)
+    _set_advantages(batches, adv)
+    if preset.advantage == "gae":
+        beta = preset.beta if run["needs_ref"] else 0.0
+        gae_advantages(batches, run["critic"], cfg, beta, whiten=preset.whiten_advantages)
+    elif preset.advantage == "batch_whiten":
+        token_advantages(batches, preset.beta if run["needs_ref"] else 0.0)
+    if preset.advantage in ("gae", "batch_whiten"):  # log each sequence's mean token advantage
+        adv = torch.zeros_like(adv)
+        for b in batches:
+            mean = masked_mean(b["advantages"], b["completion_mask"], dim=-1)
+            adv[b["rows"].cpu()] = mean.double().cpu()
+    return RolloutBatch(
+        minibatches, rewards, sampled.components, adv, rollout, sampled.texts, sampled.prompts,
+        stats,
+    )  # fmt: skip
+
+
+def greedy_rewards(
+    ctx: RunContext, cfg: PGConfig, run: dict[str, Any], chosen: list[PromptRow]
+) -> torch.Tensor:
+    """ReMax's baseline: the reward of each prompt's greedy completion (NaN if skipped).
+
+    Shapes:
+        returns (P,) fp64.
+    """
+    greedy = replace(cfg.sampling, temperature=0.0, num_samples=1)
+    rollout = run["generator"].generate([p.ids for p in chosen], greedy)
+    texts = ctx.tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
+    finished = [r != "length" for r in rollout.finish_reasons]
+    values, _ = score(
+        texts, [p.fields for p in chosen], finished, cfg, run["fns"],
+        lengths=[len(c) for c in rollout.completion_ids],
+        overlong=run["preset"].overlong_penalty,
+    )  # fmt: skip
+    return torch.tensor(values, dtype=torch.float64)
+
+
+@torch.no_grad()
+def attach_logprobs(
+    model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], key: str, temperature: float
+) -> None:
+    """Store detached completion log-probs of ``model`` under ``key`` in every micro-batch."""
+    was_training = model.training
+    model.eval()
+    for b in batches:
+        b[key] = completion_logprobs(
+            model, b["prompt_ids"], b["prompt_mask"], b["completion_ids"], b["completion_mask"],
+            temperature=temperature,
+        ).float()  # fmt: skip
+    model.train(was_training)
+
+
+def _token_kl(b: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per-token k1 for a KL in the reward: log pi_old (else the sampler's) - log pi_ref."""
+    return b.get("old_logp", b["sampler_logp"]) - b["ref_logp"]
+
+
+def global_whiten(batches: list[dict[str, torch.Tensor]], values: list[torch.Tensor]) -> None:
+    """Set ``advantages`` of every micro-batch to ``values`` whitened over all masked tokens.
+
+    The mean and the unbiased std are taken over every completion token of every micro-batch
+    and every rank (METHODS.md 6.4: global whitening, eps 1e-8).
+    """
+    pairs = list(zip(batches, values, strict=True))
+    total = sum(float(torch.where(b["completion_mask"], r, 0.0).sum()) for b, r in pairs)
+    squares = sum(float(torch.where(b["completion_mask"], r, 0.0).square().sum()) for b, r in pairs)
+    count = sum(float(b["completion_mask"].sum()) for b in batches)
+    stats = tuple(
+        torch.tensor(all_reduce_sum(v), dtype=torch.float64) for v in (total, squares, count)
+    )
+    for b, r in pairs:
+        b["advantages"] = adv_ops.masked_whiten(r, b["completion_mask"], stats=stats).float()
+
+
+def token_advantages(batches: list[dict[str, torch.Tensor]], beta: float) -> None:
+    """REINFORCE++ advantages, in place: whitened returns-to-go of per-token rewards.
+
+    Per-token rewards are -beta k1_t plus the score at the last token; the returns are whitened
+    over every token of the batch (all micro-batches and ranks together). On entry each
+    micro-batch's ``advantages`` holds its sequences' scores (broadcast over tokens).
+    """
+    returns = []
+    for b in batches:
+        mask = b["completion_mask"]
+        k1 = _token_kl(b) if beta else torch.zeros_like(b["sampler_logp"])
+        scores = b["advantages"][:, 0].double()
+        token_rewards = kl_in_reward(scores, k1.double(), mask, beta, per_token=True)
+        returns.append(adv_ops.returns_to_go(token_rewards, mask))
+    global_whiten(batches, returns)
+
+
+@torch.no_grad()
+def gae_advantages(
+    batches: list[dict[str, torch.Tensor]],
+    critic: torch.nn.Module,
+    cfg: PGConfig,
+    beta: float,
+    *,
+    whiten: bool,
+) -> None:
+    """PPO advantages, in place: GAE on per-token rewards with the critic's values, whitened.
+
+    Per-token rewards are -beta k1_t plus the score at the last completion token; V_old comes
+    from the critic before the update (stored as ``old_values``), the returns R = A + V_old as
+    ``returns``, and with ``whiten`` the advantages are whitened over the global batch.
+    On entry ``advantages`` holds each sequence's score broadcast over its tokens.
+    """
+    was_training = critic.training
+    critic.eval()
+    raw = []
+    for b in batches:
+        mask = b["completion_mask"]
+        values = completion_values(
+            critic, b["prompt_ids"], b["prompt_mask"], b["completion_ids"], mask
+        ).float()
+        k1 = _token_kl(b) if beta else torch.zeros_like(b["sampler_logp"])
+        rewards = kl_in_reward(b["advantages"][:, 0].double(), k1.double(), mask, beta, True)
+        adv, returns = adv_ops.gae(
+            rewards, values.double(), mask, gamma=cfg.critic.gamma, lam=cfg.critic.lam
+        )
+        b["old_values"], b["returns"] = values, returns.float()
+        raw.append(adv)
+    critic.train(was_training)
+    if whiten:
+        global_whiten(batches, raw)
+    else:
+        for b, a in zip(batches, raw, strict=True):
+            b["advantages"] = a.float()
+
+
+def _sequence_k1(batches: list[dict[str, torch.Tensor]], n: int) -> torch.Tensor:
+    """Per sequence sum_t (log pi_old - log pi_ref), in rollout order (KL in the reward)."""
+    out = torch.zeros(n, dtype=torch.float64)
+    for b in batches:
+        k1 = torch.where(b["completion_mask"], _token_kl(b), 0.0).sum(1)
+        out[b["rows"].cpu()] = k1.double().cpu()
+    return out
+
+
+def _set_advantages(batches: list[dict[str, torch.Tensor]], adv: torch.Tensor) -> None:
+    """Broadcast each completion's advantage over its tokens."""
+    for b in batches:
+        values = adv[b["rows"].cpu()].to(b["advantages"].dtype).to(b["advantages"].device)
+        b["advantages"] = values[:, None].expand_as(b["completion_mask"]).clone()
