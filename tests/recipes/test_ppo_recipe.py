@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -189,3 +190,22 @@ def test_skipped_completions_are_left_out_of_the_loss(tiny_model_dir, task, tmp_
     assert trained == set(range(len(flat))) - skipped
     assert all(batch.advantages[i] == 0 for i in skipped)
     assert pg.rollout_metrics(batch)["rollout/skipped"] == len(skipped) / len(flat)
+
+
+def test_adaptive_kl_coefficient_follows_the_controller(tiny_model_dir, task, tmp_path):
+    from rlhfkit.ops.kl import adaptive_kl_coef
+
+    run = tmp_path / "kl"
+    cfg = _cfg(
+        tiny_model_dir, task, run, algo__preset="rloo", algo__kl_target=0.5,
+        algo__kl_horizon=20, loop__max_steps=4,
+    )  # fmt: skip
+    pg.main(cfg)
+    metrics = _metrics(run)
+    assert metrics[0]["train/kl_coef"] == 0.05  # the preset's beta to start
+    for before, after in itertools.pairwise(metrics):
+        expected = adaptive_kl_coef(
+            before["train/kl_coef"], before["rollout/kl_seq"], 0.5, n_steps=16, horizon=20
+        )
+        assert after["train/kl_coef"] == pytest.approx(expected)
+    assert len({m["train/kl_coef"] for m in metrics}) > 1

@@ -75,3 +75,19 @@ def test_score_marks_skips_and_adds_the_overlong_component():
     )  # fmt: skip
     assert out[0] == 1.0 and math.isnan(out[1]) and out[2] == pytest.approx(0.5)
     assert components[OVERLONG] == [0.0, 0.0, -0.5]
+
+
+def test_mask_truncated_skips_without_a_reward_call():
+    calls = []
+
+    def reward(completion):
+        calls.append(completion)
+        return 1.0
+
+    cfg = pg.PGConfig(rewards=("r",))
+    cfg.algo.mask_truncated = True
+    out, _ = score(["done", "cut"], [{}, {}], [True, False], cfg, [reward])
+    assert out[0] == 1.0 and math.isnan(out[1]) and calls == ["done"]
+    cfg.algo.truncation_penalty = -1.0
+    with pytest.raises(ValueError, match="not both"):
+        score(["done"], [{}], [True], cfg, [reward])

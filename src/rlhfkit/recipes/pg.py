@@ -37,7 +37,6 @@ rewards (``grpo_process`` raises a clear error).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import statistics
@@ -53,7 +52,7 @@ from rlhfkit.config import LogConfig, LoopConfig, ModelConfig, OptimConfig, to_d
 from rlhfkit.data.rollouts import rollout_micro_batches
 from rlhfkit.losses.policy import PG_PRESETS, PGPreset, policy_loss, tis_weights
 from rlhfkit.models.forward import completion_logprobs
-from rlhfkit.ops.kl import KL_ESTIMATORS
+from rlhfkit.ops.kl import KL_ESTIMATORS, adaptive_kl_coef
 from rlhfkit.ops.masking import Aggregation, normaliser_count
 from rlhfkit.recipes.common import RunContext, build_run, finish_run
 from rlhfkit.recipes.pg_collect import (
@@ -76,6 +75,7 @@ from rlhfkit.training.accumulate import accumulate
 from rlhfkit.training.distributed import all_reduce_sum
 
 log = logging.getLogger(__name__)
+
 
 @dataclass
 class PGDataConfig:
@@ -122,10 +122,17 @@ class PGAlgoConfig:
     """group_zscore: added to the std."""
     ema_decay: float = 0.9
     """ema_baseline: decay of the running baseline."""
+    kl_target: float | None = None
+    """Adaptive KL controller (Ziegler 2019): target sequence KL in nats (None: fixed beta)."""
+    kl_horizon: int = 10_000
+    """Adaptive KL controller: horizon in samples."""
     tis_cap: float = 2.0
     """Truncated importance sampling cap C against the sampler's log-probs (inf: plain IS)."""
     truncation_penalty: float | None = None
-    """Reward of a completion cut at max_new_tokens (None: score it like the others)."""
+    """Reward of a completion cut at max_new_tokens, given without calling the rewards (None:
+    score it like the others)."""
+    mask_truncated: bool = False
+    """Skip completions cut at max_new_tokens (no reward call, no loss; DAPO's overlong filter)."""
     dynamic_sampling: bool | None = None
     """Drop groups whose rewards are all equal and sample more prompts (DAPO)."""
     max_refills: int = 3
@@ -206,8 +213,7 @@ def resolve_preset(cfg: PGAlgoConfig) -> PGPreset:
     preset = replace(preset, params=params, **overrides)
     if preset.epochs < 1 or cfg.minibatches < 1:
         raise ValueError(
-            f"algo.epochs and algo.minibatches must be >= 1, got {preset.epochs}, "
-            f"{cfg.minibatches}"
+            f"algo.epochs and algo.minibatches must be >= 1, got {preset.epochs}, {cfg.minibatches}"
         )
     if preset.advantage not in ESTIMATORS:
         raise NotImplementedError(
@@ -226,9 +232,17 @@ def no_reference() -> Iterator[None]:
 
 
 def make_step_loss(
-    model: torch.nn.Module, preset: PGPreset, cfg: PGConfig, temperature: float
+    model: torch.nn.Module,
+    preset: PGPreset,
+    cfg: PGConfig,
+    temperature: float,
+    beta: Callable[[], float] | None = None,
 ) -> tuple[Callable[[dict[str, torch.Tensor], float], Any], Callable[..., float]]:
-    """Step 6 for one micro-batch: log-probs, TIS weights, KL, the preset's objective."""
+    """Step 6 for one micro-batch: log-probs, TIS weights, KL, the preset's objective.
+
+    ``beta`` gives the current KL coefficient (the adaptive controller's), else the preset's.
+    """
+    beta = beta or (lambda: preset.beta)
     agg = Aggregation(preset.aggregation, max_len=cfg.sampling.max_new_tokens)
     estimator = KL_ESTIMATORS[preset.kl_estimator]
     kl_in_loss = preset.kl_placement == "loss" and preset.beta > 0
@@ -245,7 +259,7 @@ def make_step_loss(
         out = policy_loss(
             logp, old, batch["advantages"], mask, objective=preset.objective,
             params=preset.params, aggregation=agg, normaliser=normaliser, weights=weights,
-            kl=kl, beta=preset.beta,
+            kl=kl, beta=beta(),
         )  # fmt: skip
         if kl is None and "ref_logp" in batch:
             out.metrics["kl"] = float(
@@ -313,6 +327,7 @@ def run_state(ctx: RunContext, cfg: PGConfig, preset: PGPreset) -> dict[str, Any
         "reference": reference_model(ctx) if needs_ref else no_reference,
         "temperature": cfg.sampling.temperature if cfg.sampling.temperature > 0 else 1.0,
         "minibatches": cfg.algo.minibatches,
+        "beta": lambda: float(ctx.extra.get("kl_coef", preset.beta)),
         # pi_old on the learner when a batch serves several steps, and for PPO's KL reward
         "needs_old": preset.epochs * cfg.algo.minibatches > 1 or preset.critic,
         "generator": HFGenerator(
@@ -336,8 +351,13 @@ def total_steps(cfg: PGConfig, preset: PGPreset, prompts: int) -> int:
 
 
 def update(
-    ctx: RunContext, cfg: PGConfig, batch: RolloutBatch, steps: int, step_loss: Callable,
-    count: Callable, after_backward: Callable[[], None],
+    ctx: RunContext,
+    cfg: PGConfig,
+    batch: RolloutBatch,
+    steps: int,
+    step_loss: Callable,
+    count: Callable,
+    after_backward: Callable[[], None],
 ) -> Any:
     """Step 6: up to ``steps`` optimiser steps, epochs over the batch's minibatches.
 
@@ -371,14 +391,19 @@ def main(cfg: PGConfig) -> Path:
     run = run_state(ctx, cfg, preset)
     total = total_steps(cfg, preset, len(run["prompts"]))
     ctx.start_training(cfg.optim, total, resume=cfg.loop.resume)
-    step_loss, count = make_step_loss(ctx.model, preset, cfg, run["temperature"])
+    step_loss, count = make_step_loss(ctx.model, preset, cfg, run["temperature"], run["beta"])
     train(ctx, cfg, run, total, step_loss, count, ctx.master.collect_grads)
     return finish_run(ctx, cfg.loop.keep_last)
 
 
 def train(
-    ctx: RunContext, cfg: PGConfig, run: dict[str, Any], total: int, step_loss: Callable,
-    count: Callable, after_backward: Callable[[], None],
+    ctx: RunContext,
+    cfg: PGConfig,
+    run: dict[str, Any],
+    total: int,
+    step_loss: Callable,
+    count: Callable,
+    after_backward: Callable[[], None],
 ) -> None:
     """The loop: collect a rollout batch, update on it, log, sample, checkpoint."""  # fmt: skip
     per_batch = run["preset"].epochs * cfg.algo.minibatches
@@ -392,7 +417,12 @@ def train(
             )  # fmt: skip
             if stats is None:
                 continue
-            metrics = step_metrics(stats, batch)
+            metrics = {**step_metrics(stats, batch), "train/kl_coef": run["beta"]()}
+            if cfg.algo.kl_target is not None and "rollout/kl_seq" in batch.stats:
+                ctx.extra["kl_coef"] = adaptive_kl_coef(
+                    run["beta"](), batch.stats["rollout/kl_seq"], cfg.algo.kl_target,
+                    n_steps=int(batch.rewards.numel()), horizon=cfg.algo.kl_horizon,
+                )  # fmt: skip
             tokens = int(sum(len(c) for c in batch.rollout.completion_ids))
             bar.update(ctx.step - before, loss=metrics["train/loss"], tokens=tokens)
             ctx.log_step(metrics, cfg.log.log_every)
@@ -423,11 +453,10 @@ def step_metrics(stats: Any, batch: RolloutBatch) -> dict[str, float]:
 
 
 def _write_samples(ctx: RunContext, batch: RolloutBatch) -> None:
-    """Append a few completions of this step to samples.jsonl."""
+    """A table of a few completions of this step (samples.jsonl and TensorBoard text)."""
     rollout, flat = batch.rollout, batch.rewards.flatten().tolist()
     rows = [
         {
-            "step": ctx.step,
             "prompt": batch.prompts[rollout.prompt_index[i]].fields["prompt"][-1]["content"],
             "completion": batch.texts[i],
             "reward": None if math.isnan(flat[i]) else flat[i],
@@ -435,8 +464,7 @@ def _write_samples(ctx: RunContext, batch: RolloutBatch) -> None:
         }
         for i in range(min(4, len(batch.texts)))
     ]
-    with (ctx.run_dir / "samples.jsonl").open("a") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    ctx.logger.table(ctx.step, "samples", rows)
 
 
 __all__ = [

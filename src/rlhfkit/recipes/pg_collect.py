@@ -6,8 +6,9 @@ Used by ``rlhfkit rl`` (:mod:`rlhfkit.recipes.pg`) and its PPO loop (:mod:`rlhfk
 2. ``num_samples`` completions per prompt from the policy, with sampler log-probs, entropies
    and finish reasons.
 3. Rewards (:func:`score`): the weighted sum of every reward component; a completion cut at
-   ``max_new_tokens`` gets ``truncation_penalty`` without a reward call when that is set
-   (EOS-only scoring, METHODS.md 6.7); DAPO's overlong penalty is one more component. A reward
+   ``max_new_tokens`` gets ``truncation_penalty`` without a reward call when that is set, or is
+   skipped with ``mask_truncated`` (EOS-only scoring, METHODS.md 6.7); DAPO's overlong penalty
+   is one more component. A reward
    that returns None skips the completion: it takes no part in its group's baseline nor in the
    loss.
 4. Dynamic sampling (DAPO): groups whose rewards are all equal carry no signal; they are dropped
@@ -168,8 +169,10 @@ def score(
     weights = list(cfg.weights) or [1.0] * len(fns)
     if len(weights) != len(fns):
         raise ValueError(f"{len(fns)} rewards but {len(weights)} weights")
-    penalise = cfg.algo.truncation_penalty is not None
-    scored = [i for i, f in enumerate(finished) if f or not penalise]
+    if cfg.algo.mask_truncated and cfg.algo.truncation_penalty is not None:
+        raise ValueError("set algo.truncation_penalty or algo.mask_truncated, not both")
+    unscored = math.nan if cfg.algo.mask_truncated else cfg.algo.truncation_penalty
+    scored = [i for i, f in enumerate(finished) if f or unscored is None]
     components: dict[str, list[float | None]] = {}
     for spec, fn in zip(cfg.rewards, fns, strict=True):
         values = score_completions(
@@ -192,7 +195,7 @@ def score(
     total = weighted_sum({k: components[k] for k in named}, named)
     kept = set(scored)
     return [
-        (math.nan if value is None else value) if i in kept else float(cfg.algo.truncation_penalty)
+        (math.nan if value is None else value) if i in kept else float(unscored)
         for i, value in enumerate(total)
     ], components
 
@@ -377,33 +380,42 @@ def collect(ctx: RunContext, cfg: PGConfig, run: dict[str, Any]) -> RolloutBatch
     if run["needs_ref"]:
         with run["reference"]() as ref:
             attach_logprobs(ref, batches, "ref_logp", run["temperature"])
+        k1 = _sequence_k1(batches, n)
+        stats["rollout/kl_seq"] = float(k1[valid].mean()) if valid else 0.0
         if preset.kl_placement == "reward" and preset.kl_per == "seq":
-            shaped = rewards - preset.beta * _sequence_k1(batches, n).view_as(rewards)
+            shaped = rewards - run["beta"]() * k1.view_as(rewards)
     extra: dict[str, Any] = {"ema": ctx.extra.get("ema_baseline")}
     if preset.advantage == "greedy_baseline":  # ReMax: one greedy decode per prompt
         extra["greedy"] = greedy_rewards(ctx, cfg, run, sampled.prompts)
     adv = estimate(shaped, preset.advantage, cfg.algo, extra)
     if preset.advantage == "ema_baseline" and valid:
-        scored = rewards.flatten()[valid]
-        ctx.extra["ema_baseline"] = adv_ops.ema_baseline(
-            scored, extra["ema"], cfg.algo.ema_decay
-        )[1]
+        update = adv_ops.ema_baseline(rewards.flatten()[valid], extra["ema"], cfg.algo.ema_decay)
+        ctx.extra["ema_baseline"] = update[1]
     adv = torch.nan_to_num(adv.flatten(), nan=0.0)
     _set_advantages(batches, adv)
-    if preset.advantage == "gae":
-        beta = preset.beta if run["needs_ref"] else 0.0
-        gae_advantages(batches, run["critic"], cfg, beta, whiten=preset.whiten_advantages)
-    elif preset.advantage == "batch_whiten":
-        token_advantages(batches, preset.beta if run["needs_ref"] else 0.0)
-    if preset.advantage in ("gae", "batch_whiten"):  # log each sequence's mean token advantage
-        adv = torch.zeros_like(adv)
-        for b in batches:
-            mean = masked_mean(b["advantages"], b["completion_mask"], dim=-1)
-            adv[b["rows"].cpu()] = mean.double().cpu()
+    if preset.advantage in ("gae", "batch_whiten"):
+        adv = _token_level(batches, cfg, run, adv)
     return RolloutBatch(
         minibatches, rewards, sampled.components, adv, rollout, sampled.texts, sampled.prompts,
         stats,
     )  # fmt: skip
+
+
+def _token_level(
+    batches: list[dict[str, torch.Tensor]], cfg: PGConfig, run: dict[str, Any], adv: torch.Tensor
+) -> torch.Tensor:
+    """PPO's GAE or REINFORCE++'s returns, in place; returns each sequence's mean advantage."""
+    preset: PGPreset = run["preset"]
+    beta = run["beta"]() if run["needs_ref"] and preset.kl_placement == "reward" else 0.0
+    if preset.advantage == "gae":
+        gae_advantages(batches, run["critic"], cfg, beta, whiten=preset.whiten_advantages)
+    else:
+        token_advantages(batches, beta)
+    out = torch.zeros_like(adv)
+    for b in batches:
+        mean = masked_mean(b["advantages"], b["completion_mask"], dim=-1)
+        out[b["rows"].cpu()] = mean.double().cpu()
+    return out
 
 
 def greedy_rewards(

@@ -90,14 +90,19 @@ def build_critic(ctx: RunContext, cfg: PGConfig) -> Companion:
 
 
 def make_ppo_step_loss(
-    ctx: RunContext, critic: torch.nn.Module, preset: PGPreset, cfg: PGConfig, temperature: float
+    ctx: RunContext,
+    critic: torch.nn.Module,
+    preset: PGPreset,
+    cfg: PGConfig,
+    temperature: float,
+    beta: Callable[[], float] | None = None,
 ) -> tuple[Callable[[dict[str, torch.Tensor], float], LossOutput], Callable[..., float]]:
     """L = L_policy + c_v L_value for one micro-batch, under one global normaliser.
 
     The value loss is aggregated like the policy loss (the preset's mode). During the critic
     warm-up the policy term is left out, so the policy receives no gradient.
     """
-    policy_step, count = make_step_loss(ctx.model, preset, cfg, temperature)
+    policy_step, count = make_step_loss(ctx.model, preset, cfg, temperature, beta)
     agg = Aggregation(preset.aggregation, max_len=cfg.sampling.max_new_tokens)
     c = cfg.critic
 
@@ -151,7 +156,9 @@ def main(cfg: PGConfig) -> Path:
     run: dict[str, Any] = {**run_state(ctx, cfg, preset), "critic": critic.model}
     total = total_steps(cfg, preset, len(run["prompts"]))
     ctx.start_training(cfg.optim, total, resume=cfg.loop.resume)
-    step_loss, count = make_ppo_step_loss(ctx, critic.model, preset, cfg, run["temperature"])
+    step_loss, count = make_ppo_step_loss(
+        ctx, critic.model, preset, cfg, run["temperature"], run["beta"]
+    )
 
     def after_backward() -> None:
         ctx.master.collect_grads()

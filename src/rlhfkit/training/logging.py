@@ -71,6 +71,20 @@ class MetricsLogger:
         for sink in self.sinks:
             sink.log(step, {k: v for k, v in clean.items() if v is not None})
 
+    def table(self, step: int, name: str, rows: list[dict[str, Any]]) -> None:
+        """Record a small table for ``step``.
+
+        Appended to ``<run_dir>/<name>.jsonl`` (one JSON object per row, with the step) and
+        shown in TensorBoard's text tab as a markdown table.
+        """
+        if not self.enabled or not rows:
+            return
+        with (self.run_dir / f"{name}.jsonl").open("a") as f:
+            f.writelines(json.dumps({"step": step, **r}, ensure_ascii=False) + "\n" for r in rows)
+        for sink in self.sinks:
+            if hasattr(sink, "text"):
+                sink.text(step, name, rows)
+
     def close(self) -> None:
         """Flush and close every sink."""
         if not self.enabled:
@@ -87,6 +101,17 @@ class _TensorBoard:
     def log(self, step: int, metrics: dict[str, float]) -> None:
         for key, value in metrics.items():
             self.writer.add_scalar(key, value, step)
+
+    def text(self, step: int, name: str, rows: list[dict[str, Any]]) -> None:
+        """A markdown table of ``rows`` (cells flattened to one line, pipes escaped)."""
+        columns = list(rows[0])
+
+        def cell(value: Any) -> str:
+            return str(value).replace("\n", " ").replace("|", "\\|")
+
+        lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        lines += ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in rows]
+        self.writer.add_text(name, "\n".join(lines), step)
 
     def close(self) -> None:
         self.writer.close()
