@@ -91,3 +91,13 @@ def test_mask_truncated_skips_without_a_reward_call():
     cfg.algo.truncation_penalty = -1.0
     with pytest.raises(ValueError, match="not both"):
         score(["done"], [{}], [True], cfg, [reward])
+
+
+def test_length_penalty_is_a_component():
+    cfg = pg.PGConfig(rewards=("r",))
+    cfg.algo.length_penalty, cfg.algo.length_budget = 0.1, 4
+    out, components = score(
+        ["a", "b"], [{}, {}], [True, True], cfg, [lambda completion: 1.0], lengths=[3, 6]
+    )
+    assert components["length"] == [0.0, pytest.approx(-0.2)]
+    assert out == [1.0, pytest.approx(0.8)]

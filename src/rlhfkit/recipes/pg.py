@@ -141,6 +141,10 @@ class PGAlgoConfig:
     """Add DAPO's soft overlong penalty to the reward."""
     overlong_cache: int | None = None
     """Overlong penalty's L_cache (None: max_new_tokens // 4); L_max is max_new_tokens."""
+    length_penalty: float = 0.0
+    """Reward -length_penalty per completion token beyond length_budget (0: off)."""
+    length_budget: int = 0
+    """Completion tokens free of the length penalty."""
     epochs: int | None = None
     """Optimiser passes over each rollout batch (None: the preset's; PPO 4, others 1)."""
     minibatches: int = 1

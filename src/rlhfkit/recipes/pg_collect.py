@@ -41,7 +41,7 @@ from rlhfkit.ops import advantages as adv_ops
 from rlhfkit.ops.masking import masked_mean
 from rlhfkit.recipes.common import RunContext, batch_order
 from rlhfkit.rewards import score_completions
-from rlhfkit.rewards.shaping import kl_in_reward, overlong_penalty, weighted_sum
+from rlhfkit.rewards.shaping import kl_in_reward, length_penalty, overlong_penalty, weighted_sum
 from rlhfkit.training.distributed import all_reduce_sum
 from rlhfkit.types import Rollout
 
@@ -52,6 +52,8 @@ log = logging.getLogger(__name__)
 
 OVERLONG = "overlong"
 """Name of DAPO's overlong-penalty reward component."""
+LENGTH = "length"
+"""Name of the length-penalty reward component."""
 
 
 @dataclass(frozen=True)
@@ -161,7 +163,8 @@ def score(
         cfg: The run configuration (rewards, weights, truncation penalty, overlong cache).
         fns: The loaded reward functions, one per ``cfg.rewards`` entry.
         lengths: Completion token counts (needed with ``overlong``).
-        overlong: Add DAPO's overlong penalty as the component ``overlong`` (weight 1).
+        overlong: Add DAPO's overlong penalty as the component ``overlong`` (weight 1); with
+            ``algo.length_penalty`` the component ``length`` is added too.
 
     Returns:
         The rewards and the components (None where a component did not score a completion).
@@ -183,21 +186,37 @@ def score(
             column[i] = v
         components[spec] = column
     named = dict(zip(cfg.rewards, weights, strict=True))
-    if overlong:
-        if lengths is None:
-            raise ValueError("the overlong penalty needs the completion lengths")
-        max_len = cfg.sampling.max_new_tokens
-        cache = cfg.algo.overlong_cache or max(1, max_len // 4)
-        components[OVERLONG] = [overlong_penalty(n, max_len, cache) for n in lengths]
-        named[OVERLONG] = 1.0
-        for i in set(range(len(lengths))) - set(scored):  # penalised ones keep the penalty
-            components[OVERLONG][i] = None
+    for name, column in length_components(cfg, lengths, overlong).items():
+        components[name] = [v if i in set(scored) else None for i, v in enumerate(column)]
+        named[name] = 1.0
     total = weighted_sum({k: components[k] for k in named}, named)
     kept = set(scored)
     return [
         (math.nan if value is None else value) if i in kept else float(unscored)
         for i, value in enumerate(total)
     ], components
+
+
+def length_components(
+    cfg: PGConfig, lengths: list[int] | None, overlong: bool
+) -> dict[str, list[float]]:
+    """Length shaping components: DAPO's ``overlong`` penalty and the ``length`` penalty.
+
+    overlong: 0 up to L_max - L_cache tokens, then falling linearly to -1 at L_max
+    (L_max = ``max_new_tokens``, L_cache = ``algo.overlong_cache``). length:
+    -``algo.length_penalty`` per token beyond ``algo.length_budget``.
+    """
+    shaping = {}
+    if (overlong or cfg.algo.length_penalty) and lengths is None:
+        raise ValueError("length shaping needs the completion lengths")
+    if overlong:
+        max_len = cfg.sampling.max_new_tokens
+        cache = cfg.algo.overlong_cache or max(1, max_len // 4)
+        shaping[OVERLONG] = [overlong_penalty(n, max_len, cache) for n in lengths]
+    if cfg.algo.length_penalty:
+        budget, rate = cfg.algo.length_budget, cfg.algo.length_penalty
+        shaping[LENGTH] = [length_penalty(n, budget, rate) for n in lengths]
+    return shaping
 
 
 @dataclass
