@@ -209,3 +209,18 @@ def test_adaptive_kl_coefficient_follows_the_controller(tiny_model_dir, task, tm
         )
         assert after["train/kl_coef"] == pytest.approx(expected)
     assert len({m["train/kl_coef"] for m in metrics}) > 1
+
+
+@pytest.mark.parametrize("placement", ["loss", "reward"])
+def test_full_vocabulary_kl_runs_in_the_loss_and_in_the_reward(
+    tiny_model_dir, task, tmp_path, placement
+):
+    run = tmp_path / placement
+    cfg = _cfg(
+        tiny_model_dir, task, run, algo__preset="grpo", algo__kl_estimator="full",
+        algo__kl_placement=placement, algo__beta=0.1, loop__max_steps=3,
+    )  # fmt: skip
+    pg.main(cfg)
+    metrics = _metrics(run)
+    assert metrics[0]["rollout/kl_seq"] == pytest.approx(0.0, abs=1e-5)  # policy = reference
+    assert metrics[-1]["rollout/kl_seq"] > 0  # exact KL >= 0, and the policy has moved

@@ -69,3 +69,21 @@ def test_full_vocabulary_kl_is_exact_and_zero_at_reference() -> None:
     assert float(out[0]) == pytest.approx(0.0851228, abs=1e-6)
     logits = torch.randn(2, 5, 11)
     assert torch.allclose(full_kl(logits, logits), torch.zeros(2, 5), atol=1e-6)
+
+
+def test_linear_full_kl_matches_full_kl_and_its_gradient():
+    from rlhfkit.ops.kl import linear_full_kl
+
+    torch.manual_seed(0)
+    h = torch.randn(7, 5, requires_grad=True)
+    w = torch.randn(11, 5, requires_grad=True)
+    h_ref, w_ref = torch.randn(7, 5), torch.randn(11, 5)
+    got = linear_full_kl(h, w, h_ref, w_ref, temperature=0.7, chunk_rows=3)
+    expected = full_kl(h @ w.T / 0.7, h_ref @ w_ref.T / 0.7)
+    torch.testing.assert_close(got, expected)
+    (g_h, g_w) = torch.autograd.grad(got.sum(), (h, w))
+    (e_h, e_w) = torch.autograd.grad(expected.sum(), (h, w))
+    torch.testing.assert_close(g_h, e_h)
+    torch.testing.assert_close(g_w, e_w)
+    same = linear_full_kl(h_ref, w_ref, h_ref, w_ref)
+    torch.testing.assert_close(same, torch.zeros(7), atol=1e-6, rtol=0)

@@ -237,7 +237,7 @@ class PGPreset:
     objective: ObjectiveName
     aggregation: Literal["seq_mean_token_mean", "token_mean", "fixed_length"]
     kl_placement: Literal["none", "reward", "loss"] = "none"
-    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    kl_estimator: Literal["k1", "k2", "k3", "full"] = "k1"
     kl_per: Literal["token", "seq"] = "token"
     beta: float = 0.0
     params: ObjectiveParams = field(default_factory=ObjectiveParams)

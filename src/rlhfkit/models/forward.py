@@ -226,6 +226,26 @@ def completion_logprobs(
         prompt_ids, prompt_mask: (B, P), left-padded; completion_ids, completion_mask: (B, T),
         right-padded; returns (B, T) fp32.
     """
+    return completion_logprobs_and_hidden(
+        model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature=temperature
+    )[0]
+
+
+def completion_logprobs_and_hidden(
+    model: nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`completion_logprobs` and the final hidden states it read.
+
+    Returns:
+        (B, T) log-probs and the (N, H) hidden states at the N masked completion positions
+        (row-major), or None for a model whose head is not a plain linear layer.
+    """
     inputs = completion_inputs(prompt_ids, prompt_mask, completion_ids, completion_mask)
     p = prompt_ids.shape[1]
     select = completion_mask.bool()  # (B, T)
@@ -235,12 +255,12 @@ def completion_logprobs(
     if head is None:
         logits = model(**inputs, use_cache=False).logits[:, p - 1 : -1]  # (B, T, V)
         out[select] = logits_logprobs(logits[select].float() / temperature, completion_ids[select])
-        return out
-    hidden = backbone_hidden(model, **inputs)[:, p - 1 : -1]  # (B, T, H)
+        return out, None
+    hidden = backbone_hidden(model, **inputs)[:, p - 1 : -1][select]  # (N, H)
     out[select] = linear_logprobs(
-        hidden[select], head.weight, completion_ids[select], temperature=temperature
+        hidden, head.weight, completion_ids[select], temperature=temperature
     )
-    return out
+    return out, hidden
 
 
 def target_logprobs(

@@ -19,8 +19,9 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
-Estimator = Literal["k1", "k2", "k3"]
+Estimator = Literal["k1", "k2", "k3", "full"]
 
 DELTA_CLAMP = 20.0
 
@@ -67,3 +68,34 @@ def adaptive_kl_coef(
     """
     error = min(max(kl / target - 1.0, -clip), clip)
     return beta * (1.0 + error * n_steps / horizon)
+
+
+def linear_full_kl(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    ref_hidden: torch.Tensor,
+    ref_weight: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    chunk_rows: int = 512,
+) -> torch.Tensor:
+    """Exact per-position KL(pi_theta || pi_ref) from final hidden states and head weights.
+
+    KL_i = sum_v p_iv (log p_iv - log q_iv), p = softmax(h_i W^T / T), q = softmax(h'_i W'^T / T).
+    Differentiable in ``hidden`` and ``weight``; chunked over rows, each chunk's (rows, V)
+    logits recomputed in the backward (activation checkpointing), so memory stays at one chunk.
+
+    Shapes:
+        hidden, ref_hidden: (N, H); weight, ref_weight: (V, H); returns (N,) fp32.
+    """
+
+    def chunk_kl(h: torch.Tensor, w: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+        return full_kl((h @ w.T).float() / temperature, ref)
+
+    parts = []
+    for start in range(0, hidden.shape[0], chunk_rows):
+        rows = slice(start, start + chunk_rows)
+        with torch.no_grad():
+            ref = (ref_hidden[rows] @ ref_weight.T).float() / temperature  # (n, V)
+        parts.append(checkpoint(chunk_kl, hidden[rows], weight, ref, use_reentrant=False))
+    return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)

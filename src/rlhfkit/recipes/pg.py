@@ -51,8 +51,8 @@ import torch
 from rlhfkit.config import LogConfig, LoopConfig, ModelConfig, OptimConfig, to_dict
 from rlhfkit.data.rollouts import rollout_micro_batches
 from rlhfkit.losses.policy import PG_PRESETS, PGPreset, policy_loss, tis_weights
-from rlhfkit.models.forward import completion_logprobs
-from rlhfkit.ops.kl import KL_ESTIMATORS, adaptive_kl_coef
+from rlhfkit.models.forward import completion_logprobs_and_hidden, fused_head
+from rlhfkit.ops.kl import KL_ESTIMATORS, adaptive_kl_coef, linear_full_kl
 from rlhfkit.ops.masking import Aggregation, normaliser_count
 from rlhfkit.recipes.common import RunContext, build_run, finish_run
 from rlhfkit.recipes.pg_collect import (
@@ -109,7 +109,7 @@ class PGAlgoConfig:
     kl_placement: str | None = None
     """none, reward or loss."""
     kl_estimator: str | None = None
-    """k1, k2 or k3."""
+    """k1, k2, k3 or full (exact over the vocabulary, from both models' hidden states)."""
     beta: float | None = None
     """KL coefficient."""
     eps_low: float | None = None
@@ -241,25 +241,36 @@ def make_step_loss(
     cfg: PGConfig,
     temperature: float,
     beta: Callable[[], float] | None = None,
+    run: dict[str, Any] | None = None,
 ) -> tuple[Callable[[dict[str, torch.Tensor], float], Any], Callable[..., float]]:
     """Step 6 for one micro-batch: log-probs, TIS weights, KL, the preset's objective.
 
     ``beta`` gives the current KL coefficient (the adaptive controller's), else the preset's.
+    The full-vocabulary KL in the loss reads the reference head from ``run["ref_head"]``.
     """
     beta = beta or (lambda: preset.beta)
     agg = Aggregation(preset.aggregation, max_len=cfg.sampling.max_new_tokens)
-    estimator = KL_ESTIMATORS[preset.kl_estimator]
     kl_in_loss = preset.kl_placement == "loss" and preset.beta > 0
+
+    def loss_kl(logp: torch.Tensor, hidden: torch.Tensor | None, batch: dict) -> torch.Tensor:
+        if preset.kl_estimator != "full":
+            return KL_ESTIMATORS[preset.kl_estimator](logp, batch["ref_logp"])
+        kl = torch.zeros_like(logp)
+        kl[batch["completion_mask"]] = linear_full_kl(
+            hidden, fused_head(model).weight, batch["ref_hidden"], run["ref_head"],
+            temperature=temperature,
+        ).to(kl.dtype)  # fmt: skip
+        return kl
 
     def step_loss(batch: dict[str, torch.Tensor], normaliser: float) -> Any:
         mask = batch["completion_mask"]
-        logp = completion_logprobs(
+        logp, hidden = completion_logprobs_and_hidden(
             model, batch["prompt_ids"], batch["prompt_mask"], batch["completion_ids"], mask,
             temperature=temperature,
         )  # fmt: skip
         old = batch.get("old_logp", logp.detach())
         weights = tis_weights(old, batch["sampler_logp"], cap=cfg.algo.tis_cap)
-        kl = estimator(logp, batch["ref_logp"]) if kl_in_loss else None
+        kl = loss_kl(logp, hidden, batch) if kl_in_loss else None
         out = policy_loss(
             logp, old, batch["advantages"], mask, objective=preset.objective,
             params=preset.params, aggregation=agg, normaliser=normaliser, weights=weights,
@@ -332,8 +343,10 @@ def run_state(ctx: RunContext, cfg: PGConfig, preset: PGPreset) -> dict[str, Any
         "temperature": cfg.sampling.temperature if cfg.sampling.temperature > 0 else 1.0,
         "minibatches": cfg.algo.minibatches,
         "beta": lambda: float(ctx.extra.get("kl_coef", preset.beta)),
-        # pi_old on the learner when a batch serves several steps, and for PPO's KL reward
-        "needs_old": preset.epochs * cfg.algo.minibatches > 1 or preset.critic,
+        # pi_old on the learner when a batch serves several steps, for PPO's KL reward, and for
+        # a full-vocabulary KL in the reward
+        "needs_old": preset.epochs * cfg.algo.minibatches > 1 or preset.critic
+        or (needs_ref and preset.kl_estimator == "full" and preset.kl_placement == "reward"),
         "generator": HFGenerator(
             ctx.model, pad_id=ctx.pad_id, eos_ids=[ctx.tokenizer.eos_token_id],
             tokenizer=ctx.tokenizer,
@@ -395,7 +408,7 @@ def main(cfg: PGConfig) -> Path:
     run = run_state(ctx, cfg, preset)
     total = total_steps(cfg, preset, len(run["prompts"]))
     ctx.start_training(cfg.optim, total, resume=cfg.loop.resume)
-    step_loss, count = make_step_loss(ctx.model, preset, cfg, run["temperature"], run["beta"])
+    step_loss, count = make_step_loss(ctx.model, preset, cfg, run["temperature"], run["beta"], run)
     train(ctx, cfg, run, total, step_loss, count, ctx.master.collect_grads)
     return finish_run(ctx, cfg.loop.keep_last)
 

@@ -35,9 +35,10 @@ from rlhfkit.data.rollouts import rollout_micro_batches
 from rlhfkit.data.schemas import load_examples
 from rlhfkit.data.templates import render_prompt
 from rlhfkit.losses.policy import PGPreset
-from rlhfkit.models.forward import completion_logprobs
+from rlhfkit.models.forward import completion_logprobs_and_hidden, fused_head
 from rlhfkit.models.heads import completion_values
 from rlhfkit.ops import advantages as adv_ops
+from rlhfkit.ops.kl import linear_full_kl
 from rlhfkit.ops.masking import masked_mean
 from rlhfkit.recipes.common import RunContext, batch_order
 from rlhfkit.rewards import score_completions
@@ -393,12 +394,20 @@ def collect(ctx: RunContext, cfg: PGConfig, run: dict[str, Any]) -> RolloutBatch
         for rows in split_minibatches(valid, run["minibatches"], cfg.loop.seed + position)
     ]
     batches = [b for mb in minibatches for b in mb]
+    full = run["needs_ref"] and preset.kl_estimator == "full"
+    temperature = run["temperature"]
     if run["needs_old"]:
-        attach_logprobs(ctx.model, batches, "old_logp", run["temperature"])
+        hidden_key = "old_hidden" if full and preset.kl_placement == "reward" else None
+        attach_logprobs(ctx.model, batches, "old_logp", temperature, hidden_key)
     shaped = rewards
     if run["needs_ref"]:
         with run["reference"]() as ref:
-            attach_logprobs(ref, batches, "ref_logp", run["temperature"])
+            attach_logprobs(ref, batches, "ref_logp", temperature, "ref_hidden" if full else None)
+            if full:
+                run["ref_head"] = fused_head(ref).weight.detach()
+        if full and preset.kl_placement == "reward":
+            head = fused_head(ctx.model).weight.detach()
+            attach_full_kl(batches, head, run["ref_head"], temperature)
         k1 = _sequence_k1(batches, n)
         stats["rollout/kl_seq"] = float(k1[valid].mean()) if valid else 0.0
         if preset.kl_placement == "reward" and preset.kl_per == "seq":
@@ -459,21 +468,60 @@ def greedy_rewards(
 
 @torch.no_grad()
 def attach_logprobs(
-    model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], key: str, temperature: float
+    model: torch.nn.Module,
+    batches: list[dict[str, torch.Tensor]],
+    key: str,
+    temperature: float,
+    hidden_key: str | None = None,
 ) -> None:
-    """Store detached completion log-probs of ``model`` under ``key`` in every micro-batch."""
+    """Store detached completion log-probs of ``model`` under ``key`` in every micro-batch.
+
+    With ``hidden_key`` the (N, H) final hidden states at the completion positions are kept
+    too (for the full-vocabulary KL).
+    """
     was_training = model.training
     model.eval()
     for b in batches:
-        b[key] = completion_logprobs(
+        logp, hidden = completion_logprobs_and_hidden(
             model, b["prompt_ids"], b["prompt_mask"], b["completion_ids"], b["completion_mask"],
             temperature=temperature,
-        ).float()  # fmt: skip
+        )  # fmt: skip
+        b[key] = logp.float()
+        if hidden_key is not None:
+            if hidden is None:
+                raise ValueError("the full-vocabulary KL needs a model with a linear LM head")
+            b[hidden_key] = hidden
     model.train(was_training)
 
 
+@torch.no_grad()
+def attach_full_kl(
+    batches: list[dict[str, torch.Tensor]],
+    head: torch.Tensor,
+    ref_head: torch.Tensor,
+    temperature: float,
+) -> None:
+    """Exact per-token KL(pi_old || pi_ref) over the vocabulary as ``kl_tokens`` (B, T).
+
+    Reads the hidden states stored by :func:`attach_logprobs` (``old_hidden``, ``ref_hidden``).
+    """  # fmt: skip
+    for b in batches:
+        mask = b["completion_mask"]
+        kl = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+        kl[mask] = linear_full_kl(
+            b.pop("old_hidden"), head, b["ref_hidden"], ref_head, temperature=temperature
+        )
+        b["kl_tokens"] = kl
+
+
 def _token_kl(b: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Per-token k1 for a KL in the reward: log pi_old (else the sampler's) - log pi_ref."""
+    """Per-token KL for the reward.
+
+    The exact full-vocabulary KL when it was computed, else k1 = log pi_old (or the sampler's
+    log-prob when pi_old was not computed) - log pi_ref.
+    """
+    if "kl_tokens" in b:
+        return b["kl_tokens"]
     return b.get("old_logp", b["sampler_logp"]) - b["ref_logp"]
 
 
@@ -551,7 +599,7 @@ def gae_advantages(
 
 
 def _sequence_k1(batches: list[dict[str, torch.Tensor]], n: int) -> torch.Tensor:
-    """Per sequence sum_t (log pi_old - log pi_ref), in rollout order (KL in the reward)."""
+    """Per sequence sum_t KL_t (see :func:`_token_kl`), in rollout order (KL in the reward)."""
     out = torch.zeros(n, dtype=torch.float64)
     for b in batches:
         k1 = torch.where(b["completion_mask"], _token_kl(b), 0.0).sum(1)

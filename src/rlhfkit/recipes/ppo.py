@@ -96,13 +96,14 @@ def make_ppo_step_loss(
     cfg: PGConfig,
     temperature: float,
     beta: Callable[[], float] | None = None,
+    run: dict[str, Any] | None = None,
 ) -> tuple[Callable[[dict[str, torch.Tensor], float], LossOutput], Callable[..., float]]:
     """L = L_policy + c_v L_value for one micro-batch, under one global normaliser.
 
     The value loss is aggregated like the policy loss (the preset's mode). During the critic
     warm-up the policy term is left out, so the policy receives no gradient.
     """
-    policy_step, count = make_step_loss(ctx.model, preset, cfg, temperature, beta)
+    policy_step, count = make_step_loss(ctx.model, preset, cfg, temperature, beta, run)
     agg = Aggregation(preset.aggregation, max_len=cfg.sampling.max_new_tokens)
     c = cfg.critic
 
@@ -157,7 +158,7 @@ def main(cfg: PGConfig) -> Path:
     total = total_steps(cfg, preset, len(run["prompts"]))
     ctx.start_training(cfg.optim, total, resume=cfg.loop.resume)
     step_loss, count = make_ppo_step_loss(
-        ctx, critic.model, preset, cfg, run["temperature"], run["beta"]
+        ctx, critic.model, preset, cfg, run["temperature"], run["beta"], run
     )
 
     def after_backward() -> None:
