@@ -224,3 +224,21 @@ def test_full_vocabulary_kl_runs_in_the_loss_and_in_the_reward(
     metrics = _metrics(run)
     assert metrics[0]["rollout/kl_seq"] == pytest.approx(0.0, abs=1e-5)  # policy = reference
     assert metrics[-1]["rollout/kl_seq"] > 0  # exact KL >= 0, and the policy has moved
+
+
+def test_reinforce_pp_baseline_centres_groups_then_whitens_tokens(tiny_model_dir, task, tmp_path):
+    cfg = _cfg(
+        tiny_model_dir, task, tmp_path / "b", algo__preset="reinforce_pp",
+        algo__advantage="group_whiten", algo__beta=0.0,
+    )  # fmt: skip
+    preset = pg.resolve_preset(cfg.algo)
+    ctx = build_run(cfg.model, cfg.log, 0, {})
+    batch = collect(ctx, cfg, pg.run_state(ctx, cfg, preset))
+    centred = (batch.rewards - batch.rewards.mean(1, keepdim=True)).flatten()
+    lengths = torch.tensor([len(c) for c in batch.rollout.completion_ids], dtype=torch.float64)
+    tokens = torch.repeat_interleave(centred, lengths.long())  # returns-to-go = score (beta 0)
+    expected = (centred - tokens.mean()) / (tokens.std() + 1e-8)
+    for b in batch.batches:
+        for row, i in enumerate(b["rows"].tolist()):
+            got = b["advantages"][row][b["completion_mask"][row]]
+            torch.testing.assert_close(got.double(), expected[i].expand_as(got), atol=1e-5, rtol=0)

@@ -34,7 +34,7 @@ from rlhfkit.types import LossOutput
 ObjectiveName = Literal["reinforce", "ppo_clip", "gspo", "cispo", "sapo"]
 AdvantageName = Literal[
     "batch_baseline", "ema_baseline", "leave_one_out", "group_zscore", "group_center", "maxrl",
-    "batch_whiten", "greedy_baseline", "gae", "process_group",
+    "batch_whiten", "group_whiten", "greedy_baseline", "gae", "process_group",
 ]  # fmt: skip
 
 LOG_RATIO_CLAMP = 10.0

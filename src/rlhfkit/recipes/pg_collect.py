@@ -85,9 +85,14 @@ ESTIMATORS: dict[str, Estimator] = {
     "maxrl": Estimator(lambda r, c, e: adv_ops.maxrl(r)),
     "greedy_baseline": Estimator(lambda r, c, e: adv_ops.greedy_baseline(r, e["greedy"])),
     "batch_whiten": Estimator(lambda r, c, e: r, "batch"),  # token level: token_advantages
+    # REINFORCE++-baseline: the group mean subtracted first, then whitened like batch_whiten
+    "group_whiten": Estimator(lambda r, c, e: adv_ops.group_center(r)),
     "gae": Estimator(lambda r, c, e: r, "batch"),  # token level, needs a critic: gae_advantages
 }
 """Advantage estimators this recipe runs (``process_group`` needs step rewards: not yet)."""
+
+TOKEN_LEVEL = ("gae", "batch_whiten", "group_whiten")
+"""Estimators whose advantages are per token (computed after the sequence-level step)."""
 
 
 def estimate(
@@ -421,7 +426,7 @@ def collect(ctx: RunContext, cfg: PGConfig, run: dict[str, Any]) -> RolloutBatch
         ctx.extra["ema_baseline"] = update[1]
     adv = torch.nan_to_num(adv.flatten(), nan=0.0)
     _set_advantages(batches, adv)
-    if preset.advantage in ("gae", "batch_whiten"):
+    if preset.advantage in TOKEN_LEVEL:
         adv = _token_level(batches, cfg, run, adv)
     return RolloutBatch(
         minibatches, rewards, sampled.components, adv, rollout, sampled.texts, sampled.prompts,
