@@ -1,7 +1,15 @@
 """Rollouts as training micro-batches.
 
-Prompts are left-padded and completions right-padded, in completion space (B rows, T completion
-tokens; the ``types`` glossary), and the rows are cut into micro-batches by a token budget.
+Completion-space tensors (B rows, T completion tokens; the ``types`` glossary) hold what the
+losses read: ``completion_ids``, ``completion_mask``, ``sampler_logp``, ``advantages`` and
+``rows`` (each row's index in the rollout). The model input comes in one of two layouts:
+
+- padded (:func:`rollout_micro_batches`): prompts left-padded, completions right-padded, rows
+  of similar length together;
+- prefix trees (:func:`rollout_tree_batches`): the G completions of a prompt are the branches
+  of one packed document whose prompt is computed once (the prefix shared by every prompt of
+  the micro-batch, a system prompt say, once for all), with no padding. The targets follow the
+  row-major order of ``completion_mask``, so both layouts give the same (B, T) log-probs.
 """
 
 from __future__ import annotations
@@ -9,6 +17,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+
+from rlhfkit.data.groups import TokenizedGroup, tree_batch
+from rlhfkit.types import TokenizedExample
 
 
 def pad_rows(rows: list[list[Any]], value: float, left: bool, dtype: torch.dtype) -> torch.Tensor:
@@ -62,3 +73,91 @@ def rollout_micro_batches(
             "rows": torch.tensor(idx),
         })  # fmt: skip
     return out
+
+
+def rollout_tree_batches(
+    prompt_ids: list[list[int]],
+    completion_ids: list[list[int]],
+    sampler_logps: list[list[float]],
+    rows: list[int],
+    pad_id: int,
+    max_tokens: int,
+) -> list[dict[str, torch.Tensor]]:
+    """Micro-batches of prefix trees: one document per prompt, its completions as branches.
+
+    Rows with the same prompt ids form a group (first-appearance order). Groups are packed in
+    order under ``max_tokens`` tree tokens (prompt once plus every completion); a group larger
+    than the budget is cut into several trees. Needs the ``varlen_sdpa`` attention.
+
+    Args:
+        prompt_ids: Prompt ids of every rollout row.
+        completion_ids: Completion ids of every rollout row.
+        sampler_logps: Sampler log-probs of every rollout row.
+        rows: The rollout rows to batch.
+        pad_id: Padding id of the completion-space tensors.
+        max_tokens: Token budget of one micro-batch.
+
+    Returns:
+        Micro-batches with the tree keys of :func:`rlhfkit.data.groups.tree_batch` plus the
+        completion-space tensors; ``rows`` lists the rollout rows in order.
+    """
+    by_prompt: dict[tuple[int, ...], list[int]] = {}
+    for i in rows:
+        by_prompt.setdefault(tuple(prompt_ids[i]), []).append(i)
+    trees: list[list[int]] = []
+    for members in by_prompt.values():
+        current: list[int] = []
+        for i in members:  # cut a group that alone exceeds the budget
+            cost = len(prompt_ids[i]) + sum(len(completion_ids[j]) for j in [*current, i])
+            if current and cost > max_tokens:
+                trees.append(current)
+                current = []
+            current.append(i)
+        trees.append(current)
+    bins: list[list[list[int]]] = [[]]
+    used = 0
+    for tree in trees:
+        cost = len(prompt_ids[tree[0]]) + sum(len(completion_ids[i]) for i in tree)
+        if bins[-1] and used + cost > max_tokens:
+            bins.append([])
+            used = 0
+        bins[-1].append(tree)
+        used += cost
+    return [_tree_micro_batch(b, prompt_ids, completion_ids, sampler_logps, pad_id) for b in bins]
+
+
+def _tree_micro_batch(
+    trees: list[list[int]],
+    prompt_ids: list[list[int]],
+    completion_ids: list[list[int]],
+    sampler_logps: list[list[float]],
+    pad_id: int,
+) -> dict[str, torch.Tensor]:
+    """One micro-batch of prefix trees with its completion-space tensors."""
+    groups = [
+        TokenizedGroup(
+            [
+                TokenizedExample(
+                    prompt_ids[i] + completion_ids[i],
+                    [False] * len(prompt_ids[i]) + [True] * len(completion_ids[i]),
+                )
+                for i in tree
+            ],
+            [0.0] * len(tree),
+        )
+        for tree in trees
+    ]
+    packed = tree_batch(groups)
+    idx = [i for tree in trees for i in tree]
+    comps = [completion_ids[i] for i in idx]
+    mask = pad_rows([[1] * len(c) for c in comps], 0, False, torch.long).bool()
+    keep = ("input_ids", "position_ids", "seq_lens", "cu_seqlens", "tree_context", "tree_prefix",
+            "tree_branches", "target_ids", "target_rows", "target_cols")  # fmt: skip
+    return {
+        **{k: packed[k] for k in keep},
+        "completion_ids": pad_rows(comps, pad_id, False, torch.long),
+        "completion_mask": mask,
+        "sampler_logp": pad_rows([sampler_logps[i] for i in idx], 0.0, False, torch.float32),
+        "advantages": torch.zeros(mask.shape),  # set by _set_advantages
+        "rows": torch.tensor(idx),
+    }

@@ -263,6 +263,38 @@ def completion_logprobs_and_hidden(
     return out, hidden
 
 
+def rollout_logprobs(
+    model: nn.Module, batch: dict[str, torch.Tensor], *, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs of a rollout micro-batch's completion tokens, padded or prefix-tree packed.
+
+    A padded batch (``prompt_ids`` ...) goes through :func:`completion_logprobs_and_hidden`; a
+    prefix-tree batch (:func:`rlhfkit.data.rollouts.rollout_tree_batches`) is one packed
+    forward whose targets follow the row-major order of ``completion_mask``.
+
+    Returns:
+        (B, T) log-probs (0 off the mask) and the (N, H) final hidden states at the N masked
+        positions (None for a model whose head is not a plain linear layer).
+    """
+    mask = batch["completion_mask"].bool()
+    if "target_ids" not in batch:
+        return completion_logprobs_and_hidden(
+            model, batch["prompt_ids"], batch["prompt_mask"], batch["completion_ids"], mask,
+            temperature=temperature,
+        )  # fmt: skip
+    rows, cols, targets = batch["target_rows"], batch["target_cols"], batch["target_ids"]
+    dtype = torch.promote_types(next(model.parameters()).dtype, torch.float32)
+    out = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
+    head = fused_head(model)
+    if head is None:
+        logits = model(**_model_inputs(batch), use_cache=False).logits  # (1, L, V)
+        out[mask] = logits_logprobs(logits[rows, cols].float() / temperature, targets)
+        return out, None
+    hidden = backbone_hidden(model, **_model_inputs(batch))[rows, cols]  # (N, H)
+    out[mask] = linear_logprobs(hidden, head.weight, targets, temperature=temperature)
+    return out, hidden
+
+
 def target_logprobs(
     model: nn.Module, batch: dict[str, torch.Tensor], *, temperature: float = 1.0
 ) -> torch.Tensor:

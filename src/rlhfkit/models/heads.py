@@ -145,6 +145,24 @@ def completion_values(
     return out
 
 
+def rollout_values(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Values V(s_t) of a rollout micro-batch, padded or prefix-tree packed.
+
+    Shapes:
+        returns (B, T) fp32 (0 where ``completion_mask`` is False).
+    """
+    mask = batch["completion_mask"].bool()
+    if "target_ids" not in batch:
+        return completion_values(
+            model, batch["prompt_ids"], batch["prompt_mask"], batch["completion_ids"], mask
+        )
+    hidden = backbone_hidden(model, **_model_inputs(batch))  # (1, L, H)
+    values = apply_head(score_head(model), hidden[batch["target_rows"], batch["target_cols"]])
+    out = torch.zeros(mask.shape, dtype=values.dtype, device=mask.device)
+    out[mask] = values[:, 0]
+    return out
+
+
 def check_pooling_compatible(sequences: Sequence[Sequence[int]], pad_token_id: int | None) -> int:
     """Count sequences that end with the pad id (transformers would pool elsewhere for them)."""
     if pad_token_id is None:

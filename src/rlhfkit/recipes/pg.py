@@ -51,7 +51,8 @@ import torch
 from rlhfkit.config import LogConfig, LoopConfig, ModelConfig, OptimConfig, to_dict
 from rlhfkit.data.rollouts import rollout_micro_batches
 from rlhfkit.losses.policy import PG_PRESETS, PGPreset, policy_loss, tis_weights
-from rlhfkit.models.forward import completion_logprobs_and_hidden, fused_head
+from rlhfkit.models.forward import fused_head, rollout_logprobs
+from rlhfkit.models.heads import supports_prefix_trees
 from rlhfkit.ops.kl import KL_ESTIMATORS, adaptive_kl_coef, linear_full_kl
 from rlhfkit.ops.masking import Aggregation, normaliser_count
 from rlhfkit.recipes.common import RunContext, build_run, finish_run
@@ -91,6 +92,9 @@ class PGDataConfig:
     """Prompt tokens kept (cut from the left)."""
     limit: int | None = None
     """Use only the first N rows."""
+    share_prefix: bool = True
+    """Train on prefix trees: each prompt computed once for its completions, no padding (needs
+    the varlen_sdpa attention; otherwise padded rows)."""
 
 
 @dataclass
@@ -264,10 +268,7 @@ def make_step_loss(
 
     def step_loss(batch: dict[str, torch.Tensor], normaliser: float) -> Any:
         mask = batch["completion_mask"]
-        logp, hidden = completion_logprobs_and_hidden(
-            model, batch["prompt_ids"], batch["prompt_mask"], batch["completion_ids"], mask,
-            temperature=temperature,
-        )  # fmt: skip
+        logp, hidden = rollout_logprobs(model, batch, temperature=temperature)
         old = batch.get("old_logp", logp.detach())
         weights = tis_weights(old, batch["sampler_logp"], cap=cfg.algo.tis_cap)
         kl = loss_kl(logp, hidden, batch) if kl_in_loss else None
@@ -342,6 +343,8 @@ def run_state(ctx: RunContext, cfg: PGConfig, preset: PGPreset) -> dict[str, Any
         "reference": reference_model(ctx) if needs_ref else no_reference,
         "temperature": cfg.sampling.temperature if cfg.sampling.temperature > 0 else 1.0,
         "minibatches": cfg.algo.minibatches,
+        # each prompt once per micro-batch, its completions as branches (exact; no padding)
+        "trees": cfg.data.share_prefix and supports_prefix_trees(ctx.model),
         "beta": lambda: float(ctx.extra.get("kl_coef", preset.beta)),
         # pi_old on the learner when a batch serves several steps, for PPO's KL reward, and for
         # a full-vocabulary KL in the reward

@@ -31,12 +31,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from rlhfkit.data.rollouts import rollout_micro_batches
+from rlhfkit.data.rollouts import rollout_micro_batches, rollout_tree_batches
 from rlhfkit.data.schemas import load_examples
 from rlhfkit.data.templates import render_prompt
 from rlhfkit.losses.policy import PGPreset
-from rlhfkit.models.forward import completion_logprobs_and_hidden, fused_head
-from rlhfkit.models.heads import completion_values
+from rlhfkit.models.forward import fused_head, rollout_logprobs
+from rlhfkit.models.heads import rollout_values
 from rlhfkit.ops import advantages as adv_ops
 from rlhfkit.ops.kl import linear_full_kl
 from rlhfkit.ops.masking import masked_mean
@@ -373,9 +373,18 @@ def split_minibatches(rows: list[int], parts: int, seed: int) -> list[list[int]]
 
 
 def micro_batches(
-    ctx: RunContext, rollout: Rollout, rows: list[int], budget: int
+    ctx: RunContext, rollout: Rollout, rows: list[int], budget: int, *, trees: bool = False
 ) -> list[dict[str, torch.Tensor]]:
-    """Micro-batches of the given rollout rows; ``rows`` of each holds rollout indices."""
+    """Micro-batches of the given rollout rows; ``rows`` of each holds rollout indices.
+
+    With ``trees`` each prompt and its completions form one prefix-tree document (the prompt
+    computed once, no padding); otherwise rows are padded.
+    """
+    if trees:
+        parts = rollout_tree_batches(
+            rollout.prompt_ids, rollout.completion_ids, rollout.logprobs, rows, ctx.pad_id, budget
+        )
+        return [ctx.to_device(b) for b in parts]
     parts = rollout_micro_batches(
         [rollout.prompt_ids[i] for i in rows], [rollout.completion_ids[i] for i in rows],
         [rollout.logprobs[i] for i in rows], ctx.pad_id, budget,
@@ -395,7 +404,7 @@ def collect(ctx: RunContext, cfg: PGConfig, run: dict[str, Any]) -> RolloutBatch
     valid = [i for i, v in enumerate(rewards.flatten().tolist()) if not math.isnan(v)]
     position = int(ctx.extra.get("rollouts", 0))
     minibatches = [
-        micro_batches(ctx, rollout, rows, cfg.loop.micro_batch_tokens)
+        micro_batches(ctx, rollout, rows, cfg.loop.micro_batch_tokens, trees=run["trees"])
         for rows in split_minibatches(valid, run["minibatches"], cfg.loop.seed + position)
     ]
     batches = [b for mb in minibatches for b in mb]
@@ -487,10 +496,7 @@ def attach_logprobs(
     was_training = model.training
     model.eval()
     for b in batches:
-        logp, hidden = completion_logprobs_and_hidden(
-            model, b["prompt_ids"], b["prompt_mask"], b["completion_ids"], b["completion_mask"],
-            temperature=temperature,
-        )  # fmt: skip
+        logp, hidden = rollout_logprobs(model, b, temperature=temperature)
         b[key] = logp.float()
         if hidden_key is not None:
             if hidden is None:
@@ -585,9 +591,7 @@ def gae_advantages(
     raw = []
     for b in batches:
         mask = b["completion_mask"]
-        values = completion_values(
-            critic, b["prompt_ids"], b["prompt_mask"], b["completion_ids"], mask
-        ).float()
+        values = rollout_values(critic, b).float()
         k1 = _token_kl(b) if beta else torch.zeros_like(b["sampler_logp"])
         rewards = kl_in_reward(b["advantages"][:, 0].double(), k1.double(), mask, beta, True)
         adv, returns = adv_ops.gae(

@@ -34,7 +34,7 @@ import torch
 from rlhfkit.atomic import atomic_directory
 from rlhfkit.config import to_dict
 from rlhfkit.losses.policy import PGPreset, value_loss
-from rlhfkit.models.heads import completion_values
+from rlhfkit.models.heads import rollout_values
 from rlhfkit.models.load import load_model
 from rlhfkit.ops.masking import Aggregation
 from rlhfkit.recipes.common import Companion, RunContext, build_run, finish_run
@@ -109,9 +109,7 @@ def make_ppo_step_loss(
 
     def step_loss(batch: dict[str, torch.Tensor], normaliser: float) -> LossOutput:
         mask = batch["completion_mask"]
-        values = completion_values(
-            critic, batch["prompt_ids"], batch["prompt_mask"], batch["completion_ids"], mask
-        )
+        values = rollout_values(critic, batch)
         v = value_loss(
             values, batch["old_values"], batch["returns"], mask, aggregation=agg,
             normaliser=normaliser, clip=c.value_clip,
