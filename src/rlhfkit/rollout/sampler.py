@@ -162,7 +162,7 @@ class HFGenerator:
         scaled = logits if temperature == 1.0 else logits / temperature
         lse = torch.logsumexp(scaled, dim=-1, keepdim=True)  # (B, 1): one pass for all uses
         probs = torch.exp(scaled - lse)  # (B, V)
-        entropy = lse[:, 0] - (probs * scaled.nan_to_num(neginf=0.0)).sum(-1)
+        entropy = lse[:, 0] - (probs * scaled).nansum(-1)  # 0 * -inf (a masked logit) is 0
         if greedy:
             tokens = scaled.argmax(dim=-1)
         elif sampling.top_k or sampling.top_p < 1.0 or sampling.min_p > 0:
