@@ -131,6 +131,9 @@ def test_presets_without_their_machinery_are_refused():
         pg.resolve_preset(pg.PGAlgoConfig(preset="grpo", advantage="gae"))
     assert pg.resolve_preset(pg.PGAlgoConfig(preset="ppo")).epochs == 4
     assert pg.resolve_preset(pg.PGAlgoConfig(preset="ppo", epochs=2)).epochs == 2
+    for axis in ("advantage", "objective", "aggregation", "kl_placement", "kl_estimator"):
+        with pytest.raises(ValueError, match="unknown"):
+            pg.resolve_preset(pg.PGAlgoConfig(preset="grpo", **{axis: "bogus"}))
     row = pg.resolve_preset(pg.PGAlgoConfig(preset="rloo", aggregation="token_mean"))
     assert row.aggregation == "token_mean" and row.advantage == "leave_one_out"
     with pytest.raises(ValueError, match="unknown preset"):

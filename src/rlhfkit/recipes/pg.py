@@ -50,7 +50,7 @@ import torch
 
 from rlhfkit.config import LogConfig, LoopConfig, ModelConfig, OptimConfig, to_dict
 from rlhfkit.data.rollouts import rollout_micro_batches
-from rlhfkit.losses.policy import PG_PRESETS, PGPreset, policy_loss, tis_weights
+from rlhfkit.losses.policy import OBJECTIVES, PG_PRESETS, PGPreset, policy_loss, tis_weights
 from rlhfkit.models.forward import fused_head, rollout_logprobs
 from rlhfkit.models.heads import supports_prefix_trees
 from rlhfkit.ops.kl import KL_ESTIMATORS, adaptive_kl_coef, linear_full_kl
@@ -195,6 +195,8 @@ class PGConfig:
     """Weight of each reward (default 1 each)."""
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6, warmup_ratio=0.0))
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(batch_size=4, max_steps=100))
+    """Batching and run length. Here ``batch_size`` counts prompts per rollout batch, each
+    sampled ``sampling.num_samples`` times; ``max_steps`` counts optimiser steps."""
     log: LogConfig = field(default_factory=lambda: LogConfig(run_dir="runs/rl"))
     sample_every: int = 10
     """Write a few completions to samples.jsonl every N steps (0: never)."""
@@ -223,6 +225,16 @@ def resolve_preset(cfg: PGAlgoConfig) -> PGPreset:
         raise ValueError(
             f"algo.epochs and algo.minibatches must be >= 1, got {preset.epochs}, {cfg.minibatches}"
         )
+    choices = {
+        "advantage": (*ESTIMATORS, "process_group"), "objective": tuple(OBJECTIVES),
+        "kl_placement": ("none", "reward", "loss"), "kl_estimator": (*KL_ESTIMATORS, "full"),
+    }  # fmt: skip
+    for axis, allowed in choices.items():
+        if getattr(preset, axis) not in allowed:
+            raise ValueError(
+                f"unknown algo.{axis} {getattr(preset, axis)!r}; choose from {', '.join(allowed)}"
+            )
+    Aggregation(preset.aggregation)  # validates the mode
     if preset.advantage not in ESTIMATORS:
         raise NotImplementedError(
             f"preset {cfg.preset!r} needs advantage {preset.advantage!r} (step rewards from a "
