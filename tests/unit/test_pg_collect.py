@@ -101,3 +101,12 @@ def test_length_penalty_is_a_component():
     )
     assert components["length"] == [0.0, pytest.approx(-0.2)]
     assert out == [1.0, pytest.approx(0.8)]
+
+
+def test_ema_baseline_uses_the_running_value_and_starts_at_the_batch_mean():
+    rewards = torch.tensor([[1.0, 0.0], [1.0, 1.0]], dtype=torch.float64)
+    algo = pg.PGAlgoConfig()
+    torch.testing.assert_close(estimate(rewards, "ema_baseline", algo, {"ema": 0.5}), rewards - 0.5)
+    torch.testing.assert_close(
+        estimate(rewards, "ema_baseline", algo, {"ema": None}), rewards - 0.75
+    )
