@@ -126,3 +126,19 @@ def assert_same_run(
     for name in wa:
         torch.testing.assert_close(wa[name], wb[name], atol=1e-5, rtol=0)
     return wa
+
+
+def pg_config(base: dict[str, Any], **over: Any) -> Any:
+    """A ``PGConfig`` from a nested dict, with ``section__field=value`` overrides."""
+    from rlhfkit.config import from_dict
+    from rlhfkit.recipes import pg
+
+    for key, value in over.items():
+        section, _, name = key.partition("__")
+        base.setdefault(section, {})[name] = value
+    return from_dict(pg.PGConfig, base)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """Every record of a run's metrics.jsonl."""
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from recipe_helpers import pg_config, read_metrics
 
-from rlhfkit.config import from_dict
 from rlhfkit.recipes import pg
 from rlhfkit.rewards.answers import exact_answer
 
@@ -45,19 +45,12 @@ def _cfg(model_dir, task, run_dir, **over) -> pg.PGConfig:
         "loop": {"batch_size": 4, "max_steps": 30},
         "log": {"run_dir": str(run_dir), "progress": False, "tensorboard": False},
     }
-    for key, value in over.items():
-        section, _, name = key.partition("__")
-        base.setdefault(section, {})[name] = value
-    return from_dict(pg.PGConfig, base)
-
-
-def _metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return pg_config(base, **over)
 
 
 def test_grpo_learns_the_toy_task(tiny_model_dir, task, tmp_path):
     pg.main(_cfg(tiny_model_dir, task, tmp_path / "run"))
-    metrics = _metrics(tmp_path / "run")
+    metrics = read_metrics(tmp_path / "run")
     rewards = [m["rollout/reward"] for m in metrics]
     assert len(rewards) == 30
     assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.2
@@ -115,7 +108,7 @@ def test_epochs_reuse_one_rollout_and_recompute_pi_old(tiny_model_dir, task, tmp
     """6 optimiser steps at 3 epochs are 2 rollouts of consecutive prompt batches."""
     run = tmp_path / "r"
     pg.main(_cfg(tiny_model_dir, task, run, loop__max_steps=6, algo__epochs=3))
-    metrics = _metrics(run)
+    metrics = read_metrics(run)
     assert [m["step"] for m in metrics] == [3, 6]  # logged once per rollout
     assert metrics[-1]["train/ratio_mean"] != pytest.approx(1.0, abs=1e-9)
     state = torch.load(

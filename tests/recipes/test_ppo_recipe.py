@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from recipe_helpers import pg_config, read_metrics
 from safetensors.torch import load_file
 
-from rlhfkit.config import from_dict
 from rlhfkit.models.load import load_model
 from rlhfkit.recipes import pg, ppo
 from rlhfkit.recipes.common import build_run
@@ -72,20 +72,13 @@ def _cfg(model_dir, task, run_dir, reward="letter_a", **over) -> pg.PGConfig:
         "loop": {"batch_size": 4, "max_steps": 8},
         "log": {"run_dir": str(run_dir), "progress": False, "tensorboard": False},
     }
-    for key, value in over.items():
-        section, _, name = key.partition("__")
-        base.setdefault(section, {})[name] = value
-    return from_dict(pg.PGConfig, base)
-
-
-def _metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return pg_config(base, **over)
 
 
 def test_ppo_trains_policy_and_critic_and_checkpoints_both(tiny_model_dir, task, tmp_path):
     run = tmp_path / "run"
     pg.main(_cfg(tiny_model_dir, task, run))  # the ppo preset dispatches to recipes/ppo.py
-    metrics = _metrics(run)
+    metrics = read_metrics(run)
     assert [m["step"] for m in metrics] == [4, 8]  # 4 epochs x 1 minibatch per rollout
     for m in metrics:
         assert m["train/clip_frac"] > 0  # pi_old is from before the update: the clip engages
@@ -152,7 +145,7 @@ def test_ppo_raises_a_reward_models_score_at_a_bounded_kl(
     )  # fmt: skip
     cfg.rewards = (f"rm:{tiny_rm_dir}",)
     pg.main(cfg)
-    metrics = _metrics(run)
+    metrics = read_metrics(run)
     rewards = [m["rollout/reward"] for m in metrics]
     assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.1
     kl = [m["train/kl_per_token"] for m in metrics]
@@ -201,7 +194,7 @@ def test_adaptive_kl_coefficient_follows_the_controller(tiny_model_dir, task, tm
         algo__kl_horizon=20, loop__max_steps=4,
     )  # fmt: skip
     pg.main(cfg)
-    metrics = _metrics(run)
+    metrics = read_metrics(run)
     assert metrics[0]["train/kl_coef"] == 0.05  # the preset's beta to start
     for before, after in itertools.pairwise(metrics):
         expected = adaptive_kl_coef(
@@ -221,7 +214,7 @@ def test_full_vocabulary_kl_runs_in_the_loss_and_in_the_reward(
         algo__kl_placement=placement, algo__beta=0.1, loop__max_steps=3,
     )  # fmt: skip
     pg.main(cfg)
-    metrics = _metrics(run)
+    metrics = read_metrics(run)
     assert metrics[0]["rollout/kl_seq"] == pytest.approx(0.0, abs=1e-5)  # policy = reference
     assert metrics[-1]["rollout/kl_seq"] > 0  # exact KL >= 0, and the policy has moved
 

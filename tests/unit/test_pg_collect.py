@@ -9,13 +9,8 @@ import torch
 
 from rlhfkit.ops import advantages as adv_ops
 from rlhfkit.recipes import pg
-from rlhfkit.recipes.pg_collect import (
-    OVERLONG,
-    estimate,
-    informative_groups,
-    score,
-    split_minibatches,
-)
+from rlhfkit.recipes.pg_advantages import estimate
+from rlhfkit.recipes.pg_collect import OVERLONG, informative_groups, score, split_minibatches
 
 NAN = math.nan
 

@@ -56,18 +56,20 @@ from rlhfkit.models.heads import supports_prefix_trees
 from rlhfkit.ops.kl import KL_ESTIMATORS, adaptive_kl_coef, linear_full_kl
 from rlhfkit.ops.masking import Aggregation, normaliser_count
 from rlhfkit.recipes.common import RunContext, build_run, finish_run
-from rlhfkit.recipes.pg_collect import (
+from rlhfkit.recipes.pg_advantages import (
     ESTIMATORS,
-    PromptRow,
-    RolloutBatch,
     _sequence_k1,
     _set_advantages,
+    token_advantages,
+)
+from rlhfkit.recipes.pg_collect import (
+    PromptRow,
+    RolloutBatch,
     attach_logprobs,
     collect,
     greedy_rewards,
     load_prompts,
     score,
-    token_advantages,
 )
 from rlhfkit.rewards import load_reward_fn
 from rlhfkit.rollout.hf import SamplingConfig
