@@ -452,12 +452,13 @@ def attach_full_kl(
 ) -> None:
     """Exact per-token KL(pi_old || pi_ref) over the vocabulary as ``kl_tokens`` (B, T).
 
-    Reads the hidden states stored by :func:`attach_logprobs` (``old_hidden``, ``ref_hidden``).
+    Consumes the hidden states stored by :func:`attach_logprobs` (``old_hidden``,
+    ``ref_hidden``): a KL in the reward needs them only here.
     """  # fmt: skip
     for b in batches:
         mask = b["completion_mask"]
         kl = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
         kl[mask] = linear_full_kl(
-            b.pop("old_hidden"), head, b["ref_hidden"], ref_head, temperature=temperature
+            b.pop("old_hidden"), head, b.pop("ref_hidden"), ref_head, temperature=temperature
         )
         b["kl_tokens"] = kl
