@@ -49,6 +49,30 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
         "main",
         "Policy-gradient RL against rewards (grpo, rloo, reinforce, dr_grpo, gspo, cispo, ...).",
     ),
+    "eval": (
+        "rlhfkit.recipes.evaluate",
+        "EvalConfig",
+        "main",
+        "Evaluate a model: accuracy, pass@k, pass^k, maj@k, reward and length statistics.",
+    ),
+    "rs": (
+        "rlhfkit.recipes.rejection_sampling",
+        "RSConfig",
+        "main",
+        "Rejection sampling: sample N, score, select the best, SFT on them (with a control).",
+    ),
+    "bon": (
+        "rlhfkit.recipes.best_of_n",
+        "BoNConfig",
+        "main",
+        "Best-of-N at inference, with the analytic KL of best-of-N.",
+    ),
+    "filter": (
+        "rlhfkit.recipes.difficulty",
+        "FilterConfig",
+        "main",
+        "Keep prompts whose pass rate over N samples lies in a band (difficulty filter).",
+    ),
     "generate": (
         "rlhfkit.recipes.generate",
         "GenerateConfig",

@@ -143,6 +143,11 @@ class PGAlgoConfig:
     """Drop groups whose rewards are all equal and sample more prompts (DAPO)."""
     max_refills: int = 3
     """Dynamic sampling: most extra sampling rounds per batch."""
+    pass_rate_band: tuple[float, float] | None = None
+    """Online difficulty filter: keep only groups whose pass rate (share of samples with reward
+    >= pass_threshold) lies in [low, high], refilling like dynamic sampling (e.g. 0.2 0.8)."""
+    pass_threshold: float = 1.0
+    """A sample passes the online difficulty filter when its reward is at least this."""
     overlong_penalty: bool | None = None
     """Add DAPO's soft overlong penalty to the reward."""
     overlong_cache: int | None = None
@@ -211,6 +216,9 @@ _AXES = ("advantage", "objective", "aggregation", "kl_placement", "kl_estimator"
 
 def resolve_preset(cfg: PGAlgoConfig) -> PGPreset:
     """The preset row with the overrides applied."""
+    band = cfg.pass_rate_band
+    if band is not None and not (len(band) == 2 and 0.0 <= band[0] <= band[1] <= 1.0):
+        raise ValueError(f"algo.pass_rate_band: need 0 <= LOW <= HIGH <= 1, got {band}")
     if cfg.preset not in PG_PRESETS:
         raise ValueError(f"unknown preset {cfg.preset!r}; choose from {sorted(PG_PRESETS)}")
     preset = PG_PRESETS[cfg.preset]

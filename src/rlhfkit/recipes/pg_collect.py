@@ -31,8 +31,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from rlhfkit.data.rollouts import rollout_micro_batches, rollout_tree_batches
-from rlhfkit.data.schemas import load_examples
-from rlhfkit.data.templates import render_prompt
+from rlhfkit.eval.run import PromptRow, load_prompt_rows
 from rlhfkit.losses.policy import PGPreset
 from rlhfkit.models.forward import fused_head, rollout_logprobs
 from rlhfkit.ops import advantages as adv_ops
@@ -63,29 +62,13 @@ LENGTH = "length"
 """Name of the length-penalty reward component."""
 
 
-@dataclass
-class PromptRow:
-    """A prompt with its rendered ids and the fields the rewards see."""
-
-    ids: list[int]
-    fields: dict[str, Any]
-
-
 def load_prompts(tokenizer: Any, cfg: PGConfig) -> list[PromptRow]:
-    """Prompts of the source, rendered for sampling."""
+    """Prompts of the source, rendered for sampling (:func:`rlhfkit.eval.run.load_prompt_rows`)."""
     data = cfg.data
-    result = load_examples(data.train, data.schema, split=data.train_split, limit=data.limit)
-    rows = []
-    for example in result.examples:
-        fields = {**(getattr(example, "meta", None) or {}), "prompt": list(example.prompt)}
-        if hasattr(example, "answer"):
-            fields["answer"] = example.answer
-        rows.append(
-            PromptRow(render_prompt(tokenizer, example.prompt, max_len=data.max_prompt_len), fields)
-        )
-    if not rows:
-        raise ValueError(f"{data.train}: no prompts")
-    return rows
+    return load_prompt_rows(
+        tokenizer, data.train, data.schema, split=data.train_split, limit=data.limit,
+        max_prompt_len=data.max_prompt_len,
+    )  # fmt: skip
 
 
 def score(
@@ -236,8 +219,13 @@ def sample_round(ctx: RunContext, cfg: PGConfig, run: dict[str, Any]) -> Sampled
     return Sampled(chosen, rollout, texts, rewards, components)
 
 
-def informative_groups(rewards: torch.Tensor) -> list[int]:
-    """Groups whose scored rewards are not all equal (DAPO's filter keeps the mixed groups).
+def informative_groups(
+    rewards: torch.Tensor, band: tuple[float, float] | None = None, threshold: float = 1.0
+) -> list[int]:
+    """Groups to keep: rewards not all equal (DAPO), or with ``band`` a pass rate inside it.
+
+    With ``band = (low, high)`` a group is kept when the share of its scored samples whose reward
+    is at least ``threshold`` lies in [low, high] (the online difficulty filter of METHODS 9).
 
     Shapes:
         rewards: (P, G) with NaN for skipped samples.
@@ -245,7 +233,14 @@ def informative_groups(rewards: torch.Tensor) -> list[int]:
     keep = []
     for i, row in enumerate(rewards):
         valid = row[~torch.isnan(row)]
-        if valid.numel() >= 2 and bool((valid != valid[0]).any()):
+        if valid.numel() < 2:
+            continue
+        if band is None:
+            informative = bool((valid != valid[0]).any())
+        else:
+            rate = float((valid >= threshold).double().mean())
+            informative = band[0] - 1e-9 <= rate <= band[1] + 1e-9
+        if informative:
             keep.append(i)
     return keep
 
@@ -257,13 +252,15 @@ def sample_groups(ctx: RunContext, cfg: PGConfig, run: dict[str, Any]) -> tuple[
         The groups to train on and sampling statistics for the log.
     """
     first = sample_round(ctx, cfg, run)
-    if not run["preset"].dynamic_sampling:
+    band = cfg.algo.pass_rate_band
+    if not (run["preset"].dynamic_sampling or band):
         return first, {}
     need, parts, rounds, seen = len(first.prompts), [], 0, 0
     current = first
     while True:
         rounds, seen = rounds + 1, seen + len(current.prompts)
-        parts.append(current.select(informative_groups(current.rewards)))
+        keep = informative_groups(current.rewards, band, cfg.algo.pass_threshold)
+        parts.append(current.select(keep))
         have = sum(len(p.prompts) for p in parts)
         # every rank samples the same number of rounds, so the prompt counter stays in step
         short = all_reduce_sum(float(max(0, need - have)))

@@ -10,8 +10,10 @@ function such as ``rlhfkit.data.tasks.preferences:gold_score(completion, referen
 reward as it stands. Batched scorers (a reward model) also provide ``score_batch(completions,
 fields)``, which :func:`score_completions` prefers.
 
-A reward is named by ``module:function`` (an importable module, or a ``path/to/file.py``) or by
-``rm:<checkpoint directory>`` for a reward model trained with ``rlhfkit rm train``.
+A reward is named by ``module:function`` (an importable module, or a ``path/to/file.py``), by
+``rm:<checkpoint directory>`` for a reward model trained with ``rlhfkit rm train``, or by
+``verifier:<name>`` for a built-in verifier (``verifier:auto`` picks each example's own, see
+:mod:`rlhfkit.rewards.verifiers`).
 """
 
 from __future__ import annotations
@@ -62,8 +64,9 @@ def load_reward_fn(spec: str, **options: Any) -> Callable[..., float | None]:
     """The reward named by ``spec``.
 
     Args:
-        spec: ``module:function``, ``path/to/file.py:function``, or ``rm:<directory>`` (a reward
-            model checkpoint; ``options`` go to :class:`rlhfkit.rewards.model.RewardModelScorer`).
+        spec: ``module:function``, ``path/to/file.py:function``, ``rm:<directory>`` (a reward
+            model checkpoint; ``options`` go to :class:`rlhfkit.rewards.model.RewardModelScorer`)
+            or ``verifier:<name>`` (``auto``: the verifier each example names).
         options: Settings of a reward-model scorer (ignored for functions).
 
     Raises:
@@ -73,6 +76,11 @@ def load_reward_fn(spec: str, **options: Any) -> Callable[..., float | None]:
         from rlhfkit.rewards.model import RewardModelScorer
 
         return RewardModelScorer(spec[3:], **options)
+    if spec.startswith("verifier:"):
+        from rlhfkit.rewards.verifiers import get_verifier, verify
+
+        name = spec.removeprefix("verifier:")
+        return verify if name == "auto" else get_verifier(name)
     fn = _import_attribute(spec)
     if not callable(fn):
         raise ValueError(f"reward {spec!r} is not callable")

@@ -1,0 +1,159 @@
+"""``rlhfkit eval``: run a model on an evaluation set and score it (METHODS.md sections 9, 13).
+
+The loop:
+
+1. Load the prompts (``data.source``; by default the held-out split of the built-in arithmetic
+   task) and render them with the model's chat template.
+2. Sample N = ``sampling.num_samples`` completions per prompt (greedy by default, N = 1; with
+   T > 0 and N > 1 the pass@k family becomes meaningful).
+3. Score every completion with the rewards (``verifier:auto`` by default: the verifier each row
+   names; a reward model ``rm:<dir>``, a judge or any ``module:function`` works the same way).
+   A completion is correct when its reward reaches ``threshold``.
+4. Report: accuracy (Avg@N), pass@k and pass^k (unbiased estimators, for every k in ``ks``
+   up to N), maj@k (majority vote over the extracted answers of the first k samples), mean
+   reward, length statistics and finish reasons, overall and per ``task`` field; JSON (with
+   every sample when ``samples_output`` is set) plus a printed table.
+
+Samples and scores are cached under ``cache_dir`` by a hash of the model files, prompts and
+settings (:class:`rlhfkit.eval.run.GridCache`); a second run with the same inputs only reports.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rlhfkit.atomic import atomic_write_text
+from rlhfkit.config import ModelConfig
+from rlhfkit.eval.run import (
+    GridCache,
+    PromptRow,
+    cache_key,
+    load_prompt_rows,
+    load_rewards,
+    load_sampler,
+    model_fingerprint,
+    sample_grid,
+    score_grid,
+)
+from rlhfkit.eval.summary import grid_report, print_grid_report
+from rlhfkit.rollout.hf import SamplingConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalDataConfig:
+    """The evaluation prompts."""
+
+    source: str = "builtin:arithmetic"
+    """A .jsonl/.json/.parquet/.csv file, a hub dataset, builtin:NAME, gsm8k:FILE or rgym:NAME."""
+    split: str = "heldout"
+    """Split of a hub or built-in source."""
+    schema: str = "verifiable"
+    """Row format (any schema with a prompt; 'verifiable' rows carry the answer)."""
+    limit: int | None = None
+    """Use only the first N rows."""
+    max_prompt_len: int = 512
+    """Prompts longer than this keep their last tokens."""
+
+
+@dataclass
+class EvalConfig:
+    """rlhfkit eval: accuracy, pass@k, maj@k, reward and length statistics of a model."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: EvalDataConfig = field(default_factory=EvalDataConfig)
+    sampling: SamplingConfig = field(
+        default_factory=lambda: SamplingConfig(max_new_tokens=256, temperature=0.0)
+    )
+    rewards: tuple[str, ...] = ("verifier:auto",)
+    """Scorers: verifier:NAME (auto: each row's own), rm:DIR, module:function or file.py:fn."""
+    weights: tuple[float, ...] = ()
+    """One weight per reward (default 1 each)."""
+    threshold: float = 1.0
+    """A completion is correct when its reward is at least this."""
+    ks: tuple[int, ...] = (1,)
+    """The k of pass@k, pass^k and maj@k (those above N are left out)."""
+    chunk: int = 32
+    """Prompts per generator call."""
+    cache_dir: str | None = "~/.cache/rlhfkit/samples"
+    """Where samples and scores are cached (None: no cache)."""
+    output: str | None = None
+    """Write the report as JSON here."""
+    samples_output: str | None = None
+    """Write every sample (prompt, completion, reward, length, finish) as JSONL here."""
+
+
+def evaluate_prompts(
+    model_cfg: ModelConfig,
+    prompts: list[PromptRow] | None,
+    data: EvalDataConfig,
+    sampling: SamplingConfig,
+    rewards: tuple[str, ...],
+    weights: tuple[float, ...] = (),
+    *,
+    chunk: int = 32,
+    cache_dir: str | None = None,
+) -> tuple[list[PromptRow], Any]:
+    """Steps 1-3: the prompts and their scored (M, N) grid (loaded from the cache if there)."""
+    model, tokenizer, generator = load_sampler(model_cfg)
+    if prompts is None:
+        prompts = load_prompt_rows(
+            tokenizer, data.source, data.schema, split=data.split, limit=data.limit,
+            max_prompt_len=data.max_prompt_len,
+        )  # fmt: skip
+    cache = GridCache(cache_dir) if cache_dir else None
+    sample_key = cache_key(
+        model=model_fingerprint(model_cfg.name), precision=model_cfg.precision,
+        prompts=[p.ids for p in prompts], sampling=asdict(sampling),
+    )  # fmt: skip
+    grid = cache.load_samples(sample_key) if cache else None
+    if grid is None:
+        grid = sample_grid(generator, tokenizer, prompts, sampling, chunk=chunk)
+        if cache:
+            cache.save_samples(sample_key, grid)
+    score_key = cache_key(samples=sample_key, rewards=list(rewards), weights=list(weights))
+    if not (cache and cache.load_scores(score_key, grid)):
+        score_grid(grid, prompts, rewards, load_rewards(rewards), weights)
+        if cache:
+            cache.save_scores(score_key, grid)
+    del model, generator
+    return prompts, grid
+
+
+def write_samples(path: str | Path, prompts: list[PromptRow], grid: Any) -> None:
+    """Every sample as one JSONL row: prompt messages, answer, completion, reward, length."""
+    lines = []
+    for i, p in enumerate(prompts):
+        for j, text in enumerate(grid.texts[i]):
+            row = {
+                "prompt": p.fields["prompt"], "answer": p.fields.get("answer"), "sample": j,
+                "completion": text, "reward": grid.rewards[i][j], "length": grid.lengths[i][j],
+                "finish": grid.finish[i][j],
+            }  # fmt: skip
+            lines.append(json.dumps(row))
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def main(cfg: EvalConfig) -> dict[str, Any]:
+    """Steps 1-4; returns the report (also printed, and written to ``cfg.output``)."""
+    prompts, grid = evaluate_prompts(
+        cfg.model, None, cfg.data, cfg.sampling, cfg.rewards, cfg.weights,
+        chunk=cfg.chunk, cache_dir=cfg.cache_dir,
+    )  # fmt: skip
+    report = grid_report(grid, [p.fields for p in prompts], ks=cfg.ks, threshold=cfg.threshold)
+    report["config"] = {
+        "model": cfg.model.name, "source": cfg.data.source, "split": cfg.data.split,
+        "sampling": asdict(cfg.sampling), "rewards": list(cfg.rewards),
+    }  # fmt: skip
+    print_grid_report(report, title=f"{cfg.model.name} on {cfg.data.source}[{cfg.data.split}]")
+    if cfg.output:
+        atomic_write_text(cfg.output, json.dumps(report, indent=2))
+        log.info("report written to %s", cfg.output)
+    if cfg.samples_output:
+        write_samples(cfg.samples_output, prompts, grid)
+    return report
