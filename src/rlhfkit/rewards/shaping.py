@@ -78,3 +78,32 @@ def kl_in_reward(
         scores = scores - beta * kl.sum(1)
     rewards[rows, last] += scores.to(rewards.dtype)
     return torch.where(mask, rewards, 0.0)
+
+
+def kimi_length_rewards(lengths: Sequence[int], correct: Sequence[bool | float]) -> list[float]:
+    """Kimi k1.5 length reward of the samples of one prompt (Kimi Team 2025, length penalty).
+
+    lambda_i = 0.5 - (L_i - L_min) / (L_max - L_min) (all 0 when every length is equal); the
+    reward is lambda_i for a correct sample and min(0, lambda_i) for a wrong one, so short correct
+    answers gain up to +0.5 and long answers lose up to -0.5 whether right or wrong.
+
+    Raises:
+        ValueError: When ``lengths`` and ``correct`` differ in length.
+    """
+    if len(lengths) != len(correct):
+        raise ValueError(f"{len(lengths)} lengths but {len(correct)} correctness flags")
+    if not lengths:
+        return []
+    low, high = min(lengths), max(lengths)
+    if high == low:
+        return [0.0] * len(lengths)
+    lambdas = [0.5 - (length - low) / (high - low) for length in lengths]
+    return [lam if ok else min(0.0, lam) for lam, ok in zip(lambdas, correct, strict=True)]
+
+
+def l1_length_reward(correct: bool | float, length: int, target: int, alpha: float) -> float:
+    """L1's length-controlled reward (Aggarwal & Welleck 2025; LCPO, the L1-Exact setting).
+
+    r = 1[correct] - alpha |L_target - L|.
+    """
+    return float(bool(correct)) - alpha * abs(target - length)
