@@ -273,4 +273,4 @@ def test_as_sft_rows_validate() -> None:
 
 
 def test_registry() -> None:
-    assert set(BUILTIN) == {"instructions", "arithmetic", "preferences"}
+    assert set(BUILTIN) == {"instructions", "arithmetic", "preferences", "countdown", "strings"}

@@ -26,6 +26,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
 from rlhfkit.atomic import atomic_write_text
 from rlhfkit.config import ModelConfig
 from rlhfkit.eval.run import (
@@ -113,7 +122,13 @@ def evaluate_prompts(
     )  # fmt: skip
     grid = cache.load_samples(sample_key) if cache else None
     if grid is None:
-        grid = sample_grid(generator, tokenizer, prompts, sampling, chunk=chunk)
+        columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn())
+        with Progress(*columns, TimeElapsedColumn(), TimeRemainingColumn()) as bar:
+            task = bar.add_task(f"sample x{sampling.num_samples}", total=len(prompts))
+            grid = sample_grid(
+                generator, tokenizer, prompts, sampling, chunk=chunk,
+                progress=lambda done: bar.update(task, completed=done),
+            )  # fmt: skip
         if cache:
             cache.save_samples(sample_key, grid)
     score_key = cache_key(samples=sample_key, rewards=list(rewards), weights=list(weights))

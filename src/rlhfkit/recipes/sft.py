@@ -207,7 +207,7 @@ def main(cfg: SFTConfig) -> Path:
     per_epoch = len(train) // cfg.loop.batch_size
     total = cfg.loop.max_steps or max(1, math.ceil(cfg.loop.epochs * per_epoch))
     ctx.start_training(cfg.optim, total, resume=cfg.loop.resume)
-    if ctx.step == 0:
+    if ctx.step == 0 and held_out:
         ctx.logger.log(0, {"eval/loss": evaluate(ctx, held_out, cfg)})
     step_loss = make_step_loss(ctx.model)
     # An epoch-based run ends after its batches even if some were skipped (non-finite); a
@@ -243,5 +243,6 @@ def main(cfg: SFTConfig) -> Path:
                     "batch": ctx.batches_done % per_epoch,
                 }
                 ctx.save(cfg.loop.keep_last, data=data)
-    ctx.logger.log(ctx.step, {"eval/loss": evaluate(ctx, held_out, cfg)})
+    if held_out:
+        ctx.logger.log(ctx.step, {"eval/loss": evaluate(ctx, held_out, cfg)})
     return finish_run(ctx, cfg.loop.keep_last)

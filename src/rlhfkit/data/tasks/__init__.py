@@ -9,6 +9,16 @@
   reply against a perturbation of it), each with its programmatic gold scores
   (``preferences.py``, whose ``gold_score`` judges any completion of these prompts); schema
   ``preference``.
+- ``builtin:countdown``: Countdown problems (reach a target with + - * / on 3-4 given numbers,
+  each at most once), checked by the ``countdown`` verifier (``countdown.py``); schema
+  ``verifiable``.
+- ``builtin:strings``: string-manipulation problems (reverse, sort words, count a letter, change
+  case, remove vowels, ...) with exact answers, checked by the ``strings`` verifier
+  (``strings.py``); schema ``verifiable``.
+
+Related sources with their own prefixes (see ``rlhfkit.data.sources.load_rows``):
+``gsm8k:PATH`` reads a GSM8K-format file (``gsm8k.py``) and ``rgym:NAME`` generates
+reasoning-gym problems (``reasoning_gym.py``).
 
 Every built-in dataset has the splits ``"train"`` and ``"heldout"``, which share no prompt.
 """
@@ -21,7 +31,7 @@ from importlib import resources
 from typing import Any
 
 from rlhfkit.data.sources import Row
-from rlhfkit.data.tasks import arithmetic, preferences
+from rlhfkit.data.tasks import arithmetic, countdown, preferences, strings
 
 SPLITS = ("train", "heldout")
 """Splits of every built-in dataset."""
@@ -37,6 +47,8 @@ BUILTIN: dict[str, Callable[[str], list[dict[str, Any]]]] = {
     "instructions": _instructions,
     "arithmetic": arithmetic.builtin_split,
     "preferences": preferences.builtin_split,
+    "countdown": countdown.builtin_split,
+    "strings": strings.builtin_split,
 }
 """Built-in dataset name -> function(split) returning its raw rows."""
 
