@@ -1,0 +1,564 @@
+"""Run untrusted Python in a restricted child process (the code verifier's sandbox).
+
+:func:`run_python` runs a program in a fresh interpreter (``sys.executable -I -S -B``: no
+site-packages, no ``PYTHON*`` variables, no current directory on ``sys.path``) and returns what it
+printed, how it ended and how long it took. The layers, each meant to hold if another fails:
+
+1. **A throw-away working directory**, created for the run and removed afterwards; the child's
+   environment is cleared (only ``PATH``, ``LANG``/``LC_ALL``, ``HOME`` and ``TMPDIR``, the last
+   two pointing into that directory).
+2. **Resource limits** (``setrlimit``, soft = hard except CPU): CPU seconds, address space (memory),
+   size of written files, open files, processes, no core dumps. The wall-clock timeout is
+   enforced by the parent, which kills the child's whole process group (the child starts a new
+   session) on expiry and, in every case, once the child has exited (no stragglers).
+3. **No network**: the child enters a new, empty network namespace (``unshare(CLONE_NEWNET)``;
+   this needs ``CAP_SYS_ADMIN``, so it works as root and is skipped silently otherwise).
+   The namespace and the limits are set up by the child's bootstrap rather than in a
+   ``preexec_fn``, which is unsafe when the parent has threads (rewards may be scored in a pool).
+4. **An audit hook** (PEP 578), installed by a small bootstrap before the program runs; audit
+   hooks cannot be removed. It refuses (``PermissionError``) creating sockets other than Unix
+   ones (``socket.socketpair``, which ``asyncio`` needs), connecting, binding, sending to an
+   address and resolving names; process creation (``os.fork``/``forkpty``/``exec*``/
+   ``posix_spawn``/``system``, ``subprocess.Popen``, ``pty.spawn``; ``_posixsubprocess`` is
+   replaced by a stub because its ``fork_exec`` raises no event); signals to other processes;
+   ``ctypes`` (so native code cannot switch the hook off); raising resource limits; tracing,
+   ``gc`` referrer walks, other threads' frames, sub-interpreters, changing the hook's own
+   functions (their code or defaults), and native extensions loaded from outside the standard
+   library; and writes outside the working directory: opening a file for writing, creating,
+   removing, renaming, truncating, changing the mode/owner/times/attributes of a path (symbolic
+   links resolved), hard and symbolic links, SQLite databases, and opening directories outside
+   it with ``os.open`` (so ``dir_fd`` cannot point outside). Reading files (the standard
+   library included) is allowed; ``/dev/null``, ``/dev/stdout`` and ``/dev/stderr`` are
+   writable. Names the hook needs are bound when it is defined (default arguments, not
+   globals), so the program cannot swap them through ``builtins`` or a traceback's frames.
+
+What this does NOT guarantee. Audit hooks run inside the process they guard, so they are
+defence in depth, not a security boundary: a bug in CPython or an extension module, crafted
+bytecode (``marshal`` and ``CodeType`` stay allowed because imports and ``asyncio`` need them)
+or a race between the hook's path check and the system call (another thread swapping a path)
+can get past them. Without ``CAP_SYS_ADMIN`` there is no network namespace and only the hook
+blocks sockets; as root the child keeps root's privileges (``RLIMIT_NPROC`` does not apply to
+root; whatever root can read, the program can read). ``RLIMIT_NPROC`` counts all tasks
+(threads included) of the user, not only the sandbox's. Nothing here limits reading the file
+system. For untrusted code at scale (RL training on model-written programs), run the verifier
+inside a container or VM with seccomp, no network and a read-only root file system; this
+module is the inner layer. Third-party packages are not importable in the child (``-S``: no
+site-packages).
+
+This file exceeds the ~400-line budget because the child's bootstrap is embedded as text: it
+must run in the bare child interpreter before the program, where ``rlhfkit`` is not importable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import selectors
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+PROGRAM_NAME = "main.py"
+"""File name of the program in the sandbox's working directory (shown in tracebacks)."""
+
+_BOOTSTRAP = r'''
+import sys
+
+
+def _as_path(path, base_fd, _type=type, _str=str, _bytes=bytes, _int=int, _OSError=OSError,
+             _decode=bytes.decode, _readlink=__import__("posix").readlink):
+    """(path, base) ready for _resolve, or None when the path cannot be checked."""
+    if _type(path) is _bytes:
+        path = _decode(path, "utf-8", "surrogateescape")
+    elif _type(path) is _int:
+        try:
+            return _readlink("/proc/self/fd/" + _int.__repr__(path)), None
+        except _OSError:
+            return None
+    elif _type(path) is not _str:
+        return None
+    if base_fd is None or (_type(base_fd) is _int and base_fd < 0):  # -1, AT_FDCWD: the cwd
+        return path, None
+    if _type(base_fd) is not _int:
+        return None
+    try:
+        return path, _readlink("/proc/self/fd/" + _int.__repr__(base_fd))
+    except _OSError:
+        return None
+
+
+def _resolve(path, base, _readlink=__import__("posix").readlink,
+             _getcwd=__import__("posix").getcwd, _OSError=OSError, _Perm=PermissionError):
+    """Absolute path of ``path`` (relative to ``base`` or the cwd), symbolic links followed."""
+    if not path.startswith("/"):
+        path = (_getcwd() if base is None else base) + "/" + path
+    todo = path.split("/")
+    todo.reverse()
+    resolved = ""
+    hops = 0
+    while todo:
+        name = todo.pop()
+        if name == "" or name == ".":
+            continue
+        if name == "..":
+            resolved = resolved[: resolved.rfind("/")] if resolved else ""
+            continue
+        candidate = resolved + "/" + name
+        try:
+            target = _readlink(candidate)
+        except _OSError:  # not a link (or missing): a plain component
+            resolved = candidate
+            continue
+        hops += 1
+        if hops > 40:
+            raise _Perm("sandbox: too many levels of symbolic links")
+        if target.startswith("/"):
+            resolved = ""
+        more = target.split("/")
+        more.reverse()
+        todo.extend(more)
+    return resolved or "/"
+
+
+def _inside(path, base_fd, root, _as_path=_as_path, _resolve=_resolve):
+    """True when ``path`` (opened relative to ``base_fd``) lies in the directory ``root``."""
+    checked = _as_path(path, base_fd)
+    if checked is None:
+        return False
+    if checked[0] in ("/dev/null", "/dev/stdout", "/dev/stderr"):
+        return True
+    where = _resolve(checked[0], checked[1])
+    return where == root or where.startswith(root + "/")
+
+
+def _check_open(args, root, _type=type, _int=int, _str=str, _len=len, _inside=_inside,
+                _Perm=PermissionError, _stat=__import__("posix").stat, _OSError=OSError,
+                _item=tuple.__getitem__, _mask=0):
+    """Refuse opening a path outside ``root`` for writing (or, with os.open, a directory)."""
+    if _len(args) < 3:
+        raise _Perm("sandbox: unexpected open event")
+    path, mode, flags = args[0], args[1], args[2]
+    if _type(path) is _int:  # an already open descriptor: the kernel enforces its mode
+        return
+    writing = _type(flags) is _int and (flags & _mask) != 0
+    if not writing and _type(mode) is _str:
+        for c in "wax+":
+            if c in mode:
+                writing = True
+    if writing:
+        if mode is None and _type(path) is _str and not path.startswith("/"):
+            for part in path.split("/"):
+                if part == "..":  # os.open may be relative to a dir_fd the hook cannot see
+                    raise _Perm("sandbox: '..' in a relative os.open path is not allowed")
+        if not _inside(path, None, root):
+            raise _Perm("sandbox: writing outside the working directory is not allowed")
+        return
+    if mode is None and _type(path) is _str and not _inside(path, None, root):
+        try:  # os.open of a directory outside: its fd could serve as a dir_fd
+            is_dir = (_item(_stat(path), 0) & 0o170000) == 0o040000
+        except _OSError:
+            return
+        if is_dir:
+            raise _Perm("sandbox: opening a directory outside the working directory")
+
+
+def _hook(event, args, _root="", _blocked=frozenset(), _prefixes=(), _paths=(),
+          _bad_imports=frozenset(), _stdlib=(), _ours=(), _getpid=__import__("posix").getpid,
+          _type=type, _str=str, _int=int, _len=len, _check_open=_check_open, _inside=_inside,
+          _Perm=PermissionError):
+    """The audit hook: refuse the events listed in the module docstring of sandbox.py."""
+    if event == "socket.__new__" and _len(args) > 1 and _type(args[1]) is _int:
+        if args[1] == 1:  # AF_UNIX, for socketpair (asyncio); connect/bind/sendto stay refused
+            return
+    if event in _blocked or event.startswith(_prefixes):
+        if (event == "os.kill" or event == "os.killpg") and _len(args) > 0:
+            if _type(args[0]) is _int and args[0] == _getpid():
+                return
+        raise _Perm("sandbox: " + event + " is not allowed")
+    if event == "open":
+        _check_open(args, _root)
+    elif event == "import":
+        if _len(args) > 1:
+            if _type(args[0]) is _str and args[0] in _bad_imports:
+                raise _Perm("sandbox: importing " + args[0] + " is not allowed")
+            if _type(args[1]) is _str and not args[1].startswith(_stdlib):
+                if args[1].endswith(".so"):
+                    raise _Perm("sandbox: native extensions outside the standard library")
+    elif event == "object.__setattr__" or event == "object.__delattr__":
+        if _len(args) > 0:
+            for fn in _ours:
+                if args[0] is fn:
+                    raise _Perm("sandbox: changing the sandbox's own functions")
+    else:
+        for spec in _paths:
+            if spec[0] == event:
+                for path_at, fd_at in spec[1]:
+                    path = args[path_at] if path_at < _len(args) else None
+                    fd = args[fd_at] if fd_at is not None and fd_at < _len(args) else None
+                    if _type(path) is _str and (path == ":memory:" or path == ""):
+                        continue
+                    if not _inside(path, fd, _root):
+                        raise _Perm("sandbox: " + event + " outside the working directory")
+
+
+def _boot():
+    import json
+    import posix
+    import resource
+
+    cfg = json.loads(sys.argv[1])
+    for name, soft, hard in cfg["rlimits"]:
+        which = getattr(resource, name)
+        current = resource.getrlimit(which)[1]
+        if current != resource.RLIM_INFINITY:
+            soft, hard = min(soft, current), min(hard, current)
+        resource.setrlimit(which, (soft, hard))
+    if cfg["netns"]:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.unshare(0x40000000)  # CLONE_NEWNET; EPERM without CAP_SYS_ADMIN: hook only
+        del libc
+
+    def no_fork_exec(*args, **kwargs):
+        raise PermissionError("sandbox: creating processes is not allowed")
+
+    stub = type(sys)("_posixsubprocess")
+    stub.fork_exec = no_fork_exec
+    sys.modules["_posixsubprocess"] = stub
+
+    root = cfg["root"]
+    with open(root + "/" + cfg["program"], encoding="utf-8") as f:
+        source = f.read()
+    mask = posix.O_WRONLY | posix.O_RDWR | posix.O_CREAT | posix.O_TRUNC | posix.O_APPEND
+    _check_open.__defaults__ = _check_open.__defaults__[:-1] + (mask,)
+    _hook.__defaults__ = (
+        root,
+        frozenset(cfg["blocked"]),
+        tuple(cfg["prefixes"]),
+        tuple((event, tuple((p, d) for p, d in spec)) for event, spec in cfg["paths"]),
+        frozenset(cfg["bad_imports"]),
+        tuple(p + "/" for p in sys.path if p),
+        (_hook, _check_open, _inside, _resolve, _as_path),
+    ) + _hook.__defaults__[7:]
+    code = compile(source, cfg["program"], "exec")
+    sys.addaudithook(_hook)
+    main = type(sys)("__main__")
+    main.__file__ = root + "/" + cfg["program"]
+    main.__builtins__ = __builtins__
+    sys.modules["__main__"] = main
+    sys.argv = [cfg["program"]]
+    return code, main.__dict__
+
+
+_code, _namespace = _boot()
+del _boot, _hook, _check_open, _inside, _resolve, _as_path
+exec(_code, _namespace)
+'''
+
+_BLOCKED_EVENTS = (
+    # process creation and signalling other processes
+    "os.fork",
+    "os.forkpty",
+    "os.system",
+    "os.exec",
+    "os.posix_spawn",
+    "os.spawn",
+    "os.startfile",
+    "subprocess.Popen",
+    "pty.spawn",
+    "webbrowser.open",
+    "os.kill",
+    "os.killpg",
+    # escaping or switching off the hook
+    "gc.get_objects",
+    "gc.get_referrers",
+    "gc.get_referents",
+    "sys._current_frames",
+    "sys._current_exceptions",
+    "sys.settrace",
+    "sys.setprofile",
+    "cpython.PyInterpreterState_New",
+    "resource.setrlimit",
+    "resource.prlimit",
+    "sqlite3.enable_load_extension",
+    "sqlite3.load_extension",
+    # links could point into, or alias files of, the world outside the working directory
+    "os.link",
+    "os.symlink",
+)
+_BLOCKED_PREFIXES = ("socket.", "ctypes.")
+_BAD_IMPORTS = ("_posixsubprocess", "_xxsubinterpreters", "_xxinterpchannels", "_ctypes")
+# audit event -> ((index of a path argument, index of its dir_fd argument or None), ...)
+_PATH_EVENTS = (
+    ("os.mkdir", ((0, 2),)),
+    ("os.remove", ((0, 1),)),
+    ("os.rmdir", ((0, 1),)),
+    ("os.rename", ((0, 2), (1, 3))),
+    ("os.truncate", ((0, None),)),
+    ("os.chmod", ((0, 2),)),
+    ("os.chown", ((0, 3),)),
+    ("os.utime", ((0, 3),)),
+    ("os.setxattr", ((0, None),)),
+    ("os.removexattr", ((0, None),)),
+    ("sqlite3.connect", ((0, None),)),
+)
+
+
+@dataclass(frozen=True)
+class SandboxLimits:
+    """Limits of one sandboxed run."""
+
+    timeout: float = 5.0
+    """Wall-clock seconds before the process group is killed."""
+    cpu_seconds: int | None = None
+    """RLIMIT_CPU (SIGXCPU, then SIGKILL one second later); None: ceil(timeout) + 1."""
+    memory_bytes: int = 512 * 2**20
+    """RLIMIT_AS: address space of the child (allocations beyond it raise MemoryError)."""
+    file_bytes: int = 16 * 2**20
+    """RLIMIT_FSIZE: largest file the child may write."""
+    open_files: int = 64
+    """RLIMIT_NOFILE: open file descriptors."""
+    processes: int = 256
+    """RLIMIT_NPROC: tasks of the child's user (all of them; root is exempt); a backstop."""
+    output_bytes: int = 64 * 2**10
+    """Bytes of stdout and of stderr kept (the rest is read and dropped; ``truncated``)."""
+    network_namespace: bool = True
+    """Try to enter a new, empty network namespace (needs CAP_SYS_ADMIN; skipped if denied)."""
+
+
+DEFAULT_LIMITS = SandboxLimits()
+"""The limits :func:`run_python` uses when given none."""
+
+
+@dataclass(frozen=True)
+class SandboxResult:
+    """How a sandboxed run ended.
+
+    ``status`` is ``"ok"`` (exit status 0), ``"error"`` (non-zero exit status: an exception, a
+    failed assert, a syntax error), ``"timeout"`` (wall clock or CPU limit), ``"memory"`` (a
+    MemoryError reached the top) or ``"killed"`` (ended by another signal, e.g. a crash).
+    """
+
+    returncode: int
+    stdout: str
+    stderr: str
+    timed_out: bool
+    wall_s: float
+    truncated: bool
+    status: str
+
+
+def _rlimits(limits: SandboxLimits) -> list[tuple[str, int, int]]:
+    """(resource name, soft, hard) triples the bootstrap sets.
+
+    Soft and hard are equal except for the CPU time: SIGXCPU at the soft limit (a "timeout"),
+    SIGKILL one second later should the signal be caught.
+    """
+    cpu = limits.cpu_seconds if limits.cpu_seconds is not None else math.ceil(limits.timeout) + 1
+    same = [
+        ("RLIMIT_AS", int(limits.memory_bytes)),
+        ("RLIMIT_FSIZE", int(limits.file_bytes)),
+        ("RLIMIT_NOFILE", int(limits.open_files)),
+        ("RLIMIT_NPROC", int(limits.processes)),
+        ("RLIMIT_CORE", 0),
+    ]
+    return [("RLIMIT_CPU", int(cpu), int(cpu) + 1)] + [(name, v, v) for name, v in same]
+
+
+def _config(root: str, limits: SandboxLimits) -> str:
+    """The bootstrap's configuration (JSON, passed as its one argument)."""
+    return json.dumps(
+        {
+            "root": root,
+            "program": PROGRAM_NAME,
+            "rlimits": _rlimits(limits),
+            "netns": limits.network_namespace,
+            "blocked": _BLOCKED_EVENTS,
+            "prefixes": _BLOCKED_PREFIXES,
+            "bad_imports": _BAD_IMPORTS,
+            "paths": _PATH_EVENTS,
+        }
+    )
+
+
+def _exited(pid: int) -> bool:
+    """True once the child has exited, without reaping it (its pid stays reserved)."""
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True
+
+
+class _Pipes:
+    """Feeds stdin and drains stdout/stderr of a child, keeping the first ``cap`` bytes each."""
+
+    def __init__(self, proc: subprocess.Popen, data: bytes, cap: int) -> None:
+        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+        self.cap = cap
+        self.truncated = False
+        self.data = memoryview(data)
+        self.out = {proc.stdout.fileno(): bytearray(), proc.stderr.fileno(): bytearray()}
+        self.sel = selectors.DefaultSelector()
+        for fd in self.out:
+            self.sel.register(fd, selectors.EVENT_READ)
+        self.stdin = proc.stdin
+        if data:
+            os.set_blocking(proc.stdin.fileno(), False)
+            self.sel.register(proc.stdin.fileno(), selectors.EVENT_WRITE)
+        else:
+            proc.stdin.close()
+
+    def pump(self, timeout: float) -> int:
+        """Move data for up to ``timeout`` seconds; the number of pipes that were ready."""
+        ready = self.sel.select(timeout)
+        for key, _ in ready:
+            fd = key.fd
+            if fd in self.out:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    self.sel.unregister(fd)
+                    continue
+                buf = self.out[fd]
+                keep = max(0, self.cap - len(buf))
+                buf += chunk[:keep]
+                self.truncated |= len(chunk) > keep
+            else:
+                self._feed(fd)
+        return len(ready)
+
+    @property
+    def open(self) -> bool:
+        """True while some pipe is still open."""
+        return bool(self.sel.get_map())
+
+    def _feed(self, fd: int) -> None:
+        try:
+            sent = os.write(fd, self.data[:65536])
+        except BlockingIOError:
+            return
+        except BrokenPipeError:  # the child stopped reading: drop the rest
+            sent = len(self.data)
+        self.data = self.data[sent:]
+        if not self.data:
+            self.sel.unregister(fd)
+            self.stdin.close()
+
+    def close(self) -> tuple[bytes, bytes]:
+        """(stdout, stderr) bytes kept."""
+        self.sel.close()
+        if not self.stdin.closed:
+            with contextlib.suppress(BrokenPipeError):
+                self.stdin.close()
+        first, second = self.out.values()
+        return bytes(first), bytes(second)
+
+
+def _status(returncode: int, timed_out: bool, stderr: str) -> str:
+    """The ``status`` of :class:`SandboxResult`."""
+    if timed_out:
+        return "timeout"
+    if returncode == 0:
+        return "ok"
+    if returncode < 0:
+        return "killed"
+    lines = stderr.rstrip().splitlines()
+    if lines and lines[-1].startswith("MemoryError"):
+        return "memory"
+    return "error"
+
+
+def _supervise(
+    proc: subprocess.Popen, data: bytes, limits: SandboxLimits
+) -> tuple[bytes, bytes, bool, bool]:
+    """Run the I/O loop until the child ends or the deadline passes; kill its process group.
+
+    Returns:
+        (stdout bytes, stderr bytes, truncated, timed_out).
+    """
+    deadline = time.monotonic() + limits.timeout
+    pipes = _Pipes(proc, data, limits.output_bytes)
+    timed_out = False
+    try:
+        while pipes.open:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                timed_out = True
+                break
+            if not pipes.pump(min(remaining, 0.05)) and _exited(proc.pid):
+                break  # ended, and whatever still holds its pipes writes nothing
+        while not timed_out and not _exited(proc.pid):  # pipes closed; wait for the exit
+            if time.monotonic() >= deadline:
+                timed_out = True
+                break
+            time.sleep(0.002)
+    finally:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)  # the whole group, stragglers included
+        proc.wait()
+        stdout, stderr = pipes.close()
+    return stdout, stderr, pipes.truncated, timed_out
+
+
+def run_python(
+    source: str, *, stdin: str = "", limits: SandboxLimits = DEFAULT_LIMITS
+) -> SandboxResult:
+    """Run the Python program ``source`` in a sandboxed child process.
+
+    The program runs as ``__main__`` from ``main.py`` in a fresh temporary working directory
+    (removed afterwards), under the limits and the audit hook described in the module docstring.
+
+    Args:
+        source: The program text.
+        stdin: Text given to the program on standard input.
+        limits: Time, memory, file, process and output limits.
+
+    Returns:
+        The exit status, the (capped) output and how the run ended.
+    """
+    root = os.path.realpath(tempfile.mkdtemp(prefix="rlhfkit-sandbox-"))
+    try:
+        with open(os.path.join(root, PROGRAM_NAME), "w", encoding="utf-8") as f:
+            f.write(source)
+        env = {
+            "PATH": "/usr/bin:/bin",
+            "LANG": "C.UTF-8",
+            "LC_ALL": "C.UTF-8",
+            "HOME": root,
+            "TMPDIR": root,
+        }
+        argv = [sys.executable, "-I", "-S", "-B", "-c", _BOOTSTRAP, _config(root, limits)]
+        start = time.perf_counter()
+        proc = subprocess.Popen(
+            argv,
+            cwd=root,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+            close_fds=True,
+        )
+        out, err, truncated, timed_out = _supervise(proc, stdin.encode("utf-8"), limits)
+        wall_s = time.perf_counter() - start
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    returncode = proc.returncode
+    if returncode == -signal.SIGXCPU:
+        timed_out = True
+    stderr = err.decode("utf-8", errors="replace")
+    return SandboxResult(
+        returncode=returncode,
+        stdout=out.decode("utf-8", errors="replace"),
+        stderr=stderr,
+        timed_out=timed_out,
+        wall_s=wall_s,
+        truncated=truncated,
+        status=_status(returncode, timed_out, stderr),
+    )
