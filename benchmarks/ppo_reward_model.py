@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import statistics
 from pathlib import Path
@@ -32,7 +33,11 @@ import common
 
 
 def rewards_of(
-    model_name: str, rm: Any, prompts: list[list[dict]], args: argparse.Namespace
+    model_name: str,
+    rm: Any,
+    prompts: list[list[dict]],
+    args: argparse.Namespace,
+    meta: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Sampled completions of one model and their EOS-only rewards."""
     import torch
@@ -64,7 +69,16 @@ def rewards_of(
     shaped = [next(it) if f else args.penalty for f in finished]
     shaped = [math.nan if v is None else float(v) for v in shaped]  # None: nothing to score
     rm_scores = [s for s in scores if s is not None]
+    gold = math.nan
+    if meta is not None:  # the task's programmatic gold judge, on every completion
+        from rlhfkit.data.tasks.preferences import gold_score
+
+        gold = statistics.fmean(
+            gold_score(texts[i], meta[p]["reference"], meta[p].get("task"))
+            for i, p in enumerate(rollout.prompt_index)
+        )
     return {
+        "gold": gold,
         "reward": statistics.fmean(v for v in shaped if not math.isnan(v)),
         "rm_score_finished": statistics.fmean(rm_scores) if rm_scores else float("nan"),
         "finished": sum(r != "length" for r in rollout.finish_reasons) / len(finished),
@@ -85,9 +99,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run-dir", type=Path, default=Path("runs/ppo"))
     parser.add_argument("--rm", default="runs/rm/final")
-    parser.add_argument("--start", default="smollm2-135m-instruct")
-    parser.add_argument("--prompts", type=int, default=64, help="held-out prompts")
-    parser.add_argument("--samples", type=int, default=2, help="completions per prompt")
+    parser.add_argument("--start", default="runs/sft/final", help="the starting policy")
+    parser.add_argument("--prompts", type=int, default=84, help="distinct held-out prompts")
+    parser.add_argument("--samples", type=int, default=4, help="completions per prompt")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.7, help="as in configs/ppo.yaml")
     parser.add_argument(
@@ -116,13 +130,15 @@ def main(argv: list[str] | None = None) -> None:
     report.details["environment"] = common.environment()
     report.details["settings"] = {k: str(v) for k, v in vars(args).items()}
     heldout = load_examples("builtin:preferences", "preference", split="heldout").examples
-    prompts = [list(e.prompt) for e in heldout][: args.prompts]
+    unique = list({json.dumps(e.prompt): e for e in heldout}.values())[: args.prompts]
+    prompts = [list(e.prompt) for e in unique]
+    meta = [e.meta for e in unique]
     rm = RewardModelScorer(args.rm)
     policy = str(args.run_dir / "final")
-    results = {name: rewards_of(path, rm, prompts, args) for name, path in
+    results = {name: rewards_of(path, rm, prompts, args, meta) for name, path in
                (("start", args.start), ("final", policy))}  # fmt: skip
     for name, r in results.items():
-        for key in ("reward", "rm_score_finished", "finished", "length"):
+        for key in ("reward", "rm_score_finished", "finished", "length", "gold"):
             report.figure(f"{name}.{key}", r[key])
     report.figure("reward_gain", results["final"]["reward"] - results["start"]["reward"])
     dtype = resolve_precision("auto", torch.device("cpu")).compute

@@ -73,6 +73,12 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
         "main",
         "Keep prompts whose pass rate over N samples lies in a band (difficulty filter).",
     ),
+    "decontam": (
+        "rlhfkit.recipes.decontaminate",
+        "DecontamConfig",
+        "main",
+        "Flag training rows sharing an 8-gram (or 50-char substring) with eval sets.",
+    ),
     "generate": (
         "rlhfkit.recipes.generate",
         "GenerateConfig",
