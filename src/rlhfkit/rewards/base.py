@@ -13,7 +13,8 @@ fields)``, which :func:`score_completions` prefers.
 A reward is named by ``module:function`` (an importable module, or a ``path/to/file.py``), by
 ``rm:<checkpoint directory>`` for a reward model trained with ``rlhfkit rm train``, or by
 ``verifier:<name>`` for a built-in verifier (``verifier:auto`` picks each example's own, see
-:mod:`rlhfkit.rewards.verifiers`).
+:mod:`rlhfkit.rewards.verifiers`), or ``judge:<model>`` / ``judge:openai:<base_url>#<model>`` for
+an LLM judge's 1-10 rating (:mod:`rlhfkit.rewards.judge`).
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ def load_reward_fn(spec: str, **options: Any) -> Callable[..., float | None]:
     Args:
         spec: ``module:function``, ``path/to/file.py:function``, ``rm:<directory>`` (a reward
             model checkpoint; ``options`` go to :class:`rlhfkit.rewards.model.RewardModelScorer`)
-            or ``verifier:<name>`` (``auto``: the verifier each example names).
+            ``verifier:<name>`` (``auto``: the verifier each example names), or ``judge:<model>``
+            / ``judge:openai:<base_url>#<model>`` (an LLM judge's rating).
         options: Settings of a reward-model scorer (ignored for functions).
 
     Raises:
@@ -76,6 +78,10 @@ def load_reward_fn(spec: str, **options: Any) -> Callable[..., float | None]:
         from rlhfkit.rewards.model import RewardModelScorer
 
         return RewardModelScorer(spec[3:], **options)
+    if spec.startswith("judge:"):
+        from rlhfkit.rewards.judge import judge_reward
+
+        return judge_reward(spec, **options)
     if spec.startswith("verifier:"):
         from rlhfkit.rewards.verifiers import get_verifier, verify
 
