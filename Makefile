@@ -28,7 +28,16 @@ $(STAMP): pyproject.toml Makefile | $(PY)
 demo: $(STAMP)
 	$(VENV)/bin/rlhfkit demo
 
-test: $(STAMP)
+# The report and labelling-app tests drive Debian's headless Chromium (no browser download).
+BROWSER_STAMP := $(VENV)/.chromium
+$(BROWSER_STAMP): | $(PY)
+	@command -v chromium >/dev/null 2>&1 || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends chromium; }
+	touch $(BROWSER_STAMP)
+
+test: $(STAMP) $(BROWSER_STAMP)
 	$(PY) -m pytest -q tests
 
 lint: $(STAMP)

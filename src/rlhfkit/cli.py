@@ -85,11 +85,17 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
         "main",
         "Sample chat completions from a model.",
     ),
-    "demo": (
-        "rlhfkit.recipes.demo",
-        "DemoConfig",
+    "pipeline": (
+        "rlhfkit.recipes.pipeline",
+        "PipelineConfig",
         "main",
-        "The pipeline on the embedded model, with before/after samples.",
+        "SFT -> candidates -> labels -> reward model -> PPO/DPO -> eval -> report.html.",
+    ),
+    "demo": (
+        "rlhfkit.recipes.pipeline",
+        "PipelineConfig",
+        "demo",
+        "The pipeline on the embedded model and built-in data (runs/demo, about 15 minutes).",
     ),
 }
 """Command (one or two words) -> (module, Config class, entry function, help)."""

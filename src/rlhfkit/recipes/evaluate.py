@@ -68,6 +68,10 @@ class EvalDataConfig:
     """Use only the first N rows."""
     max_prompt_len: int = 512
     """Prompts longer than this keep their last tokens."""
+    distinct: bool = False
+    """Keep each distinct prompt once (preference data repeats a prompt for each pair)."""
+    max_prompts: int | None = None
+    """Keep at most this many prompts (after distinct)."""
 
 
 @dataclass
@@ -113,7 +117,8 @@ def evaluate_prompts(
     if prompts is None:
         prompts = load_prompt_rows(
             tokenizer, data.source, data.schema, split=data.split, limit=data.limit,
-            max_prompt_len=data.max_prompt_len,
+            max_prompt_len=data.max_prompt_len, distinct=data.distinct,
+            max_prompts=data.max_prompts,
         )  # fmt: skip
     cache = GridCache(cache_dir) if cache_dir else None
     sample_key = cache_key(

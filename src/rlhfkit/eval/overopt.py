@@ -1,0 +1,199 @@
+"""Reward-model over-optimisation: best-of-n curves, Gao fits, RM ensembles (METHODS 12).
+
+Over-optimisation is measured by scoring the same samples with a proxy reward (the trained
+reward model) and a gold reward (the programmatic judge the RM was trained to imitate) and
+plotting both against d = sqrt(KL(pi || pi_init)) (Gao, Schulman & Hilton 2023, "Scaling Laws for
+Reward Model Overoptimization"). The proxy keeps rising as the policy moves away from its start;
+the gold reward rises, peaks and falls.
+
+- ``bon_curve``: the best-of-n curve from an (M, N) grid of proxy and gold rewards, with the
+  analytic best-of-n KL, log n - (n - 1)/n (METHODS 8).
+- ``fit_gao_bon`` / ``fit_gao_rl``: least-squares fits of Gao's functional forms
+  R_bon(d) = d (alpha - beta d) and R_rl(d) = d (alpha - beta log d).
+- ``gao_peaks``: where those forms peak, d*_bon = alpha / (2 beta), d*_rl = e^(alpha/beta - 1).
+- ``rm_ensemble``: combine the scores of K reward models (Coste et al. 2023, "Reward Model
+  Ensembles Help Mitigate Overoptimization"): mean, worst case (min) or the uncertainty-weighted
+  mean - lambda * std.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from rlhfkit.ops.selection import bon_kl
+
+ENSEMBLE_MODES = ("mean", "min", "uwo")
+"""Modes of :func:`rm_ensemble`: mean, min (worst case), uwo (mean - lam * std)."""
+
+
+def _grid(x: Any, name: str) -> torch.Tensor:
+    t = torch.as_tensor(x, dtype=torch.float64)
+    if t.dim() != 2 or t.numel() == 0:
+        raise ValueError(f"{name} must be a non-empty (M, N) matrix, got shape {tuple(t.shape)}")
+    return t
+
+
+def bon_curve(proxy: Any, gold: Any, ns: Sequence[int]) -> list[dict[str, float]]:
+    """The best-of-n curve: mean proxy and gold reward of the proxy's pick among n samples.
+
+    Every prompt's N samples are split into floor(N / n) disjoint consecutive groups of n
+    (columns [g n, (g + 1) n); the last N mod n columns are left out). Each group keeps its
+    argmax by proxy reward (ties to the first; a NaN proxy counts as -inf, so it is never picked
+    while the group has a scored sample, and a group with no scored sample is left out). The
+    curve point of n averages the picks' proxy rewards over all groups of all prompts, and their
+    gold rewards over the picks whose gold reward is not NaN. Disjoint groups make every pick an
+    honest draw of best-of-n from the base policy; n = 1 gives the base policy's mean reward.
+
+    KL = log n - (n - 1)/n (the analytic best-of-n KL, :func:`rlhfkit.ops.selection.bon_kl`) and
+    d = sqrt(KL).
+
+    Shapes:
+        proxy, gold: (M, N), M prompts by N samples each (tensors, arrays or nested lists).
+
+    Args:
+        proxy: The proxy (reward-model) rewards; selection uses these.
+        gold: The gold rewards of the same samples; only averaged.
+        ns: The values of n, each in 1..N.
+
+    Returns:
+        One dict per n, in the order of ``ns``: ``n``, ``kl``, ``d``, ``proxy`` and ``gold``
+        (NaN when nothing was averaged) and ``groups`` (the number of groups counted).
+    """
+    p, g = _grid(proxy, "proxy"), _grid(gold, "gold")
+    if p.shape != g.shape:
+        raise ValueError(f"proxy and gold differ in shape: {tuple(p.shape)} vs {tuple(g.shape)}")
+    m, n_samples = p.shape
+    filled = torch.nan_to_num(p, nan=-math.inf)  # (M, N)
+    out = []
+    for n in ns:
+        if not 1 <= n <= n_samples:
+            raise ValueError(f"every n must be in 1..N = {n_samples}, got {n}")
+        groups = n_samples // n
+        width = groups * n
+        picks = filled[:, :width].reshape(m, groups, n).argmax(dim=2, keepdim=True)  # (M, G, 1)
+        pick_p = p[:, :width].reshape(m, groups, n).gather(2, picks).flatten()  # (M*G,)
+        pick_g = g[:, :width].reshape(m, groups, n).gather(2, picks).flatten()  # (M*G,)
+        scored = ~torch.isnan(pick_p)  # a NaN pick means the whole group was unscored
+        gold_ok = scored & ~torch.isnan(pick_g)
+        kl = bon_kl(n)
+        out.append(
+            {
+                "n": n,
+                "kl": kl,
+                "d": math.sqrt(kl),
+                "proxy": float(pick_p[scored].mean()) if scored.any() else math.nan,
+                "gold": float(pick_g[gold_ok].mean()) if gold_ok.any() else math.nan,
+                "groups": int(scored.sum()),
+            }
+        )
+    return out
+
+
+def _lstsq2(x1: list[float], x2: list[float], y: list[float]) -> tuple[float, float]:
+    """Least squares y ~ a x1 + b x2 through the 2x2 normal equations, solved in fp64."""
+    s11 = math.fsum(u * u for u in x1)
+    s12 = math.fsum(u * v for u, v in zip(x1, x2, strict=True))
+    s22 = math.fsum(v * v for v in x2)
+    t1 = math.fsum(u * w for u, w in zip(x1, y, strict=True))
+    t2 = math.fsum(v * w for v, w in zip(x2, y, strict=True))
+    det = s11 * s22 - s12 * s12
+    if not det > 1e-12 * s11 * s22:  # also catches NaN and empty input
+        raise ValueError("the fit needs at least two points with distinct d > 0")
+    return (t1 * s22 - t2 * s12) / det, (s11 * t2 - s12 * t1) / det
+
+
+def _points(d: Sequence[float], r: Sequence[float]) -> list[tuple[float, float]]:
+    if len(d) != len(r):
+        raise ValueError(f"d and r differ in length: {len(d)} vs {len(r)}")
+    pts = [(float(a), float(b)) for a, b in zip(d, r, strict=True)]
+    return [(a, b) for a, b in pts if a > 0 and math.isfinite(a) and math.isfinite(b)]
+
+
+def fit_gao_bon(d: Sequence[float], r: Sequence[float]) -> tuple[float, float]:
+    """Least-squares fit of Gao's best-of-n form R(d) = d (alpha - beta d).
+
+    R is linear in (alpha, beta) with features (d, -d^2), so the fit solves the 2x2 normal
+    equations in fp64. Points at d = 0 carry no information (R(0) = 0 for every alpha, beta) and
+    points with a non-finite d or reward are left out. R is the reward gain over the base policy
+    (subtract the n = 1 reward before fitting).
+
+    Args:
+        d: sqrt(KL) of each point.
+        r: The reward gain at each point.
+
+    Returns:
+        (alpha, beta).
+
+    Raises:
+        ValueError: Fewer than two usable points with distinct d.
+    """
+    pts = _points(d, r)
+    return _lstsq2([a for a, _ in pts], [-a * a for a, _ in pts], [b for _, b in pts])
+
+
+def fit_gao_rl(d: Sequence[float], r: Sequence[float]) -> tuple[float, float]:
+    """Least-squares fit of Gao's RL form R(d) = d (alpha - beta log d).
+
+    Linear in (alpha, beta) with features (d, -d log d); solved like :func:`fit_gao_bon`. The
+    form is undefined at d = 0 (its limit is 0), so only points with d > 0 are used.
+
+    Args:
+        d: sqrt(KL) of each point.
+        r: The reward gain over the initial policy at each point.
+
+    Returns:
+        (alpha, beta).
+
+    Raises:
+        ValueError: Fewer than two usable points with distinct d.
+    """
+    pts = _points(d, r)
+    return _lstsq2([a for a, _ in pts], [-a * math.log(a) for a, _ in pts], [b for _, b in pts])
+
+
+def gao_peaks(alpha: float, beta: float) -> tuple[float, float]:
+    """Where Gao's forms peak: d*_bon = alpha / (2 beta) and d*_rl = exp(alpha / beta - 1).
+
+    From dR/dd = 0: alpha - 2 beta d = 0 for best-of-n and alpha - beta (log d + 1) = 0 for RL.
+    With beta <= 0 the gold reward never turns down and both peaks are +inf (an RL peak beyond
+    the float range is +inf too).
+
+    Returns:
+        (d*_bon, d*_rl).
+    """
+    if beta <= 0:
+        return math.inf, math.inf
+    ratio = alpha / beta
+    d_rl = math.exp(ratio - 1) if ratio - 1 < 709 else math.inf
+    return alpha / (2 * beta), d_rl
+
+
+def rm_ensemble(scores: torch.Tensor, mode: str = "mean", lam: float = 1.0) -> torch.Tensor:
+    """Combine the scores of K reward models into one reward per sequence (Coste et al. 2023).
+
+    - ``mean``: (1/K) sum_k r_k.
+    - ``min``: min_k r_k (worst-case optimisation).
+    - ``uwo``: mean - lam * std, with the population std sqrt((1/K) sum_k (r_k - mean)^2)
+      (uncertainty-weighted optimisation; METHODS default lam = 1.0).
+
+    Shapes:
+        scores: (K, B), one row per ensemble member. Returns (B,).
+
+    Args:
+        scores: The member scores.
+        mode: One of :data:`ENSEMBLE_MODES`.
+        lam: The std penalty of ``uwo``.
+    """
+    if scores.dim() != 2 or scores.shape[0] == 0:
+        raise ValueError(f"scores must be (K, B) with K >= 1, got {tuple(scores.shape)}")
+    if mode == "mean":
+        return scores.mean(dim=0)
+    if mode == "min":
+        return scores.min(dim=0).values
+    if mode == "uwo":
+        return scores.mean(dim=0) - lam * scores.std(dim=0, correction=0)
+    raise ValueError(f"unknown ensemble mode {mode!r}; choose one of {ENSEMBLE_MODES}")

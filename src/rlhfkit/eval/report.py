@@ -1,0 +1,341 @@
+"""The pipeline's HTML report: one self-contained ``report.html``.
+
+The file needs no network: CSS is inline, every figure is a matplotlib PNG (Agg canvas, no pyplot
+state) embedded as a base64 ``data:`` URI, and there are no external scripts or fonts. Every
+text taken from the data (model output may contain ``<script>``) is HTML-escaped, so it renders
+as text. Sections, each a ``<section id=...>`` with an ``<h2>``: ``summary``, ``curves``,
+``reward-model``, ``win-rates``, ``overoptimisation``, ``samples``. A section whose data is
+missing or empty shows a short "not available" note instead.
+
+The report carries one small inline script, a self-check: on ``load`` it counts the images that
+decoded (``naturalWidth > 0``) and stores the count in ``document.body.dataset.images`` (the
+total in ``dataset.imagesTotal``). It reads nothing and loads nothing; it lets a headless browser
+(the tests) confirm that every embedded figure decodes.
+
+Input schema (every key optional except where a section needs it; ``None`` = not measured)::
+
+    {"title": str, "created": str, "config": dict,
+     "stages": {name: {"seconds": float, "status": "done"|"skipped"}},
+     "summary": {name: number or str},
+     "curves": {"rl": [{"step": int, "reward": float, "proxy": float|None, "gold": float|None, "kl": float|None}]},
+     "reward_model": {"accuracy": float, "pairs": int, "by_category": {name: accuracy}},
+     "win_rates": {"gold": {"win": float, "tie": float, "loss": float, "n": int}, "judge": {...} | absent},
+     "overoptimisation": {"bon": [{"n", "kl", "d", "proxy", "gold"}], "rl": [{"step", "kl", "d", "proxy", "gold"}]},
+     "samples": [{"prompt": str, "sft": str, "final": str, "sft_gold": float|None, "final_gold": float|None}]}
+
+Win, tie and loss are fractions of ``n`` (final model vs SFT). In ``overoptimisation`` a point
+without ``d`` gets d = sqrt(kl). When a curve has a point at d = 0 (best-of-1; the RL start) and
+at least three with d > 0, Gao's form (best-of-n: d (alpha - beta d); RL: d (alpha - beta log d))
+is fitted to its reward gain over the d = 0 point (:mod:`rlhfkit.eval.overopt`) and drawn dashed,
+and a table gives alpha, beta and the peak d*.
+"""  # noqa: E501 (the schema lines are quoted verbatim)
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import numbers
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from rlhfkit.atomic import atomic_write_text
+from rlhfkit.eval.overopt import fit_gao_bon, fit_gao_rl, gao_peaks
+
+SECTIONS = (
+    ("summary", "Summary"),
+    ("curves", "Training curves"),
+    ("reward-model", "Reward model"),
+    ("win-rates", "Win rates"),
+    ("overoptimisation", "Over-optimisation"),
+    ("samples", "Samples"),
+)
+"""(section id, heading) in page order."""
+
+CSS = """
+body{font-family:system-ui,sans-serif;margin:2rem auto;max-width:1100px;color:#222;padding:0 1rem}
+section{margin:2rem 0;padding-top:.5rem;border-top:1px solid #ddd}
+table{border-collapse:collapse;margin:.5rem 0}
+th,td{border:1px solid #ccc;padding:.3rem .6rem;text-align:left;vertical-align:top}
+th{background:#f3f3f3} td.num{text-align:right;font-variant-numeric:tabular-nums}
+td.text{white-space:pre-wrap;font-family:ui-monospace,monospace;font-size:.85rem;max-width:30rem}
+img{max-width:100%;display:block;margin:.5rem 0} p.na{color:#888;font-style:italic}
+"""
+
+CHECK_SCRIPT = """
+window.addEventListener("load", function () {
+  var imgs = document.images, ok = 0;
+  for (var i = 0; i < imgs.length; i++) { if (imgs[i].complete && imgs[i].naturalWidth > 0) ok++; }
+  document.body.dataset.images = String(ok);
+  document.body.dataset.imagesTotal = String(imgs.length);
+});
+"""
+
+NOT_AVAILABLE = "Not available: this run recorded no data for this section."
+
+
+def _esc(x: Any) -> str:
+    return html.escape(str(x), quote=True)
+
+
+def _num(x: Any) -> float | None:
+    """``x`` as a finite float, or None (missing, non-numeric, NaN or infinite)."""
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):  # numpy scalars are Real too
+        return None
+    return float(x) if math.isfinite(x) else None
+
+
+def _fmt(x: Any, pct: bool = False) -> str:
+    """A cell's text: numbers to 4 significant digits (or a percentage), None/NaN to n/a."""
+    if x is None or (isinstance(x, numbers.Real) and math.isnan(x)):
+        return "n/a"
+    if isinstance(x, bool) or (isinstance(x, numbers.Integral) and not pct):
+        return str(x)
+    if isinstance(x, numbers.Real):
+        return f"{100 * x:.1f}%" if pct else f"{x:.4g}"
+    return str(x)
+
+
+def _table(head: Sequence[str], rows: Sequence[Sequence[Any]], text_cols: int = 0) -> str:
+    """An escaped table; the first ``text_cols`` columns hold long texts (pre-wrapped)."""
+    out = ["<table><thead><tr>", *(f"<th>{_esc(h)}</th>" for h in head), "</tr></thead><tbody>"]
+    for row in rows:
+        out.append("<tr>")
+        for i, cell in enumerate(row):
+            cls = "text" if i < text_cols else "num" if isinstance(cell, numbers.Real) else ""
+            out.append(f'<td class="{cls}">{_esc(cell if i < text_cols else _fmt(cell))}</td>')
+        out.append("</tr>")
+    out.append("</tbody></table>")
+    return "".join(out)
+
+
+def _figure(draw: Callable[[Figure], None], alt: str, size: tuple[float, float]) -> str:
+    """Draw onto a fresh figure and return it as an ``<img>`` with a base64 PNG data URI."""
+    fig = Figure(figsize=size, dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    draw(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    data = base64.b64encode(buf.getvalue()).decode("ascii")
+    return f'<img alt="{_esc(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _na(what: str = "") -> str:
+    return f'<p class="na">{_esc(what or NOT_AVAILABLE)}</p>'
+
+
+def _summary(data: dict[str, Any]) -> str:
+    parts = []
+    summary = data.get("summary") or {}
+    if summary:
+        parts.append(_table(["figure", "value"], [[k, v] for k, v in summary.items()]))
+    stages = data.get("stages") or {}
+    if stages:
+        rows = [
+            [name, s.get("status", "n/a"), _num(s.get("seconds"))] for name, s in stages.items()
+        ]
+        parts.append("<h3>Stages</h3>" + _table(["stage", "status", "seconds"], rows))
+    if data.get("config"):
+        cfg = json.dumps(data["config"], indent=2, sort_keys=True, default=str)
+        parts.append(f"<details><summary>Configuration</summary><pre>{_esc(cfg)}</pre></details>")
+    return "".join(parts) or _na()
+
+
+def _series(rows: Sequence[dict[str, Any]], x: str, y: str) -> tuple[list[float], list[float]]:
+    """The (x, y) points of ``rows`` where both are finite numbers."""
+    pts = [(_num(r.get(x)), _num(r.get(y))) for r in rows]
+    kept = [(a, b) for a, b in pts if a is not None and b is not None]
+    return [a for a, _ in kept], [b for _, b in kept]
+
+
+def _curves(data: dict[str, Any]) -> str:
+    rows = (data.get("curves") or {}).get("rl") or []
+    lines = {k: _series(rows, "step", k) for k in ("reward", "proxy", "gold", "kl")}
+    if not any(xs for xs, _ in lines.values()):
+        return _na()
+
+    def draw(fig: Figure) -> None:
+        ax_r, ax_k = fig.subplots(1, 2)
+        for key, label in [("reward", "reward"), ("proxy", "proxy (RM)"), ("gold", "gold")]:
+            if lines[key][0]:
+                ax_r.plot(*lines[key], marker=".", label=label)
+        ax_r.set(xlabel="step", ylabel="reward", title="RL reward")
+        ax_r.legend(loc="best")
+        if lines["kl"][0]:
+            ax_k.plot(*lines["kl"], marker=".", color="tab:red")
+        ax_k.set(xlabel="step", ylabel="KL(policy || reference)", title="KL")
+
+    return _figure(draw, "RL reward and KL against step", (10, 3.6))
+
+
+def _reward_model(data: dict[str, Any]) -> str:
+    rm = data.get("reward_model") or {}
+    overall = _num(rm.get("accuracy"))
+    if overall is None:
+        return _na()
+    cats = {str(k): v for k, v in (rm.get("by_category") or {}).items() if _num(v) is not None}
+    rows = [["overall", overall, rm.get("pairs")]] + [[k, v, None] for k, v in cats.items()]
+    table = _table(["category", "accuracy", "pairs"], [[a, _fmt(b, True), c] for a, b, c in rows])
+    names, accs = [r[0] for r in rows], [float(r[1]) for r in rows]
+
+    def draw(fig: Figure) -> None:
+        ax = fig.subplots()
+        ax.bar(names, accs, color=["tab:blue"] + ["tab:gray"] * len(cats))
+        ax.axhline(0.5, color="k", linestyle=":", linewidth=1)  # chance
+        ax.set(ylim=(0, 1), ylabel="held-out accuracy", title="Reward-model accuracy")
+        ax.tick_params(axis="x", labelrotation=30)
+
+    return table + _figure(draw, "reward-model accuracy per category", (7, 3.4))
+
+
+def _win_rates(data: dict[str, Any]) -> str:
+    wr = data.get("win_rates") or {}
+    judges = [
+        (name, wr[key])
+        for key, name in [("gold", "gold judge"), ("judge", "LLM judge")]
+        if isinstance(wr.get(key), dict)
+    ]
+    if not judges:
+        return _na()
+    cols = ("win", "tie", "loss")
+    vals = {name: [_num(r.get(c)) or 0.0 for c in cols] for name, r in judges}
+    rows = [[name, *(_fmt(r.get(c), True) for c in cols), r.get("n")] for name, r in judges]
+    table = _table(["judge (final vs SFT)", *cols, "n"], rows)
+
+    def draw(fig: Figure) -> None:
+        ax = fig.subplots()
+        left = [0.0] * len(judges)
+        for i, (col, color) in enumerate(
+            zip(cols, ["tab:green", "tab:gray", "tab:red"], strict=True)
+        ):
+            width = [vals[name][i] for name, _ in judges]
+            ax.barh([n for n, _ in judges], width, left=left, color=color, label=col)
+            left = [a + b for a, b in zip(left, width, strict=True)]
+        ax.set(xlim=(0, 1), xlabel="fraction of prompts", title="Final model vs SFT")
+        ax.invert_yaxis()  # first judge on top, as in the table
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
+
+    return table + _figure(draw, "win/tie/loss of final vs SFT", (7, 1.2 + 0.6 * len(judges)))
+
+
+def _gao(points: tuple[list[float], list[float]], rl: bool) -> tuple[float, float] | None:
+    """Gao's (alpha, beta) fitted to the gain over the d = 0 point; None without one or < 3 more."""
+    d, r = points
+    if not d or d[0] != 0 or sum(x > 0 for x in d) < 3:
+        return None
+    try:
+        return (fit_gao_rl if rl else fit_gao_bon)(d, [y - r[0] for y in r])
+    except ValueError:
+        return None
+
+
+def _overopt_points(rows: Sequence[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    """The (d, reward) points of one curve, sorted by d; d = sqrt(kl) where ``d`` is missing."""
+    filled = []
+    for r in rows:
+        d, kl = _num(r.get("d")), _num(r.get("kl"))
+        if d is None and kl is not None:
+            d = math.sqrt(max(kl, 0.0))
+        filled.append({**r, "d": d})
+    d, y = _series(filled, "d", key)
+    order = sorted(range(len(d)), key=d.__getitem__)
+    return [d[i] for i in order], [y[i] for i in order]
+
+
+def _overoptimisation(data: dict[str, Any]) -> str:
+    oo = data.get("overoptimisation") or {}
+    curves = {
+        (kind, key): _overopt_points(oo.get(kind) or [], key)
+        for kind in ("bon", "rl")
+        for key in ("proxy", "gold")
+    }
+    if not any(d for d, _ in curves.values()):
+        return _na()
+    fits = {k: _gao(pts, rl=k[0] == "rl") for k, pts in curves.items()}
+    marks = {"bon": ("o", ":", "best-of-n"), "rl": ("s", "-", "RL")}
+    colors = {"proxy": "tab:blue", "gold": "tab:orange"}
+
+    def draw(fig: Figure) -> None:
+        ax = fig.subplots()
+        for (kind, key), (d, y) in curves.items():
+            if not d:
+                continue
+            marker, line, name = marks[kind]
+            ax.plot(d, y, marker=marker, linestyle=line, color=colors[key], label=f"{name} {key}")
+            fit = fits[(kind, key)]
+            if fit is not None:
+                grid = [d[-1] * (i + 1) / 100 for i in range(100)]
+                gain = [x * (fit[0] - fit[1] * (math.log(x) if kind == "rl" else x)) for x in grid]
+                ax.plot(grid, [y[0] + g for g in gain], "--", color=colors[key], linewidth=1)
+        ax.set(xlabel="d = sqrt(KL(policy || initial))", ylabel="reward")
+        ax.set_title("Proxy vs gold reward as the policy moves away (dashed: Gao fits)")
+        ax.legend(loc="best", fontsize="small")
+
+    rows = []
+    for (kind, key), fit in fits.items():
+        if fit is not None:
+            peak = gao_peaks(*fit)[1 if kind == "rl" else 0]
+            rows.append([f"{marks[kind][2]} {key}", fit[0], fit[1], peak])
+    table = _table(["curve", "alpha", "beta", "peak d*"], rows) if rows else ""
+    return _figure(draw, "proxy and gold reward against sqrt(KL)", (8, 4.5)) + table
+
+
+def _samples(data: dict[str, Any]) -> str:
+    samples = data.get("samples") or []
+    if not samples:
+        return _na()
+    rows = [
+        [
+            s.get("prompt", ""),
+            s.get("sft", ""),
+            s.get("final", ""),
+            s.get("sft_gold"),
+            s.get("final_gold"),
+        ]
+        for s in samples
+    ]
+    return _table(["prompt", "SFT", "final", "SFT gold", "final gold"], rows, text_cols=3)
+
+
+BUILDERS: dict[str, Callable[[dict[str, Any]], str]] = {
+    "summary": _summary,
+    "curves": _curves,
+    "reward-model": _reward_model,
+    "win-rates": _win_rates,
+    "overoptimisation": _overoptimisation,
+    "samples": _samples,
+}
+
+
+def render_report(data: dict[str, Any], path: str | Path) -> Path:
+    """Write the self-contained HTML report of ``data`` (schema in the module docstring).
+
+    Args:
+        data: The run's figures; sections whose data is missing show a "not available" note.
+        path: Where to write the HTML file (written atomically; parents are created).
+
+    Returns:
+        The path written.
+    """
+    title = str(data.get("title") or "rlhfkit report")
+    created = data.get("created")
+    body = [f"<h1>{_esc(title)}</h1>"]
+    if created:
+        body.append(f"<p>Created {_esc(created)}</p>")
+    for sid, heading in SECTIONS:
+        body.append(f'<section id="{sid}"><h2>{_esc(heading)}</h2>{BUILDERS[sid](data)}</section>')
+    page = (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>{_esc(title)}</title><style>{CSS}</style>"
+        f"<script>{CHECK_SCRIPT}</script></head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n"
+    )
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, page)
+    return path

@@ -1,0 +1,407 @@
+"""``rlhfkit pipeline``: the three steps of RLHF in one run directory (InstructGPT's recipe).
+
+1. **sft**: supervised fine-tuning of the starting model on instruction data
+   (``<run>/sft/final``).
+2. **candidates**: the SFT model samples ``candidates.num_samples`` (>= 2) completions for each
+   preference prompt (``<run>/candidates.jsonl``).
+3. **labels**: pairs of candidates are labelled (``<run>/pairs.jsonl``, preference schema):
+   - ``gold``: the built-in task's programmatic judge (reproducible; ties dropped);
+   - ``judge``: an LLM judge (pairwise, both orders; inconsistent verdicts are ties, dropped);
+   - ``human``: the pairs are exported to ``<run>/label_requests.jsonl``; the pipeline stops
+     until ``<run>/human_labels.jsonl`` holds a ``{"id", "choice": "a"|"b"|"tie"}`` row per
+     pair, then continues.
+   With ``labels.mix_builtin`` the task's own gold-labelled training pairs are added.
+4. **rm**: a reward model is trained on the pairs (``<run>/rm/final``); its held-out accuracy
+   against the gold preference is measured on the task's held-out pairs.
+5. **optimise**: the SFT model is optimised against the reward model with PPO (default, as in
+   InstructGPT) or any policy-gradient preset (``optimise.method``), under the KL penalty of the
+   preset, or with DPO on the pairs (``optimise.method dpo``) (``<run>/policy/final``). The gold
+   score rides along as a zero-weight reward component, so proxy and gold reward are logged
+   at every step.
+6. **eval**: gold reward, reward-model reward, win rate against the SFT model by the gold
+   judge, KL to the SFT model, lengths, and the best-of-N curve of the SFT model
+   (``<run>/eval.json``; :mod:`rlhfkit.recipes.pipeline_eval`).
+7. **report**: ``<run>/report.html`` (:func:`rlhfkit.eval.report.render_report`).
+
+Every stage is skipped when its output exists (each is written atomically), and the training
+stages resume from their last checkpoint, so re-running the same command after a crash or
+Ctrl-C continues where it stopped. ``<run>/stages.json`` records what ran and how long it took.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from rich.console import Console
+from rich.table import Table
+
+from rlhfkit.atomic import atomic_write_text
+from rlhfkit.config import LogConfig, LoopConfig, ModelConfig, OptimConfig
+from rlhfkit.data.tasks.preferences import gold_prefers
+from rlhfkit.recipes import dpo, pg, reward_model, sft
+from rlhfkit.recipes.evaluate import EvalDataConfig, evaluate_prompts
+from rlhfkit.recipes.pipeline_eval import EvalStageConfig, evaluate_stage, report_data
+from rlhfkit.rollout.hf import SamplingConfig
+
+log = logging.getLogger(__name__)
+console = Console()
+
+GOLD = "rlhfkit.data.tasks.preferences:gold_score"
+"""The built-in task's gold judge as a reward (logged beside the proxy, weight 0)."""
+
+
+@dataclass
+class CandidatesConfig:
+    """Step 2: what the SFT model samples for labelling."""
+
+    source: str = "builtin:preferences"
+    """Preference prompts (their ``reference`` and ``task`` fields feed the gold judge)."""
+    limit: int | None = 256
+    """Distinct prompts sampled."""
+    sampling: SamplingConfig = field(
+        default_factory=lambda: SamplingConfig(max_new_tokens=64, temperature=1.0, num_samples=2)
+    )
+
+
+@dataclass
+class LabelsConfig:
+    """Step 3: who labels the candidate pairs."""
+
+    mode: Literal["gold", "judge", "human"] = "gold"
+    """Programmatic gold judge, an LLM judge, or people (export, then import)."""
+    judge: str = "judge:smollm2-135m-instruct"
+    """The LLM judge: judge:<model name or dir> or judge:openai:<base_url>#<model>."""
+    mix_builtin: bool = True
+    """Also train the reward model on the task's gold-labelled training pairs."""
+
+
+@dataclass
+class OptimiseConfig:
+    """Step 5: how the SFT model is optimised."""
+
+    method: str = "ppo"
+    """A policy-gradient preset (ppo, grpo, rloo, ...) against the reward model, or dpo."""
+
+
+@dataclass
+class PipelineConfig:
+    """rlhfkit pipeline: SFT -> candidates -> labels -> reward model -> RL/DPO -> eval -> report."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The starting model (every stage's precision and loading options)."""
+    sft: sft.SFTConfig = field(
+        default_factory=lambda: sft.SFTConfig(
+            data=sft.SFTDataConfig(mask_mode="all_assistant_turns"),
+            optim=OptimConfig(lr=5e-5, warmup_ratio=0.1),
+            loop=LoopConfig(batch_size=16, max_steps=30, micro_batch_tokens=2048),
+        )
+    )
+    candidates: CandidatesConfig = field(default_factory=CandidatesConfig)
+    labels: LabelsConfig = field(default_factory=LabelsConfig)
+    rm: reward_model.RMConfig = field(
+        default_factory=lambda: reward_model.RMConfig(
+            loop=LoopConfig(batch_size=16, max_steps=12, micro_batch_tokens=4096)
+        )
+    )
+    optimise: OptimiseConfig = field(default_factory=OptimiseConfig)
+    rl: pg.PGConfig = field(
+        default_factory=lambda: pg.PGConfig(
+            data=pg.PGDataConfig(train="builtin:preferences", schema="preference"),
+            algo=pg.PGAlgoConfig(epochs=2, truncation_penalty=-6.0),
+            critic=pg.CriticConfig(lr=1e-5),
+            sampling=SamplingConfig(max_new_tokens=64, temperature=0.7, num_samples=4),
+            optim=OptimConfig(lr=5e-6, schedule="constant", warmup_ratio=0.0),
+            loop=LoopConfig(batch_size=8, max_steps=16, save_every=4),
+            sample_every=4,
+        )
+    )
+    """Policy-gradient settings (data, algo, critic, sampling, optim, loop); the preset is
+    optimise.method, the rewards are the reward model and (weight 0) the gold judge."""
+    dpo: dpo.DPOConfig = field(
+        default_factory=lambda: dpo.DPOConfig(
+            data=dpo.DPODataConfig(eval=None),
+            optim=OptimConfig(lr=3e-5, warmup_ratio=0.1),
+            loop=LoopConfig(batch_size=16, epochs=1.0, save_every=8),
+            eval=dpo.DPOEvalConfig(win_rate=False),
+        )
+    )
+    """DPO settings (algo, optim, loop) for optimise.method dpo (the pipeline's eval stage does
+    the evaluation, so DPO's own win-rate pass is off)."""
+    eval: EvalStageConfig = field(default_factory=EvalStageConfig)
+    log: LogConfig = field(default_factory=lambda: LogConfig(run_dir="runs/pipeline"))
+
+
+def _sub_log(cfg: PipelineConfig, name: str) -> LogConfig:
+    return replace(cfg.log, run_dir=str(Path(cfg.log.run_dir) / name))
+
+
+def _resume(run_dir: Path) -> bool:
+    return (run_dir / "checkpoints" / "latest").exists()
+
+
+def _jsonl(rows: list[dict[str, Any]]) -> str:
+    return "".join(json.dumps(r) + "\n" for r in rows)
+
+
+def run_sft(cfg: PipelineConfig, run: Path) -> None:
+    """Step 1."""
+    sub = cfg.sft
+    loop = replace(sub.loop, resume=_resume(run / "sft"))
+    sft.main(replace(sub, model=cfg.model, loop=loop, log=_sub_log(cfg, "sft")))
+
+
+def run_candidates(cfg: PipelineConfig, run: Path) -> None:
+    """Step 2: sample, then write one row per prompt with its completions."""
+    if cfg.candidates.sampling.num_samples < 2:
+        raise ValueError("candidates.sampling.num_samples must be >= 2 to form pairs")
+    data = EvalDataConfig(
+        source=cfg.candidates.source,
+        split="train",
+        schema="preference",
+        max_prompt_len=cfg.rl.data.max_prompt_len,
+        distinct=True,
+        max_prompts=cfg.candidates.limit,
+    )
+    prompts, grid = evaluate_prompts(
+        replace(cfg.model, name=str(run / "sft" / "final")),
+        None,
+        data,
+        cfg.candidates.sampling,
+        (GOLD,),
+        chunk=32,
+        cache_dir=str(run / "cache"),
+    )
+    rows = [
+        {
+            "id": i,
+            "prompt": p.fields["prompt"],
+            "completions": grid.texts[i],
+            "finish": grid.finish[i],
+            "reference": p.fields.get("reference"),
+            "task": p.fields.get("task"),
+        }
+        for i, p in enumerate(prompts)
+    ]
+    atomic_write_text(run / "candidates.jsonl", _jsonl(rows))
+
+
+def _pairs_of(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each prompt's first two completions that differ, as an unlabelled pair."""
+    pairs = []
+    for r in rows:
+        a, b = r["completions"][0], r["completions"][1]
+        if a.strip() and b.strip() and a != b:
+            pairs.append(
+                {**{k: r[k] for k in ("id", "prompt", "reference", "task")}, "a": a, "b": b}
+            )
+    return pairs
+
+
+def _human_choices(run: Path, pairs: list[dict[str, Any]]) -> list[float] | None:
+    """Import people's labels; None (after exporting the requests) while they are missing."""
+    requests, answers = run / "label_requests.jsonl", run / "human_labels.jsonl"
+    if not requests.exists():
+        rows = [{"id": p["id"], "prompt": p["prompt"], "a": p["a"], "b": p["b"]} for p in pairs]
+        atomic_write_text(requests, _jsonl(rows))
+    if not answers.exists():
+        return None
+    given = {}
+    for n, line in enumerate(answers.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        if row.get("choice") not in ("a", "b", "tie"):
+            raise ValueError(f"{answers}:{n}: field 'choice': expected 'a', 'b' or 'tie'")
+        given[row.get("id")] = {"a": 1.0, "b": 0.0, "tie": 0.5}[row["choice"]]
+    missing = [p["id"] for p in pairs if p["id"] not in given]
+    if missing:
+        raise ValueError(
+            f"{answers}: no label for pair id(s) {missing[:10]} ({len(missing)} in all)"
+        )
+    return [given[p["id"]] for p in pairs]
+
+
+def _judge_choices(cfg: PipelineConfig, pairs: list[dict[str, Any]]) -> list[float | None]:
+    from rlhfkit.rewards.judge import PairwiseJudge, load_backend
+
+    judge = PairwiseJudge(load_backend(cfg.labels.judge))
+    result = judge.compare(
+        [p["prompt"] for p in pairs], [p["a"] for p in pairs], [p["b"] for p in pairs]
+    )
+    log.info("judge: %s", result.metrics())
+    return list(result.scores)
+
+
+def run_labels(cfg: PipelineConfig, run: Path) -> bool:
+    """Step 3; False when human labels are still missing (the pipeline stops there)."""
+    rows = [json.loads(line) for line in (run / "candidates.jsonl").read_text().splitlines()]
+    pairs = _pairs_of(rows)
+    labelers: dict[str, Callable[[], list[float | None] | None]] = {
+        "gold": lambda: [gold_prefers(p["a"], p["b"], p["reference"], p["task"]) for p in pairs],
+        "judge": lambda: _judge_choices(cfg, pairs),
+        "human": lambda: _human_choices(run, pairs),
+    }
+    choices = labelers[cfg.labels.mode]()
+    if choices is None:
+        console.print(
+            f"[bold]labels needed[/]: label the {len(pairs)} pairs of "
+            f"{run / 'label_requests.jsonl'} and write {run / 'human_labels.jsonl'} "
+            '(one {"id": ..., "choice": "a" | "b" | "tie"} per line), then run the same command.'
+        )
+        return False
+    out = []
+    for p, c in zip(pairs, choices, strict=True):
+        if c is None or c == 0.5:  # ties and unparseable verdicts carry no preference
+            continue
+        chosen, rejected = (p["a"], p["b"]) if c == 1.0 else (p["b"], p["a"])
+        out.append(
+            {
+                "prompt": p["prompt"],
+                "chosen": chosen,
+                "rejected": rejected,
+                "category": "sampled",
+                "source": cfg.labels.mode,
+            }
+        )
+    if not out and not cfg.labels.mix_builtin:
+        raise ValueError("labelling left no pair with a preference (every pair was a tie)")
+    random.Random(0).shuffle(out)
+    atomic_write_text(run / "pairs.jsonl", _jsonl(out))
+    log.info("labels: %d pairs, %d with a preference", len(pairs), len(out))
+    return True
+
+
+def _rm_train_file(cfg: PipelineConfig, run: Path) -> Path:
+    """The labelled pairs, plus the task's own gold-labelled pairs with labels.mix_builtin."""
+    if not cfg.labels.mix_builtin:
+        return run / "pairs.jsonl"
+    from rlhfkit.data.sources import load_rows
+
+    builtin = [r.data for r in load_rows(cfg.rm.data.train, split=cfg.rm.data.train_split)]
+    mixed = run / "rm_train.jsonl"
+    atomic_write_text(mixed, (run / "pairs.jsonl").read_text() + _jsonl(builtin))
+    return mixed
+
+
+def run_rm(cfg: PipelineConfig, run: Path) -> None:
+    """Step 4."""
+    data = replace(cfg.rm.data, train=str(_rm_train_file(cfg, run)), train_split="train")
+    loop = replace(cfg.rm.loop, resume=_resume(run / "rm"))
+    sub = replace(cfg.rm, model=cfg.model, data=data, loop=loop, log=_sub_log(cfg, "rm"))
+    reward_model.main(sub)
+
+
+def run_optimise(cfg: PipelineConfig, run: Path) -> None:
+    """Step 5: RL against the reward model (gold logged at weight 0), or DPO on the pairs."""
+    policy = replace(cfg.model, name=str(run / "sft" / "final"))
+    if cfg.optimise.method == "dpo":
+        data = replace(cfg.dpo.data, train=str(run / "pairs.jsonl"), train_split="train")
+        loop = replace(cfg.dpo.loop, resume=_resume(run / "policy"))
+        dpo.main(replace(cfg.dpo, model=policy, data=data, loop=loop, log=_sub_log(cfg, "policy")))
+        return
+    rm_spec = f"rm:{run / 'rm' / 'final'}"
+    algo = replace(cfg.rl.algo, preset=cfg.optimise.method)
+    loop = replace(cfg.rl.loop, resume=_resume(run / "policy"))
+    sub = replace(
+        cfg.rl,
+        model=policy,
+        algo=algo,
+        rewards=(rm_spec, GOLD),
+        weights=(1.0, 0.0),
+        loop=loop,
+        log=_sub_log(cfg, "policy"),
+    )
+    pg.main(sub)
+
+
+@dataclass
+class Stage:
+    """One step: its name, the output whose existence means done, and how to run it."""
+
+    name: str
+    output: str
+    run: Callable[[PipelineConfig, Path], bool | None]
+
+
+STAGES = [
+    Stage("sft", "sft/final", run_sft),
+    Stage("candidates", "candidates.jsonl", run_candidates),
+    Stage("labels", "pairs.jsonl", run_labels),
+    Stage("rm", "rm/final", run_rm),
+    Stage("optimise", "policy/final", run_optimise),
+    Stage("eval", "eval.json", lambda cfg, run: evaluate_stage(cfg, run, GOLD)),
+    Stage("report", "report.html", lambda cfg, run: run_report(cfg, run)),
+]
+"""The pipeline, in order."""
+
+
+def run_report(cfg: PipelineConfig, run: Path) -> None:
+    """Step 7."""
+    from rlhfkit.eval.report import render_report
+
+    render_report(report_data(cfg, run, GOLD, _stages(run)), run / "report.html")
+
+
+def _stages(run: Path) -> dict[str, Any]:
+    path = run / "stages.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def print_summary(run: Path) -> None:
+    """The one-screen summary: stage times and headline figures, and the report's path."""
+    table = Table(title=f"rlhfkit pipeline: {run}")
+    for name in ("stage", "status", "seconds"):
+        table.add_column(name, justify="left" if name != "seconds" else "right")
+    for name, s in _stages(run).items():
+        table.add_row(name, s["status"], f"{s['seconds']:.0f}")
+    console.print(table)
+    if (run / "eval.json").exists():
+        ev = json.loads((run / "eval.json").read_text())
+        sft_m, final = ev["models"]["sft"], ev["models"]["final"]
+        console.print(
+            f"gold reward {sft_m['gold']:.3f} (SFT) -> {final['gold']:.3f} (final) | RM reward "
+            f"{sft_m['proxy']:.3f} -> {final['proxy']:.3f} | KL {ev['kl']['k1']:.3f} nats | win "
+            f"rate vs SFT (gold) {ev['win_rates']['gold']['win']:.2f}, ties "
+            f"{ev['win_rates']['gold']['tie']:.2f} | RM held-out accuracy "
+            f"{ev['reward_model']['accuracy']:.3f}"
+        )
+    if (run / "report.html").exists():
+        console.print(f"report: [bold]{run / 'report.html'}[/]")
+
+
+def demo(cfg: PipelineConfig) -> Path:
+    """``rlhfkit demo`` (``make demo``): the pipeline with its defaults, in ``runs/demo``."""
+    if cfg.log.run_dir == "runs/pipeline":
+        cfg = replace(cfg, log=replace(cfg.log, run_dir="runs/demo"))
+    return main(cfg)
+
+
+def main(cfg: PipelineConfig) -> Path:
+    """Run the stages in order, skipping finished ones; returns the run directory."""
+    run = Path(cfg.log.run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    status = _stages(run)
+    for k, stage in enumerate(STAGES, 1):
+        if (run / stage.output).exists():
+            status.setdefault(stage.name, {"status": "done", "seconds": 0.0})
+            if status[stage.name]["status"] == "done":
+                status[stage.name] = {**status[stage.name], "status": "skipped"}
+            console.print(f"[{k}/{len(STAGES)}] {stage.name}: done, skipped")
+            continue
+        console.rule(f"[{k}/{len(STAGES)}] {stage.name}")
+        start = time.perf_counter()
+        if stage.run(cfg, run) is False:  # waiting for human labels
+            atomic_write_text(run / "stages.json", json.dumps(status, indent=2))
+            return run
+        status[stage.name] = {"status": "done", "seconds": time.perf_counter() - start}
+        atomic_write_text(run / "stages.json", json.dumps(status, indent=2))
+    atomic_write_text(run / "stages.json", json.dumps(status, indent=2))
+    print_summary(run)
+    return run

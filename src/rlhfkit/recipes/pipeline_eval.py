@@ -1,0 +1,280 @@
+"""The pipeline's evaluation stage and the data of its report (``rlhfkit pipeline`` steps 6-7).
+
+Evaluation, on the distinct held-out prompts of the preference task:
+
+- the SFT model samples ``bon_n`` completions per prompt and the final model ``samples``; both
+  are scored by the reward model (the proxy) and the gold judge;
+- gold and proxy reward, lengths and finished share of each model (over the first ``samples``
+  completions of each prompt, so both sides are measured alike);
+- win rate of the final model against the SFT model by the gold judge (sample j of a prompt
+  against sample j), and by an LLM judge when ``judge`` is set (both orders);
+- KL(pi_final || pi_SFT), summed over a completion (k1 and k3 on one temperature-1 sample per
+  prompt, :func:`rlhfkit.eval.kl.sampled_kl`);
+- the reward model's held-out pairwise accuracy against the gold preference, overall and per
+  category (the ``rm eval`` report);
+- the best-of-n curve of the SFT model (:func:`rlhfkit.eval.overopt.bon_curve`): proxy and gold
+  reward of the best-by-proxy of n samples against d = sqrt(KL_BoN).
+
+The report adds the training curves (proxy and gold reward and KL per step, read from the
+policy run's metrics) and puts the RL curve beside the best-of-n curve (Gao et al. 2023).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import statistics
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from rlhfkit.atomic import atomic_write_text
+from rlhfkit.config import ModelConfig
+from rlhfkit.data.tasks.preferences import gold_prefers
+from rlhfkit.eval.kl import sampled_kl
+from rlhfkit.eval.overopt import bon_curve
+from rlhfkit.models.load import load_model, load_tokenizer
+from rlhfkit.models.precision import default_device, resolve_precision
+from rlhfkit.recipes.evaluate import EvalDataConfig, evaluate_prompts
+from rlhfkit.recipes.reward_model_eval import RMEvalConfig, eval_main
+from rlhfkit.rollout.hf import SamplingConfig
+
+if TYPE_CHECKING:
+    from rlhfkit.recipes.pipeline import PipelineConfig
+
+
+@dataclass
+class EvalStageConfig:
+    """Step 6: how the final model is compared with the SFT model."""
+
+    source: str = "builtin:preferences"
+    """Held-out preference prompts (with the gold judge's fields)."""
+    split: str = "heldout"
+    """Split of the source."""
+    max_prompts: int | None = 84
+    """Distinct prompts evaluated."""
+    samples: int = 2
+    """Completions per prompt compared (final against SFT)."""
+    bon_n: int = 8
+    """SFT samples per prompt for the best-of-n curve (n = 1, 2, 4, ... up to this)."""
+    max_new_tokens: int = 64
+    """Length limit of every evaluation sample."""
+    temperature: float = 0.7
+    """Sampling temperature of every evaluation sample."""
+    judge: str | None = None
+    """Also compare by an LLM judge: judge:<model> or judge:openai:<base_url>#<model>."""
+    show: int = 8
+    """Sample completions shown side by side in the report."""
+
+
+def _matrix(values: list[list[float | None]]) -> torch.Tensor:
+    """(M, N) fp64 tensor with None as NaN."""
+    return torch.tensor(
+        [[math.nan if v is None else v for v in row] for row in values], dtype=torch.float64
+    )
+
+
+def _mean(values: list[float | None]) -> float:
+    kept = [v for v in values if v is not None and not math.isnan(v)]
+    return statistics.fmean(kept) if kept else math.nan
+
+
+def _model_figures(grid: Any, proxy: str, gold: str, n: int) -> dict[str, float]:
+    """Gold and proxy reward, length and finished share over the first n samples per prompt."""
+    cols = range(n)
+    return {
+        "proxy": _mean([grid.components[proxy][i][j] for i in range(grid.shape[0]) for j in cols]),
+        "gold": _mean([grid.components[gold][i][j] for i in range(grid.shape[0]) for j in cols]),
+        "length": _mean([float(row[j]) for row in grid.lengths for j in cols]),
+        "finished": _mean([float(row[j] != "length") for row in grid.finish for j in cols]),
+    }
+
+
+def _gold_win_rate(prompts: list[Any], sft: Any, final: Any, n: int) -> dict[str, float]:
+    outcomes = [
+        gold_prefers(
+            final.texts[i][j], sft.texts[i][j], p.fields["reference"], p.fields.get("task")
+        )
+        for i, p in enumerate(prompts)
+        for j in range(n)
+    ]
+    total = len(outcomes)
+    return {
+        "win": sum(o == 1.0 for o in outcomes) / total,
+        "tie": sum(o == 0.5 for o in outcomes) / total,
+        "loss": sum(o == 0.0 for o in outcomes) / total,
+        "n": total,
+    }
+
+
+def _judge_win_rate(spec: str, prompts: list[Any], sft: Any, final: Any, n: int) -> dict:
+    from rlhfkit.rewards.judge import PairwiseJudge, load_backend
+
+    cells = [(i, j) for i in range(len(prompts)) for j in range(n)]
+    result = PairwiseJudge(load_backend(spec)).compare(
+        [prompts[i].fields["prompt"] for i, _ in cells],
+        [final.texts[i][j] for i, j in cells],
+        [sft.texts[i][j] for i, j in cells],
+    )
+    scored = [s for s in result.scores if s is not None]
+    total = len(scored) or 1
+    return {
+        "win": sum(s == 1.0 for s in scored) / total,
+        "tie": sum(s == 0.5 for s in scored) / total,
+        "loss": sum(s == 0.0 for s in scored) / total,
+        "n": len(scored),
+        "unparseable": result.unparseable,
+        "consistency": result.consistency,
+    }
+
+
+def _kl(model_cfg: ModelConfig, policy: Path, reference: Path, prompts: list[Any], cfg: Any):
+    dtype = resolve_precision(model_cfg.precision, default_device()).compute
+    tokenizer = load_tokenizer(str(policy))
+    final = load_model(str(policy), dtype=dtype).eval()
+    ref = load_model(str(reference), dtype=dtype).eval()
+    return sampled_kl(
+        final,
+        contextlib.nullcontext(ref),
+        tokenizer,
+        [p.fields["prompt"] for p in prompts],
+        max_new_tokens=cfg.max_new_tokens,
+    )
+
+
+def evaluate_stage(cfg: PipelineConfig, run: Path, gold: str) -> None:
+    """Step 6: write ``<run>/eval.json``."""
+    ev = cfg.eval
+    proxy = f"rm:{run / 'rm' / 'final'}"
+    data = EvalDataConfig(
+        source=ev.source,
+        split=ev.split,
+        schema="preference",
+        distinct=True,
+        max_prompts=ev.max_prompts,
+        max_prompt_len=cfg.rl.data.max_prompt_len,
+    )
+    sampling = SamplingConfig(max_new_tokens=ev.max_new_tokens, temperature=ev.temperature)
+    score = ((proxy, gold), (1.0, 0.0))
+    sft_cfg = replace(cfg.model, name=str(run / "sft" / "final"))
+    prompts, sft = evaluate_prompts(
+        sft_cfg,
+        None,
+        data,
+        replace(sampling, num_samples=max(ev.bon_n, ev.samples)),
+        *score,
+        cache_dir=str(run / "cache"),
+    )
+    final_cfg = replace(cfg.model, name=str(run / "policy" / "final"))
+    _, final = evaluate_prompts(
+        final_cfg,
+        prompts,
+        data,
+        replace(sampling, num_samples=ev.samples, seed=1),
+        *score,
+        cache_dir=str(run / "cache"),
+    )
+    rm_report = eval_main(
+        RMEvalConfig(
+            model=replace(cfg.model, name=str(run / "rm" / "final")),
+            data=cfg.rm.data.eval or "builtin:preferences",
+            split=cfg.rm.data.eval_split,
+        )
+    )
+    ns = [n for n in (1, 2, 4, 8, 16, 32, 64) if n <= sft.shape[1]]
+    result = {
+        "models": {
+            "sft": _model_figures(sft, proxy, gold, ev.samples),
+            "final": _model_figures(final, proxy, gold, ev.samples),
+        },
+        "win_rates": {"gold": _gold_win_rate(prompts, sft, final, ev.samples)},
+        "kl": _kl(cfg.model, run / "policy" / "final", run / "sft" / "final", prompts, ev),
+        "reward_model": {
+            "accuracy": rm_report["overall"]["accuracy"],
+            "pairs": rm_report["overall"]["pairs"],
+            "by_category": {k: v["accuracy"] for k, v in rm_report["per_category"].items()},
+        },
+        "bon": bon_curve(_matrix(sft.components[proxy]), _matrix(sft.components[gold]), ns),
+        "samples": [
+            {
+                "prompt": p.fields["prompt"][-1]["content"],
+                "sft": sft.texts[i][0],
+                "final": final.texts[i][0],
+                "sft_gold": sft.components[gold][i][0],
+                "final_gold": final.components[gold][i][0],
+            }
+            for i, p in enumerate(prompts[: ev.show])
+        ],
+    }
+    if ev.judge:
+        result["win_rates"]["judge"] = _judge_win_rate(ev.judge, prompts, sft, final, ev.samples)
+    atomic_write_text(run / "eval.json", json.dumps(result, indent=2))
+
+
+def _rl_curve(run: Path, gold: str) -> list[dict[str, Any]]:
+    """Proxy and gold reward and KL per step, from the policy run's metrics (RL only)."""
+    path = run / "policy" / "metrics.jsonl"
+    if not path.exists():
+        return []
+    proxy = f"rollout/reward/rm:{run / 'rm' / 'final'}"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [
+        {
+            "step": r["step"],
+            "reward": r["rollout/reward"],
+            "proxy": r.get(proxy),
+            "gold": r.get(f"rollout/reward/{gold}"),
+            "kl": r.get("rollout/kl_seq"),
+        }
+        for r in rows
+        if "rollout/reward" in r
+    ]
+
+
+def report_data(
+    cfg: PipelineConfig, run: Path, gold: str, stages: dict[str, Any]
+) -> dict[str, Any]:
+    """The input of :func:`rlhfkit.eval.report.render_report` (its schema is documented there)."""
+    ev = json.loads((run / "eval.json").read_text())
+    curve = _rl_curve(run, gold)
+    rl_points = [
+        {
+            "step": c["step"],
+            "kl": max(c["kl"], 0.0),
+            "d": math.sqrt(max(c["kl"], 0.0)),
+            "proxy": c["proxy"],
+            "gold": c["gold"],
+        }
+        for c in curve
+        if c["kl"] is not None and c["proxy"] is not None
+    ]
+    sft_m, final = ev["models"]["sft"], ev["models"]["final"]
+    summary = {
+        "gold reward (SFT -> final)": f"{sft_m['gold']:.3f} -> {final['gold']:.3f}",
+        "reward-model reward (SFT -> final)": f"{sft_m['proxy']:.3f} -> {final['proxy']:.3f}",
+        "KL(final || SFT), nats per sequence": round(ev["kl"]["k1"], 4),
+        "win rate vs SFT (gold judge)": round(ev["win_rates"]["gold"]["win"], 3),
+        "reward-model held-out accuracy": round(ev["reward_model"]["accuracy"], 3),
+        "optimiser": cfg.optimise.method,
+        "mean length (SFT -> final)": f"{sft_m['length']:.1f} -> {final['length']:.1f}",
+    }
+    return {
+        "title": f"rlhfkit pipeline: {run}",
+        "created": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "config": {
+            "model": cfg.model.name,
+            "labels": cfg.labels.mode,
+            "optimise": cfg.optimise.method,
+        },
+        "stages": stages,
+        "summary": summary,
+        "curves": {"rl": curve},
+        "reward_model": ev["reward_model"],
+        "win_rates": ev["win_rates"],
+        "overoptimisation": {"bon": ev["bon"], "rl": rl_points},
+        "samples": ev["samples"],
+    }

@@ -1,0 +1,133 @@
+"""rlhfkit pipeline on the tiny model: every stage, resuming after a crash, human labels."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from rlhfkit.config import LogConfig, LoopConfig, ModelConfig, OptimConfig
+from rlhfkit.recipes import pipeline, sft
+from rlhfkit.recipes.common import RunContext
+from rlhfkit.recipes.pipeline_eval import EvalStageConfig
+from rlhfkit.rollout.hf import SamplingConfig
+
+
+def _cfg(model_dir: Path, run_dir: Path, **over) -> pipeline.PipelineConfig:
+    base = pipeline.PipelineConfig()
+    log = LogConfig(run_dir=str(run_dir), tensorboard=False, progress=False)
+    tiny_loop = {"batch_size": 4, "micro_batch_tokens": 512}
+    cfg = replace(
+        base,
+        model=ModelConfig(name=str(model_dir), precision="fp32"),
+        sft=replace(
+            base.sft,
+            data=replace(base.sft.data, limit=24, eval=None),
+            optim=OptimConfig(lr=1e-3, warmup_ratio=0.0),
+            loop=LoopConfig(max_steps=2, **tiny_loop),
+        ),
+        candidates=pipeline.CandidatesConfig(
+            limit=12, sampling=SamplingConfig(max_new_tokens=8, temperature=1.0, num_samples=2)
+        ),
+        rm=replace(
+            base.rm,
+            data=replace(base.rm.data, limit=24, max_len=256),
+            loop=LoopConfig(max_steps=2, **tiny_loop),
+        ),
+        rl=replace(
+            base.rl,
+            data=replace(base.rl.data, limit=8),
+            algo=replace(base.rl.algo, truncation_penalty=None),  # tiny replies never finish
+            sampling=SamplingConfig(max_new_tokens=8, temperature=1.0, num_samples=2),
+            loop=LoopConfig(batch_size=2, max_steps=6, save_every=2),
+            sample_every=0,
+        ),
+        dpo=replace(base.dpo, loop=LoopConfig(max_steps=2, **tiny_loop)),
+        eval=EvalStageConfig(max_prompts=4, samples=2, bon_n=4, max_new_tokens=8, show=3),
+        log=log,
+    )
+    return replace(cfg, **over)
+
+
+def _stamp(path: Path) -> int:
+    return path.stat().st_mtime_ns
+
+
+def test_pipeline_runs_every_stage_and_skips_them_on_rerun(tiny_model_dir, tmp_path):
+    run = tmp_path / "run"
+    pipeline.main(_cfg(tiny_model_dir, run))
+    for output in ("sft/final", "candidates.jsonl", "pairs.jsonl", "rm/final", "policy/final",
+                   "policy/critic", "eval.json", "report.html"):  # fmt: skip
+        assert (run / output).exists(), output
+    ev = json.loads((run / "eval.json").read_text())
+    assert set(ev["models"]) == {"sft", "final"}
+    assert abs(sum(ev["win_rates"]["gold"][k] for k in ("win", "tie", "loss")) - 1) < 1e-9
+    assert [p["n"] for p in ev["bon"]] == [1, 2, 4]
+    assert ev["bon"][0]["kl"] == 0.0
+    metrics = [json.loads(x) for x in (run / "policy/metrics.jsonl").read_text().splitlines()]
+    gold_key = f"rollout/reward/{pipeline.GOLD}"
+    assert any(gold_key in m for m in metrics)  # gold rides along at weight 0
+    html = (run / "report.html").read_text()
+    for section in ("summary", "curves", "reward-model", "win-rates", "overoptimisation",
+                    "samples"):  # fmt: skip
+        assert f'id="{section}"' in html
+    pairs = [json.loads(x) for x in (run / "pairs.jsonl").read_text().splitlines()]
+    assert all(p["chosen"] != p["rejected"] for p in pairs)
+    stamps = {p: _stamp(run / p) for p in ("sft/final", "rm/final", "policy/final", "eval.json")}
+    pipeline.main(_cfg(tiny_model_dir, run))
+    assert {p: _stamp(run / p) for p in stamps} == stamps
+    stages = json.loads((run / "stages.json").read_text())
+    assert all(s["status"] == "skipped" for s in stages.values())
+
+
+def test_killed_during_rl_resumes_from_the_last_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    cfg = _cfg(tiny_model_dir, run)
+    original = RunContext.log_step
+
+    def crash(self, metrics, every):
+        original(self, metrics, every)
+        if self.run_dir.name == "policy" and self.step == 4:
+            raise KeyboardInterrupt  # Ctrl-C after step 4, before its checkpoint
+
+    monkeypatch.setattr(RunContext, "log_step", crash)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.main(cfg)
+    assert not (run / "policy/final").exists()
+    assert (run / "policy/checkpoints/latest").exists()
+    stamps = {p: _stamp(run / p) for p in ("sft/final", "rm/final", "pairs.jsonl")}
+    monkeypatch.setattr(RunContext, "log_step", original)
+    pipeline.main(cfg)
+    assert {p: _stamp(run / p) for p in stamps} == stamps  # finished stages not recomputed
+    steps = [json.loads(x)["step"] for x in (run / "policy/metrics.jsonl").read_text().splitlines()]
+    assert 3 in steps and steps[-1] == 6
+    assert steps.count(2) >= 1 and (run / "report.html").exists()
+
+
+def test_human_labels_stop_the_pipeline_until_they_are_given(tiny_model_dir, tmp_path):
+    run = tmp_path / "run"
+    cfg = _cfg(tiny_model_dir, run, labels=pipeline.LabelsConfig(mode="human", mix_builtin=False))
+    pipeline.main(cfg)
+    requests = [json.loads(x) for x in (run / "label_requests.jsonl").read_text().splitlines()]
+    assert requests and not (run / "pairs.jsonl").exists() and not (run / "rm").exists()
+    bad = run / "human_labels.jsonl"
+    bad.write_text(json.dumps({"id": requests[0]["id"], "choice": "left"}) + "\n")
+    with pytest.raises(ValueError, match=r"human_labels\.jsonl:1: field 'choice'"):
+        pipeline.main(cfg)
+    labels = [{"id": r["id"], "choice": "a" if k % 2 else "b"} for k, r in enumerate(requests)]
+    bad.write_text("".join(json.dumps(x) + "\n" for x in labels))
+    pipeline.main(replace(cfg, optimise=pipeline.OptimiseConfig(method="dpo")))
+    pairs = [json.loads(x) for x in (run / "pairs.jsonl").read_text().splitlines()]
+    assert len(pairs) == len(requests)
+    by_prompt = {json.dumps(r["prompt"]): r for r in requests}
+    for pair in pairs:
+        request = by_prompt[json.dumps(pair["prompt"])]
+        k = requests.index(request)
+        assert pair["chosen"] == (request["a"] if k % 2 else request["b"])
+    assert (run / "report.html").exists()
+
+
+def test_sft_config_is_the_sft_recipe():
+    assert isinstance(pipeline.PipelineConfig().sft, sft.SFTConfig)
