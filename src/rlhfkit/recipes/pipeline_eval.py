@@ -249,9 +249,9 @@ def report_data(
             "proxy": c["proxy"],
             "gold": c["gold"],
         }
-        for c in curve
+        for c in sorted(curve, key=lambda c: c["kl"] if c["kl"] is not None else 0.0)
         if c["kl"] is not None and c["proxy"] is not None
-    ]
+    ]  # ordered by KL: the x axis of the over-optimisation plot
     sft_m, final = ev["models"]["sft"], ev["models"]["final"]
     summary = {
         "gold reward (SFT -> final)": f"{sft_m['gold']:.3f} -> {final['gold']:.3f}",
