@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -132,3 +133,35 @@ def test_human_labels_stop_the_pipeline_until_they_are_given(tiny_model_dir, tmp
 
 def test_sft_config_is_the_sft_recipe():
     assert isinstance(pipeline.PipelineConfig().sft, sft.SFTConfig)
+
+
+def _longer_wins(body: dict) -> str:
+    """A fake judge endpoint: the longer of the two shown replies wins (order-robust)."""
+    user = body["messages"][-1]["content"]
+    a, b = (
+        re.search(rf"\[Reply of Assistant {x}\]\n(.*?)\n\[End of Reply of Assistant {x}\]", user,
+                  re.S).group(1)
+        for x in "AB"
+    )  # fmt: skip
+    return f"[[{'A' if len(a) > len(b) else 'B' if len(b) > len(a) else 'C'}]]"
+
+
+def test_llm_judge_labels_pairs_and_judges_the_final_model(tiny_model_dir, tmp_path):
+    from fake_openai import FakeOpenAI
+
+    run = tmp_path / "run"
+    with FakeOpenAI(_longer_wins) as server:
+        spec = f"judge:openai:{server.base_url}#fake-judge"
+        cfg = _cfg(
+            tiny_model_dir, run, labels=pipeline.LabelsConfig(mode="judge", judge=spec),
+            optimise=pipeline.OptimiseConfig(method="rloo"),
+        )  # fmt: skip
+        cfg = replace(cfg, eval=replace(cfg.eval, judge=spec))
+        pipeline.main(cfg)
+        assert server.requests  # the judge was asked, over HTTP
+    pairs = [json.loads(x) for x in (run / "pairs.jsonl").read_text().splitlines()]
+    sampled = [p for p in pairs if p.get("source") == "judge"]
+    assert sampled and all(len(p["chosen"]) > len(p["rejected"]) for p in sampled)
+    judge = json.loads((run / "eval.json").read_text())["win_rates"]["judge"]
+    assert judge["consistency"] == 1.0 and judge["unparseable"] == 0
+    assert 'id="win-rates"' in (run / "report.html").read_text()
