@@ -85,6 +85,24 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
         "main",
         "Sample chat completions from a model.",
     ),
+    "label serve": (
+        "rlhfkit.feedback.serve",
+        "LabelServeConfig",
+        "serve",
+        "Serve the human-feedback labelling web app.",
+    ),
+    "label task": (
+        "rlhfkit.feedback.serve",
+        "LabelTaskConfig",
+        "task_main",
+        "Create a labelling task from candidates and print the labellers' links.",
+    ),
+    "label export": (
+        "rlhfkit.feedback.serve",
+        "LabelExportConfig",
+        "export_main",
+        "Export a labelling task as pairs/likert/ratings/rankings, with agreement statistics.",
+    ),
     "pipeline": (
         "rlhfkit.recipes.pipeline",
         "PipelineConfig",

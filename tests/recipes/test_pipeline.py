@@ -108,27 +108,60 @@ def test_killed_during_rl_resumes_from_the_last_checkpoint(tiny_model_dir, tmp_p
     assert (run / "report.html").exists()
 
 
-def test_human_labels_stop_the_pipeline_until_they_are_given(tiny_model_dir, tmp_path):
+def _vote_a_everywhere(db: Path, task_id: int) -> int:
+    """One labeller prefers reply A strongly on every item, through the app's voting code."""
+    from rlhfkit.feedback import storage, voting
+
+    conn = storage.connect(db)
+    try:
+        [(labeller, _, _)] = storage.invite(conn, task_id, ["ann"])
+        task = storage.get_task(conn, task_id)
+        votes = 0
+        while (shown := voting.next_presentation(conn, labeller, task)) is not None:
+            given = 1 if shown.order[0] == 0 else 5  # canonical 1 = A much better than B
+            voting.record_vote(conn, labeller, task.mode, {"nonce": shown.nonce,
+                                                           "choice": str(given)})  # fmt: skip
+            votes += 1
+    finally:
+        conn.close()
+    return votes
+
+
+def test_human_labels_come_from_the_labelling_app(tiny_model_dir, tmp_path):
+    run = tmp_path / "run"
+    cfg = _cfg(tiny_model_dir, run, labels=pipeline.LabelsConfig(mode="human", mix_builtin=False))
+    pipeline.main(cfg)  # exports the pairs into a task of the app, then stops
+    requests = [json.loads(x) for x in (run / "label_requests.jsonl").read_text().splitlines()]
+    assert requests and not (run / "pairs.jsonl").exists() and not (run / "rm").exists()
+    task = json.loads((run / "label_task.json").read_text())
+    assert task["items"] == len(requests)
+    pipeline.main(cfg)  # still waiting: no labels yet
+    assert not (run / "pairs.jsonl").exists()
+    assert _vote_a_everywhere(run / "labels.sqlite", task["task_id"]) == len(requests)
+    pipeline.main(replace(cfg, optimise=pipeline.OptimiseConfig(method="dpo")))
+    labels = [json.loads(x) for x in (run / "human_labels.jsonl").read_text().splitlines()]
+    assert sorted(x["id"] for x in labels) == sorted(r["id"] for r in requests)
+    assert {x["choice"] for x in labels} == {"a"}
+    pairs = [json.loads(x) for x in (run / "pairs.jsonl").read_text().splitlines()]
+    assert sorted((p["chosen"], p["rejected"]) for p in pairs) == sorted(
+        (r["a"], r["b"]) for r in requests
+    )
+    assert (run / "report.html").exists()
+
+
+def test_human_labels_file_is_validated(tiny_model_dir, tmp_path):
     run = tmp_path / "run"
     cfg = _cfg(tiny_model_dir, run, labels=pipeline.LabelsConfig(mode="human", mix_builtin=False))
     pipeline.main(cfg)
     requests = [json.loads(x) for x in (run / "label_requests.jsonl").read_text().splitlines()]
-    assert requests and not (run / "pairs.jsonl").exists() and not (run / "rm").exists()
-    bad = run / "human_labels.jsonl"
-    bad.write_text(json.dumps({"id": requests[0]["id"], "choice": "left"}) + "\n")
+    labels = run / "human_labels.jsonl"
+    labels.write_text(json.dumps({"id": requests[0]["id"], "choice": "left"}) + "\n")
     with pytest.raises(ValueError, match=r"human_labels\.jsonl:1: field 'choice'"):
         pipeline.main(cfg)
-    labels = [{"id": r["id"], "choice": "a" if k % 2 else "b"} for k, r in enumerate(requests)]
-    bad.write_text("".join(json.dumps(x) + "\n" for x in labels))
-    pipeline.main(replace(cfg, optimise=pipeline.OptimiseConfig(method="dpo")))
-    pairs = [json.loads(x) for x in (run / "pairs.jsonl").read_text().splitlines()]
-    assert len(pairs) == len(requests)
-    by_prompt = {json.dumps(r["prompt"]): r for r in requests}
-    for pair in pairs:
-        request = by_prompt[json.dumps(pair["prompt"])]
-        k = requests.index(request)
-        assert pair["chosen"] == (request["a"] if k % 2 else request["b"])
-    assert (run / "report.html").exists()
+    labels.write_text(json.dumps({"id": requests[0]["id"], "choice": "a"}) + "\n")
+    if len(requests) > 1:
+        with pytest.raises(ValueError, match="no label for pair id"):
+            pipeline.main(cfg)
 
 
 def test_sft_config_is_the_sft_recipe():

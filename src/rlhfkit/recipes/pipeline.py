@@ -80,6 +80,12 @@ class LabelsConfig:
     """The LLM judge: judge:<model name or dir> or judge:openai:<base_url>#<model>."""
     mix_builtin: bool = True
     """Also train the reward model on the task's gold-labelled training pairs."""
+    likert: Literal["likert5", "likert8"] = "likert5"
+    """Human mode: the labelling app's scale (5-point with tie, 8-point without)."""
+    overlap: int = 1
+    """Human mode: labels wanted per pair (the majority side decides)."""
+    guidelines: str = "Pick the reply that answers the request correctly, clearly and concisely."
+    """Human mode: Markdown guidelines shown to labellers."""
 
 
 @dataclass
@@ -204,22 +210,51 @@ def _pairs_of(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return pairs
 
 
-def _human_choices(run: Path, pairs: list[dict[str, Any]]) -> list[float] | None:
-    """Import people's labels; None (after exporting the requests) while they are missing."""
+def _human_choices(cfg: PipelineConfig, run: Path, pairs: list[dict[str, Any]]) -> list | None:
+    """People's labels: from the labelling app's task, or from ``human_labels.jsonl``.
+
+    The first run exports the pairs (``label_requests.jsonl``) into a task of the labelling app
+    (``<run>/labels.sqlite``, :mod:`rlhfkit.feedback`) and returns None; once every item of the
+    task has its labels, they are written to ``human_labels.jsonl``, which is then read (a file
+    written by hand works the same way).
+    """
+    from rlhfkit.feedback.bridge import create_task_from_requests, labels_for_task
+
     requests, answers = run / "label_requests.jsonl", run / "human_labels.jsonl"
+    task_file, db = run / "label_task.json", run / "labels.sqlite"
     if not requests.exists():
         rows = [{"id": p["id"], "prompt": p["prompt"], "a": p["a"], "b": p["b"]} for p in pairs]
         atomic_write_text(requests, _jsonl(rows))
+    if not task_file.exists():
+        task_id, info = create_task_from_requests(
+            db,
+            requests,
+            name=run.name,
+            mode=cfg.labels.likert,
+            overlap=cfg.labels.overlap,
+            guidelines=cfg.labels.guidelines,
+        )
+        atomic_write_text(task_file, json.dumps(info, indent=2, default=str))
+    task_id = json.loads(task_file.read_text())["task_id"]
     if not answers.exists():
-        return None
-    given = {}
+        labels = labels_for_task(db, task_id)
+        if labels is None:
+            console.print(
+                f"[bold]labels needed[/] for task {task_id}: start the app with `rlhfkit label "
+                f"serve --db {db}`, invite labellers with `rlhfkit label task --db {db} --task "
+                f"{task_id} --invite NAME ...`, then run the same command again (or write "
+                f'{answers} by hand: one {{"id", "choice": "a"|"b"|"tie"}} per pair).'
+            )
+            return None
+        atomic_write_text(answers, _jsonl(labels))
+    choices, given = {"a": 1.0, "b": 0.0, "tie": 0.5}, {}
     for n, line in enumerate(answers.read_text().splitlines(), 1):
         if not line.strip():
             continue
         row = json.loads(line)
-        if row.get("choice") not in ("a", "b", "tie"):
+        if row.get("choice") not in choices:
             raise ValueError(f"{answers}:{n}: field 'choice': expected 'a', 'b' or 'tie'")
-        given[row.get("id")] = {"a": 1.0, "b": 0.0, "tie": 0.5}[row["choice"]]
+        given[row.get("id")] = choices[row["choice"]]
     missing = [p["id"] for p in pairs if p["id"] not in given]
     if missing:
         raise ValueError(
@@ -246,7 +281,7 @@ def run_labels(cfg: PipelineConfig, run: Path) -> bool:
     labelers: dict[str, Callable[[], list[float | None] | None]] = {
         "gold": lambda: [gold_prefers(p["a"], p["b"], p["reference"], p["task"]) for p in pairs],
         "judge": lambda: _judge_choices(cfg, pairs),
-        "human": lambda: _human_choices(run, pairs),
+        "human": lambda: _human_choices(cfg, run, pairs),
     }
     choices = labelers[cfg.labels.mode]()
     if choices is None:
