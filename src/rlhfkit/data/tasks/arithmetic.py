@@ -18,6 +18,8 @@ import random
 from collections.abc import Collection, Sequence
 from typing import Any
 
+from rlhfkit.data.tasks.splits import disjoint_split
+
 OPS = ("+", "-", "*")
 """Supported operators."""
 
@@ -150,9 +152,4 @@ def builtin_split(split: str) -> list[dict[str, Any]]:
     Raises:
         ValueError: An unknown split.
     """
-    if split not in ("train", "heldout"):
-        raise ValueError(f"unknown split {split!r}; use 'train' or 'heldout'")
-    heldout = generate(100, seed=1)
-    if split == "heldout":
-        return heldout
-    return generate(400, seed=0, exclude={row["prompt"] for row in heldout})
+    return disjoint_split(generate, split, train=400, heldout=100)

@@ -30,6 +30,7 @@ from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 from rlhfkit.data.tasks.instruction_facts import WORDS
+from rlhfkit.data.tasks.splits import disjoint_split
 
 VOWELS = "aeiou"
 ANSWER_HINT = " Answer with just the result."
@@ -169,9 +170,4 @@ def builtin_split(split: str) -> list[dict[str, Any]]:
     Raises:
         ValueError: An unknown split.
     """
-    if split not in ("train", "heldout"):
-        raise ValueError(f"unknown split {split!r}; use 'train' or 'heldout'")
-    heldout = generate(200, seed=1)
-    if split == "heldout":
-        return heldout
-    return generate(1000, seed=0, exclude={row["prompt"] for row in heldout})
+    return disjoint_split(generate, split, train=1000, heldout=200)

@@ -1,0 +1,244 @@
+"""Chat backends of the LLM judge: a local causal LM or an OpenAI-compatible endpoint.
+
+- :class:`ChatBackend`: the protocol: a batch of conversations in, one reply each out, in order.
+- :class:`LocalChatBackend`: the embedded model or any local or hub causal LM, greedy, batched
+  (transformers' ``generate``: ``rewards`` may not import ``rollout``, DESIGN.md section 1).
+- :class:`OpenAIChatBackend`: any OpenAI-compatible ``/chat/completions`` endpoint (vLLM,
+  llama.cpp, hosted APIs), standard library only: retries with backoff on 429/5xx and connection
+  errors, the API key read from an environment variable and never logged, concurrent requests
+  answered in order.
+- :func:`load_backend`: ``<model name or path>`` or ``openai:<base_url>#<model>``.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from transformers import GenerationConfig
+
+from rlhfkit.data.templates import render_prompt
+from rlhfkit.models.embedded import EMBEDDED_NAME
+from rlhfkit.models.load import load_model, load_tokenizer
+from rlhfkit.models.precision import default_device, resolve_precision
+
+Messages = list[dict[str, str]]
+
+
+@runtime_checkable
+class ChatBackend(Protocol):
+    """A chat model: a batch of conversations in, one reply text per conversation out (in order)."""
+
+    def complete(
+        self, messages_batch: list[Messages], *, max_tokens: int, temperature: float = 0.0
+    ) -> list[str]:
+        """One reply of at most ``max_tokens`` tokens to each conversation."""
+        ...
+
+
+class LocalChatBackend:
+    """A Hugging Face causal LM as the judge: chat template, greedy, batched, KV cache.
+
+    Prompts are rendered with the model's chat template and generation prompt, sorted by
+    length, left-padded in batches of ``batch_size`` and decoded greedily with
+    ``model.generate`` (transformers' KV cache); the replies come back in input order.
+
+    Args:
+        model_name_or_path: Hub id, directory, or the embedded ``smollm2-135m-instruct``.
+        precision: Compute dtype name (``auto``, ``bf16``, ``fp32``, ``fp16``).
+        model: An already loaded causal LM (then ``tokenizer`` is needed and nothing is loaded).
+        tokenizer: Its tokenizer.
+        batch_size: Conversations per generate call.
+        max_prompt_len: Keep only the last ``max_prompt_len`` prompt tokens.
+        trust_remote_code: Allow model code from the hub.
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str = EMBEDDED_NAME,
+        precision: str = "auto",
+        *,
+        model: Any = None,
+        tokenizer: Any = None,
+        batch_size: int = 8,
+        max_prompt_len: int = 4096,
+        trust_remote_code: bool = False,
+    ) -> None:
+        if model is None:
+            device = default_device()
+            tokenizer = load_tokenizer(model_name_or_path, trust_remote_code=trust_remote_code)
+            model = load_model(
+                model_name_or_path, dtype=resolve_precision(precision, device).compute,
+                trust_remote_code=trust_remote_code, device=device,
+            )  # fmt: skip
+        elif tokenizer is None:
+            raise ValueError("LocalChatBackend(model=...) needs the tokenizer too")
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.batch_size, self.max_prompt_len = batch_size, max_prompt_len
+
+    def complete(
+        self, messages_batch: list[Messages], *, max_tokens: int, temperature: float = 0.0
+    ) -> list[str]:
+        """Greedy replies (``temperature`` must be 0: a judge is deterministic)."""
+        if temperature != 0.0:
+            raise ValueError("LocalChatBackend decodes greedily: use temperature 0")
+        ids = [
+            render_prompt(self.tokenizer, m, max_len=self.max_prompt_len) for m in messages_batch
+        ]
+        config = GenerationConfig(
+            max_new_tokens=max_tokens, do_sample=False, pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.tokenizer.eos_token_id,
+        )  # fmt: skip
+        device = next(self.model.parameters()).device
+        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # similar lengths together
+        out: list[str] = [""] * len(ids)
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start : start + self.batch_size]
+            width = max(len(ids[i]) for i in rows)
+            batch = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
+            attention = torch.zeros_like(batch)
+            for r, i in enumerate(rows):  # left padding: every reply starts at column ``width``
+                batch[r, width - len(ids[i]) :] = torch.tensor(ids[i])
+                attention[r, width - len(ids[i]) :] = 1
+            with torch.no_grad():
+                generated = self.model.generate(
+                    input_ids=batch.to(device), attention_mask=attention.to(device),
+                    generation_config=config,
+                )  # fmt: skip  # (rows, width + T)
+            texts = self.tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
+            for i, text in zip(rows, texts, strict=True):
+                out[i] = text.strip()
+        return out
+
+
+class JudgeBackendError(RuntimeError):
+    """A chat endpoint failed (the message names the URL and the HTTP status, never the key)."""
+
+
+_RETRIED = (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError)
+
+
+class OpenAIChatBackend:
+    """Any OpenAI-compatible chat endpoint: ``POST {base_url}/chat/completions``.
+
+    The body is the standard ``{"model", "messages", "temperature", "max_tokens"}``; the reply is
+    ``choices[0].message.content``. The key is read from the environment variable
+    ``api_key_env`` when set (sent as ``Authorization: Bearer ...``; local servers need none).
+    HTTP 429 and 5xx answers, connection errors and time-outs are retried ``max_retries``
+    times, waiting ``backoff * 2**k`` seconds before retry k; other errors raise at once.
+    Conversations are sent ``concurrency`` at a time; replies keep the input order.
+
+    Args:
+        base_url: The API root, e.g. ``http://127.0.0.1:8000/v1``.
+        model: Model name sent in each request.
+        api_key_env: Environment variable holding the API key (None: send no key).
+        timeout: Seconds per request.
+        max_retries: Retries after the first attempt.
+        concurrency: Requests in flight at once.
+        backoff: First retry delay in seconds (doubling).
+
+    Raises:
+        ValueError: When ``base_url`` is not an http(s) URL.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        *,
+        api_key_env: str | None = "OPENAI_API_KEY",
+        timeout: float = 60.0,
+        max_retries: int = 3,
+        concurrency: int = 4,
+        backoff: float = 1.0,
+    ) -> None:
+        parsed = urllib.parse.urlparse(base_url)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            raise ValueError(f"judge endpoint {base_url!r}: need an http(s) URL such as "
+                             "http://127.0.0.1:8000/v1")  # fmt: skip
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.model, self.api_key_env, self.timeout = model, api_key_env, timeout
+        self.max_retries, self.concurrency, self.backoff = max_retries, max(1, concurrency), backoff
+        self._opener = urllib.request.build_opener()
+
+    def __repr__(self) -> str:
+        return f"OpenAIChatBackend({self.url!r}, model={self.model!r})"
+
+    def complete(
+        self, messages_batch: list[Messages], *, max_tokens: int, temperature: float = 0.0
+    ) -> list[str]:
+        """One reply per conversation, in order (see the class docstring).
+
+        Raises:
+            JudgeBackendError: A request failed for good, or the answer had no reply.
+        """
+        headers = {"Content-Type": "application/json"}
+        key = os.environ.get(self.api_key_env) if self.api_key_env else None
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+
+        def one(messages: Messages) -> str:
+            body = {"model": self.model, "messages": messages, "temperature": temperature,
+                    "max_tokens": max_tokens}  # fmt: skip
+            return self._post(json.dumps(body).encode(), headers)
+
+        if not messages_batch:
+            return []
+        with ThreadPoolExecutor(min(self.concurrency, len(messages_batch))) as pool:
+            return list(pool.map(one, messages_batch))
+
+    def _post(self, body: bytes, headers: dict[str, str]) -> str:
+        last = ""
+        for attempt in range(self.max_retries + 1):
+            if attempt:
+                time.sleep(self.backoff * 2 ** (attempt - 1))
+            request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+            try:
+                with self._opener.open(request, timeout=self.timeout) as response:
+                    return self._content(response.read())
+            except urllib.error.HTTPError as err:
+                detail = err.read()[:300].decode("utf-8", "replace").strip()
+                last = f"POST {self.url}: HTTP {err.code} {err.reason}: {detail}"
+                if err.code != 429 and err.code < 500:
+                    raise JudgeBackendError(last) from None
+            except _RETRIED as err:
+                last = f"POST {self.url}: {getattr(err, 'reason', None) or err!r}"
+        raise JudgeBackendError(f"{last} (gave up after {self.max_retries + 1} attempts)")
+
+    def _content(self, payload: bytes) -> str:
+        try:
+            content = json.loads(payload)["choices"][0]["message"]["content"]
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise JudgeBackendError(
+                f"POST {self.url}: no choices[0].message.content in the answer {payload[:200]!r}"
+            ) from None
+        return content or ""
+
+
+def load_backend(spec: str, **options: Any) -> ChatBackend:
+    """The chat backend named ``<model name or path>`` or ``openai:<base_url>#<model>``.
+
+    A leading ``judge:`` is ignored; an empty name is the embedded model. ``options`` go to
+    the backend's constructor.
+
+    Raises:
+        ValueError: When an ``openai:`` spec lacks ``#<model>``.
+    """
+    name = spec.removeprefix("judge:")
+    if name.startswith("openai:"):
+        base_url, sep, model = name.removeprefix("openai:").rpartition("#")
+        if not sep or not base_url or not model:
+            raise ValueError(
+                f"judge {spec!r}: expected openai:<base_url>#<model>, e.g. "
+                "judge:openai:http://127.0.0.1:8000/v1#my-model"
+            )
+        return OpenAIChatBackend(base_url, model, **options)
+    return LocalChatBackend(name or EMBEDDED_NAME, **options)
