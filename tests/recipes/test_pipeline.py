@@ -62,6 +62,8 @@ def test_pipeline_runs_every_stage_and_skips_them_on_rerun(tiny_model_dir, tmp_p
     for output in ("sft/final", "candidates.jsonl", "pairs.jsonl", "rm/final", "policy/final",
                    "policy/critic", "eval.json", "report.html"):  # fmt: skip
         assert (run / output).exists(), output
+    for stage in ("sft", "rm", "policy"):  # finished stages keep their final model only
+        assert not (run / stage / "checkpoints").exists(), stage
     ev = json.loads((run / "eval.json").read_text())
     assert set(ev["models"]) == {"sft", "final"}
     assert abs(sum(ev["win_rates"]["gold"][k] for k in ("win", "tie", "loss")) - 1) < 1e-9

@@ -25,7 +25,9 @@
 
 Every stage is skipped when its output exists (each is written atomically), and the training
 stages resume from their last checkpoint, so re-running the same command after a crash or
-Ctrl-C continues where it stopped. ``<run>/stages.json`` records what ran and how long it took.
+Ctrl-C continues where it stopped. A training stage's checkpoints are deleted once its final
+model is written (they are only needed to resume it). ``<run>/stages.json`` records what ran
+and how long it took.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -358,19 +361,25 @@ def run_optimise(cfg: PipelineConfig, run: Path) -> None:
 
 @dataclass
 class Stage:
-    """One step: its name, the output whose existence means done, and how to run it."""
+    """One step: its name, the output whose existence means done, and how to run it.
+
+    A training stage's ``checkpoints`` directory is removed once its final model exists: the
+    checkpoints only serve to resume an unfinished stage, and each holds the weights and
+    optimiser state (about 2 GB for the embedded model).
+    """
 
     name: str
     output: str
     run: Callable[[PipelineConfig, Path], bool | None]
+    checkpoints: str | None = None
 
 
 STAGES = [
-    Stage("sft", "sft/final", run_sft),
+    Stage("sft", "sft/final", run_sft, "sft/checkpoints"),
     Stage("candidates", "candidates.jsonl", run_candidates),
     Stage("labels", "pairs.jsonl", run_labels),
-    Stage("rm", "rm/final", run_rm),
-    Stage("optimise", "policy/final", run_optimise),
+    Stage("rm", "rm/final", run_rm, "rm/checkpoints"),
+    Stage("optimise", "policy/final", run_optimise, "policy/checkpoints"),
     Stage("eval", "eval.json", lambda cfg, run: evaluate_stage(cfg, run, GOLD)),
     Stage("report", "report.html", lambda cfg, run: run_report(cfg, run)),
 ]
@@ -437,6 +446,8 @@ def main(cfg: PipelineConfig) -> Path:
             return run
         status[stage.name] = {"status": "done", "seconds": time.perf_counter() - start}
         atomic_write_text(run / "stages.json", json.dumps(status, indent=2))
+        if stage.checkpoints and (run / stage.output).exists():
+            shutil.rmtree(run / stage.checkpoints, ignore_errors=True)
     atomic_write_text(run / "stages.json", json.dumps(status, indent=2))
     print_summary(run)
     return run
