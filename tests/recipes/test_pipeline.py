@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from rlhfkit.config import LogConfig, LoopConfig, ModelConfig, OptimConfig
-from rlhfkit.recipes import pipeline, sft
+from rlhfkit.recipes import pipeline
 from rlhfkit.recipes.common import RunContext
 from rlhfkit.recipes.pipeline_eval import EvalStageConfig
 from rlhfkit.rollout.hf import SamplingConfig
@@ -164,10 +164,6 @@ def test_human_labels_file_is_validated(tiny_model_dir, tmp_path):
     if len(requests) > 1:
         with pytest.raises(ValueError, match="no label for pair id"):
             pipeline.main(cfg)
-
-
-def test_sft_config_is_the_sft_recipe():
-    assert isinstance(pipeline.PipelineConfig().sft, sft.SFTConfig)
 
 
 def _longer_wins(body: dict) -> str:
