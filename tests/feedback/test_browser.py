@@ -7,7 +7,6 @@ votes the browser gave. Without Chromium the test fails (``make test`` installs 
 from __future__ import annotations
 
 import re
-import shutil
 import socket
 import threading
 import time
@@ -19,32 +18,14 @@ import pytest
 import uvicorn
 from feedback_helpers import jsonl
 
+from headless import FLAGS, find_browser
 from rlhfkit.feedback.app import create_app
 from rlhfkit.feedback.auth import hash_token
 from rlhfkit.feedback.bridge import create_task_from_requests, invite_labellers
 from rlhfkit.feedback.export import export_rows
 from rlhfkit.feedback.storage import connect, create_task
 
-ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 XSS = ' <script>window.__pwned = 1</script><img src=x onerror="window.__pwned = 2">'
-
-
-def chromium() -> str:
-    path = shutil.which("chromium")
-    if path is None:
-        pytest.fail(
-            "chromium is not installed: `make test` installs Debian's chromium "
-            "(apt-get install -y chromium); install it and rerun"
-        )
-    return path
 
 
 @pytest.fixture
@@ -71,7 +52,7 @@ def browser_page() -> Iterator[Any]:
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium(), args=ARGS, headless=True)
+        browser = p.chromium.launch(executable_path=find_browser(), args=FLAGS, headless=True)
         page = browser.new_page()
         page.set_default_timeout(15_000)
         try:
@@ -195,9 +176,3 @@ def test_rank_by_keyboard_and_rate_by_mouse(live, browser_page):
     with connect(db) as conn:
         assert [r["ranking"] for r in export_rows(conn, ranking, format="rankings")] == [best_first]
         assert [r["ratings"] for r in export_rows(conn, rating, format="ratings")] == [ratings]
-
-
-def test_missing_chromium_fails_with_install_hint(monkeypatch):
-    monkeypatch.setattr(shutil, "which", lambda name: None)
-    with pytest.raises(pytest.fail.Exception, match="`make test` installs Debian's chromium"):
-        chromium()

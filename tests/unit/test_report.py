@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from headless import FLAGS, find_browser
 from rlhfkit.eval.report import SECTIONS, render_report
 from rlhfkit.ops.selection import bon_kl
 
@@ -249,31 +250,12 @@ def test_numpy_scalars_are_numbers(tmp_path):
 
 # ---- headless Chromium -----------------------------------------------------------------------
 
-BROWSERS = ("chromium", "chromium-browser", "google-chrome")
-
-
-def browser() -> str:
-    for name in BROWSERS:
-        exe = shutil.which(name)
-        if exe:
-            return exe
-    pytest.fail(
-        f"no headless browser found (looked for {', '.join(BROWSERS)}): `make test` installs "
-        "Debian's chromium (apt-get install -y chromium); install it and rerun"
-    )
-
 
 def run_browser(report: Path, profile: Path, *args: str) -> str:
     cmd = [
-        browser(),
+        find_browser(),
         "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
+        *FLAGS,
         f"--user-data-dir={profile}",
         *args,
         report.resolve().as_uri(),
@@ -309,4 +291,4 @@ def test_chromium_screenshot(report, tmp_path):
 def test_missing_browser_fails_with_install_hint(monkeypatch):
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(pytest.fail.Exception, match="make test` installs Debian's chromium"):
-        browser()
+        find_browser()

@@ -18,7 +18,7 @@ import random
 from collections.abc import Collection, Sequence
 from typing import Any
 
-from rlhfkit.data.tasks.splits import disjoint_split
+from rlhfkit.data.tasks.splits import disjoint_split, distinct_rows
 
 OPS = ("+", "-", "*")
 """Supported operators."""
@@ -95,28 +95,18 @@ def generate(
         ValueError: Invalid arguments, or fewer than ``n`` distinct problems could be found.
     """
     _check_args(n, ops, max_operand, n_terms)
-    rng = random.Random(seed)
-    seen = set(exclude)
-    rows: list[dict[str, Any]] = []
-    attempts = 0
-    while len(rows) < n:
-        attempts += 1
-        if attempts > 100 * n + 1000:
-            raise ValueError(
-                f"found only {len(rows)} distinct problems of the {n} requested; "
-                "raise max_operand or n_terms, or add operators"
-            )
+
+    def draw(rng: random.Random, seen: set[str]) -> dict[str, Any]:
         expression = _problem(rng, ops, max_operand, n_terms)
-        prompt = PROMPT_TEMPLATE.format(expression=expression)
-        if prompt in seen:
-            continue
-        seen.add(prompt)
         tokens = expression.split()
         answer = evaluate([int(t) for t in tokens[::2]], tokens[1::2])
-        rows.append(
-            {"prompt": prompt, "answer": str(answer), "verifier": "math", "task": "arithmetic"}
-        )
-    return rows
+        prompt = PROMPT_TEMPLATE.format(expression=expression)
+        return {"prompt": prompt, "answer": str(answer), "verifier": "math", "task": "arithmetic"}
+
+    return distinct_rows(
+        n, random.Random(seed), draw, exclude=exclude, max_attempts=100 * n + 1000,
+        hint="; raise max_operand or n_terms, or add operators",
+    )  # fmt: skip
 
 
 def as_sft_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -26,7 +26,7 @@ import random
 from collections.abc import Collection, Sequence
 from typing import Any
 
-from rlhfkit.data.tasks.splits import disjoint_split
+from rlhfkit.data.tasks.splits import disjoint_split, distinct_rows
 
 OPS = ("+", "-", "*", "/")
 """Operators of the expressions."""
@@ -140,36 +140,22 @@ def generate(
         ValueError: Invalid arguments, or fewer than ``n`` distinct problems could be found.
     """
     _check_args(n, n_numbers, max_number, max_target)
-    rng = random.Random(seed)
-    seen = set(exclude)
-    rows: list[dict[str, Any]] = []
-    attempts = 0
-    while len(rows) < n:
-        attempts += 1
-        if attempts > 200 * n + 1000:
-            raise ValueError(
-                f"found only {len(rows)} distinct problems of the {n} requested; "
-                "raise max_number or max_target, or allow more numbers"
-            )
+
+    def draw(rng: random.Random, seen: set[str]) -> dict[str, Any] | None:
         problem = _problem(rng, n_numbers, max_number, max_target)
         if problem is None:
-            continue
+            return None
         numbers, target, answer = problem
-        prompt = PROMPT_TEMPLATE.format(numbers=numbers, target=target)
-        if prompt in seen:
-            continue
-        seen.add(prompt)
-        rows.append(
-            {
-                "prompt": prompt,
-                "answer": answer,
-                "verifier": "countdown",
-                "task": "countdown",
-                "numbers": numbers,
-                "target": target,
-            }
-        )
-    return rows
+        return {
+            "prompt": PROMPT_TEMPLATE.format(numbers=numbers, target=target),
+            "answer": answer, "verifier": "countdown", "task": "countdown",
+            "numbers": numbers, "target": target,
+        }  # fmt: skip
+
+    return distinct_rows(
+        n, random.Random(seed), draw, exclude=exclude, max_attempts=200 * n + 1000,
+        hint="; raise max_number or max_target, or allow more numbers",
+    )  # fmt: skip
 
 
 def builtin_split(split: str) -> list[dict[str, Any]]:

@@ -1,7 +1,8 @@
-"""Train and held-out splits of a procedural task, disjoint by construction."""
+"""Procedural tasks' rows: distinct prompts, and train/held-out splits disjoint by construction."""
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Collection
 from typing import Any
 
@@ -25,3 +26,37 @@ def disjoint_split(generate: Generate, split: str, *, train: int, heldout: int) 
         return held
     exclude: Collection[str] = {row["prompt"] for row in held}
     return generate(train, seed=0, exclude=exclude)
+
+
+Draw = Callable[[random.Random, set[str]], dict[str, Any] | None]
+"""One candidate row (with a ``prompt``) from the generator, or None for a failed draw; it sees
+the prompts taken so far (to redraw within a kind, say)."""
+
+
+def distinct_rows(
+    n: int,
+    rng: random.Random,
+    draw: Draw,
+    *,
+    exclude: Collection[str] = (),
+    max_attempts: int,
+    hint: str = "",
+) -> list[dict[str, Any]]:
+    """``n`` rows from ``draw`` whose prompts are distinct and not in ``exclude``.
+
+    Raises:
+        ValueError: When ``max_attempts`` draws give fewer than ``n`` rows (``hint`` says what to
+            change).
+    """
+    seen, rows = set(exclude), []
+    for _ in range(max_attempts):
+        if len(rows) == n:
+            return rows
+        row = draw(rng, seen)
+        if row is None or row["prompt"] in seen:
+            continue
+        seen.add(row["prompt"])
+        rows.append(row)
+    if len(rows) == n:
+        return rows
+    raise ValueError(f"found only {len(rows)} distinct problems of the {n} requested{hint}")

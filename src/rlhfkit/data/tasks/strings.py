@@ -30,7 +30,7 @@ from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 from rlhfkit.data.tasks.instruction_facts import WORDS
-from rlhfkit.data.tasks.splits import disjoint_split
+from rlhfkit.data.tasks.splits import disjoint_split, distinct_rows
 
 VOWELS = "aeiou"
 ANSWER_HINT = " Answer with just the result."
@@ -127,14 +127,8 @@ def generate(
         raise ValueError(f"n must be >= 0, got {n}")
     if not kinds or any(kind not in KINDS for kind in kinds):
         raise ValueError(f"kinds must be a non-empty subset of {tuple(KINDS)}, got {kinds}")
-    rng = random.Random(seed)
-    seen = set(exclude)
-    rows: list[dict[str, Any]] = []
-    attempts = 0
-    while len(rows) < n:
-        attempts += 1
-        if attempts > 100 * n + 1000:
-            raise ValueError(f"found only {len(rows)} distinct problems of the {n} requested")
+
+    def draw(rng: random.Random, seen: set[str]) -> dict[str, Any] | None:
         kind = rng.choice(kinds)
         # Redraw within the kind on a repeat, so that kinds with fewer distinct problems (the
         # one-word variants run out first) do not become rarer as the split grows.
@@ -142,20 +136,13 @@ def generate(
             question, answer = KINDS[kind](rng)
             prompt = question + ANSWER_HINT
             if prompt not in seen:
-                break
-        else:
-            continue
-        seen.add(prompt)
-        rows.append(
-            {
-                "prompt": prompt,
-                "answer": answer,
-                "verifier": "strings",
-                "task": kind,
-                "case_sensitive": kind in CASE_TASKS,
-            }
-        )
-    return rows
+                return {
+                    "prompt": prompt, "answer": answer, "verifier": "strings", "task": kind,
+                    "case_sensitive": kind in CASE_TASKS,
+                }  # fmt: skip
+        return None
+
+    return distinct_rows(n, random.Random(seed), draw, exclude=exclude, max_attempts=100 * n + 1000)
 
 
 def builtin_split(split: str) -> list[dict[str, Any]]:
