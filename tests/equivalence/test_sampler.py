@@ -151,3 +151,76 @@ def test_inverse_cdf_sampling_matches_the_distribution():
     stderr = (p * (1 - p) / len(draws)).sqrt()
     assert freq[1] == 0
     assert ((freq - p).abs() <= 5 * stderr + 1e-12).all()
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_vocab_weights_are_the_tempered_softmax(temperature):
+    """e / s = softmax(z / T), w - log s = log_softmax, log s - sum e w / s = the entropy; the
+    logits are left as they were, buffers give the same values, and weights below
+    exp(UNDERFLOW) relative to the largest are exactly 0 (never denormal)."""
+    from rlhfkit.rollout.sampler import UNDERFLOW, VocabBuffers, vocab_weights
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 700, generator=gen) * 30  # ranges well beyond 87 / T
+    logits[2, 10] = float("-inf")  # a masked logit
+    before = logits.clone()
+    shifted, weights, total, flushed = vocab_weights(logits, temperature)
+    assert torch.equal(logits, before)
+    z = (logits / temperature).double()
+    ref = torch.softmax(z, -1)
+    torch.testing.assert_close((weights / total).double(), ref, atol=1e-7, rtol=1e-5)
+    keep = ~flushed
+    torch.testing.assert_close(
+        (shifted - total.log())[keep].double(), torch.log_softmax(z, -1)[keep], atol=2e-5, rtol=0
+    )
+    entropy = -(ref * torch.log_softmax(z, -1)).nan_to_num().sum(-1)
+    mine = total.log()[:, 0] - torch.linalg.vecdot(weights, shifted) / total[:, 0]
+    torch.testing.assert_close(mine.double(), entropy, atol=1e-5, rtol=0)
+    assert flushed.any() and flushed[2, 10]
+    assert torch.equal(flushed, z - z.amax(-1, keepdim=True) < UNDERFLOW)
+    assert (weights[flushed] == 0).all() and (weights[keep] >= 1.1754944e-38).all()
+    buffers = VocabBuffers(8, 700, logits.device)
+    again = vocab_weights(logits, temperature, buffers=buffers)
+    for a, b in zip(again, (shifted, weights, total, flushed), strict=True):
+        assert torch.equal(a, b)
+    assert again[1].data_ptr() == buffers.weights.data_ptr()  # written in place
+
+
+def test_two_level_draw_over_several_blocks():
+    """A vocabulary of 3 blocks and a remainder: frequencies within 5 standard errors of the
+    weights (unnormalised), zero weights never drawn, also at block edges and in the padded
+    tail; the same seed gives the same draws."""
+    from rlhfkit.rollout.sampler import BLOCK, sample_from
+
+    vocab = 3 * BLOCK + 37
+    weights = torch.zeros(vocab)
+    support = {0: 2.0, BLOCK - 1: 1.0, BLOCK: 3.0, 2 * BLOCK + 5: 0.5, vocab - 1: 1.5}
+    for index, w in support.items():
+        weights[index] = w
+    rows = weights.repeat(100_000, 1)
+    draws = sample_from(rows, torch.Generator().manual_seed(1))
+    counts = torch.bincount(draws, minlength=vocab).double()
+    assert set(counts.nonzero()[:, 0].tolist()) == set(support)
+    p = weights.double() / weights.sum()
+    freq = counts / len(draws)
+    stderr = (p * (1 - p) / len(draws)).sqrt()
+    assert ((freq - p).abs() <= 5 * stderr + 1e-12).all()
+    assert torch.equal(draws, sample_from(rows, torch.Generator().manual_seed(1)))
+
+
+def test_sampled_logprobs_and_entropy_are_unfiltered_at_every_filter():
+    """The recorded log-prob and entropy are those of softmax(z / T) before filtering; the
+    filtered draw stays inside the kept set."""
+    gen = torch.Generator().manual_seed(2)
+    logits = (torch.randn(6, 300, generator=gen) * 4).to(torch.bfloat16)
+    z = logits.double() / 0.8
+    logp_all = torch.log_softmax(z, -1)
+    for kw in ({}, {"top_k": 5}, {"top_p": 0.5}, {"min_p": 0.2}):
+        sampling = SamplingConfig(temperature=0.8, seed=0, **kw)
+        tokens, logps, entropies = HFGenerator._sample(logits, sampling, gen)
+        expected = logp_all.gather(1, tokens[:, None])[:, 0]
+        assert logps == pytest.approx(expected.tolist(), abs=1e-5)
+        ent = -(logp_all.exp() * logp_all).sum(-1)
+        assert entropies == pytest.approx(ent.tolist(), abs=1e-5)
+        kept = ~filter_logits(z.float(), **kw).isinf()
+        assert kept.gather(1, tokens[:, None]).all()

@@ -108,3 +108,64 @@ def test_doc_attention_equals_sdpa(groups, kind):
     g2 = torch.autograd.grad((theirs * weights).sum(), (q, k, v))
     for a, b in zip(g1, g2, strict=True):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_decode_step_uses_the_explicit_kernel_and_equals_sdpa(masked):
+    """A one-query-per-row step (generation) takes doc_attention with the batch's padding mask;
+    it equals sdpa (fp64), including rows whose left padding is masked out."""
+    from types import SimpleNamespace
+
+    from rlhfkit.models.attention import _explicit_decode, varlen_sdpa_attention
+
+    gen = torch.Generator().manual_seed(3)
+    b, kv_heads, groups, keys = 4, 2, 3, 11
+    q = torch.randn(b, kv_heads * groups, 1, 8, dtype=torch.float64, generator=gen)
+    k = torch.randn(b, kv_heads, keys, 8, dtype=torch.float64, generator=gen)
+    v = torch.randn(b, kv_heads, keys, 8, dtype=torch.float64, generator=gen)
+    mask = torch.ones(b, 1, 1, keys, dtype=torch.bool)
+    mask[1, ..., :4] = mask[3, ..., :7] = False  # left padding
+    mask = mask if masked else None
+    assert _explicit_decode(q, k, mask, {})
+    module = SimpleNamespace(num_key_value_groups=groups, training=False, is_causal=True)
+    ours, _ = varlen_sdpa_attention(module, q, k, v, mask, scaling=0.4)
+    theirs = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, scale=0.4, enable_gqa=True
+    ).transpose(1, 2)  # (B, 1, H, D)
+    torch.testing.assert_close(ours, theirs, atol=1e-12, rtol=0)
+    assert not _explicit_decode(torch.cat([q, q], 2), k, mask, {})  # two queries: sdpa
+    assert not _explicit_decode(q, k, None, {"softcap": 30.0})
+
+
+def test_cached_decoding_equals_sdpa_model(monkeypatch):
+    """Prefill a left-padded batch, then decode a step: varlen_sdpa's logits equal sdpa's, and
+    its decode step ran the explicit kernel in every layer."""
+    from transformers import DynamicCache
+
+    import rlhfkit.models.attention as attention_module
+
+    calls = []
+    explicit = attention_module.doc_attention
+    monkeypatch.setattr(
+        attention_module, "doc_attention", lambda *a: calls.append(a[0].shape) or explicit(*a)
+    )
+    varlen = tiny_model(dtype=torch.float64, attn_implementation="varlen_sdpa")
+    sdpa = tiny_model(dtype=torch.float64, attn_implementation="sdpa")
+    ids = torch.tensor([[0, 0, 5, 17, 33], [9, 12, 60, 71, 3]])
+    attention = (torch.arange(5) >= torch.tensor([[2], [0]])).long()
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    step = torch.tensor([[44], [8]])
+    logits = []
+    with torch.no_grad():
+        for model in (varlen, sdpa):
+            cache = DynamicCache()
+            model(input_ids=ids, attention_mask=attention, position_ids=positions,
+                  cache=cache, use_cache=True)  # fmt: skip
+            out = model(
+                input_ids=step, attention_mask=torch.cat([attention, torch.ones(2, 1).long()], 1),
+                position_ids=positions[:, -1:] + 1, cache=cache, use_cache=True,
+            )  # fmt: skip
+            logits.append(out.logits)
+    torch.testing.assert_close(logits[0], logits[1], atol=1e-10, rtol=0)
+    layers = varlen.config.num_hidden_layers
+    assert len(calls) == layers and all(shape[0] == 2 and shape[2] == 1 for shape in calls)
