@@ -22,7 +22,9 @@ sample before every round.
 Figures: tokens/s per side (generated tokens / wall seconds of the call, median over rounds),
 their ratio, and MFU-style figures against the measured matmul peak: 2 * params * generated
 tokens / seconds / peak, and the same with the prefill positions each side computed; the
-process's peak RSS (both models loaded). See benchmarks/README.md.
+process's peak RSS (both models loaded); and the ceiling of any sampler here: the time of one
+decode step's matmuls alone (every linear layer on the 64-row batch), as tokens/s and as a
+multiple of transformers'. See benchmarks/README.md.
 
     python benchmarks/bench_sampler.py [--steps 4] [--warmup 1] [--profile]
 """
@@ -181,8 +183,67 @@ class TransformersSide:
         }
 
 
+def matmul_floor(model: Any, rows: int, repeats: int = 5) -> float:
+    """Seconds of one decode step's matmuls alone: every ``nn.Linear`` of ``model`` (the
+    projections, the MLPs and the vocabulary head) applied once to a (rows, 1, in) bf16 input.
+
+    Any sampler on this model, batch and CPU needs at least this per decode step (attention,
+    norms, rotary, the cache and sampling come on top), so ``rows / floor`` tokens/s bounds
+    what any of them can reach. The median of ``repeats`` timed passes after one warm-up.
+    """
+    import torch
+
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    inputs = {
+        width: torch.randn(rows, 1, width, dtype=torch.bfloat16)
+        for width in {m.in_features for m in linears}
+    }
+    times = []
+    with torch.no_grad():
+        for k in range(repeats + 1):
+            start = time.perf_counter()
+            for linear in linears:
+                linear(inputs[linear.in_features])
+            if k:
+                times.append(time.perf_counter() - start)
+    return common.median(times)
+
+
 # ---------------------------------------------------------------------------------------------
 # Driver
+
+
+def figures(
+    report: common.Reporter,
+    answers: dict[str, list[dict]],
+    samples: list[dict],
+    params: int,
+    ceiling: float,
+) -> None:
+    """The per-side rates and MFU, their ratios, and the matmul ceiling against transformers."""
+    peak = common.median([x for s in samples for x in s["samples"]])
+    report.figure("peak_bf16_tflops", peak / 1e12)
+    rates = {}
+    for name in SIDES:
+        steps = answers[name]
+        rates[name] = [s["tokens"] / s["seconds"] for s in steps]
+        flops = [common.forward_flops(params, s["tokens"]) / s["seconds"] for s in steps]
+        with_prefill = [
+            common.forward_flops(params, s["tokens"] + s["prefill_positions"]) / s["seconds"]
+            for s in steps
+        ]
+        report.figure(f"{name}.s_per_batch", common.median([s["seconds"] for s in steps]))
+        report.figure(f"{name}.tokens_per_s", common.median(rates[name]))
+        report.figure(f"{name}.mfu", common.median(flops) / peak)
+        report.figure(f"{name}.mfu_with_prefill", common.median(with_prefill) / peak)
+        report.figure(f"{name}.cpu_s_per_batch", common.median([s["cpu_seconds"] for s in steps]))
+    report.figure(
+        "speedup_tokens_per_s", common.ratio_of_medians(rates["rlhfkit"], rates["transformers"])
+    )
+    rounds = [a / b for a, b in zip(rates["rlhfkit"], rates["transformers"], strict=True)]
+    report.figure("speedup_median_round_ratio", common.median(rounds))
+    report.figure("ceiling_tokens_per_s", ceiling)
+    report.figure("ceiling_over_transformers", ceiling / common.median(rates["transformers"]))
 
 
 def run(settings: Settings, profile: bool) -> common.Reporter:
@@ -224,33 +285,16 @@ def run(settings: Settings, profile: bool) -> common.Reporter:
             (answers if measured else warm)[name].append(answer)
             print(f"round {k} {name}: {answer['seconds']:.2f} s", flush=True)
     samples.append(common.peak_sample())
+    rows = settings.prompts * settings.samples
+    floor = matmul_floor(sides["rlhfkit"].model, rows)
     peak_rss = common.peak_rss_mib()  # both models, before the profiler's own memory
     profiles = {}
     if profile:
         for name in SIDES:
             profiles[name] = common.profiled(lambda s=sides[name]: s.run(settings.seed))["profile"]
 
-    peak = common.median([x for s in samples for x in s["samples"]])
-    report.figure("peak_bf16_tflops", peak / 1e12)
-    rates = {}
-    for name in SIDES:
-        steps = answers[name]
-        rates[name] = [s["tokens"] / s["seconds"] for s in steps]
-        flops = [common.forward_flops(params, s["tokens"]) / s["seconds"] for s in steps]
-        with_prefill = [
-            common.forward_flops(params, s["tokens"] + s["prefill_positions"]) / s["seconds"]
-            for s in steps
-        ]
-        report.figure(f"{name}.s_per_batch", common.median([s["seconds"] for s in steps]))
-        report.figure(f"{name}.tokens_per_s", common.median(rates[name]))
-        report.figure(f"{name}.mfu", common.median(flops) / peak)
-        report.figure(f"{name}.mfu_with_prefill", common.median(with_prefill) / peak)
-        report.figure(f"{name}.cpu_s_per_batch", common.median([s["cpu_seconds"] for s in steps]))
-    report.figure(
-        "speedup_tokens_per_s", common.ratio_of_medians(rates["rlhfkit"], rates["transformers"])
-    )
-    rounds = [a / b for a, b in zip(rates["rlhfkit"], rates["transformers"], strict=True)]
-    report.figure("speedup_median_round_ratio", common.median(rounds))
+    figures(report, answers, samples, params, rows / floor)
+    report.figure("matmul_floor_ms_per_step", floor * 1e3)
     report.figure("peak_rss_mib", peak_rss)
     tokens = {name: [s["tokens"] for s in warm[name] + answers[name]] for name in SIDES}
     report.details.update(
