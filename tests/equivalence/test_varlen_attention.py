@@ -135,6 +135,8 @@ def test_decode_step_uses_the_explicit_kernel_and_equals_sdpa(masked):
     torch.testing.assert_close(ours, theirs, atol=1e-12, rtol=0)
     assert not _explicit_decode(torch.cat([q, q], 2), k, mask, {})  # two queries: sdpa
     assert not _explicit_decode(q, k, None, {"softcap": 30.0})
+    assert not _explicit_decode(q, k, None, {"s_aux": torch.zeros(6)})  # attention sinks
+    assert _explicit_decode(q, k, None, {"sliding_window": 4096, "softcap": None})
 
 
 def test_cached_decoding_equals_sdpa_model(monkeypatch):

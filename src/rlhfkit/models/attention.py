@@ -173,6 +173,13 @@ def varlen_sdpa_attention(
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None  # (1, N, H, D)
 
 
+DECODE_KWARGS = frozenset(
+    {"position_ids", "use_cache", "cache_position", "is_causal", "sliding_window"}
+)
+"""Keywords transformers passes to attention that the explicit decode path may ignore: the
+mask already holds causality and any sliding window."""
+
+
 def _explicit_decode(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -184,17 +191,16 @@ def _explicit_decode(
     In decoding, sdpa's CPU flash kernel takes 0.56 ms per layer where the explicit form takes
     0.25 ms (64 rows, 9 query / 3 key-value heads of 64, 78 keys, bf16): at one query per row the
     kernel's tiling buys nothing. A single query always sees at least itself, so no row of the
-    softmax is fully masked. Anything the explicit form does not implement (float masks,
-    soft-capping, position biases, very long caches) stays with sdpa.
+    softmax is fully masked. Anything the explicit form does not implement stays with sdpa:
+    float masks, very long caches, and any keyword outside :data:`DECODE_KWARGS` that is set
+    (soft-capping, position biases, attention sinks, ...).
     """
     return (
         query.device.type == "cpu"
         and query.shape[2] == 1
         and key.shape[2] <= MATH_MAX_LEN
         and (attention_mask is None or attention_mask.dtype == torch.bool)
-        and kwargs.get("softcap") is None
-        and kwargs.get("position_bias") is None
-        and not kwargs.get("output_attentions", False)
+        and all(k in DECODE_KWARGS or v is None or v is False for k, v in kwargs.items())
     )
 
 
