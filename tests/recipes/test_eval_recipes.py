@@ -99,7 +99,9 @@ def test_grid_cache_round_trip_keeps_skipped_rewards(tmp_path):
     assert cache.load_samples("other") is None
 
 
-def test_eval_report_obeys_the_pass_at_k_identities_and_caches(tiny_model_dir, task, tmp_path):
+def test_eval_report_obeys_the_pass_at_k_identities_and_caches(
+    tiny_model_dir, task, tmp_path, monkeypatch
+):
     cfg = evaluate.EvalConfig(
         model=_model(tiny_model_dir), data=_data(task),
         sampling=SamplingConfig(max_new_tokens=6, temperature=1.0, num_samples=4),
@@ -119,7 +121,13 @@ def test_eval_report_obeys_the_pass_at_k_identities_and_caches(tiny_model_dir, t
     assert json.loads((tmp_path / "report.json").read_text())["overall"] == overall
     calls = _calls(task)
     assert calls == 40
-    assert evaluate.main(cfg)["overall"] == overall  # cached: no sampling, no scoring
+    import rlhfkit.eval.run
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the model's weights were loaded for cached samples")
+
+    monkeypatch.setattr(rlhfkit.eval.run, "load_model", no_weights)
+    assert evaluate.main(cfg)["overall"] == overall  # cached: no model, sampling or scoring
     assert _calls(task) == calls
 
 

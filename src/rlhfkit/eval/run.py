@@ -40,11 +40,19 @@ from rlhfkit.rollout.hf import SamplingConfig
 from rlhfkit.rollout.sampler import HFGenerator
 
 
-def load_sampler(cfg: ModelConfig) -> tuple[torch.nn.Module, Any, HFGenerator]:
-    """The model (eval mode, compute dtype), its tokenizer and a KV-cache sampler on it."""
+def load_sampler(
+    cfg: ModelConfig, tokenizer: Any = None
+) -> tuple[torch.nn.Module, Any, HFGenerator]:
+    """The model (eval mode, compute dtype), its tokenizer and a KV-cache sampler on it.
+
+    Args:
+        cfg: Which model, at which precision.
+        tokenizer: The model's tokenizer if the caller has loaded it already.
+    """
     device = default_device()
     precision = resolve_precision(cfg.precision, device)
-    tokenizer = load_tokenizer(cfg.name, trust_remote_code=cfg.trust_remote_code)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(cfg.name, trust_remote_code=cfg.trust_remote_code)
     model = load_model(
         cfg.name, dtype=precision.compute, attn_implementation=cfg.attn_implementation,
         trust_remote_code=cfg.trust_remote_code, device=device,

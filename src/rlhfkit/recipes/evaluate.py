@@ -49,6 +49,7 @@ from rlhfkit.eval.run import (
     score_grid,
 )
 from rlhfkit.eval.summary import grid_report, print_grid_report
+from rlhfkit.models.load import load_tokenizer
 from rlhfkit.rollout.hf import SamplingConfig
 
 log = logging.getLogger(__name__)
@@ -112,8 +113,12 @@ def evaluate_prompts(
     chunk: int = 32,
     cache_dir: str | None = None,
 ) -> tuple[list[PromptRow], Any]:
-    """Steps 1-3: the prompts and their scored (M, N) grid (loaded from the cache if there)."""
-    model, tokenizer, generator = load_sampler(model_cfg)
+    """Steps 1-3: the prompts and their scored (M, N) grid (loaded from the cache if there).
+
+    The model's weights are loaded only when the samples are not in the cache (the tokenizer is
+    needed either way: it renders the prompts, which are part of the cache key).
+    """
+    tokenizer = load_tokenizer(model_cfg.name, trust_remote_code=model_cfg.trust_remote_code)
     if prompts is None:
         prompts = load_prompt_rows(
             tokenizer, data.source, data.schema, split=data.split, limit=data.limit,
@@ -127,6 +132,7 @@ def evaluate_prompts(
     )  # fmt: skip
     grid = cache.load_samples(sample_key) if cache else None
     if grid is None:
+        _, _, generator = load_sampler(model_cfg, tokenizer)
         columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn())
         with Progress(*columns, TimeElapsedColumn(), TimeRemainingColumn()) as bar:
             task = bar.add_task(f"sample x{sampling.num_samples}", total=len(prompts))
@@ -134,6 +140,7 @@ def evaluate_prompts(
                 generator, tokenizer, prompts, sampling, chunk=chunk,
                 progress=lambda done: bar.update(task, completed=done),
             )  # fmt: skip
+        del generator  # and the model with it
         if cache:
             cache.save_samples(sample_key, grid)
     score_key = cache_key(samples=sample_key, rewards=list(rewards), weights=list(weights))
@@ -141,7 +148,6 @@ def evaluate_prompts(
         score_grid(grid, prompts, rewards, load_rewards(rewards), weights)
         if cache:
             cache.save_scores(score_key, grid)
-    del model, generator
     return prompts, grid
 
 
