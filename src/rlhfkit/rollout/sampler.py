@@ -14,6 +14,12 @@ model's own forward with a transformers ``DynamicCache``:
    completed it kept), or after ``max_new_tokens`` ("length"). Finished rows are dropped from the
    cache and the batch at once, and decoding stops when no row is left. The entropy of each
    step's tempered distribution is recorded too (the policy-entropy metric at no extra forward).
+
+The per-step work over the vocabulary is one exp pass (:func:`vocab_weights`, weights below
+e^-87 of the largest flushed to 0 so that no denormal is ever computed) and a two-level
+inverse-CDF draw (:func:`sample_from`), in buffers allocated once per call
+(:class:`VocabBuffers`): fresh vocabulary-sized tensors each step cost more in page faults than
+the arithmetic done on them.
 """
 
 from __future__ import annotations
