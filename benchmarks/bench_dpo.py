@@ -91,7 +91,7 @@ def _rlhfkit_setup(settings: Settings, run_dir: str) -> dict[str, Any]:
     from rlhfkit.config import LogConfig, LoopConfig, ModelConfig, OptimConfig
     from rlhfkit.data.collate import supports_padding_free
     from rlhfkit.recipes import dpo
-    from rlhfkit.recipes.common import build_run
+    from rlhfkit.training.run import build_run
 
     cfg = dpo.DPOConfig(
         model=ModelConfig(precision="bf16"),
@@ -125,7 +125,7 @@ def _rlhfkit_setup(settings: Settings, run_dir: str) -> dict[str, Any]:
 
 def _plan(run: dict[str, Any], settings: Settings) -> list[list[dict[str, Any]]]:
     """The pairs of every step by ``batch_order``: source row, ids, loss masks, reference sums."""
-    from rlhfkit.recipes.common import batch_order
+    from rlhfkit.training.run import batch_order
 
     train, loop = run["train"], run["cfg"].loop
     plan = []
@@ -147,10 +147,10 @@ def _plan(run: dict[str, Any], settings: Settings) -> list[list[dict[str, Any]]]
 
 def _rlhfkit_step(run: dict[str, Any]) -> dict[str, Any]:
     """One optimiser step: the loop body of recipes/dpo.py (no evaluation, no save, no bar)."""
-    from rlhfkit.recipes.common import batch_order
     from rlhfkit.recipes.dpo_eval import pair_metrics
     from rlhfkit.training.accumulate import accumulate
     from rlhfkit.training.distributed import all_reduce_sum
+    from rlhfkit.training.run import batch_order
 
     ctx, cfg, train = run["ctx"], run["cfg"], run["train"]
     start, cpu_start = time.perf_counter(), time.process_time()

@@ -97,8 +97,8 @@ def _rlhfkit_setup(settings: Settings, run_dir: str) -> dict[str, Any]:
     """Config, run context and run state exactly as ``recipes/pg.main`` builds them."""
     from rlhfkit.config import LogConfig, LoopConfig, ModelConfig, OptimConfig, to_dict
     from rlhfkit.recipes import pg
-    from rlhfkit.recipes.common import build_run
     from rlhfkit.rollout.hf import SamplingConfig
+    from rlhfkit.training.run import build_run
 
     cfg = pg.PGConfig(
         model=ModelConfig(precision="bf16"),
@@ -137,7 +137,7 @@ def _rlhfkit_setup(settings: Settings, run_dir: str) -> dict[str, Any]:
 
 def _plan(run: dict[str, Any], settings: Settings) -> list[list[dict[str, Any]]]:
     """The prompts of every step in ``collect``'s order: ids, messages and answer."""
-    from rlhfkit.recipes.common import batch_order
+    from rlhfkit.training.run import batch_order
 
     ctx, cfg, prompts = run["ctx"], run["cfg"], run["state"]["prompts"]
     size = min(cfg.loop.batch_size, len(prompts))

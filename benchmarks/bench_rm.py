@@ -47,8 +47,8 @@ def _rlhfkit_setup(settings: Settings, run_dir: str) -> dict[str, Any]:
     from rlhfkit.config import LogConfig, LoopConfig, ModelConfig, OptimConfig
     from rlhfkit.data.collate import supports_padding_free
     from rlhfkit.models.heads import supports_prefix_trees
-    from rlhfkit.recipes.common import build_run
     from rlhfkit.recipes.reward_model import PairwiseTask, RMConfig, RMDataConfig
+    from rlhfkit.training.run import build_run
 
     cfg = RMConfig(
         model=ModelConfig(precision="bf16"),
@@ -76,7 +76,7 @@ def _rlhfkit_setup(settings: Settings, run_dir: str) -> dict[str, Any]:
 
 def _plan(run: dict[str, Any], settings: Settings) -> list[list[dict[str, Any]]]:
     """The groups of every step, by ``batch_order`` (source row and token ids of each pair)."""
-    from rlhfkit.recipes.common import batch_order
+    from rlhfkit.training.run import batch_order
 
     train, loop = run["train"], run["cfg"].loop
     plan = []
@@ -93,9 +93,9 @@ def _plan(run: dict[str, Any], settings: Settings) -> list[list[dict[str, Any]]]
 
 def _rlhfkit_step(run: dict[str, Any]) -> dict[str, Any]:
     """One optimiser step: the loop body of recipes/reward_model.py (no evaluation, no save)."""
-    from rlhfkit.recipes.common import batch_order
     from rlhfkit.training.accumulate import accumulate
     from rlhfkit.training.distributed import all_reduce_sum
+    from rlhfkit.training.run import batch_order
 
     ctx, cfg, train = run["ctx"], run["cfg"], run["train"]
     start, cpu_start = time.perf_counter(), time.process_time()

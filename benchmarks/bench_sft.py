@@ -120,8 +120,8 @@ def _rlhfkit_setup(settings: Settings, conversations: list, run_dir: str) -> dic
     from rlhfkit.config import LogConfig, LoopConfig, ModelConfig, OptimConfig
     from rlhfkit.data.collate import supports_padding_free
     from rlhfkit.data.templates import render_messages
-    from rlhfkit.recipes.common import build_run
     from rlhfkit.recipes.sft import make_step_loss
+    from rlhfkit.training.run import build_run
 
     ctx = build_run(
         ModelConfig(precision="bf16"),

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from rlhfkit.config import parse_cli
-from rlhfkit.recipes.decontaminate import DecontamConfig, main, row_text
+from rlhfkit.inference.decontaminate import DecontamConfig, main, row_text
 
 GSM = "Natalia sold clips to forty eight of her friends in April and then half as many in May"
 POEM = "Write a haiku about the sea and the moon over the quiet harbour at night please"

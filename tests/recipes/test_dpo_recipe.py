@@ -18,9 +18,9 @@ import torch
 from rlhfkit.config import from_dict
 from rlhfkit.models.forward import completion_logprobs
 from rlhfkit.recipes import dpo
-from rlhfkit.recipes.common import build_run
 from rlhfkit.training.accumulate import accumulate
 from rlhfkit.training.reference import cached_reference, compute_reference
+from rlhfkit.training.run import build_run
 
 
 @pytest.fixture(scope="module")

@@ -70,8 +70,8 @@ def test_step_gradient_is_independent_of_the_micro_batch_split(
     tiny_model_dir, task, tmp_path, preset
 ):
     """One rollout, cut into one micro-batch or many: the accumulated gradient is the same."""
-    from rlhfkit.recipes.common import build_run
     from rlhfkit.training.accumulate import accumulate
+    from rlhfkit.training.run import build_run
 
     cfg = _cfg(tiny_model_dir, task, tmp_path / "r", algo__preset=preset)
     preset_row = pg.resolve_preset(cfg.algo)
@@ -156,7 +156,7 @@ def test_exact_answer():
 
 
 def test_remax_baseline_is_the_greedy_reward(tiny_model_dir, task, tmp_path):
-    from rlhfkit.recipes.common import build_run
+    from rlhfkit.training.run import build_run
 
     cfg = _cfg(tiny_model_dir, task, tmp_path / "r", algo__preset="remax")
     preset_row = pg.resolve_preset(cfg.algo)

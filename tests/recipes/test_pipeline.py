@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from rlhfkit.config import LogConfig, LoopConfig, ModelConfig, OptimConfig
-from rlhfkit.recipes import pipeline
-from rlhfkit.recipes.common import RunContext
-from rlhfkit.recipes.pipeline_eval import EvalStageConfig
+from rlhfkit.pipeline import run as pipeline
+from rlhfkit.pipeline.evaluation import EvalStageConfig
 from rlhfkit.rollout.hf import SamplingConfig
+from rlhfkit.training.run import RunContext
 
 
 def _cfg(model_dir: Path, run_dir: Path, **over) -> pipeline.PipelineConfig:

@@ -13,9 +13,9 @@ from safetensors.torch import load_file
 
 from rlhfkit.models.load import load_model
 from rlhfkit.recipes import pg, ppo
-from rlhfkit.recipes.common import build_run
 from rlhfkit.recipes.pg_collect import collect, informative_groups
 from rlhfkit.training.accumulate import accumulate
+from rlhfkit.training.run import build_run
 
 REWARD = '''
 def has_a(completion):

@@ -15,7 +15,7 @@ from rlhfkit.config import LogConfig, LoopConfig, ModelConfig, OptimConfig
 from rlhfkit.data import DataError
 from rlhfkit.models.load import load_tokenizer
 from rlhfkit.recipes import sft
-from rlhfkit.recipes.common import NonFiniteLossError
+from rlhfkit.training.run import NonFiniteLossError
 
 
 def make_cfg(model_dir: Path, data: tuple[Path, Path], run_dir: Path, **loop) -> sft.SFTConfig:

@@ -6,8 +6,8 @@ import pytest
 
 from rlhfkit import cli
 from rlhfkit.config import from_dict, load_yaml, parse_cli
-from rlhfkit.recipes.generate import GenerateConfig
-from rlhfkit.recipes.generate import main as generate_main
+from rlhfkit.inference.generate import GenerateConfig
+from rlhfkit.inference.generate import main as generate_main
 from rlhfkit.recipes.sft import SFTConfig
 
 

@@ -1,8 +1,8 @@
 """Generate and score: the shared engine of ``rlhfkit eval``, ``rs``, ``bon`` and ``filter``.
 
-1. :func:`load_prompt_rows`: a prompt source (any schema with a ``prompt``) rendered for
-   sampling, with the fields every reward may ask for (``prompt``, ``answer``, ``verifier``
-   and the row's other fields).
+1. :func:`rlhfkit.data.prompts.load_prompt_rows`: a prompt source (any schema with a ``prompt``)
+   rendered for sampling, with the fields every reward may ask for (``prompt``, ``answer``,
+   ``verifier`` and the row's other fields).
 2. :func:`sample_grid`: N completions for each of M prompts with a :class:`Generator`, in chunks
    of prompts so that the KV cache stays bounded.
 3. :func:`score_grid`: the weighted sum of the named rewards for every completion, as an (M, N)
@@ -30,8 +30,7 @@ import torch
 
 from rlhfkit.atomic import atomic_write_text
 from rlhfkit.config import ModelConfig
-from rlhfkit.data.schemas import load_examples
-from rlhfkit.data.templates import render_prompt
+from rlhfkit.data.prompts import PromptRow
 from rlhfkit.models.load import load_model, load_tokenizer
 from rlhfkit.models.precision import default_device, resolve_precision
 from rlhfkit.rewards import load_reward_fn, score_completions
@@ -61,70 +60,6 @@ def load_sampler(
         model, pad_id=tokenizer.pad_token_id, eos_ids=[tokenizer.eos_token_id], tokenizer=tokenizer
     )
     return model, tokenizer, generator
-
-
-@dataclass
-class PromptRow:
-    """A prompt rendered for sampling, with the fields the rewards see.
-
-    Attributes:
-        ids: The rendered prompt's token ids (chat template, generation prompt appended).
-        fields: ``prompt`` (messages), ``answer`` and ``verifier`` where the schema has them,
-            and the row's other fields.
-        location: Where the row came from (``file:line``), for error messages.
-    """
-
-    ids: list[int]
-    fields: dict[str, Any]
-    location: str = ""
-
-
-def load_prompt_rows(
-    tokenizer: Any,
-    source: str,
-    schema: str,
-    *,
-    split: str = "train",
-    limit: int | None = None,
-    max_prompt_len: int = 512,
-    distinct: bool = False,
-    max_prompts: int | None = None,
-) -> list[PromptRow]:
-    """Prompts of ``source`` validated by ``schema`` and rendered with the chat template.
-
-    Args:
-        tokenizer: Renders the prompts (chat template, generation prompt appended).
-        source: A file, hub dataset, ``builtin:NAME``, ``gsm8k:FILE`` or ``rgym:NAME``.
-        schema: Row format (any schema whose examples have a ``prompt``).
-        split: Split of a hub or built-in source.
-        limit: Read at most this many rows.
-        max_prompt_len: Longer prompts keep their last tokens.
-        distinct: Keep only the first row of each distinct rendered prompt (a preference
-            dataset repeats a prompt for each of its pairs).
-        max_prompts: Keep at most this many prompts (after ``distinct``).
-
-    Raises:
-        DataError: A bad row (naming file, row and field).
-        ValueError: A source without prompts.
-    """
-    result = load_examples(source, schema, split=split, limit=limit)
-    rows: list[PromptRow] = []
-    seen: set[tuple[int, ...]] = set()
-    for example in result.examples:
-        if max_prompts is not None and len(rows) >= max_prompts:
-            break
-        fields = {**(getattr(example, "meta", None) or {}), "prompt": list(example.prompt)}
-        for name in ("answer", "verifier"):
-            if getattr(example, name, None) is not None:
-                fields[name] = getattr(example, name)
-        ids = render_prompt(tokenizer, example.prompt, max_len=max_prompt_len)
-        if distinct and tuple(ids) in seen:
-            continue
-        seen.add(tuple(ids))
-        rows.append(PromptRow(ids, fields, getattr(example, "location", "")))
-    if not rows:
-        raise ValueError(f"{source}: no prompts")
-    return rows
 
 
 @dataclass

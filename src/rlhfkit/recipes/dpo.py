@@ -57,11 +57,11 @@ from rlhfkit.losses.preference import (
 )
 from rlhfkit.models.forward import sequence_logprobs
 from rlhfkit.models.heads import supports_prefix_trees
-from rlhfkit.recipes.common import RunContext, batch_order, build_run, finish_run
 from rlhfkit.recipes.dpo_eval import gold_comparison, heldout_metrics, kl_metrics, pair_metrics
 from rlhfkit.training.accumulate import accumulate
 from rlhfkit.training.distributed import all_reduce_sum
 from rlhfkit.training.reference import cached_reference
+from rlhfkit.training.run import RunContext, batch_order, build_run, finish_run
 from rlhfkit.types import LossOutput
 
 log = logging.getLogger(__name__)

@@ -19,10 +19,10 @@ from rlhfkit.data.schemas import load_examples
 from rlhfkit.data.sources import load_rows
 from rlhfkit.eval.gold import gold_win_rate
 from rlhfkit.eval.kl import sampled_kl
-from rlhfkit.recipes.common import RunContext
 from rlhfkit.rollout.hf import SamplingConfig, sample_chat
 from rlhfkit.training.accumulate import accumulate
 from rlhfkit.training.distributed import all_reduce_sum
+from rlhfkit.training.run import RunContext
 
 GOLD_SOURCE = "builtin:preferences"
 

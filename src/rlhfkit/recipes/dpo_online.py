@@ -51,7 +51,6 @@ from rlhfkit.data.preferences import RankedGroup
 from rlhfkit.data.schemas import load_examples
 from rlhfkit.losses.preference import PREFERENCE_LOSSES
 from rlhfkit.models.heads import supports_prefix_trees
-from rlhfkit.recipes.common import RunContext, build_run, finish_run
 from rlhfkit.recipes.dpo import (
     DPOConfig,
     PairBatches,
@@ -65,6 +64,7 @@ from rlhfkit.recipes.dpo_eval import gold_comparison, heldout_metrics
 from rlhfkit.rewards import load_reward_fn, score_completions
 from rlhfkit.rollout.hf import SamplingConfig, sample_chat
 from rlhfkit.training.reference import cached_reference, compute_reference
+from rlhfkit.training.run import RunContext, build_run, finish_run
 
 log = logging.getLogger(__name__)
 

@@ -55,7 +55,6 @@ from rlhfkit.models.forward import fused_head, rollout_logprobs
 from rlhfkit.models.heads import supports_prefix_trees
 from rlhfkit.ops.kl import KL_ESTIMATORS, adaptive_kl_coef, linear_full_kl
 from rlhfkit.ops.masking import Aggregation, normaliser_count
-from rlhfkit.recipes.common import RunContext, build_run, finish_run
 from rlhfkit.recipes.pg_advantages import (
     ESTIMATORS,
     _sequence_k1,
@@ -76,6 +75,7 @@ from rlhfkit.rollout.hf import SamplingConfig
 from rlhfkit.rollout.sampler import HFGenerator
 from rlhfkit.training.accumulate import accumulate
 from rlhfkit.training.distributed import all_reduce_sum
+from rlhfkit.training.run import RunContext, build_run, finish_run
 
 log = logging.getLogger(__name__)
 

@@ -30,14 +30,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from rlhfkit.data.prompts import PromptRow, load_prompt_rows
 from rlhfkit.data.rollouts import rollout_micro_batches, rollout_tree_batches
-from rlhfkit.eval.run import PromptRow, load_prompt_rows
 from rlhfkit.losses.policy import PGPreset
 from rlhfkit.models.forward import fused_head, rollout_logprobs
 from rlhfkit.ops import advantages as adv_ops
 from rlhfkit.ops.kl import linear_full_kl
 from rlhfkit.ops.masking import masked_mean
-from rlhfkit.recipes.common import RunContext, batch_order
 from rlhfkit.recipes.pg_advantages import (
     TOKEN_LEVEL,
     _sequence_k1,
@@ -49,6 +48,7 @@ from rlhfkit.recipes.pg_advantages import (
 from rlhfkit.rewards import score_completions
 from rlhfkit.rewards.shaping import length_penalty, overlong_penalty, weighted_sum
 from rlhfkit.training.distributed import all_reduce_sum
+from rlhfkit.training.run import RunContext, batch_order
 from rlhfkit.types import Rollout
 
 if TYPE_CHECKING:

@@ -18,7 +18,7 @@ checkpoint (``--critic.init reward_model``, the default when a ``rm:<dir>`` rewa
 initialised scalar head (``--critic.init policy``). V(s_t) is the head at the position whose
 logits predict completion token t. ``--critic.warmup_steps`` trains the critic alone first.
 
-The critic is a :class:`rlhfkit.recipes.common.Companion` of the run: its weights and optimiser
+The critic is a :class:`rlhfkit.training.run.Companion` of the run: its weights and optimiser
 state are part of every checkpoint (one atomic write), a resumed run restores both models, and
 the trained value model is saved under ``<run_dir>/critic``.
 """
@@ -37,11 +37,11 @@ from rlhfkit.losses.policy import PGPreset, value_loss
 from rlhfkit.models.heads import rollout_values
 from rlhfkit.models.load import load_model
 from rlhfkit.ops.masking import Aggregation
-from rlhfkit.recipes.common import Companion, RunContext, build_run, finish_run
 from rlhfkit.recipes.pg import PGConfig, make_step_loss, resolve_preset, run_state, total_steps
 from rlhfkit.recipes.pg import train as pg_train
 from rlhfkit.training.distributed import barrier
 from rlhfkit.training.precision import MasterWeights
+from rlhfkit.training.run import Companion, RunContext, build_run, finish_run
 from rlhfkit.types import LossOutput
 
 CRITIC = "critic"

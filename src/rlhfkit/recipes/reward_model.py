@@ -67,9 +67,9 @@ from rlhfkit.models.heads import (
     sequence_scores,
     supports_prefix_trees,
 )
-from rlhfkit.recipes.common import RunContext, batch_order, build_run, finish_run
 from rlhfkit.training.accumulate import accumulate
 from rlhfkit.training.distributed import all_reduce_sum, gather_objects
+from rlhfkit.training.run import RunContext, batch_order, build_run, finish_run
 from rlhfkit.types import LossOutput
 
 log = logging.getLogger(__name__)

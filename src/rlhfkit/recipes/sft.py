@@ -44,9 +44,9 @@ from rlhfkit.data.schemas import load_examples
 from rlhfkit.data.templates import render_messages, unroll_turns
 from rlhfkit.losses.sft import sft_loss
 from rlhfkit.models.forward import label_logprobs
-from rlhfkit.recipes.common import RunContext, batch_order, build_run, finish_run
 from rlhfkit.training.accumulate import StepStats, accumulate
 from rlhfkit.training.distributed import all_reduce_sum
+from rlhfkit.training.run import RunContext, batch_order, build_run, finish_run
 from rlhfkit.types import LossOutput, TokenizedExample
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,7 @@
    at every step.
 6. **eval**: gold reward, reward-model reward, win rate against the SFT model by the gold
    judge, KL to the SFT model, lengths, and the best-of-N curve of the SFT model
-   (``<run>/eval.json``; :mod:`rlhfkit.recipes.pipeline_eval`).
+   (``<run>/eval.json``; :mod:`rlhfkit.pipeline.evaluation`).
 7. **report**: ``<run>/report.html`` (:func:`rlhfkit.eval.report.render_report`).
 
 Every stage is skipped when its output exists (each is written atomically), and the training
@@ -48,9 +48,9 @@ from rich.table import Table
 from rlhfkit.atomic import atomic_write_text
 from rlhfkit.config import LogConfig, LoopConfig, ModelConfig, OptimConfig
 from rlhfkit.data.tasks.preferences import gold_prefers
+from rlhfkit.inference.evaluate import EvalDataConfig, evaluate_prompts
+from rlhfkit.pipeline.evaluation import EvalStageConfig, evaluate_stage, report_data
 from rlhfkit.recipes import dpo, pg, reward_model, sft
-from rlhfkit.recipes.evaluate import EvalDataConfig, evaluate_prompts
-from rlhfkit.recipes.pipeline_eval import EvalStageConfig, evaluate_stage, report_data
 from rlhfkit.rollout.hf import SamplingConfig
 
 log = logging.getLogger(__name__)

@@ -37,14 +37,14 @@ from rlhfkit.config import ModelConfig
 from rlhfkit.data.tasks.preferences import gold_prefers
 from rlhfkit.eval.kl import sampled_kl
 from rlhfkit.eval.overopt import bon_curve
+from rlhfkit.inference.evaluate import EvalDataConfig, evaluate_prompts
 from rlhfkit.models.load import load_model, load_tokenizer
 from rlhfkit.models.precision import default_device, resolve_precision
-from rlhfkit.recipes.evaluate import EvalDataConfig, evaluate_prompts
 from rlhfkit.recipes.reward_model_eval import RMEvalConfig, eval_main
 from rlhfkit.rollout.hf import SamplingConfig
 
 if TYPE_CHECKING:
-    from rlhfkit.recipes.pipeline import PipelineConfig
+    from rlhfkit.pipeline.run import PipelineConfig
 
 
 @dataclass

@@ -25,8 +25,8 @@ from rich.console import Console
 
 from rlhfkit.atomic import atomic_write_text
 from rlhfkit.config import ModelConfig
+from rlhfkit.inference.evaluate import EvalDataConfig, evaluate_prompts
 from rlhfkit.ops.selection import bon_kl, top_per_prompt
-from rlhfkit.recipes.evaluate import EvalDataConfig, evaluate_prompts
 from rlhfkit.rollout.hf import SamplingConfig
 
 

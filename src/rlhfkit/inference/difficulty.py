@@ -28,8 +28,8 @@ from rich.console import Console
 from rlhfkit.atomic import atomic_write_text
 from rlhfkit.config import ModelConfig
 from rlhfkit.data.sources import load_rows
+from rlhfkit.inference.evaluate import EvalDataConfig, evaluate_prompts
 from rlhfkit.ops.selection import pass_rate_band
-from rlhfkit.recipes.evaluate import EvalDataConfig, evaluate_prompts
 from rlhfkit.rollout.hf import SamplingConfig
 
 

@@ -41,11 +41,12 @@ from rich.table import Table
 
 from rlhfkit.atomic import atomic_write_text
 from rlhfkit.config import LogConfig, LoopConfig, ModelConfig, OptimConfig
-from rlhfkit.eval.run import Grid, PromptRow
+from rlhfkit.data.prompts import PromptRow
+from rlhfkit.eval.run import Grid
 from rlhfkit.eval.summary import grid_report
+from rlhfkit.inference.evaluate import EvalDataConfig, evaluate_prompts
 from rlhfkit.ops.selection import random_k_overall, random_per_prompt, select
 from rlhfkit.recipes import sft
-from rlhfkit.recipes.evaluate import EvalDataConfig, evaluate_prompts
 from rlhfkit.rollout.hf import SamplingConfig
 
 log = logging.getLogger(__name__)

@@ -37,11 +37,10 @@ from rich.progress import (
 
 from rlhfkit.atomic import atomic_write_text
 from rlhfkit.config import ModelConfig
+from rlhfkit.data.prompts import PromptRow, load_prompt_rows
 from rlhfkit.eval.run import (
     GridCache,
-    PromptRow,
     cache_key,
-    load_prompt_rows,
     load_rewards,
     load_sampler,
     model_fingerprint,

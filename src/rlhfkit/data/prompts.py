@@ -1,0 +1,82 @@
+"""Prompt sources rendered for sampling: the rows every sampling command starts from.
+
+A :class:`PromptRow` is a prompt's token ids (chat template, generation prompt appended) and the
+example's fields, which reach the reward functions (``prompt``, ``answer``, ``verifier`` and the
+row's other fields). ``rlhfkit rl``, ``dpo online``, ``eval``, ``rs``, ``bon`` and ``filter``
+read their prompts through :func:`load_prompt_rows`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from rlhfkit.data.schemas import load_examples
+from rlhfkit.data.templates import render_prompt
+
+
+@dataclass
+class PromptRow:
+    """A prompt rendered for sampling, with the fields the rewards see.
+
+    Attributes:
+        ids: The rendered prompt's token ids (chat template, generation prompt appended).
+        fields: ``prompt`` (messages), ``answer`` and ``verifier`` where the schema has them,
+            and the row's other fields.
+        location: Where the row came from (``file:line``), for error messages.
+    """
+
+    ids: list[int]
+    fields: dict[str, Any]
+    location: str = ""
+
+
+def load_prompt_rows(
+    tokenizer: Any,
+    source: str,
+    schema: str,
+    *,
+    split: str = "train",
+    limit: int | None = None,
+    max_prompt_len: int = 512,
+    distinct: bool = False,
+    max_prompts: int | None = None,
+) -> list[PromptRow]:
+    """Prompts of ``source`` validated by ``schema`` and rendered with the chat template.
+
+    Args:
+        tokenizer: Renders the prompts (chat template, generation prompt appended).
+        source: A file, hub dataset, ``builtin:NAME``, ``gsm8k:FILE`` or ``rgym:NAME``.
+        schema: Row format (any schema whose examples have a ``prompt``).
+        split: Split of a hub or built-in source.
+        limit: Read at most this many rows.
+        max_prompt_len: Longer prompts keep their last tokens.
+        distinct: Keep only the first row of each distinct rendered prompt (a preference
+            dataset repeats a prompt for each of its pairs).
+        max_prompts: Keep at most this many prompts (after ``distinct``).
+
+    Raises:
+        DataError: A bad row (naming file, row and field).
+        ValueError: A source without prompts.
+    """
+    result = load_examples(source, schema, split=split, limit=limit)
+    rows: list[PromptRow] = []
+    seen: set[tuple[int, ...]] = set()
+    for example in result.examples:
+        if max_prompts is not None and len(rows) >= max_prompts:
+            break
+        fields = {**(getattr(example, "meta", None) or {}), "prompt": list(example.prompt)}
+        for name in ("answer", "verifier"):
+            if getattr(example, name, None) is not None:
+                fields[name] = getattr(example, name)
+        ids = render_prompt(tokenizer, example.prompt, max_len=max_prompt_len)
+        if distinct and tuple(ids) in seen:
+            continue
+        seen.add(tuple(ids))
+        rows.append(PromptRow(ids, fields, getattr(example, "location", "")))
+    if not rows:
+        raise ValueError(f"{source}: no prompts")
+    return rows
+
+
+__all__ = ["PromptRow", "load_prompt_rows"]
