@@ -44,7 +44,7 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
         "Iterative DPO: sample pairs from the policy, label them with a reward, train; repeat.",
     ),
     "rl": (
-        "rlhfkit.recipes.pg",
+        "rlhfkit.recipes.policy_gradient",
         "PGConfig",
         "main",
         "Policy-gradient RL against rewards (grpo, rloo, reinforce, dr_grpo, gspo, cispo, ...).",

@@ -131,7 +131,7 @@ def assert_same_run(
 def pg_config(base: dict[str, Any], **over: Any) -> Any:
     """A ``PGConfig`` from a nested dict, with ``section__field=value`` overrides."""
     from rlhfkit.config import from_dict
-    from rlhfkit.recipes import pg
+    from rlhfkit.recipes import policy_gradient as pg
 
     for key, value in over.items():
         section, _, name = key.partition("__")
@@ -142,3 +142,28 @@ def pg_config(base: dict[str, Any], **over: Any) -> Any:
 def read_metrics(run_dir: Path) -> list[dict]:
     """Every record of a run's metrics.jsonl."""
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def pg_setup(cfg: Any) -> tuple[Any, Any, Any]:
+    """The run context, the policy-gradient run objects and a fresh loop state for ``cfg``,
+    built as ``rlhfkit rl`` builds them (seed 0, no run directory writes besides the log)."""
+    from rlhfkit.recipes.policy_gradient import loop
+    from rlhfkit.recipes.policy_gradient.config import resolve_preset
+    from rlhfkit.recipes.policy_gradient.state import LoopState
+    from rlhfkit.training.run import build_run
+
+    ctx = build_run(cfg.model, cfg.log, 0, {})
+    return ctx, loop.prepare(ctx, cfg, resolve_preset(cfg.algo)), LoopState()
+
+
+def pg_rollout(run: Any, state: Any, critic: Any = None) -> Any:
+    """Steps 1-5 of a policy-gradient step: a rollout batch with its advantages."""
+    from rlhfkit.recipes.policy_gradient.advantages import assign_advantages, attach_logprobs
+    from rlhfkit.recipes.policy_gradient.collect import collect
+
+    batch = collect(run, state)
+    attach_logprobs(run, batch)
+    if critic is not None:
+        critic.attach_values(batch.batches)
+    assign_advantages(run, state, batch)
+    return batch

@@ -8,9 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from recipe_helpers import pg_config, read_metrics
+from recipe_helpers import pg_config, pg_rollout, pg_setup, read_metrics
 
-from rlhfkit.recipes import pg
+from rlhfkit.data.rollouts import rollout_micro_batches
+from rlhfkit.recipes import policy_gradient as pg
+from rlhfkit.recipes.policy_gradient import advantages, collect, update
+from rlhfkit.recipes.policy_gradient.state import RolloutMicroBatch
 from rlhfkit.rewards.answers import exact_answer
 
 REWARD = '''
@@ -71,26 +74,29 @@ def test_step_gradient_is_independent_of_the_micro_batch_split(
 ):
     """One rollout, cut into one micro-batch or many: the accumulated gradient is the same."""
     from rlhfkit.training.accumulate import accumulate
-    from rlhfkit.training.run import build_run
 
     cfg = _cfg(tiny_model_dir, task, tmp_path / "r", algo__preset=preset)
-    preset_row = pg.resolve_preset(cfg.algo)
-    ctx = build_run(cfg.model, cfg.log, 0, {})
-    run = pg.run_state(ctx, cfg, preset_row)
-    batch = pg.collect(ctx, cfg, run)
-    step_loss, count = pg.make_step_loss(ctx.model, preset_row, cfg, 1.0)
+    ctx, run, state = pg_setup(cfg)
+    batch = pg_rollout(run, state)
+    step_loss, count = update.policy_step_loss(run, state), update.count(run)
     rollout, grads = batch.rollout, []
     for budget in (100_000, 40):
-        parts = pg.rollout_micro_batches(
-            rollout.prompt_ids, rollout.completion_ids, rollout.logprobs, ctx.pad_id, budget
-        )
-        if run["needs_ref"]:
-            with run["reference"]() as ref:
-                pg.attach_logprobs(ref, parts, "ref_logp", 1.0)
-        pg._set_advantages(parts, batch.advantages)
+        parts = [
+            RolloutMicroBatch.from_collated(b, ctx.dist.device)
+            for b in rollout_micro_batches(
+                rollout.prompt_ids, rollout.completion_ids, rollout.logprobs, ctx.pad_id, budget
+            )
+        ]
+        if run.preset.uses_kl:
+            with run.reference() as ref:
+                for p, (lp, _) in zip(
+                    parts, advantages.forward_logprobs(ref, parts, 1.0), strict=True
+                ):
+                    p.ref_logprobs = lp
+        advantages.broadcast(parts, batch.advantages)
         if preset == "reinforce_pp":
-            pg.token_advantages(parts, preset_row.beta)
-            values = torch.cat([p["advantages"][p["completion_mask"]] for p in parts])
+            advantages.returns_to_go_advantages(parts, run.preset.kl_coef)
+            values = torch.cat([p.advantages[p.mask] for p in parts])
             assert float(values.mean()) == pytest.approx(0.0, abs=1e-5)
             assert float(values.std()) == pytest.approx(1.0, abs=1e-4)
         if budget > 1000:
@@ -114,7 +120,7 @@ def test_epochs_reuse_one_rollout_and_recompute_pi_old(tiny_model_dir, task, tmp
     state = torch.load(
         sorted((run / "checkpoints").iterdir())[-1] / "trainer_state.pt", weights_only=False
     )
-    assert state["extra"]["rollouts"] == 2
+    assert state["extra"]["loop"]["rollouts"] == 2
 
 
 def test_presets_without_their_machinery_are_refused():
@@ -131,7 +137,11 @@ def test_presets_without_their_machinery_are_refused():
     assert row.aggregation == "token_mean" and row.advantage == "leave_one_out"
     with pytest.raises(ValueError, match="unknown preset"):
         pg.resolve_preset(pg.PGAlgoConfig(preset="nope"))
-    assert pg.resolve_preset(pg.PGAlgoConfig(preset="grpo", beta=0.0)).beta == 0.0
+    assert pg.resolve_preset(pg.PGAlgoConfig(preset="grpo", kl_coef=0.0)).kl_coef == 0.0
+    # the old spelling keeps working for a release
+    assert pg.resolve_preset(pg.PGAlgoConfig(preset="grpo", beta=0.1)).kl_coef == 0.1
+    with pytest.raises(ValueError, match="kl_coef"):
+        pg.resolve_preset(pg.PGAlgoConfig(preset="grpo", beta=0.1, kl_coef=0.2))
 
 
 def test_truncated_completions_get_the_penalty_without_a_reward_call(task):
@@ -142,11 +152,11 @@ def test_truncated_completions_get_the_penalty_without_a_reward_call(task):
         return 1.0
 
     cfg = pg.PGConfig(rewards=("r",), algo=pg.PGAlgoConfig(truncation_penalty=-2.0))
-    out, components = pg.score(["done", "cut"], [{}, {}], [True, False], cfg, [reward])
+    out, components = collect.score(["done", "cut"], [{}, {}], [True, False], cfg, [reward])
     assert out == [1.0, -2.0] and calls == ["done"]
     assert components["r"] == [1.0, None]
     cfg = pg.PGConfig(rewards=("r",))
-    assert pg.score(["done", "cut"], [{}, {}], [True, False], cfg, [reward])[0] == [1.0, 1.0]
+    assert collect.score(["done", "cut"], [{}, {}], [True, False], cfg, [reward])[0] == [1.0, 1.0]
 
 
 def test_exact_answer():
@@ -156,14 +166,11 @@ def test_exact_answer():
 
 
 def test_remax_baseline_is_the_greedy_reward(tiny_model_dir, task, tmp_path):
-    from rlhfkit.training.run import build_run
-
     cfg = _cfg(tiny_model_dir, task, tmp_path / "r", algo__preset="remax")
-    preset_row = pg.resolve_preset(cfg.algo)
-    ctx = build_run(cfg.model, cfg.log, 0, {})
-    run = pg.run_state(ctx, cfg, preset_row)
-    batch = pg.collect(ctx, cfg, run)
-    greedy = pg.greedy_rewards(ctx, cfg, run, batch.prompts)
-    kl = pg._sequence_k1(batch.batches, len(batch.advantages)).view_as(batch.rewards)
-    expected = batch.rewards - preset_row.beta * kl - greedy[:, None]
+    _, run, state = pg_setup(cfg)
+    batch = pg_rollout(run, state)
+    greedy = collect.greedy_rewards(run, batch.prompts)
+    torch.testing.assert_close(greedy, batch.sampled.greedy)
+    kl = advantages.sequence_kl(batch.batches, len(batch.advantages)).view_as(batch.rewards)
+    expected = batch.rewards - run.preset.kl_coef * kl - greedy[:, None]
     torch.testing.assert_close(batch.advantages, expected.flatten())

@@ -8,14 +8,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from recipe_helpers import pg_config, read_metrics
+from recipe_helpers import pg_config, pg_rollout, pg_setup, read_metrics
 from safetensors.torch import load_file
 
 from rlhfkit.models.load import load_model
-from rlhfkit.recipes import pg, ppo
-from rlhfkit.recipes.pg_collect import collect, informative_groups
+from rlhfkit.recipes import policy_gradient as pg
+from rlhfkit.recipes.policy_gradient import update
+from rlhfkit.recipes.policy_gradient.collect import collect, informative_groups
+from rlhfkit.recipes.policy_gradient.critic import Critic
+from rlhfkit.recipes.policy_gradient.metrics import rollout_metrics
 from rlhfkit.training.accumulate import accumulate
-from rlhfkit.training.run import build_run
 
 REWARD = '''
 def has_a(completion):
@@ -77,7 +79,7 @@ def _cfg(model_dir, task, run_dir, reward="letter_a", **over) -> pg.PGConfig:
 
 def test_ppo_trains_policy_and_critic_and_checkpoints_both(tiny_model_dir, task, tmp_path):
     run = tmp_path / "run"
-    pg.main(_cfg(tiny_model_dir, task, run))  # the ppo preset dispatches to recipes/ppo.py
+    pg.main(_cfg(tiny_model_dir, task, run))  # the ppo preset adds the critic to the loop
     metrics = read_metrics(run)
     assert [m["step"] for m in metrics] == [4, 8]  # 4 epochs x 1 minibatch per rollout
     for m in metrics:
@@ -111,18 +113,16 @@ def test_ppo_resume_gives_the_same_weights(tiny_model_dir, task, tmp_path):
 
 def test_ppo_gradient_is_independent_of_the_micro_batch_split(tiny_model_dir, task, tmp_path):
     cfg = _cfg(tiny_model_dir, task, tmp_path / "r")
-    preset = pg.resolve_preset(cfg.algo)
-    ctx = build_run(cfg.model, cfg.log, 0, {})
-    critic = ppo.build_critic(ctx, cfg)
-    run = {**pg.run_state(ctx, cfg, preset), "critic": critic.model}
-    step_loss, count = ppo.make_ppo_step_loss(ctx, critic.model, preset, cfg, 1.0)
+    ctx, run, state = pg_setup(cfg)
+    critic = Critic.build(ctx, cfg, update.aggregation(run))
+    step_loss, count = critic.add_value_loss(update.policy_step_loss(run, state)), update.count(run)
     grads = []
     for budget in (100_000, 30):
-        ctx.extra["rollouts"] = 0  # the same prompts and samples
+        state.rollouts = 0  # the same prompts and samples
         cfg.loop.micro_batch_tokens = budget
-        batch = collect(ctx, cfg, run)
+        batch = pg_rollout(run, state, critic)
         assert (len(batch.batches) == 1) == (budget > 1000)
-        values = torch.cat([b["advantages"][b["completion_mask"]] for b in batch.batches])
+        values = torch.cat([b.advantages[b.mask] for b in batch.batches])
         assert float(values.mean()) == pytest.approx(0.0, abs=1e-5)  # whitened globally
         ctx.model.zero_grad()
         critic.model.zero_grad()
@@ -154,13 +154,11 @@ def test_ppo_raises_a_reward_models_score_at_a_bounded_kl(
 
 def test_dapo_dynamic_sampling_refills_with_informative_groups(tiny_model_dir, task, tmp_path):
     cfg = _cfg(tiny_model_dir, task, tmp_path / "d", reward="has_a", algo__preset="dapo")
-    preset = pg.resolve_preset(cfg.algo)
-    ctx = build_run(cfg.model, cfg.log, 0, {})
-    run = pg.run_state(ctx, cfg, preset)
-    batch = collect(ctx, cfg, run)
+    _, run, state = pg_setup(cfg)
+    batch = collect(run, state)
     rounds = batch.stats["rollout/dynamic_rounds"]
     assert 1 <= rounds <= 1 + cfg.algo.max_refills
-    assert ctx.extra["rollouts"] == rounds  # each round took the next prompt batch
+    assert state.rollouts == rounds  # each round took the next prompt batch
     assert informative_groups(batch.rewards) == list(range(len(batch.prompts)))
     assert len(batch.prompts) <= cfg.loop.batch_size
     assert "overlong" in batch.components
@@ -168,21 +166,19 @@ def test_dapo_dynamic_sampling_refills_with_informative_groups(tiny_model_dir, t
 
 def test_skipped_completions_are_left_out_of_the_loss(tiny_model_dir, task, tmp_path):
     cfg = _cfg(tiny_model_dir, task, tmp_path / "s", reward="skip_b", algo__preset="grpo")
-    preset = pg.resolve_preset(cfg.algo)
-    ctx = build_run(cfg.model, cfg.log, 0, {})
-    run = pg.run_state(ctx, cfg, preset)
+    _, run, state = pg_setup(cfg)
     skipped = set()
     for _ in range(3):
-        batch = collect(ctx, cfg, run)
+        batch = pg_rollout(run, state)
         flat = batch.rewards.flatten()
         skipped = {i for i in range(len(flat)) if torch.isnan(flat[i])}
         if skipped:
             break
     assert skipped, "the toy model never wrote a 'b'"
-    trained = {int(i) for b in batch.batches for i in b["rows"]}
+    trained = {int(i) for b in batch.batches for i in b.rows}
     assert trained == set(range(len(flat))) - skipped
     assert all(batch.advantages[i] == 0 for i in skipped)
-    assert pg.rollout_metrics(batch)["rollout/skipped"] == len(skipped) / len(flat)
+    assert rollout_metrics(batch)["rollout/skipped"] == len(skipped) / len(flat)
 
 
 def test_adaptive_kl_coefficient_follows_the_controller(tiny_model_dir, task, tmp_path):
@@ -211,7 +207,7 @@ def test_full_vocabulary_kl_runs_in_the_loss_and_in_the_reward(
     run = tmp_path / placement
     cfg = _cfg(
         tiny_model_dir, task, run, algo__preset="grpo", algo__kl_estimator="full",
-        algo__kl_placement=placement, algo__beta=0.1, loop__max_steps=3,
+        algo__kl_placement=placement, algo__kl_coef=0.1, loop__max_steps=3,
     )  # fmt: skip
     pg.main(cfg)
     metrics = read_metrics(run)
@@ -222,16 +218,15 @@ def test_full_vocabulary_kl_runs_in_the_loss_and_in_the_reward(
 def test_reinforce_pp_baseline_centres_groups_then_whitens_tokens(tiny_model_dir, task, tmp_path):
     cfg = _cfg(
         tiny_model_dir, task, tmp_path / "b", algo__preset="reinforce_pp",
-        algo__advantage="group_whiten", algo__beta=0.0,
+        algo__advantage="group_whiten", algo__kl_coef=0.0,
     )  # fmt: skip
-    preset = pg.resolve_preset(cfg.algo)
-    ctx = build_run(cfg.model, cfg.log, 0, {})
-    batch = collect(ctx, cfg, pg.run_state(ctx, cfg, preset))
+    _, run, state = pg_setup(cfg)
+    batch = pg_rollout(run, state)
     centred = (batch.rewards - batch.rewards.mean(1, keepdim=True)).flatten()
     lengths = torch.tensor([len(c) for c in batch.rollout.completion_ids], dtype=torch.float64)
     tokens = torch.repeat_interleave(centred, lengths.long())  # returns-to-go = score (beta 0)
     expected = (centred - tokens.mean()) / (tokens.std() + 1e-8)
     for b in batch.batches:
-        for row, i in enumerate(b["rows"].tolist()):
-            got = b["advantages"][row][b["completion_mask"][row]]
+        for row, i in enumerate(b.rows.tolist()):
+            got = b.advantages[row][b.mask[row]]
             torch.testing.assert_close(got.double(), expected[i].expand_as(got), atol=1e-5, rtol=0)

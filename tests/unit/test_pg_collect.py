@@ -8,9 +8,15 @@ import pytest
 import torch
 
 from rlhfkit.ops import advantages as adv_ops
-from rlhfkit.recipes import pg
-from rlhfkit.recipes.pg_advantages import estimate
-from rlhfkit.recipes.pg_collect import OVERLONG, informative_groups, score, split_minibatches
+from rlhfkit.recipes import policy_gradient as pg
+from rlhfkit.recipes.policy_gradient.advantages import estimate
+from rlhfkit.recipes.policy_gradient.collect import (
+    OVERLONG,
+    informative_groups,
+    score,
+    split_minibatches,
+)
+from rlhfkit.recipes.policy_gradient.presets import BaselineInputs
 
 NAN = math.nan
 
@@ -18,28 +24,30 @@ NAN = math.nan
 def test_a_skipped_completion_moves_no_group_baseline():
     rewards = torch.tensor([[1.0, 0.0, NAN, 0.0], [1.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
     algo = pg.PGAlgoConfig()
-    z = estimate(rewards, "group_zscore", algo, {})
+    z = estimate(rewards, "group_zscore", algo, BaselineInputs())
     torch.testing.assert_close(
         z[0, [0, 1, 3]], adv_ops.group_zscore(rewards[:1, [0, 1, 3]], eps=algo.std_eps)[0]
     )
     assert z[0, 2] == 0.0
     torch.testing.assert_close(z[1], adv_ops.group_zscore(rewards[1:], eps=algo.std_eps)[0])
-    loo = estimate(rewards, "leave_one_out", algo, {})
+    loo = estimate(rewards, "leave_one_out", algo, BaselineInputs())
     torch.testing.assert_close(
         loo[0, [0, 1, 3]], torch.tensor([1.0, -0.5, -0.5], dtype=torch.float64)
     )
     # a batch estimator pools every scored completion
-    b = estimate(rewards, "batch_baseline", algo, {})
+    b = estimate(rewards, "batch_baseline", algo, BaselineInputs())
     assert float(b[~torch.isnan(rewards)].sum()) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_a_group_below_the_estimators_minimum_gets_zero():
     rewards = torch.tensor([[1.0, NAN, NAN]], dtype=torch.float64)
     assert torch.equal(
-        estimate(rewards, "leave_one_out", pg.PGAlgoConfig(), {}),
+        estimate(rewards, "leave_one_out", pg.PGAlgoConfig(), BaselineInputs()),
         torch.zeros(1, 3, dtype=torch.float64),
     )
-    assert not torch.isnan(estimate(rewards, "group_zscore", pg.PGAlgoConfig(), {})).any()
+    assert not torch.isnan(
+        estimate(rewards, "group_zscore", pg.PGAlgoConfig(), BaselineInputs())
+    ).any()
 
 
 def test_dynamic_sampling_keeps_exactly_the_mixed_groups():
@@ -101,7 +109,9 @@ def test_length_penalty_is_a_component():
 def test_ema_baseline_uses_the_running_value_and_starts_at_the_batch_mean():
     rewards = torch.tensor([[1.0, 0.0], [1.0, 1.0]], dtype=torch.float64)
     algo = pg.PGAlgoConfig()
-    torch.testing.assert_close(estimate(rewards, "ema_baseline", algo, {"ema": 0.5}), rewards - 0.5)
     torch.testing.assert_close(
-        estimate(rewards, "ema_baseline", algo, {"ema": None}), rewards - 0.75
+        estimate(rewards, "ema_baseline", algo, BaselineInputs(ema=0.5)), rewards - 0.5
+    )
+    torch.testing.assert_close(
+        estimate(rewards, "ema_baseline", algo, BaselineInputs(ema=None)), rewards - 0.75
     )

@@ -1,4 +1,4 @@
-"""Policy-gradient objectives, TIS, the value loss and the presets (METHODS.md section 6)."""
+"""Policy-gradient objectives, TIS, the value loss and the presets."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ import torch
 
 from rlhfkit.losses.policy import (
     OBJECTIVES,
-    PG_PRESETS,
     ObjectiveParams,
     policy_loss,
     tis_weights,
     value_loss,
 )
 from rlhfkit.ops.masking import Aggregation, normaliser_count
+from rlhfkit.recipes.policy_gradient.presets import PG_PRESETS
 
 P = ObjectiveParams()
 
@@ -25,11 +25,11 @@ def _obj_and_grad(name: str, rho: float, adv: float, params: ObjectiveParams = P
     ratio = torch.tensor([[rho]], dtype=torch.float64, requires_grad=True)
     logp = ratio.log()
     loss, _ = OBJECTIVES[name](
-        logp,
-        torch.zeros_like(logp),
-        torch.tensor([[adv]], dtype=torch.float64),
-        torch.ones(1, 1, dtype=torch.bool),
-        params,
+        logprobs=logp,
+        old_logprobs=torch.zeros_like(logp),
+        advantages=torch.tensor([[adv]], dtype=torch.float64),
+        mask=torch.ones(1, 1, dtype=torch.bool),
+        params=params,
     )
     (grad,) = torch.autograd.grad(-loss.sum(), ratio)
     return -float(loss.detach()), float(grad)
@@ -70,10 +70,10 @@ def test_ppo_clip_first_step_equals_reinforce_gradient():
         logp = torch.log_softmax(logits, -1).gather(-1, tokens[..., None])[..., 0]
         agg = Aggregation("seq_mean_token_mean")
         out = policy_loss(
-            logp,
-            logp.detach(),
-            adv,
-            mask,
+            logprobs=logp,
+            old_logprobs=logp.detach(),
+            advantages=adv,
+            mask=mask,
             objective=name,
             params=P,
             aggregation=agg,
@@ -99,11 +99,11 @@ def test_reinforce_matches_the_exact_bandit_gradient():
         logp = torch.log_softmax(logits, 0)[actions]
         adv = (rewards[actions] - baseline)[:, None]
         per, _ = OBJECTIVES["reinforce"](
-            logp[:, None],
-            logp[:, None].detach(),
-            adv,
-            torch.ones(len(actions), 1, dtype=torch.bool),
-            P,
+            logprobs=logp[:, None],
+            old_logprobs=logp[:, None].detach(),
+            advantages=adv,
+            mask=torch.ones(len(actions), 1, dtype=torch.bool),
+            params=P,
         )
         jac = torch.stack(
             [
@@ -122,20 +122,30 @@ def test_gspo_sequence_ratio_and_reduction_to_ppo():
     old = torch.zeros_like(logp)
     adv = torch.ones_like(logp)
     mask = torch.ones(1, 3, dtype=torch.bool)
-    loss, _ = OBJECTIVES["gspo"](logp, old, adv, mask, ObjectiveParams(1.0, 1.0))
+    loss, _ = OBJECTIVES["gspo"](
+        logprobs=logp, old_logprobs=old, advantages=adv, mask=mask, params=ObjectiveParams(1.0, 1.0)
+    )
     approx = math.exp(0.1)
     assert loss.tolist()[0] == pytest.approx([-approx] * 3, abs=1e-6)
     same = torch.full((2, 4), 0.05, dtype=torch.float64)
     a = torch.tensor([[1.0], [-2.0]], dtype=torch.float64).expand(2, 4)
     m = torch.ones(2, 4, dtype=torch.bool)
     torch.testing.assert_close(
-        OBJECTIVES["gspo"](same, old.new_zeros(2, 4), a, m, P)[0],
-        OBJECTIVES["ppo_clip"](same, old.new_zeros(2, 4), a, m, P)[0],
+        OBJECTIVES["gspo"](
+            logprobs=same, old_logprobs=old.new_zeros(2, 4), advantages=a, mask=m, params=P
+        )[0],
+        OBJECTIVES["ppo_clip"](
+            logprobs=same, old_logprobs=old.new_zeros(2, 4), advantages=a, mask=m, params=P
+        )[0],
     )
     padded = torch.cat([logp, torch.full((1, 2), 7.0, dtype=torch.float64)], 1)
     pmask = torch.tensor([[True, True, True, False, False]])
     out, _ = OBJECTIVES["gspo"](
-        padded, torch.zeros_like(padded), torch.ones_like(padded), pmask, ObjectiveParams(1.0, 1.0)
+        logprobs=padded,
+        old_logprobs=torch.zeros_like(padded),
+        advantages=torch.ones_like(padded),
+        mask=pmask,
+        params=ObjectiveParams(1.0, 1.0),
     )
     assert out[0, :3].tolist() == pytest.approx([-approx] * 3, abs=1e-6)  # padding-invariant
 
@@ -144,11 +154,11 @@ def test_cispo_keeps_a_clipped_gradient():
     for rho, expected in ((1.5, 1.4), (1.0, 1.0)):
         logp = torch.tensor([[math.log(rho)]], dtype=torch.float64, requires_grad=True)
         loss, _ = OBJECTIVES["cispo"](
-            logp,
-            torch.zeros(1, 1, dtype=torch.float64),
-            torch.ones(1, 1, dtype=torch.float64),
-            torch.ones(1, 1, dtype=torch.bool),
-            ObjectiveParams(0.2, 0.4),
+            logprobs=logp,
+            old_logprobs=torch.zeros(1, 1, dtype=torch.float64),
+            advantages=torch.ones(1, 1, dtype=torch.float64),
+            mask=torch.ones(1, 1, dtype=torch.bool),
+            params=ObjectiveParams(0.2, 0.4),
         )
         (g,) = torch.autograd.grad(-loss.sum(), logp)
         assert float(g) == pytest.approx(expected)  # d obj / d log pi
@@ -173,11 +183,11 @@ def test_sapo_gate_derivative(tau, rho, deriv):
 
 def test_tis_weights():
     lp = torch.tensor([0.0, math.log(3), -math.log(2), 15.0])
-    w = tis_weights(lp, torch.zeros(4))
+    w = tis_weights(learner_logprobs=lp, sampler_logprobs=torch.zeros(4))
     assert w.tolist() == pytest.approx([1.0, 2.0, 0.5, 2.0])
     assert not w.requires_grad
     assert tis_weights(
-        torch.tensor([math.log(3)]), torch.zeros(1), cap=math.inf
+        learner_logprobs=torch.tensor([math.log(3)]), sampler_logprobs=torch.zeros(1), cap=math.inf
     ).item() == pytest.approx(3.0)
 
 
@@ -185,7 +195,7 @@ def test_uncapped_tis_is_unbiased_on_a_categorical():
     sampler = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
     learner = torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64)
     f = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
-    w = tis_weights(learner.log(), sampler.log(), cap=math.inf)
+    w = tis_weights(learner_logprobs=learner.log(), sampler_logprobs=sampler.log(), cap=math.inf)
     assert float((sampler * w * f).sum()) == pytest.approx(float((learner * f).sum()))
 
 
@@ -193,10 +203,10 @@ def test_value_loss_clipping():
     v = torch.tensor([[1.0]], dtype=torch.float64, requires_grad=True)
     agg = Aggregation("token_mean")
     out = value_loss(
-        v,
-        torch.tensor([[0.5]]).double(),
-        torch.tensor([[1.0]]).double(),
-        torch.ones(1, 1, dtype=torch.bool),
+        values=v,
+        old_values=torch.tensor([[0.5]]).double(),
+        returns=torch.tensor([[1.0]]).double(),
+        mask=torch.ones(1, 1, dtype=torch.bool),
         aggregation=agg,
         normaliser=1.0,
         clip=0.2,
@@ -207,8 +217,18 @@ def test_value_loss_clipping():
     gen = torch.Generator().manual_seed(0)
     vals, old, ret = (torch.randn(4, 6, generator=gen, dtype=torch.float64) for _ in range(3))
     m = torch.ones(4, 6, dtype=torch.bool)
-    clipped = value_loss(vals, old, ret, m, aggregation=agg, normaliser=24.0, clip=0.2).loss
-    plain = value_loss(vals, old, ret, m, aggregation=agg, normaliser=24.0, clip=None).loss
+    clipped = value_loss(
+        values=vals, old_values=old, returns=ret, mask=m, aggregation=agg, normaliser=24.0, clip=0.2
+    ).loss
+    plain = value_loss(
+        values=vals,
+        old_values=old,
+        returns=ret,
+        mask=m,
+        aggregation=agg,
+        normaliser=24.0,
+        clip=None,
+    ).loss
     assert clipped >= plain
 
 
@@ -234,10 +254,10 @@ def test_gradient_independent_of_micro_batch_split(mode, objective):
             rows = slice(start, start + n)
             logp = torch.log_softmax(logits[rows], -1).gather(-1, tokens[rows, :, None])[..., 0]
             out = policy_loss(
-                logp,
-                old[rows],
-                adv[rows],
-                mask[rows],
+                logprobs=logp,
+                old_logprobs=old[rows],
+                advantages=adv[rows],
+                mask=mask[rows],
                 objective=objective,
                 params=P,
                 aggregation=agg,
@@ -250,32 +270,32 @@ def test_gradient_independent_of_micro_batch_split(mode, objective):
         torch.testing.assert_close(g, grads[0], atol=1e-12, rtol=0)
 
 
-def test_kl_in_loss_adds_beta_k():
+def test_kl_in_loss_adds_kl_coef_times_k():
     logp = torch.zeros(1, 2, dtype=torch.float64)
     mask = torch.ones(1, 2, dtype=torch.bool)
     kl = torch.tensor([[0.5, 1.5]], dtype=torch.float64)
     agg = Aggregation("token_mean")
     base = policy_loss(
-        logp,
-        logp,
-        torch.ones(1, 2),
-        mask,
+        logprobs=logp,
+        old_logprobs=logp,
+        advantages=torch.ones(1, 2),
+        mask=mask,
         objective="ppo_clip",
         params=P,
         aggregation=agg,
         normaliser=2.0,
     )
     with_kl = policy_loss(
-        logp,
-        logp,
-        torch.ones(1, 2),
-        mask,
+        logprobs=logp,
+        old_logprobs=logp,
+        advantages=torch.ones(1, 2),
+        mask=mask,
         objective="ppo_clip",
         params=P,
         aggregation=agg,
         normaliser=2.0,
         kl=kl,
-        beta=0.1,
+        kl_coef=0.1,
     )
     assert float(with_kl.loss - base.loss) == pytest.approx(0.1)
     assert with_kl.metrics["kl"] == pytest.approx(2.0)
@@ -308,7 +328,7 @@ def test_presets_resolve_to_the_table():
             p.kl_estimator,
             p.kl_per,
         ) == row
-    assert PG_PRESETS["grpo"].beta == 0.04 and PG_PRESETS["ppo"].beta == 0.05
+    assert PG_PRESETS["grpo"].kl_coef == 0.04 and PG_PRESETS["ppo"].kl_coef == 0.05
     assert (PG_PRESETS["dapo"].params.eps_low, PG_PRESETS["dapo"].params.eps_high) == (0.2, 0.28)
     assert (PG_PRESETS["gspo"].params.eps_low, PG_PRESETS["gspo"].params.eps_high) == (3e-4, 4e-4)
     assert (PG_PRESETS["cispo"].params.eps_low, PG_PRESETS["cispo"].params.eps_high) == (0.2, 0.4)

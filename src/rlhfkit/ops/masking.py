@@ -15,6 +15,10 @@ import torch
 AggregationName = Literal["token_mean", "seq_mean_token_mean", "fixed_length", "sum"]
 
 
+AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "fixed_length", "sum")
+"""The aggregation modes (``sum`` is for losses whose normaliser is 1)."""
+
+
 @dataclass(frozen=True)
 class Aggregation:
     """A loss-aggregation mode.
@@ -31,7 +35,7 @@ class Aggregation:
     max_len: int = 1
 
     def __post_init__(self) -> None:
-        if self.mode not in ("token_mean", "seq_mean_token_mean", "fixed_length", "sum"):
+        if self.mode not in AGGREGATIONS:
             raise ValueError(
                 f"unknown aggregation mode {self.mode!r}; choose token_mean, "
                 "seq_mean_token_mean, fixed_length or sum"

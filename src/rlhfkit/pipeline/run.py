@@ -21,7 +21,8 @@
 6. **eval**: gold reward, reward-model reward, win rate against the SFT model by the gold
    judge, KL to the SFT model, lengths, and the best-of-N curve of the SFT model
    (``<run>/eval.json``; :mod:`rlhfkit.pipeline.evaluation`).
-7. **report**: ``<run>/report.html`` (:func:`rlhfkit.eval.report.render_report`).
+7. **report**: ``<run>/report.html`` (:func:`rlhfkit.eval.report.render_report`; it needs the
+   ``plot`` extra, which the pipeline checks before the first stage).
 
 Every stage is skipped when its output exists (each is written atomically), and the training
 stages resume from their last checkpoint, so re-running the same command after a crash or
@@ -38,113 +39,31 @@ import random
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
 from rlhfkit.atomic import atomic_write_text
-from rlhfkit.config import LogConfig, LoopConfig, ModelConfig, OptimConfig
+from rlhfkit.config import LogConfig
 from rlhfkit.data.tasks.preferences import gold_prefers
+from rlhfkit.extras import require_extra
 from rlhfkit.inference.evaluate import EvalDataConfig, evaluate_prompts
-from rlhfkit.pipeline.evaluation import EvalStageConfig, evaluate_stage, report_data
-from rlhfkit.recipes import dpo, pg, reward_model, sft
-from rlhfkit.rollout.hf import SamplingConfig
+from rlhfkit.pipeline.config import CandidatesConfig as CandidatesConfig
+from rlhfkit.pipeline.config import LabelsConfig as LabelsConfig
+from rlhfkit.pipeline.config import OptimiseConfig as OptimiseConfig
+from rlhfkit.pipeline.config import PipelineConfig
+from rlhfkit.pipeline.evaluation import evaluate_stage, report_data
+from rlhfkit.recipes import dpo, reward_model, sft
+from rlhfkit.recipes import policy_gradient as pg
 
 log = logging.getLogger(__name__)
 console = Console()
 
 GOLD = "rlhfkit.data.tasks.preferences:gold_score"
 """The built-in task's gold judge as a reward (logged beside the proxy, weight 0)."""
-
-
-@dataclass
-class CandidatesConfig:
-    """Step 2: what the SFT model samples for labelling."""
-
-    source: str = "builtin:preferences"
-    """Preference prompts (their ``reference`` and ``task`` fields feed the gold judge)."""
-    limit: int | None = 256
-    """Distinct prompts sampled."""
-    sampling: SamplingConfig = field(
-        default_factory=lambda: SamplingConfig(max_new_tokens=64, temperature=1.0, num_samples=2)
-    )
-
-
-@dataclass
-class LabelsConfig:
-    """Step 3: who labels the candidate pairs."""
-
-    mode: Literal["gold", "judge", "human"] = "gold"
-    """Programmatic gold judge, an LLM judge, or people (export, then import)."""
-    judge: str = "judge:smollm2-135m-instruct"
-    """The LLM judge: judge:<model name or dir> or judge:openai:<base_url>#<model>."""
-    mix_builtin: bool = True
-    """Also train the reward model on the task's gold-labelled training pairs."""
-    likert: Literal["likert5", "likert8"] = "likert5"
-    """Human mode: the labelling app's scale (5-point with tie, 8-point without)."""
-    overlap: int = 1
-    """Human mode: labels wanted per pair (the majority side decides)."""
-    guidelines: str = "Pick the reply that answers the request correctly, clearly and concisely."
-    """Human mode: Markdown guidelines shown to labellers."""
-
-
-@dataclass
-class OptimiseConfig:
-    """Step 5: how the SFT model is optimised."""
-
-    method: str = "ppo"
-    """A policy-gradient preset (ppo, grpo, rloo, ...) against the reward model, or dpo."""
-
-
-@dataclass
-class PipelineConfig:
-    """rlhfkit pipeline: SFT -> candidates -> labels -> reward model -> RL/DPO -> eval -> report."""
-
-    model: ModelConfig = field(default_factory=ModelConfig)
-    """The starting model (every stage's precision and loading options)."""
-    sft: sft.SFTConfig = field(
-        default_factory=lambda: sft.SFTConfig(
-            data=sft.SFTDataConfig(mask_mode="all_assistant_turns"),
-            optim=OptimConfig(lr=5e-5, warmup_ratio=0.1),
-            loop=LoopConfig(batch_size=16, max_steps=30, micro_batch_tokens=2048),
-        )
-    )
-    candidates: CandidatesConfig = field(default_factory=CandidatesConfig)
-    labels: LabelsConfig = field(default_factory=LabelsConfig)
-    rm: reward_model.RMConfig = field(
-        default_factory=lambda: reward_model.RMConfig(
-            loop=LoopConfig(batch_size=16, max_steps=12, micro_batch_tokens=4096)
-        )
-    )
-    optimise: OptimiseConfig = field(default_factory=OptimiseConfig)
-    rl: pg.PGConfig = field(
-        default_factory=lambda: pg.PGConfig(
-            data=pg.PGDataConfig(train="builtin:preferences", schema="preference"),
-            algo=pg.PGAlgoConfig(epochs=2, truncation_penalty=-6.0),
-            critic=pg.CriticConfig(lr=1e-5),
-            sampling=SamplingConfig(max_new_tokens=64, temperature=0.7, num_samples=4),
-            optim=OptimConfig(lr=5e-6, schedule="constant", warmup_ratio=0.0),
-            loop=LoopConfig(batch_size=8, max_steps=16, save_every=4),
-            sample_every=4,
-        )
-    )
-    """Policy-gradient settings (data, algo, critic, sampling, optim, loop); the preset is
-    optimise.method, the rewards are the reward model and (weight 0) the gold judge."""
-    dpo: dpo.DPOConfig = field(
-        default_factory=lambda: dpo.DPOConfig(
-            data=dpo.DPODataConfig(eval=None),
-            optim=OptimConfig(lr=3e-5, warmup_ratio=0.1),
-            loop=LoopConfig(batch_size=16, epochs=1.0, save_every=8),
-            eval=dpo.DPOEvalConfig(win_rate=False),
-        )
-    )
-    """DPO settings (algo, optim, loop) for optimise.method dpo (the pipeline's eval stage does
-    the evaluation, so DPO's own win-rate pass is off)."""
-    eval: EvalStageConfig = field(default_factory=EvalStageConfig)
-    log: LogConfig = field(default_factory=lambda: LogConfig(run_dir="runs/pipeline"))
 
 
 def _sub_log(cfg: PipelineConfig, name: str) -> LogConfig:
@@ -428,8 +347,15 @@ def demo(cfg: PipelineConfig) -> Path:
 
 
 def main(cfg: PipelineConfig) -> Path:
-    """Run the stages in order, skipping finished ones; returns the run directory."""
+    """Run the stages in order, skipping finished ones; returns the run directory.
+
+    Raises:
+        MissingExtraError: Before any stage runs, when the report is still to be written and
+            matplotlib (the ``plot`` extra) is not installed.
+    """
     run = Path(cfg.log.run_dir)
+    if not (run / "report.html").exists():
+        require_extra("plot", "the pipeline's report (report.html)")
     run.mkdir(parents=True, exist_ok=True)
     status = _stages(run)
     for k, stage in enumerate(STAGES, 1):

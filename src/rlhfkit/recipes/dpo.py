@@ -282,9 +282,10 @@ def main(cfg: DPOConfig) -> Path:
     per_epoch = len(train.pairs) // cfg.loop.batch_size
     total = cfg.loop.max_steps or max(1, math.ceil(cfg.loop.epochs * per_epoch))
     ctx.start_training(cfg.optim, total, resume=cfg.loop.resume)
-    before = gold_comparison(ctx, cfg, None) if ctx.step == 0 else ctx.extra.get("gold_before")
+    saved = ctx.resume_state.get("gold_before")
+    before = gold_comparison(ctx, cfg, None) if ctx.step == 0 else saved
     if before is not None:
-        ctx.extra["gold_before"] = before
+        ctx.resume_state["gold_before"] = before
     step_loss, count = make_step_loss(ctx.model, cfg.algo), example_count(cfg.algo)
     if ctx.step == 0 and held_out is not None:
         ctx.logger.log(0, heldout_metrics(ctx, held_out, step_loss, count, cfg))
@@ -295,7 +296,7 @@ def main(cfg: DPOConfig) -> Path:
             batch_limit=batch_limit, save_every=cfg.loop.save_every,
         )  # fmt: skip
     final_evaluation(ctx, cfg, held_out, step_loss, count)
-    ctx.extra.pop("gold_before", None)
+    ctx.resume_state.pop("gold_before", None)
     return finish_run(ctx, cfg.loop.keep_last)
 
 
@@ -355,7 +356,7 @@ def final_evaluation(
     """
     final = heldout_metrics(ctx, held_out, step_loss, count, cfg) if held_out is not None else {}
     final.update(kl_metrics(ctx, cfg))
-    after = gold_comparison(ctx, cfg, ctx.extra.get("gold_before"))
+    after = gold_comparison(ctx, cfg, ctx.resume_state.get("gold_before"))
     if after:
         final.update({f"eval/gold/{k}": v for k, v in after["summary"].items()})
     ctx.logger.log(ctx.step, final)

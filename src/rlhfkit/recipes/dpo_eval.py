@@ -7,6 +7,10 @@
 - Gold: on the built-in preference task, greedy replies to held-out prompts before and after
   training, compared by the gold judge (win rate of the trained model against the starting one,
   and mean gold scores).
+
+Both samples come from the KV-cache sampler every command uses
+(:func:`rlhfkit.rollout.sampler.chat_generator` on the policy; prompts rendered with the chat
+template).
 """
 
 from __future__ import annotations
@@ -15,11 +19,14 @@ from typing import Any
 
 import torch
 
+from rlhfkit.data.prompts import conversation_rows
 from rlhfkit.data.schemas import load_examples
 from rlhfkit.data.sources import load_rows
 from rlhfkit.eval.gold import gold_win_rate
 from rlhfkit.eval.kl import sampled_kl
-from rlhfkit.rollout.hf import SamplingConfig, sample_chat
+from rlhfkit.eval.run import sample_grid
+from rlhfkit.rollout.hf import SamplingConfig
+from rlhfkit.rollout.sampler import chat_generator
 from rlhfkit.training.accumulate import accumulate
 from rlhfkit.training.distributed import all_reduce_sum
 from rlhfkit.training.run import RunContext
@@ -126,7 +133,9 @@ def gold_comparison(ctx: RunContext, cfg: Any, before: dict | None) -> dict | No
         return None
     prompts, refs = gold_prompts(cfg.eval.prompts)
     sampling = SamplingConfig(max_new_tokens=cfg.eval.max_new_tokens, temperature=0.0)
-    replies = [r[0] for r in sample_chat(ctx.model, ctx.tokenizer, prompts, sampling)]
+    generator = chat_generator(ctx.model, ctx.tokenizer)
+    rows = conversation_rows(ctx.tokenizer, prompts)
+    replies = [r[0] for r in sample_grid(generator, ctx.tokenizer, rows, sampling).texts]
     if before is None:
         return {"replies": replies}
     summary = gold_win_rate(replies, before["replies"], refs)

@@ -8,7 +8,11 @@ wrote; here every round's pairs come from the policy being trained, labelled by 
 Loop, for round k = 1 .. ``rounds``:
     1. Prompts: the next ``prompts_per_round`` distinct prompts of the training source (a seeded
        shuffle, cycled).
-    2. Sample ``num_samples`` completions per prompt from the current policy.
+    2. Sample ``num_samples`` completions per prompt from the current policy, with the KV-cache
+       sampler every command uses (:func:`rlhfkit.rollout.sampler.chat_generator`, prompts
+       rendered with the chat template, :func:`rlhfkit.eval.run.sample_grid`). The seed of a
+       prompt's chunk is ``loop.seed * 1_000_003`` plus the prompt's position in the stream of
+       round prompts, so no two chunks of a run share a random stream.
     3. Score them with the reward: ``rm:<checkpoint>`` (a reward model from ``rlhfkit rm train``)
        or any ``module:function`` (:mod:`rlhfkit.rewards`); None skips a completion.
     4. Pair the best completion of each prompt with its worst; prompts whose best and worst
@@ -48,7 +52,10 @@ from rlhfkit.config import LogConfig, to_dict
 from rlhfkit.data.collate import supports_padding_free
 from rlhfkit.data.groups import TokenizedGroup, tokenize_groups
 from rlhfkit.data.preferences import RankedGroup
+from rlhfkit.data.prompts import PromptRow
 from rlhfkit.data.schemas import load_examples
+from rlhfkit.data.templates import render_prompt
+from rlhfkit.eval.run import sample_grid
 from rlhfkit.losses.preference import PREFERENCE_LOSSES
 from rlhfkit.models.heads import supports_prefix_trees
 from rlhfkit.recipes.dpo import (
@@ -62,7 +69,8 @@ from rlhfkit.recipes.dpo import (
 )
 from rlhfkit.recipes.dpo_eval import gold_comparison, heldout_metrics
 from rlhfkit.rewards import load_reward_fn, score_completions
-from rlhfkit.rollout.hf import SamplingConfig, sample_chat
+from rlhfkit.rollout.hf import SamplingConfig
+from rlhfkit.rollout.sampler import chat_generator
 from rlhfkit.training.reference import cached_reference, compute_reference
 from rlhfkit.training.run import RunContext, build_run, finish_run
 
@@ -172,9 +180,11 @@ def sample_round(
         temperature=on.temperature,
         top_p=on.top_p,
         num_samples=on.num_samples,
-        seed=cfg.loop.seed * 1_000_003 + k,
+        seed=cfg.loop.seed * 1_000_003 + k * on.prompts_per_round,  # + the prompt's index
     )
-    samples = sample_chat(ctx.model, ctx.tokenizer, [p["prompt"] for p in chosen], sampling)
+    rows = [PromptRow(render_prompt(ctx.tokenizer, p["prompt"]), p) for p in chosen]
+    generator = chat_generator(ctx.model, ctx.tokenizer)
+    samples = sample_grid(generator, ctx.tokenizer, rows, sampling).texts
     flat = [c for completions in samples for c in completions]
     fields = [p for p, completions in zip(chosen, samples, strict=True) for _ in completions]
     flat_scores = score_completions(reward, flat, fields)
@@ -245,14 +255,15 @@ def main(cfg: OnlineDPOConfig) -> Path:
         held_out = PairBatches(held, ref, ctx.packing, ctx.pad_id, share) if held else None
     total = on.rounds * on.steps_per_round
     ctx.start_training(cfg.optim, total, resume=cfg.loop.resume)
-    before = gold_comparison(ctx, cfg, None) if ctx.step == 0 else ctx.extra.get("gold_before")
+    saved = ctx.resume_state.get("gold_before")
+    before = gold_comparison(ctx, cfg, None) if ctx.step == 0 else saved
     if before is not None:
-        ctx.extra["gold_before"] = before
+        ctx.resume_state["gold_before"] = before
     loss = (make_step_loss(ctx.model, cfg.algo), example_count(cfg.algo))
     if ctx.step == 0 and held_out is not None:
         ctx.logger.log(0, heldout_metrics(ctx, held_out, *loss, cfg))
     with ctx.progress(total) as bar:
-        for k in range(int(ctx.extra.get("round", 0)), on.rounds):
+        for k in range(int(ctx.resume_state.get("round", 0)), on.rounds):
             pairs, metrics, records = sample_round(ctx, cfg, reward, prompts, k)
             ctx.logger.log(ctx.step, metrics)
             log.info("round %d: %s", k + 1, {n: round(v, 4) for n, v in metrics.items()})
@@ -271,8 +282,8 @@ def main(cfg: OnlineDPOConfig) -> Path:
                 )  # fmt: skip
             else:
                 log.warning("round %d: every prompt tied; no update this round", k + 1)
-            ctx.extra["round"] = k + 1
+            ctx.resume_state["round"] = k + 1
             ctx.save(cfg.loop.keep_last)
     final_evaluation(ctx, cfg, held_out, *loss)
-    ctx.extra.pop("gold_before", None)
+    ctx.resume_state.pop("gold_before", None)
     return finish_run(ctx, cfg.loop.keep_last)

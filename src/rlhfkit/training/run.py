@@ -109,7 +109,11 @@ class RunContext:
     """(model name, LoRA spec, load_model keywords) of a LoRA run, to rebuild the fp32 base."""
     optimizer: torch.optim.Optimizer | None = None
     scheduler: Any = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    resume_state: dict[str, Any] = field(default_factory=dict)
+    """What a resumed run needs besides weights, optimiser and data position: plain values kept
+    in every checkpoint (skipped batches, a recipe's counters and controllers)."""
+    step_values: dict[str, float] = field(default_factory=dict)
+    """Values of the last step for the log only (learning rate, gradient norms); never saved."""
     source: tuple[str, dict[str, Any]] | None = None
     """(model name, load_model keywords) of the starting model, to load it again as pi_ref."""
     companions: dict[str, Companion] = field(default_factory=dict)
@@ -179,20 +183,20 @@ class RunContext:
                         len(ranks), self.dist.world_size)  # fmt: skip
         else:
             restore_rng(ranks[self.dist.rank])
-        self.step, self.extra = state.step, state.extra
+        self.step, self.resume_state = state.step, dict(state.extra)
         self.saved_step = state.step
         log.info("resumed from %s at step %d", path, self.step)
 
     @property
     def batches_done(self) -> int:
         """Batches consumed: optimiser steps plus skipped (non-finite) batches."""
-        return self.step + int(self.extra.get("skipped", 0))
+        return self.step + int(self.resume_state.get("skipped", 0))
 
     def apply_step(self, stats: StepStats, max_grad_norm: float, max_nonfinite: int) -> bool:
         """Clip, step and schedule after ``accumulate``; skip a non-finite batch.
 
         A NaN/inf loss or gradient norm drops the gradients and moves on to the next batch
-        (counted in ``extra["skipped"]``) without touching the weights or the schedule.
+        (counted in ``resume_state["skipped"]``) without touching the weights or the schedule.
 
         Returns:
             True if the optimiser stepped; False if the batch was skipped.
@@ -211,9 +215,9 @@ class RunContext:
             self._skip(max_nonfinite, "loss" if not stats.finite else "gradient norm")
             return False
         self.nonfinite = 0
-        self.extra["grad_norm"] = norms.pop("")
-        self.extra.update({f"grad_norm/{name}": v for name, v in norms.items()})
-        self.extra["lr"] = self.scheduler.get_last_lr()[0]  # the rate this step uses
+        self.step_values["grad_norm"] = norms.pop("")
+        self.step_values.update({f"grad_norm/{name}": v for name, v in norms.items()})
+        self.step_values["lr"] = self.scheduler.get_last_lr()[0]  # the rate this step uses
         self.optimizer.step()
         self.scheduler.step()
         self.master.zero_grad()
@@ -245,7 +249,7 @@ class RunContext:
         for master in self._masters().values():
             master.zero_grad()
         self.nonfinite += 1
-        self.extra["skipped"] = int(self.extra.get("skipped", 0)) + 1
+        self.resume_state["skipped"] = int(self.resume_state.get("skipped", 0)) + 1
         log.warning(
             "step %d: non-finite %s, batch skipped (%d in a row)", self.step, what, self.nonfinite
         )
@@ -261,9 +265,13 @@ class RunContext:
         """Log ``metrics`` plus learning rate and gradient norm every ``every`` steps."""
         if every and self.step % every == 0:
             extra = {
-                "train/lr": self.extra.get("lr", 0.0),
-                "train/grad_norm": self.extra.get("grad_norm", 0.0),
-                **{f"train/{k}": v for k, v in self.extra.items() if k.startswith("grad_norm/")},
+                "train/lr": self.step_values.get("lr", 0.0),
+                "train/grad_norm": self.step_values.get("grad_norm", 0.0),
+                **{
+                    f"train/{k}": v
+                    for k, v in self.step_values.items()
+                    if k.startswith("grad_norm/")
+                },
             }
             self.logger.log(self.step, {**metrics, **extra})
 
@@ -290,7 +298,7 @@ class RunContext:
             scheduler=self.scheduler.state_dict(),
             rng={"ranks": rng},
             data=data,
-            extra={k: v for k, v in self.extra.items() if not k.startswith(("grad_norm", "lr"))},
+            extra=dict(self.resume_state),
         )
         path = save_checkpoint(self.run_dir, weights, state, keep_last=keep_last)
         barrier()

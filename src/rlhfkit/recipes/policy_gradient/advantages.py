@@ -1,0 +1,222 @@
+"""Step 5 of a policy-gradient step: log-probs under pi_old and pi_ref, the KL, the advantages.
+
+1. :func:`attach_logprobs`: log pi_old on the learner (when the batch serves several steps, has
+   a critic or an exact KL in the reward) and log pi_ref (when a KL enters the reward or the
+   loss); the exact per-token KL for the reward when the KL source needs hidden states.
+2. :func:`assign_advantages`: the KL in the reward (per sequence off the sequence reward, or per
+   token inside the token stage), the preset's estimator on the (P, G) rewards with skipped
+   completions left out of every baseline, and for a token-level estimator REINFORCE++'s
+   whitened returns-to-go or PPO's GAE with the critic's values.
+
+The math lives in :mod:`rlhfkit.ops.advantages` and :mod:`rlhfkit.ops.kl`; this module applies
+it to rollout micro-batches.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from rlhfkit.models.forward import fused_head, rollout_logprobs
+from rlhfkit.ops import advantages as adv_ops
+from rlhfkit.ops.masking import masked_mean
+from rlhfkit.recipes.policy_gradient.config import PGAlgoConfig
+from rlhfkit.recipes.policy_gradient.presets import ESTIMATORS, BaselineInputs, KLSide
+from rlhfkit.recipes.policy_gradient.state import LoopState, PGRun, RolloutBatch, RolloutMicroBatch
+from rlhfkit.rewards.shaping import kl_in_reward
+from rlhfkit.training.distributed import all_reduce_sum
+
+
+@torch.no_grad()
+def forward_logprobs(
+    model: torch.nn.Module, batches: list[RolloutMicroBatch], temperature: float
+) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Detached (B, T) fp32 log-probs and (N, H) final hidden states of ``model`` (eval mode)."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for b in batches:
+        logprobs, hidden = rollout_logprobs(model, b.inputs, temperature=temperature)
+        out.append((logprobs.float(), hidden))
+    model.train(was_training)
+    return out
+
+
+def attach_logprobs(run: PGRun, batch: RolloutBatch) -> None:
+    """Store log pi_old and log pi_ref on every micro-batch, and the exact KL for the reward."""
+    preset, batches, t = run.preset, batch.batches, run.temperature
+    exact = preset.uses_kl and preset.kl.needs_hidden
+    old_hidden: list[torch.Tensor | None] = [None] * len(batches)
+    if run.needs_old:
+        for i, (b, (logprobs, hidden)) in enumerate(
+            zip(batches, forward_logprobs(run.ctx.model, batches, t), strict=True)
+        ):
+            b.old_logprobs, old_hidden[i] = logprobs, hidden
+    if not preset.uses_kl:
+        return
+    with run.reference() as ref:
+        for b, (logprobs, hidden) in zip(batches, forward_logprobs(ref, batches, t), strict=True):
+            b.ref_logprobs, b.ref_hidden = logprobs, hidden if exact else None
+        if exact:
+            run.ref_head = fused_head(ref).weight.detach()
+    if exact and preset.kl_placement == "reward":
+        head = fused_head(run.ctx.model).weight.detach()
+        with torch.no_grad():
+            for b, hidden in zip(batches, old_hidden, strict=True):
+                b.kl = preset.kl.reward(
+                    KLSide(b.old_logprobs, hidden, head),
+                    KLSide(b.ref_logprobs, b.ref_hidden, run.ref_head), b.mask, t,
+                ).float()  # fmt: skip
+                b.ref_hidden = None  # needed in the loss only
+
+
+def token_kl(b: RolloutMicroBatch) -> torch.Tensor:
+    """Per-token KL for the reward, (B, T).
+
+    The exact one when computed, else k1 = log pi_old (or the sampler's log-prob when pi_old was
+    not computed) - log pi_ref.
+    """
+    return b.kl if b.kl is not None else b.kl_logprobs - b.ref_logprobs
+
+
+def sequence_kl(batches: list[RolloutMicroBatch], n: int) -> torch.Tensor:
+    """Per sequence sum_t KL_t (:func:`token_kl`), in rollout order. Shapes: returns (n,) fp64."""
+    out = torch.zeros(n, dtype=torch.float64)
+    for b in batches:
+        out[b.rows.cpu()] = torch.where(b.mask, token_kl(b), 0.0).sum(1).double().cpu()
+    return out
+
+
+def estimate(
+    rewards: torch.Tensor, name: str, algo: PGAlgoConfig, inputs: BaselineInputs
+) -> torch.Tensor:
+    """Advantages of (P, G) rewards where NaN marks a skipped completion (A = 0 there).
+
+    With every completion scored the estimator sees the full tensor. Otherwise a group estimator
+    runs on each group's scored samples alone (a group below ``min_size`` gets 0) and a batch
+    estimator on all scored samples, so a skipped completion moves no baseline.
+
+    Shapes:
+        rewards: (P, G) fp64; returns (P, G).
+    """
+    est = ESTIMATORS[name]
+    valid = ~torch.isnan(rewards)
+    if bool(valid.all()):
+        return est.fn(rewards, inputs, algo)
+    out = torch.zeros_like(rewards)
+    if est.scope == "batch":
+        if bool(valid.any()):
+            out[valid] = est.fn(rewards[valid], inputs, algo)
+        return out
+    for i in range(rewards.shape[0]):
+        row = rewards[i, valid[i]]
+        if row.numel() < max(est.min_size, 1):
+            continue
+        out[i, valid[i]] = est.fn(row[None], inputs.row(i), algo)[0]
+    return out
+
+
+def broadcast(batches: list[RolloutMicroBatch], advantages: torch.Tensor) -> None:
+    """Set each micro-batch's advantages to its completions' values broadcast over tokens."""
+    for b in batches:
+        values = advantages[b.rows.cpu()].to(b.advantages.dtype).to(b.advantages.device)
+        b.advantages = values[:, None].expand_as(b.mask).clone()
+
+
+def global_whiten(batches: list[RolloutMicroBatch], values: list[torch.Tensor]) -> None:
+    """Set every micro-batch's advantages to ``values`` whitened over all masked tokens.
+
+    The mean and the unbiased std are taken over every completion token of every micro-batch
+    and every rank (global whitening, eps 1e-8).
+    """
+    pairs = list(zip(batches, values, strict=True))
+    total = sum(float(torch.where(b.mask, r, 0.0).sum()) for b, r in pairs)
+    squares = sum(float(torch.where(b.mask, r, 0.0).square().sum()) for b, r in pairs)
+    count = sum(float(b.mask.sum()) for b in batches)
+    stats = tuple(
+        torch.tensor(all_reduce_sum(v), dtype=torch.float64) for v in (total, squares, count)
+    )
+    for b, r in pairs:
+        b.advantages = adv_ops.masked_whiten(r, b.mask, stats=stats).float()
+
+
+def token_rewards(b: RolloutMicroBatch, kl_coef: float) -> torch.Tensor:
+    """r_t = -c_KL KL_t plus the sequence score at the last completion token, (B, T) fp64.
+
+    On entry ``b.advantages`` holds each sequence's score broadcast over its tokens.
+    """
+    kl = token_kl(b) if kl_coef else torch.zeros_like(b.sampler_logprobs)
+    return kl_in_reward(b.advantages[:, 0].double(), kl.double(), b.mask, kl_coef, True)
+
+
+def returns_to_go_advantages(batches: list[RolloutMicroBatch], kl_coef: float) -> None:
+    """REINFORCE++: whitened returns-to-go of the per-token rewards, over the global batch."""
+    returns = [adv_ops.returns_to_go(token_rewards(b, kl_coef), b.mask) for b in batches]
+    global_whiten(batches, returns)
+
+
+def gae_advantages(
+    batches: list[RolloutMicroBatch], kl_coef: float, *, gamma: float, lam: float, whiten: bool
+) -> None:
+    """PPO: GAE on the per-token rewards with the critic's V_old, and the returns R = A + V_old.
+
+    Reads ``old_values`` (set by the critic before the update); with ``whiten`` the advantages
+    are whitened over the global batch.
+    """
+    raw = []
+    for b in batches:
+        if b.old_values is None:
+            raise ValueError("GAE needs the critic's values (old_values) on every micro-batch")
+        adv, returns = adv_ops.gae(
+            token_rewards(b, kl_coef), b.old_values.double(), b.mask, gamma=gamma, lam=lam
+        )
+        b.returns = returns.float()
+        raw.append(adv)
+    if whiten:
+        global_whiten(batches, raw)
+    else:
+        for b, a in zip(batches, raw, strict=True):
+            b.advantages = a.float()
+
+
+def _token_level(run: PGRun, batch: RolloutBatch, kl_coef: float) -> torch.Tensor:
+    """The token stage in place; returns each completion's mean advantage, (P*G,)."""
+    preset, batches = run.preset, batch.batches
+    in_reward = kl_coef if preset.uses_kl and preset.kl_placement == "reward" else 0.0
+    if "critic" in preset.estimator.needs:
+        critic = run.cfg.critic
+        gae_advantages(
+            batches, in_reward, gamma=critic.gamma, lam=critic.lam,
+            whiten=preset.whiten_advantages,
+        )  # fmt: skip
+    else:
+        returns_to_go_advantages(batches, in_reward)
+    out = torch.zeros_like(batch.advantages)
+    for b in batches:
+        out[b.rows.cpu()] = masked_mean(b.advantages, b.mask, dim=-1).double().cpu()
+    return out
+
+
+def assign_advantages(run: PGRun, state: LoopState, batch: RolloutBatch) -> None:
+    """The KL in the reward and the preset's advantages, on every micro-batch (and the EMA)."""
+    preset, rewards = run.preset, batch.rewards
+    valid = [i for i, v in enumerate(rewards.flatten().tolist()) if not math.isnan(v)]
+    kl_coef = state.current_kl_coef(preset)
+    shaped = rewards
+    if preset.uses_kl:
+        kl = sequence_kl(batch.batches, rewards.numel())
+        batch.stats["rollout/kl_seq"] = float(kl[valid].mean()) if valid else 0.0
+        if preset.kl_placement == "reward" and preset.kl_per == "seq":
+            shaped = rewards - kl_coef * kl.view_as(rewards)
+    inputs = BaselineInputs(ema=state.ema_baseline, greedy=batch.sampled.greedy)
+    advantages = estimate(shaped, preset.advantage, run.cfg.algo, inputs)
+    if "ema" in preset.estimator.needs and valid:
+        flat = rewards.flatten()[valid]
+        state.ema_baseline = adv_ops.ema_baseline(flat, state.ema_baseline, run.cfg.algo.ema_decay)[
+            1
+        ]
+    batch.advantages = torch.nan_to_num(advantages.flatten(), nan=0.0)
+    broadcast(batch.batches, batch.advantages)
+    if preset.estimator.level == "token":
+        batch.advantages = _token_level(run, batch, kl_coef)

@@ -1,0 +1,232 @@
+"""Configuration of ``rlhfkit rl``: the option groups and the preset row they resolve to."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field, replace
+
+from rlhfkit.config import LogConfig, LoopConfig, ModelConfig, OptimConfig
+from rlhfkit.losses.policy import OBJECTIVES
+from rlhfkit.ops.masking import AGGREGATIONS
+from rlhfkit.recipes.policy_gradient.presets import (
+    ESTIMATORS,
+    KL_PLACEMENTS,
+    KL_SOURCES,
+    PG_PRESETS,
+    PLANNED_ESTIMATORS,
+    PGPreset,
+)
+from rlhfkit.rollout.hf import SamplingConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PGDataConfig:
+    """Prompts to sample from (any schema with a prompt; the row's fields reach the rewards)."""
+
+    train: str = "builtin:arithmetic"
+    """Prompt source: a .jsonl/.json/.parquet/.csv file, a hub dataset, or builtin:NAME."""
+    train_split: str = "train"
+    """Split of the source."""
+    schema: str = "verifiable"
+    """Row format (see the data formats page of the documentation)."""
+    max_prompt_len: int = 512
+    """Prompt tokens kept (cut from the left)."""
+    limit: int | None = None
+    """Use only the first N rows."""
+    share_prefix: bool = True
+    """Train on prefix trees: each prompt computed once for its completions, no padding (needs
+    the varlen_sdpa attention; otherwise padded rows)."""
+
+
+@dataclass
+class PGAlgoConfig:
+    """Which preset, and overrides of its axes and modifiers (None: the preset's value)."""
+
+    preset: str = "grpo"
+    """reinforce, rloo, remax, reinforce_pp, ppo, grpo, dr_grpo, dapo, gspo, cispo, sapo or
+    maxrl (grpo_process is in the table but not yet runnable)."""
+    advantage: str | None = None
+    """Advantage estimator (batch_baseline, ema_baseline, leave_one_out, group_zscore, ...)."""
+    objective: str | None = None
+    """reinforce, ppo_clip, gspo, cispo or sapo."""
+    aggregation: str | None = None
+    """seq_mean_token_mean, token_mean or fixed_length."""
+    kl_placement: str | None = None
+    """none, reward or loss."""
+    kl_estimator: str | None = None
+    """k1, k2, k3 or full (exact over the vocabulary, from both models' hidden states)."""
+    kl_coef: float | None = None
+    """KL coefficient c_KL (the adaptive controller's starting value)."""
+    beta: float | None = None
+    """Deprecated spelling of --algo.kl_coef, accepted for one release (in rlhfkit ``beta`` is
+    the DPO family's coefficient)."""
+    eps_low: float | None = None
+    """Lower clip range."""
+    eps_high: float | None = None
+    """Upper clip range."""
+    std: str = "unbiased"
+    """group_zscore: 'unbiased' or 'biased' std."""
+    std_eps: float = 1e-4
+    """group_zscore: added to the std."""
+    ema_decay: float = 0.9
+    """ema_baseline: decay of the running baseline."""
+    kl_target: float | None = None
+    """Adaptive KL controller (Ziegler 2019): target sequence KL in nats (None: fixed kl_coef)."""
+    kl_horizon: int = 10_000
+    """Adaptive KL controller: horizon in samples."""
+    tis_cap: float = 2.0
+    """Truncated importance sampling cap C against the sampler's log-probs (inf: plain IS)."""
+    truncation_penalty: float | None = None
+    """Reward of a completion cut at max_new_tokens, given without calling the rewards (None:
+    score it like the others)."""
+    mask_truncated: bool = False
+    """Skip completions cut at max_new_tokens (no reward call, no loss; DAPO's overlong filter)."""
+    dynamic_sampling: bool | None = None
+    """Drop groups whose rewards are all equal and sample more prompts (DAPO)."""
+    max_refills: int = 3
+    """Dynamic sampling: most extra sampling rounds per batch."""
+    pass_rate_band: tuple[float, float] | None = None
+    """Online difficulty filter: keep only groups whose pass rate (share of samples with reward
+    >= pass_threshold) lies in [low, high], refilling like dynamic sampling (e.g. 0.2 0.8)."""
+    pass_threshold: float = 1.0
+    """A sample passes the online difficulty filter when its reward is at least this."""
+    overlong_penalty: bool | None = None
+    """Add DAPO's soft overlong penalty to the reward."""
+    overlong_cache: int | None = None
+    """Overlong penalty's L_cache (None: max_new_tokens // 4); L_max is max_new_tokens."""
+    length_penalty: float = 0.0
+    """Reward -length_penalty per completion token beyond length_budget (0: off)."""
+    length_budget: int = 0
+    """Completion tokens free of the length penalty."""
+    epochs: int | None = None
+    """Optimiser passes over each rollout batch (None: the preset's; PPO 4, others 1)."""
+    minibatches: int = 1
+    """Optimiser steps per pass: the rollout batch is cut into this many minibatches."""
+
+
+@dataclass
+class CriticConfig:
+    """PPO's value model (used only by presets with a critic)."""
+
+    init: str = "auto"
+    """'reward_model' (the --critic.model reward model, or the rm:<dir> reward's), 'policy'
+    (the policy's weights plus a new scalar head), or 'auto' (reward_model when one is known)."""
+    model: str | None = None
+    """Checkpoint of the value model (default: by ``init``)."""
+    lr: float = 1e-5
+    """Learning rate of the value model (same schedule as the policy)."""
+    vf_coef: float = 0.5
+    """c_v: weight of the value loss in L = L_pi + c_v L_V."""
+    value_clip: float | None = 0.2
+    """eps_v: value clipping around V_old (None: no clipping)."""
+    gamma: float = 1.0
+    """Discount of GAE."""
+    lam: float = 0.95
+    """lambda of GAE."""
+    warmup_steps: int = 0
+    """Optimiser steps at the start that train only the value model."""
+
+
+@dataclass
+class PGConfig:
+    """rlhfkit rl: policy-gradient RL against rewards."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: PGDataConfig = field(default_factory=PGDataConfig)
+    algo: PGAlgoConfig = field(default_factory=PGAlgoConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
+    sampling: SamplingConfig = field(
+        default_factory=lambda: SamplingConfig(max_new_tokens=64, temperature=1.0, num_samples=8)
+    )
+    rewards: tuple[str, ...] = ("rlhfkit.rewards.answers:exact_answer",)
+    """Rewards: 'module:function', 'path/file.py:function' or 'rm:<reward model dir>'."""
+    weights: tuple[float, ...] = ()
+    """Weight of each reward (default 1 each)."""
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6, warmup_ratio=0.0))
+    loop: LoopConfig = field(default_factory=lambda: LoopConfig(batch_size=4, max_steps=100))
+    """Batching and run length. Here ``batch_size`` counts prompts per rollout batch, each
+    sampled ``sampling.num_samples`` times; ``max_steps`` counts optimiser steps."""
+    log: LogConfig = field(default_factory=lambda: LogConfig(run_dir="runs/rl"))
+    sample_every: int = 10
+    """Write a few completions to samples.jsonl every N steps (0: never)."""
+
+
+_AXES = ("advantage", "objective", "aggregation", "kl_placement", "kl_estimator", "kl_coef",
+         "dynamic_sampling", "overlong_penalty", "epochs")  # fmt: skip
+"""Preset fields that an ``--algo`` field of the same name overrides when set."""
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "advantage": (*ESTIMATORS, *PLANNED_ESTIMATORS),
+    "objective": tuple(OBJECTIVES),
+    "aggregation": AGGREGATIONS[:3],
+    "kl_placement": KL_PLACEMENTS,
+    "kl_estimator": tuple(KL_SOURCES),
+}
+"""The values each axis accepts, read from the tables."""
+
+
+def _kl_coef(cfg: PGAlgoConfig) -> float | None:
+    """``--algo.kl_coef``, or the deprecated ``--algo.beta`` (with a warning)."""
+    if cfg.beta is None:
+        return cfg.kl_coef
+    if cfg.kl_coef is not None:
+        raise ValueError("set --algo.kl_coef only (--algo.beta is its deprecated spelling)")
+    log.warning("--algo.beta is deprecated for the RL KL coefficient: use --algo.kl_coef")
+    return cfg.beta
+
+
+def resolve_preset(cfg: PGAlgoConfig) -> PGPreset:
+    """The preset row with the overrides applied, every axis checked against its table.
+
+    Raises:
+        ValueError: An unknown preset or axis value, or settings that do not go together.
+        NotImplementedError: A row whose estimator is not runnable yet.
+    """
+    band = cfg.pass_rate_band
+    if band is not None and not (len(band) == 2 and 0.0 <= band[0] <= band[1] <= 1.0):
+        raise ValueError(f"algo.pass_rate_band: need 0 <= LOW <= HIGH <= 1, got {band}")
+    if cfg.preset not in PG_PRESETS:
+        raise ValueError(f"unknown preset {cfg.preset!r}; choose from {sorted(PG_PRESETS)}")
+    preset = PG_PRESETS[cfg.preset]
+    params = preset.params
+    if cfg.eps_low is not None or cfg.eps_high is not None:
+        params = replace(
+            params,
+            eps_low=cfg.eps_low if cfg.eps_low is not None else params.eps_low,
+            eps_high=cfg.eps_high if cfg.eps_high is not None else params.eps_high,
+        )
+    values = {**{k: getattr(cfg, k, None) for k in _AXES}, "kl_coef": _kl_coef(cfg)}
+    preset = replace(preset, params=params, **{k: v for k, v in values.items() if v is not None})
+    if preset.epochs < 1 or cfg.minibatches < 1:
+        raise ValueError(
+            f"algo.epochs and algo.minibatches must be >= 1, got {preset.epochs}, {cfg.minibatches}"
+        )
+    for axis, allowed in CHOICES.items():
+        if getattr(preset, axis) not in allowed:
+            raise ValueError(
+                f"unknown algo.{axis} {getattr(preset, axis)!r}; choose from {', '.join(allowed)}"
+            )
+    if preset.advantage not in ESTIMATORS:
+        raise NotImplementedError(
+            f"preset {cfg.preset!r} needs advantage {preset.advantage!r} (step rewards from a "
+            "process reward model), which rlhfkit rl does not have yet"
+        )
+    if ("critic" in preset.estimator.needs) != preset.critic:
+        raise ValueError("the 'gae' advantage and a critic go together (preset 'ppo')")
+    return preset
+
+
+def total_steps(cfg: PGConfig, preset: PGPreset, prompts: int) -> int:
+    """Optimiser steps of the run.
+
+    ``loop.max_steps``, else the rollout batches of ``loop.epochs`` passes over the prompts
+    times the steps each batch serves (epochs x minibatches).
+    """
+    if cfg.loop.max_steps:
+        return cfg.loop.max_steps
+    per_epoch = max(1, prompts // cfg.loop.batch_size)
+    per_batch = preset.epochs * cfg.algo.minibatches
+    return per_batch * max(1, math.ceil(cfg.loop.epochs * per_epoch))

@@ -1,0 +1,179 @@
+"""The policy-gradient loop: one step as in the algorithm box, and the run around it."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from rlhfkit.config import to_dict
+from rlhfkit.models.heads import supports_prefix_trees
+from rlhfkit.ops.kl import adaptive_kl_coef
+from rlhfkit.ops.masking import Aggregation
+from rlhfkit.recipes.policy_gradient.advantages import assign_advantages, attach_logprobs
+from rlhfkit.recipes.policy_gradient.collect import collect, load_prompts
+from rlhfkit.recipes.policy_gradient.config import PGConfig, resolve_preset, total_steps
+from rlhfkit.recipes.policy_gradient.critic import Critic
+from rlhfkit.recipes.policy_gradient.metrics import step_metrics, write_samples
+from rlhfkit.recipes.policy_gradient.presets import PGPreset
+from rlhfkit.recipes.policy_gradient.state import LoopState, PGRun, RolloutBatch, StepLoss
+from rlhfkit.recipes.policy_gradient.update import optimise, policy_step_loss
+from rlhfkit.rewards import load_reward_fn
+from rlhfkit.rollout.sampler import HFGenerator
+from rlhfkit.training.accumulate import StepStats
+from rlhfkit.training.run import RunContext, build_run, finish_run
+
+LOOP_STATE = "loop"
+"""Key of the loop state in a checkpoint's resume state."""
+
+
+@dataclass
+class StepResult:
+    """What one step did.
+
+    Attributes:
+        batch: The rollout batch.
+        stats: The last optimiser step's statistics (None when every step was skipped as
+            non-finite).
+        kl_coef: The KL coefficient the step used.
+    """
+
+    batch: RolloutBatch
+    stats: StepStats | None
+    kl_coef: float
+
+
+def step(
+    run: PGRun, state: LoopState, loss: StepLoss, critic: Critic | None, max_steps: int
+) -> StepResult:
+    """One policy-gradient step on the next prompts (GRPO, PPO and every other preset).
+
+    Args:
+        run: The run's objects (policy, sampler, rewards, reference, preset row).
+        state: The loop state; the prompt counter, EMA baseline and KL coefficient move.
+        loss: The micro-batch loss (the policy loss, plus the value loss with a critic).
+        critic: PPO's value model, or None.
+        max_steps: Most optimiser steps to take on this batch.
+    """
+    # 1-4. the next prompts, G completions each, their rewards; DAPO drops flat groups
+    batch = collect(run, state)
+    # 5. log pi_old and log pi_ref, the critic's V_old, the KL in the reward, the advantages
+    attach_logprobs(run, batch)
+    if critic is not None:
+        critic.attach_values(batch.batches)
+    assign_advantages(run, state, batch)
+    # 6. epochs x minibatches optimiser steps on this batch
+    kl_coef = state.current_kl_coef(run.preset)
+    steps = min(run.steps_per_batch, max_steps)
+    stats = optimise(run, batch, steps, loss, backward_hook(run, critic))
+    # the adaptive controller sets the coefficient of the next batch from this batch's KL
+    target = run.cfg.algo.kl_target
+    if stats is not None and target is not None and "rollout/kl_seq" in batch.stats:
+        state.kl_coef = adaptive_kl_coef(
+            kl_coef, batch.stats["rollout/kl_seq"], target, n_steps=int(batch.rewards.numel()),
+            horizon=run.cfg.algo.kl_horizon,
+        )  # fmt: skip
+    return StepResult(batch, stats, kl_coef)
+
+
+def backward_hook(run: PGRun, critic: Critic | None) -> Callable[[], None]:
+    """After each backward pass: gradients onto the fp32 master weights of every trained model."""
+    if critic is None:
+        return run.ctx.master.collect_grads
+
+    def both() -> None:
+        run.ctx.master.collect_grads()
+        critic.collect_grads()
+
+    return both
+
+
+def main(cfg: PGConfig) -> Path:
+    """Run policy-gradient RL; returns the run directory.
+
+    The model is saved under ``<run_dir>/final`` and, with a critic, the value model under
+    ``<run_dir>/critic``.
+    """
+    preset = resolve_preset(cfg.algo)
+    if preset.min_group_size > cfg.sampling.num_samples:
+        raise ValueError(
+            f"preset {cfg.algo.preset!r} needs sampling.num_samples >= {preset.min_group_size}"
+        )
+    ctx = build_run(cfg.model, cfg.log, cfg.loop.seed, to_dict(cfg))
+    critic = None
+    if preset.critic:  # before the reference: the same RNG draws as a run without one
+        agg = Aggregation(preset.aggregation, max_len=cfg.sampling.max_new_tokens)
+        critic = Critic.build(ctx, cfg, agg)
+    run = prepare(ctx, cfg, preset)
+    total = total_steps(cfg, preset, len(run.prompts))
+    ctx.start_training(cfg.optim, total, resume=cfg.loop.resume)
+    state = restore_state(ctx)
+    loss = policy_step_loss(run, state)
+    if critic is not None:
+        loss = critic.add_value_loss(loss)
+    train(run, state, loss, critic, total)
+    finish_run(ctx, cfg.loop.keep_last)
+    if critic is not None:
+        critic.save()
+    return ctx.run_dir
+
+
+def train(run: PGRun, state: LoopState, loss: StepLoss, critic: Critic | None, total: int) -> None:
+    """Steps until ``total`` optimiser steps: log, write samples and checkpoint as configured."""
+    ctx, cfg = run.ctx, run.cfg
+    with ctx.progress(total) as bar:
+        while ctx.step < total:
+            before = ctx.step
+            result = step(run, state, loss, critic, total - ctx.step)
+            ctx.resume_state[LOOP_STATE] = state.to_dict()
+            if result.stats is None:
+                continue
+            batch = result.batch
+            metrics = {**step_metrics(result.stats, batch), "train/kl_coef": result.kl_coef}
+            tokens = int(sum(len(c) for c in batch.rollout.completion_ids))
+            bar.update(ctx.step - before, loss=metrics["train/loss"], tokens=tokens)
+            ctx.log_step(metrics, cfg.log.log_every)
+            if cfg.sample_every and ctx.step % cfg.sample_every == 0 and ctx.dist.is_main:
+                write_samples(ctx, batch)
+            if cfg.loop.save_every and ctx.step % cfg.loop.save_every == 0:
+                ctx.save(cfg.loop.keep_last)
+
+
+def restore_state(ctx: RunContext) -> LoopState:
+    """The loop state of a resumed run (fresh for a new run).
+
+    Checkpoints written before the loop state had its own record kept its fields at the top
+    level of the resume state; they are read too.
+    """
+    saved = ctx.resume_state.get(LOOP_STATE)
+    return LoopState.from_dict(saved if saved is not None else ctx.resume_state)
+
+
+def reference_model(ctx: RunContext) -> Callable[[], contextlib.AbstractContextManager]:
+    """pi_ref for the KL: the adapter-less policy under LoRA, else one frozen copy kept loaded."""
+    if getattr(ctx.model, "disable_adapter", None) is not None:
+        return ctx.starting_model
+    stack = contextlib.ExitStack()
+    frozen = stack.enter_context(ctx.starting_model())
+    return lambda: contextlib.nullcontext(frozen)
+
+
+def prepare(ctx: RunContext, cfg: PGConfig, preset: PGPreset) -> PGRun:
+    """The run's objects: prompts, rewards, the reference (when a KL needs it), the sampler."""
+    exact_kl_in_reward = preset.kl.needs_hidden and preset.kl_placement == "reward"
+    return PGRun(
+        ctx=ctx, cfg=cfg, preset=preset, prompts=load_prompts(ctx.tokenizer, cfg),
+        reward_fns=[load_reward_fn(spec) for spec in cfg.rewards],
+        generator=HFGenerator(
+            ctx.model, pad_id=ctx.pad_id, eos_ids=[ctx.tokenizer.eos_token_id],
+            tokenizer=ctx.tokenizer,
+        ),
+        reference=reference_model(ctx) if preset.uses_kl else None,
+        # each prompt once per micro-batch, its completions as branches (exact; no padding)
+        trees=cfg.data.share_prefix and supports_prefix_trees(ctx.model),
+        # pi_old on the learner when a batch serves several steps, for the critic's GAE and
+        # for an exact KL in the reward
+        needs_old=preset.epochs * cfg.algo.minibatches > 1 or preset.critic
+        or (preset.uses_kl and exact_kl_in_reward),
+    )  # fmt: skip
