@@ -6,13 +6,13 @@ prompts (``builtin:arithmetic``, train split, in rlhfkit's seeded batch order): 
 min-p), rewarded by the same function (``rlhfkit.rewards.answers.exact_answer``), group z-score
 advantages (unbiased std + 1e-4), the PPO-clip objective (eps 0.2) with one optimiser step per
 rollout batch (so the ratio is 1), per-sequence token-mean then mean over sequences, KL to the
-frozen starting model in the loss (k3, beta 0.04: both sides hold and run a reference model),
+frozen starting model in the loss (k3, coefficient 0.04: both sides hold and run a reference model),
 AdamW at the same constant learning rate, gradient clipping at 1.0, bf16 compute, one log record
 per step.
 
-- rlhfkit runs the loop body of ``rlhfkit.recipes.pg.main``: ``collect`` (sample with
-  ``HFGenerator``, decode, score, reference log-probs, advantages) -> ``accumulate`` with
-  ``make_step_loss`` -> ``ctx.apply_step`` -> ``step_metrics`` -> ``ctx.log_step``.
+- rlhfkit runs the loop body of ``rlhfkit rl``: ``policy_gradient.loop.step`` (collect:
+  sample with ``HFGenerator``, decode, score; reference log-probs; advantages; one
+  ``accumulate`` + ``ctx.apply_step``) -> ``step_metrics`` -> ``ctx.log_step``.
 - TRL runs ``GRPOTrainer`` (``transformers`` ``generate``, no vLLM) fed the same prompts in the
   same order; a step is timed from the driver's command to that step's ``on_log``.
 
@@ -33,7 +33,6 @@ TRL's default KL bias correction (``use_bias_correction_kl``) is switched off to
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -94,16 +93,19 @@ def timed_call(fn: Any, sink: list[float]) -> Any:
 
 
 def _rlhfkit_setup(settings: Settings, run_dir: str) -> dict[str, Any]:
-    """Config, run context and run state exactly as ``recipes/pg.main`` builds them."""
+    """Config, run context and run objects exactly as ``rlhfkit rl`` builds them."""
     from rlhfkit.config import LogConfig, LoopConfig, ModelConfig, OptimConfig, to_dict
-    from rlhfkit.recipes import pg
+    from rlhfkit.recipes import policy_gradient as pg
+    from rlhfkit.recipes.policy_gradient import loop
+    from rlhfkit.recipes.policy_gradient.state import LoopState
+    from rlhfkit.recipes.policy_gradient.update import policy_step_loss
     from rlhfkit.rollout.hf import SamplingConfig
     from rlhfkit.training.run import build_run
 
     cfg = pg.PGConfig(
         model=ModelConfig(precision="bf16"),
         data=pg.PGDataConfig(train=settings.data, max_prompt_len=settings.max_len),
-        algo=pg.PGAlgoConfig(preset="grpo", beta=settings.beta),
+        algo=pg.PGAlgoConfig(preset="grpo", kl_coef=settings.beta),
         sampling=SamplingConfig(
             max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
             top_p=1.0, top_k=0, min_p=0.0, num_samples=settings.num_samples,
@@ -121,17 +123,17 @@ def _rlhfkit_setup(settings: Settings, run_dir: str) -> dict[str, Any]:
     )  # fmt: skip
     preset = pg.resolve_preset(cfg.algo)
     ctx = build_run(cfg.model, cfg.log, cfg.loop.seed, to_dict(cfg))
-    state = pg.run_state(ctx, cfg, preset)
+    state = loop.prepare(ctx, cfg, preset)
     generate_s: list[float] = []
     reference_s: list[float] = []
-    state["generator"].generate = timed_call(state["generator"].generate, generate_s)
-    home = sys.modules[pg.collect.__module__]  # where collect looks up its reference pass
-    home.attach_logprobs = timed_call(home.attach_logprobs, reference_s)
+    state.generator.generate = timed_call(state.generator.generate, generate_s)
+    loop.attach_logprobs = timed_call(loop.attach_logprobs, reference_s)  # the step's reference
     ctx.start_training(cfg.optim, settings.total_steps + 1, resume=False)  # +1: optional profile
-    step_loss, count = pg.make_step_loss(ctx.model, preset, cfg, state["temperature"])
+    loop_state = LoopState()
     return {
-        "ctx": ctx, "cfg": cfg, "preset": preset, "state": state, "step_loss": step_loss,
-        "count": count, "generate_s": generate_s, "reference_s": reference_s,
+        "ctx": ctx, "cfg": cfg, "preset": preset, "state": state, "loop_state": loop_state,
+        "step_loss": policy_step_loss(state, loop_state), "generate_s": generate_s,
+        "reference_s": reference_s,
     }  # fmt: skip
 
 
@@ -139,7 +141,7 @@ def _plan(run: dict[str, Any], settings: Settings) -> list[list[dict[str, Any]]]
     """The prompts of every step in ``collect``'s order: ids, messages and answer."""
     from rlhfkit.training.run import batch_order
 
-    ctx, cfg, prompts = run["ctx"], run["cfg"], run["state"]["prompts"]
+    ctx, cfg, prompts = run["ctx"], run["cfg"], run["state"].prompts
     size = min(cfg.loop.batch_size, len(prompts))
     plan = []
     for position in range(settings.total_steps):
@@ -158,34 +160,29 @@ def _plan(run: dict[str, Any], settings: Settings) -> list[list[dict[str, Any]]]
 
 
 def _rlhfkit_step(run: dict[str, Any]) -> dict[str, Any]:
-    """One optimiser step: the loop body of ``recipes/pg.main`` (``train``: collect, one
-    accumulate + apply_step, step_metrics, log_step; no bar, no samples, no saving)."""
-    from rlhfkit.recipes import pg
-    from rlhfkit.training.accumulate import accumulate
+    """One optimiser step: the loop body of ``rlhfkit rl`` (``loop.step``: collect, reference,
+    advantages, one accumulate + apply_step; then step_metrics, log_step; no bar, no samples,
+    no saving)."""
+    from rlhfkit.recipes.policy_gradient import loop
+    from rlhfkit.recipes.policy_gradient.metrics import step_metrics
 
     ctx, cfg = run["ctx"], run["cfg"]
     gen_before, ref_before = len(run["generate_s"]), len(run["reference_s"])
     start, cpu_start = time.perf_counter(), time.process_time()
-    batch = pg.collect(ctx, cfg, run["state"])
-    # GRPO: one epoch, one minibatch, so the recipe's update is one accumulate + apply_step
-    minibatches = getattr(batch, "minibatches", None) or [batch.batches]
-    if len(minibatches) != 1:
-        raise RuntimeError(f"expected one minibatch per rollout batch, got {len(minibatches)}")
-    stats = accumulate(
-        minibatches[0], run["step_loss"], count_fn=run["count"],
-        after_backward=ctx.master.collect_grads,
-    )  # fmt: skip
-    stepped = ctx.apply_step(stats, cfg.optim.max_grad_norm, cfg.loop.max_nonfinite)
+    before = ctx.step
+    result = loop.step(run["state"], run["loop_state"], run["step_loss"], None, 1)
+    batch, stats = result.batch, result.stats
+    stepped = ctx.step > before
     metrics: dict[str, float] = {}
-    if stepped:
-        metrics = pg.step_metrics(stats, batch)
+    if stats is not None:
+        metrics = step_metrics(stats, batch)
         ctx.log_step(metrics, cfg.log.log_every)
     seconds = time.perf_counter() - start
     lengths = [len(c) for c in batch.rollout.completion_ids]
     return {
         "seconds": seconds,
         "cpu_seconds": time.process_time() - cpu_start,
-        "loss": stats.loss,
+        "loss": stats.loss if stats is not None else float("nan"),
         "stepped": stepped,
         "tokens": sum(lengths),
         "completion_lengths": lengths,
@@ -195,9 +192,9 @@ def _rlhfkit_step(run: dict[str, Any]) -> dict[str, Any]:
         "kl_per_token": metrics.get("train/kl_per_token", float("nan")),
         "micro_batches": len(batch.batches),
         "positions": sum(  # model positions computed per forward (prefix trees or padded)
-            b["input_ids"].numel()
-            if "input_ids" in b
-            else b["prompt_ids"].numel() + b["completion_ids"].numel()
+            b.inputs["input_ids"].numel()
+            if "input_ids" in b.inputs
+            else b.inputs["prompt_ids"].numel() + b.inputs["completion_ids"].numel()
             for b in batch.batches
         ),
         "prompt_ids": [list(p.ids) for p in batch.prompts],
@@ -211,12 +208,12 @@ def rlhfkit_worker(conn: Any, settings: Settings) -> None:
         common.set_threads(settings.threads)
         with tempfile.TemporaryDirectory(prefix="bench-grpo-rlhfkit-") as run_dir:
             run = _rlhfkit_setup(settings, run_dir)
-            ctx, state = run["ctx"], run["state"]
+            ctx = run["ctx"]
             conn.send(
                 {
                     **common.model_facts(ctx.model),
                     "preset": repr(run["preset"]),
-                    "needs_ref": state["needs_ref"],
+                    "needs_ref": run["state"].reference is not None,
                     "micro_batch_tokens": run["cfg"].loop.micro_batch_tokens,
                     "tis_cap": run["cfg"].algo.tis_cap,
                     "plan": _plan(run, settings),

@@ -14,7 +14,7 @@ from rlhfkit.eval.run import Grid, GridCache, score_sorted
 from rlhfkit.inference import best_of_n, difficulty, evaluate, rejection_sampling
 from rlhfkit.inference.evaluate import EvalDataConfig
 from rlhfkit.ops.selection import bon_kl
-from rlhfkit.recipes.pg_collect import informative_groups
+from rlhfkit.recipes.policy_gradient.collect import informative_groups
 from rlhfkit.rollout.hf import SamplingConfig
 
 REWARDS = '''
