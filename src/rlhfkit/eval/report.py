@@ -1,7 +1,8 @@
 """The pipeline's HTML report: one self-contained ``report.html``.
 
 The file needs no network: CSS is inline, every figure is a matplotlib PNG (Agg canvas, no pyplot
-state) embedded as a base64 ``data:`` URI, and there are no external scripts or fonts. Every
+state) embedded as a base64 ``data:`` URI, and there are no external scripts or fonts. matplotlib
+comes with the ``plot`` extra (``pip install 'rlhfkit[plot]'``) and is imported on first use. Every
 text taken from the data (model output may contain ``<script>``) is HTML-escaped, so it renders
 as text. Sections, each a ``<section id=...>`` with an ``<h2>``: ``summary``, ``curves``,
 ``reward-model``, ``win-rates``, ``overoptimisation``, ``samples``. A section whose data is
@@ -39,14 +40,16 @@ import json
 import math
 import numbers
 from collections.abc import Callable, Sequence
+from functools import cache
 from pathlib import Path
-from typing import Any
-
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
+from typing import TYPE_CHECKING, Any
 
 from rlhfkit.atomic import atomic_write_text
 from rlhfkit.eval.overopt import fit_gao_bon, fit_gao_rl, gao_peaks
+from rlhfkit.extras import import_optional
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 SECTIONS = (
     ("summary", "Summary"),
@@ -115,10 +118,19 @@ def _table(head: Sequence[str], rows: Sequence[Sequence[Any]], text_cols: int = 
     return "".join(out)
 
 
+@cache
+def _matplotlib() -> tuple[Any, Any]:
+    """Matplotlib's ``Figure`` and Agg canvas classes (the ``plot`` extra)."""
+    figure = import_optional("matplotlib.figure", "plot", "the HTML report")
+    agg = import_optional("matplotlib.backends.backend_agg", "plot", "the HTML report")
+    return figure.Figure, agg.FigureCanvasAgg
+
+
 def _figure(draw: Callable[[Figure], None], alt: str, size: tuple[float, float]) -> str:
     """Draw onto a fresh figure and return it as an ``<img>`` with a base64 PNG data URI."""
-    fig = Figure(figsize=size, dpi=100, layout="constrained")
-    FigureCanvasAgg(fig)
+    figure_class, canvas_class = _matplotlib()
+    fig = figure_class(figsize=size, dpi=100, layout="constrained")
+    canvas_class(fig)
     draw(fig)
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
@@ -322,7 +334,11 @@ def render_report(data: dict[str, Any], path: str | Path) -> Path:
 
     Returns:
         The path written.
+
+    Raises:
+        MissingExtraError: When matplotlib (the ``plot`` extra) is not installed.
     """
+    _matplotlib()  # fail before any work, whether or not this data has a figure to draw
     title = str(data.get("title") or "rlhfkit report")
     created = data.get("created")
     body = [f"<h1>{_esc(title)}</h1>"]

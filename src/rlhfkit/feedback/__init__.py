@@ -36,6 +36,7 @@ parameterised; model output is rendered as escaped Markdown under a Content-Secu
 without inline scripts; request bodies are size-limited; clients are rate-limited; the access
 log redacts token links.
 
-The web modules import FastAPI; import them directly (this package's ``__init__`` imports
-nothing).
+The web modules import FastAPI, which comes with the ``app`` extra (``pip install
+'rlhfkit[app]'``); import them directly (this package's ``__init__`` imports nothing). Storage,
+import, export, agreement and the pipeline's bridge need no extra.
 """

@@ -18,6 +18,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from markupsafe import Markup
 
 from rlhfkit.data.messages import parse_completion, parse_prompt
+from rlhfkit.extras import import_optional
 
 TEMPLATES = Path(__file__).parent / "templates"
 STATIC = Path(__file__).parent / "static"
@@ -25,9 +26,10 @@ STATIC = Path(__file__).parent / "static"
 
 @lru_cache(maxsize=1)
 def _markdown() -> Any:
-    from markdown_it import MarkdownIt
-
-    return MarkdownIt("commonmark", {"html": False, "linkify": False, "typographer": False})
+    markdown_it = import_optional("markdown_it", "app", "the labelling app's Markdown rendering")
+    return markdown_it.MarkdownIt(
+        "commonmark", {"html": False, "linkify": False, "typographer": False}
+    )
 
 
 def markdown(text: str) -> Markup:

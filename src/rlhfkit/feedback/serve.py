@@ -10,6 +10,9 @@
 - ``rlhfkit label task --db labels.sqlite --input candidates.jsonl --name NAME --invite a b``:
   create a task from the command line and print each labeller's link (or, with ``--task ID``,
   invite more labellers to an existing task).
+
+``label serve`` needs the ``app`` extra (``pip install 'rlhfkit[app]'``: FastAPI, uvicorn, ...);
+``label export`` and ``label task`` need no extra.
 """
 
 from __future__ import annotations
@@ -24,9 +27,12 @@ from pathlib import Path
 from typing import Literal
 
 from rlhfkit.atomic import atomic_write_text
+from rlhfkit.extras import import_optional, require_extra
 from rlhfkit.feedback.auth import hash_token, new_token
 
 log = logging.getLogger(__name__)
+
+_APP = "the labelling web app (rlhfkit label serve)"
 
 
 @dataclass
@@ -61,10 +67,15 @@ def _loopback(host: str) -> bool:
 
 
 def serve(cfg: LabelServeConfig) -> None:
-    """Run the app with uvicorn until interrupted."""
-    import uvicorn
+    """Run the app with uvicorn until interrupted.
 
-    from rlhfkit.feedback.app import create_app
+    Raises:
+        MissingExtraError: When the ``app`` extra (FastAPI, uvicorn, ...) is not installed.
+    """
+    require_extra("app", _APP)
+    uvicorn = import_optional("uvicorn", "app", _APP)
+
+    from rlhfkit.feedback.app import create_app  # the web modules import FastAPI at their top
 
     token = os.environ.get(cfg.admin_token_env, "").strip()
     if not token:

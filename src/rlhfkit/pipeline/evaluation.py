@@ -25,10 +25,10 @@ import contextlib
 import json
 import math
 import statistics
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -40,35 +40,9 @@ from rlhfkit.eval.overopt import bon_curve
 from rlhfkit.inference.evaluate import EvalDataConfig, evaluate_prompts
 from rlhfkit.models.load import load_model, load_tokenizer
 from rlhfkit.models.precision import default_device, resolve_precision
+from rlhfkit.pipeline.config import EvalStageConfig, PipelineConfig
 from rlhfkit.recipes.reward_model_eval import RMEvalConfig, eval_main
 from rlhfkit.rollout.hf import SamplingConfig
-
-if TYPE_CHECKING:
-    from rlhfkit.pipeline.run import PipelineConfig
-
-
-@dataclass
-class EvalStageConfig:
-    """Step 6: how the final model is compared with the SFT model."""
-
-    source: str = "builtin:preferences"
-    """Held-out preference prompts (with the gold judge's fields)."""
-    split: str = "heldout"
-    """Split of the source."""
-    max_prompts: int | None = 84
-    """Distinct prompts evaluated."""
-    samples: int = 2
-    """Completions per prompt compared (final against SFT)."""
-    bon_n: int = 8
-    """SFT samples per prompt for the best-of-n curve (n = 1, 2, 4, ... up to this)."""
-    max_new_tokens: int = 64
-    """Length limit of every evaluation sample."""
-    temperature: float = 0.7
-    """Sampling temperature of every evaluation sample."""
-    judge: str | None = None
-    """Also compare by an LLM judge: judge:<model> or judge:openai:<base_url>#<model>."""
-    show: int = 8
-    """Sample completions shown side by side in the report."""
 
 
 def _matrix(values: list[list[float | None]]) -> torch.Tensor:
@@ -132,7 +106,9 @@ def _judge_win_rate(spec: str, prompts: list[Any], sft: Any, final: Any, n: int)
     }
 
 
-def _kl(model_cfg: ModelConfig, policy: Path, reference: Path, prompts: list[Any], cfg: Any):
+def _kl(
+    model_cfg: ModelConfig, policy: Path, reference: Path, prompts: list[Any], cfg: EvalStageConfig
+):
     dtype = resolve_precision(model_cfg.precision, default_device()).compute
     tokenizer = load_tokenizer(str(policy))
     final = load_model(str(policy), dtype=dtype).eval()

@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import inspect
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
+
+from rlhfkit.rewards.fields import accepted_fields
+from rlhfkit.rewards.verifiers import get_verifier, verify
 
 
 @runtime_checkable
@@ -83,26 +85,12 @@ def load_reward_fn(spec: str, **options: Any) -> Callable[..., float | None]:
 
         return judge_reward(spec, **options)
     if spec.startswith("verifier:"):
-        from rlhfkit.rewards.verifiers import get_verifier, verify
-
         name = spec.removeprefix("verifier:")
         return verify if name == "auto" else get_verifier(name)
     fn = _import_attribute(spec)
     if not callable(fn):
         raise ValueError(f"reward {spec!r} is not callable")
     return fn
-
-
-def _accepted(fn: Callable[..., Any], fields: dict[str, Any]) -> dict[str, Any]:
-    """The subset of ``fields`` that ``fn`` takes as keyword arguments."""
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):  # builtins without a signature: pass everything
-        return fields
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return {k: v for k, v in fields.items() if k != "completion"}
-    names = [n for n, p in params.items() if p.kind is not inspect.Parameter.POSITIONAL_ONLY]
-    return {k: fields[k] for k in names[1:] if k in fields}
 
 
 def score_completions(
@@ -122,7 +110,7 @@ def score_completions(
     if batch is not None:
         raw = list(batch(list(completions), list(fields)))
     else:
-        raw = [fn(c, **_accepted(fn, f)) for c, f in zip(completions, fields, strict=True)]
+        raw = [fn(c, **accepted_fields(fn, f)) for c, f in zip(completions, fields, strict=True)]
     out: list[float | None] = []
     for i, value in enumerate(raw):
         if value is None:

@@ -25,26 +25,17 @@ Every built-in dataset has the splits ``"train"`` and ``"heldout"``, which share
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
-from importlib import resources
 from typing import Any
 
-from rlhfkit.data.sources import Row
-from rlhfkit.data.tasks import arithmetic, countdown, preferences, strings
+from rlhfkit.data.rows import Row
+from rlhfkit.data.tasks import arithmetic, countdown, instructions, preferences, strings
 
 SPLITS = ("train", "heldout")
 """Splits of every built-in dataset."""
 
-
-def _instructions(split: str) -> list[dict[str, Any]]:
-    """Rows of the shipped instruction dataset for one split."""
-    text = resources.files(__name__).joinpath(f"instructions_{split}.jsonl").read_text("utf-8")
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
-
-
 BUILTIN: dict[str, Callable[[str], list[dict[str, Any]]]] = {
-    "instructions": _instructions,
+    "instructions": instructions.builtin_split,
     "arithmetic": arithmetic.builtin_split,
     "preferences": preferences.builtin_split,
     "countdown": countdown.builtin_split,

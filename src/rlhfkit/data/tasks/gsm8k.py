@@ -17,8 +17,9 @@ Each becomes a ``verifiable`` row checked by the ``math`` verifier::
   ``<<...>>`` removed (they are not part of the written reasoning).
 - Other fields of the input row (e.g. an id) are kept unless they would overwrite one of these.
 
-The path may be any file ``load_rows`` reads (``.jsonl`` locates rows by line number); a bad row
-raises :class:`~rlhfkit.data.sources.DataError` naming the file, the row and the field, e.g.
+The path may be any local file ``load_rows`` reads (``.jsonl``, ``.json``, ``.parquet``,
+``.csv``; ``.jsonl`` locates rows by line number); a bad row raises
+:class:`~rlhfkit.data.rows.DataError` naming the file, the row and the field, e.g.
 ``train.jsonl:3: field 'answer': no '####' marker ...``.
 """
 
@@ -28,7 +29,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from rlhfkit.data.sources import DataError, Row, load_rows
+from rlhfkit.data.rows import DataError, Row, read_file
 
 PREFIX = "gsm8k:"
 """Source prefix of a GSM8K-format file."""
@@ -102,7 +103,7 @@ def gsm8k_rows(path: str | Path, *, limit: int | None = None) -> list[Row]:
         )
     return [
         Row(data=convert(row.data, row.location), location=row.location)
-        for row in load_rows(source, limit=limit)
+        for row in read_file(source, limit)
     ]
 
 

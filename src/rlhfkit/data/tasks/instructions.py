@@ -26,6 +26,7 @@ import json
 import random
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,9 @@ from rlhfkit.data.tasks.instruction_facts import (
 )
 
 SEED = 20240611
+
+_PACKAGE = "rlhfkit.data.tasks"
+"""The package that ships ``instructions_train.jsonl`` and ``instructions_heldout.jsonl``."""
 
 
 # --- Renderers: (item, rng) -> (user message, assistant reply) -------------------------------
@@ -389,6 +393,24 @@ def build(seed: int = SEED) -> dict[str, list[dict[str, Any]]]:
     shuffle.shuffle(heldout)
     shuffle.shuffle(train)
     return {"train": train, "heldout": heldout}
+
+
+def builtin_split(split: str) -> list[dict[str, Any]]:
+    """The shipped ``builtin:instructions`` rows of one split (``instructions_SPLIT.jsonl``).
+
+    Args:
+        split: ``"train"`` or ``"heldout"``.
+
+    Returns:
+        The rows, in file order.
+
+    Raises:
+        ValueError: An unknown split.
+    """
+    if split not in ("train", "heldout"):
+        raise ValueError(f"unknown split {split!r}; use 'train' or 'heldout'")
+    text = resources.files(_PACKAGE).joinpath(f"instructions_{split}.jsonl").read_text("utf-8")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def write_jsonl(rows: Sequence[dict[str, Any]], path: Path) -> None:

@@ -51,6 +51,7 @@ from typing import Any
 
 from rlhfkit.data.tasks.instruction_facts import ANTONYMS, CAPITALS, DEFINITIONS, GIFTS, LISTS
 from rlhfkit.data.tasks.instructions import FOLLOW_UPS, SYSTEM_TASKS
+from rlhfkit.data.tasks.instructions import builtin_split as instruction_rows
 
 SEED = 20240612
 CORRECT_REWARD = 1.0
@@ -407,9 +408,7 @@ def _row_pairs(
 
 @lru_cache(maxsize=2)
 def _cached_split(split: str) -> tuple[dict[str, Any], ...]:
-    from rlhfkit.data.tasks import BUILTIN  # the package imports this module first
-
-    return tuple(build(BUILTIN["instructions"](split), seed=f"{SEED}:{split}"))
+    return tuple(build(instruction_rows(split), seed=f"{SEED}:{split}"))
 
 
 def builtin_split(split: str) -> list[dict[str, Any]]:

@@ -25,6 +25,8 @@ JSON-lines copy of the rows holds; the ``reasoning_gym`` verifier
 (:func:`rlhfkit.rewards.verifiers.tasks.reasoning_gym_reward`) scores a completion with the
 dataset's own ``score_answer`` on it. Datasets whose entries carry no reference answer (e.g.
 ``graph_color``, scored by a checker only) are refused: the ``verifiable`` schema needs one.
+
+reasoning-gym comes with the ``rgym`` extra (``pip install 'rlhfkit[rgym]'``).
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ import json
 from collections.abc import Collection
 from typing import Any
 
-from rlhfkit.data.sources import Row
+from rlhfkit.data.rows import Row
+from rlhfkit.extras import import_optional
 
 PREFIX = "rgym:"
 """Source prefix of a reasoning-gym dataset spec."""
@@ -51,6 +54,8 @@ ANSWER_INSTRUCTION = "\n\nGive your final answer inside <answer></answer>."
 
 SETTINGS = ("size", "heldout_size", "seed")
 """Settings a spec may give after ``?``."""
+
+_FEATURE = "reasoning-gym tasks (rgym: sources and the reasoning_gym verifier)"
 
 
 def parse_spec(spec: str) -> tuple[str, dict[str, int]]:
@@ -82,14 +87,31 @@ def parse_spec(spec: str) -> tuple[str, dict[str, int]]:
     return name, settings
 
 
-def _dataset(name: str, size: int, seed: int) -> Any:
-    """A reasoning-gym dataset with its default configuration (clear error for unknown names)."""
-    import reasoning_gym  # lazy: slow to import, only needed for these sources
-    from reasoning_gym.factory import DATASETS
+def create_dataset(name: str, size: int, seed: int) -> Any:
+    """A reasoning-gym dataset with its default configuration.
 
-    if name not in DATASETS:
+    The rows of ``rgym:`` sources are generated from it, and the ``reasoning_gym`` verifier
+    scores with the ``score_answer`` of one (:mod:`rlhfkit.rewards.verifiers.tasks`).
+    reasoning-gym is imported here, on first use: it is slow to import and optional.
+
+    Args:
+        name: A reasoning-gym dataset name (e.g. ``"chain_sum"``).
+        size: Number of items.
+        seed: reasoning-gym seed.
+
+    Returns:
+        The dataset: item ``i`` is a dict with ``question``, ``answer`` and ``metadata``.
+
+    Raises:
+        ValueError: An unknown dataset name (the message lists the known ones).
+        MissingExtraError: When reasoning-gym (the ``rgym`` extra) is not installed.
+    """
+    reasoning_gym = import_optional("reasoning_gym", "rgym", _FEATURE)
+    factory = import_optional("reasoning_gym.factory", "rgym", _FEATURE)
+    known = factory.DATASETS
+    if name not in known:
         raise ValueError(
-            f"unknown reasoning-gym dataset {name!r}; known: {', '.join(sorted(DATASETS))}"
+            f"unknown reasoning-gym dataset {name!r}; known: {', '.join(sorted(known))}"
         )
     return reasoning_gym.create_dataset(name, size=size, seed=seed)
 
@@ -143,7 +165,7 @@ def generate(
     """
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
-    dataset = _dataset(name, 2 * n + 100, seed)
+    dataset = create_dataset(name, 2 * n + 100, seed)
     seen = set(exclude)
     rows: list[dict[str, Any]] = []
     for index in range(len(dataset)):

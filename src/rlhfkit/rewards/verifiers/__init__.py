@@ -1,4 +1,4 @@
-"""Verifiers: pure functions ``(completion, **fields) -> float | None`` (METHODS.md section 9).
+"""Verifiers: pure functions ``(completion, **fields) -> float | None`` (RLHF book ch. 7).
 
 Each verifier checks a completion against the fields of the example it answers (``answer``,
 ``tests``, ``constraints``, ...) and returns a reward, or None when the completion cannot be
@@ -20,7 +20,7 @@ from collections.abc import Callable
 from functools import cache
 from typing import Any
 
-from rlhfkit.rewards.base import _accepted
+from rlhfkit.rewards.fields import accepted_fields
 
 VERIFIERS: dict[str, str] = {
     "math": "rlhfkit.rewards.verifiers.math:math_reward",
@@ -64,4 +64,4 @@ def verify(completion: str, *, verifier: str | None = None, **fields: Any) -> fl
         The verifier's reward, or None when it could not score the completion.
     """
     fn = get_verifier(verifier or DEFAULT_VERIFIER)
-    return fn(completion, **_accepted(fn, fields))
+    return fn(completion, **accepted_fields(fn, fields))

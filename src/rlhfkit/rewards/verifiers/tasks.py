@@ -244,14 +244,10 @@ def string_reward(completion: str, answer: str, case_sensitive: bool = True) -> 
 @cache
 def _rg_scorer(name: str) -> Any:
     """The ``score_answer`` method of the reasoning-gym dataset ``name`` (default config)."""
-    import reasoning_gym  # lazy: slow to import, only needed for these examples
-    from reasoning_gym.factory import DATASETS
+    # Imported here: reasoning-gym (the rgym extra) is slow to import and only needed for these.
+    from rlhfkit.data.tasks.reasoning_gym import create_dataset
 
-    if name not in DATASETS:
-        raise ValueError(
-            f"unknown reasoning-gym dataset {name!r}; known: {', '.join(sorted(DATASETS))}"
-        )
-    return reasoning_gym.create_dataset(name, size=1, seed=0).score_answer
+    return create_dataset(name, size=1, seed=0).score_answer
 
 
 def extract_rg_answer(completion: str) -> str | None:
@@ -302,6 +298,7 @@ def reasoning_gym_reward(completion: str, rg_dataset: str, rg_entry: dict[str, A
 
     Raises:
         ValueError: An unknown dataset name or an entry that is not a JSON object.
+        MissingExtraError: When reasoning-gym (the ``rgym`` extra) is not installed.
     """
     entry = json.loads(rg_entry) if isinstance(rg_entry, str) else rg_entry
     if not isinstance(entry, dict):

@@ -1,0 +1,128 @@
+"""The pipeline's configuration: :class:`PipelineConfig` and the settings of its stages.
+
+``rlhfkit pipeline`` (:mod:`rlhfkit.pipeline.run`) reads a :class:`PipelineConfig`; the training
+stages reuse the recipes' own configs (SFT, reward model, policy gradient, DPO), with defaults
+sized for the embedded model, and step 6 has :class:`EvalStageConfig`
+(:mod:`rlhfkit.pipeline.evaluation`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from rlhfkit.config import LogConfig, LoopConfig, ModelConfig, OptimConfig
+from rlhfkit.recipes import dpo, reward_model, sft
+from rlhfkit.recipes import policy_gradient as pg
+from rlhfkit.rollout.hf import SamplingConfig
+
+
+@dataclass
+class CandidatesConfig:
+    """Step 2: what the SFT model samples for labelling."""
+
+    source: str = "builtin:preferences"
+    """Preference prompts (their ``reference`` and ``task`` fields feed the gold judge)."""
+    limit: int | None = 256
+    """Distinct prompts sampled."""
+    sampling: SamplingConfig = field(
+        default_factory=lambda: SamplingConfig(max_new_tokens=64, temperature=1.0, num_samples=2)
+    )
+
+
+@dataclass
+class LabelsConfig:
+    """Step 3: who labels the candidate pairs."""
+
+    mode: Literal["gold", "judge", "human"] = "gold"
+    """Programmatic gold judge, an LLM judge, or people (export, then import)."""
+    judge: str = "judge:smollm2-135m-instruct"
+    """The LLM judge: judge:<model name or dir> or judge:openai:<base_url>#<model>."""
+    mix_builtin: bool = True
+    """Also train the reward model on the task's gold-labelled training pairs."""
+    likert: Literal["likert5", "likert8"] = "likert5"
+    """Human mode: the labelling app's scale (5-point with tie, 8-point without)."""
+    overlap: int = 1
+    """Human mode: labels wanted per pair (the majority side decides)."""
+    guidelines: str = "Pick the reply that answers the request correctly, clearly and concisely."
+    """Human mode: Markdown guidelines shown to labellers."""
+
+
+@dataclass
+class OptimiseConfig:
+    """Step 5: how the SFT model is optimised."""
+
+    method: str = "ppo"
+    """A policy-gradient preset (ppo, grpo, rloo, ...) against the reward model, or dpo."""
+
+
+@dataclass
+class EvalStageConfig:
+    """Step 6: how the final model is compared with the SFT model."""
+
+    source: str = "builtin:preferences"
+    """Held-out preference prompts (with the gold judge's fields)."""
+    split: str = "heldout"
+    """Split of the source."""
+    max_prompts: int | None = 84
+    """Distinct prompts evaluated."""
+    samples: int = 2
+    """Completions per prompt compared (final against SFT)."""
+    bon_n: int = 8
+    """SFT samples per prompt for the best-of-n curve (n = 1, 2, 4, ... up to this)."""
+    max_new_tokens: int = 64
+    """Length limit of every evaluation sample."""
+    temperature: float = 0.7
+    """Sampling temperature of every evaluation sample."""
+    judge: str | None = None
+    """Also compare by an LLM judge: judge:<model> or judge:openai:<base_url>#<model>."""
+    show: int = 8
+    """Sample completions shown side by side in the report."""
+
+
+@dataclass
+class PipelineConfig:
+    """rlhfkit pipeline: SFT -> candidates -> labels -> reward model -> RL/DPO -> eval -> report."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The starting model (every stage's precision and loading options)."""
+    sft: sft.SFTConfig = field(
+        default_factory=lambda: sft.SFTConfig(
+            data=sft.SFTDataConfig(mask_mode="all_assistant_turns"),
+            optim=OptimConfig(lr=5e-5, warmup_ratio=0.1),
+            loop=LoopConfig(batch_size=16, max_steps=30, micro_batch_tokens=2048),
+        )
+    )
+    candidates: CandidatesConfig = field(default_factory=CandidatesConfig)
+    labels: LabelsConfig = field(default_factory=LabelsConfig)
+    rm: reward_model.RMConfig = field(
+        default_factory=lambda: reward_model.RMConfig(
+            loop=LoopConfig(batch_size=16, max_steps=12, micro_batch_tokens=4096)
+        )
+    )
+    optimise: OptimiseConfig = field(default_factory=OptimiseConfig)
+    rl: pg.PGConfig = field(
+        default_factory=lambda: pg.PGConfig(
+            data=pg.PGDataConfig(train="builtin:preferences", schema="preference"),
+            algo=pg.PGAlgoConfig(epochs=2, truncation_penalty=-6.0),
+            critic=pg.CriticConfig(lr=1e-5),
+            sampling=SamplingConfig(max_new_tokens=64, temperature=0.7, num_samples=4),
+            optim=OptimConfig(lr=5e-6, schedule="constant", warmup_ratio=0.0),
+            loop=LoopConfig(batch_size=8, max_steps=16, save_every=4),
+            sample_every=4,
+        )
+    )
+    """Policy-gradient settings (data, algo, critic, sampling, optim, loop); the preset is
+    optimise.method, the rewards are the reward model and (weight 0) the gold judge."""
+    dpo: dpo.DPOConfig = field(
+        default_factory=lambda: dpo.DPOConfig(
+            data=dpo.DPODataConfig(eval=None),
+            optim=OptimConfig(lr=3e-5, warmup_ratio=0.1),
+            loop=LoopConfig(batch_size=16, epochs=1.0, save_every=8),
+            eval=dpo.DPOEvalConfig(win_rate=False),
+        )
+    )
+    """DPO settings (algo, optim, loop) for optimise.method dpo (the pipeline's eval stage does
+    the evaluation, so DPO's own win-rate pass is off)."""
+    eval: EvalStageConfig = field(default_factory=EvalStageConfig)
+    log: LogConfig = field(default_factory=lambda: LogConfig(run_dir="runs/pipeline"))
