@@ -3,7 +3,8 @@
 Exact properties: with ``reference=round`` the policy equals the reference at the first step of
 every round, so the DPO loss there is log 2 (fp32); with ``reference=initial`` only the first
 round starts at log 2. An interrupted run resumed at its last round ends with the same weights as
-an uninterrupted one. The sampled KL of a model against itself is exactly 0.
+an uninterrupted one. The sampled KL of a model against itself is exactly 0. Rounds, the gold
+comparison and the KL samples all sample with the rollout Generator (as RL and eval do).
 """
 
 from __future__ import annotations
@@ -12,19 +13,25 @@ import contextlib
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import GenerationMixin
 
 from rlhfkit.config import from_dict
-from rlhfkit.data.templates import render_messages
+from rlhfkit.data.prompts import conversation_rows
+from rlhfkit.data.templates import render_messages, render_prompt
 from rlhfkit.eval.kl import sampled_kl, sequence_kl
+from rlhfkit.eval.run import sample_grid
 from rlhfkit.models.heads import score_examples
 from rlhfkit.models.load import load_model, load_tokenizer
-from rlhfkit.recipes import dpo_online
+from rlhfkit.recipes import dpo_eval, dpo_online
 from rlhfkit.rewards import load_reward_fn, score_completions
 from rlhfkit.rewards.model import RewardModelScorer
+from rlhfkit.rollout.hf import SamplingConfig
+from rlhfkit.rollout.sampler import HFGenerator, chat_generator
 
 REWARD_FILE = '''
 def vowels(completion, prompt):
@@ -265,22 +272,97 @@ def test_sampled_kl_agrees_with_exact_kl_for_one_token(tiny_model_dir):
         assert abs(float(values.mean()) - exact) < 4 * stderr + 1e-9, (name, exact)
 
 
-def test_sample_chat_top_k_zero_means_no_truncation(tiny_model_dir, monkeypatch):
-    """transformers falls back to generation_config.top_k (50) when top_k is None: rlhfkit passes
-    0 through so that "no limit" really samples from the whole vocabulary."""
-    from rlhfkit.rollout.hf import SamplingConfig, sample_chat
+# ---------------------------------------------------------------------------------------------
+# Sampling: every sample comes from the rollout Generator, never from transformers' generate
+
+
+@pytest.fixture()
+def no_hf_generate(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("sampled with transformers' generate instead of the Generator")
+
+    monkeypatch.setattr(GenerationMixin, "generate", refuse)
+
+
+def test_round_samples_are_the_generators(
+    tiny_model_dir, prompts_file, reward_file, tmp_path, no_hf_generate
+):
+    """Round 1 samples the starting policy: its completions are exactly sample_grid's with
+    chat_generator on the starting model, at the round's seed."""
+    cfg = _cfg(tiny_model_dir, prompts_file, tmp_path / "run", f"{reward_file}:vowels", rounds=1)
+    dpo_online.main(cfg)
+    lines = (tmp_path / "run" / "rounds" / "round-001.jsonl").read_text().splitlines()
+    model = load_model(str(tiny_model_dir), dtype=torch.float32).eval()
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    chosen = dpo_online.pick_prompts(dpo_online.round_prompts(cfg), 0, 6, cfg.loop.seed)
+    rows = conversation_rows(tokenizer, [p["prompt"] for p in chosen])
+    sampling = SamplingConfig(
+        max_new_tokens=12, temperature=1.0, num_samples=3, seed=cfg.loop.seed * 1_000_003
+    )
+    expected = sample_grid(chat_generator(model, tokenizer), tokenizer, rows, sampling).texts
+    assert [json.loads(line)["completions"] for line in lines] == expected
+
+
+def test_gold_replies_are_greedy_generator_decodes(tiny_model_dir, monkeypatch):
+    """The gold comparison's greedy replies are what transformers' greedy generate gives (the
+    sampler it replaced), token for token, though sampled with the Generator."""
+    model = load_model(str(tiny_model_dir), dtype=torch.float32).train()
+    noise = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # the tiny model's own greedy replies are blank lines
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=noise))
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    ctx = SimpleNamespace(model=model, tokenizer=tokenizer, dist=SimpleNamespace(is_main=True))
+    cfg = SimpleNamespace(
+        eval=SimpleNamespace(win_rate=True, prompts=3, max_new_tokens=10),
+        data=SimpleNamespace(eval=dpo_eval.GOLD_SOURCE),
+    )
+    prompts, _ = dpo_eval.gold_prompts(3)
+    expected = []
+    for ids in (render_prompt(tokenizer, p) for p in prompts):
+        out = model.generate(
+            input_ids=torch.tensor([ids]), do_sample=False, max_new_tokens=10,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        )[0, len(ids) :]  # fmt: skip
+        expected.append(tokenizer.decode(out, skip_special_tokens=True).strip())
+    monkeypatch.setattr(GenerationMixin, "generate", lambda *a, **k: pytest.fail("HF generate"))
+    before = dpo_eval.gold_comparison(ctx, cfg, None)
+    assert before == {"replies": expected} and all(expected)
+    assert model.training  # put back in training mode
+    after = dpo_eval.gold_comparison(ctx, cfg, before)
+    assert after["summary"]["win_rate"] == pytest.approx(0.5)  # the same replies tie
+
+
+def test_kl_samples_are_the_generators_per_chunk(tiny_model_dir, no_hf_generate):
+    """sample_sequences: each chunk of prompts is one Generator call (T = 1, untruncated) seeded
+    with seed + its first index; equal prompts in two chunks get their own samples."""
+    from rlhfkit.eval.kl import sample_sequences
 
     model = load_model(str(tiny_model_dir), dtype=torch.float32).eval()
     tokenizer = load_tokenizer(str(tiny_model_dir))
-    seen = {}
-    real = model.generate
+    prompts = [[{"role": "user", "content": "Hello"}]] * 3
+    got = sample_sequences(model, tokenizer, prompts, max_new_tokens=6, seed=4, batch_size=2)
+    ids = render_prompt(tokenizer, prompts[0])
+    generator = chat_generator(model, tokenizer)
+    expected = []
+    for start, n in ((0, 2), (2, 1)):
+        sampling = SamplingConfig(max_new_tokens=6, temperature=1.0, seed=4 + start)
+        expected += generator.generate([ids] * n, sampling).completion_ids
+    assert [e.input_ids for e in got] == [ids + c for c in expected]
+    assert [e.loss_mask for e in got] == [[False] * len(ids) + [True] * len(c) for c in expected]
+    assert got[0].input_ids != got[2].input_ids  # same prompt, first row of each chunk
 
-    def spy(**kwargs):
-        seen.update(kwargs)
-        return real(**kwargs)
 
-    monkeypatch.setattr(model, "generate", spy)
-    sample_chat(
-        model, tokenizer, [[{"role": "user", "content": "hi"}]], SamplingConfig(max_new_tokens=2)
+def test_top_k_zero_means_no_truncation():
+    """transformers falls back to generation_config.top_k (50) when top_k is None; the Generator
+    takes top_k 0 as "no limit" and samples from the whole vocabulary."""
+    logits = torch.zeros(6000, 300)  # flat: each draw is uniform over 300 tokens
+    tokens, _, _ = HFGenerator._sample(
+        logits, SamplingConfig(temperature=1.0), torch.Generator().manual_seed(0)
     )
-    assert seen["top_k"] == 0 and seen["do_sample"]
+    assert len(set(tokens.tolist())) == 300
+    ranked = -torch.arange(300.0).repeat(6000, 1) / 100  # token i has logit -i / 100
+    capped, _, _ = HFGenerator._sample(
+        ranked, SamplingConfig(temperature=1.0, top_k=50), torch.Generator().manual_seed(0)
+    )
+    assert int(capped.max()) < 50

@@ -81,6 +81,31 @@ def test_generate_on_a_local_model(tiny_model_dir, tmp_path, capsys):
     assert generate_main(cfg) == generate_main(cfg)
 
 
+def test_generate_samples_with_the_rollout_generator(tiny_model_dir, monkeypatch):
+    """generate samples as RL and eval do: chat-template prompts through the HFGenerator, never
+    transformers' generate."""
+    from transformers import GenerationMixin
+
+    from rlhfkit.data.prompts import conversation_rows
+    from rlhfkit.eval.run import load_sampler, sample_grid
+
+    cfg = GenerateConfig(prompts=["What is 2 + 3?", "Reverse cat"], system="Be brief.")
+    cfg.model.name = str(tiny_model_dir)
+    cfg.model.precision = "fp32"
+    cfg.sampling.max_new_tokens = 6
+    cfg.sampling.num_samples = 3
+    cfg.sampling.seed = 7
+    monkeypatch.setattr(GenerationMixin, "generate", lambda *a, **k: pytest.fail("HF generate"))
+    outs = generate_main(cfg)
+    _, tokenizer, generator = load_sampler(cfg.model)
+    conversations = [
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": p}]
+        for p in cfg.prompts
+    ]
+    rows = conversation_rows(tokenizer, conversations)
+    assert outs == sample_grid(generator, tokenizer, rows, cfg.sampling).texts
+
+
 @pytest.mark.parametrize("command", ["generate", "demo"])
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as done:

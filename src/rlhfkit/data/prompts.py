@@ -2,12 +2,14 @@
 
 A :class:`PromptRow` is a prompt's token ids (chat template, generation prompt appended) and the
 example's fields, which reach the reward functions (``prompt``, ``answer``, ``verifier`` and the
-row's other fields). ``rlhfkit rl``, ``dpo online``, ``eval``, ``rs``, ``bon`` and ``filter``
-read their prompts through :func:`load_prompt_rows`.
+row's other fields). ``rlhfkit rl``, ``eval``, ``rs``, ``bon`` and ``filter`` read their prompts
+through :func:`load_prompt_rows`; ``generate``, ``dpo online`` and the DPO evaluation render
+conversations they have already read with :func:`conversation_rows`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,4 +81,25 @@ def load_prompt_rows(
     return rows
 
 
-__all__ = ["PromptRow", "load_prompt_rows"]
+def conversation_rows(
+    tokenizer: Any,
+    conversations: Sequence[Sequence[dict[str, Any]]],
+    *,
+    max_prompt_len: int | None = None,
+) -> list[PromptRow]:
+    """Conversations rendered for sampling, each with ``prompt`` (its messages) as its fields.
+
+    Args:
+        tokenizer: Renders the prompts (chat template, generation prompt appended).
+        conversations: Message lists, none ending with an assistant message.
+        max_prompt_len: Longer prompts keep their last tokens (None: keep all).
+    """
+    return [
+        PromptRow(
+            render_prompt(tokenizer, messages, max_len=max_prompt_len), {"prompt": list(messages)}
+        )
+        for messages in conversations
+    ]
+
+
+__all__ = ["PromptRow", "conversation_rows", "load_prompt_rows"]

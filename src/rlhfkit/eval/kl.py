@@ -1,17 +1,20 @@
 """KL(pi_theta || pi_ref) estimated on completions sampled from the policy.
 
 Completions are sampled from the policy with plain ancestral sampling (temperature 1, no top-k or
-top-p truncation), so they are samples of pi_theta, and the sampled token ids (the end-of-turn
-token included when it was sampled) are scored token by token by both models. Per sequence,
-k1 = sum_t Delta_t and k3 = sum_t (expm1(-Delta_t) + Delta_t), with Delta_t = log pi_theta -
-log pi_ref (METHODS.md section 5). Both are unbiased for the sequence KL; k3 is never negative
-but heavy-tailed once the policy has moved far (a sampled token that pi_ref likes e^10 times
-more than pi_theta contributes e^10), so k1 is the figure to read at large KL.
+top-p truncation) by the KV-cache sampler every command uses
+(:func:`rlhfkit.rollout.sampler.chat_generator`), so they are samples of pi_theta; the sampled
+token ids (the end-of-turn token included when it was sampled) are scored token by token by both
+models. Per sequence, k1 = sum_t Delta_t and k3 = sum_t (expm1(-Delta_t) + Delta_t), with
+Delta_t = log pi_theta - log pi_ref (docs/methods/policy.md). Both are unbiased for the sequence
+KL; k3 is never negative but heavy-tailed once the policy has moved far (a sampled token that
+pi_ref likes e^10 times more than pi_theta contributes e^10), so k1 is the figure to read at
+large KL.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -21,6 +24,8 @@ from rlhfkit.data.collate import pad_batch
 from rlhfkit.data.templates import render_prompt
 from rlhfkit.models.forward import label_logprobs
 from rlhfkit.ops.kl import kl_k1, kl_k3
+from rlhfkit.rollout.hf import SamplingConfig
+from rlhfkit.rollout.sampler import chat_generator
 from rlhfkit.types import TokenizedExample
 
 
@@ -58,48 +63,28 @@ def sample_sequences(
 ) -> list[TokenizedExample]:
     """One ancestral sample (T = 1, untruncated) per prompt, as prompt + sampled ids.
 
-    The completion ends at the first end-of-sequence id (kept) or after ``max_new_tokens``.
+    The completion ends at the first end-of-sequence id (kept) or after ``max_new_tokens``. The
+    prompts are sampled ``batch_size`` at a time, each chunk with the seed ``seed`` + the index
+    of its first prompt.
 
     Returns:
         One example per prompt; ``loss_mask`` marks the sampled tokens.
     """
-    device = next(model.parameters()).device
-    eos = tokenizer.eos_token_id
-    was_training = model.training
-    model.eval()
-    state = torch.get_rng_state()
-    torch.manual_seed(seed)
+    generator = chat_generator(model, tokenizer)
+    sampling = SamplingConfig(
+        max_new_tokens=max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, seed=seed
+    )
     out: list[TokenizedExample] = []
-    try:
-        for start in range(0, len(prompts), batch_size):
-            ids = [render_prompt(tokenizer, p) for p in prompts[start : start + batch_size]]
-            width = max(len(i) for i in ids)
-            input_ids = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
-            mask = torch.zeros_like(input_ids)
-            for row, prompt in enumerate(ids):  # left padding
-                input_ids[row, width - len(prompt) :] = torch.tensor(prompt)
-                mask[row, width - len(prompt) :] = 1
-            generated = model.generate(
-                input_ids=input_ids.to(device),
-                attention_mask=mask.to(device),
-                do_sample=True,
-                temperature=1.0,
-                top_k=0,
-                top_p=1.0,
-                max_new_tokens=max_new_tokens,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=eos,
-            )[:, width:].cpu()
-            for prompt, row in zip(ids, generated.tolist(), strict=True):
-                completion = row[: row.index(eos) + 1] if eos in row else row
-                out.append(
-                    TokenizedExample(
-                        prompt + completion, [False] * len(prompt) + [True] * len(completion)
-                    )
+    for start in range(0, len(prompts), batch_size):
+        ids = [render_prompt(tokenizer, p) for p in prompts[start : start + batch_size]]
+        # a stream per chunk: equal prompts in two chunks get different samples
+        rollout = generator.generate(ids, replace(sampling, seed=seed + start))
+        for prompt, completion in zip(ids, rollout.completion_ids, strict=True):
+            out.append(
+                TokenizedExample(
+                    prompt + completion, [False] * len(prompt) + [True] * len(completion)
                 )
-    finally:
-        torch.set_rng_state(state)
-        model.train(was_training)
+            )
     return out
 
 

@@ -13,6 +13,10 @@
    everything that determines them (the model's files, the prompts, the sampling settings and,
    for scores, the reward specs and weights), so a re-run after a crash or with another
    selection rule reuses them.
+
+:func:`sample_grid` with :func:`load_sampler`'s generator (or
+:func:`rlhfkit.rollout.sampler.chat_generator` on a model in training) is also how ``generate``,
+``dpo online`` and the DPO evaluation sample: every command samples through one Generator.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from rlhfkit.models.precision import default_device, resolve_precision
 from rlhfkit.rewards import load_reward_fn, score_completions
 from rlhfkit.rewards.shaping import weighted_sum
 from rlhfkit.rollout.hf import SamplingConfig
-from rlhfkit.rollout.sampler import HFGenerator
+from rlhfkit.rollout.sampler import HFGenerator, chat_generator
 
 
 def load_sampler(
@@ -56,10 +60,7 @@ def load_sampler(
         cfg.name, dtype=precision.compute, attn_implementation=cfg.attn_implementation,
         trust_remote_code=cfg.trust_remote_code, device=device,
     ).eval()  # fmt: skip
-    generator = HFGenerator(
-        model, pad_id=tokenizer.pad_token_id, eos_ids=[tokenizer.eos_token_id], tokenizer=tokenizer
-    )
-    return model, tokenizer, generator
+    return model, tokenizer, chat_generator(model, tokenizer)
 
 
 @dataclass

@@ -1,4 +1,10 @@
-"""rlhfkit generate: sample chat completions from any model for given prompts."""
+"""rlhfkit generate: sample chat completions from any model for given prompts.
+
+The prompts are rendered with the chat template (generation prompt appended) and sampled with
+the KV-cache sampler every other command uses (:func:`rlhfkit.eval.run.sample_grid` on
+:func:`rlhfkit.eval.run.load_sampler`'s :class:`rlhfkit.rollout.sampler.HFGenerator`); the
+completions are decoded without special tokens and stripped.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +14,10 @@ from pathlib import Path
 
 from rlhfkit.config import ModelConfig
 from rlhfkit.data.messages import parse_prompt
+from rlhfkit.data.prompts import conversation_rows
 from rlhfkit.data.sources import DataError, load_rows
-from rlhfkit.models.load import load_model, load_tokenizer
-from rlhfkit.models.precision import default_device, resolve_precision
-from rlhfkit.rollout.hf import SamplingConfig, sample_chat
+from rlhfkit.eval.run import load_sampler, sample_grid
+from rlhfkit.rollout.hf import SamplingConfig
 
 
 @dataclass
@@ -48,18 +54,10 @@ def _conversations(cfg: GenerateConfig) -> list[list[dict[str, str]]]:
 
 def main(cfg: GenerateConfig) -> list[list[str]]:
     """Load the model, sample, print and optionally save the completions."""
-    device = default_device()
-    precision = resolve_precision(cfg.model.precision, device)
-    tokenizer = load_tokenizer(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
-    model = load_model(
-        cfg.model.name,
-        dtype=precision.compute,
-        attn_implementation=cfg.model.attn_implementation,
-        trust_remote_code=cfg.model.trust_remote_code,
-        device=device,
-    )
     conversations = _conversations(cfg)
-    completions = sample_chat(model, tokenizer, conversations, cfg.sampling)
+    _, tokenizer, generator = load_sampler(cfg.model)
+    rows = conversation_rows(tokenizer, conversations)
+    completions = sample_grid(generator, tokenizer, rows, cfg.sampling).texts
     for conv, outs in zip(conversations, completions, strict=True):
         print(f"\n>>> {conv[-1]['content']}")
         for i, out in enumerate(outs):

@@ -336,3 +336,19 @@ class HFGenerator:
             finish_reasons=reasons,
             entropies=entropies,
         )
+
+
+def chat_generator(model: torch.nn.Module, tokenizer: Any) -> HFGenerator:
+    """The :class:`HFGenerator` every command samples a chat model with.
+
+    Rows are padded with the tokenizer's pad id, a completion ends at its ``eos_token`` (the
+    chat template's end-of-turn marker) and the tokenizer decodes for stop strings.
+
+    Args:
+        model: A causal LM (any device, any dtype).
+        tokenizer: Its tokenizer (with a pad token; see :func:`rlhfkit.models.load.load_tokenizer`).
+    """
+    return HFGenerator(
+        model, pad_id=int(tokenizer.pad_token_id), eos_ids=[tokenizer.eos_token_id],
+        tokenizer=tokenizer,
+    )  # fmt: skip
