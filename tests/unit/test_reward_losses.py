@@ -1,4 +1,4 @@
-"""Reward-model losses (METHODS.md sections 3.2-3.7): closed-form values and properties.
+"""Reward-model losses: closed-form values and properties.
 
 Expected values are derived by hand in each docstring (math.log / math.exp of the formula),
 never produced by the code under test. fp64 throughout, atol 1e-6.
@@ -136,7 +136,7 @@ def test_bt_weights_and_global_normaliser():
 
 
 def test_low_precision_inputs_give_fp32_losses():
-    """bf16 head outputs: the loss arithmetic runs in fp32 (METHODS.md section 1, Numerics)."""
+    """bf16 head outputs: the loss arithmetic runs in fp32 (docs/methods/index.md)."""
     r = torch.tensor([[1.0, 0.5, -0.5]], dtype=torch.bfloat16)
     mask = torch.ones(1, 3, dtype=torch.bool)
     losses = [
@@ -455,11 +455,11 @@ def test_orm_score_padding_property(values, pads):
 def test_prm_class_map_round_trips():
     assert PRM_CLASSES == {-1: 0, 0: 1, 1: 2}
     labels = torch.tensor([-1, 0, 1, 1, -1])
-    classes = prm_label_to_class(labels)
+    classes = prm_label_to_class(labels=labels)
     assert classes.tolist() == [PRM_CLASSES[x] for x in labels.tolist()]
-    assert prm_class_to_label(classes).tolist() == labels.tolist()
+    assert prm_class_to_label(classes=classes).tolist() == labels.tolist()
     with pytest.raises(ValueError, match="-1, 0, 1"):
-        prm_label_to_class(torch.tensor([2]))
+        prm_label_to_class(labels=torch.tensor([2]))
 
 
 def test_prm_3class_cross_entropy_hand_value():
@@ -545,7 +545,7 @@ def test_prm_3class_shift_property(rows, shift):
     torch.testing.assert_close(
         prm_step_scores(logits=logits + shift), prm_step_scores(logits=logits), atol=1e-9, rtol=0
     )
-    assert torch.equal(prm_class_to_label(prm_label_to_class(labels)), labels)
+    assert torch.equal(prm_class_to_label(classes=prm_label_to_class(labels=labels)), labels)
     expected = F.cross_entropy(logits, labels + 1)  # independent check of the class map
     close(a.loss, float(expected))
 

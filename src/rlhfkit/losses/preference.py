@@ -1,4 +1,4 @@
-"""Direct-alignment (DPO family) losses (METHODS.md section 7; RPO in section 5).
+"""Direct-alignment (DPO family) losses (docs/methods/direct_alignment.md).
 
 Paired losses take per-pair sequence quantities: ``chosen_logps`` / ``rejected_logps`` the
 summed response log-probs under the policy (with grad); ``ref_chosen_logps`` /
@@ -18,8 +18,12 @@ losses), ``margin_sum`` (reward_c − reward_r), ``correct`` (reward_c > reward_
 preference displacement) and ``delta_chosen_sum`` (summed Δ_c); the last two are 0 for
 reference-free losses. Loss math runs in fp32 (fp64 for fp64 inputs).
 
+Every tensor argument, of the losses and of their helpers, is keyword-only, so that chosen and
+rejected (or policy and reference) log-probs cannot be swapped by position.
+
 The file is longer than ~400 lines because twelve losses repeat one keyword-only signature
-(the uniform call of the table) and each documents its own formula.
+(the uniform call of the table), call their helpers by keyword and each documents its own
+formula.
 """
 
 from __future__ import annotations
@@ -36,8 +40,8 @@ from rlhfkit.types import LossOutput
 Number = float | torch.Tensor
 Pair = tuple[torch.Tensor, torch.Tensor]
 ORPO_MAX_AVG_LOGP = -1e-7
-"""Cap on ORPO's average log-prob ℓ, so that log(1 − e^ℓ) is finite at p = 1. METHODS 7.6 says
-−1e-6, but its own test value (log-odds 16.118096 at p = 1 − 1e-7) needs a cap >= −1e-7."""
+"""Cap on ORPO's average log-prob ℓ, so that log(1 − e^ℓ) is finite at p = 1. It must be
+>= −1e-7, so that p = 1 − 1e-7 keeps its exact log-odds, 16.118096."""
 
 
 def _dtype(x: torch.Tensor) -> torch.dtype:
@@ -51,6 +55,7 @@ def _safe_div(total: torch.Tensor, normaliser: Number) -> torch.Tensor:
 
 
 def _deltas(
+    *,
     chosen_logps: torch.Tensor,
     rejected_logps: torch.Tensor,
     ref_chosen_logps: torch.Tensor | None,
@@ -68,7 +73,7 @@ def _deltas(
     return d_c, d_r
 
 
-def _avg(values: torch.Tensor, tokens: torch.Tensor | None, name: str) -> torch.Tensor:
+def _avg(*, values: torch.Tensor, tokens: torch.Tensor | None, name: str) -> torch.Tensor:
     """Per-token average ``values / tokens`` (lengths below 1 count as 1)."""
     if tokens is None:
         raise ValueError(f"this loss uses per-token averages: pass {name} (response lengths)")
@@ -77,6 +82,7 @@ def _avg(values: torch.Tensor, tokens: torch.Tensor | None, name: str) -> torch.
 
 
 def _output(
+    *,
     per_pair: torch.Tensor,
     rewards: Pair,
     logps: Pair,
@@ -116,7 +122,7 @@ def dpo_loss(
     beta: float = 0.1,
     normaliser: Number | None = None,
 ) -> LossOutput:
-    """DPO (Rafailov 2023, eq. 7; section 7.1): l = −log σ(βh) = softplus(−βh).
+    """DPO (Rafailov 2023, eq. 7): l = −log σ(βh) = softplus(−βh).
 
     ∂l/∂h = −β σ(−βh); implicit rewards βΔ_c, βΔ_r. The lengths are unused.
 
@@ -126,10 +132,16 @@ def dpo_loss(
     Shapes:
         every tensor (N,); loss scalar.
     """
-    d_c, d_r = _deltas(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    d_c, d_r = _deltas(
+        chosen_logps=chosen_logps, rejected_logps=rejected_logps,
+        ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps,
+    )  # fmt: skip
     per_pair = F.softplus(-beta * (d_c - d_r))  # (N,)
     logps = (chosen_logps, rejected_logps)
-    return _output(per_pair, (beta * d_c, beta * d_r), logps, (d_c, d_r), normaliser)
+    return _output(
+        per_pair=per_pair, rewards=(beta * d_c, beta * d_r), logps=logps, deltas=(d_c, d_r),
+        normaliser=normaliser,
+    )  # fmt: skip
 
 
 def cdpo_loss(
@@ -144,7 +156,7 @@ def cdpo_loss(
     label_smoothing: Number = 0.1,
     normaliser: Number | None = None,
 ) -> LossOutput:
-    """Conservative DPO (section 7.2): l = −(1−ε) log σ(βh) − ε log σ(−βh).
+    """Conservative DPO (Mitchell 2023): l = −(1−ε) log σ(βh) − ε log σ(−βh).
 
     ``label_smoothing`` ε is the probability that a label is flipped; the minimiser is finite,
     h* = log((1−ε)/ε)/β, with l(h*) = H_b(ε). ε = 0 gives DPO.
@@ -155,11 +167,17 @@ def cdpo_loss(
     Shapes:
         every tensor (N,); ``label_smoothing`` scalar or (N,); loss scalar.
     """
-    d_c, d_r = _deltas(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    d_c, d_r = _deltas(
+        chosen_logps=chosen_logps, rejected_logps=rejected_logps,
+        ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps,
+    )  # fmt: skip
     x = beta * (d_c - d_r)  # (N,)
     per_pair = (1 - label_smoothing) * F.softplus(-x) + label_smoothing * F.softplus(x)
     logps = (chosen_logps, rejected_logps)
-    return _output(per_pair, (beta * d_c, beta * d_r), logps, (d_c, d_r), normaliser)
+    return _output(
+        per_pair=per_pair, rewards=(beta * d_c, beta * d_r), logps=logps, deltas=(d_c, d_r),
+        normaliser=normaliser,
+    )  # fmt: skip
 
 
 def ipo_loss(
@@ -174,7 +192,7 @@ def ipo_loss(
     average_logprobs: bool = False,
     normaliser: Number | None = None,
 ) -> LossOutput:
-    """IPO (Azar 2023; section 7.3): l = (h − 1/(2β))², minimised at h = 1/(2β).
+    """IPO (Azar 2023): l = (h − 1/(2β))², minimised at h = 1/(2β).
 
     h is built from the summed log-probs (unscaled, 25 at init for β 0.1), or from per-token
     averages with ``average_logprobs`` (which then needs the lengths). Rewards βΔ of that h.
@@ -185,15 +203,24 @@ def ipo_loss(
     Shapes:
         every tensor (N,); loss scalar.
     """
-    d_c, d_r = _deltas(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    d_c, d_r = _deltas(
+        chosen_logps=chosen_logps, rejected_logps=rejected_logps,
+        ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps,
+    )  # fmt: skip
     a_c, a_r = (
-        (_avg(d_c, chosen_tokens, "chosen_tokens"), _avg(d_r, rejected_tokens, "rejected_tokens"))
+        (
+            _avg(values=d_c, tokens=chosen_tokens, name="chosen_tokens"),
+            _avg(values=d_r, tokens=rejected_tokens, name="rejected_tokens"),
+        )
         if average_logprobs
         else (d_c, d_r)
     )
     per_pair = (a_c - a_r - 1 / (2 * beta)) ** 2  # (N,)
     logps = (chosen_logps, rejected_logps)
-    return _output(per_pair, (beta * a_c, beta * a_r), logps, (d_c, d_r), normaliser)
+    return _output(
+        per_pair=per_pair, rewards=(beta * a_c, beta * a_r), logps=logps, deltas=(d_c, d_r),
+        normaliser=normaliser,
+    )  # fmt: skip
 
 
 def dpo_norm_loss(
@@ -207,7 +234,7 @@ def dpo_norm_loss(
     beta: float = 2.0,
     normaliser: Number | None = None,
 ) -> LossOutput:
-    """Length-normalised DPO (section 7.4): l = softplus(−β(Δ_c/|y_c| − Δ_r/|y_r|)).
+    """Length-normalised DPO (Tülu 3): l = softplus(−β(Δ_c/|y_c| − Δ_r/|y_r|)).
 
     DPO on per-token average log-ratios, hence the larger default β 2.0. Rewards β·Δ/|y|.
 
@@ -217,12 +244,18 @@ def dpo_norm_loss(
     Shapes:
         every tensor (N,); loss scalar.
     """
-    d_c, d_r = _deltas(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    a_c = _avg(d_c, chosen_tokens, "chosen_tokens")  # (N,)
-    a_r = _avg(d_r, rejected_tokens, "rejected_tokens")  # (N,)
+    d_c, d_r = _deltas(
+        chosen_logps=chosen_logps, rejected_logps=rejected_logps,
+        ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps,
+    )  # fmt: skip
+    a_c = _avg(values=d_c, tokens=chosen_tokens, name="chosen_tokens")  # (N,)
+    a_r = _avg(values=d_r, tokens=rejected_tokens, name="rejected_tokens")  # (N,)
     per_pair = F.softplus(-beta * (a_c - a_r))  # (N,)
     logps = (chosen_logps, rejected_logps)
-    return _output(per_pair, (beta * a_c, beta * a_r), logps, (d_c, d_r), normaliser)
+    return _output(
+        per_pair=per_pair, rewards=(beta * a_c, beta * a_r), logps=logps, deltas=(d_c, d_r),
+        normaliser=normaliser,
+    )  # fmt: skip
 
 
 def simpo_loss(
@@ -237,7 +270,7 @@ def simpo_loss(
     gamma_beta_ratio: float = 0.5,
     normaliser: Number | None = None,
 ) -> LossOutput:
-    """SimPO (Meng 2024; section 7.5), reference-free: l = softplus(−β(avg_c − avg_r − γ')).
+    """SimPO (Meng 2024), reference-free: l = softplus(−β(avg_c − avg_r − γ')).
 
     ``gamma_beta_ratio`` γ' = γ/β, so the paper's absolute margin is γ = βγ' (1.0 by
     default). The reference log-probs are ignored. Rewards β·avg logp.
@@ -248,15 +281,18 @@ def simpo_loss(
     Shapes:
         every tensor (N,); loss scalar.
     """
-    avg_c = _avg(chosen_logps, chosen_tokens, "chosen_tokens")  # (N,)
-    avg_r = _avg(rejected_logps, rejected_tokens, "rejected_tokens")  # (N,)
+    avg_c = _avg(values=chosen_logps, tokens=chosen_tokens, name="chosen_tokens")  # (N,)
+    avg_r = _avg(values=rejected_logps, tokens=rejected_tokens, name="rejected_tokens")  # (N,)
     per_pair = F.softplus(-beta * (avg_c - avg_r - gamma_beta_ratio))  # (N,)
     logps = (chosen_logps, rejected_logps)
-    return _output(per_pair, (beta * avg_c, beta * avg_r), logps, None, normaliser)
+    return _output(
+        per_pair=per_pair, rewards=(beta * avg_c, beta * avg_r), logps=logps, deltas=None,
+        normaliser=normaliser,
+    )  # fmt: skip
 
 
 def orpo_log_odds(*, avg_logps: torch.Tensor) -> torch.Tensor:
-    """log(p / (1 − p)) of p = exp(ℓ), computed as ℓ − log1mexp(ℓ) (section 7.6).
+    """log(p / (1 − p)) of p = exp(ℓ), computed as ℓ − log1mexp(ℓ) (ORPO).
 
     log1mexp(ℓ) = log(1 − e^ℓ) is log(−expm1(ℓ)) for ℓ > −log 2, else log1p(−e^ℓ) (both
     branches stay finite, so ``torch.where`` leaks no NaN gradient); ℓ is capped at
@@ -283,7 +319,7 @@ def orpo_loss(
     lambda_: float = 0.1,
     normaliser: Number | None = None,
 ) -> LossOutput:
-    """ORPO (Hong 2024; section 7.6), reference-free.
+    """ORPO (Hong 2024), reference-free.
 
     l = −avg_c + λ·softplus(−(logodds(avg_c) − logodds(avg_r))) with avg = logp/|y| and
     logodds from :func:`orpo_log_odds`; ``lambda_`` λ = 0 gives the per-sequence SFT NLL of the
@@ -297,8 +333,8 @@ def orpo_loss(
     Shapes:
         every tensor (N,); loss scalar.
     """
-    avg_c = _avg(chosen_logps, chosen_tokens, "chosen_tokens")  # (N,)
-    avg_r = _avg(rejected_logps, rejected_tokens, "rejected_tokens")  # (N,)
+    avg_c = _avg(values=chosen_logps, tokens=chosen_tokens, name="chosen_tokens")  # (N,)
+    avg_r = _avg(values=rejected_logps, tokens=rejected_tokens, name="rejected_tokens")  # (N,)
     ratio = orpo_log_odds(avg_logps=avg_c) - orpo_log_odds(avg_logps=avg_r)  # (N,)
     odds_loss = F.softplus(-ratio)  # (N,)
     per_pair = -avg_c + lambda_ * odds_loss  # (N,)
@@ -306,12 +342,13 @@ def orpo_loss(
     extra = {"nll_sum": -avg_c.sum(), "odds_loss_sum": odds_loss.sum()}
     rewards = (beta * avg_c, beta * avg_r)
     return _output(
-        per_pair, rewards, logps, None, normaliser, **extra, log_odds_ratio_sum=ratio.sum()
-    )
+        per_pair=per_pair, rewards=rewards, logps=logps, deltas=None, normaliser=normaliser,
+        **extra, log_odds_ratio_sum=ratio.sum(),
+    )  # fmt: skip
 
 
 def kto_z0(*, log_ratios: torch.Tensor) -> torch.Tensor:
-    """KTO reference point z0 = max(0, mean(log π_θ − log π_ref)), detached (section 7.7).
+    """KTO reference point z0 = max(0, mean(log π_θ − log π_ref)), detached (KTO).
 
     ``log_ratios`` are the mismatched pairs (x_i, y_{i+1}) of an extra forward pass, or the
     undesirable ones (:func:`kto_z0_batch_rejected`). Under data parallelism, all-gather them
@@ -369,7 +406,7 @@ def kto_loss(
     lambda_u: float = 1.0,
     normaliser: Number | None = None,
 ) -> LossOutput:
-    """KTO (Ethayarajh 2024; section 7.7), unpaired, with r = logp − ref (summed).
+    """KTO (Ethayarajh 2024), unpaired, with r = logp − ref (summed).
 
     Desirable: l = λ_D(1 − σ(β(r − z0))); undesirable: l = λ_U(1 − σ(β(z0 − r))); both are
     λ·σ(−sβ(r − z0)) with s = ±1. ``z0`` (see :func:`kto_z0`) is detached here. With class
@@ -416,7 +453,7 @@ def apo_zero_loss(
     beta: float = 0.1,
     normaliser: Number | None = None,
 ) -> LossOutput:
-    """APO-zero (D'Oosterlinck 2024; section 7.8): l = 1 − σ(βΔ_c) + σ(βΔ_r).
+    """APO-zero (D'Oosterlinck 2024): l = 1 − σ(βΔ_c) + σ(βΔ_r).
 
     Pushes the chosen likelihood up and the rejected one down (chosen better than the model).
 
@@ -426,10 +463,16 @@ def apo_zero_loss(
     Shapes:
         every tensor (N,); loss scalar.
     """
-    d_c, d_r = _deltas(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    d_c, d_r = _deltas(
+        chosen_logps=chosen_logps, rejected_logps=rejected_logps,
+        ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps,
+    )  # fmt: skip
     per_pair = 1 - torch.sigmoid(beta * d_c) + torch.sigmoid(beta * d_r)  # (N,)
     logps = (chosen_logps, rejected_logps)
-    return _output(per_pair, (beta * d_c, beta * d_r), logps, (d_c, d_r), normaliser)
+    return _output(
+        per_pair=per_pair, rewards=(beta * d_c, beta * d_r), logps=logps, deltas=(d_c, d_r),
+        normaliser=normaliser,
+    )  # fmt: skip
 
 
 def apo_down_loss(
@@ -443,7 +486,7 @@ def apo_down_loss(
     beta: float = 0.1,
     normaliser: Number | None = None,
 ) -> LossOutput:
-    """APO-down (section 7.8): l = σ(βΔ_c) + 1 − σ(β(Δ_c − Δ_r)).
+    """APO-down (D'Oosterlinck 2024): l = σ(βΔ_c) + 1 − σ(β(Δ_c − Δ_r)).
 
     Pushes both likelihoods down, the rejected one more (model better than the chosen).
 
@@ -453,10 +496,16 @@ def apo_down_loss(
     Shapes:
         every tensor (N,); loss scalar.
     """
-    d_c, d_r = _deltas(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    d_c, d_r = _deltas(
+        chosen_logps=chosen_logps, rejected_logps=rejected_logps,
+        ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps,
+    )  # fmt: skip
     per_pair = torch.sigmoid(beta * d_c) + 1 - torch.sigmoid(beta * (d_c - d_r))  # (N,)
     logps = (chosen_logps, rejected_logps)
-    return _output(per_pair, (beta * d_c, beta * d_r), logps, (d_c, d_r), normaliser)
+    return _output(
+        per_pair=per_pair, rewards=(beta * d_c, beta * d_r), logps=logps, deltas=(d_c, d_r),
+        normaliser=normaliser,
+    )  # fmt: skip
 
 
 def rpo_loss(
@@ -471,7 +520,7 @@ def rpo_loss(
     alpha: float = 1.0,
     normaliser: Number | None = None,
 ) -> LossOutput:
-    """DPO + NLL (Pang 2024; section 5, alias ``dpo_nll``): l = softplus(−βh) − α·logp_c/|y_c|.
+    """DPO + NLL (Pang 2024; alias ``dpo_nll``): l = softplus(−βh) − α·logp_c/|y_c|.
 
     α = 0 gives DPO. (Not Nemotron-4's reward-aware "RPO".)
 
@@ -481,18 +530,25 @@ def rpo_loss(
     Shapes:
         every tensor (N,); loss scalar.
     """
-    d_c, d_r = _deltas(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    nll = -_avg(chosen_logps, chosen_tokens, "chosen_tokens")  # (N,)
+    d_c, d_r = _deltas(
+        chosen_logps=chosen_logps, rejected_logps=rejected_logps,
+        ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps,
+    )  # fmt: skip
+    nll = -_avg(values=chosen_logps, tokens=chosen_tokens, name="chosen_tokens")  # (N,)
     per_pair = F.softplus(-beta * (d_c - d_r)) + alpha * nll  # (N,)
     logps = (chosen_logps, rejected_logps)
     rewards = (beta * d_c, beta * d_r)
-    return _output(per_pair, rewards, logps, (d_c, d_r), normaliser, nll_sum=nll.sum())
+    return _output(
+        per_pair=per_pair, rewards=rewards, logps=logps, deltas=(d_c, d_r), normaliser=normaliser,
+        nll_sum=nll.sum(),
+    )  # fmt: skip
 
 
 dpo_nll_loss = rpo_loss
 
 
 def _odpo_offsets(
+    *,
     score_chosen: torch.Tensor | None,
     score_rejected: torch.Tensor | None,
     offsets: torch.Tensor | None,
@@ -528,7 +584,7 @@ def odpo_loss(
     alpha: float = 1.0,
     normaliser: Number | None = None,
 ) -> LossOutput:
-    """DPO with an offset (Amini 2024; section 7.9): l = softplus(−(βh − δ)).
+    """DPO with an offset (Amini 2024): l = softplus(−(βh − δ)).
 
     δ = α·log(s_c − s_r) from the pair's scores (s_c > s_r required, else ValueError), or
     ``offsets`` δ given directly (α not applied). α = 0 gives DPO.
@@ -539,12 +595,20 @@ def odpo_loss(
     Shapes:
         every tensor (N,); loss scalar.
     """
-    d_c, d_r = _deltas(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    delta = _odpo_offsets(score_chosen, score_rejected, offsets, alpha).to(d_c.dtype)  # (N,)
+    d_c, d_r = _deltas(
+        chosen_logps=chosen_logps, rejected_logps=rejected_logps,
+        ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps,
+    )  # fmt: skip
+    delta = _odpo_offsets(
+        score_chosen=score_chosen, score_rejected=score_rejected, offsets=offsets, alpha=alpha
+    ).to(d_c.dtype)  # (N,)
     per_pair = F.softplus(delta - beta * (d_c - d_r))  # (N,)
     logps = (chosen_logps, rejected_logps)
     rewards = (beta * d_c, beta * d_r)
-    return _output(per_pair, rewards, logps, (d_c, d_r), normaliser, offset_sum=delta.sum())
+    return _output(
+        per_pair=per_pair, rewards=rewards, logps=logps, deltas=(d_c, d_r), normaliser=normaliser,
+        offset_sum=delta.sum(),
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Reward-model losses and scores (METHODS.md sections 3.2-3.7).
+"""Reward-model losses and scores (docs/methods/reward_models.md).
 
 Pairwise (Bradley-Terry, margin, all pairs), listwise (Plackett-Luce), outcome (ORM) and
 process (PRM) reward models. Every loss returns this micro-batch's *share* of the batch loss:
@@ -7,7 +7,7 @@ the defaults are the local counts. Metrics are detached *sums*, so that they add
 micro-batches.
 
 The file is about 500 lines, over the ~400 guideline: it holds the whole reward-model family
-(DESIGN.md: one family per file). The PRM part (class map, loss, step scores, aggregators)
+(one loss family per file). The PRM part (class map, loss, step scores, aggregators)
 is the natural piece to move out if it grows.
 """
 
@@ -57,7 +57,7 @@ def bradley_terry_loss(
     weights: torch.Tensor | None = None,
     normaliser: Number | None = None,
 ) -> LossOutput:
-    """Bradley-Terry pairwise loss, optionally with the Llama 2 margin (sections 3.2, 3.3).
+    """Bradley-Terry pairwise loss, optionally with the Llama 2 margin (Touvron 2023).
 
     l_i = -log sigmoid(r_c - r_r - m) = softplus(r_r - r_c + m)
     L = sum_i w_i l_i / normaliser
@@ -129,7 +129,7 @@ def all_pairs_loss(
     use_margin: bool = False,
     normaliser: Number | None = None,
 ) -> LossOutput:
-    """InstructGPT all-pairs BT loss: every prompt totals weight 1 (section 3.4).
+    """InstructGPT all-pairs BT loss: every prompt totals weight 1 (Ouyang 2022).
 
     For prompt n with P_n = |{(i, j): s_i > s_j}| ordered pairs (ties skipped):
     L = sum_n (1/P_n) sum_{s_i > s_j} softplus(r_j - r_i + m_ij) / normaliser,
@@ -174,7 +174,7 @@ def all_pairs_loss(
 def plackett_luce_loss(
     *, rewards: torch.Tensor, mask: torch.Tensor, normaliser: Number | None = None
 ) -> LossOutput:
-    """Plackett-Luce listwise loss of a ranking (section 3.5; Starling, Zhu 2023).
+    """Plackett-Luce listwise loss of a ranking (Plackett 1975; Starling, Zhu 2023).
 
     P(sigma) = prod_k exp(r_k) / sum_{j >= k} exp(r_j), with the columns in ranked order;
     -log P = sum_k [logsumexp_{j >= k} r_j - r_k], computed with ``logcumsumexp`` over the
@@ -218,7 +218,7 @@ def orm_token_loss(
     normaliser: Number,
     agg: Aggregation | None = None,
 ) -> LossOutput:
-    """Token-level outcome-RM binary cross-entropy (section 3.6).
+    """Token-level outcome-RM binary cross-entropy (Cobbe 2021).
 
     p_t = sigmoid(z_t); the sequence label y in {0, 1} is copied to every completion token;
     l_t = -[y log p_t + (1 - y) log(1 - p_t)], reduced by ``aggregate`` (default
@@ -259,7 +259,7 @@ def orm_sequence_loss(
     mask: torch.Tensor,
     normaliser: Number | None = None,
 ) -> LossOutput:
-    """Sequence-level outcome-RM BCE with the sigmoid after pooling (section 3.6; Lyu 2025).
+    """Sequence-level outcome-RM BCE with the sigmoid after pooling (Lyu 2025).
 
     pbar_i = sigmoid((1/|y_i|) sum_t z_it); l_i = -[y_i log pbar_i + (1 - y_i) log(1 - pbar_i)];
     L = sum_i l_i / normaliser over the sequences with >= 1 token.
@@ -336,7 +336,7 @@ def orm_score(
     last_m: int = 1,
     threshold: float = 0.5,
 ) -> torch.Tensor:
-    """Inference score of an outcome RM from per-token p_t = sigmoid(z_t) (section 3.6).
+    """Inference score of an outcome RM from per-token p_t = sigmoid(z_t).
 
     Modes: ``final`` p at the last masked token (left or right padding); ``mean`` (1/T) sum p_t;
     ``min`` min_t p_t; ``product`` sum_t log p_t (the log of prod_t p_t); ``last_m`` the mean of
@@ -360,7 +360,7 @@ def orm_score(
     return ORM_SCORERS[mode](_fp(logits), mask, last_m, threshold)
 
 
-def prm_label_to_class(labels: torch.Tensor) -> torch.Tensor:
+def prm_label_to_class(*, labels: torch.Tensor) -> torch.Tensor:
     """Map PRM step labels {-1, 0, +1} to class indices {0, 1, 2} (``PRM_CLASSES``).
 
     Shapes:
@@ -372,7 +372,7 @@ def prm_label_to_class(labels: torch.Tensor) -> torch.Tensor:
     return labels.long() + 1  # PRM_CLASSES is label + 1
 
 
-def prm_class_to_label(classes: torch.Tensor) -> torch.Tensor:
+def prm_class_to_label(*, classes: torch.Tensor) -> torch.Tensor:
     """Map class indices {0, 1, 2} back to PRM step labels {-1, 0, +1}.
 
     Shapes:
@@ -387,7 +387,7 @@ _NEUTRAL_TARGET: dict[str, float | None] = {"drop": None, "positive": 1.0, "nega
 
 def _prm_3class(logits: torch.Tensor, labels: torch.Tensor, neutral: str) -> PrmTerms:
     valid = labels != IGNORE_INDEX  # (N,)
-    classes = prm_label_to_class(torch.where(valid, labels, 0))  # (N,)
+    classes = prm_label_to_class(labels=torch.where(valid, labels, 0))  # (N,)
     per_step = F.cross_entropy(_fp(logits), classes, reduction="none")  # (N,)
     return per_step, valid, logits.argmax(-1) == classes
 
@@ -416,7 +416,7 @@ def prm_loss(
     mode: Literal["3class", "binary"] = "3class",
     neutral: Literal["drop", "positive", "negative"] = "drop",
 ) -> LossOutput:
-    """Process-RM step loss at the step-end tokens (section 3.7; Lightman 2023).
+    """Process-RM step loss at the step-end tokens (Lightman 2023).
 
     ``3class``: l = -log softmax(z)[c], c = label + 1 ({-1, 0, +1} -> {0, 1, 2}).
     ``binary``: l = BCE(z, y) with y = 1 for +1, 0 for -1, and the neutral label 0 mapped by
@@ -439,7 +439,7 @@ def prm_loss(
     """
     if mode not in PRM_LOSS_MODES or neutral not in _NEUTRAL_TARGET:
         raise ValueError(f"unknown prm_loss mode {mode!r} or neutral mapping {neutral!r}")
-    prm_label_to_class(labels[labels != IGNORE_INDEX])  # raises on labels outside {-1, 0, 1}
+    prm_label_to_class(labels=labels[labels != IGNORE_INDEX])  # raises on labels outside {-1, 0, 1}
     per_step, valid, correct = PRM_LOSS_MODES[mode](logits, labels, neutral)
     total = torch.where(valid, per_step, 0.0).sum()
     steps = valid.sum()
@@ -484,7 +484,7 @@ PRM_AGGREGATORS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]
 def prm_aggregate(
     *, step_scores: torch.Tensor, mask: torch.Tensor, mode: str = "min"
 ) -> torch.Tensor:
-    """Solution score from step scores p_s (section 3.7).
+    """Solution score from step scores p_s (Lightman 2023).
 
     ``mean`` (1/S) sum_s p_s; ``min`` min_s p_s (fail fast); ``product`` prod_s p_s;
     ``weighted`` sum_s w_s p_s with w_s = s / sum_{s'} s' over the valid steps s = 1..S
