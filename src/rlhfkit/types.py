@@ -1,6 +1,6 @@
 """Shared records passed between layers, and the glossary of names.
 
-Glossary (DESIGN.md section 3): B sequences, G samples per prompt, P prompt length, T completion
+Glossary (docs/methods/index.md): B sequences, G samples per prompt, P prompt length, T completion
 length, L = P + T, V vocabulary. ``mask`` always means "this token counts in the loss".
 ``logprobs[b, t] = log pi(y_t | x, y_<t)`` lives in completion space (B, T).
 """
@@ -55,12 +55,12 @@ class TokenizedExample:
 
 
 STEP_LABELS = (-1, 0, 1)
-"""Process-reward step labels (METHODS.md section 3.7): bad, neutral, good."""
+"""Process-reward step labels (Lightman 2023): bad, neutral, good."""
 
 
 @dataclass
 class StepExample:
-    """One rendered process-reward example (METHODS.md section 3.7).
+    """One rendered process-reward example (docs/methods/reward_models.md).
 
     Only the last token of each step carries a label; every other token is unlabelled.
 

@@ -1,6 +1,6 @@
 """Gradient accumulation: the gradient does not depend on the micro-batch or rank split.
 
-METHODS.md section 6.1 / pitfall 5: normalisers are global. For every aggregation mode the summed
+Normalisers are global (docs/methods/policy.md). For every aggregation mode the summed
 gradient over any split of an 8-sequence batch into micro-batches (and into two simulated DDP
 ranks whose gradients are averaged) equals the gradient of the whole-batch formula, evaluated
 here directly in plain torch (not through ``aggregate``).
@@ -61,7 +61,7 @@ def per_token_loss(theta, features):
 
 
 def reference_grad(theta, features, mask, agg):
-    """Gradient of the whole-batch formula of METHODS.md section 6.1."""
+    """Gradient of the whole-batch formula of docs/methods/policy.md."""
     theta = theta.detach().clone().requires_grad_(True)
     loss = per_token_loss(theta, features)
     m = mask.double()

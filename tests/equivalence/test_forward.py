@@ -1,4 +1,4 @@
-"""Model forward to log-probs (METHODS.md section 1) against naive references on the tiny model.
+"""Model forward to log-probs (completion space) against naive references on the tiny model.
 
 - ``completion_logprobs`` equals a per-token loop: for each t, run the model on the unpadded
   ``prompt + completion[:t]`` and take ``log_softmax(last logit / tau)[completion[t]]``. This

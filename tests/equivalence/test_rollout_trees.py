@@ -34,12 +34,12 @@ def _by_row(batches: list[dict], fn) -> dict[int, torch.Tensor]:
 
 
 def test_trees_and_padding_agree(tiny_model_dir):
-    prompts, completions, logps = _rollout()
+    prompts, completions, logprobs = _rollout()
     rows = list(range(len(prompts)))
     model = load_model(str(tiny_model_dir), dtype=torch.float64)
-    padded = rollout_micro_batches(prompts, completions, logps, 0, 10_000)
-    trees = rollout_tree_batches(prompts, completions, logps, rows, 0, 10_000)
-    small = rollout_tree_batches(prompts, completions, logps, rows, 0, 20)  # groups cut up
+    padded = rollout_micro_batches(prompts, completions, logprobs, 0, 10_000)
+    trees = rollout_tree_batches(prompts, completions, logprobs, rows, 0, 10_000)
+    small = rollout_tree_batches(prompts, completions, logprobs, rows, 0, 20)  # groups cut up
     assert len(trees) == 1 and len(small) > 3
     for a in (trees, small):
         assert sorted(i for b in a for i in b["rows"].tolist()) == rows
@@ -57,10 +57,10 @@ def test_trees_and_padding_agree(tiny_model_dir):
 
 
 def test_tree_values_equal_padded_values(tiny_model_dir):
-    prompts, completions, logps = _rollout(1)
+    prompts, completions, logprobs = _rollout(1)
     critic = load_model(str(tiny_model_dir), dtype=torch.float64, task="score", pad_token_id=0)
-    padded = rollout_micro_batches(prompts, completions, logps, 0, 10_000)
-    trees = rollout_tree_batches(prompts, completions, logps, list(range(len(prompts))), 0, 50)
+    padded = rollout_micro_batches(prompts, completions, logprobs, 0, 10_000)
+    trees = rollout_tree_batches(prompts, completions, logprobs, list(range(len(prompts))), 0, 50)
     with torch.no_grad():
         a = _by_row(padded, lambda b: rollout_values(critic, b))
         b = _by_row(trees, lambda b: rollout_values(critic, b))

@@ -61,7 +61,7 @@ def test_sampler_logprobs_equal_full_forward(model, tokenizer, temperature):
     )
     rollout = _generator(model, tokenizer).generate(PROMPTS, sampling)
     assert len(rollout) == 9 and rollout.prompt_index == [0, 0, 0, 1, 1, 1, 2, 2, 2]
-    for prompt, completion, logps in zip(
+    for prompt, completion, logprobs in zip(
         rollout.prompt_ids, rollout.completion_ids, rollout.logprobs, strict=True
     ):
         full = completion_logprobs(
@@ -69,7 +69,7 @@ def test_sampler_logprobs_equal_full_forward(model, tokenizer, temperature):
             torch.tensor([completion]), torch.ones(1, len(completion), dtype=torch.long),
             temperature=temperature,
         )[0]  # fmt: skip
-        assert logps == pytest.approx(full.tolist(), abs=1e-4)
+        assert logprobs == pytest.approx(full.tolist(), abs=1e-4)
 
 
 def test_samples_share_one_prefill_and_finished_rows_leave_the_batch(model, tokenizer):
@@ -217,9 +217,9 @@ def test_sampled_logprobs_and_entropy_are_unfiltered_at_every_filter():
     logp_all = torch.log_softmax(z, -1)
     for kw in ({}, {"top_k": 5}, {"top_p": 0.5}, {"min_p": 0.2}):
         sampling = SamplingConfig(temperature=0.8, seed=0, **kw)
-        tokens, logps, entropies = HFGenerator._sample(logits, sampling, gen)
+        tokens, logprobs, entropies = HFGenerator._sample(logits, sampling, gen)
         expected = logp_all.gather(1, tokens[:, None])[:, 0]
-        assert logps == pytest.approx(expected.tolist(), abs=1e-5)
+        assert logprobs == pytest.approx(expected.tolist(), abs=1e-5)
         ent = -(logp_all.exp() * logp_all).sum(-1)
         assert entropies == pytest.approx(ent.tolist(), abs=1e-5)
         kept = ~filter_logits(z.float(), **kw).isinf()

@@ -237,9 +237,9 @@ def test_sampled_kl_of_a_model_against_itself_is_zero(tiny_model_dir):
 
 
 def test_sequence_kl_sums_per_sequence():
-    logp = torch.tensor([-1.0, -2.0, -0.5])
+    logprobs = torch.tensor([-1.0, -2.0, -0.5])
     ref = torch.tensor([-1.5, -2.0, -1.0])
-    out = sequence_kl(logp, ref, torch.tensor([0, 0, 1]), 2)
+    out = sequence_kl(logprobs, ref, torch.tensor([0, 0, 1]), 2)
     assert out["k1"].tolist() == pytest.approx([0.5, 0.5])
     k3 = math.expm1(-0.5) + 0.5
     assert out["k3"].tolist() == pytest.approx([k3, k3])
@@ -260,9 +260,9 @@ def test_sampled_kl_agrees_with_exact_kl_for_one_token(tiny_model_dir):
     prompt = [{"role": "user", "content": "Hello"}]
     samples = sample_sequences(policy, tokenizer, [prompt] * 600, max_new_tokens=1, seed=5)
     assert all(sum(s.loss_mask) == 1 for s in samples)
-    logp, owners = token_logprobs(policy, samples, pad_id=0)
+    logprobs, owners = token_logprobs(policy, samples, pad_id=0)
     ref, _ = token_logprobs(reference, samples, pad_id=0)
-    kl = sequence_kl(logp, ref, owners, len(samples))
+    kl = sequence_kl(logprobs, ref, owners, len(samples))
     ids = torch.tensor([samples[0].input_ids[:-1]])
     with torch.no_grad():
         exact = float(full_kl(policy(ids).logits[0, -1], reference(ids).logits[0, -1]))

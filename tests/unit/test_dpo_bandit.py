@@ -1,4 +1,4 @@
-"""DPO on a categorical bandit with exact preferences recovers π* ∝ π_ref·exp(r/β) (METHODS 7.1).
+"""DPO on a categorical bandit with exact preferences recovers π* ∝ π_ref·exp(r/β) (Rafailov 2023).
 
 Setting: one prompt, K responses, a softmax policy π = softmax(θ) (θ the parameters), a fixed
 π_ref and rewards r. Pairs are shown with a π-independent probability q_ij (ordered pair
@@ -43,10 +43,10 @@ def expected_dpo_loss(
     for i, j in itertools.permutations(range(theta.numel()), 2):
         weight = (q[i, j] + q[j, i]) * torch.sigmoid(rewards[i] - rewards[j])
         out = dpo_loss(
-            chosen_logps=log_pi[i : i + 1],
-            rejected_logps=log_pi[j : j + 1],
-            ref_chosen_logps=log_ref[i : i + 1],
-            ref_rejected_logps=log_ref[j : j + 1],
+            chosen_logprobs=log_pi[i : i + 1],
+            rejected_logprobs=log_pi[j : j + 1],
+            ref_chosen_logprobs=log_ref[i : i + 1],
+            ref_rejected_logprobs=log_ref[j : j + 1],
             beta=beta,
         )
         total = total + weight * out.loss

@@ -1,4 +1,4 @@
-"""Log-likelihood multiple-choice scoring (METHODS.md section 13) on the tiny random model."""
+"""Log-likelihood multiple-choice scoring on the tiny random model."""
 
 from __future__ import annotations
 

@@ -150,7 +150,7 @@ def test_hand_2x2_closed_form(dtype):
     targets = torch.tensor([0, 0])
     lp = linear_logprobs(hidden, weight, targets, chunk_rows=1)
     expected = [-math.log(1 + math.exp(-1)), -math.log(1 + math.exp(2))]
-    atol = 1e-6  # METHODS.md unit-test tolerance; the log-softmax runs in fp32 for any input
+    atol = 1e-6  # the unit-test tolerance; the log-softmax runs in fp32 for any input
     torch.testing.assert_close(lp.double(), torch.tensor(expected, dtype=torch.float64),
                                atol=atol, rtol=0)  # fmt: skip
     lp.sum().backward()

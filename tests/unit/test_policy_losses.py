@@ -23,10 +23,10 @@ P = ObjectiveParams()
 def _obj_and_grad(name: str, rho: float, adv: float, params: ObjectiveParams = P):
     """obj = -loss at one token with log pi_old = 0, and d obj / d rho."""
     ratio = torch.tensor([[rho]], dtype=torch.float64, requires_grad=True)
-    logp = ratio.log()
+    logprobs = ratio.log()
     loss, _ = OBJECTIVES[name](
-        logprobs=logp,
-        old_logprobs=torch.zeros_like(logp),
+        logprobs=logprobs,
+        old_logprobs=torch.zeros_like(logprobs),
         advantages=torch.tensor([[adv]], dtype=torch.float64),
         mask=torch.ones(1, 1, dtype=torch.bool),
         params=params,
@@ -67,11 +67,11 @@ def test_ppo_clip_first_step_equals_reinforce_gradient():
     mask = torch.rand(3, 5, generator=gen) > 0.2
     grads = {}
     for name in ("reinforce", "ppo_clip", "sapo"):
-        logp = torch.log_softmax(logits, -1).gather(-1, tokens[..., None])[..., 0]
+        logprobs = torch.log_softmax(logits, -1).gather(-1, tokens[..., None])[..., 0]
         agg = Aggregation("seq_mean_token_mean")
         out = policy_loss(
-            logprobs=logp,
-            old_logprobs=logp.detach(),
+            logprobs=logprobs,
+            old_logprobs=logprobs.detach(),
             advantages=adv,
             mask=mask,
             objective=name,
@@ -96,11 +96,11 @@ def test_reinforce_matches_the_exact_bandit_gradient():
     actions = torch.multinomial(probs.detach(), 20000, replacement=True, generator=gen)
     estimates = {}
     for name, baseline in (("none", 0.0), ("batch", float(rewards[actions].mean()))):
-        logp = torch.log_softmax(logits, 0)[actions]
+        logprobs = torch.log_softmax(logits, 0)[actions]
         adv = (rewards[actions] - baseline)[:, None]
         per, _ = OBJECTIVES["reinforce"](
-            logprobs=logp[:, None],
-            old_logprobs=logp[:, None].detach(),
+            logprobs=logprobs[:, None],
+            old_logprobs=logprobs[:, None].detach(),
             advantages=adv,
             mask=torch.ones(len(actions), 1, dtype=torch.bool),
             params=P,
@@ -118,12 +118,16 @@ def test_reinforce_matches_the_exact_bandit_gradient():
 
 
 def test_gspo_sequence_ratio_and_reduction_to_ppo():
-    logp = torch.tensor([[0.1, -0.1, 0.3]], dtype=torch.float64)
-    old = torch.zeros_like(logp)
-    adv = torch.ones_like(logp)
+    logprobs = torch.tensor([[0.1, -0.1, 0.3]], dtype=torch.float64)
+    old = torch.zeros_like(logprobs)
+    adv = torch.ones_like(logprobs)
     mask = torch.ones(1, 3, dtype=torch.bool)
     loss, _ = OBJECTIVES["gspo"](
-        logprobs=logp, old_logprobs=old, advantages=adv, mask=mask, params=ObjectiveParams(1.0, 1.0)
+        logprobs=logprobs,
+        old_logprobs=old,
+        advantages=adv,
+        mask=mask,
+        params=ObjectiveParams(1.0, 1.0),
     )
     approx = math.exp(0.1)
     assert loss.tolist()[0] == pytest.approx([-approx] * 3, abs=1e-6)
@@ -138,7 +142,7 @@ def test_gspo_sequence_ratio_and_reduction_to_ppo():
             logprobs=same, old_logprobs=old.new_zeros(2, 4), advantages=a, mask=m, params=P
         )[0],
     )
-    padded = torch.cat([logp, torch.full((1, 2), 7.0, dtype=torch.float64)], 1)
+    padded = torch.cat([logprobs, torch.full((1, 2), 7.0, dtype=torch.float64)], 1)
     pmask = torch.tensor([[True, True, True, False, False]])
     out, _ = OBJECTIVES["gspo"](
         logprobs=padded,
@@ -152,15 +156,15 @@ def test_gspo_sequence_ratio_and_reduction_to_ppo():
 
 def test_cispo_keeps_a_clipped_gradient():
     for rho, expected in ((1.5, 1.4), (1.0, 1.0)):
-        logp = torch.tensor([[math.log(rho)]], dtype=torch.float64, requires_grad=True)
+        logprobs = torch.tensor([[math.log(rho)]], dtype=torch.float64, requires_grad=True)
         loss, _ = OBJECTIVES["cispo"](
-            logprobs=logp,
+            logprobs=logprobs,
             old_logprobs=torch.zeros(1, 1, dtype=torch.float64),
             advantages=torch.ones(1, 1, dtype=torch.float64),
             mask=torch.ones(1, 1, dtype=torch.bool),
             params=ObjectiveParams(0.2, 0.4),
         )
-        (g,) = torch.autograd.grad(-loss.sum(), logp)
+        (g,) = torch.autograd.grad(-loss.sum(), logprobs)
         assert float(g) == pytest.approx(expected)  # d obj / d log pi
     assert _obj_and_grad("ppo_clip", 1.5, 1.0)[1] == 0.0
 
@@ -252,9 +256,9 @@ def test_gradient_independent_of_micro_batch_split(mode, objective):
         start = 0
         for n in parts:
             rows = slice(start, start + n)
-            logp = torch.log_softmax(logits[rows], -1).gather(-1, tokens[rows, :, None])[..., 0]
+            logprobs = torch.log_softmax(logits[rows], -1).gather(-1, tokens[rows, :, None])[..., 0]
             out = policy_loss(
-                logprobs=logp,
+                logprobs=logprobs,
                 old_logprobs=old[rows],
                 advantages=adv[rows],
                 mask=mask[rows],
@@ -271,13 +275,13 @@ def test_gradient_independent_of_micro_batch_split(mode, objective):
 
 
 def test_kl_in_loss_adds_kl_coef_times_k():
-    logp = torch.zeros(1, 2, dtype=torch.float64)
+    logprobs = torch.zeros(1, 2, dtype=torch.float64)
     mask = torch.ones(1, 2, dtype=torch.bool)
     kl = torch.tensor([[0.5, 1.5]], dtype=torch.float64)
     agg = Aggregation("token_mean")
     base = policy_loss(
-        logprobs=logp,
-        old_logprobs=logp,
+        logprobs=logprobs,
+        old_logprobs=logprobs,
         advantages=torch.ones(1, 2),
         mask=mask,
         objective="ppo_clip",
@@ -286,8 +290,8 @@ def test_kl_in_loss_adds_kl_coef_times_k():
         normaliser=2.0,
     )
     with_kl = policy_loss(
-        logprobs=logp,
-        old_logprobs=logp,
+        logprobs=logprobs,
+        old_logprobs=logprobs,
         advantages=torch.ones(1, 2),
         mask=mask,
         objective="ppo_clip",

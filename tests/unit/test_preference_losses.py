@@ -1,4 +1,4 @@
-"""DPO-family losses, part 1 (METHODS.md 7.1-7.6): DPO, cDPO, IPO, DPO-norm, SimPO, ORPO.
+"""DPO-family losses, part 1: DPO, cDPO, IPO, DPO-norm, SimPO, ORPO.
 
 Expected values are derived by hand in each docstring (math.log / math.exp of the formula),
 never produced by the code under test. fp64 throughout, atol 1e-6. softplus(x) = log(1 + e^x).
@@ -28,7 +28,7 @@ from rlhfkit.ops.masking import Aggregation
 
 D = torch.float64
 ATOL = 1e-6
-logp = st.floats(-60, 0, allow_nan=False)
+logprobs = st.floats(-60, 0, allow_nan=False)
 length = st.integers(1, 50)
 
 
@@ -45,10 +45,10 @@ def on_h(fn: Callable, h: torch.Tensor, **kw: object) -> torch.Tensor:
     """The loss of one pair with Δ_c = h, Δ_r = 0 (policy logp_c = h, all else 0)."""
     zero = torch.zeros(1, dtype=D)
     return fn(
-        chosen_logps=h.reshape(1),
-        rejected_logps=zero,
-        ref_chosen_logps=zero,
-        ref_rejected_logps=zero,
+        chosen_logprobs=h.reshape(1),
+        rejected_logprobs=zero,
+        ref_chosen_logprobs=zero,
+        ref_rejected_logprobs=zero,
         **kw,
     ).loss
 
@@ -74,10 +74,10 @@ def test_dpo_policy_equals_reference_gives_log2_and_gradient_minus_beta_half():
     """h = 0: L = softplus(0) = log 2 = 0.693147; dL/dh = −β σ(0) = −β/2 = −0.05 (β 0.1)."""
     x = t(-7.0, -3.0, grad=True)
     out = dpo_loss(
-        chosen_logps=x[:1],
-        rejected_logps=x[1:],
-        ref_chosen_logps=t(-7.0),
-        ref_rejected_logps=t(-3.0),
+        chosen_logprobs=x[:1],
+        rejected_logprobs=x[1:],
+        ref_chosen_logprobs=t(-7.0),
+        ref_rejected_logprobs=t(-3.0),
     )
     close(out.loss, math.log(2))
     (g,) = torch.autograd.grad(out.loss, x)
@@ -95,7 +95,10 @@ def test_dpo_worked_example():
     """
     c, r = t(-10.0, grad=True), t(-15.0, grad=True)
     out = dpo_loss(
-        chosen_logps=c, rejected_logps=r, ref_chosen_logps=t(-12.0), ref_rejected_logps=t(-14.0)
+        chosen_logprobs=c,
+        rejected_logprobs=r,
+        ref_chosen_logprobs=t(-12.0),
+        ref_rejected_logprobs=t(-14.0),
     )
     close(out.loss, 0.554355)
     out.loss.backward()
@@ -104,7 +107,7 @@ def test_dpo_worked_example():
     m = out.metrics
     expected = {
         "pairs": 1, "chosen_rewards_sum": 0.2, "rejected_rewards_sum": -0.1, "margin_sum": 0.3,
-        "correct": 1, "chosen_logps_sum": -10, "rejected_logps_sum": -15, "displaced": 0,
+        "correct": 1, "chosen_logprobs_sum": -10, "rejected_logprobs_sum": -15, "displaced": 0,
         "delta_chosen_sum": 2, "loss_sum": 0.554355,
     }  # fmt: skip
     for key, value in expected.items():
@@ -116,10 +119,10 @@ def test_dpo_displacement_counts_pairs_where_both_likelihoods_fell():
     """Pairs (Δ_c, Δ_r) = (−1, −2), (1, −2), (−1, 2), (−3, −0.5): only the 1st and 4th have both
     Δ < 0, so displaced = 2; delta_chosen_sum = −1 + 1 − 1 − 3 = −4."""
     out = dpo_loss(
-        chosen_logps=t(-1.0, 1.0, -1.0, -3.0),
-        rejected_logps=t(-2.0, -2.0, 2.0, -0.5),
-        ref_chosen_logps=torch.zeros(4, dtype=D),
-        ref_rejected_logps=torch.zeros(4, dtype=D),
+        chosen_logprobs=t(-1.0, 1.0, -1.0, -3.0),
+        rejected_logprobs=t(-2.0, -2.0, 2.0, -0.5),
+        ref_chosen_logprobs=torch.zeros(4, dtype=D),
+        ref_rejected_logprobs=torch.zeros(4, dtype=D),
     )
     close(out.metrics["displaced"], 2)
     close(out.metrics["delta_chosen_sum"], -4)
@@ -146,11 +149,13 @@ def test_dpo_normaliser_and_split_invariance():
     """L = Σ l_i / normaliser: two micro-batches with the global normaliser 4 add up to the full
     batch; their metric sums add up too. An empty batch with normaliser 0 gives 0, not NaN."""
     c, r, rc, rr = t(-3, -8, -1, -6), t(-4, -2, -9, -6), t(-3.5, -7, -2, -5), t(-4, -3, -8, -6)
-    full = dpo_loss(chosen_logps=c, rejected_logps=r, ref_chosen_logps=rc, ref_rejected_logps=rr)
+    full = dpo_loss(
+        chosen_logprobs=c, rejected_logprobs=r, ref_chosen_logprobs=rc, ref_rejected_logprobs=rr
+    )
     parts = [
         dpo_loss(
-            chosen_logps=c[s], rejected_logps=r[s], ref_chosen_logps=rc[s],
-            ref_rejected_logps=rr[s], normaliser=4,
+            chosen_logprobs=c[s], rejected_logprobs=r[s], ref_chosen_logprobs=rc[s],
+            ref_rejected_logprobs=rr[s], normaliser=4,
         )
         for s in (slice(0, 1), slice(1, 4))
     ]  # fmt: skip
@@ -159,25 +164,30 @@ def test_dpo_normaliser_and_split_invariance():
         close(parts[0].metrics[key] + parts[1].metrics[key], float(value))
     empty = torch.zeros(0, dtype=D)
     out = dpo_loss(
-        chosen_logps=empty, rejected_logps=empty, ref_chosen_logps=empty, ref_rejected_logps=empty
+        chosen_logprobs=empty,
+        rejected_logprobs=empty,
+        ref_chosen_logprobs=empty,
+        ref_rejected_logprobs=empty,
     )
     close(out.loss, 0.0)
 
 
 def test_dpo_loss_math_is_fp32_for_low_precision_inputs():
     x = torch.tensor([-3.0, -4.0], dtype=torch.bfloat16)
-    out = dpo_loss(chosen_logps=x, rejected_logps=x, ref_chosen_logps=x, ref_rejected_logps=x)
+    out = dpo_loss(
+        chosen_logprobs=x, rejected_logprobs=x, ref_chosen_logprobs=x, ref_rejected_logprobs=x
+    )
     assert out.loss.dtype == torch.float32
     close(out.loss, math.log(2))
 
 
 @settings(max_examples=40, deadline=None)
-@given(logp, logp, logp, logp, st.floats(-100, 100), st.floats(0.01, 5))
+@given(logprobs, logprobs, logprobs, logprobs, st.floats(-100, 100), st.floats(0.01, 5))
 def test_dpo_reference_shift_invariance(c, r, rc, rr, shift, beta):
     """h = Δ_c − Δ_r does not change when one constant is added to both reference log-probs."""
-    kw = {"chosen_logps": t(c), "rejected_logps": t(r), "beta": beta}
-    base = dpo_loss(**kw, ref_chosen_logps=t(rc), ref_rejected_logps=t(rr))
-    moved = dpo_loss(**kw, ref_chosen_logps=t(rc + shift), ref_rejected_logps=t(rr + shift))
+    kw = {"chosen_logprobs": t(c), "rejected_logprobs": t(r), "beta": beta}
+    base = dpo_loss(**kw, ref_chosen_logprobs=t(rc), ref_rejected_logprobs=t(rr))
+    moved = dpo_loss(**kw, ref_chosen_logprobs=t(rc + shift), ref_rejected_logprobs=t(rr + shift))
     close(moved.loss, float(base.loss))
     close(moved.metrics["margin_sum"], float(base.metrics["margin_sum"]))
 
@@ -218,8 +228,8 @@ def test_ipo_average_logprobs():
     """Δ_c = 10 over 2 tokens -> 5, Δ_r = −6 over 3 tokens -> −2: averaged h = 7, L = (7−5)² = 4;
     on sums h = 16, L = 11² = 121."""
     kw = {
-        "chosen_logps": t(-10.0), "rejected_logps": t(-16.0), "ref_chosen_logps": t(-20.0),
-        "ref_rejected_logps": t(-10.0), "chosen_tokens": t(2.0), "rejected_tokens": t(3.0),
+        "chosen_logprobs": t(-10.0), "rejected_logprobs": t(-16.0), "ref_chosen_logprobs": t(-20.0),
+        "ref_rejected_logprobs": t(-10.0), "chosen_tokens": t(2.0), "rejected_tokens": t(3.0),
     }  # fmt: skip
     close(ipo_loss(**kw, average_logprobs=True).loss, 4.0)
     close(ipo_loss(**kw).loss, 121.0)
@@ -232,8 +242,8 @@ def test_dpo_norm_closed_form():
     """β 2.0 (default): chosen −6 vs ref −9 over 3 tokens -> Δ/|y| = 1; rejected −8 vs ref −4
     over 4 tokens -> −1; h_avg = 2, L = softplus(−4) = log(1 + e^{−4}) = 0.018150; rewards 2, −2."""
     out = dpo_norm_loss(
-        chosen_logps=t(-6.0), rejected_logps=t(-8.0), ref_chosen_logps=t(-9.0),
-        ref_rejected_logps=t(-4.0), chosen_tokens=t(3.0), rejected_tokens=t(4.0),
+        chosen_logprobs=t(-6.0), rejected_logprobs=t(-8.0), ref_chosen_logprobs=t(-9.0),
+        ref_rejected_logprobs=t(-4.0), chosen_tokens=t(3.0), rejected_tokens=t(4.0),
     )  # fmt: skip
     close(out.loss, 0.018150)
     close(out.metrics["chosen_rewards_sum"], 2.0)
@@ -243,7 +253,7 @@ def test_dpo_norm_closed_form():
 @settings(max_examples=30, deadline=None)
 @given(st.integers(0, 2**31 - 1), st.integers(1, 6))
 def test_dpo_norm_token_duplication_invariance(seed, copies):
-    """Repeating every token k times (same per-token logp) multiplies sums and lengths by k, so
+    """Repeating every token k times (same per-token logprobs) multiplies sums and lengths by k, so
     the per-token averages and the loss stay the same (plain DPO would change)."""
     gen = torch.Generator().manual_seed(seed)
     tok = [-torch.rand(n, generator=gen, dtype=D) * 3 for n in (3, 5, 4, 2)]  # c, r, ref_c, ref_r
@@ -251,7 +261,12 @@ def test_dpo_norm_token_duplication_invariance(seed, copies):
 
     def loss(k: int, fn: Callable = dpo_norm_loss) -> float:
         sums = [k * x.sum().reshape(1) for x in tok]
-        names = ("chosen_logps", "rejected_logps", "ref_chosen_logps", "ref_rejected_logps")
+        names = (
+            "chosen_logprobs",
+            "rejected_logprobs",
+            "ref_chosen_logprobs",
+            "ref_rejected_logprobs",
+        )
         scaled = {key: k * v for key, v in lengths.items()}
         return float(fn(**dict(zip(names, sums, strict=True)), **scaled).loss)
 
@@ -268,7 +283,7 @@ def test_simpo_closed_forms_and_absolute_gamma():
     for diff, expected in ((0.0, 1.313262), (1.0, 0.313262)):
         avg_c, avg_r = -2.0 + diff, -2.0
         out = simpo_loss(
-            chosen_logps=t(4 * avg_c), rejected_logps=t(7 * avg_r),
+            chosen_logprobs=t(4 * avg_c), rejected_logprobs=t(7 * avg_r),
             chosen_tokens=t(4.0), rejected_tokens=t(7.0),
         )  # fmt: skip
         close(out.loss, expected)
@@ -279,14 +294,14 @@ def test_simpo_closed_forms_and_absolute_gamma():
 
 
 @settings(max_examples=30, deadline=None)
-@given(logp, logp, length, length, st.integers(2, 9))
+@given(logprobs, logprobs, length, length, st.integers(2, 9))
 def test_simpo_length_invariance(c_avg, r_avg, n_c, n_r, k):
     """Only the averages enter: scaling a response's length and sum by k changes nothing."""
 
     def loss(kc: int, kr: int) -> float:
         return float(
             simpo_loss(
-                chosen_logps=t(c_avg * n_c * kc), rejected_logps=t(r_avg * n_r * kr),
+                chosen_logprobs=t(c_avg * n_c * kc), rejected_logprobs=t(r_avg * n_r * kr),
                 chosen_tokens=t(n_c * kc), rejected_tokens=t(n_r * kr),
             ).loss
         )  # fmt: skip
@@ -302,10 +317,10 @@ def test_orpo_log_odds_values():
     """log(p/(1−p)): p 0.5 -> 0; 0.8 -> log 4 = 1.386294; 0.2 -> −log 4; p = 1 − 1e-7 ->
     log((1 − 1e-7)/1e-7) = 16.118096 (finite); p = 1 is capped, so still finite."""
     p = t(0.5, 0.8, 0.2, 1 - 1e-7)
-    got = orpo_log_odds(avg_logps=torch.log(p))
+    got = orpo_log_odds(avg_logprobs=torch.log(p))
     for value, expected in zip(got, (0.0, 1.386294, -1.386294, 16.118096), strict=True):
         close(value, expected)
-    assert torch.isfinite(orpo_log_odds(avg_logps=t(0.0))).all()
+    assert torch.isfinite(orpo_log_odds(avg_logprobs=t(0.0))).all()
 
 
 def test_orpo_closed_form():
@@ -313,7 +328,7 @@ def test_orpo_closed_form():
     L_OR = softplus(−log 16) = log(1 + 1/16) = log(17/16) = 0.060625; NLL = −log 0.8 = 0.223144;
     total (λ 0.1) = 0.223144 + 0.0060625 = 0.229206."""
     out = orpo_loss(
-        chosen_logps=torch.log(t(0.8)), rejected_logps=torch.log(t(0.2)),
+        chosen_logprobs=torch.log(t(0.8)), rejected_logprobs=torch.log(t(0.2)),
         chosen_tokens=t(1.0), rejected_tokens=t(1.0),
     )  # fmt: skip
     close(out.loss, 0.229206)
@@ -325,7 +340,9 @@ def test_orpo_closed_form():
 def test_orpo_finite_near_probability_one():
     """p_c → 1 and p_r = 1 exactly (capped): loss and gradients finite."""
     c, r = torch.log(t(1 - 1e-7)).requires_grad_(), t(0.0, grad=True)
-    out = orpo_loss(chosen_logps=c, rejected_logps=r, chosen_tokens=t(1.0), rejected_tokens=t(1.0))
+    out = orpo_loss(
+        chosen_logprobs=c, rejected_logprobs=r, chosen_tokens=t(1.0), rejected_tokens=t(1.0)
+    )
     out.loss.backward()
     assert (
         torch.isfinite(out.loss) and torch.isfinite(c.grad).all() and torch.isfinite(r.grad).all()
@@ -336,15 +353,15 @@ def test_orpo_lambda_zero_is_sft_nll():
     """λ = 0 leaves −(1/N) Σ_i avg_i, the per-sequence token-mean NLL of the chosen responses
     (sft_loss with seq_mean_token_mean, normaliser N)."""
     gen = torch.Generator().manual_seed(0)
-    tok_logps = -torch.rand(3, 5, generator=gen, dtype=D) * 2  # (B, T)
+    tok_logprobs = -torch.rand(3, 5, generator=gen, dtype=D) * 2  # (B, T)
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], dtype=torch.bool)
-    sums = torch.where(mask, tok_logps, 0.0).sum(-1)  # (B,)
+    sums = torch.where(mask, tok_logprobs, 0.0).sum(-1)  # (B,)
     out = orpo_loss(
-        chosen_logps=sums, rejected_logps=sums - 1.0, chosen_tokens=mask.sum(-1),
+        chosen_logprobs=sums, rejected_logprobs=sums - 1.0, chosen_tokens=mask.sum(-1),
         rejected_tokens=mask.sum(-1), lambda_=0.0,
     )  # fmt: skip
     sft = sft_loss(
-        logprobs=tok_logps, mask=mask, normaliser=3, agg=Aggregation("seq_mean_token_mean")
+        logprobs=tok_logprobs, mask=mask, normaliser=3, agg=Aggregation("seq_mean_token_mean")
     )
     close(out.loss, float(sft.loss))
 
@@ -353,7 +370,7 @@ def test_orpo_lambda_zero_is_sft_nll():
 @given(st.floats(-40, -1e-9), st.floats(-40, -1e-9))
 def test_orpo_log_odds_matches_direct_formula_and_is_monotone(a, b):
     """log-odds = log p − log(1 − p) (direct form, fine away from p = 1) and increasing in ℓ."""
-    got = orpo_log_odds(avg_logps=t(a, b))
+    got = orpo_log_odds(avg_logprobs=t(a, b))
     for ell, value in zip((a, b), got, strict=True):
         if ell < -1e-6:
             close(value, ell - math.log(-math.expm1(ell)), atol=1e-6 * max(1, abs(float(value))))

@@ -1,4 +1,4 @@
-"""DPO-family losses, part 2 (METHODS.md 7.7-7.9, 5): KTO, APO, ODPO, RPO and the loss table.
+"""DPO-family losses, part 2: KTO, APO, ODPO, RPO and the loss table.
 
 Expected values are derived by hand in each docstring (math.log / math.exp of the formula),
 never produced by the code under test. fp64 throughout, atol 1e-6. σ' = σ(x)σ(−x).
@@ -47,8 +47,8 @@ def close(actual: torch.Tensor | float, expected: float, atol: float = ATOL) -> 
 def worked(**kw: object) -> dict:
     """(logp_c, ref_c, logp_r, ref_r) = (−10, −12, −15, −14): h = 3, DPO L = 0.554355."""
     return {
-        "chosen_logps": t(-10.0), "ref_chosen_logps": t(-12.0), "rejected_logps": t(-15.0),
-        "ref_rejected_logps": t(-14.0), **kw,
+        "chosen_logprobs": t(-10.0), "ref_chosen_logprobs": t(-12.0), "rejected_logprobs": t(-15.0),
+        "ref_rejected_logprobs": t(-14.0), **kw,
     }  # fmt: skip
 
 
@@ -60,15 +60,21 @@ def call(name: str, c, r, rc, rr, nc, nr, **kw: object):
         extra = {"score_chosen": torch.full_like(c, 2.0), "score_rejected": torch.ones_like(c)}
     refs = (None, None) if spec.reference_free else (rc, rr)
     return spec.fn(
-        chosen_logps=c, rejected_logps=r, ref_chosen_logps=refs[0], ref_rejected_logps=refs[1],
-        chosen_tokens=nc, rejected_tokens=nr, beta=spec.beta, **extra, **kw,
+        chosen_logprobs=c, rejected_logprobs=r, ref_chosen_logprobs=refs[0],
+        ref_rejected_logprobs=refs[1], chosen_tokens=nc, rejected_tokens=nr, beta=spec.beta,
+        **extra, **kw,
     )  # fmt: skip
 
 
 def grads(fn, d_c: float, d_r: float) -> tuple[float, float]:
     """(∂L/∂Δ_c, ∂L/∂Δ_r) via the policy log-probs with zero reference."""
     c, r = t(d_c, grad=True), t(d_r, grad=True)
-    out = fn(chosen_logps=c, rejected_logps=r, ref_chosen_logps=t(0.0), ref_rejected_logps=t(0.0))
+    out = fn(
+        chosen_logprobs=c,
+        rejected_logprobs=r,
+        ref_chosen_logprobs=t(0.0),
+        ref_rejected_logprobs=t(0.0),
+    )
     g_c, g_r = torch.autograd.grad(out.loss, (c, r))
     return float(g_c), float(g_r)
 
@@ -79,7 +85,7 @@ def grads(fn, d_c: float, d_r: float) -> tuple[float, float]:
 def test_kto_at_reference_point_is_half_lambda():
     """r = z0: 1 − σ(0) = 0.5, so l = 0.5 λ: λ_D 2 -> 1, λ_U 3 -> 1.5; L = 2.5 / 2 = 1.25."""
     out = kto_loss(
-        logps=t(-3.0, -3.0), ref_logps=t(-5.0, -5.0), desirable=torch.tensor([True, False]),
+        logprobs=t(-3.0, -3.0), ref_logprobs=t(-5.0, -5.0), desirable=torch.tensor([True, False]),
         z0=2.0, lambda_d=2.0, lambda_u=3.0,
     )  # fmt: skip
     close(out.loss, 1.25)
@@ -92,7 +98,9 @@ def test_kto_closed_form():
     """β 0.1, r = 2, z0 = 0: desirable 1 − σ(0.2) = 1/(1 + e^{0.2}) = 0.450166; undesirable
     1 − σ(−0.2) = 0.549834."""
     for desirable, expected in ((True, 0.450166), (False, 0.549834)):
-        out = kto_loss(logps=t(-1.0), ref_logps=t(-3.0), desirable=torch.tensor([desirable]), z0=0)
+        out = kto_loss(
+            logprobs=t(-1.0), ref_logprobs=t(-3.0), desirable=torch.tensor([desirable]), z0=0
+        )
         close(out.loss, expected)
 
 
@@ -101,7 +109,7 @@ def test_kto_closed_form():
 def test_kto_loss_between_zero_and_lambda(r, z0, lam, desirable):
     """λ·σ(·) lies strictly inside (0, λ) for finite arguments (|β(r − z0)| ≤ 12 here)."""
     out = kto_loss(
-        logps=t(r), ref_logps=t(0.0), desirable=torch.tensor([desirable]), z0=z0,
+        logprobs=t(r), ref_logprobs=t(0.0), desirable=torch.tensor([desirable]), z0=z0,
         lambda_d=lam, lambda_u=lam,
     )  # fmt: skip
     assert 0 < float(out.loss) < lam
@@ -111,8 +119,8 @@ def test_kto_loss_between_zero_and_lambda(r, z0, lam, desirable):
 @given(st.floats(-50, 50))
 def test_kto_mirror_symmetry(r):
     """z0 = 0, λ_D = λ_U: L_D(r) = σ(−βr) = 1 − σ(β(0 − (−r))) = L_U(−r)."""
-    d = kto_loss(logps=t(r), ref_logps=t(0.0), desirable=torch.tensor([True]), z0=0.0)
-    u = kto_loss(logps=t(-r), ref_logps=t(0.0), desirable=torch.tensor([False]), z0=0.0)
+    d = kto_loss(logprobs=t(r), ref_logprobs=t(0.0), desirable=torch.tensor([True]), z0=0.0)
+    u = kto_loss(logprobs=t(-r), ref_logprobs=t(0.0), desirable=torch.tensor([False]), z0=0.0)
     close(d.loss, float(u.loss))
 
 
@@ -125,7 +133,9 @@ def test_kto_z0_values_and_no_gradient():
     assert not z.requires_grad
     close(kto_z0(log_ratios=torch.zeros(0, dtype=D)), 0.0)
     z0, lp = torch.tensor(0.5, dtype=D, requires_grad=True), t(-1.0, -2.0, grad=True)
-    out = kto_loss(logps=lp, ref_logps=t(-1.5, -1.0), desirable=torch.tensor([True, False]), z0=z0)
+    out = kto_loss(
+        logprobs=lp, ref_logprobs=t(-1.5, -1.0), desirable=torch.tensor([True, False]), z0=z0
+    )
     out.loss.backward()
     assert z0.grad is None and lp.grad is not None
 
@@ -141,7 +151,7 @@ def test_kto_z0_nonnegative_and_at_least_the_mean(values):
 def test_kto_z0_batch_rejected():
     """Undesirable rows 1 and 2: log-ratios −2 − (−4) = 2 and −3 − (−4) = 1 -> z0 = 1.5."""
     z = kto_z0_batch_rejected(
-        logps=t(-1.0, -2.0, -3.0, -4.0), ref_logps=t(-2.0, -4.0, -4.0, -1.0),
+        logprobs=t(-1.0, -2.0, -3.0, -4.0), ref_logprobs=t(-2.0, -4.0, -4.0, -1.0),
         desirable=torch.tensor([True, False, False, True]),
     )  # fmt: skip
     close(z, 1.5)
@@ -153,10 +163,10 @@ def test_kto_split_pairs_equals_explicit_unpaired_input():
     Σ_pairs [σ(−β(Δ_c − z0)) + σ(β(Δ_r − z0))] / 4."""
     c, r, rc, rr = t(-10.0, -4.0), t(-15.0, -3.0), t(-12.0, -3.5), t(-14.0, -3.5)
     split = kto_unpaired_from_pairs(
-        chosen_logps=c, rejected_logps=r, ref_chosen_logps=rc, ref_rejected_logps=rr
+        chosen_logprobs=c, rejected_logprobs=r, ref_chosen_logprobs=rc, ref_rejected_logprobs=rr
     )
     explicit = {
-        "logps": t(-3.0, -10.0, -15.0, -4.0), "ref_logps": t(-3.5, -12.0, -14.0, -3.5),
+        "logprobs": t(-3.0, -10.0, -15.0, -4.0), "ref_logprobs": t(-3.5, -12.0, -14.0, -3.5),
         "desirable": torch.tensor([False, True, False, True]),
     }  # fmt: skip
     hand = sum(
@@ -176,8 +186,8 @@ def test_kto_split_pairs_equals_explicit_unpaired_input():
 def test_apo_value_and_gradients_at_init():
     """Δ = 0, β 0.1: APO-zero 1 − 0.5 + 0.5 = 1, APO-down 0.5 + 1 − 0.5 = 1. APO-zero
     gradients ∓βσ'(0) = ∓0.1 * 0.25 = (−0.025, +0.025); APO-down ∂/∂Δ_c = βσ'(0) − βσ'(0) = 0."""
-    zero = {k: t(0.0) for k in ("chosen_logps", "rejected_logps")}
-    refs = {"ref_chosen_logps": t(0.0), "ref_rejected_logps": t(0.0)}
+    zero = {k: t(0.0) for k in ("chosen_logprobs", "rejected_logprobs")}
+    refs = {"ref_chosen_logprobs": t(0.0), "ref_rejected_logprobs": t(0.0)}
     close(apo_zero_loss(**zero, **refs).loss, 1.0)
     close(apo_down_loss(**zero, **refs).loss, 1.0)
     g_c, g_r = grads(apo_zero_loss, 0.0, 0.0)
@@ -235,8 +245,8 @@ def test_rpo_closed_form():
 def test_alpha_zero_gives_dpo(c, r, rc, rr, beta, gap, n):
     """ODPO δ = 0·log(gap) = 0 and RPO 0·NLL = 0 leave −log σ(βh)."""
     kw = {
-        "chosen_logps": t(c), "rejected_logps": t(r), "ref_chosen_logps": t(rc),
-        "ref_rejected_logps": t(rr), "beta": beta,
+        "chosen_logprobs": t(c), "rejected_logprobs": t(r), "ref_chosen_logprobs": t(rc),
+        "ref_rejected_logprobs": t(rr), "beta": beta,
     }  # fmt: skip
     dpo = float(dpo_loss(**kw).loss)
     close(odpo_loss(**kw, alpha=0.0, score_chosen=t(gap + 1), score_rejected=t(1.0)).loss, dpo)
@@ -264,14 +274,14 @@ def test_table_rows_match_their_functions():
 @pytest.mark.parametrize("name", PAIRED)
 def test_reference_based_rows_require_reference(name):
     spec = PREFERENCE_LOSSES[name]
-    kw = {"chosen_logps": t(-1.0), "rejected_logps": t(-2.0), "chosen_tokens": t(1.0)}
-    kw |= {"rejected_tokens": t(1.0), "ref_chosen_logps": None, "ref_rejected_logps": None}
+    kw = {"chosen_logprobs": t(-1.0), "rejected_logprobs": t(-2.0), "chosen_tokens": t(1.0)}
+    kw |= {"rejected_tokens": t(1.0), "ref_chosen_logprobs": None, "ref_rejected_logprobs": None}
     if "score_chosen" in spec.extra_inputs:
         kw |= {"score_chosen": t(2.0), "score_rejected": t(1.0)}
     if spec.reference_free:
         assert torch.isfinite(spec.fn(**kw).loss)
     else:
-        with pytest.raises(ValueError, match="ref_chosen_logps"):
+        with pytest.raises(ValueError, match="ref_chosen_logprobs"):
             spec.fn(**kw)
 
 
@@ -319,9 +329,9 @@ extreme = st.floats(-1e4, 0)
 @settings(max_examples=25, deadline=None)
 @given(values=st.tuples(extreme, extreme, extreme, extreme, st.integers(1, 4096)))
 def test_finite_for_extreme_inputs(name, values):
-    *logps, n = values
-    c, r = t(logps[0], grad=True), t(logps[1], grad=True)
-    out = call(name, c, r, t(logps[2]), t(logps[3]), t(n), t(n))
+    *logprobs, n = values
+    c, r = t(logprobs[0], grad=True), t(logprobs[1], grad=True)
+    out = call(name, c, r, t(logprobs[2]), t(logprobs[3]), t(n), t(n))
     out.loss.backward()
     assert (
         torch.isfinite(out.loss) and torch.isfinite(c.grad).all() and torch.isfinite(r.grad).all()
@@ -333,7 +343,7 @@ def test_finite_for_extreme_inputs(name, values):
 def test_kto_finite_for_extreme_inputs(values):
     lp, ref, z0, desirable = values
     x = t(lp, grad=True)
-    out = kto_loss(logps=x, ref_logps=t(ref), desirable=torch.tensor([desirable]), z0=z0)
+    out = kto_loss(logprobs=x, ref_logprobs=t(ref), desirable=torch.tensor([desirable]), z0=z0)
     out.loss.backward()
     assert torch.isfinite(out.loss) and torch.isfinite(x.grad).all()
 

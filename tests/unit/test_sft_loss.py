@@ -1,4 +1,4 @@
-"""SFT loss (METHODS.md section 2): equals the manual shifted CE; prompt logits are inert.
+"""SFT loss: equals the manual shifted CE; prompt logits are inert.
 
 Reference: ``F.cross_entropy(logits[:, :-1], labels[:, 1:], ignore_index=-100, reduction="sum")``
 divided by the number of labels, an implementation independent of the code under test.

@@ -1,7 +1,7 @@
 """Rollouts as training micro-batches.
 
 Completion-space tensors (B rows, T completion tokens; the ``types`` glossary) hold what the
-losses read: ``completion_ids``, ``completion_mask``, ``sampler_logp``, ``advantages`` and
+losses read: ``completion_ids``, ``completion_mask``, ``sampler_logprobs``, ``advantages`` and
 ``rows`` (each row's index in the rollout). The model input comes in one of two layouts:
 
 - padded (:func:`rollout_micro_batches`): prompts left-padded, completions right-padded, rows
@@ -36,7 +36,7 @@ def pad_rows(rows: list[list[Any]], value: float, left: bool, dtype: torch.dtype
 def rollout_micro_batches(
     prompt_ids: list[list[int]],
     completion_ids: list[list[int]],
-    sampler_logps: list[list[float]],
+    sampler_logprobs: list[list[float]],
     pad_id: int,
     max_tokens: int,
 ) -> list[dict[str, torch.Tensor]]:
@@ -68,8 +68,10 @@ def rollout_micro_batches(
             "prompt_mask": pad_rows([[1] * len(p) for p in prompts], 0, True, torch.long),
             "completion_ids": pad_rows(comps, pad_id, False, torch.long),
             "completion_mask": mask,
-            "sampler_logp": pad_rows([sampler_logps[i] for i in idx], 0.0, False, torch.float32),
-            "advantages": torch.zeros(mask.shape),  # set by _set_advantages
+            "sampler_logprobs": pad_rows(
+                [sampler_logprobs[i] for i in idx], 0.0, False, torch.float32
+            ),
+            "advantages": torch.zeros(mask.shape),  # set by the advantage stage
             "rows": torch.tensor(idx),
         })  # fmt: skip
     return out
@@ -78,7 +80,7 @@ def rollout_micro_batches(
 def rollout_tree_batches(
     prompt_ids: list[list[int]],
     completion_ids: list[list[int]],
-    sampler_logps: list[list[float]],
+    sampler_logprobs: list[list[float]],
     rows: list[int],
     pad_id: int,
     max_tokens: int,
@@ -92,7 +94,7 @@ def rollout_tree_batches(
     Args:
         prompt_ids: Prompt ids of every rollout row.
         completion_ids: Completion ids of every rollout row.
-        sampler_logps: Sampler log-probs of every rollout row.
+        sampler_logprobs: Sampler log-probs of every rollout row.
         rows: The rollout rows to batch.
         pad_id: Padding id of the completion-space tensors.
         max_tokens: Token budget of one micro-batch.
@@ -123,14 +125,16 @@ def rollout_tree_batches(
             used = 0
         bins[-1].append(tree)
         used += cost
-    return [_tree_micro_batch(b, prompt_ids, completion_ids, sampler_logps, pad_id) for b in bins]
+    return [
+        _tree_micro_batch(b, prompt_ids, completion_ids, sampler_logprobs, pad_id) for b in bins
+    ]
 
 
 def _tree_micro_batch(
     trees: list[list[int]],
     prompt_ids: list[list[int]],
     completion_ids: list[list[int]],
-    sampler_logps: list[list[float]],
+    sampler_logprobs: list[list[float]],
     pad_id: int,
 ) -> dict[str, torch.Tensor]:
     """One micro-batch of prefix trees with its completion-space tensors."""
@@ -157,7 +161,7 @@ def _tree_micro_batch(
         **{k: packed[k] for k in keep},
         "completion_ids": pad_rows(comps, pad_id, False, torch.long),
         "completion_mask": mask,
-        "sampler_logp": pad_rows([sampler_logps[i] for i in idx], 0.0, False, torch.float32),
-        "advantages": torch.zeros(mask.shape),  # set by _set_advantages
+        "sampler_logprobs": pad_rows([sampler_logprobs[i] for i in idx], 0.0, False, torch.float32),
+        "advantages": torch.zeros(mask.shape),  # set by the advantage stage
         "rows": torch.tensor(idx),
     }

@@ -44,8 +44,8 @@ def token_logprobs(
     values, owners = [], []
     for start in range(0, len(examples), batch_size):
         batch = pad_batch(examples[start : start + batch_size], pad_id=pad_id)
-        logps, rows = label_logprobs(model, {k: v.to(device) for k, v in batch.items()})
-        values.append(logps.float().cpu())
+        logprobs, rows = label_logprobs(model, {k: v.to(device) for k, v in batch.items()})
+        values.append(logprobs.float().cpu())
         owners.append(rows.cpu() + start)
     model.train(was_training)
     return torch.cat(values), torch.cat(owners)
@@ -89,18 +89,18 @@ def sample_sequences(
 
 
 def sequence_kl(
-    logp: torch.Tensor, ref_logp: torch.Tensor, owners: torch.Tensor, count: int
+    logprobs: torch.Tensor, ref_logprobs: torch.Tensor, owners: torch.Tensor, count: int
 ) -> dict[str, torch.Tensor]:
     """Per-sequence k1 and k3 sums from aligned token log-probs.
 
     Shapes:
-        logp, ref_logp, owners: (N,); returns ``k1``, ``k3`` of shape (count,).
+        logprobs, ref_logprobs, owners: (N,); returns ``k1``, ``k3`` of shape (count,).
     """
     k1 = torch.zeros(count, dtype=torch.float64).index_add(
-        0, owners, kl_k1(logp, ref_logp).double()
+        0, owners, kl_k1(logprobs, ref_logprobs).double()
     )
     k3 = torch.zeros(count, dtype=torch.float64).index_add(
-        0, owners, kl_k3(logp, ref_logp).double()
+        0, owners, kl_k3(logprobs, ref_logprobs).double()
     )
     return {"k1": k1, "k3": k3}
 
@@ -138,15 +138,15 @@ def sampled_kl(
     if not examples:
         return {"k1": float("nan"), "k3": float("nan"), "k1_per_token": float("nan"), "samples": 0}
     pad_id = tokenizer.pad_token_id
-    logp, owners = token_logprobs(policy, examples, pad_id=pad_id)
+    logprobs, owners = token_logprobs(policy, examples, pad_id=pad_id)
     with reference as ref_model:
-        ref_logp, ref_owners = token_logprobs(ref_model, examples, pad_id=pad_id)
+        ref_logprobs, ref_owners = token_logprobs(ref_model, examples, pad_id=pad_id)
     if not torch.equal(owners, ref_owners):
         raise RuntimeError("policy and reference scored different tokens")
-    kl = sequence_kl(logp, ref_logp, owners, len(examples))
+    kl = sequence_kl(logprobs, ref_logprobs, owners, len(examples))
     return {
         "k1": float(kl["k1"].mean()),
         "k3": float(kl["k3"].mean()),
-        "k1_per_token": float(kl["k1"].sum()) / max(len(logp), 1),
+        "k1_per_token": float(kl["k1"].sum()) / max(len(logprobs), 1),
         "samples": len(examples),
     }

@@ -1,4 +1,4 @@
-"""Log-likelihood (multiple-choice) scoring (METHODS.md section 13).
+"""Log-likelihood (multiple-choice) scoring (docs/methods/evaluation.md).
 
 A question has a prompt x and K options o_1 .. o_K (letters such as ``" A"`` or full answer
 strings). Each option is scored by the summed log-probability of its tokens as the continuation
@@ -18,7 +18,7 @@ The prompt is either
   separating space into the option (``"Answer:"`` + ``" Paris"``), as usual for base models.
 
 Each ``prompt + option`` text is tokenised once, with character offsets (never prompt and option
-separately, whose BPE merges can differ at the boundary: METHODS.md pitfall 14). The option's
+separately, whose BPE merges can differ at the boundary). The option's
 tokens are those whose offsets ``[s, e)`` intersect the option's characters (``e > len(prompt)``):
 a token that straddles the boundary belongs to the option. All K sequences of a question go
 through one padded forward (prompts left-padded, options right-padded) with

@@ -151,7 +151,7 @@ OBJECTIVES: dict[str, Objective] = {
     "cispo": cispo,
     "sapo": sapo,
 }
-"""The objectives by name (METHODS.md section 6.0, axis 2)."""
+"""The objectives by name (``--algo.objective``; the method reference lists each formula)."""
 
 
 def tis_weights(
@@ -159,7 +159,8 @@ def tis_weights(
 ) -> torch.Tensor:
     """Truncated importance weights w = min(exp(clamp(lp_learner - lp_sampler, -10, 10)), C).
 
-    Detached, per token, one-sided (METHODS.md section 6.6); ``cap=inf`` is plain IS.
+    Detached, per token, one-sided (truncated IS of Espeholt et al. 2018, as in the off-policy
+    correction of Yao et al. 2025); ``cap=inf`` is plain IS.
 
     Shapes:
         (B, T) -> (B, T).

@@ -1,8 +1,8 @@
 """Direct-alignment (DPO family) losses (docs/methods/direct_alignment.md).
 
-Paired losses take per-pair sequence quantities: ``chosen_logps`` / ``rejected_logps`` the
-summed response log-probs under the policy (with grad); ``ref_chosen_logps`` /
-``ref_rejected_logps`` the same under the frozen reference (detached here; ``None`` for the
+Paired losses take per-pair sequence quantities: ``chosen_logprobs`` / ``rejected_logprobs`` the
+summed response log-probs under the policy (with grad); ``ref_chosen_logprobs`` /
+``ref_rejected_logprobs`` the same under the frozen reference (detached here; ``None`` for the
 reference-free losses, which ignore them); ``chosen_tokens`` / ``rejected_tokens`` the response
 lengths (for per-token averages "avg" = sum / length); ``beta``; ``normaliser``, the global
 number of pairs of the optimiser batch (summed over micro-batches and ranks by the caller;
@@ -12,9 +12,9 @@ h = Δ_c − Δ_r.
 
 Each loss returns L = sum_i l_i / normaliser and detached metric *sums* (they add up across
 micro-batches; divide by ``pairs`` for means): ``pairs``, ``loss_sum``, ``chosen_rewards_sum``
-/ ``rejected_rewards_sum`` (the loss's implicit rewards: βΔ, or β·avg logp for reference-free
+/ ``rejected_rewards_sum`` (the loss's implicit rewards: βΔ, or β·avg logprobs for reference-free
 losses), ``margin_sum`` (reward_c − reward_r), ``correct`` (reward_c > reward_r, ties 0.5),
-``chosen_logps_sum`` / ``rejected_logps_sum``, ``displaced`` (pairs with Δ_c < 0 and Δ_r < 0:
+``chosen_logprobs_sum`` / ``rejected_logprobs_sum``, ``displaced`` (pairs with Δ_c < 0 and Δ_r < 0:
 preference displacement) and ``delta_chosen_sum`` (summed Δ_c); the last two are 0 for
 reference-free losses. Loss math runs in fp32 (fp64 for fp64 inputs).
 
@@ -56,20 +56,20 @@ def _safe_div(total: torch.Tensor, normaliser: Number) -> torch.Tensor:
 
 def _deltas(
     *,
-    chosen_logps: torch.Tensor,
-    rejected_logps: torch.Tensor,
-    ref_chosen_logps: torch.Tensor | None,
-    ref_rejected_logps: torch.Tensor | None,
+    chosen_logprobs: torch.Tensor,
+    rejected_logprobs: torch.Tensor,
+    ref_chosen_logprobs: torch.Tensor | None,
+    ref_rejected_logprobs: torch.Tensor | None,
 ) -> Pair:
     """(Δ_c, Δ_r) in the loss dtype; the reference log-probs never carry gradient."""
-    if ref_chosen_logps is None or ref_rejected_logps is None:
+    if ref_chosen_logprobs is None or ref_rejected_logprobs is None:
         raise ValueError(
-            "this loss needs ref_chosen_logps and ref_rejected_logps (reference log-probs); "
+            "this loss needs ref_chosen_logprobs and ref_rejected_logprobs (reference log-probs); "
             "simpo and orpo train without a reference"
         )
-    dt = _dtype(chosen_logps)
-    d_c = chosen_logps.to(dt) - ref_chosen_logps.detach().to(dt)  # (N,)
-    d_r = rejected_logps.to(dt) - ref_rejected_logps.detach().to(dt)  # (N,)
+    dt = _dtype(chosen_logprobs)
+    d_c = chosen_logprobs.to(dt) - ref_chosen_logprobs.detach().to(dt)  # (N,)
+    d_r = rejected_logprobs.to(dt) - ref_rejected_logprobs.detach().to(dt)  # (N,)
     return d_c, d_r
 
 
@@ -85,7 +85,7 @@ def _output(
     *,
     per_pair: torch.Tensor,
     rewards: Pair,
-    logps: Pair,
+    logprobs: Pair,
     deltas: Pair | None,
     normaliser: Number | None,
     **extra: torch.Tensor,
@@ -102,8 +102,8 @@ def _output(
         "rejected_rewards_sum": rewards[1].sum(),
         "margin_sum": margin.sum(),
         "correct": (margin > 0).sum() + 0.5 * (margin == 0).sum(),
-        "chosen_logps_sum": logps[0].sum(),
-        "rejected_logps_sum": logps[1].sum(),
+        "chosen_logprobs_sum": logprobs[0].sum(),
+        "rejected_logprobs_sum": logprobs[1].sum(),
         "displaced": ((d_c < 0) & (d_r < 0)).sum(),
         "delta_chosen_sum": d_c.sum(),
         **extra,
@@ -113,10 +113,10 @@ def _output(
 
 def dpo_loss(
     *,
-    chosen_logps: torch.Tensor,
-    rejected_logps: torch.Tensor,
-    ref_chosen_logps: torch.Tensor,
-    ref_rejected_logps: torch.Tensor,
+    chosen_logprobs: torch.Tensor,
+    rejected_logprobs: torch.Tensor,
+    ref_chosen_logprobs: torch.Tensor,
+    ref_rejected_logprobs: torch.Tensor,
     chosen_tokens: torch.Tensor | None = None,
     rejected_tokens: torch.Tensor | None = None,
     beta: float = 0.1,
@@ -133,23 +133,23 @@ def dpo_loss(
         every tensor (N,); loss scalar.
     """
     d_c, d_r = _deltas(
-        chosen_logps=chosen_logps, rejected_logps=rejected_logps,
-        ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps,
+        chosen_logprobs=chosen_logprobs, rejected_logprobs=rejected_logprobs,
+        ref_chosen_logprobs=ref_chosen_logprobs, ref_rejected_logprobs=ref_rejected_logprobs,
     )  # fmt: skip
     per_pair = F.softplus(-beta * (d_c - d_r))  # (N,)
-    logps = (chosen_logps, rejected_logps)
+    logprobs = (chosen_logprobs, rejected_logprobs)
     return _output(
-        per_pair=per_pair, rewards=(beta * d_c, beta * d_r), logps=logps, deltas=(d_c, d_r),
+        per_pair=per_pair, rewards=(beta * d_c, beta * d_r), logprobs=logprobs, deltas=(d_c, d_r),
         normaliser=normaliser,
     )  # fmt: skip
 
 
 def cdpo_loss(
     *,
-    chosen_logps: torch.Tensor,
-    rejected_logps: torch.Tensor,
-    ref_chosen_logps: torch.Tensor,
-    ref_rejected_logps: torch.Tensor,
+    chosen_logprobs: torch.Tensor,
+    rejected_logprobs: torch.Tensor,
+    ref_chosen_logprobs: torch.Tensor,
+    ref_rejected_logprobs: torch.Tensor,
     chosen_tokens: torch.Tensor | None = None,
     rejected_tokens: torch.Tensor | None = None,
     beta: float = 0.1,
@@ -168,24 +168,24 @@ def cdpo_loss(
         every tensor (N,); ``label_smoothing`` scalar or (N,); loss scalar.
     """
     d_c, d_r = _deltas(
-        chosen_logps=chosen_logps, rejected_logps=rejected_logps,
-        ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps,
+        chosen_logprobs=chosen_logprobs, rejected_logprobs=rejected_logprobs,
+        ref_chosen_logprobs=ref_chosen_logprobs, ref_rejected_logprobs=ref_rejected_logprobs,
     )  # fmt: skip
     x = beta * (d_c - d_r)  # (N,)
     per_pair = (1 - label_smoothing) * F.softplus(-x) + label_smoothing * F.softplus(x)
-    logps = (chosen_logps, rejected_logps)
+    logprobs = (chosen_logprobs, rejected_logprobs)
     return _output(
-        per_pair=per_pair, rewards=(beta * d_c, beta * d_r), logps=logps, deltas=(d_c, d_r),
+        per_pair=per_pair, rewards=(beta * d_c, beta * d_r), logprobs=logprobs, deltas=(d_c, d_r),
         normaliser=normaliser,
     )  # fmt: skip
 
 
 def ipo_loss(
     *,
-    chosen_logps: torch.Tensor,
-    rejected_logps: torch.Tensor,
-    ref_chosen_logps: torch.Tensor,
-    ref_rejected_logps: torch.Tensor,
+    chosen_logprobs: torch.Tensor,
+    rejected_logprobs: torch.Tensor,
+    ref_chosen_logprobs: torch.Tensor,
+    ref_rejected_logprobs: torch.Tensor,
     chosen_tokens: torch.Tensor | None = None,
     rejected_tokens: torch.Tensor | None = None,
     beta: float = 0.1,
@@ -204,8 +204,8 @@ def ipo_loss(
         every tensor (N,); loss scalar.
     """
     d_c, d_r = _deltas(
-        chosen_logps=chosen_logps, rejected_logps=rejected_logps,
-        ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps,
+        chosen_logprobs=chosen_logprobs, rejected_logprobs=rejected_logprobs,
+        ref_chosen_logprobs=ref_chosen_logprobs, ref_rejected_logprobs=ref_rejected_logprobs,
     )  # fmt: skip
     a_c, a_r = (
         (
@@ -216,19 +216,19 @@ def ipo_loss(
         else (d_c, d_r)
     )
     per_pair = (a_c - a_r - 1 / (2 * beta)) ** 2  # (N,)
-    logps = (chosen_logps, rejected_logps)
+    logprobs = (chosen_logprobs, rejected_logprobs)
     return _output(
-        per_pair=per_pair, rewards=(beta * a_c, beta * a_r), logps=logps, deltas=(d_c, d_r),
+        per_pair=per_pair, rewards=(beta * a_c, beta * a_r), logprobs=logprobs, deltas=(d_c, d_r),
         normaliser=normaliser,
     )  # fmt: skip
 
 
 def dpo_norm_loss(
     *,
-    chosen_logps: torch.Tensor,
-    rejected_logps: torch.Tensor,
-    ref_chosen_logps: torch.Tensor,
-    ref_rejected_logps: torch.Tensor,
+    chosen_logprobs: torch.Tensor,
+    rejected_logprobs: torch.Tensor,
+    ref_chosen_logprobs: torch.Tensor,
+    ref_rejected_logprobs: torch.Tensor,
     chosen_tokens: torch.Tensor,
     rejected_tokens: torch.Tensor,
     beta: float = 2.0,
@@ -245,27 +245,27 @@ def dpo_norm_loss(
         every tensor (N,); loss scalar.
     """
     d_c, d_r = _deltas(
-        chosen_logps=chosen_logps, rejected_logps=rejected_logps,
-        ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps,
+        chosen_logprobs=chosen_logprobs, rejected_logprobs=rejected_logprobs,
+        ref_chosen_logprobs=ref_chosen_logprobs, ref_rejected_logprobs=ref_rejected_logprobs,
     )  # fmt: skip
     a_c = _avg(values=d_c, tokens=chosen_tokens, name="chosen_tokens")  # (N,)
     a_r = _avg(values=d_r, tokens=rejected_tokens, name="rejected_tokens")  # (N,)
     per_pair = F.softplus(-beta * (a_c - a_r))  # (N,)
-    logps = (chosen_logps, rejected_logps)
+    logprobs = (chosen_logprobs, rejected_logprobs)
     return _output(
-        per_pair=per_pair, rewards=(beta * a_c, beta * a_r), logps=logps, deltas=(d_c, d_r),
+        per_pair=per_pair, rewards=(beta * a_c, beta * a_r), logprobs=logprobs, deltas=(d_c, d_r),
         normaliser=normaliser,
     )  # fmt: skip
 
 
 def simpo_loss(
     *,
-    chosen_logps: torch.Tensor,
-    rejected_logps: torch.Tensor,
+    chosen_logprobs: torch.Tensor,
+    rejected_logprobs: torch.Tensor,
     chosen_tokens: torch.Tensor,
     rejected_tokens: torch.Tensor,
-    ref_chosen_logps: torch.Tensor | None = None,
-    ref_rejected_logps: torch.Tensor | None = None,
+    ref_chosen_logprobs: torch.Tensor | None = None,
+    ref_rejected_logprobs: torch.Tensor | None = None,
     beta: float = 2.0,
     gamma_beta_ratio: float = 0.5,
     normaliser: Number | None = None,
@@ -273,7 +273,7 @@ def simpo_loss(
     """SimPO (Meng 2024), reference-free: l = softplus(−β(avg_c − avg_r − γ')).
 
     ``gamma_beta_ratio`` γ' = γ/β, so the paper's absolute margin is γ = βγ' (1.0 by
-    default). The reference log-probs are ignored. Rewards β·avg logp.
+    default). The reference log-probs are ignored. Rewards β·avg logprobs.
 
     Returns:
         LossOutput with the module's metric sums (``displaced`` and ``delta_chosen_sum`` 0).
@@ -281,17 +281,17 @@ def simpo_loss(
     Shapes:
         every tensor (N,); loss scalar.
     """
-    avg_c = _avg(values=chosen_logps, tokens=chosen_tokens, name="chosen_tokens")  # (N,)
-    avg_r = _avg(values=rejected_logps, tokens=rejected_tokens, name="rejected_tokens")  # (N,)
+    avg_c = _avg(values=chosen_logprobs, tokens=chosen_tokens, name="chosen_tokens")  # (N,)
+    avg_r = _avg(values=rejected_logprobs, tokens=rejected_tokens, name="rejected_tokens")  # (N,)
     per_pair = F.softplus(-beta * (avg_c - avg_r - gamma_beta_ratio))  # (N,)
-    logps = (chosen_logps, rejected_logps)
+    logprobs = (chosen_logprobs, rejected_logprobs)
     return _output(
-        per_pair=per_pair, rewards=(beta * avg_c, beta * avg_r), logps=logps, deltas=None,
+        per_pair=per_pair, rewards=(beta * avg_c, beta * avg_r), logprobs=logprobs, deltas=None,
         normaliser=normaliser,
     )  # fmt: skip
 
 
-def orpo_log_odds(*, avg_logps: torch.Tensor) -> torch.Tensor:
+def orpo_log_odds(*, avg_logprobs: torch.Tensor) -> torch.Tensor:
     """log(p / (1 − p)) of p = exp(ℓ), computed as ℓ − log1mexp(ℓ) (ORPO).
 
     log1mexp(ℓ) = log(1 − e^ℓ) is log(−expm1(ℓ)) for ℓ > −log 2, else log1p(−e^ℓ) (both
@@ -299,9 +299,9 @@ def orpo_log_odds(*, avg_logps: torch.Tensor) -> torch.Tensor:
     :data:`ORPO_MAX_AVG_LOGP` so that p = 1 stays finite.
 
     Shapes:
-        avg_logps: any shape; returns the same shape.
+        avg_logprobs: any shape; returns the same shape.
     """
-    ell = avg_logps.to(_dtype(avg_logps)).clamp(max=ORPO_MAX_AVG_LOGP)
+    ell = avg_logprobs.to(_dtype(avg_logprobs)).clamp(max=ORPO_MAX_AVG_LOGP)
     near_zero = ell > -math.log(2)
     log1mexp = torch.where(near_zero, torch.log(-torch.expm1(ell)), torch.log1p(-torch.exp(ell)))
     return ell - log1mexp
@@ -309,21 +309,21 @@ def orpo_log_odds(*, avg_logps: torch.Tensor) -> torch.Tensor:
 
 def orpo_loss(
     *,
-    chosen_logps: torch.Tensor,
-    rejected_logps: torch.Tensor,
+    chosen_logprobs: torch.Tensor,
+    rejected_logprobs: torch.Tensor,
     chosen_tokens: torch.Tensor,
     rejected_tokens: torch.Tensor,
-    ref_chosen_logps: torch.Tensor | None = None,
-    ref_rejected_logps: torch.Tensor | None = None,
+    ref_chosen_logprobs: torch.Tensor | None = None,
+    ref_rejected_logprobs: torch.Tensor | None = None,
     beta: float = 0.1,
     lambda_: float = 0.1,
     normaliser: Number | None = None,
 ) -> LossOutput:
     """ORPO (Hong 2024), reference-free.
 
-    l = −avg_c + λ·softplus(−(logodds(avg_c) − logodds(avg_r))) with avg = logp/|y| and
+    l = −avg_c + λ·softplus(−(logodds(avg_c) − logodds(avg_r))) with avg = logprobs/|y| and
     logodds from :func:`orpo_log_odds`; ``lambda_`` λ = 0 gives the per-sequence SFT NLL of the
-    chosen response. ``beta`` only scales the logged rewards β·avg logp. The reference
+    chosen response. ``beta`` only scales the logged rewards β·avg logprobs. The reference
     log-probs are ignored.
 
     Returns:
@@ -333,16 +333,16 @@ def orpo_loss(
     Shapes:
         every tensor (N,); loss scalar.
     """
-    avg_c = _avg(values=chosen_logps, tokens=chosen_tokens, name="chosen_tokens")  # (N,)
-    avg_r = _avg(values=rejected_logps, tokens=rejected_tokens, name="rejected_tokens")  # (N,)
-    ratio = orpo_log_odds(avg_logps=avg_c) - orpo_log_odds(avg_logps=avg_r)  # (N,)
+    avg_c = _avg(values=chosen_logprobs, tokens=chosen_tokens, name="chosen_tokens")  # (N,)
+    avg_r = _avg(values=rejected_logprobs, tokens=rejected_tokens, name="rejected_tokens")  # (N,)
+    ratio = orpo_log_odds(avg_logprobs=avg_c) - orpo_log_odds(avg_logprobs=avg_r)  # (N,)
     odds_loss = F.softplus(-ratio)  # (N,)
     per_pair = -avg_c + lambda_ * odds_loss  # (N,)
-    logps = (chosen_logps, rejected_logps)
+    logprobs = (chosen_logprobs, rejected_logprobs)
     extra = {"nll_sum": -avg_c.sum(), "odds_loss_sum": odds_loss.sum()}
     rewards = (beta * avg_c, beta * avg_r)
     return _output(
-        per_pair=per_pair, rewards=rewards, logps=logps, deltas=None, normaliser=normaliser,
+        per_pair=per_pair, rewards=rewards, logprobs=logprobs, deltas=None, normaliser=normaliser,
         **extra, log_odds_ratio_sum=ratio.sum(),
     )  # fmt: skip
 
@@ -362,43 +362,43 @@ def kto_z0(*, log_ratios: torch.Tensor) -> torch.Tensor:
 
 
 def kto_z0_batch_rejected(
-    *, logps: torch.Tensor, ref_logps: torch.Tensor, desirable: torch.Tensor
+    *, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, desirable: torch.Tensor
 ) -> torch.Tensor:
     """Cheap z0 (``z0="batch_rejected"``): :func:`kto_z0` of the undesirable log-ratios.
 
     Shapes:
-        logps, ref_logps, desirable: (N,); returns a scalar.
+        logprobs, ref_logprobs, desirable: (N,); returns a scalar.
     """
-    return kto_z0(log_ratios=(logps.detach() - ref_logps.detach())[~desirable])
+    return kto_z0(log_ratios=(logprobs.detach() - ref_logprobs.detach())[~desirable])
 
 
 def kto_unpaired_from_pairs(
     *,
-    chosen_logps: torch.Tensor,
-    rejected_logps: torch.Tensor,
-    ref_chosen_logps: torch.Tensor,
-    ref_rejected_logps: torch.Tensor,
+    chosen_logprobs: torch.Tensor,
+    rejected_logprobs: torch.Tensor,
+    ref_chosen_logprobs: torch.Tensor,
+    ref_rejected_logprobs: torch.Tensor,
 ) -> dict[str, torch.Tensor]:
     """Split N pairs into 2N KTO examples: chosen desirable, rejected undesirable.
 
     Returns:
-        ``logps``, ``ref_logps`` and ``desirable``, the keyword inputs of :func:`kto_loss`.
+        ``logprobs``, ``ref_logprobs`` and ``desirable``, the keyword inputs of :func:`kto_loss`.
 
     Shapes:
         inputs (N,); every output (2N,), the N chosen first.
     """
-    desirable = torch.arange(2 * chosen_logps.numel(), device=chosen_logps.device)
+    desirable = torch.arange(2 * chosen_logprobs.numel(), device=chosen_logprobs.device)
     return {
-        "logps": torch.cat([chosen_logps, rejected_logps]),  # (2N,)
-        "ref_logps": torch.cat([ref_chosen_logps, ref_rejected_logps]),  # (2N,)
-        "desirable": desirable < chosen_logps.numel(),  # (2N,)
+        "logprobs": torch.cat([chosen_logprobs, rejected_logprobs]),  # (2N,)
+        "ref_logprobs": torch.cat([ref_chosen_logprobs, ref_rejected_logprobs]),  # (2N,)
+        "desirable": desirable < chosen_logprobs.numel(),  # (2N,)
     }
 
 
 def kto_loss(
     *,
-    logps: torch.Tensor,
-    ref_logps: torch.Tensor,
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
     desirable: torch.Tensor,
     z0: Number,
     beta: float = 0.1,
@@ -406,7 +406,7 @@ def kto_loss(
     lambda_u: float = 1.0,
     normaliser: Number | None = None,
 ) -> LossOutput:
-    """KTO (Ethayarajh 2024), unpaired, with r = logp − ref (summed).
+    """KTO (Ethayarajh 2024), unpaired, with r = logprobs − ref (summed).
 
     Desirable: l = λ_D(1 − σ(β(r − z0))); undesirable: l = λ_U(1 − σ(β(z0 − r))); both are
     λ·σ(−sβ(r − z0)) with s = ±1. ``z0`` (see :func:`kto_z0`) is detached here. With class
@@ -415,20 +415,20 @@ def kto_loss(
     Returns:
         LossOutput with metric sums ``examples``, ``desirable``, ``undesirable``, ``loss_sum``,
         ``desirable_rewards_sum`` / ``undesirable_rewards_sum`` (βr) and
-        ``desirable_logps_sum`` / ``undesirable_logps_sum``.
+        ``desirable_logprobs_sum`` / ``undesirable_logprobs_sum``.
 
     Shapes:
-        logps, ref_logps, desirable (bool): (N,); z0 scalar; loss scalar.
+        logprobs, ref_logprobs, desirable (bool): (N,); z0 scalar; loss scalar.
     """
-    dt = _dtype(logps)
-    r = logps.to(dt) - ref_logps.detach().to(dt)  # (N,)
+    dt = _dtype(logprobs)
+    r = logprobs.to(dt) - ref_logprobs.detach().to(dt)  # (N,)
     z = torch.as_tensor(z0, device=r.device).detach().to(dt)
     sign = desirable.to(dt) * 2 - 1  # (N,): +1 desirable, -1 undesirable
     weight = torch.where(desirable, lambda_d, lambda_u).to(dt)  # (N,)
     per_example = weight * torch.sigmoid(-sign * beta * (r - z))  # (N,)
     total = per_example.sum()
     loss = _safe_div(total, r.numel() if normaliser is None else normaliser)
-    lp = logps.to(dt)
+    lp = logprobs.to(dt)
     metrics = {
         "examples": torch.tensor(float(r.numel()), device=r.device),
         "desirable": desirable.sum(),
@@ -436,18 +436,18 @@ def kto_loss(
         "loss_sum": total,
         "desirable_rewards_sum": torch.where(desirable, beta * r, 0.0).sum(),
         "undesirable_rewards_sum": torch.where(desirable, 0.0, beta * r).sum(),
-        "desirable_logps_sum": torch.where(desirable, lp, 0.0).sum(),
-        "undesirable_logps_sum": torch.where(desirable, 0.0, lp).sum(),
+        "desirable_logprobs_sum": torch.where(desirable, lp, 0.0).sum(),
+        "undesirable_logprobs_sum": torch.where(desirable, 0.0, lp).sum(),
     }
     return LossOutput(loss=loss, metrics={k: v.detach().double() for k, v in metrics.items()})
 
 
 def apo_zero_loss(
     *,
-    chosen_logps: torch.Tensor,
-    rejected_logps: torch.Tensor,
-    ref_chosen_logps: torch.Tensor,
-    ref_rejected_logps: torch.Tensor,
+    chosen_logprobs: torch.Tensor,
+    rejected_logprobs: torch.Tensor,
+    ref_chosen_logprobs: torch.Tensor,
+    ref_rejected_logprobs: torch.Tensor,
     chosen_tokens: torch.Tensor | None = None,
     rejected_tokens: torch.Tensor | None = None,
     beta: float = 0.1,
@@ -464,23 +464,23 @@ def apo_zero_loss(
         every tensor (N,); loss scalar.
     """
     d_c, d_r = _deltas(
-        chosen_logps=chosen_logps, rejected_logps=rejected_logps,
-        ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps,
+        chosen_logprobs=chosen_logprobs, rejected_logprobs=rejected_logprobs,
+        ref_chosen_logprobs=ref_chosen_logprobs, ref_rejected_logprobs=ref_rejected_logprobs,
     )  # fmt: skip
     per_pair = 1 - torch.sigmoid(beta * d_c) + torch.sigmoid(beta * d_r)  # (N,)
-    logps = (chosen_logps, rejected_logps)
+    logprobs = (chosen_logprobs, rejected_logprobs)
     return _output(
-        per_pair=per_pair, rewards=(beta * d_c, beta * d_r), logps=logps, deltas=(d_c, d_r),
+        per_pair=per_pair, rewards=(beta * d_c, beta * d_r), logprobs=logprobs, deltas=(d_c, d_r),
         normaliser=normaliser,
     )  # fmt: skip
 
 
 def apo_down_loss(
     *,
-    chosen_logps: torch.Tensor,
-    rejected_logps: torch.Tensor,
-    ref_chosen_logps: torch.Tensor,
-    ref_rejected_logps: torch.Tensor,
+    chosen_logprobs: torch.Tensor,
+    rejected_logprobs: torch.Tensor,
+    ref_chosen_logprobs: torch.Tensor,
+    ref_rejected_logprobs: torch.Tensor,
     chosen_tokens: torch.Tensor | None = None,
     rejected_tokens: torch.Tensor | None = None,
     beta: float = 0.1,
@@ -497,23 +497,23 @@ def apo_down_loss(
         every tensor (N,); loss scalar.
     """
     d_c, d_r = _deltas(
-        chosen_logps=chosen_logps, rejected_logps=rejected_logps,
-        ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps,
+        chosen_logprobs=chosen_logprobs, rejected_logprobs=rejected_logprobs,
+        ref_chosen_logprobs=ref_chosen_logprobs, ref_rejected_logprobs=ref_rejected_logprobs,
     )  # fmt: skip
     per_pair = torch.sigmoid(beta * d_c) + 1 - torch.sigmoid(beta * (d_c - d_r))  # (N,)
-    logps = (chosen_logps, rejected_logps)
+    logprobs = (chosen_logprobs, rejected_logprobs)
     return _output(
-        per_pair=per_pair, rewards=(beta * d_c, beta * d_r), logps=logps, deltas=(d_c, d_r),
+        per_pair=per_pair, rewards=(beta * d_c, beta * d_r), logprobs=logprobs, deltas=(d_c, d_r),
         normaliser=normaliser,
     )  # fmt: skip
 
 
 def rpo_loss(
     *,
-    chosen_logps: torch.Tensor,
-    rejected_logps: torch.Tensor,
-    ref_chosen_logps: torch.Tensor,
-    ref_rejected_logps: torch.Tensor,
+    chosen_logprobs: torch.Tensor,
+    rejected_logprobs: torch.Tensor,
+    ref_chosen_logprobs: torch.Tensor,
+    ref_rejected_logprobs: torch.Tensor,
     chosen_tokens: torch.Tensor,
     rejected_tokens: torch.Tensor | None = None,
     beta: float = 0.1,
@@ -531,16 +531,16 @@ def rpo_loss(
         every tensor (N,); loss scalar.
     """
     d_c, d_r = _deltas(
-        chosen_logps=chosen_logps, rejected_logps=rejected_logps,
-        ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps,
+        chosen_logprobs=chosen_logprobs, rejected_logprobs=rejected_logprobs,
+        ref_chosen_logprobs=ref_chosen_logprobs, ref_rejected_logprobs=ref_rejected_logprobs,
     )  # fmt: skip
-    nll = -_avg(values=chosen_logps, tokens=chosen_tokens, name="chosen_tokens")  # (N,)
+    nll = -_avg(values=chosen_logprobs, tokens=chosen_tokens, name="chosen_tokens")  # (N,)
     per_pair = F.softplus(-beta * (d_c - d_r)) + alpha * nll  # (N,)
-    logps = (chosen_logps, rejected_logps)
+    logprobs = (chosen_logprobs, rejected_logprobs)
     rewards = (beta * d_c, beta * d_r)
     return _output(
-        per_pair=per_pair, rewards=rewards, logps=logps, deltas=(d_c, d_r), normaliser=normaliser,
-        nll_sum=nll.sum(),
+        per_pair=per_pair, rewards=rewards, logprobs=logprobs, deltas=(d_c, d_r),
+        normaliser=normaliser, nll_sum=nll.sum(),
     )  # fmt: skip
 
 
@@ -571,10 +571,10 @@ def _odpo_offsets(
 
 def odpo_loss(
     *,
-    chosen_logps: torch.Tensor,
-    rejected_logps: torch.Tensor,
-    ref_chosen_logps: torch.Tensor,
-    ref_rejected_logps: torch.Tensor,
+    chosen_logprobs: torch.Tensor,
+    rejected_logprobs: torch.Tensor,
+    ref_chosen_logprobs: torch.Tensor,
+    ref_rejected_logprobs: torch.Tensor,
     chosen_tokens: torch.Tensor | None = None,
     rejected_tokens: torch.Tensor | None = None,
     score_chosen: torch.Tensor | None = None,
@@ -596,18 +596,18 @@ def odpo_loss(
         every tensor (N,); loss scalar.
     """
     d_c, d_r = _deltas(
-        chosen_logps=chosen_logps, rejected_logps=rejected_logps,
-        ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps,
+        chosen_logprobs=chosen_logprobs, rejected_logprobs=rejected_logprobs,
+        ref_chosen_logprobs=ref_chosen_logprobs, ref_rejected_logprobs=ref_rejected_logprobs,
     )  # fmt: skip
     delta = _odpo_offsets(
         score_chosen=score_chosen, score_rejected=score_rejected, offsets=offsets, alpha=alpha
     ).to(d_c.dtype)  # (N,)
     per_pair = F.softplus(delta - beta * (d_c - d_r))  # (N,)
-    logps = (chosen_logps, rejected_logps)
+    logprobs = (chosen_logprobs, rejected_logprobs)
     rewards = (beta * d_c, beta * d_r)
     return _output(
-        per_pair=per_pair, rewards=rewards, logps=logps, deltas=(d_c, d_r), normaliser=normaliser,
-        offset_sum=delta.sum(),
+        per_pair=per_pair, rewards=rewards, logprobs=logprobs, deltas=(d_c, d_r),
+        normaliser=normaliser, offset_sum=delta.sum(),
     )  # fmt: skip
 
 
@@ -618,7 +618,7 @@ class PreferenceLossSpec:
     Attributes:
         fn: The loss function.
         reference_free: True if it never reads reference log-probs (no π_ref pass needed).
-        paired: False for unpaired losses (KTO: ``logps``, ``ref_logps``, ``desirable``,
+        paired: False for unpaired losses (KTO: ``logprobs``, ``ref_logprobs``, ``desirable``,
             ``z0`` instead of the paired inputs).
         beta: Default β (equal to the function's own default).
         hyperparameters: Keyword names of its hyperparameters besides ``beta``.

@@ -1,4 +1,4 @@
-"""Supervised fine-tuning loss (METHODS.md section 2).
+"""Supervised fine-tuning loss (docs/methods/sft.md).
 
 The SFT objective is the negative log-likelihood of the labelled (assistant) tokens:
 

@@ -6,8 +6,9 @@ Two entry points share one head computation:
   the label at position i is predicted from positions < i). Only the hidden states of positions
   that predict a label go through the head, so prompt tokens cost no head FLOPs. Used by SFT and
   any loss over a flat set of labelled tokens, padded or packed.
-- ``completion_logprobs(model, prompt_ids, ...)``: the RL / preference convention of METHODS.md
-  section 1: prompts left-padded, completions right-padded, result in completion space (B, T).
+- ``completion_logprobs(model, prompt_ids, ...)``: the RL / preference convention
+  (docs/methods/index.md): prompts left-padded, completions right-padded, result in
+  completion space (B, T).
 
 Models whose head is a plain bias-free linear map use the fused chunked op of
 :mod:`rlhfkit.ops.logprobs`; others (logit soft-capping, logit scaling, biased heads) fall back to
@@ -215,7 +216,7 @@ def completion_logprobs(
     *,
     temperature: float = 1.0,
 ) -> torch.Tensor:
-    """Log pi(y_t | x, y_<t) for every completion position (METHODS.md section 1).
+    """Log pi(y_t | x, y_<t) for every completion position (completion space).
 
     Runs ``cat(prompt, completion)`` with ``position_ids = cumsum(attention) - 1`` (clamped at
     0), takes the hidden states at columns P-1 .. P+T-2 (those that predict the completion

@@ -1,11 +1,11 @@
 r"""Scalar heads on a causal-LM backbone: reward models, ORM/PRM token heads, value models.
 
 A reward model is ``AutoModelForSequenceClassification`` with ``num_labels=1`` (the backbone
-plus ``score = Linear(hidden, 1, bias=False)``; METHODS.md section 3.1): loading a causal-LM
+plus ``score = Linear(hidden, 1, bias=False)``; docs/methods/reward_models.md): loading a causal-LM
 checkpoint into it keeps the backbone and initialises the head, and ``save_pretrained`` writes a
 directory that ``AutoModelForSequenceClassification.from_pretrained`` loads as it is. The same
 container with ``num_labels=3`` is the 3-class process reward model, and the per-token head
-outputs of a 1-label model serve as token-level ORM logits and as PPO values (section 3.8).
+outputs of a 1-label model serve as token-level ORM logits and as PPO values.
 
 rlhfkit never calls the transformers forward of that class: it runs the backbone padding-free
 (packed rows, no compute on padding) and reads the head only where it is needed, in fp32.

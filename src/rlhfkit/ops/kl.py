@@ -1,4 +1,4 @@
-"""KL estimators between the policy and the reference (METHODS.md section 5; Schulman 2020).
+"""KL estimators between the policy and the reference (Schulman 2020, "Approximating KL").
 
 Standard convention: samples y ~ pi_theta, Delta = log pi_theta(y) - log pi_ref(y),
 r = pi_ref / pi_theta = exp(-Delta).
@@ -26,24 +26,24 @@ Estimator = Literal["k1", "k2", "k3", "full"]
 DELTA_CLAMP = 20.0
 
 
-def kl_k1(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+def kl_k1(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     """k1 = log pi_theta - log pi_ref, elementwise (any shape, e.g. (B, T))."""
-    return logp - ref_logp
+    return logprobs - ref_logprobs
 
 
-def kl_k2(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+def kl_k2(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     """k2 = (log pi_theta - log pi_ref)^2 / 2, elementwise."""
-    return 0.5 * (logp - ref_logp).square()
+    return 0.5 * (logprobs - ref_logprobs).square()
 
 
-def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     """k3 = expm1(-Delta) + Delta with Delta = log pi_theta - log pi_ref clamped to [-20, 20]."""
-    delta = (logp - ref_logp).clamp(-DELTA_CLAMP, DELTA_CLAMP)
+    delta = (logprobs - ref_logprobs).clamp(-DELTA_CLAMP, DELTA_CLAMP)
     return torch.expm1(-delta) + delta
 
 
 KL_ESTIMATORS = {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}
-"""The estimators by name (METHODS.md section 5)."""
+"""The estimators by name (docs/methods/policy.md, KL estimators)."""
 
 
 def full_kl(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
@@ -54,9 +54,9 @@ def full_kl(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
     Shapes:
         logits, ref_logits: (..., V); returns (...).
     """
-    logp = F.log_softmax(logits.float(), dim=-1)
+    logprobs = F.log_softmax(logits.float(), dim=-1)
     ref = F.log_softmax(ref_logits.float(), dim=-1)
-    return F.kl_div(ref, logp, log_target=True, reduction="none").sum(-1)
+    return F.kl_div(ref, logprobs, log_target=True, reduction="none").sum(-1)
 
 
 def adaptive_kl_coef(

@@ -1,4 +1,4 @@
-"""Direct alignment from preferences: DPO and its family (RLHF book chapter 8; METHODS.md 7).
+"""Direct alignment from preferences: DPO and its family (RLHF book ch. 8; Rafailov 2023).
 
 The policy is trained directly on (prompt, chosen, rejected) pairs, without a reward model or
 sampling: DPO's loss -log sigma(beta * h), h = (log pi - log pi_ref)(y_c) - (log pi -
@@ -87,7 +87,7 @@ class DPODataConfig:
     schema: Literal["preference", "ratings", "rankings", "likert"] = "preference"
     """Row format (docs/data_formats.md); ratings, rankings and Likert rows become pairs."""
     ratings_mode: Literal["best_vs_random", "best_vs_worst", "all_pairs"] = "best_vs_random"
-    """How ratings become pairs (METHODS.md section 4)."""
+    """How ratings become pairs (docs/data_formats.md)."""
     max_len: int = 1024
     """Maximum tokens of prompt + reply (the prompt is cut from the left)."""
     share_prefix: bool = True
@@ -215,13 +215,13 @@ def make_step_loss(model: torch.nn.Module, cfg: DPOAlgoConfig):
 
     def step_loss(batch: dict[str, torch.Tensor], normaliser: float) -> LossOutput:
         sums, tokens = sequence_logprobs(model, batch)  # (S,), (S,)
-        logps = scatter_rewards(sums, batch["slots"], batch["group_mask"])  # (N, 2)
+        logprobs = scatter_rewards(sums, batch["slots"], batch["group_mask"])  # (N, 2)
         lengths = scatter_rewards(tokens.to(sums.dtype), batch["slots"], batch["group_mask"])
-        inputs = {"chosen_logps": logps[:, 0], "rejected_logps": logps[:, 1]}
+        inputs = {"chosen_logprobs": logprobs[:, 0], "rejected_logprobs": logprobs[:, 1]}
         inputs["chosen_tokens"], inputs["rejected_tokens"] = lengths[:, 0], lengths[:, 1]
         if not spec.reference_free:
             ref = batch["ref_sums"].to(sums.dtype)  # (N, 2)
-            inputs["ref_chosen_logps"], inputs["ref_rejected_logps"] = ref[:, 0], ref[:, 1]
+            inputs["ref_chosen_logprobs"], inputs["ref_rejected_logprobs"] = ref[:, 0], ref[:, 1]
         if "score_chosen" in spec.extra_inputs:
             inputs["score_chosen"], inputs["score_rejected"] = batch["scores"].unbind(-1)
         if not spec.paired:  # KTO on pairs: chosen desirable, rejected undesirable

@@ -42,8 +42,8 @@ def pair_metrics(sums: dict[str, float], prefix: str) -> dict[str, float]:
         "chosen_rewards_sum": "rewards/chosen",
         "rejected_rewards_sum": "rewards/rejected",
         "margin_sum": "rewards/margin",
-        "chosen_logps_sum": "logps/chosen",
-        "rejected_logps_sum": "logps/rejected",
+        "chosen_logprobs_sum": "logprobs/chosen",
+        "rejected_logprobs_sum": "logprobs/rejected",
         "delta_chosen_sum": "logratio/chosen",
         "delta_rejected_sum": "logratio/rejected",
         "displaced": "displacement",
@@ -53,7 +53,7 @@ def pair_metrics(sums: dict[str, float], prefix: str) -> dict[str, float]:
         if f"{side}_rewards_sum" in sums:
             n = max(sums.get(side, 0.0), 1.0)
             out[f"{prefix}/rewards/{side}"] = sums[f"{side}_rewards_sum"] / n
-            out[f"{prefix}/logps/{side}"] = sums[f"{side}_logps_sum"] / n
+            out[f"{prefix}/logprobs/{side}"] = sums[f"{side}_logprobs_sum"] / n
     return out
 
 

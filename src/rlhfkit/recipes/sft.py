@@ -2,7 +2,7 @@
 
 The model learns to imitate assistant replies: the loss is the negative log-likelihood of the
 assistant tokens (content plus end-of-turn token) given the conversation so far, averaged over
-all loss tokens of the optimiser batch (METHODS.md section 2).
+all loss tokens of the optimiser batch (docs/methods/sft.md).
 
 Loop:
     1. Load the model (fp32 master weights, bf16 compute where supported; optional LoRA) and
@@ -67,7 +67,7 @@ class SFTDataConfig:
     schema: Literal["sft", "prompt_completion"] = "sft"
     """Row format: 'sft' (messages) or 'prompt_completion' (docs/data_formats.md)."""
     mask_mode: Literal["final_turn", "all_assistant_turns"] = "final_turn"
-    """Which assistant turns are labelled: the last one (METHODS.md default; with unroll, every
+    """Which assistant turns are labelled: the last one (the default; with unroll, every
     turn once) or all of them."""
     unroll: bool = False
     """With final_turn: one example per assistant turn (a conversation with N assistant turns

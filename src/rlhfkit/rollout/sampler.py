@@ -270,8 +270,8 @@ class HFGenerator:
         else:
             tokens = sample_from(weights, gen)
         # a drawn token has weight > 0, so its w was not flushed (the argmax has w = 0)
-        logp = shifted.gather(1, tokens[:, None])[:, 0] - log_total[:, 0]
-        return tokens, logp.tolist(), entropy.tolist()
+        logprobs = shifted.gather(1, tokens[:, None])[:, 0] - log_total[:, 0]
+        return tokens, logprobs.tolist(), entropy.tolist()
 
     def _finish_reason(self, ids: list[int], stops: Sequence[str]) -> str | None:
         """Why the completion ``ids`` ends after its last token, or None if it goes on."""
@@ -297,7 +297,7 @@ class HFGenerator:
         buffers = VocabBuffers(n, logits.shape[-1], logits.device)
         live = torch.arange(n)  # global row of each batch row
         completions: list[list[int]] = [[] for _ in range(n)]
-        logps: list[list[float]] = [[] for _ in range(n)]
+        logprobs: list[list[float]] = [[] for _ in range(n)]
         entropies: list[list[float]] = [[] for _ in range(n)]
         reasons = ["length"] * n
         for step in range(sampling.max_new_tokens):
@@ -307,7 +307,7 @@ class HFGenerator:
                 zip(live.tolist(), tokens.tolist(), chosen, entropy, strict=True)
             ):
                 completions[row].append(token)
-                logps[row].append(lp)
+                logprobs[row].append(lp)
                 entropies[row].append(h)
                 reason = self._finish_reason(completions[row], stops)
                 if reason is None:
@@ -332,7 +332,7 @@ class HFGenerator:
             prompt_index=[i // g for i in range(n)],
             prompt_ids=[list(prompts[i // g]) for i in range(n)],
             completion_ids=completions,
-            logprobs=logps,
+            logprobs=logprobs,
             finish_reasons=reasons,
             entropies=entropies,
         )

@@ -4,7 +4,7 @@ The DPO family compares the policy with a frozen reference pi_ref on fixed (prom
 pairs, so log pi_ref of every completion is a constant of the dataset. rlhfkit computes it once,
 with the model in eval mode before the first update (the starting policy *is* the reference;
 with LoRA, the adapter is disabled), stores fp32 sums and token counts, and never holds a second
-model while training (METHODS.md section 7.9).
+model while training (docs/methods/direct_alignment.md).
 
 Cache key: a hash of the model's weights (per-parameter name, shape, dtype and fp64 sum and sum
 of squares), the token ids of every sequence (which already encode the data, the chat template

@@ -137,7 +137,7 @@ class RolloutMicroBatch:
     ) -> RolloutMicroBatch:
         """Wrap a collated rollout micro-batch (:mod:`rlhfkit.data.rollouts`) on ``device``."""
         moved = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        sampler, rows = moved.pop("sampler_logp"), moved.pop("rows")
+        sampler, rows = moved.pop("sampler_logprobs"), moved.pop("rows")
         return cls(moved, rows, sampler, moved.pop("advantages"))
 
     @property
