@@ -39,7 +39,7 @@ class Settings(versus.BenchSettings):
     """
 
     batch_size: int = 8
-    """Preference pairs per optimiser step (BENCHMARKS.md's reference figure uses 8)."""
+    """Preference pairs per optimiser step (TRL's reference DPO figure uses 8)."""
     max_len: int = 1024
     """Maximum tokens of prompt + reply (the DPO recipe's and DPOConfig's default)."""
     lr: float = 5e-6

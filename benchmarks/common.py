@@ -1,4 +1,4 @@
-"""Shared pieces of the benchmarks (see /work/shared/BENCHMARKS.md for the protocol).
+"""Shared pieces of the benchmarks (the protocol: benchmarks/README.md).
 
 - the machine's bf16 matmul rate, measured in the same run as the work it is compared with;
 - model FLOPs utilisation (MFU) helpers: 6 * params * tokens for training, 2 * params * tokens
@@ -36,7 +36,7 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 """Where result JSON files go (gitignored)."""
 
 MATMUL_SIZE = 2048
-"""Side of the square matrices of the peak-rate loop (BENCHMARKS.md rule 4)."""
+"""Side of the square matrices of the peak-rate loop (the protocol's in-run peak)."""
 
 
 # ---------------------------------------------------------------------------------------------

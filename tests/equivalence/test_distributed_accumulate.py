@@ -1,4 +1,4 @@
-"""Two gloo ranks x two micro-batches give the single-process gradient (DESIGN.md section 5).
+"""Two gloo ranks x two micro-batches give the single-process gradient.
 
 Each rank runs ``accumulate`` on its half of the batch; ``accumulate`` all-reduces the global
 normaliser and scales the loss by the world size, and the gradients are then averaged over ranks

@@ -1,6 +1,6 @@
 """Reward-model head: padding side, packing and batching invariance; Hugging Face round trip.
 
-METHODS.md section 3.1: the reward is read at the last non-pad token, computed from the mask
+docs/methods/reward_models.md: the reward is read at the last non-pad token, computed from the mask
 (``T - 1 - argmax(flip(mask))``), so left and right padding give the same reward, and a batch
 gives the same rewards as scoring one sequence at a time.
 """

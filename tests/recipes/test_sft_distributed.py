@@ -1,4 +1,4 @@
-"""SFT on 2 gloo ranks (torchrun's environment) equals SFT in one process (DESIGN.md section 5)."""
+"""SFT on 2 gloo ranks (torchrun's environment) equals SFT in one process."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Advantage estimators and reward shaping against METHODS.md sections 5 and 6 closed forms."""
+"""Advantage estimators and reward shaping against closed forms (docs/methods/policy.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Decontamination (METHODS.md section 13): n-gram overlap and substring matching."""
+"""Decontamination: n-gram overlap and substring matching."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""LLM-as-judge (METHODS.md section 3.10): parsers, position swap, ratings, backends."""
+"""LLM-as-judge: parsers, position swap, ratings, backends."""
 
 from __future__ import annotations
 

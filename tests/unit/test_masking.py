@@ -1,4 +1,4 @@
-"""Masked reductions and loss aggregation (METHODS.md section 6.1): closed forms and properties.
+"""Masked reductions and loss aggregation: closed forms and properties.
 
 Two sequences, per-token losses [1, 1, 1, 1, 10] (|y_1| = 5) and [1 x 9, 10] (|y_2| = 10):
 
@@ -125,7 +125,7 @@ def test_book_gradient_check():
         torch.testing.assert_close(
             grad, torch.tensor(rows, dtype=torch.float64), atol=1e-12, rtol=0, msg=mode
         )
-    assert 2 / 4 / 2 == 0.25 and round(2 / 7 / 2, 4) == 0.1429  # the METHODS.md numbers
+    assert 2 / 4 / 2 == 0.25 and round(2 / 7 / 2, 4) == 0.1429  # the hand-derived numbers
 
 
 def test_invalid_mode_and_max_len_raise():

@@ -23,7 +23,7 @@ from rlhfkit.rewards.verifiers.math import (
 # Extraction
 # ---------------------------------------------------------------------------------------------
 
-# METHODS.md section 9's table, then trickier cases.
+# The extraction rules' basic cases, then trickier ones.
 EXTRACTION = [
     (r"so \boxed{\frac{1}{2}}", r"\frac{1}{2}"),
     (r"\boxed{\frac{\sqrt{2}}{\left(3\right)}} done", r"\frac{\sqrt{2}}{\left(3\right)}"),

@@ -1,4 +1,4 @@
-"""Over-optimisation utilities (METHODS 12): best-of-n curve, Gao fits and peaks, RM ensembles."""
+"""Over-optimisation utilities: best-of-n curve, Gao fits and peaks, RM ensembles."""
 
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def test_bon_curve_hand_made():
         assert pt["gold"] == pytest.approx(gold, abs=1e-12)
         assert pt["groups"] == groups
         assert pt["d"] == pytest.approx(math.sqrt(pt["kl"]), abs=1e-15)
-    # KL_BoN values from METHODS 8: n = 1 -> 0, 2 -> 0.193147, 4 -> 0.636294.
+    # KL_BoN = log n - (n - 1)/n: n = 1 -> 0, 2 -> 0.193147, 4 -> 0.636294.
     assert curve[0]["kl"] == 0.0 and curve[0]["d"] == 0.0
     assert curve[1]["kl"] == pytest.approx(0.193147, abs=1e-6)
     assert curve[3]["kl"] == pytest.approx(0.636294, abs=1e-6)

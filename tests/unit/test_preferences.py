@@ -1,4 +1,4 @@
-"""Tests for rlhfkit.data.preferences: preference data construction (METHODS.md section 4)."""
+"""Tests for rlhfkit.data.preferences: preference data construction."""
 
 from __future__ import annotations
 
@@ -84,7 +84,7 @@ def picked(ratings: list[float], mode: str, seed: int) -> list[int]:
 
 
 def test_ratings_best_vs_random_over_many_seeds() -> None:
-    """METHODS 4: ratings [5, 3, 3, 1] -> chosen 0 (the unique 5), rejected uniform over the
+    """Ratings [5, 3, 3, 1] -> chosen 0 (the unique 5), rejected uniform over the
     strictly lower {1, 2, 3}; all three occur over 300 seeds (each has chance 1/3, so missing one
     has probability about 3 * (2/3)**300), and the margin is 5 - rating: 2, 2 or 4."""
     seen = Counter()
@@ -140,7 +140,7 @@ def test_all_pairs_lower_rated_first_in_input_is_swapped() -> None:
 
 
 def test_all_pairs_weights_give_each_prompt_total_one() -> None:
-    """METHODS 3.4: K = 9 distinct ratings give 36 pairs, K = 4 give 6; weighting each pair
+    """InstructGPT: K = 9 distinct ratings give 36 pairs, K = 4 give 6; weighting each pair
     1/(pairs sharing its group_id) gives each prompt total weight 1 (36/36 and 6/6)."""
     examples = [rated(list(range(9)), "p9"), rated([4, 3, 2, 1], "p4")]
     groups, counts = to_groups(

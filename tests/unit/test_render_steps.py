@@ -1,4 +1,4 @@
-"""Process-reward rendering (METHODS.md section 3.7) and reward-scoring rendering (section 3.1).
+"""Process-reward rendering and reward-scoring rendering.
 
 Expected positions are derived independently of ``render_steps``: the full text comes from the
 tokenizer's own ``apply_chat_template``, the reply is found in it by search, and step spans are

@@ -1,4 +1,4 @@
-"""Reward-model metrics (METHODS.md sections 3.6 and 3.9).
+"""Reward-model metrics.
 
 Expected values are derived by hand in each docstring, never produced by the code under test.
 """

@@ -1,4 +1,4 @@
-"""Rejection-sampling selection, best-of-N KL and the difficulty band (METHODS.md 8 and 9)."""
+"""Rejection-sampling selection, best-of-N KL and the difficulty band."""
 
 from __future__ import annotations
 

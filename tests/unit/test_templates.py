@@ -1,4 +1,4 @@
-"""Chat template rendering and assistant-only loss masks (METHODS.md section 2)."""
+"""Chat template rendering and assistant-only loss masks."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Length-controlled win rate (METHODS.md section 13)."""
+"""Length-controlled win rate (Dubois et al. 2024)."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 A :class:`~rlhfkit.data.preferences.RankedGroup` (one prompt, K >= 2 completions best first)
 becomes a :class:`TokenizedGroup`: each completion rendered together with the prompt by the chat
 template (tokenised once; the loss mask marks the completion), the prompt truncated from the
-left (METHODS.md section 3.2). Pairs whose chosen and rejected ids are identical after
+left (docs/methods/reward_models.md). Pairs whose chosen and rejected ids are identical after
 truncation give a constant loss of log 2 and no gradient, so they are dropped and counted.
 
 A micro-batch holds whole groups, because the loss couples the completions of a group: all

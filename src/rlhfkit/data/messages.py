@@ -1,6 +1,6 @@
 """Chat message rules, stated once: roles, their order, and parsing of message lists.
 
-Conversation rules (METHODS.md section 2): roles are system, user, assistant and tool; one
+Conversation rules (docs/methods/sft.md): roles are system, user, assistant and tool; one
 optional leading system message; then strict user/assistant alternation starting with a user
 message, where a tool message may follow an assistant message (or another tool message) and an
 assistant message may follow a tool message. User and assistant content must be a non-empty

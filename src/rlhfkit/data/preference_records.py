@@ -1,4 +1,4 @@
-"""Pair-level record conversions (METHODS.md section 4): multi-turn pairs and KTO records.
+"""Pair-level record conversions (docs/data_formats.md): multi-turn pairs and KTO records.
 
 - :func:`final_turn_pair`: two full conversations -> a ``PreferenceExample`` on the final turn,
   the earlier turns taken from the chosen branch.
@@ -21,7 +21,7 @@ from rlhfkit.data.sources import DataError
 def final_turn_pair(
     chosen_conversation: Any, rejected_conversation: Any, location: str = ""
 ) -> PreferenceExample:
-    """A preference pair on the final turn of two conversations (METHODS 4, multi-turn).
+    """A preference pair on the final turn of two conversations (multi-turn).
 
     The final turn is the last user message and the reply after it (assistant messages,
     possibly with tool calls and results). The prompt is the chosen conversation up to and
@@ -78,7 +78,7 @@ def unpaired_from_pairs(examples: Sequence[PreferenceExample]) -> list[UnpairedE
 
 
 def class_ratio(examples: Sequence[UnpairedExample]) -> float:
-    """The fraction of desirable records (METHODS 7.7 reports it; KTO weights depend on it).
+    """The fraction of desirable records (reported for KTO, whose weights depend on it).
 
     Args:
         examples: Unpaired records.

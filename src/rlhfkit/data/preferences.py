@@ -1,4 +1,4 @@
-"""Preference data construction: typed examples -> ranked groups (METHODS.md section 4).
+"""Preference data construction: typed examples -> ranked groups (docs/data_formats.md).
 
 Every preference format becomes a :class:`RankedGroup`: one prompt with K >= 2 completions in
 preference order (best first) and a non-increasing score per completion. A pair is a group with
@@ -20,7 +20,7 @@ two conversations    :func:`final_turn_pair`: the preference on the final turn
 
 :func:`to_groups` dispatches a list of mixed examples by type. Groups made from one example
 all carry ``meta["group_id"]`` so that a recipe can weight the C pairs of one prompt by 1/C
-each (METHODS 3.4); ``meta["order"]`` holds the original completion indices, best first.
+each (InstructGPT); ``meta["order"]`` holds the original completion indices, best first.
 :func:`final_turn_pair`, :func:`unpaired_from_pairs` and :func:`class_ratio` (pair-level
 records) live in :mod:`rlhfkit.data.preference_records` and are re-exported here.
 """
@@ -142,7 +142,7 @@ def ratings_to_pairs(
 ) -> list[RankedGroup]:
     """Turn K rated completions into pairs (K = 2 groups) by a ``RATINGS_PAIR_MODES`` row.
 
-    Each pair's margin and score gap are the rating difference r_c - r_r > 0 (METHODS 3.3).
+    Each pair's margin and score gap are the rating difference r_c - r_r > 0 (Llama 2 margin).
 
     Args:
         example: The rated completions.
@@ -200,7 +200,7 @@ RANKING_PAIR_MODES: dict[str, Callable[[int], IndexPairs]] = {
     "adjacent": _adjacent,
 }
 """Mode -> K -> (better, worse) rank positions: ``all_pairs`` gives C(K, 2) pairs (InstructGPT,
-METHODS 3.4), ``adjacent`` the K - 1 neighbours (1st vs 2nd, 2nd vs 3rd, ...)."""
+InstructGPT), ``adjacent`` the K - 1 neighbours (1st vs 2nd, 2nd vs 3rd, ...)."""
 
 
 def ranking_to_group(example: RankingExample) -> RankedGroup:
@@ -285,7 +285,7 @@ def likert_prob_a(example: LikertExample) -> float:
 
 
 def likert_to_pair(example: LikertExample, *, margin: bool = False) -> RankedGroup | None:
-    """Binarise a Likert comparison by side (METHODS 4); ties are dropped.
+    """Binarise a Likert comparison by side; ties are dropped.
 
     Side: s < m favours A, s > m favours B, s = m is a tie, with midpoint m = (scale + 1) / 2
     (5-point: 3, the only tie; 8-point: 4.5, never a tie). The optional margin is |s - m|

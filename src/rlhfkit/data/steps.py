@@ -1,4 +1,4 @@
-r"""Rendering for process reward models (METHODS.md section 3.7) and reward scoring (3.1).
+r"""Rendering for process reward models (Lightman 2023) and reward scoring.
 
 A process-reward reply is its steps joined by a separator; the whole conversation is rendered by
 the chat template and tokenised once (as in :mod:`rlhfkit.data.templates`), and each step's label
@@ -94,7 +94,7 @@ def render_steps(
     source: str = "",
     chat_template: str | None = None,
 ) -> StepExample | None:
-    """Render a prompt and a stepwise reply for a process reward model (METHODS.md 3.7).
+    """Render a prompt and a stepwise reply for a process reward model (Lightman 2023).
 
     Each step is stripped of surrounding whitespace (the separator carries the layout, and chat
     templates trim the reply anyway); the reply ``separator.join(steps)`` is rendered after the
@@ -177,7 +177,7 @@ def render_sequence(
     source: str = "",
     chat_template: str | None = None,
 ) -> TokenizedExample | None:
-    """Render prompt + completion as a reward model scores it (METHODS.md section 3.1).
+    """Render prompt + completion as a reward model scores it (docs/methods/reward_models.md).
 
     :func:`render_messages` with ``mask_mode="final_turn"`` and ``truncation="left_prompt"``:
     the sequence ends with the completion's end-of-turn token (then the template's trailer, e.g.

@@ -1,4 +1,4 @@
-r"""Chat template -> token ids + loss mask (METHODS.md section 2).
+r"""Chat template -> token ids + loss mask (docs/methods/sft.md).
 
 The conversation is rendered to text with the tokenizer's own chat template and the *full* text
 is tokenised once, with character offsets. Assistant spans are located in character space by
@@ -45,11 +45,11 @@ CHATML_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-"""ChatML (METHODS.md section 2) without a default system message."""
+"""ChatML (docs/methods/sft.md) without a default system message."""
 
 
 def check_roles(messages: Sequence[dict[str, Any]], source: str = "") -> None:
-    """Check that roles follow the strict chat order of METHODS.md section 2.
+    """Check that roles follow the strict chat order of docs/methods/sft.md.
 
     An optional leading ``system`` message, then ``user`` and ``assistant`` alternating; ``tool``
     messages may follow an assistant message (a tool call) and are followed by the assistant.
@@ -234,7 +234,7 @@ def render_messages(
             f"unknown mask_mode {mask_mode!r}; use 'final_turn' or 'all_assistant_turns'"
         )
     if all(not str(messages[i].get("content") or "").strip() for i in labelled):
-        return None  # METHODS.md section 2: rows with empty completions are dropped
+        return None  # rows with empty completions are dropped (docs/methods/sft.md)
     full = _render(tokenizer, messages, add_generation_prompt=False, chat_template=chat_template)
     spans = _assistant_spans(
         tokenizer, messages, full, labelled, chat_template=chat_template, source=source

@@ -1,4 +1,4 @@
-"""Training-data decontamination against evaluation sets (METHODS.md section 13).
+"""Training-data decontamination against evaluation sets (docs/methods/evaluation.md).
 
 Two detectors, both exact and index-based (build the index of the eval texts once, then each
 training text costs time linear in its length):

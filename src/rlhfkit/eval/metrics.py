@@ -1,4 +1,4 @@
-"""Reward-model metrics (METHODS.md sections 3.6 and 3.9).
+"""Reward-model metrics (docs/methods/reward_models.md).
 
 Pure functions on 1-D tensors or float sequences; all arithmetic runs in fp64 on CPU and the
 results are plain Python numbers, ready for JSON logging.
@@ -46,7 +46,7 @@ def pairwise_accuracy(chosen: Values, rejected: Values) -> float:
 
 
 def expected_calibration_error(chosen: Values, rejected: Values, bins: int = 10) -> float:
-    """ECE of the BT preference probability (section 3.9).
+    """ECE of the BT preference probability (Guo et al. 2017).
 
     p_i = sigmoid(r_c - r_r) predicts "chosen wins"; confidence c_i = max(p_i, 1 - p_i); the
     prediction is correct iff p_i > 0.5 (0.5 counts half). With equal-width bins over
@@ -125,7 +125,7 @@ def _group(prompt_ids: Sequence[Hashable], n: int) -> list[list[int]]:
 def orm_metrics(
     *, scores: Values, correct: Values, prompt_ids: Sequence[Hashable]
 ) -> dict[str, float]:
-    """Outcome-RM metrics over scored rollouts (section 3.6).
+    """Outcome-RM metrics over scored rollouts.
 
     - ``mean_score_correct`` / ``mean_score_incorrect``: mean score per outcome.
     - ``top1_accuracy``: over prompts with >= 1 correct rollout, the fraction whose top-scored

@@ -1,4 +1,4 @@
-"""Reward-model over-optimisation: best-of-n curves, Gao fits, RM ensembles (METHODS 12).
+"""Reward-model over-optimisation: best-of-n curves, Gao fits, RM ensembles (RLHF book ch. 14).
 
 Over-optimisation is measured by scoring the same samples with a proxy reward (the trained
 reward model) and a gold reward (the programmatic judge the RM was trained to imitate) and
@@ -7,7 +7,7 @@ Reward Model Overoptimization"). The proxy keeps rising as the policy moves away
 the gold reward rises, peaks and falls.
 
 - ``bon_curve``: the best-of-n curve from an (M, N) grid of proxy and gold rewards, with the
-  analytic best-of-n KL, log n - (n - 1)/n (METHODS 8).
+  analytic best-of-n KL, log n - (n - 1)/n (Stiennon 2020).
 - ``fit_gao_bon`` / ``fit_gao_rl``: least-squares fits of Gao's functional forms
   R_bon(d) = d (alpha - beta d) and R_rl(d) = d (alpha - beta log d).
 - ``gao_peaks``: where those forms peak, d*_bon = alpha / (2 beta), d*_rl = e^(alpha/beta - 1).
@@ -178,7 +178,7 @@ def rm_ensemble(scores: torch.Tensor, mode: str = "mean", lam: float = 1.0) -> t
     - ``mean``: (1/K) sum_k r_k.
     - ``min``: min_k r_k (worst-case optimisation).
     - ``uwo``: mean - lam * std, with the population std sqrt((1/K) sum_k (r_k - mean)^2)
-      (uncertainty-weighted optimisation; METHODS default lam = 1.0).
+      (uncertainty-weighted optimisation; default lam = 1.0).
 
     Shapes:
         scores: (K, B), one row per ensemble member. Returns (B,).

@@ -1,4 +1,4 @@
-"""Reasoning metrics from repeated samples: pass@k, pass^k, maj@k, avg@k (METHODS.md section 9).
+"""Reasoning metrics from repeated samples: pass@k, pass^k, maj@k, avg@k (evaluation docs).
 
 For one prompt, n samples were drawn and c of them are correct:
 

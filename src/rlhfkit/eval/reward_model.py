@@ -1,7 +1,7 @@
 """Reward-model evaluation on preference pairs: scoring, the report, and its printed table.
 
 ``rlhfkit rm eval`` and the reward-model recipe's held-out evaluation share these functions
-(METHODS.md section 3.9): pairwise accuracy overall and per category and per source, mean
+(docs/methods/reward_models.md): pairwise accuracy overall and per category and per source, mean
 margin, the BT loss, expected calibration error of sigma(r_c - r_r), the reward distribution and
 the correlation of reward with length (a length-biased reward model shows a high one).
 """

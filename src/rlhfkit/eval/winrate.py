@@ -1,4 +1,4 @@
-"""Length-controlled win rate (METHODS.md section 13; paper: Dubois et al. 2024, AlpacaEval-LC).
+"""Length-controlled win rate (paper: Dubois et al. 2024, AlpacaEval-LC).
 
 A judge compares the evaluated model's output with a baseline's on N prompts: w_i = 1 (model
 wins), 0.5 (tie) or 0 (loses); dlen_i = len(model output) - len(baseline output). Judges favour

@@ -18,7 +18,7 @@ a shared top count is a tie) with the mean margin of the votes on that side; rat
 mean rating per completion; rankings by mean rank position (Borda), ties to the lower index.
 The ``likert`` format is always per vote.
 
-Pairs follow METHODS section 4: binarised by side, margin = |s - m| with m = (S + 1) / 2 (the
+Pairs follow docs/data_formats.md: binarised by side, margin = |s - m| with m = (S + 1) / 2 (the
 Likert strength: 1 or 2 on the 5-point scale, 0.5 to 3.5 on the 8-point scale) when
 ``margin`` is on. Ties are dropped (``ties="drop"``) or kept (``ties="keep"``) as a row with
 completion A as ``chosen``, margin 0 and ``"tie": true``, for evaluation (scored 0.5).

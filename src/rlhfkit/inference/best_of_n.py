@@ -1,4 +1,4 @@
-"""``rlhfkit bon``: best-of-N at inference (METHODS.md section 8).
+"""``rlhfkit bon``: best-of-N at inference (RLHF book ch. 9).
 
 No training: for every prompt, sample n completions, score them, answer with the best one
 (argmax, ties to the first). The report puts the best-of-n reward beside the reward of a single

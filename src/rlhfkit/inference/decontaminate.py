@@ -1,4 +1,4 @@
-"""``rlhfkit decontam``: flag training rows that overlap evaluation sets (METHODS.md section 13).
+"""``rlhfkit decontam``: flag training rows that overlap evaluation sets (8-gram rule).
 
 The loop:
 

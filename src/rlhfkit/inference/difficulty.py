@@ -1,4 +1,4 @@
-"""``rlhfkit filter``: keep the prompts of useful difficulty (METHODS.md section 9).
+"""``rlhfkit filter``: keep the prompts of useful difficulty (docs/methods/sampling.md).
 
 RL with verifiable rewards learns nothing from a prompt the model always or never solves: every
 sample of its group gets the same reward, so its advantage is zero. The offline filter:

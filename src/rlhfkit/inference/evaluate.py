@@ -1,4 +1,4 @@
-"""``rlhfkit eval``: run a model on an evaluation set and score it (METHODS.md sections 9, 13).
+"""``rlhfkit eval``: run a model on an evaluation set and score it (docs/methods/evaluation.md).
 
 The loop:
 

@@ -1,4 +1,4 @@
-"""``rlhfkit rs``: rejection sampling, then SFT on the selection (METHODS.md section 8).
+"""``rlhfkit rs``: rejection sampling, then SFT on the selection (RLHF book ch. 9).
 
 Rejection sampling (the book's chapter 9; Llama 2, RAFT, STaR-style filtering) fine-tunes the
 starting model on its own best completions:

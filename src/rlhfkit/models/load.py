@@ -64,7 +64,7 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False):
 
     A tokenizer without a pad token pads with its EOS token (labels come from the loss mask,
     never from pad-id comparisons, so this is safe). One without a chat template gets ChatML
-    with a warning (METHODS.md section 2: base models should use their instruct sibling's).
+    with a warning (base models should use their instruct sibling's template).
     """
     path = resolve_model_path(name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)

@@ -1,4 +1,4 @@
-"""Advantage estimators of the policy-gradient family (METHODS.md sections 6.2-6.5).
+"""Advantage estimators of the policy-gradient family (docs/methods/policy.md).
 
 Pure tensor functions. Group estimators take rewards shaped (P, G): P prompts, G samples each;
 their output is broadcast over a sample's completion tokens by the caller. Token estimators

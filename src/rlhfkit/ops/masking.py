@@ -1,4 +1,4 @@
-"""Masked reductions and the loss aggregation modes (METHODS.md section 6.1).
+"""Masked reductions and the loss aggregation modes (docs/methods/policy.md).
 
 ``mask`` is bool and True where a token counts in the loss; it is cast only here.
 Aggregation divides by a *global* normaliser (summed over micro-batches and ranks by
@@ -116,7 +116,7 @@ def aggregate(
 def last_token_index(mask: torch.Tensor) -> torch.Tensor:
     """Column of the last True entry of each row, for left or right padding alike.
 
-    ``idx = T - 1 - argmax(flip(mask, -1), -1)`` (METHODS.md section 3.1). ``mask.sum(1) - 1``
+    ``idx = T - 1 - argmax(flip(mask, -1), -1)`` (reward-model docs). ``mask.sum(1) - 1``
     is only right for right padding and must not be used. A row without a True entry gets
     ``T - 1``.
 

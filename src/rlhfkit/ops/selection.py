@@ -1,4 +1,4 @@
-"""Selection from a reward matrix: rejection sampling, best-of-N, difficulty bands (METHODS 8, 9).
+"""Selection from a reward matrix: rejection sampling, best-of-N, difficulty bands (RLHF ch. 9).
 
 ``R`` is the (M, N) matrix of rewards of N completions for each of M prompts. Indices are
 0-based; a flat index k names completion ``k mod N`` of prompt ``k // N``. Ties always go to the
@@ -135,7 +135,7 @@ def pass_rate_band(correct: torch.Tensor, low: float = 0.2, high: float = 0.8) -
 
     Args:
         correct: (M, N) booleans (or 0/1), one row of N samples per prompt.
-        low: Smallest kept pass rate (METHODS default 0.2).
+        low: Smallest kept pass rate (default 0.2).
         high: Largest kept pass rate (default 0.8).
 
     Returns:

@@ -1,4 +1,4 @@
-"""Reward-model training on preferences (RLHF book chapter 5; METHODS.md sections 3-4).
+"""Reward-model training on preferences (RLHF book chapter 5; docs/methods/reward_models.md).
 
 A reward model is the policy's backbone with a scalar head read at the last token of prompt +
 completion (``rlhfkit.models.heads``). It learns from comparisons: the completion people (or a
@@ -28,7 +28,7 @@ counts once (InstructGPT); ``plackett_luce`` the K-wise ranking likelihood. ``or
 same ``algo.loss`` field.
 
 Deviations from the book: none in the objectives. Packing is on (no compute on padding); the
-defaults follow METHODS.md (one epoch, lr 5e-5 for a model below 1B, warmup 10%).
+defaults are one epoch, lr 5e-5 for a model below 1B and 10% warmup (reward-model docs).
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ class RMDataConfig:
     """Row format (docs/data_formats.md): pairs, ratings, rankings and Likert comparisons for
     the pairwise losses; unpaired_preference (correct/incorrect) for orm; process for prm."""
     ratings_mode: Literal["best_vs_random", "best_vs_worst", "all_pairs"] = "best_vs_random"
-    """How ratings become pairs (METHODS.md section 4) for the bt and margin losses."""
+    """How ratings become pairs (docs/data_formats.md) for the bt and margin losses."""
     ranking_mode: Literal["adjacent", "all_pairs"] = "all_pairs"
     """How rankings become pairs for the bt and margin losses."""
     likert_margin: bool = True
@@ -123,7 +123,7 @@ class RMAlgoConfig:
     """bt, margin, all_pairs, plackett_luce (pairwise and K-wise), orm or orm_sequence
     (outcome labels), prm (step labels)."""
     orm_score: Literal["final", "mean", "min", "product", "last_m", "flag"] = "final"
-    """orm: how token probabilities become a completion's held-out score (METHODS.md 3.6)."""
+    """orm: how token probabilities become a completion's held-out score (see orm_score)."""
     prm_separator: str = "\n<step>\n"
     """prm: text joining the steps of a solution."""
     prm_mode: Literal["3class", "binary"] = "3class"

@@ -1,4 +1,4 @@
-"""Token-level reward models: outcome (ORM) and process (PRM) heads (METHODS.md 3.6-3.7).
+"""Token-level reward models: outcome (ORM) and process (PRM) heads (Cobbe 2021; Lightman 2023).
 
 Chosen through ``rlhfkit rm train --algo.loss orm|orm_sequence|prm``; the training loop is the
 one of :mod:`rlhfkit.recipes.reward_model`, with these task objects.

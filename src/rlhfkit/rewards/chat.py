@@ -2,7 +2,7 @@
 
 - :class:`ChatBackend`: the protocol: a batch of conversations in, one reply each out, in order.
 - :class:`LocalChatBackend`: the embedded model or any local or hub causal LM, greedy, batched
-  (transformers' ``generate``: ``rewards`` may not import ``rollout``, DESIGN.md section 1).
+  (transformers' ``generate``: ``rewards`` may not import ``rollout``: docs/api/index.md).
 - :class:`OpenAIChatBackend`: any OpenAI-compatible ``/chat/completions`` endpoint (vLLM,
   llama.cpp, hosted APIs), standard library only: retries with backoff on 429/5xx and connection
   errors, the API key read from an environment variable and never logged, concurrent requests

@@ -1,4 +1,4 @@
-r"""LLM-as-judge: pairwise verdicts and single-answer ratings (METHODS.md section 3.10).
+r"""LLM-as-judge: pairwise verdicts and single-answer ratings (Zheng et al. 2023).
 
 A judge is a chat model asked, at temperature 0, to explain briefly and then give a verdict:
 
@@ -31,7 +31,7 @@ or hub causal LM, greedy, batched) or :class:`OpenAIChatBackend` (any OpenAI-com
 reward, a judge is named ``judge:<model name or path>`` or ``judge:openai:<base_url>#<model>``
 (:func:`judge_reward`). The local backend decodes with transformers' ``model.generate`` rather
 than :class:`rlhfkit.rollout.sampler.HFGenerator`: ``rewards`` and ``rollout`` are independent
-layers (DESIGN.md section 1), so this module may not import the sampler. The embedded 135M model
+layers (docs/api/index.md), so this module may not import the sampler. The embedded 135M model
 runs but is too small to be a useful judge (it rarely writes a well-formed verdict); use a larger
 local model or an endpoint.
 

@@ -1,4 +1,4 @@
-"""Reward shaping (METHODS.md sections 5, 6.5 and 6.7).
+"""Reward shaping (docs/methods/policy.md: KL in the reward, DAPO, EOS-only scoring).
 
 DAPO's overlong penalty, a length penalty, the weighted sum of reward components and the KL
 penalty in the reward. Pure functions on plain numbers or (B, T) tensors.

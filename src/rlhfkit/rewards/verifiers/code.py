@@ -1,4 +1,4 @@
-r"""Code reward: run the completion's program against tests in a sandbox (METHODS.md section 9).
+r"""Code reward: run the completion's program against tests in a sandbox (RLHF book ch. 7).
 
 The program is the last fenced block of the completion tagged ``python`` (or ``py``/``python3``),
 else its last fenced block of any language, else the whole completion. Each test runs in its own

@@ -1,4 +1,4 @@
-r"""Format rewards: does a completion have the requested shape (METHODS.md section 9)?
+r"""Format rewards: does a completion have the requested shape (RLHF book ch. 7)?
 
 - :func:`format_reward` (registered as ``verifier:format``): the DeepSeek-R1 template
   ``<think> ... </think> <answer> ... </answer>``, scored ``strict`` (1 or 0) or ``partial``

@@ -1,4 +1,4 @@
-r"""Math answers: extraction, normalisation, comparison and majority vote (METHODS.md section 9).
+r"""Math answers: extraction, normalisation, comparison and majority vote (RLHF book ch. 7).
 
 Reward = 1.0 when the answer extracted from a completion matches the reference, else 0.0::
 
@@ -138,7 +138,7 @@ EXTRACTORS: dict[str, Callable[[str], str | None]] = {
 """Extraction rule name -> function ``text -> answer | None``."""
 
 DEFAULT_ORDER: tuple[str, ...] = ("answer_tag", "boxed", "hashes", "the_answer_is", "last_number")
-"""The order in which :func:`extract_answer` tries the rules (METHODS.md section 9)."""
+"""The order in which :func:`extract_answer` tries the rules (docs/methods/evaluation.md)."""
 
 
 def extract_answer(text: str, order: Sequence[str] = DEFAULT_ORDER) -> str | None:
