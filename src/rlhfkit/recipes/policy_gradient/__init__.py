@@ -32,6 +32,9 @@ rewards (``grpo_process`` raises a clear error).
 Modules, in the order of the algorithm: ``config`` (options, preset resolution), ``presets``
 (the tables), ``state`` (run objects, loop state, micro-batches), ``collect``, ``advantages``,
 ``critic``, ``update``, ``metrics``, ``loop``. Imports only point down that list (checked).
+
+Formulas, defaults and papers of every axis and preset: the method reference,
+``docs/methods/policy.md``.
 """
 
 from rlhfkit.recipes.policy_gradient.config import (

@@ -9,7 +9,8 @@
    whitened returns-to-go or PPO's GAE with the critic's values.
 
 The math lives in :mod:`rlhfkit.ops.advantages` and :mod:`rlhfkit.ops.kl`; this module applies
-it to rollout micro-batches.
+it to rollout micro-batches. Formulas: ``docs/methods/policy.md#advantage-estimators`` and
+``#where-the-kl-goes``.
 """
 
 from __future__ import annotations

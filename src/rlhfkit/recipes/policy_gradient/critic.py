@@ -16,7 +16,8 @@ token t. ``--critic.warmup_steps`` trains the critic alone first.
 
 The critic is a :class:`rlhfkit.training.run.Companion` of the run: its weights and optimiser
 state are part of every checkpoint (one atomic write), a resumed run restores both models, and
-the trained value model is saved under ``<run_dir>/critic``.
+the trained value model is saved under ``<run_dir>/critic``. Formulas:
+``docs/methods/policy.md#ppo-and-gae``.
 """
 
 from __future__ import annotations

@@ -12,7 +12,8 @@ Four axes (each a table here or in the layer below) and a few modifiers:
   per-token KL and where it enters (the reward or the loss).
 
 :data:`PG_PRESETS` maps ``reinforce``, ``rloo``, ``grpo``, ``ppo``, ... to rows. A new variant is
-one row and, when it is truly new, one pure function with its tests.
+one row and, when it is truly new, one pure function with its tests. The method reference
+(``docs/methods/policy.md#presets``) documents each row with its paper.
 """
 
 from __future__ import annotations

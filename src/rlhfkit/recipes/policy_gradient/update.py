@@ -7,7 +7,8 @@ minibatch. With one step per batch pi_old = sg(pi_theta) (the ratio is 1: clippi
 
 :func:`optimise` takes ``algo.epochs x algo.minibatches`` optimiser steps over the batch's
 minibatches; gradient accumulation and the normaliser belong to
-:func:`rlhfkit.training.accumulate.accumulate`.
+:func:`rlhfkit.training.accumulate.accumulate`. Formulas: ``docs/methods/policy.md#objectives``,
+``#loss-aggregation`` and ``#truncated-importance-sampling``.
 """
 
 from __future__ import annotations
