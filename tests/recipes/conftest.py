@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,3 +21,44 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+LETTER_A = '''
+def letter_a(completion):
+    """Share of the letter 'a' in the completion: a dense toy reward."""
+    text = completion.strip()
+    return sum(c == "a" for c in text) / max(len(text), 1)
+'''
+
+
+@pytest.fixture(scope="module")
+def pg_task(tmp_path_factory) -> tuple[Path, Path]:
+    """16 "Say a" prompts and a reward file with ``letter_a`` (for ``rlhfkit rl`` runs)."""
+    root = tmp_path_factory.mktemp("pg-task")
+    (root / "reward.py").write_text(LETTER_A)
+    rows = [{"prompt": f"Say a {i}", "answer": "a"} for i in range(16)]
+    (root / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root / "prompts.jsonl", root / "reward.py"
+
+
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory) -> Path:
+    """24 arithmetic preference pairs (a right and a hedged wrong answer) for DPO runs."""
+    rows = [
+        {
+            "prompt": f"What is {i} + {i}?",
+            "chosen": f"It is {2 * i}.",
+            "rejected": f"I think it might be {2 * i + 1}, or not.",
+        }
+        for i in range(24)
+    ]
+    path = tmp_path_factory.mktemp("dpo-pairs") / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def fresh_cache(tmp_path, monkeypatch) -> Path:
+    """A fresh reference cache for the test (DPO's reference log-probs)."""
+    monkeypatch.setenv("RLHFKIT_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"

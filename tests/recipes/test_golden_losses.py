@@ -22,14 +22,8 @@ import pytest
 
 from rlhfkit.cli import main as cli_main
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "fresh_cache")
 
-REWARD = '''
-def letter_a(completion):
-    """Share of the letter 'a' in the completion: a dense toy reward."""
-    text = completion.strip()
-    return sum(c == "a" for c in text) / max(len(text), 1)
-'''
 
 RTOL, ATOL = 1e-5, 1e-7
 """Relative tolerance of every golden value; absolute floor for values at zero."""
@@ -58,37 +52,6 @@ GOLDEN: dict[str, dict[str, list[float]]] = {
     },
 }
 """Per run: metric -> its value at each of the first three logged records."""
-
-
-@pytest.fixture(scope="module")
-def pg_task(tmp_path_factory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("golden-pg")
-    (root / "reward.py").write_text(REWARD)
-    rows = [{"prompt": f"Say a {i}", "answer": "a"} for i in range(16)]
-    (root / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return root / "prompts.jsonl", root / "reward.py"
-
-
-@pytest.fixture(scope="module")
-def pairs_file(tmp_path_factory) -> Path:
-    rows = [
-        {
-            "prompt": f"What is {i} + {i}?",
-            "chosen": f"It is {2 * i}.",
-            "rejected": f"I think it might be {2 * i + 1}, or not.",
-        }
-        for i in range(24)
-    ]
-    path = tmp_path_factory.mktemp("golden-dpo") / "pairs.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-@pytest.fixture(autouse=True)
-def cache(tmp_path, monkeypatch) -> Path:
-    """A fresh reference cache per test (DPO's reference log-probs)."""
-    monkeypatch.setenv("RLHFKIT_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
 
 
 def _common(model_dir: Path, run_dir: Path) -> list[str]:

@@ -174,3 +174,24 @@ def test_remax_baseline_is_the_greedy_reward(tiny_model_dir, task, tmp_path):
     kl = advantages.sequence_kl(batch.batches, len(batch.advantages)).view_as(batch.rewards)
     expected = batch.rewards - run.preset.kl_coef * kl - greedy[:, None]
     torch.testing.assert_close(batch.advantages, expected.flatten())
+
+
+def test_a_kl_in_the_reward_reaches_a_group_estimators_advantages(tiny_model_dir, task, tmp_path):
+    """GRPO with its KL moved into the reward: a sequence-level estimator takes the sequence KL
+    off each reward before the group z-score (the KL's level follows the estimator's)."""
+    from rlhfkit.ops import advantages as adv_ops
+
+    cfg = _cfg(
+        tiny_model_dir, task, tmp_path / "r", algo__preset="grpo", algo__kl_placement="reward",
+        algo__kl_coef=0.5,
+    )  # fmt: skip
+    ctx, run, state = pg_setup(cfg)
+    with torch.no_grad():  # move the policy off the (separately held) reference
+        gen = torch.Generator().manual_seed(0)
+        for p in ctx.model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    batch = pg_rollout(run, state)
+    kl = advantages.sequence_kl(batch.batches, len(batch.advantages)).view_as(batch.rewards)
+    assert float(kl.abs().max()) > 1e-3
+    expected = adv_ops.group_zscore(batch.rewards - 0.5 * kl, eps=cfg.algo.std_eps)
+    torch.testing.assert_close(batch.advantages, expected.flatten())

@@ -33,48 +33,11 @@ from safetensors.torch import load_file
 
 from rlhfkit.cli import main as cli_main
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "fresh_cache")
 
-REWARD = '''
-def letter_a(completion):
-    """Share of the letter 'a' in the completion: a dense toy reward."""
-    text = completion.strip()
-    return sum(c == "a" for c in text) / max(len(text), 1)
-'''
 
 EMA_DECAY = 0.9
 """The default ``--algo.ema_decay``."""
-
-
-@pytest.fixture(scope="module")
-def pg_task(tmp_path_factory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("resume-pg")
-    (root / "reward.py").write_text(REWARD)
-    rows = [{"prompt": f"Say a {i}", "answer": "a"} for i in range(16)]
-    (root / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return root / "prompts.jsonl", root / "reward.py"
-
-
-@pytest.fixture(scope="module")
-def pairs_file(tmp_path_factory) -> Path:
-    rows = [
-        {
-            "prompt": f"What is {i} + {i}?",
-            "chosen": f"It is {2 * i}.",
-            "rejected": f"I think it might be {2 * i + 1}, or not.",
-        }
-        for i in range(24)
-    ]
-    path = tmp_path_factory.mktemp("resume-dpo") / "pairs.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-@pytest.fixture(autouse=True)
-def cache(tmp_path, monkeypatch) -> Path:
-    """A fresh reference cache per test (DPO's reference log-probs)."""
-    monkeypatch.setenv("RLHFKIT_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
 
 
 def _common(model_dir: Path) -> list[str]:
@@ -129,10 +92,6 @@ def test_rl_resume_restores_ema_baseline_and_kl_coefficient(
     """GRPO keeps its k3 KL in the loss, REINFORCE its sequence k1 in the reward; both with
     the EMA baseline and the adaptive controller (target 0.01 nats, far below the KL the
     lr-1e-2 policy reaches, so the coefficient grows by the clipped 16 / 20 * 0.2 each step).
-
-    (``--algo.kl_placement reward`` on GRPO is not used: GRPO's KL is per token and only the
-    token-level estimators put a per-token KL into the reward, so with ``ema_baseline`` it
-    would never enter the math.)
     """
     data, reward = pg_task
     args = [
