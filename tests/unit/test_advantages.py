@@ -145,6 +145,110 @@ def test_gae_packed_equals_separate_and_padding_is_inert():
     assert (padded[:, 3:] == 0).all()
 
 
+def test_gae_skips_a_hole_in_the_mask():
+    """Model turn, tool output (masked out), model turn: the tool tokens are not steps.
+
+    Columns 0-1 and 4-5 are the model's, 2-3 the tool's, 6 padding. Hole and padding hold 9.0
+    (they must not count). Over the masked steps k = 0..3 (columns 0, 1, 4, 5):
+    r = [0, 0, 0, 1], V = [0.5, 0.6, 0.7, 0.8], gamma = 0.9, lam = 0.5 (gamma lam = 0.45),
+    done only at k = 3 (the row's last masked token):
+
+    - k = 3: delta = 1 - 0.8 = 0.2; A = 0.2
+    - k = 2: delta = 0.9 * 0.8 - 0.7 = 0.02; A = 0.02 + 0.45 * 0.2 = 0.11
+    - k = 1: delta = 0.9 * 0.7 - 0.6 = 0.03; A = 0.03 + 0.45 * 0.11 = 0.0795
+    - k = 0: delta = 0.9 * 0.6 - 0.5 = 0.04; A = 0.04 + 0.45 * 0.0795 = 0.075775
+
+    R = A + V = [0.575775, 0.6795, 0.81, 1.0]. A done at column 1 (the old behaviour) would
+    give A = -0.6 there: the first turn would never see the terminal reward.
+    """
+    mask = torch.tensor([[True, True, False, False, True, True, False]])
+    r = torch.tensor([[0.0, 0.0, 9.0, 9.0, 0.0, 1.0, 9.0]], dtype=torch.float64)
+    v = torch.tensor([[0.5, 0.6, 9.0, 9.0, 0.7, 0.8, 9.0]], dtype=torch.float64)
+    adv, ret = gae(r, v, mask, gamma=0.9, lam=0.5)
+    approx(adv, [0.075775, 0.0795, 0.0, 0.0, 0.11, 0.2, 0.0], tol=1e-12)
+    approx(ret, [0.575775, 0.6795, 0.0, 0.0, 0.81, 1.0, 0.0], tol=1e-12)
+    # the same row without the hole and the padding gives the same numbers
+    steps = [0, 1, 4, 5]
+    compact, compact_ret = gae(r[:, steps], v[:, steps], mask[:, steps], gamma=0.9, lam=0.5)
+    torch.testing.assert_close(adv[mask], compact[0])
+    torch.testing.assert_close(ret[mask], compact_ret[0])
+
+
+def test_gae_with_lam_one_and_no_values_is_returns_to_go_across_holes():
+    gen = torch.Generator().manual_seed(2)
+    r = torch.randn(4, 9, generator=gen, dtype=torch.float64)
+    mask = torch.rand(4, 9, generator=gen) > 0.4
+    mask[:, 0] = True
+    adv, _ = gae(r, torch.zeros_like(r), mask, gamma=1.0, lam=1.0)
+    torch.testing.assert_close(adv, returns_to_go(r, mask))
+
+
+def _textbook_gae(r: list[float], v: list[float], gamma: float, lam: float) -> list[float]:
+    """GAE of one episode, as in Schulman et al. 2016 (V after the last step = 0)."""
+    out, running = [0.0] * len(r), 0.0
+    for t in reversed(range(len(r))):
+        next_value = v[t + 1] if t + 1 < len(r) else 0.0
+        running = r[t] + gamma * next_value - v[t] + gamma * lam * running
+        out[t] = running
+    return out
+
+
+@pytest.mark.parametrize("holes", [False, True], ids=["contiguous", "holes"])
+def test_gae_equals_textbook_gae_over_the_masked_tokens(holes):
+    """Right or left padding (contiguous masks: unchanged) and interior holes alike."""
+    gen = torch.Generator().manual_seed(3)
+    r = torch.randn(6, 8, generator=gen, dtype=torch.float64)
+    v = torch.randn(6, 8, generator=gen, dtype=torch.float64)
+    lengths = torch.randint(1, 9, (6,), generator=gen)
+    cols = torch.arange(8)
+    mask = cols[None] < lengths[:, None]  # right padding
+    mask[3:] = mask[3:].flip(-1)  # left padding
+    if holes:
+        mask &= torch.rand(6, 8, generator=gen) > 0.3
+        mask[:, 0] = True
+    adv, ret = gae(r.masked_fill(~mask, 9.0), v.masked_fill(~mask, 9.0), mask, gamma=0.97, lam=0.9)
+    for i in range(6):
+        expected = _textbook_gae(r[i, mask[i]].tolist(), v[i, mask[i]].tolist(), 0.97, 0.9)
+        approx(adv[i, mask[i]], expected, tol=1e-12)
+        approx(ret[i, mask[i]] - v[i, mask[i]], expected, tol=1e-12)  # R = A + V
+    assert (adv[~mask] == 0).all() and (ret[~mask] == 0).all()
+
+
+def test_gae_ignores_non_finite_padding():
+    gen = torch.Generator().manual_seed(5)
+    r, v = torch.randn(2, 6, generator=gen), torch.randn(2, 6, generator=gen)
+    mask = torch.tensor(
+        [[True, True, False, True, True, False], [False, True, True, True, True, True]]
+    )
+    clean = gae(r.masked_fill(~mask, 0.0), v.masked_fill(~mask, 0.0), mask, gamma=0.9, lam=0.8)
+    dirty = gae(
+        r.masked_fill(~mask, torch.nan), v.masked_fill(~mask, torch.inf), mask, gamma=0.9, lam=0.8
+    )
+    torch.testing.assert_close(dirty, clean, rtol=0, atol=0)
+
+
+def test_gae_done_on_a_masked_out_separator_ends_the_episode():
+    """Packed documents [a a][sep][b b b] with done on the separator = two separate rows."""
+    gen = torch.Generator().manual_seed(4)
+    r, v = torch.randn(1, 6, generator=gen), torch.randn(1, 6, generator=gen)
+    mask = torch.tensor([[True, True, False, True, True, True]])
+    dones = torch.tensor([[False, False, True, False, False, True]])
+    packed, _ = gae(r, v, mask, gamma=0.9, lam=0.8, dones=dones)
+    ones = torch.ones(1, 3, dtype=torch.bool)
+    first, _ = gae(r[:, :2], v[:, :2], ones[:, :2], gamma=0.9, lam=0.8)
+    second, _ = gae(r[:, 3:], v[:, 3:], ones, gamma=0.9, lam=0.8)
+    torch.testing.assert_close(packed, torch.cat([first, torch.zeros(1, 1), second], 1))
+
+
+def test_masked_whiten_gradient_ignores_non_finite_padding():
+    values = torch.tensor([[1.0, 2.0, float("inf")], [4.0, float("nan"), 0.5]], requires_grad=True)
+    mask = torch.isfinite(values.detach())
+    out = masked_whiten(values, mask)
+    (grad,) = torch.autograd.grad((out * torch.arange(6.0).reshape(2, 3)).sum(), values)
+    assert torch.isfinite(out).all() and torch.isfinite(grad).all()
+    assert (grad[~mask] == 0).all()
+
+
 def test_returns_to_go():
     r = torch.tensor([[1.0, 0.0, 2.0, 5.0]])
     m = torch.tensor([[True, True, True, False]])

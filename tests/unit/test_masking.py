@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from rlhfkit.ops.masking import (
     Aggregation,
     aggregate,
+    fill_masked,
     masked_mean,
     masked_sum,
     normaliser_count,
@@ -212,3 +213,42 @@ def test_masked_out_non_finite_values_do_not_leak():
     assert masked_sum(values, mask).item() == 1.0
     assert masked_mean(values, mask).item() == 1.0
     assert aggregate(values, mask, Aggregation("token_mean"), 1.0).item() == 1.0
+
+
+@pytest.mark.parametrize("agg", MODES, ids=lambda a: a.mode)
+def test_fill_masked_keeps_non_finite_padding_out_of_the_gradient(agg):
+    """aggregate's where protects the loss value; fill_masked on the inputs, the gradient.
+
+    l_t = exp(theta x_t) + theta x_t^2 with inf / NaN in x at padding: with x filled first, the
+    loss and d L / d theta equal those of the same batch with finite padding. Without it, the
+    value is still right but the zero gradient of a padded l_t meets exp(inf) and inf^2 in the
+    backward pass (0 * inf = NaN).
+    """
+    inf, nan = float("inf"), float("nan")
+    x = torch.tensor([[0.5, -1.0, inf, nan], [2.0, nan, -inf, 0.25]], dtype=torch.float64)
+    mask = torch.tensor([[True, True, False, False], [True, False, False, True]])
+    finite = torch.where(mask, x, 3.0)  # the same batch with harmless padding
+
+    def loss_and_grad(values: torch.Tensor, fill: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        theta = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+        inputs = fill_masked(values, mask) if fill else values
+        per_token = torch.exp(theta * inputs) + theta * inputs.square()  # (B, T)
+        loss = aggregate(per_token, mask, agg, normaliser_count(mask, agg))
+        (grad,) = torch.autograd.grad(loss, theta)
+        return loss.detach(), grad
+
+    loss, grad = loss_and_grad(x, fill=True)
+    expected_loss, expected_grad = loss_and_grad(finite, fill=False)
+    assert torch.isfinite(grad)
+    torch.testing.assert_close((loss, grad), (expected_loss, expected_grad), rtol=0, atol=0)
+    naive_loss, naive_grad = loss_and_grad(x, fill=False)
+    assert naive_loss == expected_loss and torch.isnan(naive_grad)  # why fill_masked exists
+
+
+def test_fill_masked_gradient_is_zero_at_padding():
+    values = torch.tensor([[1.0, float("inf"), float("nan")]], requires_grad=True)
+    mask = torch.tensor([[True, False, False]])
+    out = fill_masked(values, mask, fill=-1.0)
+    assert out.tolist() == [[1.0, -1.0, -1.0]]
+    (grad,) = torch.autograd.grad((out * 2.0).sum(), values)
+    assert grad.tolist() == [[2.0, 0.0, 0.0]]

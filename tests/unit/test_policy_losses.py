@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from rlhfkit.losses.policy import (
+    LOG_RATIO_CLAMP,
     OBJECTIVES,
     ObjectiveParams,
     policy_loss,
@@ -338,3 +339,184 @@ def test_presets_resolve_to_the_table():
     assert (PG_PRESETS["cispo"].params.eps_low, PG_PRESETS["cispo"].params.eps_high) == (0.2, 0.4)
     assert PG_PRESETS["ppo"].critic and PG_PRESETS["ppo"].whiten_advantages
     assert PG_PRESETS["dapo"].dynamic_sampling and PG_PRESETS["dapo"].overlong_penalty
+
+
+# ---------------------------------------------------------------------------------------------
+# Extreme log-ratios: the exp of the ratio must not turn a zero gradient into NaN
+# ---------------------------------------------------------------------------------------------
+
+HUGE = (100.0, 1e30, math.inf)  # exp overflows: fp32 from ~89, fp64 from ~710
+TINY = (-100.0, -1e30, -math.inf)  # exp underflows to (nearly) 0: exact without a clamp
+DUAL = ObjectiveParams(dual_clip=3.0)
+
+
+def _sapo(tau: float, adv: float, rho: float) -> tuple[float, float]:
+    """SAPO's obj = (4 / tau) sigma(tau (rho - 1)) A and d obj / d log pi = 4 sigma' rho A."""
+    s = 1.0 / (1.0 + math.exp(-tau * (rho - 1.0)))
+    return 4.0 / tau * s * adv, 4.0 * s * (1.0 - s) * rho * adv
+
+
+def _extreme_cases() -> list[tuple[str, float, float, ObjectiveParams, float, float]]:
+    """(objective, log rho, A, params, exact obj, exact d obj / d log pi), log pi_old = 0."""
+    cases = []
+    for d in HUGE:
+        cases += [
+            ("ppo_clip", d, 1.0, P, 1.2, 0.0),  # clipped above: (1 + eps_high) A, no gradient
+            ("ppo_clip", d, 0.0, P, 0.0, 0.0),  # an all-equal group: A = 0 (0 * inf was NaN)
+            ("ppo_clip", d, -1.0, DUAL, -3.0, 0.0),  # dual clip: capped at c A, no gradient
+            ("gspo", d, 1.0, P, 1.2, 0.0),
+            ("gspo", d, 0.0, P, 0.0, 0.0),
+            ("sapo", d, 1.0, P, 4.0, 0.0),  # gate saturated at 4 / tau, sigma' = 0
+            ("sapo", d, -1.0, P, -4.0 / 1.05, 0.0),
+            ("sapo", d, 0.0, P, 0.0, 0.0),
+            ("cispo", d, 1.0, P, 1.2 * -0.5, 1.2),  # sg(clip(rho)) A log pi, log pi = -0.5
+        ]
+    for d in TINY:
+        rho = math.exp(d)  # 3.7e-44 (a fp32 subnormal) or 0
+        cases += [
+            ("ppo_clip", d, -1.0, P, -0.8, 0.0),  # clipped below
+            ("ppo_clip", d, 1.0, P, rho, rho),  # not clipped: rho A, gradient rho A (~0)
+            ("gspo", d, -1.0, P, -0.8, 0.0),
+            ("gspo", d, 1.0, P, rho, rho),
+            ("sapo", d, 1.0, P, *_sapo(1.0, 1.0, rho)),
+            ("sapo", d, -1.0, P, *_sapo(1.05, -1.0, rho)),
+        ]
+    cases.append(("cispo", -100.0, -1.0, P, 0.8 * -1.0 * -100.5, -0.8))  # weight 1 - eps_low
+    # inside the clamp nothing changes, even where the ratio is large and unclipped
+    cases.append(("ppo_clip", 9.9, -1.0, P, -math.exp(9.9), -math.exp(9.9)))
+    cases.append(("gspo", 9.9, -1.0, P, -math.exp(9.9), -math.exp(9.9)))
+    return cases
+
+
+def _obj_and_grad_at_log_ratio(
+    name: str, log_ratio: float, adv: float, params: ObjectiveParams, dtype: torch.dtype
+) -> tuple[float, float]:
+    """obj and d obj / d log pi at one token with log pi - log pi_old = log_ratio.
+
+    Both log-probs are <= 0: log pi = min(0, d) - 0.5 and log pi_old = -max(0, d) - 0.5.
+    """
+    logprobs = torch.tensor([[min(0.0, log_ratio) - 0.5]], dtype=dtype, requires_grad=True)
+    loss, _ = OBJECTIVES[name](
+        logprobs=logprobs,
+        old_logprobs=torch.tensor([[-max(0.0, log_ratio) - 0.5]], dtype=dtype),
+        advantages=torch.tensor([[adv]], dtype=dtype),
+        mask=torch.ones(1, 1, dtype=torch.bool),
+        params=params,
+    )
+    (grad,) = torch.autograd.grad(-loss.sum(), logprobs)
+    return -float(loss.detach()), float(grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize(
+    ("name", "log_ratio", "adv", "params", "obj", "grad"),
+    [
+        pytest.param(
+            *case, id=f"{case[0]}-{case[1]:g}-A{case[2]:g}" + ("-dual" * (case[3] is DUAL))
+        )
+        for case in _extreme_cases()
+    ],
+)
+def test_extreme_log_ratios_give_the_exact_value_and_gradient(
+    name, log_ratio, adv, params, obj, grad, dtype
+):
+    value, g = _obj_and_grad_at_log_ratio(name, log_ratio, adv, params, dtype)
+    assert math.isfinite(value) and math.isfinite(g)
+    assert value == pytest.approx(obj, rel=1e-6, abs=1e-12)
+    assert g == pytest.approx(grad, rel=1e-6, abs=1e-12)
+
+
+@pytest.mark.parametrize("name", ["ppo_clip", "gspo"])
+@pytest.mark.parametrize("log_ratio", HUGE)
+def test_unclipped_huge_ratio_is_held_at_the_clamp(name, log_ratio):
+    """A < 0 without dual clip: rho is held at e^C (loss -A e^C, zero gradient), not inf."""
+    value, g = _obj_and_grad_at_log_ratio(name, log_ratio, -1.0, P, torch.float32)
+    assert value == pytest.approx(-math.exp(LOG_RATIO_CLAMP), rel=1e-6)
+    assert g == 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-finite padding
+# ---------------------------------------------------------------------------------------------
+
+PAD_MASK = torch.tensor(
+    [
+        [True, True, True, False, False],  # right padding
+        [False, False, True, True, True],  # left padding
+        [True, True, False, False, True],  # a hole (tool output between two turns)
+    ]
+)
+JUNK = torch.tensor([math.nan, math.inf, -math.inf], dtype=torch.float64)
+
+
+def _junk_at_padding(mask: torch.Tensor) -> torch.Tensor:
+    """0 on the mask; nan, inf, -inf in turn on the padding (an offset to add to a tensor)."""
+    out = torch.zeros(mask.shape, dtype=torch.float64)
+    out[~mask] = JUNK[torch.arange(int((~mask).sum())) % 3]
+    return out
+
+
+@pytest.mark.parametrize("mode", ["token_mean", "seq_mean_token_mean", "fixed_length"])
+@pytest.mark.parametrize("objective", sorted(OBJECTIVES))
+def test_non_finite_padding_changes_neither_loss_nor_gradient(objective, mode):
+    """inf / NaN at padded positions of every input: same loss and same (finite) gradient."""
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(3, 5, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    tokens = torch.randint(0, 4, (3, 5), generator=gen)
+    old = torch.log_softmax(logits.detach(), -1).gather(-1, tokens[..., None])[..., 0]
+    old = old + 0.3 * torch.randn(3, 5, generator=gen, dtype=torch.float64)
+    adv = torch.randn(3, 1, generator=gen, dtype=torch.float64).expand(3, 5)
+    weights = torch.rand(3, 5, generator=gen, dtype=torch.float64) + 0.5
+    ref = old + 0.1 * torch.randn(3, 5, generator=gen, dtype=torch.float64)
+    agg = Aggregation(mode, max_len=5)
+    junk = _junk_at_padding(PAD_MASK)
+
+    def loss_and_grad(dirty: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        logits.grad = None
+        lp = torch.log_softmax(logits, -1).gather(-1, tokens[..., None])[..., 0]
+        kl = ref - lp  # differentiable, as in KL-in-loss
+        if dirty:  # an offset, not a where: the junk must reach the loss's own backward
+            lp, kl = lp + junk, kl + junk
+        out = policy_loss(
+            logprobs=lp,
+            old_logprobs=old + junk if dirty else old,
+            advantages=adv + junk if dirty else adv,
+            mask=PAD_MASK,
+            objective=objective,
+            params=P,
+            aggregation=agg,
+            normaliser=normaliser_count(PAD_MASK, agg),
+            weights=weights + junk if dirty else weights,
+            kl=kl,
+            kl_coef=0.1,
+        )
+        out.loss.backward()
+        return out.loss.detach(), logits.grad.clone()
+
+    clean_loss, clean_grad = loss_and_grad(False)
+    dirty_loss, dirty_grad = loss_and_grad(True)
+    assert torch.isfinite(dirty_grad).all()
+    torch.testing.assert_close(dirty_loss, clean_loss, rtol=0, atol=0)
+    torch.testing.assert_close(dirty_grad, clean_grad, rtol=0, atol=0)
+
+
+def test_value_loss_ignores_non_finite_padding_in_the_gradient():
+    gen = torch.Generator().manual_seed(6)
+    vals, old, ret = (torch.randn(3, 5, generator=gen, dtype=torch.float64) for _ in range(3))
+    junk = _junk_at_padding(PAD_MASK)
+    results = []
+    for offset in (torch.zeros_like(junk), junk):
+        v = vals.clone().requires_grad_(True)
+        out = value_loss(
+            values=v + offset,
+            old_values=old + offset,
+            returns=ret + offset,
+            mask=PAD_MASK,
+            aggregation=Aggregation("token_mean"),
+            normaliser=float(PAD_MASK.sum()),
+        )
+        (g,) = torch.autograd.grad(out.loss, v)
+        results.append((out.loss.detach(), g))
+    assert torch.isfinite(results[1][1]).all()
+    torch.testing.assert_close(results[1], results[0], rtol=0, atol=0)
+    assert (results[1][1][~PAD_MASK] == 0).all()

@@ -1,8 +1,18 @@
 """Policy-gradient objectives and the value loss (the preset table is in the recipe).
 
 Per-token loss: l_{i,t} = -w_{i,t} * obj(rho_{i,t}, A_{i,t}) + [KL in loss] c_KL k_{i,t}, with
-rho = exp(log pi_theta - log pi_old) and w the truncated importance-sampling weight; then
-L = aggregate(l, mask, mode) with a global normaliser (:mod:`rlhfkit.ops.masking`).
+rho = exp(min(log pi_theta - log pi_old, C)), C = :data:`LOG_RATIO_CLAMP`, and w the truncated
+importance-sampling weight; then L = aggregate(l, mask, mode) with a global normaliser
+(:mod:`rlhfkit.ops.masking`). Masked-out entries of every input are zeroed first, so that
+padding can reach neither the loss nor its gradient.
+
+Why the clamp: exp overflows at a log-ratio of ~89 in fp32 (~710 in fp64), and the zero
+gradient of a clipped (PPO) or saturated (SAPO) term times d rho / d log pi = inf is NaN where
+the exact gradient is 0. Up to rho = e^C (22026) values and gradients are exact. Above it,
+the clipped and saturated cases keep their exact value and gradient (0); only ppo_clip / gspo
+with A < 0 and no dual clip change: the loss is held at -A e^C with zero gradient, like a dual
+clip at e^C, instead of growing without bound. No lower clamp is needed: exp underflows to 0
+with a finite derivative, so small ratios stay exact.
 
 Objectives (each returns the per-token loss -obj and where it is clipped):
 
@@ -32,13 +42,14 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from rlhfkit.ops.masking import Aggregation, aggregate, masked_mean
+from rlhfkit.ops.masking import Aggregation, aggregate, fill_masked, masked_mean
 from rlhfkit.types import LossOutput
 
 ObjectiveName = Literal["reinforce", "ppo_clip", "gspo", "cispo", "sapo"]
 
 LOG_RATIO_CLAMP = 10.0
-"""|log pi_learner - log pi_sampler| is clamped to this before exp in the TIS weight."""
+"""Log-ratio bound before exp: |log pi_learner - log pi_sampler| in the TIS weight, and
+log pi_theta - log pi_old from above in the ratio of ppo_clip, gspo and sapo."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +71,15 @@ class ObjectiveParams:
 Objective = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 """``objective(*, logprobs, old_logprobs, advantages, mask, params)`` -> (per-token loss,
 where clipped), both (B, T)."""
+
+
+def _ratio(log_ratio: Tensor) -> Tensor:
+    """The ratio rho = exp(min(log rho, C)): exact up to e^C, then e^C with zero gradient.
+
+    Shapes:
+        any; returns the same shape.
+    """
+    return torch.exp(log_ratio.clamp(max=LOG_RATIO_CLAMP))
 
 
 def _clip(ratio: torch.Tensor, p: ObjectiveParams) -> torch.Tensor:
@@ -89,7 +109,7 @@ def ppo_clip(
     params: ObjectiveParams,
 ) -> tuple[Tensor, Tensor]:
     """max(-A rho, -A clip(rho)) (min of the objectives), optional dual clip for A < 0."""
-    ratio = torch.exp(logprobs - old_logprobs)
+    ratio = _ratio(logprobs - old_logprobs)
     pg1, pg2 = -advantages * ratio, -advantages * _clip(ratio, params)
     loss = torch.maximum(pg1, pg2)
     if params.dual_clip is not None:
@@ -107,9 +127,12 @@ def gspo(
     mask: Tensor,
     params: ObjectiveParams,
 ) -> tuple[Tensor, Tensor]:
-    """Sequence ratio s_i = exp(masked mean_t log rho), clipped PPO-style, on every token."""
+    """Sequence ratio s_i = exp(masked mean_t log rho), clipped PPO-style, on every token.
+
+    The sequence log-ratio (not each token's) is bounded above by :data:`LOG_RATIO_CLAMP`.
+    """
     log_ratio = masked_mean(logprobs - old_logprobs, mask, dim=-1)  # (B,)
-    seq_ratio = torch.exp(log_ratio).unsqueeze(-1)  # (B, 1)
+    seq_ratio = _ratio(log_ratio).unsqueeze(-1)  # (B, 1)
     ratio = seq_ratio.expand_as(logprobs)
     pg1, pg2 = -advantages * ratio, -advantages * _clip(ratio, params)
     return torch.maximum(pg1, pg2), pg2 > pg1
@@ -123,7 +146,11 @@ def cispo(
     mask: Tensor,
     params: ObjectiveParams,
 ) -> tuple[Tensor, Tensor]:
-    """-sg(clip(rho)) A log pi: clipped weight, gradient on every token."""
+    """-sg(clip(rho)) A log pi: clipped weight, gradient on every token.
+
+    No log-ratio clamp: rho is detached (no gradient flows through exp) and the clip bounds
+    it above, so an overflowing rho can make neither the value nor the gradient non-finite.
+    """
     ratio = torch.exp(logprobs - old_logprobs).detach()
     weight = _clip(ratio, params)
     return -weight * advantages * logprobs, weight != ratio
@@ -138,7 +165,7 @@ def sapo(
     params: ObjectiveParams,
 ) -> tuple[Tensor, Tensor]:
     """-(4 / tau) sigma(tau (rho - 1)) A with tau by the sign of A."""
-    ratio = torch.exp(logprobs - old_logprobs)
+    ratio = _ratio(logprobs - old_logprobs)
     tau = torch.where(advantages > 0, params.tau_pos, params.tau_neg).to(ratio.dtype)
     gate = 4.0 / tau * torch.sigmoid(tau * (ratio - 1.0))
     return -gate * advantages, torch.zeros_like(mask)
@@ -200,13 +227,20 @@ def policy_loss(
 
     Returns:
         LossOutput with metric sums over masked tokens: ``clipped``, ``approx_kl`` (1/2
-        (log rho)^2), ``ratio``, ``ratio_max``, ``kl`` and ``tokens``.
+        (log rho)^2), ``ratio``, ``ratio_max``, ``kl`` and ``tokens`` (the metrics use the
+        unclamped log-ratio).
 
     Shapes:
         every tensor: (B, T).
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; choose from {sorted(OBJECTIVES)}")
+    # Padding zeroed before any op: non-finite padded inputs cannot make the gradient NaN.
+    logprobs, old_logprobs, advantages = (
+        fill_masked(x, mask) for x in (logprobs, old_logprobs, advantages)
+    )
+    weights = None if weights is None else fill_masked(weights, mask)
+    kl = None if kl is None else fill_masked(kl, mask)
     per_token, clipped = OBJECTIVES[objective](
         logprobs=logprobs, old_logprobs=old_logprobs.detach(), advantages=advantages.detach(),
         mask=mask, params=params,
@@ -243,10 +277,16 @@ def value_loss(
 ) -> LossOutput:
     """1/2 (V - R)^2, or with ``clip`` max(1/2 (V - R)^2, 1/2 (clamp(V, V_old +- clip) - R)^2).
 
+    Masked-out entries of the inputs are zeroed first (padding reaches no gradient).
+
     Shapes:
         values, old_values, returns, mask: (B, T).
     """
-    returns, old_values = returns.detach(), old_values.detach()
+    values = fill_masked(values, mask)
+    returns, old_values = (
+        fill_masked(returns.detach(), mask),
+        fill_masked(old_values.detach(), mask),
+    )
     loss = 0.5 * (values - returns).square()
     clipped = torch.zeros_like(mask)
     if clip is not None:

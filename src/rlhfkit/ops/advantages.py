@@ -12,7 +12,8 @@ their output is broadcast over a sample's completion tokens by the caller. Token
 - ``maxrl``: (r - p) / p with p the group's mean binary reward (0 when p = 0).
 - ``greedy_baseline`` (ReMax): r(sample) - r(greedy).
 - ``masked_whiten``: (A - mu) / (sigma + eps) over the masked entries (REINFORCE++, PPO).
-- ``gae``: generalised advantage estimation with ``done`` flags (packing-safe).
+- ``gae``: generalised advantage estimation with ``done`` flags (packing-safe); masked-out
+  positions inside a row (tool output between model turns) are skipped, not terminal.
 - ``returns_to_go``: discounted suffix sums of per-token rewards.
 - ``process_group``: PRM step rewards normalised over every step of the group, then summed over
   the steps that end at or after each token.
@@ -24,6 +25,8 @@ from collections.abc import Sequence
 from typing import Literal
 
 import torch
+
+from rlhfkit.ops.masking import fill_masked
 
 
 def _group_shape(rewards: torch.Tensor, minimum: int) -> None:
@@ -143,13 +146,13 @@ def masked_whiten(
     Shapes:
         values, mask: (B, T) or (B,); returns the same shape.
     """
-    x = torch.where(mask, values, 0.0)
+    x = fill_masked(values, mask)
     total, squares, count = stats if stats is not None else (x.sum(), x.square().sum(), mask.sum())
     count = count.to(values.dtype)
     mean = total / count
     var = (squares - count * mean.square()) / (count - 1).clamp(min=1)
-    out = (values - mean) / (var.clamp(min=0).sqrt() + eps)
-    return torch.where(mask, out, 0.0)
+    out = (x - mean) / (var.clamp(min=0).sqrt() + eps)  # x, not values: finite padding
+    return fill_masked(out, mask)
 
 
 def gae(
@@ -161,34 +164,38 @@ def gae(
     lam: float = 0.95,
     dones: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generalised advantage estimation, backward over time.
+    """Generalised advantage estimation, backward over the masked tokens of each row.
 
-    delta_t = r_t + gamma (1 - done_t) V_{t+1} - V_t and
-    A_t = delta_t + gamma lam (1 - done_t) A_{t+1}; returns R_t = A_t + V_t (detached inputs).
-    ``done_t`` defaults to "t is the last masked token of its row" (a packed row passes its own
-    flags so that no value or advantage crosses a document boundary). Masked positions hold 0.
+    With t' the next masked token after t in the same row (positions outside the mask are
+    skipped, so a tool output between two model turns is not a step),
+    delta_t = r_t + gamma (1 - done_t) V_{t'} - V_t and
+    A_t = delta_t + gamma lam (1 - done_t) A_{t'}; returns R_t = A_t + V_t (detached inputs).
+    ``done_t`` defaults to "t is the last masked token of its row", so the terminal reward
+    reaches every turn of a multi-turn row (as in :func:`returns_to_go`). A packed row passes
+    its own flags so that no value or advantage crosses a document boundary; a flag on a
+    masked-out position (a separator) also ends the episode there. Masked-out positions hold
+    0, whatever ``rewards`` and ``values`` hold there.
 
     Shapes:
         rewards, values, mask (and dones): (B, T); returns advantages and returns, (B, T).
     """
     rewards, values = rewards.detach(), values.detach()
-    m = mask.to(values.dtype)
-    r, v = rewards * m, values * m
+    r, v = fill_masked(rewards, mask), fill_masked(values, mask)
     if dones is None:
-        nxt = torch.zeros_like(mask)
-        nxt[:, :-1] = mask[:, 1:]
-        dones = mask & ~nxt
+        later = mask.flip(-1).to(torch.long).cumsum(-1).flip(-1)  # (B, T): masked tokens >= t
+        dones = mask & (later == 1)
     keep = 1.0 - dones.to(values.dtype)
     adv = torch.zeros_like(v)
-    running = torch.zeros_like(v[:, 0])
-    next_value = torch.zeros_like(v[:, 0])
+    running = torch.zeros_like(v[:, 0])  # (B,): A of the next masked token
+    next_value = torch.zeros_like(v[:, 0])  # (B,): V of the next masked token
     for t in range(v.shape[1] - 1, -1, -1):
         delta = r[:, t] + gamma * keep[:, t] * next_value - v[:, t]
-        running = delta + gamma * lam * keep[:, t] * running
-        running = running * m[:, t]
-        adv[:, t] = running
-        next_value = torch.where(mask[:, t], v[:, t], next_value)
-    return adv, (adv + v) * m
+        step = delta + gamma * lam * keep[:, t] * running
+        adv[:, t] = fill_masked(step, mask[:, t])
+        # a masked-out position passes A and V of the next masked token on unchanged
+        running = torch.where(mask[:, t], step, keep[:, t] * running)
+        next_value = torch.where(mask[:, t], v[:, t], keep[:, t] * next_value)
+    return adv, fill_masked(adv + v, mask)
 
 
 def returns_to_go(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:

@@ -3,6 +3,14 @@
 ``mask`` is bool and True where a token counts in the loss; it is cast only here.
 Aggregation divides by a *global* normaliser (summed over micro-batches and ranks by
 ``training.accumulate``), so that the gradient does not depend on how a batch is split.
+
+Padding and gradients: the reductions select with ``torch.where``, so a masked-out inf or NaN
+never reaches the *value*. It can still reach the *gradient*: ``where`` sends a zero gradient
+to the padded entries of its input, and an op upstream whose local derivative there is
+non-finite (``exp(inf)``, ``a * inf`` with ``a`` trainable, ...) turns 0 * inf into NaN, which
+then flows into the parameters. A per-token loss must therefore be built from inputs that went
+through :func:`fill_masked` first (as :func:`rlhfkit.losses.policy.policy_loss` does); the
+op-free ``where`` is then the only thing that sees the padding.
 """
 
 from __future__ import annotations
@@ -44,13 +52,27 @@ class Aggregation:
             raise ValueError(f"fixed_length needs max_len >= 1, got {self.max_len}")
 
 
+def fill_masked(values: torch.Tensor, mask: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+    """``values`` where ``mask`` is True, ``fill`` elsewhere: padding made harmless.
+
+    out = where(mask, x, fill). Its backward is where(mask, g, 0) (no product with x), so the
+    masked-out entries get exactly zero gradient even when they are inf or NaN, and every op
+    applied to the result sees finite padding: a loss built on it has the same value and the
+    same gradient whatever the padding held.
+
+    Shapes:
+        values, mask: (B, T) (or any broadcastable shapes); returns their broadcast shape.
+    """
+    return torch.where(mask, values, fill)
+
+
 def masked_sum(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     """Sum of ``values`` where ``mask`` is True.
 
     Shapes:
         values, mask: (B, T) (or any equal shapes); returns a scalar or the reduced shape.
     """
-    masked = torch.where(mask, values, 0.0)  # not values * mask: inf * 0 would be NaN
+    masked = fill_masked(values, mask)  # not values * mask: inf * 0 would be NaN
     return masked.sum() if dim is None else masked.sum(dim)
 
 
@@ -92,6 +114,9 @@ def aggregate(
     - fixed_length: (1/B) sum_i (1/L_max) sum_t l_it m_it
     - sum: sum_{i,t} l_it m_it
 
+    Only the value is protected from non-finite padding here; build ``loss`` from inputs
+    passed through :func:`fill_masked` to protect the gradient too (module docstring).
+
     Args:
         loss: Per-token loss, fp32.
         mask: True where the token counts.
@@ -101,7 +126,7 @@ def aggregate(
     Shapes:
         loss, mask: (B, T); returns a scalar.
     """
-    per_token = torch.where(mask, loss, 0.0)  # (B, T); masked inf/NaN never leak in
+    per_token = fill_masked(loss, mask)  # (B, T); masked inf/NaN never leak into the value
     if agg.mode == "sum":
         return per_token.sum()
     if agg.mode == "token_mean":
