@@ -50,6 +50,8 @@ EXTRACTION = [
     ("The answer is \\(x^2\\)", "x^2"),
     ("The answer is (B).", "B"),
     ("The answer is **12**.", "12"),
+    ("The answer is \\$1,000.", "1,000"),  # an escaped dollar goes whole, not as "\\1,000"
+    ("The answer is $\\$1,000.00$.", "1,000.00"),
     ("The answer is 3. Wait, the answer is 5.", "5"),  # the last marker
     ("The answer is\n42", "42"),  # nothing on the marker's line: the last number
     ("The answers is 7", "7"),  # not the phrase: the last number
@@ -264,6 +266,25 @@ def test_math_reward():
     assert math_reward("The answer is: 42.", 42) == 1.0  # a numeric reference field
     assert math_reward("<answer>1,234</answer>", "1234") == 1.0
     assert math_reward("#### 72", "72") == 1.0
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "The answer is \\$1,000.",
+        "The answer is $1,000.",
+        "The answer is \\$1,000.00",
+        "The answer is: **\\$1,000**.",
+        "The answer is $\\$1{,}000$.",
+        "The answer is 1,000 dollars.",
+        "The answer is \\$1,000 dollars.",
+        "\\boxed{\\$1,000}",
+    ],
+)
+@pytest.mark.parametrize("reference", ["1000", "1,000", "$1,000", "\\$1000", 1000])
+def test_dollar_amounts_match_on_every_route(text, reference):
+    assert math_reward(text, reference) == 1.0
+    assert math_reward(text, "1001") == 0.0
 
 
 def test_no_extraction_is_a_failure_not_a_skip():

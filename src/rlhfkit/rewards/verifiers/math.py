@@ -12,8 +12,8 @@ that finds something:
                    brace-depth counter, so nested braces such as ``\boxed{\frac{1}{2}}`` work)
 ``hashes``         the text after the last ``####``, to the end of its line (GSM8K)
 ``the_answer_is``  the text after the last "The answer is" (case-insensitive, optional "final"
-                   and colon), to the end of its line, with ``$``, ``\(\)``, ``**``, a trailing
-                   period and a wrapping ``(X)`` stripped
+                   and colon), to the end of its line, with an escaped dollar ``\$``, ``$``,
+                   ``\(\)``, ``**``, a trailing period and a wrapping ``(X)`` stripped
 ``last_number``    the last number: signed integer, decimal, fraction ``a/b``, thousands
                    separators (``1,234``), optional ``%``
 
@@ -106,14 +106,16 @@ def extract_hashes(text: str) -> str | None:
 def extract_the_answer_is(text: str) -> str | None:
     r"""Text after the last "The answer is" to the end of the line, cleaned.
 
-    Strips ``$``, ``\(``, ``\)``, ``\[``, ``\]``, markdown bold ``**``, a trailing period and a
+    Strips an escaped dollar sign ``\$`` (a currency sign: ``\$1,000`` -> ``1,000``; removed
+    whole, before the math delimiter ``$``, which would otherwise leave a stray backslash),
+    ``$``, ``\(``, ``\)``, ``\[``, ``\]``, markdown bold ``**``, a trailing period and a
     wrapping ``(X)`` (a multiple-choice letter such as ``(B)``).
     """
     markers = list(THE_ANSWER_IS.finditer(text))
     if not markers:
         return None
     answer = text[markers[-1].end() :].split("\n", 1)[0]
-    for token in ("$", "\\(", "\\)", "\\[", "\\]", "**"):
+    for token in ("\\$", "$", "\\(", "\\)", "\\[", "\\]", "**"):
         answer = answer.replace(token, "")
     answer = answer.strip().rstrip(".").strip()
     choice = PAREN_CHOICE.fullmatch(answer)
