@@ -94,7 +94,10 @@ class Labeller:
         return int(texts[0].split("-")[1]), texts
 
     def submit(self, fields: dict[str, str], expect: int = 303) -> Any:
+        """Post the open page's form (its hidden fields, as a browser does) with ``fields``."""
         data = {"csrf": field_value(self.page, "csrf"), "nonce": field_value(self.page, "nonce")}
+        if 'name="form_id"' in self.page:
+            data["form_id"] = field_value(self.page, "form_id")
         data.update(fields)
         response = self.client.post("/label/vote", data=data, follow_redirects=False)
         assert response.status_code == expect, response.text

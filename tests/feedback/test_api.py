@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from feedback_helpers import Labeller, Site, candidate_rows, jsonl
+from feedback_helpers import Labeller, Site, candidate_rows, field_value, jsonl
 
 from rlhfkit.data.schemas import validate_rows
 from rlhfkit.data.sources import Row
@@ -199,6 +199,43 @@ def test_retried_post_is_stored_once(site: Site):
     assert first.headers["location"] == again.headers["location"] == "/label"
     with connect(site.db) as conn:
         assert len(task_votes(conn, task)) == 1
+
+
+def test_second_answer_from_another_tab_is_refused_and_shown(site: Site):
+    task = site.admin.create_task(candidate_rows(3))
+    (lab,) = site.labellers(task, ["ann"])
+    tab1, tab2 = lab, Labeller(lab.client, lab.name, lab.link)  # one browser, two tabs
+    tab1.open()
+    tab2.open()
+    first_nonce = field_value(tab1.page, "nonce")
+    assert field_value(tab2.page, "nonce") == first_nonce  # the same open item
+    tab1.submit({"choice": "1"})
+    for choice in ("5", "1"):  # another answer, or the same one: not stored either way
+        refused = tab2.submit({"choice": choice}, expect=409)
+        assert "already labelled this item" in refused.text and 'id="notice"' in refused.text
+        assert "Your first answer is kept; this one was not stored." in refused.text
+        # ... and the page goes on with the next item (the one tab 1 now shows).
+        assert field_value(refused.text, "nonce") not in ("", first_nonce)
+        assert field_value(refused.text, "nonce") == field_value(tab1.open(), "nonce")
+    with connect(site.db) as conn:
+        (vote,) = task_votes(conn, task)
+    assert vote["nonce"] == first_nonce and vote["display_value"] == 1  # the first answer
+    # The next item continues normally from the refused page.
+    tab2.page = refused.text
+    tab2.submit({"choice": "2"})
+    with connect(site.db) as conn:
+        assert [v["display_value"] for v in task_votes(conn, task)] == [1, 2]
+
+
+def test_second_answer_after_the_last_item_shows_all_done(site: Site):
+    task = site.admin.create_task(candidate_rows(1))
+    (lab,) = site.labellers(task, ["ann"])
+    lab.open()
+    lab.submit({"choice": "2"})
+    refused = lab.submit({"choice": "4"}, expect=409)  # same page, another answer
+    assert 'id="done"' in refused.text and "already labelled this item" in refused.text
+    with connect(site.db) as conn:
+        assert [v["display_value"] for v in task_votes(conn, task)] == [2]
 
 
 def test_admin_pages_and_upload_errors(site: Site):

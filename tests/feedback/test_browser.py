@@ -53,8 +53,8 @@ def browser_page() -> Iterator[Any]:
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=find_browser(), args=FLAGS, headless=True)
-        page = browser.new_page()
-        page.set_default_timeout(15_000)
+        page = browser.new_context().new_page()  # page.context.new_page() opens a second tab
+        page.context.set_default_timeout(15_000)
         try:
             yield page
         finally:
@@ -176,3 +176,43 @@ def test_rank_by_keyboard_and_rate_by_mouse(live, browser_page):
     with connect(db) as conn:
         assert [r["ranking"] for r in export_rows(conn, ranking, format="rankings")] == [best_first]
         assert [r["ratings"] for r in export_rows(conn, rating, format="ratings")] == [ratings]
+
+
+def test_answer_from_a_stale_second_tab_is_refused_on_the_page(live, browser_page):
+    base, db = live
+    rows = [
+        {"id": i, "prompt": f"question {i}", "a": f"resp-{i}-0", "b": f"resp-{i}-1"}
+        for i in range(3)
+    ]
+    requests = db.parent / "requests.jsonl"
+    requests.write_text(jsonl(rows))
+    task, _ = create_task_from_requests(db, requests, name="tabs")
+    ((_, link),) = invite_labellers(db, task, ["ann"], base_url=base)
+    tab1 = browser_page
+    tab1.goto(link)
+    tab2 = tab1.context.new_page()
+    tab2.goto(f"{base}/label")
+    first = shown(tab1, 2)
+    assert shown(tab2, 2) == first  # both tabs show the open item
+    with tab1.expect_navigation():
+        tab1.keyboard.press("1")
+    with tab2.expect_navigation() as refused:
+        tab2.keyboard.press("5")  # the stale tab answers the same item again
+    assert refused.value.status == 409
+    notice = tab2.locator("#notice").inner_text()
+    assert "already labelled this item" in notice and "this one was not stored" in notice
+    assert shown(tab2, 2) == shown(tab1, 2) != first  # the page went on to the next item
+    assert tab2.url == f"{base}/label"  # a reload loads the page, it does not post again
+    assert "labelled 1, skipped 0" in tab2.locator("#progress").inner_text()
+    # A held key answers once: its repeats reach the next page and are ignored there.
+    with tab2.expect_navigation():
+        tab2.keyboard.down("s")
+    tab2.keyboard.down("s")  # auto-repeat (event.repeat) on the next item
+    tab2.keyboard.down("s")
+    tab2.keyboard.up("s")
+    tab2.wait_for_timeout(300)
+    assert "labelled 1, skipped 1" in tab2.locator("#progress").inner_text()
+    with connect(db) as conn:
+        (row,) = export_rows(conn, task, format="likert")
+    left_is_a = re.match(r"resp-\d+-0", first[0]) is not None
+    assert row["likert"] == (1 if left_is_a else 5)  # the first tab's answer, "Left much better"

@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import logging
+import random
+import time
 
 import pytest
 from fastapi.testclient import TestClient
-from feedback_helpers import ADMIN_TOKEN, Site, candidate_rows, field_value, make_site
+from feedback_helpers import ADMIN_TOKEN, Admin, Site, candidate_rows, field_value, make_site
 
-from rlhfkit.feedback.middleware import RateLimit
+from rlhfkit.feedback import middleware
+from rlhfkit.feedback.app import create_app
+from rlhfkit.feedback.auth import hash_token
+from rlhfkit.feedback.middleware import (
+    ADDRESS_BURST,
+    ADDRESS_RATE_PER_SECOND,
+    RATE_BURST,
+    RATE_PER_SECOND,
+    RateLimit,
+    TokenBuckets,
+)
+from rlhfkit.feedback.serve import LabelServeConfig
 from rlhfkit.feedback.storage import connect
 from rlhfkit.feedback.voting import task_votes
 
@@ -213,13 +228,189 @@ def test_oversized_request_refused(tmp_path):
 
 
 def test_token_bucket_arithmetic():
-    limiter = RateLimit(None, rate=2.0, burst=3)
-    assert [limiter.allow("k", 0.0) for _ in range(3)] == [0.0, 0.0, 0.0]
-    assert limiter.allow("k", 0.0) == pytest.approx(0.5)  # empty: one token in 1 / rate
-    assert limiter.allow("k", 0.25) == pytest.approx(0.25)
-    assert limiter.allow("k", 0.5) == 0.0
-    assert limiter.allow("other", 0.5) == 0.0  # buckets are per key
-    assert limiter.allow("k", 100.0) == 0.0 and limiter.buckets["k"][0] == pytest.approx(2.0)
+    buckets = TokenBuckets(rate=2.0, burst=3)
+    assert [buckets.allow("k", 0.0) for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert buckets.allow("k", 0.0) == pytest.approx(0.5)  # empty: one token in 1 / rate
+    assert buckets.allow("k", 0.25) == pytest.approx(0.25)
+    assert buckets.allow("k", 0.5) == 0.0
+    assert buckets.allow("other", 0.5) == 0.0  # buckets are per key
+    assert buckets.allow("k", 100.0) == 0.0 and buckets.buckets["k"][0] == pytest.approx(2.0)
+    assert buckets.wait("new", 100.0) == 0.0 and "new" not in buckets.buckets  # waits take none
+
+
+class Clock:
+    """Virtual time for the rate limiter (stands in for the ``time`` module it reads)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    @staticmethod
+    def perf_counter() -> float:
+        return time.perf_counter()
+
+
+@pytest.fixture
+def clock(monkeypatch) -> Clock:
+    fake = Clock()
+    monkeypatch.setattr(middleware, "time", fake)
+    return fake
+
+
+async def _ok(scope, receive, send) -> None:
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b""})
+
+
+def default_limiter(tmp_path) -> RateLimit:
+    """The rate limiter as ``create_app`` sets it up by default, in front of a no-op app."""
+    app = create_app(tmp_path / "limits.sqlite", admin_token_hash=hash_token(ADMIN_TOKEN))
+    (config,) = [m for m in app.user_middleware if m.cls is RateLimit]
+    return RateLimit(_ok, *config.args, **config.kwargs)
+
+
+Request = tuple[float, str, str, str | None]
+"""A simulated request: (time, client address, path, session cookie or None)."""
+
+
+def run(limiter: RateLimit, clock: Clock, requests: list[Request]) -> list[tuple[Request, int]]:
+    """Pass the requests through the limiter in time order; each with its status."""
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def main() -> list[tuple[Request, int]]:
+        out: list[tuple[Request, int]] = []
+        for request in sorted(requests, key=lambda r: r[0]):
+            at, address, path, session = request
+            clock.now = 1000.0 + at
+            headers = [(b"cookie", f"rlhf_session={session}".encode())] if session else []
+            scope = {
+                "type": "http",
+                "method": "POST" if path == "/label/vote" else "GET",
+                "path": path,
+                "headers": headers,
+                "client": (address, 50000),
+            }
+            got: list[int] = []
+
+            async def send(message: dict, got: list[int] = got) -> None:
+                if message["type"] == "http.response.start":
+                    got.append(message["status"])
+
+            await limiter(scope, receive, send)
+            out.append((request, got[0]))
+        return out
+
+    return asyncio.run(main())
+
+
+NAT = "203.0.113.7"
+"""The one public address of an office full of labellers."""
+
+PAGE = ("/label", "/static/app.css", "/static/label.js", "/favicon.ico")
+"""What a browser fetches for the labelling page."""
+
+
+def labelling(labellers: int, seconds: float, address: str = NAT, seed: int = 0) -> list[Request]:
+    """Fast keyboard labelling by several labellers from one address.
+
+    Each opens their link, then answers about 3 items a second (5 a second for a 20 s run of
+    easy items, everybody at once); an answer is the form post and the next page (with its
+    stylesheet, script and favicon), and now and then a double press, a reload, a look at the
+    labeller's own answers.
+    """
+    rng = random.Random(seed)
+    out: list[Request] = []
+    for n in range(labellers):
+        session = f"{address}-session-{n}"
+        at = rng.uniform(0.0, 5.0)
+        out.append((at, address, f"/l/token-{n}", None))
+        out += [(at + 0.05, address, path, session) for path in PAGE]
+        while at < seconds:
+            at += rng.uniform(0.18, 0.22) if 30 <= at < 50 else rng.uniform(0.25, 0.45)
+            out.append((at, address, "/label/vote", session))
+            if rng.random() < 0.05:
+                out.append((at + 0.08, address, "/label/vote", session))  # a double press
+            out += [(at + 0.02, address, path, session) for path in PAGE]
+            if rng.random() < 0.02:
+                out += [(at + 0.1, address, "/label/votes", session)]
+                out += [(at + 0.1, address, path, session) for path in PAGE]
+    return out
+
+
+def test_realistic_labelling_from_one_address_gets_no_429(tmp_path, clock):
+    traffic = labelling(labellers=20, seconds=90.0)
+    results = run(default_limiter(tmp_path), clock, traffic)
+    assert len(results) > 20_000 and {status for _, status in results} == {200}
+    # A demanding test: over 150 counted requests in one second from the one address.
+    per_second = collections.Counter(
+        int(at) for at, _, path, _ in traffic if not path.startswith(("/static/", "/favicon"))
+    )
+    assert max(per_second.values()) > 150
+
+
+def test_floods_get_429_and_spare_the_neighbours(tmp_path, clock):
+    neighbours = labelling(labellers=5, seconds=60.0)
+    # One labeller's session scripted at 100 requests a second, behind the same address.
+    scripted = [(t / 100, NAT, "/label", "scripted") for t in range(6000)]
+    # Link guessing without a cookie at 50 a second, from the same address.
+    guessing = [(t / 50, NAT, f"/l/guess-{t}", None) for t in range(3000)]
+    results = run(default_limiter(tmp_path), clock, [*neighbours, *scripted, *guessing])
+    refused = collections.Counter(
+        session or "guessing" for (_, _, _, session), status in results if status == 429
+    )
+    # Each is held to about its client bucket: 200 at once, then 20 a second.
+    assert refused["scripted"] >= 6000 - (200 + 20 * 60) - 1
+    assert refused["guessing"] >= 3000 - (200 + 20 * 60) - 1
+    assert set(refused) == {"scripted", "guessing"}  # the neighbours were never refused
+
+
+def test_flood_with_made_up_cookies_gets_429(tmp_path, clock):
+    limiter = default_limiter(tmp_path)
+    # 1000 requests a second for 10 s from one address, each with a fresh made-up session
+    # cookie (each would get a new, full client bucket): the address bucket stops them.
+    flood = [(t / 1000, "198.51.100.9", "/label", f"made-up-{t}") for t in range(10_000)]
+    elsewhere = labelling(labellers=2, seconds=10.0, address="192.0.2.1")
+    results = run(limiter, clock, [*flood, *elsewhere])
+    flooded = [status for request, status in results if request[1] == "198.51.100.9"]
+    assert flooded.count(200) <= 3000 + 300 * 10 + 1 and flooded.count(429) >= 3999
+    assert all(status == 200 for request, status in results if request[1] == "192.0.2.1")
+    assert len(limiter.clients.buckets) <= flooded.count(200) + 10  # refusals leave no bucket
+
+
+def test_default_limits_through_the_app(tmp_path, clock):
+    # The real app with its default limits: labellers behind one address (the test client's)
+    # label at 5 items a second, and one of them floods the home page.
+    db = tmp_path / "labels.sqlite"
+    app = create_app(db, admin_token_hash=hash_token(ADMIN_TOKEN), rng=random.Random(0))
+    site = Site(app, db, Admin(TestClient(app)))
+    site.admin.login()
+    task = site.admin.create_task(candidate_rows(12), overlap=3)
+    labs = site.labellers(task, ["ann", "bob", "cy"])
+    for _ in range(12):
+        clock.now += 0.2
+        for lab in labs:
+            page = lab.open()
+            for path in PAGE[1:]:
+                assert lab.client.get(path).status_code in (200, 204)
+            assert 'id="done"' not in page
+            lab.submit({"choice": "3"})
+    assert all(lab.done() for lab in labs)
+    flood = [labs[0].client.get("/", follow_redirects=False).status_code for _ in range(230)]
+    assert flood.count(429) >= 20 and flood[-1] == 429
+    assert labs[1].client.get("/label").status_code == 200  # the neighbour carries on
+
+
+def test_serve_defaults_are_the_app_defaults():
+    cfg = LabelServeConfig()
+    assert (cfg.rate_per_second, cfg.rate_burst) == (RATE_PER_SECOND, RATE_BURST)
+    assert (cfg.address_rate_per_second, cfg.address_burst) == (
+        ADDRESS_RATE_PER_SECOND,
+        ADDRESS_BURST,
+    )
 
 
 def test_rate_limit(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import sqlite3
 
@@ -22,6 +23,7 @@ from rlhfkit.feedback.storage import (
     schema_version,
 )
 from rlhfkit.feedback.voting import (
+    AlreadyLabelled,
     VoteError,
     next_presentation,
     parse_answer,
@@ -60,12 +62,12 @@ def test_newer_schema_is_refused(tmp_path, conn):
 
 
 def test_migration_runs_from_an_empty_file(tmp_path, monkeypatch):
-    # A second migration is applied on top of version 1 and recorded.
+    # A further migration is applied on top of the current version and recorded.
     monkeypatch.setattr(storage, "MIGRATIONS", [*storage.MIGRATIONS, "ALTER TABLE tasks ADD x INT"])
-    monkeypatch.setattr(storage, "VERSION", 2)
+    monkeypatch.setattr(storage, "VERSION", VERSION + 1)
     init_db(tmp_path / "m.sqlite")
     c = connect(tmp_path / "m.sqlite")
-    assert schema_version(c) == 2
+    assert schema_version(c) == VERSION + 1
     assert "x" in [row[1] for row in c.execute("PRAGMA table_info(tasks)")]
     c.close()
 
@@ -175,6 +177,73 @@ def test_vote_idempotent_on_nonce_and_unique_per_item(conn):
             "answered_at) VALUES ('x', ?, ?, 0, '[]', 0, 0)",
             (shown.item.id, a),
         )
+
+
+def test_second_answer_to_an_answered_item_is_refused(conn):
+    task_id = make_task(conn, n=2)
+    task = get_task(conn, task_id)
+    ((a, _, _),) = invite(conn, task_id, ["a"])
+    shown = next_presentation(conn, a, task, random.Random(1))
+    # Two tabs show the same open form (same nonce), each its own copy (form_id).
+    tab1 = {"nonce": shown.nonce, "form_id": "tab1"}
+    tab2 = {"nonce": shown.nonce, "form_id": "tab2"}
+    assert record_vote(conn, a, "likert5", tab1 | {"choice": "1", "note": "first"}) is True
+    refused = [
+        tab2 | {"choice": "4"},  # another answer from the second tab
+        tab2 | {"choice": "1", "note": "first"},  # even the same answer from another copy
+        tab1 | {"choice": "2", "note": "first"},  # another answer from the same copy
+        tab1 | {"choice": "1", "note": "changed"},  # another note
+        tab1 | {"choice": "skip", "note": "first"},
+        tab1 | {"choice": "9", "note": "first"},  # not even a valid answer: still 409
+        {"nonce": shown.nonce, "choice": "5"},  # no form_id: the answer decides
+    ]
+    for form in refused:
+        with pytest.raises(AlreadyLabelled, match="already labelled") as err:
+            record_vote(conn, a, "likert5", form)
+        assert err.value.status == 409
+    # The same copy with the same answer is a retried POST; so is one without a form_id.
+    assert record_vote(conn, a, "likert5", tab1 | {"choice": "1", "note": " first "}) is False
+    retry = {"nonce": shown.nonce, "choice": "1", "note": "first"}
+    assert record_vote(conn, a, "likert5", retry) is False
+    (vote,) = task_votes(conn, task_id)
+    assert vote["display_value"] == 1 and vote["note"] == "first"  # the first answer is kept
+    # A skip is repeated as a skip, whatever else the retry carries.
+    second = next_presentation(conn, a, task)
+    skip = {"nonce": second.nonce, "form_id": "x", "choice": "skip"}
+    assert record_vote(conn, a, "likert5", skip) is True
+    assert record_vote(conn, a, "likert5", skip) is False
+    with pytest.raises(AlreadyLabelled):
+        record_vote(conn, a, "likert5", skip | {"choice": "3"})
+    assert [v["skipped"] for v in task_votes(conn, task_id)] == [False, True]
+
+
+def test_version_1_database_is_migrated_with_its_votes(tmp_path, monkeypatch):
+    path = tmp_path / "v1.sqlite"
+    with monkeypatch.context() as patch:
+        patch.setattr(storage, "VERSION", 1)
+        init_db(path)
+        conn = connect(path)
+        task_id = make_task(conn, n=2)
+        task = get_task(conn, task_id)
+        ((a, _, _),) = invite(conn, task_id, ["a"])
+        shown = next_presentation(conn, a, task)
+        conn.execute(  # a vote as version 1 wrote it (no form_id column)
+            "INSERT INTO votes (nonce, item_id, labeller_id, skipped, value, display_value, "
+            "display_order, note, shown_at, answered_at) "
+            "VALUES (?, ?, ?, 0, '2', '2', ?, '', 0, 1)",
+            (shown.nonce, shown.item.id, a, json.dumps(shown.order)),
+        )
+        conn.close()
+    init_db(path)
+    conn = connect(path)
+    assert schema_version(conn) == VERSION == 2
+    assert "form_id" in [row[1] for row in conn.execute("PRAGMA table_info(votes)")]
+    form = {"nonce": shown.nonce, "form_id": "new-copy"}
+    assert record_vote(conn, a, "likert5", form | {"choice": "2"}) is False  # a retry
+    with pytest.raises(AlreadyLabelled):
+        record_vote(conn, a, "likert5", form | {"choice": "5"})
+    assert len(task_votes(conn, task_id)) == 1
+    conn.close()
 
 
 def test_skip_counts_as_seen_but_not_as_label(conn):

@@ -9,7 +9,8 @@ path                      who   what
 ``GET /healthz``          any   ``{"ok": true}`` once the database is open
 ``GET /l/{token}``        any   labeller login from the personal link; sets the session cookie
 ``GET /label``            lab.  the next item (or the open one again), or "all done"
-``POST /label/vote``      lab.  store an answer or a skip (idempotent on the form nonce)
+``POST /label/vote``      lab.  store an answer or a skip (a retried POST is stored once; a second
+                                answer to an answered item: 409 and the next item, with a notice)
 ``GET /label/votes``      lab.  the labeller's own answers
 ``GET|POST /admin/login`` any   admin login with the admin token
 ``POST /logout``          any   end the session
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import json
 import random
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from rlhfkit.feedback import admin
 from rlhfkit.feedback.auth import token_matches
 from rlhfkit.feedback.middleware import (
+    ADDRESS_BURST,
+    ADDRESS_RATE_PER_SECOND,
+    RATE_BURST,
+    RATE_PER_SECOND,
     SESSION_COOKIE,
     AccessLog,
     BodyLimit,
@@ -53,14 +59,17 @@ from rlhfkit.feedback.storage import (
 )
 from rlhfkit.feedback.voting import (
     RATING_SCALE,
+    AlreadyLabelled,
     VoteError,
     likert_scale,
+    new_form_id,
     next_presentation,
     progress,
     record_vote,
 )
 from rlhfkit.feedback.web import (
     Settings,
+    Viewer,
     check_csrf,
     database,
     page,
@@ -94,8 +103,10 @@ def create_app(
     admin_token_hash: str,
     max_body_bytes: int = 64 * 1024,
     max_upload_bytes: int = 16 * 1024 * 1024,
-    rate_per_second: float = 10.0,
-    rate_burst: int = 60,
+    rate_per_second: float = RATE_PER_SECOND,
+    rate_burst: int = RATE_BURST,
+    address_rate_per_second: float = ADDRESS_RATE_PER_SECOND,
+    address_burst: int = ADDRESS_BURST,
     secure_cookies: bool = False,
     rng: random.Random | None = None,
 ) -> FastAPI:
@@ -106,8 +117,13 @@ def create_app(
         admin_token_hash: ``hash_token(admin token)``; the token itself is never kept.
         max_body_bytes: Largest request body (413 above).
         max_upload_bytes: Largest candidate upload (``POST /admin/tasks``).
-        rate_per_second: Requests per second per client (token bucket; 0 disables).
-        rate_burst: Bucket size.
+        rate_per_second: Requests per second per client: per session, or per address without
+            one (token bucket; 0 disables all rate limiting). See
+            :class:`~rlhfkit.feedback.middleware.RateLimit` for how the defaults were chosen.
+        rate_burst: Size of a client's bucket.
+        address_rate_per_second: Requests per second from one address, all clients together
+            (labellers behind one NAT share it; 0: no per-address limit).
+        address_burst: Size of an address's bucket.
         secure_cookies: Mark cookies Secure (serve behind HTTPS).
         rng: Source of the left/right orders (tests pass a seeded one).
 
@@ -133,7 +149,13 @@ def create_app(
         upload_bytes=max_upload_bytes,
         upload_paths=(admin.UPLOAD_PATH,),
     )
-    app.add_middleware(RateLimit, rate=rate_per_second, burst=rate_burst)
+    app.add_middleware(
+        RateLimit,
+        rate=rate_per_second,
+        burst=rate_burst,
+        address_rate=address_rate_per_second,
+        address_burst=address_burst,
+    )
     app.add_middleware(SecurityHeaders)
     app.add_middleware(AccessLog)
     return app
@@ -170,17 +192,35 @@ def _labeller_login(request: Request, token: str) -> Response:
 def _label_page(request: Request) -> Response:
     with database(request) as conn:
         who = viewer(request, conn)
-        labeller = require_labeller(who)
-        task = get_task(conn, labeller["task_id"])
-        assert task is not None  # labellers reference their task
-        shown = next_presentation(conn, labeller["id"], task, request.app.state.rng)
-        done = progress(conn, labeller["id"], task)
-    context: dict[str, Any] = {"task": task, "progress": done, "name": labeller["name"]}
+        return _next_item(request, conn, who)
+
+
+def _next_item(
+    request: Request,
+    conn: sqlite3.Connection,
+    who: Viewer,
+    *,
+    notice: str = "",
+    status: int = 200,
+) -> Response:
+    """The labeller's open (or next) item, or "all done"; ``notice`` is shown above it."""
+    labeller = require_labeller(who)
+    task = get_task(conn, labeller["task_id"])
+    assert task is not None  # labellers reference their task
+    shown = next_presentation(conn, labeller["id"], task, request.app.state.rng)
+    done = progress(conn, labeller["id"], task)
+    context: dict[str, Any] = {
+        "task": task,
+        "progress": done,
+        "name": labeller["name"],
+        "notice": notice,
+    }
     if shown is None:
-        return page(request, who, "done.html", title="All done", **context)
+        return page(request, who, "done.html", status, title="All done", **context)
     prompt, completions = messages_of(shown.item.prompt, shown.item.completions)
     context |= {
         "nonce": shown.nonce,
+        "form_id": new_form_id(),
         "prompt": prompt,
         "shown": [completions[index] for index in shown.order],
         "first": done.answered + done.skipped == 0,
@@ -188,10 +228,16 @@ def _label_page(request: Request) -> Response:
     if task.mode.startswith("likert"):
         context["likert"] = LIKERT_LABELS[likert_scale(task.mode)]
     context["ratings"] = list(range(1, RATING_SCALE + 1))
-    return page(request, who, "label.html", title=task.name, **context)
+    return page(request, who, "label.html", status, title=task.name, **context)
 
 
 def _vote(request: Request, form: dict[str, Any]) -> Response:
+    """Store the answer and go on to the next item (303).
+
+    A second answer to an item this labeller already answered (another tab, or a different
+    answer after the first) is not stored: the reply is 409 with the next item and a notice
+    saying so, so the labeller sees it and carries on.
+    """
     with database(request) as conn:
         who = viewer(request, conn)
         check_csrf(request, who, form)
@@ -200,6 +246,8 @@ def _vote(request: Request, form: dict[str, Any]) -> Response:
         assert task is not None
         try:
             record_vote(conn, labeller["id"], task.mode, form)
+        except AlreadyLabelled as err:
+            return _next_item(request, conn, who, notice=str(err), status=err.status)
         except VoteError as err:
             raise HTTPException(err.status, str(err)) from None
     return redirect("/label")

@@ -51,10 +51,16 @@ class LabelServeConfig:
     """Largest request body in bytes (413 above)."""
     max_upload_bytes: int = 16 * 1024 * 1024
     """Largest candidate upload in bytes."""
-    rate_per_second: float = 10.0
-    """Requests per second per client, on average (0 disables rate limiting)."""
-    rate_burst: int = 60
+    rate_per_second: float = 20.0
+    """Requests per second per client (a labeller's session, or an address without one), on
+    average; 0 disables rate limiting. A fast labeller makes at most about 10."""
+    rate_burst: int = 200
     """Requests a client may make in a burst."""
+    address_rate_per_second: float = 300.0
+    """Requests per second from one address, all clients together (labellers behind one NAT
+    share it: 20 labellers at their fastest make about 200); 0: no per-address limit."""
+    address_burst: int = 3000
+    """Requests one address may make in a burst."""
     secure_cookies: bool = False
     """Mark cookies Secure (when served behind HTTPS)."""
 
@@ -95,6 +101,8 @@ def serve(cfg: LabelServeConfig) -> None:
         max_upload_bytes=cfg.max_upload_bytes,
         rate_per_second=cfg.rate_per_second,
         rate_burst=cfg.rate_burst,
+        address_rate_per_second=cfg.address_rate_per_second,
+        address_burst=cfg.address_burst,
         secure_cookies=cfg.secure_cookies,
     )
     del token

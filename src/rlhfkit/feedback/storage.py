@@ -7,7 +7,7 @@ committed before the HTTP response is sent. WAL mode lets readers run beside the
 and ``synchronous=FULL`` makes every commit durable even against a power cut, not only a killed
 process. All SQL is parameterised; no value is ever formatted into a statement.
 
-Tables (schema version 1):
+Tables (schema version 2):
 
 ================  ===============================================================
 table             rows
@@ -19,12 +19,15 @@ items             one prompt with K >= 2 completions, its source id and extra fi
 labellers         name, task, SHA-256 of the personal token (never the token)
 sessions          SHA-256 of the session cookie, role, labeller, expiry
 presentations     one shown form: nonce, labeller, item, left-to-right order, time
-votes             one answer (or skip) per (item, labeller); the form's nonce is unique
+votes             one answer (or skip) per (item, labeller); the form's nonce is unique,
+                  ``form_id`` names the rendered copy of the form it came from (v2)
 ================  ===============================================================
 
-The form nonce is the vote's idempotency key: a POST retried after a lost response finds its
-vote by nonce and is answered as a success without a second row, and ``UNIQUE(item_id,
-labeller_id)`` keeps anyone from answering an item twice.
+The form nonce is the vote's idempotency key: a POST retried after a lost response (the same
+copy of the form, the same answer) finds its vote and is answered as a success without a second
+row; any other answer to an answered item (another tab, another answer) is refused as already
+labelled (:func:`rlhfkit.feedback.voting.record_vote`), and ``UNIQUE(item_id, labeller_id)``
+keeps anyone from answering an item twice.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from typing import Any
 
 from rlhfkit.feedback.auth import hash_token, new_token
 
-VERSION = 1
+VERSION = 2
 """The schema version this code reads and writes."""
 
 MODES = ("likert5", "likert8", "rating", "ranking")
@@ -107,7 +110,11 @@ CREATE TABLE votes (
 CREATE INDEX votes_by_labeller ON votes (labeller_id);
 """
 
-MIGRATIONS: list[str] = [_V1]
+_V2 = """
+ALTER TABLE votes ADD COLUMN form_id TEXT;
+"""
+
+MIGRATIONS: list[str] = [_V1, _V2]
 """``MIGRATIONS[v]`` upgrades a database from version v to v + 1 (version 0: empty file)."""
 
 

@@ -4,7 +4,9 @@ Assignment: a labeller gets one item at a time, never one they answered or skipp
 that already has its target number of labels. Among the eligible items the least-covered one
 comes first, counting labels plus items shown to others in the last ``CLAIM_S`` seconds and not
 yet answered, then import order; this spreads many simultaneous labellers over the items.
-Reloading the page shows the same open form again (same order, same nonce).
+Reloading the page shows the same open form again (same order, same nonce), with a fresh
+``form_id`` for each rendered copy: a POST repeated from the same copy with the same answer is a
+retry, anything else for an answered item is refused as already labelled (:func:`record_vote`).
 
 Each shown form is a *presentation*: a random nonce, the item, and the random left-to-right
 order of its completions (``order[pos]`` = the completion index shown at position ``pos``).
@@ -42,12 +44,29 @@ MAX_NOTE_CHARS = 2000
 """Longest optional note."""
 
 
+MAX_FORM_ID_CHARS = 64
+"""Longest ``form_id`` kept (the app makes 12-character ones)."""
+
+ALREADY_LABELLED = (
+    "You already labelled this item (in another tab or window?). Your first answer is kept; "
+    "this one was not stored."
+)
+"""What a labeller is told when a second answer to the same item is refused."""
+
+
 class VoteError(ValueError):
     """An answer that cannot be stored; ``status`` is the HTTP status to answer with."""
 
     def __init__(self, message: str, status: int = 400) -> None:
         super().__init__(message)
         self.status = status
+
+
+class AlreadyLabelled(VoteError):
+    """The labeller already answered this item; the new answer was not stored (409)."""
+
+    def __init__(self, message: str = ALREADY_LABELLED) -> None:
+        super().__init__(message, 409)
 
 
 @dataclass(frozen=True)
@@ -65,6 +84,11 @@ class Presentation:
     item: Item
     order: list[int]
     shown_at: float
+
+
+def new_form_id() -> str:
+    """A fresh id for one rendered copy of a form (tells a retried POST from a second tab)."""
+    return secrets.token_urlsafe(9)
 
 
 def likert_scale(mode: str) -> int:
@@ -197,24 +221,55 @@ def parse_answer(mode: str, form: Mapping[str, str], order: list[int]) -> tuple[
     raise VoteError(f"unknown mode {mode!r}", 500)
 
 
+def _form_id(form: Mapping[str, str]) -> str | None:
+    return form.get("form_id", "")[:MAX_FORM_ID_CHARS] or None
+
+
+def _same_answer(
+    stored: sqlite3.Row, mode: str, form: Mapping[str, str], order: list[int], note: str
+) -> bool:
+    """Whether ``form`` repeats the stored vote: same form, same copy of it, same answer."""
+    form_id = _form_id(form)
+    if form.get("nonce") != stored["nonce"]:
+        return False
+    if form_id is not None and stored["form_id"] is not None and form_id != stored["form_id"]:
+        return False  # the same form rendered again (a second tab): not a retry
+    if note != stored["note"] or (form.get("choice") == "skip") != bool(stored["skipped"]):
+        return False
+    if stored["skipped"]:
+        return True
+    try:
+        _, given = parse_answer(mode, form, order)
+    except VoteError:
+        return False
+    return stored["display_value"] == json.dumps(given)
+
+
 def record_vote(
     conn: sqlite3.Connection, labeller_id: int, mode: str, form: Mapping[str, str]
 ) -> bool:
-    """Store the answer of a form once (idempotent on the form's nonce).
+    """Store the answer of a form once; a retried POST is recognised, a second answer refused.
+
+    A submission for an item the labeller already answered is a *retry* when it repeats the
+    stored vote exactly: the same nonce, the same copy of the form (``form_id``, when both
+    carry one) and the same answer and note. It is answered as a success and stores nothing.
+    Anything else (the item answered in another tab, or a different answer sent after the
+    first) raises :class:`AlreadyLabelled`; the first vote is kept.
 
     Args:
         conn: Connection.
         labeller_id: The session's labeller (must own the nonce).
         mode: The task mode.
-        form: The submitted fields: ``nonce``, ``choice`` (``"skip"`` to skip, a Likert value,
-            or ``"submit"``), per-position fields, optional ``note``.
+        form: The submitted fields: ``nonce``, ``form_id`` (the rendered copy of the form),
+            ``choice`` (``"skip"`` to skip, a Likert value, or ``"submit"``), per-position
+            fields, optional ``note``.
 
     Returns:
-        True if stored now, False if this nonce's answer was already stored (a retried POST).
+        True if stored now, False if this exact answer was already stored (a retried POST).
 
     Raises:
-        VoteError: Unknown or foreign nonce (404), item already answered with another form
-            (409), bad fields (400).
+        VoteError: Unknown or foreign nonce (404), bad fields (400).
+        AlreadyLabelled: The item already has this labeller's vote (409).
     """
     nonce, note = form.get("nonce", ""), form.get("note", "").strip()
     if len(note) > MAX_NOTE_CHARS:
@@ -226,16 +281,22 @@ def record_vote(
         ).fetchone()
         if shown is None:
             raise VoteError("this form is unknown or belongs to someone else", 404)
-        if conn.execute("SELECT 1 FROM votes WHERE nonce = ?", (nonce,)).fetchone():
-            return False
         order = json.loads(shown["display_order"])
+        stored = conn.execute(
+            "SELECT * FROM votes WHERE item_id = ? AND labeller_id = ?",
+            (shown["item_id"], labeller_id),
+        ).fetchone()
+        if stored is not None:
+            if _same_answer(stored, mode, form, order, note):
+                return False
+            raise AlreadyLabelled()
         skipped = form.get("choice") == "skip"
         value, given = (None, None) if skipped else parse_answer(mode, form, order)
         try:
             conn.execute(
                 "INSERT INTO votes (nonce, item_id, labeller_id, skipped, value, display_value, "
-                "display_order, note, shown_at, answered_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "display_order, note, shown_at, answered_at, form_id) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     nonce,
                     shown["item_id"],
@@ -247,10 +308,11 @@ def record_vote(
                     note,
                     shown["shown_at"],
                     time.time(),
+                    _form_id(form),
                 ),
             )
-        except sqlite3.IntegrityError:
-            raise VoteError("you already answered this item (in another tab?)", 409) from None
+        except sqlite3.IntegrityError:  # UNIQUE(item_id, labeller_id): a guard behind the check
+            raise AlreadyLabelled() from None
     return True
 
 

@@ -1,10 +1,21 @@
 // Keyboard shortcuts of the labelling page (the page works without them).
 // Likert: digit keys answer. Rating: digits rate the highlighted response and move on.
 // Ranking: digits pick responses best first. Enter submits, s skips, n focuses the note.
+// A held key does not repeat, and a form is sent once by keyboard (the next page follows).
 (function () {
   "use strict";
+  // A refused second answer (409) shows the next item at /label/vote: reloading it should
+  // load /label, not post the refused form again.
+  if (document.getElementById("notice") && window.location.pathname === "/label/vote") {
+    window.history.replaceState(null, "", "/label");
+  }
   var form = document.getElementById("vote-form");
   if (!form) { return; }
+  var sent = false;
+  form.addEventListener("submit", function () { sent = true; });
+  window.addEventListener("pageshow", function (event) {
+    if (event.persisted) { sent = false; }  // restored from the back/forward cache
+  });
   var mode = form.dataset.mode;
   var k = parseInt(form.dataset.k, 10);
   var active = 0;
@@ -19,7 +30,7 @@
   }
 
   function submit(button) {
-    if (button) { button.click(); }
+    if (button && !sent) { button.click(); }
   }
 
   function rate(value) {
@@ -61,6 +72,10 @@
     }
     var key = event.key;
     var digit = /^[1-9]$/.test(key) ? parseInt(key, 10) : 0;
+    if (event.repeat && (digit || key === "s" || key === "Enter")) {
+      event.preventDefault();  // a held key would answer the next item(s) too
+      return;
+    }
     var handled = true;
     if (key === "s") {
       submit(document.getElementById("skip"));
