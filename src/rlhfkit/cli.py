@@ -6,10 +6,18 @@ documents every option from the config docstrings.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import logging
 import os
 import sys
+
+from rlhfkit.errors import UserError
+from rlhfkit.extras import MissingExtraError
+
+USER_ERRORS = (UserError, MissingExtraError)
+"""Exceptions caused by the input, reported as one line without a traceback: bad options and
+config files, data errors, missing files, model paths, run directories, missing extras."""
 
 COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "sft": ("rlhfkit.recipes.sft", "SFTConfig", "main", "Supervised fine-tuning on chat data."),
@@ -125,28 +133,112 @@ def _usage() -> str:
         "",
         "commands:",
     ]
-    lines += [f"  {name:<10} {entry[-1]}" for name, entry in COMMANDS.items()]
-    lines += ["", "rlhfkit <command> --help lists every option."]
+    lines += [f"  {name:<13} {entry[-1]}" for name, entry in COMMANDS.items()]
+    lines += [
+        "",
+        "rlhfkit <command> --help lists every option; --debug (or RLHFKIT_DEBUG=1) shows the",
+        "traceback of an error in the input too.",
+    ]
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Entry point of the ``rlhfkit`` console script."""
-    from rlhfkit.config import parse_cli
+GROUPS = sorted({name.split()[0] for name in COMMANDS if " " in name})
+"""First words of the two-word commands (``rm``, ``label``, ``dpo``)."""
 
+TRAINING = ("sft", "rm train", "dpo", "dpo online", "rl", "rs", "pipeline", "demo")
+"""Commands that checkpoint: an interrupted one continues when it is run again."""
+
+
+def _subcommands(group: str) -> str:
+    """The commands of ``group``, one per line with its help."""
+    return "\n".join(
+        f"  rlhfkit {name:<13} {entry[-1]}"
+        for name, entry in COMMANDS.items()
+        if name.split()[0] == group
+    )
+
+
+def _unknown_command(argv: list[str]) -> None:
+    """Report a command that is not one: a group's subcommands, or the closest command name.
+
+    Raises:
+        SystemExit: Status 0 for ``rlhfkit <group> --help``, else 2.
+    """
+    first = argv[0]
+    if first in GROUPS:
+        if argv[1:2] in (["-h"], ["--help"]):
+            print(f"rlhfkit {first} has these commands:\n{_subcommands(first)}")
+            raise SystemExit(0)
+        wrong = ""
+        if argv[1:]:
+            words = [name.split()[1] for name in COMMANDS if name.split()[0] == first]
+            close = difflib.get_close_matches(argv[1], words, n=1)
+            hint = f" (did you mean 'rlhfkit {first} {close[0]}'?)" if close else ""
+            wrong = f"unknown command 'rlhfkit {first} {argv[1]}'{hint}; "
+        print(
+            f"rlhfkit {first}: error: {wrong}choose one of:\n{_subcommands(first)}",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
+    names = sorted({*COMMANDS, *GROUPS})
+    close = difflib.get_close_matches(first, names, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    print(f"rlhfkit: error: unknown command {first!r}{hint}\n\n{_usage()}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _debug(argv: list[str]) -> bool:
+    """Whether tracebacks of user errors are wanted (``--debug`` or ``RLHFKIT_DEBUG=1``)."""
+    return "--debug" in argv or os.environ.get("RLHFKIT_DEBUG", "") not in ("", "0")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``rlhfkit`` console script.
+
+    A user error (:class:`~rlhfkit.errors.UserError`, a missing optional extra) prints
+    ``rlhfkit <command>: error: <message>`` to stderr and exits with status 2, without a
+    traceback unless ``--debug`` or ``RLHFKIT_DEBUG=1``; any other exception is a bug and
+    keeps its traceback. A run directory that holds a finished run exits with status 0.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = _debug(argv)
+    argv = [arg for arg in argv if arg != "--debug"]
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return
     words = 2 if " ".join(argv[:2]) in COMMANDS else 1
     command, rest = " ".join(argv[:words]), argv[words:]
     if command not in COMMANDS:
-        raise SystemExit(f"unknown command {command!r}\n\n{_usage()}")
+        _unknown_command(argv)
+    from rlhfkit.config import parse_cli
+    from rlhfkit.training.rundir import RunFinished
+    from rlhfkit.validation import validate
+
     module_name, config_name, entry, help_ = COMMANDS[command]
     module = importlib.import_module(module_name)
-    cfg = parse_cli(
-        getattr(module, config_name), rest, prog=f"rlhfkit {command}", description=help_
-    )
+    try:
+        cfg = parse_cli(
+            getattr(module, config_name), rest, prog=f"rlhfkit {command}", description=help_
+        )
+        validate(cfg)
+        _setup_logging()
+        getattr(module, entry)(cfg)
+    except RunFinished as done:
+        logging.getLogger("rlhfkit").info("%s", done)
+    except USER_ERRORS as err:
+        if debug:
+            raise
+        print(f"rlhfkit {command}: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        again = "; run the same command again to continue" if command in TRAINING else ""
+        print(f"rlhfkit {command}: interrupted{again}", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+def _setup_logging() -> None:
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 reports progress
     logging.basicConfig(
         level=logging.INFO if main_rank else logging.WARNING,
@@ -154,4 +246,3 @@ def main(argv: list[str] | None = None) -> None:
     )
     for noisy in ("httpx", "urllib3", "datasets", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    getattr(module, entry)(cfg)

@@ -9,6 +9,7 @@ so there is one source for type, default and help text. A YAML preset supplies v
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,7 +18,13 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
+from rlhfkit.errors import ConfigError, MissingFileError
+from rlhfkit.validation import did_you_mean, model_path_problem, run_dir_problem
+
 T = TypeVar("T")
+
+Problems = list[tuple[str, str]]
+"""What a section's ``problems()`` returns: (field, what is wrong) pairs."""
 
 
 @dataclass
@@ -47,6 +54,17 @@ class ModelConfig:
     lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
     """Modules to adapt; 'all-linear' adapts every linear layer except the head."""
 
+    def problems(self) -> Problems:
+        """Invalid values: an empty or mistyped local model path, LoRA settings."""
+        out = [("name", text) for text in [model_path_problem(self.name)] if text]
+        if self.lora_r < 1:
+            out.append(("lora_r", f"must be at least 1, got {self.lora_r}"))
+        if self.lora_alpha <= 0:
+            out.append(("lora_alpha", f"must be positive, got {self.lora_alpha}"))
+        if not 0.0 <= self.lora_dropout < 1.0:
+            out.append(("lora_dropout", f"must be in [0, 1), got {self.lora_dropout}"))
+        return out
+
 
 @dataclass
 class OptimConfig:
@@ -67,6 +85,23 @@ class OptimConfig:
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this (0 disables clipping)."""
 
+    def problems(self) -> Problems:
+        """Invalid values: a learning rate that is not positive, betas outside [0, 1), ..."""
+        out = []
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            out.append(("lr", f"must be a positive number, got {self.lr}"))
+        if not self.weight_decay >= 0:
+            out.append(("weight_decay", f"must be >= 0, got {self.weight_decay}"))
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            out.append(("betas", f"each must be in [0, 1), got {list(self.betas)}"))
+        if not self.eps > 0:
+            out.append(("eps", f"must be positive, got {self.eps}"))
+        if not 0.0 <= self.warmup_ratio <= 1.0:
+            out.append(("warmup_ratio", f"must be in [0, 1], got {self.warmup_ratio}"))
+        if not self.max_grad_norm >= 0:
+            out.append(("max_grad_norm", f"must be >= 0 (0: off), got {self.max_grad_norm}"))
+        return out
+
 
 @dataclass
 class LoopConfig:
@@ -85,14 +120,31 @@ class LoopConfig:
     """Seed for data order, initialisation and sampling."""
     eval_every: int = 0
     """Evaluate every N steps (0: only before and after training)."""
-    save_every: int = 0
-    """Checkpoint every N steps (0: only at the end)."""
+    save_every: int = 20
+    """Checkpoint every N steps (0: only at the end), so that a crashed or killed run can
+    continue: run the same command again."""
     keep_last: int = 2
-    """Checkpoints to keep."""
-    resume: bool = False
-    """Continue from the run directory's latest checkpoint."""
+    """Checkpoints to keep (the newest ones)."""
+    resume: bool | None = None
+    """None (default): continue from the run directory's latest checkpoint if it has one,
+    else start fresh. True: continue, and fail if there is no checkpoint. False: start from
+    step 0, deleting the previous run's outputs in the run directory first."""
     max_nonfinite: int = 3
     """Abort after this many consecutive steps with a NaN/inf loss (each is skipped)."""
+
+    def problems(self) -> Problems:
+        """Invalid values: a batch size of 0, a negative interval, ..."""
+        out = [
+            (name, f"must be at least {low}, got {getattr(self, name)}")
+            for name, low in (("batch_size", 1), ("micro_batch_tokens", 1), ("eval_every", 0),
+                              ("save_every", 0), ("keep_last", 1), ("max_nonfinite", 1))
+            if getattr(self, name) < low
+        ]  # fmt: skip
+        if not (math.isfinite(self.epochs) and self.epochs > 0):
+            out.append(("epochs", f"must be a positive number, got {self.epochs}"))
+        if self.max_steps is not None and self.max_steps < 1:
+            out.append(("max_steps", f"must be at least 1 (or None), got {self.max_steps}"))
+        return out
 
 
 @dataclass
@@ -114,6 +166,13 @@ class LogConfig:
     log_every: int = 1
     """Write metrics every N steps."""
 
+    def problems(self) -> Problems:
+        """Invalid values: a run directory that cannot be created or written."""
+        out = [("run_dir", text) for text in [run_dir_problem(self.run_dir)] if text]
+        if self.log_every < 0:
+            out.append(("log_every", f"must be >= 0 (0: never), got {self.log_every}"))
+        return out
+
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     """A config as plain YAML-safe values (tuples become lists)."""
@@ -128,28 +187,49 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return plain(dataclasses.asdict(cfg))
 
 
-def from_dict(cls: type[T], values: dict[str, Any], *, where: str = "config") -> T:
+def from_dict(
+    cls: type[T],
+    values: dict[str, Any],
+    *,
+    where: str = "config",
+    lines: dict[tuple[str, ...], int] | None = None,
+    _path: tuple[str, ...] = (),
+) -> T:
     """Build dataclass ``cls`` from nested ``values``; unknown keys raise naming their path.
 
+    Args:
+        cls: The config dataclass.
+        values: Its fields' values, sections as nested mappings.
+        where: How errors name the mapping (a file name, then ``.section`` per level).
+        lines: Line of each key path in the file ``values`` came from, for the errors.
+
     Raises:
-        ValueError: For a key that is not a field, or a section that is not a mapping.
+        ConfigError: For a key that is not a field (with the closest field name), a section
+            that is not a mapping, or a value of the wrong type.
     """
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = sorted(f.name for f in dataclasses.fields(cls))
     kwargs: dict[str, Any] = {}
     for key, value in values.items():
+        path = (*_path, key)
+        at = f" (line {lines[path]})" if lines and path in lines else ""
         if key not in names:
-            raise ValueError(
-                f"{where}: unknown field '{key}' for {cls.__name__}; "
-                f"valid: {', '.join(sorted(names))}"
+            raise ConfigError(
+                f"{where}: unknown field '{key}'{at}{did_you_mean(str(key), names)} "
+                f"({cls.__name__} fields: {', '.join(names)})"
             )
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
             if not isinstance(value, dict):
-                raise ValueError(f"{where}: '{key}' must be a mapping of {hint.__name__} fields")
-            value = from_dict(hint, value, where=f"{where}.{key}")
+                raise ConfigError(
+                    f"{where}: '{key}'{at} must be a mapping of {hint.__name__} fields"
+                )
+            value = from_dict(hint, value, where=f"{where}.{key}", lines=lines, _path=path)
         else:
-            value = coerce(value, hint, where=f"{where}.{key}")
+            try:
+                value = coerce(value, hint, where=f"{where}.{key}")
+            except ConfigError as err:
+                raise ConfigError(f"{err}{at}") from None
         kwargs[key] = value
     return cls(**kwargs)
 
@@ -161,7 +241,7 @@ def coerce(value: Any, hint: Any, *, where: str) -> Any:
     floats. Literals must be one of their values; lists become tuples for tuple fields.
 
     Raises:
-        ValueError: Naming ``where``, the expected type and the value.
+        ConfigError: Naming ``where``, the expected type and the value.
     """
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (types.UnionType, typing.Union):
@@ -173,14 +253,14 @@ def coerce(value: Any, hint: Any, *, where: str) -> Any:
                 return coerce(value, option, where=where)
             except ValueError as err:
                 errors.append(str(err))
-        raise ValueError(errors[0])
+        raise ConfigError(errors[0])
     if origin is Literal:
         if value not in args:
-            raise ValueError(f"{where}: expected one of {list(args)}, got {value!r}")
+            raise ConfigError(f"{where}: expected one of {list(args)}, got {value!r}")
         return value
     if origin in (tuple, list):
         if not isinstance(value, list | tuple):
-            raise ValueError(f"{where}: expected a list, got {value!r}")
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
         item = args[0] if args else Any
         items = [coerce(v, item, where=f"{where}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
@@ -199,18 +279,44 @@ def _scalar(value: Any, hint: Any, where: str) -> Any:
     accepted = hint in exact and isinstance(value, exact[hint])
     if accepted and not (hint is int and isinstance(value, bool)):
         return value
-    raise ValueError(f"{where}: expected {hint.__name__}, got {value!r}")
+    raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}")
 
 
 def load_yaml(cls: type[T], path: str | Path) -> T:
-    """Read a YAML preset into ``cls`` (missing fields keep their defaults)."""
+    """Read a YAML preset into ``cls`` (missing fields keep their defaults).
+
+    Raises:
+        MissingFileError: The file does not exist.
+        ConfigError: Invalid YAML (with line and column), or an unknown or ill-typed key (with
+            its line).
+    """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"config file {path} not found")
-    values = yaml.safe_load(path.read_text()) or {}
+        raise MissingFileError(f"config file {path} not found")
+    try:
+        text = path.read_text(encoding="utf-8")
+        values = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(err, "problem", None) or str(err)
+        raise ConfigError(f"{where}: invalid YAML: {problem}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not a UTF-8 text file ({err.reason})") from None
     if not isinstance(values, dict):
-        raise ValueError(f"{path}: the top level must be a mapping of config sections")
-    return from_dict(cls, values, where=str(path))
+        raise ConfigError(f"{path}: the top level must be a mapping of config sections")
+    return from_dict(cls, values, where=str(path), lines=_key_lines(yaml.compose(text)))
+
+
+def _key_lines(node: Any, path: tuple[str, ...] = ()) -> dict[tuple[str, ...], int]:
+    """1-based line of every key path in a composed YAML mapping."""
+    out: dict[tuple[str, ...], int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            if isinstance(key, yaml.ScalarNode):
+                out[(*path, key.value)] = key.start_mark.line + 1
+                out.update(_key_lines(value, (*path, key.value)))
+    return out
 
 
 def parse_cli(cls: type[T], args: list[str], *, prog: str, description: str) -> T:
@@ -231,7 +337,7 @@ def parse_cli(cls: type[T], args: list[str], *, prog: str, description: str) -> 
     if "--config" in rest:
         i = rest.index("--config")
         if i + 1 >= len(rest):
-            raise SystemExit("--config needs a YAML file path")
+            raise ConfigError("--config needs a YAML file path")
         default = load_yaml(cls, rest[i + 1])
         del rest[i : i + 2]
     return tyro.cli(

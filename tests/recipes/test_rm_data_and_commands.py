@@ -185,13 +185,15 @@ def test_rm_score_keeps_row_order_and_scores_each_row_alone(rm_dir, reference, t
     assert len(set(expected)) == len(expected)  # distinct: a permutation would show
 
 
-def test_rm_score_names_the_row_missing_its_completion(rm_dir, tmp_path):
+def test_rm_score_names_the_row_missing_its_completion(rm_dir, tmp_path, capsys):
     rows = [{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": "d"}, {"prompt": "e"}]
-    with pytest.raises(DataError) as err:
+    with pytest.raises(SystemExit) as done:  # a data error: one line on stderr, status 2
         cli.main([
             "rm", "score", "--model.name", str(rm_dir), "--model.precision", "fp32",
             "--input", str(write_jsonl(tmp_path / "in.jsonl", rows)),
             "--output", str(tmp_path / "out.jsonl"),
         ])  # fmt: skip
-    assert "in.jsonl:3" in str(err.value) and err.value.field == "completion"
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and "Traceback" not in err
+    assert "in.jsonl:3: field 'completion'" in err
     assert not (tmp_path / "out.jsonl").exists()

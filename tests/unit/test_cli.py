@@ -32,9 +32,11 @@ def test_usage_lists_commands(capsys):
     assert "sft" in out and "generate" in out and "demo" in out
 
 
-def test_unknown_command():
-    with pytest.raises(SystemExit, match="unknown command"):
+def test_unknown_command(capsys):
+    with pytest.raises(SystemExit) as done:
         cli.main(["nope"])
+    assert done.value.code == 2
+    assert "unknown command 'nope'" in capsys.readouterr().err
 
 
 def test_yaml_preset_then_flag_override(tmp_path):

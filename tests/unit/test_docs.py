@@ -30,8 +30,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
 PAGES = sorted(DOCS.rglob("*.md"))
-GENERIC_OPTIONS = {"help", "config"}
-"""Accepted by every command (``rlhfkit.config.parse_cli``)."""
+GENERIC_OPTIONS = {"help", "config", "debug"}
+"""Accepted by every command (``rlhfkit.config.parse_cli``; ``--debug`` by ``rlhfkit.cli``)."""
 PLACEHOLDERS = {"section.field"}
 """Written as the shape of an option, not as an option."""
 

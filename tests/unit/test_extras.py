@@ -133,9 +133,18 @@ def check(name):
 
 @check("label serve")
 def _():
+    import contextlib
+    import io
+
     from rlhfkit.cli import main
 
-    main(["label", "serve", "--db", "labels.sqlite"])
+    stderr = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stderr):
+            main(["label", "serve", "--db", "labels.sqlite"])
+    except SystemExit as done:  # the command line reports the missing extra, status 2
+        assert done.code == 2, done.code
+        raise MissingExtraError(stderr.getvalue()) from None
 
 
 @check("report")

@@ -15,6 +15,7 @@ from typing import Any
 
 from rlhfkit.data.schemas import load_examples
 from rlhfkit.data.templates import render_prompt
+from rlhfkit.errors import ConfigError
 
 
 @dataclass
@@ -77,7 +78,7 @@ def load_prompt_rows(
         seen.add(tuple(ids))
         rows.append(PromptRow(ids, fields, getattr(example, "location", "")))
     if not rows:
-        raise ValueError(f"{source}: no prompts")
+        raise ConfigError(f"{source}: no prompts")
     return rows
 
 

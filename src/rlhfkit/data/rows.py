@@ -25,6 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rlhfkit.errors import ConfigError, MissingFileError, UserError
+
+MAX_REPORTED = 10
+"""Bad rows listed in one error (the count of all of them is given)."""
+
 
 @dataclass(frozen=True)
 class Row:
@@ -40,7 +45,7 @@ class Row:
     location: str
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A problem with one dataset row (or source), located precisely.
 
     ``str(err)`` reads ``"{location}: field '{field}': {reason}"``, or ``"{location}: {reason}"``
@@ -68,6 +73,42 @@ class DataError(ValueError):
         return (DataError, (self.location, self.field, self.reason))
 
 
+class DataErrors(DataError):
+    """Every bad row of a source; ``str(err)`` lists the first :data:`MAX_REPORTED`.
+
+    Its ``location``, ``field`` and ``reason`` are the first row's; with one bad row it reads
+    exactly as that row's error.
+
+    Attributes:
+        errors: Each bad row's error, in source order.
+        rows: The rows that were read correctly, when a reader raises this (a caller may still
+            validate them, to report their problems too, or skip the bad rows); else None.
+    """
+
+    def __init__(self, errors: list[DataError], rows: list[Row] | None = None) -> None:
+        self.errors, self.rows = list(errors), rows
+        first = self.errors[0]
+        super().__init__(first.location, first.field, first.reason)
+
+    def __str__(self) -> str:
+        if len(self.errors) == 1:
+            return str(self.errors[0])
+        shown = self.errors[:MAX_REPORTED]
+        more = f" (the first {len(shown)} below)" if len(self.errors) > len(shown) else ""
+        return "\n".join([f"{len(self.errors)} bad rows{more}:", *(f"  {e}" for e in shown)])
+
+    def __reduce__(self) -> tuple[type[DataErrors], tuple[list[DataError], list[Row] | None]]:
+        return (DataErrors, (self.errors, self.rows))
+
+
+def raise_collected(errors: list[DataError]) -> None:
+    """Raise the one bad row's error, or :class:`DataErrors` for several; nothing for none."""
+    if len(errors) == 1:
+        raise errors[0]
+    if errors:
+        raise DataErrors(errors)
+
+
 def is_local_file(source: str) -> bool:
     """Whether :func:`read_file` reads ``source`` (a supported suffix, or an existing file).
 
@@ -88,34 +129,49 @@ def read_file(source: str, limit: int | None = None) -> list[Row]:
         The rows in file order, each with its location.
 
     Raises:
-        FileNotFoundError: The file does not exist.
+        MissingFileError: The file does not exist (a ``FileNotFoundError``).
         ValueError: An unsupported file suffix.
-        DataError: A malformed file or line.
+        DataError: An empty or malformed file; :class:`DataErrors` for malformed lines
+            (every one, with the rows that parsed).
     """
     path = Path(source)
     reader = _LOCAL_READERS.get(path.suffix.lower())
     if reader is None:
-        raise ValueError(
+        raise ConfigError(
             f"{source}: unsupported file type '{path.suffix}'; use one of "
             f"{', '.join(sorted(_LOCAL_READERS))}"
         )
     if not path.is_file():
-        raise FileNotFoundError(f"{source}: no such file (resolved to {path.resolve()})")
+        raise MissingFileError(f"{source}: no such file (resolved to {path.resolve()})")
+    if path.stat().st_size == 0:
+        raise DataError(source, None, "the file is empty")
     return reader(path, source, limit)
 
 
 def _read_jsonl(path: Path, source: str, limit: int | None) -> list[Row]:
-    """Parse a JSON-lines file line by line, locating rows by 1-based line number."""
+    """Parse a JSON-lines file line by line, locating rows by 1-based line number.
+
+    Every malformed line is found before raising :class:`DataErrors` (which carries the rows
+    that parsed).
+    """
     rows: list[Row] = []
+    errors: list[DataError] = []
     with path.open("rb") as handle:  # bytes: only b"\n" ends a line, as in an editor
         for lineno, raw in enumerate(handle, start=1):
-            if limit is not None and len(rows) >= limit:
+            if limit is not None and len(rows) + len(errors) >= limit:
                 break
             location = f"{source}:{lineno}"
-            text = _decode_line(raw, location, first=lineno == 1)
-            if not text.strip():
-                continue
-            rows.append(Row(data=_parse_json_object(text, location), location=location))
+            try:
+                text = _decode_line(raw, location, first=lineno == 1)
+                if not text.strip():
+                    continue
+                rows.append(Row(data=_parse_json_object(text, location), location=location))
+            except DataError as err:
+                errors.append(err)
+    if errors:
+        raise DataErrors(errors, rows)
+    if not rows and limit != 0:
+        raise DataError(source, None, "the file has no rows (only blank lines)")
     return rows
 
 
@@ -207,3 +263,6 @@ _LOCAL_READERS: dict[str, Callable[[Path, str, int | None], list[Row]]] = {
     ".csv": _datasets_reader("csv"),
 }
 """File suffix -> reader(path, source spec, limit)."""
+
+LOCAL_SUFFIXES = tuple(sorted(_LOCAL_READERS))
+"""File suffixes :func:`read_file` reads."""

@@ -47,7 +47,10 @@ from rlhfkit.data.messages import (
     split_implicit_prompt,
     type_name,
 )
+from rlhfkit.data.rows import DataErrors, raise_collected
 from rlhfkit.data.sources import DataError, Row, load_rows
+from rlhfkit.errors import ConfigError
+from rlhfkit.validation import did_you_mean
 
 
 @dataclass(frozen=True)
@@ -466,30 +469,32 @@ def validate_rows(
     Args:
         rows: Rows from :func:`~rlhfkit.data.sources.load_rows` (or built by hand).
         schema: One of the names in ``SCHEMAS``.
-        on_error: ``"raise"`` raises on the first bad row; ``"skip"`` leaves bad rows out and
-            collects their errors in ``ValidationResult.errors``.
+        on_error: ``"raise"`` checks every row and raises if any is bad; ``"skip"`` leaves
+            bad rows out and collects their errors in ``ValidationResult.errors``.
 
     Returns:
         The examples of the valid rows (input order) and the errors of the skipped rows.
 
     Raises:
-        DataError: With ``on_error="raise"``, the first invalid row (location, field, reason).
+        DataError: With ``on_error="raise"``, the invalid row (location, field, reason), or
+            :class:`~rlhfkit.data.rows.DataErrors` listing the first ``MAX_REPORTED`` of
+            several.
         ValueError: An unknown schema name or ``on_error`` value.
     """
     parser = SCHEMAS.get(schema)
     if parser is None:
-        raise ValueError(f"unknown schema {schema!r}; valid schemas: {', '.join(SCHEMAS)}")
+        raise _unknown_schema(schema)
     if on_error not in ("raise", "skip"):
-        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        raise ConfigError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     result = ValidationResult(examples=[], errors=[])
     for row in rows:
         try:
             data = _check_required(row.data, schema, row.location)
             result.examples.append(parser(data, row.location))
         except DataError as err:
-            if on_error == "raise":
-                raise
             result.errors.append(err)
+    if on_error == "raise":
+        raise_collected(result.errors)
     return result
 
 
@@ -503,6 +508,9 @@ def load_examples(
 ) -> ValidationResult:
     """Load a source and validate its rows: ``validate_rows(load_rows(...), schema)``.
 
+    Lines that are not JSON objects count as bad rows like the invalid ones: with ``"raise"``
+    all are reported together (in file order), with ``"skip"`` all are left out.
+
     Args:
         source: File path, ``builtin:NAME`` or hub dataset name (see ``load_rows``).
         schema: One of the names in ``SCHEMAS``.
@@ -514,6 +522,28 @@ def load_examples(
         The validation result.
     """
     if schema not in SCHEMAS:  # fail before reading a possibly large source
-        raise ValueError(f"unknown schema {schema!r}; valid schemas: {', '.join(SCHEMAS)}")
-    rows = load_rows(source, split=split, limit=limit)
-    return validate_rows(rows, schema, on_error=on_error)
+        raise _unknown_schema(schema)
+    try:
+        rows, unreadable = load_rows(source, split=split, limit=limit), []
+    except DataErrors as err:  # malformed lines: validate the others too, report them all
+        if err.rows is None:
+            raise
+        rows, unreadable = err.rows, err.errors
+    result = validate_rows(rows, schema, on_error="skip")
+    result.errors = sorted([*unreadable, *result.errors], key=_row_order)
+    if on_error == "raise":
+        raise_collected(result.errors)
+    return result
+
+
+def _unknown_schema(schema: str) -> ConfigError:
+    names = list(SCHEMAS)
+    return ConfigError(
+        f"unknown schema {schema!r}; valid schemas: {', '.join(names)}{did_you_mean(schema, names)}"
+    )
+
+
+def _row_order(err: DataError) -> float:
+    """The line or row number in an error's location (``data.jsonl:7``, ``...:row 7``)."""
+    tail = err.location.rpartition(":")[2].removeprefix("row ")
+    return int(tail) if tail.isdigit() else math.inf

@@ -24,12 +24,18 @@ and :class:`DataError`, re-exported here), the built-in and generated tasks by
 
 from __future__ import annotations
 
-from rlhfkit.data.rows import DataError, Row, is_local_file, read_file, read_hub
-from rlhfkit.data.tasks import builtin_rows
+from pathlib import Path
+
+from rlhfkit.data.rows import LOCAL_SUFFIXES, DataError, Row, is_local_file, read_file, read_hub
+from rlhfkit.data.tasks import BUILTIN, SPLITS, builtin_rows
 from rlhfkit.data.tasks.gsm8k import gsm8k_rows
 from rlhfkit.data.tasks.reasoning_gym import rgym_rows
+from rlhfkit.errors import ConfigError
 
-__all__ = ["BUILTIN_PREFIX", "GSM8K_PREFIX", "RGYM_PREFIX", "DataError", "Row", "load_rows"]
+__all__ = [
+    "BUILTIN_PREFIX", "GSM8K_PREFIX", "RGYM_PREFIX", "DataError", "Row",
+    "data_section_problems", "load_rows", "source_problem",
+]  # fmt: skip
 
 BUILTIN_PREFIX = "builtin:"
 """Prefix of a built-in dataset spec, e.g. ``builtin:instructions``."""
@@ -65,7 +71,7 @@ def load_rows(source: str, *, split: str = "train", limit: int | None = None) ->
             split, a malformed ``rgym:`` spec, or a negative ``limit``.
     """
     if limit is not None and limit < 0:
-        raise ValueError(f"limit must be >= 0 or None, got {limit}")
+        raise ConfigError(f"limit must be >= 0 or None, got {limit}")
     if source.startswith(BUILTIN_PREFIX):
         rows = builtin_rows(source.removeprefix(BUILTIN_PREFIX), split)
     elif source.startswith(GSM8K_PREFIX):
@@ -77,3 +83,66 @@ def load_rows(source: str, *, split: str = "train", limit: int | None = None) ->
     else:
         rows = read_hub(source, split, limit)
     return rows if limit is None else rows[:limit]
+
+
+def source_problem(source: str, split: str = "train") -> str | None:
+    """Why ``source`` cannot be read, found without reading it; None if it looks readable.
+
+    Checked: a local file (or ``gsm8k:`` file) exists, is a file, is not empty and has a
+    supported suffix; a path-like spec without a suffix exists; a built-in dataset and its
+    split exist. Hub datasets and reasoning-gym specs are checked when they are loaded.
+    """
+    if source.startswith(BUILTIN_PREFIX):
+        name = source.removeprefix(BUILTIN_PREFIX)
+        if name not in BUILTIN:
+            return f"unknown built-in dataset {source!r}; available: " + ", ".join(
+                f"{BUILTIN_PREFIX}{key}" for key in BUILTIN
+            )
+        if split not in SPLITS:
+            return f"{source} has no split {split!r}; use one of {', '.join(SPLITS)}"
+        return None
+    if source.startswith(RGYM_PREFIX):
+        return None
+    path_spec = source.removeprefix(GSM8K_PREFIX)
+    path = Path(path_spec)
+    path_like = source.startswith(GSM8K_PREFIX) or path_spec.startswith((".", "/", "~"))
+    if not (is_local_file(path_spec) or path_like or path_spec.count("/") > 1):
+        return None  # a hub dataset name
+    path = path.expanduser()
+    if path.is_dir():
+        return f"{path_spec} is a directory; expected a {'/'.join(LOCAL_SUFFIXES)} file"
+    if not path.is_file():
+        return f"{path_spec}: no such file"
+    if path.suffix.lower() not in LOCAL_SUFFIXES:
+        return f"{path_spec}: unsupported file type {path.suffix!r}; use one of " + ", ".join(
+            LOCAL_SUFFIXES
+        )
+    if path.stat().st_size == 0:
+        return f"{path_spec}: the file is empty"
+    return None
+
+
+def data_section_problems(
+    section: object, sources: tuple[str, ...] = ("train", "eval")
+) -> list[tuple[str, str]]:
+    """The ``(field, problem)`` pairs of a recipe's data options, for its ``problems()``.
+
+    Each field of ``sources`` (None: unused) is checked by :func:`source_problem` with the
+    split in ``<field>_split``; ``limit`` must be None or >= 1, ``max_len`` and
+    ``max_prompt_len`` >= 1.
+    """
+    out = []
+    for name in sources:
+        spec = getattr(section, name, None)
+        split = getattr(section, f"{name}_split", "train")
+        problem = source_problem(spec, split) if spec is not None else None
+        if problem:
+            out.append((name, problem))
+    limit = getattr(section, "limit", None)
+    if limit is not None and limit < 1:
+        out.append(("limit", f"must be at least 1 (or None for all rows), got {limit}"))
+    for name in ("max_len", "max_prompt_len"):
+        value = getattr(section, name, None)
+        if value is not None and value < 1:
+            out.append((name, f"must be at least 1, got {value}"))
+    return out

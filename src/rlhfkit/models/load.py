@@ -3,10 +3,17 @@
 ``load_model("smollm2-135m-instruct")`` (or ``"embedded"``) resolves to the cached copy of the
 embedded model (see :mod:`rlhfkit.models.embedded`); anything else goes to
 ``AutoModelForCausalLM.from_pretrained`` unchanged, so hub ids and local directories work alike.
+
+Before that, a name is checked so that a mistake fails at once with its reason
+(:func:`check_model_source`): a local-looking path that does not exist says "no such
+directory"; a hub id is looked up with one short request instead of transformers' minute of
+retries (offline, or with ``HF_HUB_OFFLINE=1``, only the local cache is consulted).
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,10 +27,17 @@ from transformers import (
 )
 
 from rlhfkit.data.templates import CHATML_TEMPLATE
+from rlhfkit.errors import ConfigError
 from rlhfkit.models.attention import VARLEN_SDPA
 from rlhfkit.models.embedded import EMBEDDED_NAME, embedded_model_dir
+from rlhfkit.validation import model_path_problem
+
+log = logging.getLogger(__name__)
 
 EMBEDDED_ALIASES = (EMBEDDED_NAME, "embedded", "default")
+
+HUB_TIMEOUT = 10.0
+"""Seconds the hub lookup of a model waits for an answer."""
 
 TASKS: dict[str, tuple[type, str]] = {
     "causal_lm": (AutoModelForCausalLM, "CAUSAL_LM"),
@@ -59,6 +73,79 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
+@functools.cache
+def check_model_source(name_or_path: str) -> bool:
+    """Check that a model can be loaded from where its name points, without loading it.
+
+    Returns:
+        True if it must be loaded from local files only: offline mode, or a hub model in the
+        local cache while the hub is unreachable.
+
+    Raises:
+        ConfigError: A local-looking path that is not a model directory ("no such directory:
+            <path>"), a bare name that is neither a directory nor a hub id, a hub id the hub
+            does not know (or gates), or one that is neither cached nor downloadable (offline
+            or unreachable hub; the reason is given).
+    """
+    if name_or_path in EMBEDDED_ALIASES:
+        return False
+    problem = model_path_problem(name_or_path)
+    if problem:
+        raise ConfigError(f"model {problem}")
+    if Path(name_or_path).expanduser().is_dir():
+        return False
+    if "/" not in name_or_path:
+        raise ConfigError(
+            f"model {name_or_path!r} is neither a local directory nor a hub id (owner/name) nor "
+            f"one of {', '.join(EMBEDDED_ALIASES)}"
+        )
+    return _check_hub(name_or_path)
+
+
+def _check_hub(repo: str) -> bool:
+    """One short lookup of ``repo``'s config.json on the hub (see :func:`check_model_source`)."""
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        HFValidationError,
+        RepositoryNotFoundError,
+    )
+
+    from rlhfkit.validation import in_hub_cache
+
+    cached = in_hub_cache(repo)
+    if constants.HF_HUB_OFFLINE:
+        if cached:
+            return True
+        raise ConfigError(
+            f"model {repo!r}: no such local directory, and it is not in the Hugging Face cache "
+            f"({constants.HF_HUB_CACHE}); HF_HUB_OFFLINE is set, so it cannot be downloaded"
+        )
+    try:
+        get_hf_file_metadata(hf_hub_url(repo, "config.json"), timeout=HUB_TIMEOUT)
+    except GatedRepoError as err:
+        raise ConfigError(f"model {repo!r} is gated on the Hugging Face Hub: {err}") from None
+    except (RepositoryNotFoundError, HFValidationError):
+        raise ConfigError(
+            f"model {repo!r}: no such local directory, and no such model on the Hugging Face "
+            "Hub (or it is private: log in with `hf auth login`)"
+        ) from None
+    except EntryNotFoundError:
+        return False  # the repository exists; transformers says what it lacks
+    except Exception as err:  # no network, DNS, timeout, proxy: transformers would retry
+        reason = f"{type(err).__name__}: {err}"
+        if cached:
+            log.warning("the Hugging Face Hub is unreachable (%s); using the cached %s", reason,
+                        repo)  # fmt: skip
+            return True
+        raise ConfigError(
+            f"model {repo!r}: no such local directory, and the Hugging Face Hub is unreachable "
+            f"to download it ({reason}). Check the network, or use a local model directory."
+        ) from None
+    return False
+
+
 def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False):
     """Load a tokenizer and make sure it can pad and render chats.
 
@@ -66,8 +153,11 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False):
     never from pad-id comparisons, so this is safe). One without a chat template gets ChatML
     with a warning (base models should use their instruct sibling's template).
     """
+    local_only = check_model_source(name_or_path)
     path = resolve_model_path(name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(
+        path, trust_remote_code=trust_remote_code, local_files_only=local_only
+    )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if not getattr(tokenizer, "chat_template", None):
@@ -108,18 +198,15 @@ def load_model(
     """
     if task not in TASKS:
         raise ValueError(f"unknown model task {task!r}; use one of {', '.join(TASKS)}")
+    local_only = check_model_source(name_or_path)
     path = resolve_model_path(name_or_path)
-    if not Path(path).exists() and "/" not in path:
-        raise FileNotFoundError(
-            f"model {name_or_path!r} is neither a local directory nor a hub id (owner/name) nor "
-            f"one of {', '.join(EMBEDDED_ALIASES)}"
-        )
     extra = {"num_labels": num_labels} if task == "score" else {}
     model = TASKS[task][0].from_pretrained(
         path,
         dtype=dtype,
         attn_implementation=attn_implementation,
         trust_remote_code=trust_remote_code,
+        local_files_only=local_only,
         **extra,
     )
     if task == "score" and pad_token_id is not None:

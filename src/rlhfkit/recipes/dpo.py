@@ -39,7 +39,7 @@ from typing import Any, Literal
 import torch
 
 from rlhfkit.atomic import atomic_write_text
-from rlhfkit.config import LogConfig, LoopConfig, ModelConfig, OptimConfig, to_dict
+from rlhfkit.config import LogConfig, LoopConfig, ModelConfig, OptimConfig, Problems, to_dict
 from rlhfkit.data.collate import supports_padding_free
 from rlhfkit.data.groups import (
     TokenizedGroup,
@@ -50,6 +50,8 @@ from rlhfkit.data.groups import (
 )
 from rlhfkit.data.preferences import to_groups
 from rlhfkit.data.schemas import load_examples
+from rlhfkit.data.sources import data_section_problems
+from rlhfkit.errors import ConfigError
 from rlhfkit.losses.preference import (
     PREFERENCE_LOSSES,
     kto_unpaired_from_pairs,
@@ -97,6 +99,10 @@ class DPODataConfig:
     limit: int | None = None
     """Use only the first N rows of each source."""
 
+    def problems(self) -> Problems:
+        """Missing, empty or unreadable sources and invalid values (checked before loading)."""
+        return data_section_problems(self)
+
 
 @dataclass
 class DPOAlgoConfig:
@@ -120,6 +126,15 @@ class DPOAlgoConfig:
     """kto: weight of desirable replies."""
     kto_lambda_u: float = 1.0
     """kto: weight of undesirable replies."""
+
+    def problems(self) -> Problems:
+        """Invalid values: a beta that is not positive, a label-smoothing outside [0, 0.5)."""
+        out = []
+        if self.beta is not None and not self.beta > 0:
+            out.append(("beta", f"must be positive, got {self.beta}"))
+        if not 0.0 <= self.label_smoothing < 0.5:
+            out.append(("label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing}"))
+        return out
 
 
 @dataclass
@@ -271,17 +286,18 @@ def prepare(ctx: RunContext, cfg: DPOConfig) -> tuple[PairBatches, PairBatches |
 
 def main(cfg: DPOConfig) -> Path:
     """Run direct alignment; returns the run directory (model under ``<run_dir>/final``)."""
-    ctx = build_run(cfg.model, cfg.log, cfg.loop.seed, to_dict(cfg))
+    ctx = build_run(cfg.model, cfg.log, cfg.loop.seed, to_dict(cfg), resume=cfg.loop.resume)
     ctx.packing = supports_padding_free(ctx.model)
     train, held_out, counts = prepare(ctx, cfg)
     log.info("data: %s; held-out pairs: %d", counts, len(held_out.pairs) if held_out else 0)
     if len(train.pairs) < cfg.loop.batch_size:
-        raise ValueError(
-            f"{cfg.data.train}: {len(train.pairs)} usable pairs < batch_size {cfg.loop.batch_size}"
+        raise ConfigError(
+            f"{cfg.data.train}: {len(train.pairs)} usable pairs < --loop.batch-size "
+            f"{cfg.loop.batch_size}"
         )
     per_epoch = len(train.pairs) // cfg.loop.batch_size
     total = cfg.loop.max_steps or max(1, math.ceil(cfg.loop.epochs * per_epoch))
-    ctx.start_training(cfg.optim, total, resume=cfg.loop.resume)
+    ctx.start_training(cfg.optim, total)
     saved = ctx.resume_state.get("gold_before")
     before = gold_comparison(ctx, cfg, None) if ctx.step == 0 else saved
     if before is not None:

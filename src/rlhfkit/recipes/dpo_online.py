@@ -48,13 +48,14 @@ from typing import Any, Literal
 import torch
 
 from rlhfkit.atomic import atomic_write_text
-from rlhfkit.config import LogConfig, to_dict
+from rlhfkit.config import LogConfig, Problems, to_dict
 from rlhfkit.data.collate import supports_padding_free
 from rlhfkit.data.groups import TokenizedGroup, tokenize_groups
 from rlhfkit.data.preferences import RankedGroup
 from rlhfkit.data.prompts import PromptRow
 from rlhfkit.data.schemas import load_examples
 from rlhfkit.data.templates import render_prompt
+from rlhfkit.errors import ConfigError
 from rlhfkit.eval.run import sample_grid
 from rlhfkit.losses.preference import PREFERENCE_LOSSES
 from rlhfkit.models.heads import supports_prefix_trees
@@ -73,6 +74,7 @@ from rlhfkit.rollout.hf import SamplingConfig
 from rlhfkit.rollout.sampler import chat_generator
 from rlhfkit.training.reference import cached_reference, compute_reference
 from rlhfkit.training.run import RunContext, build_run, finish_run
+from rlhfkit.validation import reward_problem
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +108,23 @@ class OnlineConfig:
     rm_max_tokens: int = 8192
     """Tokens per forward pass of a reward-model labeller."""
 
+    def problems(self) -> Problems:
+        """Invalid values and a reward that cannot load (checked before loading the model)."""
+        out = [
+            (name, f"must be at least {low}, got {getattr(self, name)}")
+            for name, low in (("rounds", 1), ("prompts_per_round", 1), ("num_samples", 2),
+                              ("steps_per_round", 1), ("max_new_tokens", 1), ("rm_max_tokens", 1))
+            if getattr(self, name) < low
+        ]  # fmt: skip
+        if not self.temperature > 0:
+            out.append(("temperature", f"must be positive, got {self.temperature}"))
+        if not 0.0 < self.top_p <= 1.0:
+            out.append(("top_p", f"must be in (0, 1], got {self.top_p}"))
+        problem = reward_problem(self.reward)
+        if problem:
+            out.append(("reward", problem))
+        return out
+
 
 @dataclass
 class OnlineDPOConfig(DPOConfig):
@@ -129,7 +148,7 @@ def round_prompts(cfg: OnlineDPOConfig) -> list[dict[str, Any]]:
             meta = getattr(example, "meta", {}) or {}
             out.append({**meta, "prompt": list(example.prompt), "location": example.location})
     if not out:
-        raise ValueError(f"{data.train}: no prompts to sample from")
+        raise ConfigError(f"{data.train}: no prompts to sample from")
     return out
 
 
@@ -237,10 +256,10 @@ def main(cfg: OnlineDPOConfig) -> Path:
     """Run iterative DPO; returns the run directory (model under ``<run_dir>/final``)."""
     on = cfg.online
     if on.num_samples < 2 or on.temperature <= 0 or on.rounds < 1 or on.steps_per_round < 1:
-        raise ValueError(
+        raise ConfigError(
             "online DPO needs num_samples >= 2, temperature > 0, rounds >= 1, steps_per_round >= 1"
         )
-    ctx = build_run(cfg.model, cfg.log, cfg.loop.seed, to_dict(cfg))
+    ctx = build_run(cfg.model, cfg.log, cfg.loop.seed, to_dict(cfg), resume=cfg.loop.resume)
     ctx.packing = supports_padding_free(ctx.model)
     share = cfg.data.share_prefix and ctx.packing and supports_prefix_trees(ctx.model)
     reward = load_reward_fn(on.reward, max_tokens=on.rm_max_tokens)
@@ -254,7 +273,7 @@ def main(cfg: OnlineDPOConfig) -> Path:
         )[0] if held else None  # fmt: skip
         held_out = PairBatches(held, ref, ctx.packing, ctx.pad_id, share) if held else None
     total = on.rounds * on.steps_per_round
-    ctx.start_training(cfg.optim, total, resume=cfg.loop.resume)
+    ctx.start_training(cfg.optim, total)
     saved = ctx.resume_state.get("gold_before")
     before = gold_comparison(ctx, cfg, None) if ctx.step == 0 else saved
     if before is not None:

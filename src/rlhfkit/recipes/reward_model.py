@@ -45,7 +45,7 @@ from typing import Any, Literal
 import torch
 
 from rlhfkit.atomic import atomic_write_text
-from rlhfkit.config import LogConfig, LoopConfig, ModelConfig, OptimConfig, to_dict
+from rlhfkit.config import LogConfig, LoopConfig, ModelConfig, OptimConfig, Problems, to_dict
 from rlhfkit.data.collate import supports_padding_free
 from rlhfkit.data.groups import (
     TokenizedGroup,
@@ -55,6 +55,8 @@ from rlhfkit.data.groups import (
 )
 from rlhfkit.data.preferences import to_groups
 from rlhfkit.data.schemas import load_examples
+from rlhfkit.data.sources import data_section_problems
+from rlhfkit.errors import ConfigError
 from rlhfkit.eval.reward_model import ScoredPair, print_report, rm_report, score_pairs
 from rlhfkit.losses.reward import (
     all_pairs_loss,
@@ -113,6 +115,10 @@ class RMDataConfig:
     """Use only the first N rows of each source."""
     category_key: str = "category"
     """Row field that groups held-out accuracy (rows without it count as 'all')."""
+
+    def problems(self) -> Problems:
+        """Missing, empty or unreadable sources and invalid values (checked before loading)."""
+        return data_section_problems(self)
 
 
 @dataclass
@@ -335,8 +341,9 @@ def main(cfg: RMConfig) -> Path:
     """Train a reward model; returns the run directory (model under ``<run_dir>/final``)."""
     task = make_task(cfg)
     ctx = build_run(
-        cfg.model, cfg.log, cfg.loop.seed, to_dict(cfg), task="score", num_labels=task.num_labels
-    )
+        cfg.model, cfg.log, cfg.loop.seed, to_dict(cfg), task="score", num_labels=task.num_labels,
+        resume=cfg.loop.resume,
+    )  # fmt: skip
     ctx.packing = cfg.data.packing and supports_padding_free(ctx.model)
     task.share_prefix = cfg.data.share_prefix and ctx.packing and supports_prefix_trees(ctx.model)
     train, counts = task.load(ctx.tokenizer, cfg.data.train, cfg.data.train_split, 0)
@@ -345,12 +352,12 @@ def main(cfg: RMConfig) -> Path:
     )
     log.info("data: %s; held-out items: %d; packing: %s", counts, len(held_out), ctx.packing)
     if len(train) < cfg.loop.batch_size:
-        raise ValueError(
-            f"{cfg.data.train}: {len(train)} usable items < batch_size {cfg.loop.batch_size}"
+        raise ConfigError(
+            f"{cfg.data.train}: {len(train)} usable items < --loop.batch-size {cfg.loop.batch_size}"
         )
     per_epoch = len(train) // cfg.loop.batch_size
     total = cfg.loop.max_steps or max(1, math.ceil(cfg.loop.epochs * per_epoch))
-    ctx.start_training(cfg.optim, total, resume=cfg.loop.resume)
+    ctx.start_training(cfg.optim, total)
     if ctx.step == 0:
         ctx.logger.log(0, evaluate(ctx, task, held_out, cfg)[0])
     step_loss = task.step_loss(ctx.model)

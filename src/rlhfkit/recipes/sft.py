@@ -32,7 +32,7 @@ from typing import Literal
 
 import torch
 
-from rlhfkit.config import LogConfig, LoopConfig, ModelConfig, OptimConfig, to_dict
+from rlhfkit.config import LogConfig, LoopConfig, ModelConfig, OptimConfig, Problems, to_dict
 from rlhfkit.data.collate import (
     bucket_by_length,
     pack_examples,
@@ -41,7 +41,9 @@ from rlhfkit.data.collate import (
     supports_padding_free,
 )
 from rlhfkit.data.schemas import load_examples
+from rlhfkit.data.sources import data_section_problems
 from rlhfkit.data.templates import render_messages, unroll_turns
+from rlhfkit.errors import ConfigError
 from rlhfkit.losses.sft import sft_loss
 from rlhfkit.models.forward import label_logprobs
 from rlhfkit.training.accumulate import StepStats, accumulate
@@ -84,6 +86,19 @@ class SFTDataConfig:
     limit: int | None = None
     """Use only the first N rows of each source."""
 
+    def problems(self) -> Problems:
+        """Missing, empty or unreadable sources and invalid values (checked before loading)."""
+        out = data_section_problems(self)
+        if self.unroll and self.mask_mode != "final_turn":
+            out.append(("", UNROLL_NEEDS_FINAL_TURN))
+        return out
+
+
+UNROLL_NEEDS_FINAL_TURN = (
+    "--data.unroll needs --data.mask-mode final_turn (with all_assistant_turns every unrolled "
+    "prefix would label the earlier turns again)"
+)
+
 
 @dataclass
 class SFTConfig:
@@ -101,10 +116,7 @@ def tokenize_examples(
 ) -> tuple[list[TokenizedExample], dict[str, int]]:
     """Load, validate and render one source; returns examples and counts for the log."""
     if data.unroll and data.mask_mode != "final_turn":
-        raise ValueError(
-            "data.unroll needs data.mask_mode final_turn (with all_assistant_turns every "
-            "unrolled prefix would label the earlier turns again)"
-        )
+        raise ConfigError(UNROLL_NEEDS_FINAL_TURN)
     result = load_examples(
         source, data.schema, split=split, on_error=data.on_error, limit=data.limit
     )
@@ -186,7 +198,7 @@ def evaluate(ctx: RunContext, examples: list[TokenizedExample], cfg: SFTConfig) 
 
 def main(cfg: SFTConfig) -> Path:
     """Run SFT; returns the run directory (final model under ``<run_dir>/final``)."""
-    ctx = build_run(cfg.model, cfg.log, cfg.loop.seed, to_dict(cfg))
+    ctx = build_run(cfg.model, cfg.log, cfg.loop.seed, to_dict(cfg), resume=cfg.loop.resume)
     ctx.packing = cfg.data.packing and supports_padding_free(ctx.model)
     train, counts = tokenize_examples(ctx.tokenizer, cfg.data.train, cfg.data.train_split, cfg.data)
     held_out = (
@@ -196,17 +208,18 @@ def main(cfg: SFTConfig) -> Path:
     )
     log.info("data: %s; held-out examples: %d; packing: %s", counts, len(held_out), ctx.packing)
     if cfg.loop.batch_size < ctx.dist.world_size:
-        raise ValueError(
-            f"loop.batch_size {cfg.loop.batch_size} is global: it must be at least the number "
+        raise ConfigError(
+            f"--loop.batch-size {cfg.loop.batch_size} is global: it must be at least the number "
             f"of ranks ({ctx.dist.world_size})"
         )
     if len(train) < cfg.loop.batch_size:
-        raise ValueError(
-            f"{cfg.data.train}: {len(train)} usable examples < batch_size {cfg.loop.batch_size}"
+        raise ConfigError(
+            f"{cfg.data.train}: {len(train)} usable examples < --loop.batch-size "
+            f"{cfg.loop.batch_size}"
         )
     per_epoch = len(train) // cfg.loop.batch_size
     total = cfg.loop.max_steps or max(1, math.ceil(cfg.loop.epochs * per_epoch))
-    ctx.start_training(cfg.optim, total, resume=cfg.loop.resume)
+    ctx.start_training(cfg.optim, total)
     if ctx.step == 0 and held_out:
         ctx.logger.log(0, {"eval/loss": evaluate(ctx, held_out, cfg)})
     step_loss = make_step_loss(ctx.model)

@@ -4,15 +4,20 @@ A checkpoint is a directory ``<run_dir>/checkpoints/step-<N>`` holding:
 
 - ``model.safetensors``: the trainable parameters by name, fp32 master weights;
 - ``trainer_state.pt``: optimiser and scheduler state, RNG states (python, torch, CUDA), the
-  step, the data position and any extra recipe state.
+  step, the data position and any extra recipe state;
+- ``info.json``: the step and what a resumed run needs before loading anything (how many
+  records ``metrics.jsonl`` held).
 
 It is written into a temporary sibling directory and renamed into place only when complete,
 then ``checkpoints/latest`` (a one-line file) is replaced atomically to point at it. A crash at
-any moment therefore leaves the previous checkpoint intact and ``latest`` naming a complete one.
+any moment therefore leaves the previous checkpoint intact and ``latest`` naming a complete one;
+:func:`latest_checkpoint` also finds the newest complete checkpoint when ``latest`` is missing
+or names a deleted one, and :func:`remove_partial` clears what a killed write left behind.
 """
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
 from dataclasses import dataclass, field
@@ -25,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from rlhfkit.atomic import atomic_directory, atomic_write_text
 
 LATEST = "latest"
+INFO = "info.json"
 
 
 @dataclass
@@ -72,6 +78,7 @@ def save_checkpoint(
     state: TrainerState,
     *,
     keep_last: int | None = 2,
+    info: dict[str, Any] | None = None,
 ) -> Path:
     """Write a checkpoint atomically and point ``latest`` at it.
 
@@ -80,6 +87,8 @@ def save_checkpoint(
         weights: Trainable parameters by name (fp32 master weights).
         state: Optimiser, scheduler, RNG and data state.
         keep_last: Keep only this many newest checkpoints (None keeps all).
+        info: Small plain values written to ``info.json`` with the step
+            (:func:`checkpoint_info` reads them without loading the state).
 
     Returns:
         The checkpoint directory.
@@ -91,6 +100,7 @@ def save_checkpoint(
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}
         save_file(tensors, str(tmp / "model.safetensors"))
         torch.save(state.__dict__, tmp / "trainer_state.pt")
+        (tmp / INFO).write_text(json.dumps({**(info or {}), "step": state.step}) + "\n")
     atomic_write_text(root / LATEST, final.name + "\n")
     if keep_last:
         others = sorted(p for p in root.glob("step-*") if p.is_dir() and p != final)
@@ -100,13 +110,67 @@ def save_checkpoint(
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The checkpoint ``latest`` points at, or None if the run has none."""
+    """The checkpoint ``latest`` points at, or None if the run has none.
+
+    When ``latest`` is missing or names an incomplete or deleted checkpoint (a run killed
+    between writing a checkpoint and its pointer, or a checkpoint removed by hand), the newest
+    complete ``step-*`` directory is used instead.
+    """
     root = Path(run_dir) / "checkpoints"
     pointer = root / LATEST
-    if not pointer.is_file():
+    if pointer.is_file():
+        path = root / pointer.read_text().strip()
+        if _complete(path):
+            return path
+    if not root.is_dir():
         return None
-    path = root / pointer.read_text().strip()
-    return path if (path / "trainer_state.pt").is_file() else None
+    complete = sorted(p for p in root.glob("step-*") if _complete(p))
+    return complete[-1] if complete else None
+
+
+def _complete(path: Path) -> bool:
+    return (path / "trainer_state.pt").is_file() and (path / "model.safetensors").is_file()
+
+
+def checkpoint_info(path: str | Path) -> dict[str, Any]:
+    """The ``info.json`` of a checkpoint: at least its ``step``.
+
+    Checkpoints written before ``info.json`` existed give only the step, read from the name.
+    """
+    path = Path(path)
+    try:
+        info = json.loads((path / INFO).read_text())
+    except (OSError, ValueError):
+        info = {}
+    if "step" not in info:
+        info["step"] = int(path.name.removeprefix("step-"))
+    return info
+
+
+def update_checkpoint_info(path: str | Path, **values: Any) -> None:
+    """Replace values in a complete checkpoint's ``info.json`` (atomically)."""
+    info = {**checkpoint_info(path), **values}
+    atomic_write_text(Path(path) / INFO, json.dumps(info) + "\n")
+
+
+def remove_partial(run_dir: str | Path) -> list[Path]:
+    """Delete what killed writes left in a run directory and its ``checkpoints``.
+
+    Atomic writes go through ``.tmp-<name>-*`` directories and ``.<name>.<pid>.tmp`` files,
+    renamed into place when complete; a run killed mid-write leaves them behind. Returns the
+    removed paths.
+    """
+    removed = []
+    for root in (Path(run_dir), Path(run_dir) / "checkpoints"):
+        if not root.is_dir():
+            continue
+        for path in [*root.glob(".tmp-*"), *root.glob(".*.tmp")]:
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], TrainerState]:

@@ -34,6 +34,12 @@ class MetricsLogger:
         project: Project name for wandb / trackio.
         config: Resolved config, passed to wandb / trackio.
         enabled: False on non-zero ranks: every call becomes a no-op.
+        purge_step: A resumed run's first step: TensorBoard drops the events the previous
+            attempt wrote from this step on (metrics.jsonl is trimmed before it is opened).
+
+    Attributes:
+        records: Lines in ``metrics.jsonl`` (those there before plus those written); a
+            checkpoint stores it so that a resumed run can drop the later ones.
     """
 
     def __init__(
@@ -46,18 +52,25 @@ class MetricsLogger:
         project: str = "rlhfkit",
         config: dict[str, Any] | None = None,
         enabled: bool = True,
+        purge_step: int | None = None,
     ) -> None:
         self.enabled = enabled
         self.sinks: list[Any] = []
+        self.records = 0
         if not enabled:
             return
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.file = (self.run_dir / "metrics.jsonl").open("a", buffering=1)
+        path = self.run_dir / "metrics.jsonl"
+        if path.is_file():
+            with path.open("rb") as f:
+                self.records = sum(1 for _ in f)
+        self.file = path.open("a", buffering=1)
         if tensorboard and importlib.util.find_spec("tensorboard") is not None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.sinks.append(_TensorBoard(SummaryWriter(str(self.run_dir / "tb"))))
+            writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=purge_step)
+            self.sinks.append(_TensorBoard(writer))
         for name, wanted in (("wandb", wandb), ("trackio", trackio)):
             if wanted:
                 self.sinks.append(_Tracker(name, project, str(self.run_dir), config or {}))
@@ -68,6 +81,7 @@ class MetricsLogger:
             return
         clean = {k: (float(v) if math.isfinite(float(v)) else None) for k, v in metrics.items()}
         self.file.write(json.dumps({"step": step, "time": time.time(), **clean}) + "\n")
+        self.records += 1
         for sink in self.sinks:
             sink.log(step, {k: v for k, v in clean.items() if v is not None})
 

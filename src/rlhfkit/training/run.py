@@ -17,6 +17,7 @@ import torch
 
 from rlhfkit.atomic import atomic_directory
 from rlhfkit.config import LogConfig, ModelConfig, OptimConfig
+from rlhfkit.errors import ConfigError, UserError
 from rlhfkit.models.load import (
     LoraSpec,
     apply_lora,
@@ -33,7 +34,9 @@ from rlhfkit.training.checkpoint import (
     load_checkpoint,
     restore_rng,
     save_checkpoint,
+    update_checkpoint_info,
 )
+from rlhfkit.training.companion import Companion
 from rlhfkit.training.distributed import (
     DistInfo,
     all_reduce_mean_,
@@ -47,46 +50,13 @@ from rlhfkit.training.optim import build_optimizer, build_scheduler, clip_grad_n
 from rlhfkit.training.precision import MasterWeights
 from rlhfkit.training.progress import TrainProgress
 from rlhfkit.training.reference import starting_model
+from rlhfkit.training.rundir import RunFinished, plan_run, prepare_run_dir
 
 log = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(RuntimeError):
-    """Too many consecutive steps had a NaN or infinite loss."""
-
-
-@dataclass
-class Companion:
-    """A second model trained next to the policy and stepped with it (PPO's value model).
-
-    It has its own fp32 master weights, AdamW, schedule and gradient clipping. Its weights are
-    written into the policy's checkpoint under ``<name>/`` and its optimiser and schedule into
-    ``TrainerState.data["companions"]``, so one atomic checkpoint restores both models.
-    """
-
-    model: torch.nn.Module
-    master: MasterWeights
-    optim: OptimConfig
-    optimizer: torch.optim.Optimizer | None = None
-    scheduler: Any = None
-
-    def start(self, total_steps: int) -> None:
-        """Build the optimiser and schedule for ``total_steps`` steps."""
-        o = self.optim
-        self.optimizer = build_optimizer(
-            self.master.params(), lr=o.lr, weight_decay=o.weight_decay, betas=o.betas, eps=o.eps
-        )
-        self.scheduler = build_scheduler(
-            self.optimizer, total_steps=total_steps, warmup_ratio=o.warmup_ratio,
-            schedule=o.schedule,
-        )  # fmt: skip
-
-    def step(self) -> None:
-        """Optimiser and schedule step, then copy the master weights into the model."""
-        self.optimizer.step()
-        self.scheduler.step()
-        self.master.zero_grad()
-        self.master.sync_to_model()
+class NonFiniteLossError(UserError, RuntimeError):
+    """Too many consecutive steps had a NaN or infinite loss (the message says what to try)."""
 
 
 @dataclass
@@ -118,6 +88,8 @@ class RunContext:
     """(model name, load_model keywords) of the starting model, to load it again as pi_ref."""
     companions: dict[str, Companion] = field(default_factory=dict)
     """Further trained models (name -> :class:`Companion`), stepped and saved with the policy."""
+    resume_from: Path | None = None
+    """The checkpoint this attempt continues from (:func:`rlhfkit.training.rundir.plan_run`)."""
 
     def starting_model(self) -> AbstractContextManager[torch.nn.Module]:
         """The starting model pi_ref for a pass outside the reference cache.
@@ -138,8 +110,23 @@ class RunContext:
         """The tokenizer's padding id."""
         return int(self.tokenizer.pad_token_id)
 
-    def start_training(self, optim: OptimConfig, total_steps: int, *, resume: bool) -> None:
-        """Build optimiser and schedule; with ``resume``, restore the latest checkpoint."""
+    def start_training(
+        self, optim: OptimConfig, total_steps: int, *, resume: bool | None = None
+    ) -> None:
+        """Build optimiser and schedule, then restore the checkpoint the run continues from.
+
+        Args:
+            optim: Optimiser and schedule settings.
+            total_steps: Optimiser steps of the whole run.
+            resume: None: continue from ``resume_from`` (set by :func:`build_run` from
+                ``--loop.resume``) if any; False: start at step 0; True: continue from the
+                latest checkpoint, which must exist.
+
+        Raises:
+            ConfigError: ``resume`` is True and there is no checkpoint.
+            RunFinished: The run's final model exists and the checkpoint is at
+                ``total_steps`` or beyond: nothing is left to train.
+        """
         self.optimizer = build_optimizer(
             self.master.params(),
             lr=optim.lr,
@@ -155,13 +142,13 @@ class RunContext:
         )
         for companion in self.companions.values():
             companion.start(total_steps)
-        if not resume:
-            return
-        path = latest_checkpoint(self.run_dir)
+        path = None if resume is False else self.resume_from
+        if resume and path is None:
+            path = latest_checkpoint(self.run_dir)
+            if path is None:
+                raise ConfigError(f"--loop.resume: no checkpoint under {self.run_dir}/checkpoints")
         if path is None:
-            raise FileNotFoundError(
-                f"--loop.resume: no checkpoint under {self.run_dir}/checkpoints"
-            )
+            return
         weights, state = load_checkpoint(path)
         self.master.load_state_dict(weights)
         self.optimizer.load_state_dict(state.optimizer)
@@ -185,7 +172,10 @@ class RunContext:
             restore_rng(ranks[self.dist.rank])
         self.step, self.resume_state = state.step, dict(state.extra)
         self.saved_step = state.step
-        log.info("resumed from %s at step %d", path, self.step)
+        if self.step >= total_steps and (self.run_dir / "final").is_dir():
+            self.logger.close()
+            raise RunFinished(self.run_dir, self.step)
+        log.info("continuing at step %d of %d", self.step + 1, total_steps)
 
     @property
     def batches_done(self) -> int:
@@ -257,8 +247,8 @@ class RunContext:
             raise NonFiniteLossError(
                 f"{self.nonfinite} consecutive non-finite losses at step {self.step}; "
                 f"stopping. The last good checkpoint in {self.run_dir}/checkpoints is "
-                "intact: lower optim.lr, check the data, or use --model.precision fp32, "
-                "then --loop.resume True."
+                "intact: lower --optim.lr, check the data, or use --model.precision fp32, "
+                "then run the command again (it continues from that checkpoint)."
             )
 
     def log_step(self, metrics: dict[str, float], every: int) -> None:
@@ -300,7 +290,9 @@ class RunContext:
             data=data,
             extra=dict(self.resume_state),
         )
-        path = save_checkpoint(self.run_dir, weights, state, keep_last=keep_last)
+        info = {"metrics_records": self.logger.records}
+        path = save_checkpoint(self.run_dir, weights, state, keep_last=keep_last, info=info)
+        log.info("checkpoint %s", path)
         barrier()
         return path
 
@@ -319,18 +311,27 @@ def build_run(
     *,
     task: str = "causal_lm",
     num_labels: int = 1,
+    resume: bool | None = None,
 ) -> RunContext:
     """Seed, load model + tokenizer with the precision policy and optional LoRA, open the run.
 
     Under torchrun each rank joins the process group and holds a replica on its device; only
     rank 0 writes the run directory. ``task="score"`` loads a scalar-head model
-    (:mod:`rlhfkit.models.heads`) with ``num_labels`` outputs.
+    (:mod:`rlhfkit.models.heads`) with ``num_labels`` outputs. ``resume`` (``--loop.resume``)
+    decides, before the model is loaded, whether the run continues from its latest
+    checkpoint or starts over (:mod:`rlhfkit.training.rundir`); :meth:`RunContext.start_training`
+    restores the checkpoint.
+
+    Raises:
+        ConfigError: The run directory cannot be used, or fp16 training was asked for.
+        RunFinished: The run directory holds a finished run.
     """
     dist_info = init_distributed()
+    plan = plan_run(log_cfg.run_dir, resume)
     torch.manual_seed(seed)
     precision = resolve_precision(model_cfg.precision, dist_info.device)
     if precision.compute == torch.float16:
-        raise ValueError(
+        raise ConfigError(
             "--model.precision fp16 is for inference only: training in fp16 needs loss scaling, "
             "which rlhfkit does not implement. Use bf16 (or auto)."
         )
@@ -359,9 +360,14 @@ def build_run(
         model = apply_lora(model, spec)
     model.to(dist_info.device).train()
     master = MasterWeights(model, precision.compute)
-    run_dir = Path(log_cfg.run_dir)
+    run_dir, purge_step = plan.run_dir, None
     if dist_info.is_main:
-        write_run_info(run_dir, config)
+        try:
+            purge_step = prepare_run_dir(plan, config)
+            write_run_info(run_dir, config)
+        except PermissionError as err:
+            problem = f"cannot write {err.filename}: {err.strerror}"
+            raise ConfigError(f"--log.run-dir: {problem}") from err
     logger = MetricsLogger(
         run_dir,
         tensorboard=log_cfg.tensorboard,
@@ -370,6 +376,7 @@ def build_run(
         project=log_cfg.project,
         config=config,
         enabled=dist_info.is_main,
+        purge_step=purge_step,
     )
     log.info("precision: compute %s (%s), master fp32", precision.compute, precision.reason)
     return RunContext(
@@ -383,6 +390,7 @@ def build_run(
         dist=dist_info,
         lora_base=(model_cfg.name, spec, load_kwargs) if model_cfg.lora else None,
         source=(model_cfg.name, load_kwargs),
+        resume_from=plan.checkpoint,
     )
 
 
@@ -394,6 +402,10 @@ def finish_run(ctx: RunContext, keep_last: int) -> Path:
     """
     if ctx.saved_step != ctx.step:  # decided the same way on every rank (no file-system read)
         ctx.save(keep_last)
+    elif ctx.dist.is_main:  # the records logged since (final evaluation) belong to the run
+        path = ctx.run_dir / "checkpoints" / f"step-{ctx.step:08d}"
+        if path.is_dir():
+            update_checkpoint_info(path, metrics_records=ctx.logger.records)
     if ctx.dist.is_main:
         model, adapter = ctx.model, None
         if ctx.lora_base is None:

@@ -30,6 +30,7 @@ from typing import Any
 
 from rlhfkit.data.rows import Row
 from rlhfkit.data.tasks import arithmetic, countdown, instructions, preferences, strings
+from rlhfkit.errors import ConfigError
 
 SPLITS = ("train", "heldout")
 """Splits of every built-in dataset."""
@@ -58,12 +59,12 @@ def builtin_rows(name: str, split: str) -> list[Row]:
         ValueError: An unknown name or split.
     """
     if name not in BUILTIN:
-        raise ValueError(
+        raise ConfigError(
             f"unknown built-in dataset {name!r}; available: "
             + ", ".join(f"builtin:{key}" for key in BUILTIN)
         )
     if split not in SPLITS:
-        raise ValueError(f"builtin:{name} has no split {split!r}; use one of {', '.join(SPLITS)}")
+        raise ConfigError(f"builtin:{name} has no split {split!r}; use one of {', '.join(SPLITS)}")
     prefix = f"builtin:{name}[{split}]"
     return [
         Row(data=data, location=f"{prefix}:row {i}")

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhfkit.data.rows import DataError, Row, read_file
+from rlhfkit.errors import MissingFileError
 
 PREFIX = "gsm8k:"
 """Source prefix of a GSM8K-format file."""
@@ -98,7 +99,7 @@ def gsm8k_rows(path: str | Path, *, limit: int | None = None) -> list[Row]:
     """
     source = str(path)
     if not Path(source).is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{PREFIX}{source}: no such file (resolved to {Path(source).resolve()})"
         )
     return [

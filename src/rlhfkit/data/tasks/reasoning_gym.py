@@ -36,6 +36,7 @@ from collections.abc import Collection
 from typing import Any
 
 from rlhfkit.data.rows import Row
+from rlhfkit.errors import ConfigError
 from rlhfkit.extras import import_optional
 
 PREFIX = "rgym:"
@@ -72,17 +73,17 @@ def parse_spec(spec: str) -> tuple[str, dict[str, int]]:
     """
     name, _, query = spec.partition("?")
     if not name:
-        raise ValueError(f"{PREFIX}{spec}: name a reasoning-gym dataset, e.g. rgym:chain_sum")
+        raise ConfigError(f"{PREFIX}{spec}: name a reasoning-gym dataset, e.g. rgym:chain_sum")
     settings = {"size": DEFAULT_SIZE, "heldout_size": DEFAULT_HELDOUT_SIZE, "seed": 0}
     for item in filter(None, query.split("&")):
         key, sep, value = item.partition("=")
         if key not in SETTINGS or not sep:
-            raise ValueError(
+            raise ConfigError(
                 f"{PREFIX}{spec}: unknown setting {item!r}; use key=value with keys "
                 + ", ".join(SETTINGS)
             )
         if not value.isdigit():
-            raise ValueError(f"{PREFIX}{spec}: {key} must be an integer >= 0, got {value!r}")
+            raise ConfigError(f"{PREFIX}{spec}: {key} must be an integer >= 0, got {value!r}")
         settings[key] = int(value)
     return name, settings
 
@@ -110,7 +111,7 @@ def create_dataset(name: str, size: int, seed: int) -> Any:
     factory = import_optional("reasoning_gym.factory", "rgym", _FEATURE)
     known = factory.DATASETS
     if name not in known:
-        raise ValueError(
+        raise ConfigError(
             f"unknown reasoning-gym dataset {name!r}; known: {', '.join(sorted(known))}"
         )
     return reasoning_gym.create_dataset(name, size=size, seed=seed)
@@ -192,7 +193,7 @@ def split_rows(spec: str, split: str) -> list[dict[str, Any]]:
     """
     name, settings = parse_spec(spec)
     if split not in ("train", "heldout"):
-        raise ValueError(f"{PREFIX}{spec} has no split {split!r}; use 'train' or 'heldout'")
+        raise ConfigError(f"{PREFIX}{spec} has no split {split!r}; use 'train' or 'heldout'")
     heldout_seed = settings["seed"] + HELDOUT_SEED_OFFSET
     heldout = generate(name, settings["heldout_size"], seed=heldout_seed)
     if split == "heldout":

@@ -6,7 +6,10 @@ import logging
 import math
 from dataclasses import dataclass, field, replace
 
-from rlhfkit.config import LogConfig, LoopConfig, ModelConfig, OptimConfig
+from rlhfkit.config import LogConfig, LoopConfig, ModelConfig, OptimConfig, Problems
+from rlhfkit.data.schemas import SCHEMAS
+from rlhfkit.data.sources import data_section_problems
+from rlhfkit.errors import ConfigError
 from rlhfkit.losses.policy import OBJECTIVES
 from rlhfkit.ops.masking import AGGREGATIONS
 from rlhfkit.recipes.policy_gradient.presets import (
@@ -18,6 +21,7 @@ from rlhfkit.recipes.policy_gradient.presets import (
     PGPreset,
 )
 from rlhfkit.rollout.hf import SamplingConfig
+from rlhfkit.validation import did_you_mean, model_path_problem, reward_problem
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +43,17 @@ class PGDataConfig:
     share_prefix: bool = True
     """Train on prefix trees: each prompt computed once for its completions, no padding (needs
     the varlen_sdpa attention; otherwise padded rows)."""
+
+    def problems(self) -> Problems:
+        """A missing, empty or unreadable prompt source, an unknown schema, invalid limits."""
+        out = data_section_problems(self, ("train",))
+        if self.schema not in SCHEMAS:
+            names = list(SCHEMAS)
+            hint = did_you_mean(self.schema, names)
+            out.append(
+                ("schema", f"unknown schema {self.schema!r}{hint} (valid: {', '.join(names)})")
+            )
+        return out
 
 
 @dataclass
@@ -153,6 +168,50 @@ class PGConfig:
     sample_every: int = 10
     """Write a few completions to samples.jsonl every N steps (0: never)."""
 
+    def problems(self) -> Problems:
+        """Invalid values found before anything loads.
+
+        The preset and its overrides, the rewards and their weights, sampling settings, the
+        critic's model path.
+        """
+        out = _sampling_problems(self.sampling)
+        try:
+            preset = resolve_preset(self.algo)
+        except (ValueError, NotImplementedError) as err:
+            out.append(("", str(err)))
+        else:
+            if preset.min_group_size > self.sampling.num_samples:
+                out.append(("sampling.num_samples", group_size_problem(self.algo.preset, preset)))
+        if not self.rewards:
+            out.append(("rewards", "at least one reward is needed"))
+        out += [("rewards", text) for text in map(reward_problem, self.rewards) if text]
+        if self.weights and len(self.weights) != len(self.rewards):
+            out.append(("weights", f"{len(self.weights)} weights for {len(self.rewards)} rewards"))
+        if self.critic.model is not None and (problem := model_path_problem(self.critic.model)):
+            out.append(("critic.model", problem))
+        if self.sample_every < 0:
+            out.append(("sample_every", f"must be >= 0 (0: never), got {self.sample_every}"))
+        return out
+
+
+def _sampling_problems(s: SamplingConfig) -> Problems:
+    """Sampling settings that cannot work (as ``sampling.<field>`` problems)."""
+    out = [
+        (f"sampling.{name}", f"must be at least 1, got {value}")
+        for name, value in (("max_new_tokens", s.max_new_tokens), ("num_samples", s.num_samples))
+        if value < 1
+    ]
+    if s.temperature < 0:
+        out.append(("sampling.temperature", f"must be >= 0 (0: greedy), got {s.temperature}"))
+    if not 0.0 < s.top_p <= 1.0:
+        out.append(("sampling.top_p", f"must be in (0, 1], got {s.top_p}"))
+    return out
+
+
+def group_size_problem(name: str, preset: PGPreset) -> str:
+    """The message of a group smaller than the preset needs."""
+    return f"preset {name!r} needs at least {preset.min_group_size} samples per prompt"
+
 
 _AXES = ("advantage", "objective", "aggregation", "kl_placement", "kl_estimator", "kl_coef",
          "dynamic_sampling", "overlong_penalty", "epochs")  # fmt: skip
@@ -173,7 +232,7 @@ def _kl_coef(cfg: PGAlgoConfig) -> float | None:
     if cfg.beta is None:
         return cfg.kl_coef
     if cfg.kl_coef is not None:
-        raise ValueError("set --algo.kl_coef only (--algo.beta is its deprecated spelling)")
+        raise ConfigError("set --algo.kl_coef only (--algo.beta is its deprecated spelling)")
     log.warning("--algo.beta is deprecated for the RL KL coefficient: use --algo.kl_coef")
     return cfg.beta
 
@@ -187,9 +246,12 @@ def resolve_preset(cfg: PGAlgoConfig) -> PGPreset:
     """
     band = cfg.pass_rate_band
     if band is not None and not (len(band) == 2 and 0.0 <= band[0] <= band[1] <= 1.0):
-        raise ValueError(f"algo.pass_rate_band: need 0 <= LOW <= HIGH <= 1, got {band}")
+        raise ConfigError(f"--algo.pass-rate-band: need 0 <= LOW <= HIGH <= 1, got {band}")
     if cfg.preset not in PG_PRESETS:
-        raise ValueError(f"unknown preset {cfg.preset!r}; choose from {sorted(PG_PRESETS)}")
+        raise ConfigError(
+            f"--algo.preset: unknown preset {cfg.preset!r}"
+            f"{did_you_mean(cfg.preset, sorted(PG_PRESETS))} (choose from {sorted(PG_PRESETS)})"
+        )
     preset = PG_PRESETS[cfg.preset]
     params = preset.params
     if cfg.eps_low is not None or cfg.eps_high is not None:
@@ -201,13 +263,16 @@ def resolve_preset(cfg: PGAlgoConfig) -> PGPreset:
     values = {**{k: getattr(cfg, k, None) for k in _AXES}, "kl_coef": _kl_coef(cfg)}
     preset = replace(preset, params=params, **{k: v for k, v in values.items() if v is not None})
     if preset.epochs < 1 or cfg.minibatches < 1:
-        raise ValueError(
-            f"algo.epochs and algo.minibatches must be >= 1, got {preset.epochs}, {cfg.minibatches}"
+        raise ConfigError(
+            f"--algo.epochs and --algo.minibatches must be >= 1, got {preset.epochs}, "
+            f"{cfg.minibatches}"
         )
     for axis, allowed in CHOICES.items():
-        if getattr(preset, axis) not in allowed:
-            raise ValueError(
-                f"unknown algo.{axis} {getattr(preset, axis)!r}; choose from {', '.join(allowed)}"
+        value = getattr(preset, axis)
+        if value not in allowed:
+            raise ConfigError(
+                f"unknown --algo.{axis.replace('_', '-')} {value!r}"
+                f"{did_you_mean(str(value), list(allowed))} (choose from {', '.join(allowed)})"
             )
     if preset.advantage not in ESTIMATORS:
         raise NotImplementedError(
@@ -215,7 +280,7 @@ def resolve_preset(cfg: PGAlgoConfig) -> PGPreset:
             "process reward model), which rlhfkit rl does not have yet"
         )
     if ("critic" in preset.estimator.needs) != preset.critic:
-        raise ValueError("the 'gae' advantage and a critic go together (preset 'ppo')")
+        raise ConfigError("the 'gae' advantage and a critic go together (preset 'ppo')")
     return preset
 
 

@@ -8,12 +8,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rlhfkit.config import to_dict
+from rlhfkit.errors import ConfigError
 from rlhfkit.models.heads import supports_prefix_trees
 from rlhfkit.ops.kl import adaptive_kl_coef
 from rlhfkit.ops.masking import Aggregation
 from rlhfkit.recipes.policy_gradient.advantages import assign_advantages, attach_logprobs
 from rlhfkit.recipes.policy_gradient.collect import collect, load_prompts
-from rlhfkit.recipes.policy_gradient.config import PGConfig, resolve_preset, total_steps
+from rlhfkit.recipes.policy_gradient.config import (
+    PGConfig,
+    group_size_problem,
+    resolve_preset,
+    total_steps,
+)
 from rlhfkit.recipes.policy_gradient.critic import Critic
 from rlhfkit.recipes.policy_gradient.metrics import step_metrics, write_samples
 from rlhfkit.recipes.policy_gradient.presets import PGPreset
@@ -97,25 +103,23 @@ def main(cfg: PGConfig) -> Path:
     """
     preset = resolve_preset(cfg.algo)
     if preset.min_group_size > cfg.sampling.num_samples:
-        raise ValueError(
-            f"preset {cfg.algo.preset!r} needs sampling.num_samples >= {preset.min_group_size}"
-        )
-    ctx = build_run(cfg.model, cfg.log, cfg.loop.seed, to_dict(cfg))
+        raise ConfigError(f"--sampling.num-samples: {group_size_problem(cfg.algo.preset, preset)}")
+    ctx = build_run(cfg.model, cfg.log, cfg.loop.seed, to_dict(cfg), resume=cfg.loop.resume)
     critic = None
     if preset.critic:  # before the reference: the same RNG draws as a run without one
         agg = Aggregation(preset.aggregation, max_len=cfg.sampling.max_new_tokens)
         critic = Critic.build(ctx, cfg, agg)
     run = prepare(ctx, cfg, preset)
     total = total_steps(cfg, preset, len(run.prompts))
-    ctx.start_training(cfg.optim, total, resume=cfg.loop.resume)
+    ctx.start_training(cfg.optim, total)
     state = restore_state(ctx)
     loss = policy_step_loss(run, state)
     if critic is not None:
         loss = critic.add_value_loss(loss)
     train(run, state, loss, critic, total)
-    finish_run(ctx, cfg.loop.keep_last)
-    if critic is not None:
+    if critic is not None:  # before the final model, whose presence marks a finished run
         critic.save()
+    finish_run(ctx, cfg.loop.keep_last)
     return ctx.run_dir
 
 
