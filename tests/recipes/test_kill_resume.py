@@ -5,13 +5,15 @@ Each training command runs as ``python -m rlhfkit ...`` with the default checkpo
 written and a later step has been logged, the process is killed with SIGKILL (no cleanup runs).
 The same command, run again, must say that it resumes from the step-20 checkpoint, finish, and
 leave a ``metrics.jsonl`` in which every step 1..40 appears exactly once: the killed attempt's
-records after step 20 are dropped before the steps are redone. A third run of the same command
-reports the run as finished and exits 0.
+records after step 20 are dropped before the steps are redone. Running the command of a
+finished run again reports it as finished and exits 0; raising ``--loop.max-steps`` continues
+it (both tested in-process).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -20,6 +22,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from rlhfkit.cli import main as cli_main
 
 pytestmark = pytest.mark.usefixtures("fresh_cache")
 
@@ -124,7 +128,23 @@ def test_killed_run_continues_from_its_last_checkpoint(command, tiny_model_dir, 
     assert (run / "final" / "config.json").is_file()
     assert not list(run.glob(".tmp-*")) and not list((run / "checkpoints").glob(".tmp-*"))
 
-    done = subprocess.run(cli, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert f"holds a finished run at step {STEPS}" in done.stderr
-    assert logged_steps(run) == list(range(1, STEPS + 1))
+
+def test_a_finished_run_says_so_and_continues_when_max_steps_is_raised(
+    tiny_model_dir, tmp_path, caplog
+):
+    run = tmp_path / "run"
+    args = [
+        *command_args("sft", tiny_model_dir, tmp_path), "--model.name", str(tiny_model_dir),
+        *COMMON, "--log.run-dir", str(run),
+    ]  # fmt: skip
+    short = [*args, "--loop.max-steps", "3"]
+    cli_main(short)
+    final = (run / "final" / "model.safetensors").stat().st_mtime_ns
+    caplog.set_level(logging.INFO, logger="rlhfkit")
+    cli_main(short)  # returns: status 0
+    assert f"{run} holds a finished run at step 3" in caplog.text
+    assert (run / "final" / "model.safetensors").stat().st_mtime_ns == final
+    assert logged_steps(run) == [1, 2, 3]
+    cli_main([*args, "--loop.max-steps", "5"])
+    assert logged_steps(run) == [1, 2, 3, 4, 5]
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step-00000005"
