@@ -1,4 +1,8 @@
-"""The sandbox (rewards/verifiers/sandbox.py) and the code reward (rewards/verifiers/code.py)."""
+"""The sandbox (rewards/verifiers/sandbox.py), the code reward (rewards/verifiers/code.py) and
+its harness (harness.py: the child's side; asserts.py: the split; judge.py: the parent's side).
+
+Reward hacking is tested in test_code_verifier_adversarial.py.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +19,10 @@ from pathlib import Path
 import pytest
 
 from rlhfkit.rewards.verifiers import get_verifier
+from rlhfkit.rewards.verifiers.asserts import plan_assert_test
 from rlhfkit.rewards.verifiers.code import code_reward, extract_program, normalise_output
+from rlhfkit.rewards.verifiers.harness import CHILD_SOURCE
+from rlhfkit.rewards.verifiers.judge import decode, literal_source, read_records
 from rlhfkit.rewards.verifiers.sandbox import (
     _BOOTSTRAP,
     SandboxLimits,
@@ -267,7 +274,7 @@ def test_stragglers_holding_the_pipes_are_killed():
         start_new_session=True,
     )
     start = time.monotonic()
-    out, _, _, timed_out = _supervise(proc, b"", SandboxLimits(timeout=10))
+    out, _, _, _, timed_out = _supervise(proc, b"", SandboxLimits(timeout=10))
     assert time.monotonic() - start < 3.0 and not timed_out
     grandchild = int(out.decode().split()[0])
     deadline = time.monotonic() + 2
@@ -397,7 +404,7 @@ def test_hook_functions_read_no_globals():
     # The hook's helpers must take every name from their own defaults: a global or a closure
     # cell could be swapped by the program (via builtins or a traceback frame's f_globals).
     module = compile(_BOOTSTRAP, "<bootstrap>", "exec")
-    names = {"_as_path", "_resolve", "_inside", "_check_open", "_hook"}
+    names = {"_as_path", "_resolve", "_inside", "_foreign", "_check_open", "_hook"}
     found = {c.co_name: c for c in module.co_consts if hasattr(c, "co_code")}
     assert names <= set(found)
     for name in names:
@@ -405,3 +412,123 @@ def test_hook_functions_read_no_globals():
         assert not ops & {"LOAD_GLOBAL", "LOAD_NAME", "LOAD_DEREF", "LOAD_CLOSURE"}, name
         nested = [c for c in found[name].co_consts if hasattr(c, "co_code")]
         assert nested == [], name
+
+
+# --- the harness: what the child sends, what the parent accepts ---------------------------------
+
+
+def harness_run(program: str, steps: list[list[str]]):
+    payload = {"steps": steps, "helper": "_h", "nonce": "n0nce"}
+    return run_python(textwrap.dedent(program), limits=FAST, harness=(CHILD_SOURCE, payload))
+
+
+def test_harness_values_round_trip_as_plain_data():
+    values = [None, True, -3, 2**20000, 1.5, float("-inf"), -0.0, 1 + 2j, "é\n", b"\x00"]
+    values += [range(1, 9, 2), [1, (2,)], {"k": {1, 2}}, frozenset({3}), (), set()]
+    steps = [["eval", f"VALUES[{i}]"] for i in range(len(values))]
+    steps += [["eval", "(x for x in [1, 2])"], ["eval", "object()"], ["exec", "1/0"]]
+    steps += [["call", "len", "([1, 2],)"]]
+    result = harness_run(f"VALUES = {literal_source(values)}", steps)
+    records = read_records(result.channel, len(steps), "n0nce")
+    assert records is not None, result.stderr
+    decoded = [decode(value) for _, value in records[: len(values)]]
+    assert decoded == values
+    assert [type(v) for v in decoded] == [type(v) for v in values]
+    assert list(decode(records[len(values)][1])) == [1, 2]  # a generator: its items
+    assert records[len(values) + 1][0] is False  # not plain data
+    assert records[-2:] == [(False, "ZeroDivisionError"), (True, 2)]
+
+
+def test_records_are_accepted_only_whole():
+    good = 'n ["program","ok"]\nn [0,"ok",1]\nn ["end",1]\n'
+    assert read_records(good, 1, "n") == [(True, 1)]
+    assert read_records(good, 2, "n") is None
+    bad = [
+        good.replace("n ", "m ", 1),  # another nonce
+        good.replace('n ["end",1]\n', ""),  # cut short
+        good + 'n [0,"ok",2]\n',  # an extra record
+        good.replace("[0,", "[true,"),
+        good.replace('"ok",1', '"fine",1'),
+        'n ["program","error"]\nn [0,"ok",1]\nn ["end",1]\n',
+    ]
+    assert all(read_records(text, 1, "n") is None for text in bad)
+
+
+def test_harness_file_is_gone_and_its_functions_are_protected():
+    program = """
+        import os, sys
+        print(sorted(os.listdir()))
+        run = sys._getframe(1).f_globals["_run"]
+        try:
+            run.__defaults__ = ()
+        except PermissionError as err:
+            print("refused", err)
+        """
+    result = harness_run(program, [["exec", "pass"]])
+    assert result.stdout.splitlines()[0] == "['main.py']"
+    assert "refused sandbox:" in result.stdout
+    assert read_records(result.channel, 1, "n0nce") == [(True, None)]
+
+
+def test_harness_functions_read_no_globals():
+    module = compile(CHILD_SOURCE, "<harness>", "exec")
+    found = {c.co_name: c for c in module.co_consts if hasattr(c, "co_code")}
+    for name in ("_plain", "_dump", "_cmp", "_run"):
+        codes = [found[name], *(c for c in found[name].co_consts if hasattr(c, "co_code"))]
+        for code in codes:
+            ops = {i.opname for i in dis.get_instructions(code)}
+            assert not ops & {"LOAD_GLOBAL", "LOAD_NAME"}, (name, code.co_name)
+
+
+def test_other_processes_and_kernel_memory_are_unreadable():
+    result = run(
+        """
+        import os
+        print(len(open("/proc/self/status").read()) > 0)
+        parent = f"/proc/{os.getppid()}"
+        paths = (parent + "/mem", parent + "/environ", "/proc/self/../1/cmdline", "/proc/kcore")
+        for path in paths:
+            try:
+                open(path, "rb").read(1)
+                print("read", path)
+            except PermissionError:
+                print("refused")
+        os.chdir(parent)
+        try:
+            open("cmdline").read()
+            print("read cmdline")
+        except PermissionError:
+            print("refused")
+        """
+    )
+    assert result.stdout.split() == ["True"] + ["refused"] * 5, result.stderr
+
+
+@pytest.mark.parametrize(
+    "snippet",
+    [
+        "assert add(1, 2) == 31337",
+        "assert abs(area(2.0) - 0.31337) < 1e-3",
+        "import math\nassert math.isclose(f(1), 0.31337)",
+        "expected = [31337]\nassert f([3]) == expected",
+        "def close(a, b):\n    return abs(a - b) < 0.31337\nassert close(f(1), 31337)",
+        "def check(candidate):\n    assert candidate(1) == 31337\n\ncheck(f)",
+        "assert sorted(f(x), key=len) == ['31337']",
+        "assert f(1) == 2 or g(2) == 31337",
+        "assert len(stack) == 31337 and stack.top() is None",
+    ],
+)
+def test_expected_values_stay_out_of_the_childs_steps(snippet):
+    plan = plan_assert_test(snippet, "_h")
+    assert plan.steps and plan.checks
+    assert not any("31337" in text for step in plan.steps for text in step[1:]), plan.steps
+
+
+def test_a_probe_that_raised_fails_only_the_checks_that_read_it():
+    program = "```python\ndef f(x):\n    return x\ndef g(x):\n    raise ValueError(x)\n```"
+    assert code_reward(program, ["assert f(1) or g(1)"]) == 1.0
+    assert code_reward(program, ["assert g(1) or f(1)"]) == 0.0
+    assert (
+        code_reward(program, ["assert f(3) ** 2 == 9", "assert f(3) ** 2 == 8"], mode="partial")
+        == 0.5
+    )

@@ -3,16 +3,28 @@ r"""Code reward: run the completion's program against tests in a sandbox (RLHF b
 The program is the last fenced block of the completion tagged ``python`` (or ``py``/``python3``),
 else its last fenced block of any language, else the whole completion. Each test runs in its own
 sandboxed process (:func:`rlhfkit.rewards.verifiers.sandbox.run_python`: no network, a temporary
-working directory, CPU/memory/file/process limits) with a per-test timeout, under a global
-timeout for the whole example. A test is one of:
+working directory, CPU/memory/file/process limits, no access to other processes' memory) with a
+per-test timeout, under a global timeout for the whole example. A test is one of:
 
-- an assert statement (a string), run after the program; it passes when the process exits 0;
+- a snippet of assert statements (a string), run after the program: each top-level assert
+  is split into the parts that need the program, evaluated in the child and sent back as
+  plain data, and the comparison with its expected values, made by the parent
+  (:mod:`~rlhfkit.rewards.verifiers.asserts`); other statements run in the child and must
+  complete;
 - ``{"input": str, "output": str}``: the program reads ``input`` on stdin and passes when its
   stdout equals ``output`` after normalisation, ``norm(s) = "\n".join(l.rstrip() for l in
   s.strip().splitlines())`` (trailing spaces and surrounding blank lines do not count);
-- with ``entry`` (a function name), ``{"input": [args...], "output": value}``: the test calls
-  ``entry(*args)`` after the program and passes when the result equals ``output`` (tuples are
-  compared as lists, as JSON stores them).
+- with ``entry`` (a function name), ``{"input": [args...], "output": value}``: the child calls
+  ``entry(*args)`` after the program and sends the result back as plain data; the parent
+  passes the test when ``output == result`` (tuples compared as lists, as JSON stores them).
+
+The program is treated as an adversary (RL optimises against this reward): expected values
+never enter its process, a result counts only as plain builtin data (an object of the
+program's own class, or a subclass of ``int``/``str``, fails, whatever its ``__eq__`` says),
+and a test passes only when the harness reported every step of it over its private channel
+(:mod:`~rlhfkit.rewards.verifiers.harness`), so exiting early with status 0 passes nothing;
+the exit status is never looked at. A ``sys.exit(0)`` at the program's top level only ends
+the program (the tests still run).
 
 The reward is, with ``passed`` of ``total`` tests passing::
 
@@ -28,10 +40,15 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
+from rlhfkit.rewards.verifiers.asserts import Plan, plan_assert_test
+from rlhfkit.rewards.verifiers.harness import CHILD_SOURCE
+from rlhfkit.rewards.verifiers.judge import decode, judge, literal_source, read_records
 from rlhfkit.rewards.verifiers.sandbox import DEFAULT_LIMITS, SandboxLimits, run_python
 
 MODES = ("all_pass", "partial")
@@ -63,38 +80,83 @@ def normalise_output(text: str) -> str:
     return "\n".join(line.rstrip() for line in text.strip().splitlines())
 
 
-_CALL_HARNESS = """
+@dataclass(frozen=True)
+class _Case:
+    """One prepared test."""
 
-def _rlhfkit_plain(value):
-    if isinstance(value, (tuple, list)):
-        return [_rlhfkit_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {{k: _rlhfkit_plain(v) for k, v in value.items()}}
-    return value
+    stdin: str = ""
+    stdout: str | None = None
+    """Expected standard output (stdin/stdout tests); None for the other kinds."""
+    steps: list[list[str]] = field(default_factory=list)
+    """The harness's steps (call-based and assert tests)."""
+    output: Any = None
+    """Expected result of a call-based test."""
+    plan: Plan | None = None
+    """An assert test's plan."""
+    broken: bool = False
+    """An assert snippet that does not parse: it fails."""
 
 
-assert _rlhfkit_plain({entry}(*{args!r})) == _rlhfkit_plain({expected!r})
-"""
-
-
-def _case(program: str, test: Any, entry: str | None, index: int) -> tuple[str, str, str | None]:
-    """(source, stdin, expected stdout or None) of one test.
+def _case(test: Any, entry: str | None, helper: str, index: int) -> _Case:
+    """One test, prepared.
 
     Raises:
         ValueError: A test that is neither a string nor an input/output mapping.
     """
     if isinstance(test, str):
-        return program + "\n\n" + test + "\n", "", None
+        try:
+            plan = plan_assert_test(test, helper)
+        except (SyntaxError, ValueError, RecursionError):
+            return _Case(broken=True)
+        return _Case(steps=plan.steps, plan=plan)
     if isinstance(test, dict) and "input" in test and "output" in test:
-        if entry is not None:
-            args = test["input"] if isinstance(test["input"], list) else [test["input"]]
-            harness = _CALL_HARNESS.format(entry=entry, args=args, expected=test["output"])
-            return program + "\n" + harness, "", None
-        return program, str(test["input"]), str(test["output"])
+        if entry is None:
+            return _Case(stdin=str(test["input"]), stdout=str(test["output"]))
+        args = test["input"] if isinstance(test["input"], list) else [test["input"]]
+        try:
+            source = literal_source(list(args))
+        except TypeError as err:
+            raise ValueError(f"code test {index}: arguments must be plain data ({err})") from None
+        return _Case(steps=[["call", entry, source]], output=test["output"])
     raise ValueError(
         f"code test {index}: expected an assert statement (str) or a mapping with 'input' and "
         f"'output', got {type(test).__name__}"
     )
+
+
+def _as_lists(value: Any) -> Any:
+    """Tuples and lists as lists, recursively (dict values too), as JSON stores them."""
+    if isinstance(value, tuple | list):
+        return [_as_lists(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _as_lists(v) for k, v in value.items()}
+    return value
+
+
+def _passes(case: _Case, program: str, helper: str, limits: SandboxLimits) -> bool:
+    """Run one test; True when it passed."""
+    if case.broken:
+        return False
+    if case.stdout is not None:
+        result = run_python(program, stdin=case.stdin, limits=limits)
+        return (
+            result.status == "ok"
+            and not result.truncated
+            and normalise_output(result.stdout) == normalise_output(case.stdout)
+        )
+    nonce = secrets.token_hex(16)
+    payload = {"steps": case.steps, "helper": helper, "nonce": nonce}
+    result = run_python(program, limits=limits, harness=(CHILD_SOURCE, payload))
+    outcomes = read_records(result.channel, len(case.steps), nonce)
+    if outcomes is None:
+        return False
+    if case.plan is not None:
+        return judge(case.plan, outcomes, limits.timeout)
+    ok, value = outcomes[0]
+    try:
+        return ok and _as_lists(case.output) == _as_lists(decode(value))
+    except ValueError:
+        return False
 
 
 def _as_tests(tests: Any) -> list[Any]:
@@ -151,23 +213,17 @@ def code_reward(
     if not cases:
         return None
     program = extract_program(completion)
-    prepared = [_case(program, test, entry, i) for i, test in enumerate(cases)]
+    helper = f"_rlhfkit_{secrets.token_hex(8)}"
+    prepared = [_case(test, entry, helper, i) for i, test in enumerate(cases)]
     deadline = time.monotonic() + global_timeout
     passed = 0
-    for source, stdin, expected in prepared:
+    for case in prepared:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             break
-        cap = max(DEFAULT_LIMITS.output_bytes, 2 * len((expected or "").encode()) + 4096)
+        cap = max(DEFAULT_LIMITS.output_bytes, 2 * len((case.stdout or "").encode()) + 4096)
         limits = SandboxLimits(timeout=min(timeout, remaining), output_bytes=cap)
-        result = run_python(source, stdin=stdin, limits=limits)
-        ok = result.status == "ok" and (
-            expected is None
-            or (
-                not result.truncated
-                and normalise_output(result.stdout) == normalise_output(expected)
-            )
-        )
+        ok = _passes(case, program, helper, limits)
         passed += ok
         if not ok and mode == "all_pass":
             break

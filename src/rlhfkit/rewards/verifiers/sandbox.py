@@ -28,8 +28,10 @@ printed, how it ended and how long it took. The layers, each meant to hold if an
    removing, renaming, truncating, changing the mode/owner/times/attributes of a path (symbolic
    links resolved), hard and symbolic links, SQLite databases, and opening directories outside
    it with ``os.open`` (so ``dir_fd`` cannot point outside). Reading files (the standard
-   library included) is allowed; ``/dev/null``, ``/dev/stdout`` and ``/dev/stderr`` are
-   writable. Names the hook needs are bound when it is defined (default arguments, not
+   library included) is allowed, except other processes' ``/proc/<pid>`` entries (their
+   memory, files, environment: the parent holds the tests' expected values) and the kernel's
+   memory (``/proc/kcore``, ``/dev/mem``); ``/dev/null``, ``/dev/stdout`` and ``/dev/stderr``
+   are writable. Names the hook needs are bound when it is defined (default arguments, not
    globals), so the program cannot swap them through ``builtins`` or a traceback's frames.
 
 What this does NOT guarantee. Audit hooks run inside the process they guard, so they are
@@ -40,10 +42,15 @@ can get past them. Without ``CAP_SYS_ADMIN`` there is no network namespace and o
 blocks sockets; as root the child keeps root's privileges (``RLIMIT_NPROC`` does not apply to
 root; whatever root can read, the program can read). ``RLIMIT_NPROC`` counts all tasks
 (threads included) of the user, not only the sandbox's. Nothing here limits reading the file
-system. For untrusted code at scale (RL training on model-written programs), run the verifier
-inside a container or VM with seccomp, no network and a read-only root file system; this
+system (expected outputs kept in a file the program can name are readable). For untrusted
+code at scale (RL training on model-written programs), run the verifier inside a container or
+VM with seccomp, no network, a read-only root file system and no copy of the dataset; this
 module is the inner layer. Third-party packages are not importable in the child (``-S``: no
 site-packages).
+
+A *harness* (``run_python(..., harness=...)``) is loaded by the bootstrap before the program
+and runs it, reporting through a private pipe (:attr:`SandboxResult.channel`); the code
+verifier's is :mod:`rlhfkit.rewards.verifiers.harness`.
 
 This file exceeds the ~400-line budget because the child's bootstrap is embedded as text: it
 must run in the bare child interpreter before the program, where ``rlhfkit`` is not importable.
@@ -66,6 +73,9 @@ from dataclasses import dataclass
 
 PROGRAM_NAME = "main.py"
 """File name of the program in the sandbox's working directory (shown in tracebacks)."""
+
+HARNESS_NAME = ".harness.json"
+"""File the bootstrap reads a harness from, and removes, before the program runs."""
 
 _BOOTSTRAP = r'''
 import sys
@@ -137,10 +147,23 @@ def _inside(path, base_fd, root, _as_path=_as_path, _resolve=_resolve):
     return where == root or where.startswith(root + "/")
 
 
+def _foreign(path, _resolve=_resolve, _getpid=__import__("posix").getpid, _repr=int.__repr__):
+    """True for another process's /proc entries (its memory, files, environment) and the
+    kernel's memory: the parent holds the tests' expected values."""
+    where = _resolve(path, None)
+    if where.startswith("/proc/"):
+        name = where[6:].split("/")[0]
+        if name.isdigit():
+            return name != _repr(_getpid())
+        return name == "kcore"
+    return where == "/dev/mem" or where == "/dev/kmem" or where == "/dev/port"
+
+
 def _check_open(args, root, _type=type, _int=int, _str=str, _len=len, _inside=_inside,
                 _Perm=PermissionError, _stat=__import__("posix").stat, _OSError=OSError,
-                _item=tuple.__getitem__, _mask=0):
-    """Refuse opening a path outside ``root`` for writing (or, with os.open, a directory)."""
+                _item=tuple.__getitem__, _as_path=_as_path, _foreign=_foreign, _mask=0):
+    """Refuse opening a path outside ``root`` for writing (or, with os.open, a directory), and
+    reading another process's /proc entries."""
     if _len(args) < 3:
         raise _Perm("sandbox: unexpected open event")
     path, mode, flags = args[0], args[1], args[2]
@@ -159,6 +182,9 @@ def _check_open(args, root, _type=type, _int=int, _str=str, _len=len, _inside=_i
         if not _inside(path, None, root):
             raise _Perm("sandbox: writing outside the working directory is not allowed")
         return
+    checked = _as_path(path, None)
+    if checked is not None and _foreign(checked[0]):
+        raise _Perm("sandbox: reading another process's /proc entries is not allowed")
     if mode is None and _type(path) is _str and not _inside(path, None, root):
         try:  # os.open of a directory outside: its fd could serve as a dir_fd
             is_dir = (_item(_stat(path), 0) & 0o170000) == 0o040000
@@ -236,6 +262,14 @@ def _boot():
     root = cfg["root"]
     with open(root + "/" + cfg["program"], encoding="utf-8") as f:
         source = f.read()
+    run, protect = None, ()
+    if cfg["harness"]:
+        with open(root + "/" + cfg["harness"], encoding="utf-8") as f:
+            spec = json.load(f)
+        posix.unlink(root + "/" + cfg["harness"])
+        scope = {"__builtins__": __builtins__, "__name__": "rlhfkit_harness"}
+        exec(compile(spec["source"], "<harness>", "exec", dont_inherit=True), scope)
+        run, protect = scope["make"](spec["payload"], cfg["channel"])
     mask = posix.O_WRONLY | posix.O_RDWR | posix.O_CREAT | posix.O_TRUNC | posix.O_APPEND
     _check_open.__defaults__ = _check_open.__defaults__[:-1] + (mask,)
     _hook.__defaults__ = (
@@ -245,7 +279,7 @@ def _boot():
         tuple((event, tuple((p, d) for p, d in spec)) for event, spec in cfg["paths"]),
         frozenset(cfg["bad_imports"]),
         tuple(p + "/" for p in sys.path if p),
-        (_hook, _check_open, _inside, _resolve, _as_path),
+        (_hook, _check_open, _inside, _resolve, _as_path, _foreign) + tuple(protect),
     ) + _hook.__defaults__[7:]
     code = compile(source, cfg["program"], "exec")
     sys.addaudithook(_hook)
@@ -254,12 +288,15 @@ def _boot():
     main.__builtins__ = __builtins__
     sys.modules["__main__"] = main
     sys.argv = [cfg["program"]]
-    return code, main.__dict__
+    return code, main.__dict__, run
 
 
-_code, _namespace = _boot()
-del _boot, _hook, _check_open, _inside, _resolve, _as_path
-exec(_code, _namespace)
+_code, _namespace, _run = _boot()
+del _boot, _hook, _check_open, _inside, _resolve, _as_path, _foreign
+if _run is None:
+    exec(_code, _namespace)
+else:
+    _run(_code, _namespace)  # the program, then the tests; it ends the process
 '''
 
 _BLOCKED_EVENTS = (
@@ -331,6 +368,8 @@ class SandboxLimits:
     """Bytes of stdout and of stderr kept (the rest is read and dropped; ``truncated``)."""
     network_namespace: bool = True
     """Try to enter a new, empty network namespace (needs CAP_SYS_ADMIN; skipped if denied)."""
+    channel_bytes: int = 16 * 2**20
+    """Bytes of a harness's result channel kept (the rest is dropped)."""
 
 
 DEFAULT_LIMITS = SandboxLimits()
@@ -353,6 +392,8 @@ class SandboxResult:
     wall_s: float
     truncated: bool
     status: str
+    channel: str = ""
+    """What a harness wrote to its result channel (empty without a harness)."""
 
 
 def _rlimits(limits: SandboxLimits) -> list[tuple[str, int, int]]:
@@ -372,12 +413,14 @@ def _rlimits(limits: SandboxLimits) -> list[tuple[str, int, int]]:
     return [("RLIMIT_CPU", int(cpu), int(cpu) + 1)] + [(name, v, v) for name, v in same]
 
 
-def _config(root: str, limits: SandboxLimits) -> str:
+def _config(root: str, limits: SandboxLimits, channel: int | None) -> str:
     """The bootstrap's configuration (JSON, passed as its one argument)."""
     return json.dumps(
         {
             "root": root,
             "program": PROGRAM_NAME,
+            "harness": HARNESS_NAME if channel is not None else None,
+            "channel": channel,
             "rlimits": _rlimits(limits),
             "netns": limits.network_namespace,
             "blocked": _BLOCKED_EVENTS,
@@ -397,14 +440,24 @@ def _exited(pid: int) -> bool:
 
 
 class _Pipes:
-    """Feeds stdin and drains stdout/stderr of a child, keeping the first ``cap`` bytes each."""
+    """Feeds stdin and drains stdout/stderr (and a result channel) of a child.
 
-    def __init__(self, proc: subprocess.Popen, data: bytes, cap: int) -> None:
+    The first ``limits.output_bytes`` of stdout and of stderr are kept, and the first
+    ``limits.channel_bytes`` of the channel.
+    """
+
+    def __init__(
+        self, proc: subprocess.Popen, data: bytes, limits: SandboxLimits, channel: int | None
+    ) -> None:
         assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
-        self.cap = cap
+        self.caps = {proc.stdout.fileno(): limits.output_bytes}
+        self.caps[proc.stderr.fileno()] = limits.output_bytes
+        if channel is not None:
+            self.caps[channel] = limits.channel_bytes
+        self.channel = channel
         self.truncated = False
         self.data = memoryview(data)
-        self.out = {proc.stdout.fileno(): bytearray(), proc.stderr.fileno(): bytearray()}
+        self.out = {fd: bytearray() for fd in self.caps}
         self.sel = selectors.DefaultSelector()
         for fd in self.out:
             self.sel.register(fd, selectors.EVENT_READ)
@@ -426,9 +479,9 @@ class _Pipes:
                     self.sel.unregister(fd)
                     continue
                 buf = self.out[fd]
-                keep = max(0, self.cap - len(buf))
+                keep = max(0, self.caps[fd] - len(buf))
                 buf += chunk[:keep]
-                self.truncated |= len(chunk) > keep
+                self.truncated |= len(chunk) > keep and fd != self.channel
             else:
                 self._feed(fd)
         return len(ready)
@@ -450,14 +503,14 @@ class _Pipes:
             self.sel.unregister(fd)
             self.stdin.close()
 
-    def close(self) -> tuple[bytes, bytes]:
-        """(stdout, stderr) bytes kept."""
+    def close(self) -> tuple[bytes, bytes, bytes]:
+        """(stdout, stderr, channel) bytes kept."""
         self.sel.close()
         if not self.stdin.closed:
             with contextlib.suppress(BrokenPipeError):
                 self.stdin.close()
-        first, second = self.out.values()
-        return bytes(first), bytes(second)
+        first, second, *channel = self.out.values()
+        return bytes(first), bytes(second), bytes(channel[0]) if channel else b""
 
 
 def _status(returncode: int, timed_out: bool, stderr: str) -> str:
@@ -475,15 +528,21 @@ def _status(returncode: int, timed_out: bool, stderr: str) -> str:
 
 
 def _supervise(
-    proc: subprocess.Popen, data: bytes, limits: SandboxLimits
-) -> tuple[bytes, bytes, bool, bool]:
+    proc: subprocess.Popen, data: bytes, limits: SandboxLimits, channel: int | None = None
+) -> tuple[bytes, bytes, bytes, bool, bool]:
     """Run the I/O loop until the child ends or the deadline passes; kill its process group.
 
+    Args:
+        proc: The child.
+        data: Its standard input.
+        limits: The wall-clock timeout and the output caps.
+        channel: Read end of a result channel to drain too, or None.
+
     Returns:
-        (stdout bytes, stderr bytes, truncated, timed_out).
+        (stdout bytes, stderr bytes, channel bytes, truncated, timed_out).
     """
     deadline = time.monotonic() + limits.timeout
-    pipes = _Pipes(proc, data, limits.output_bytes)
+    pipes = _Pipes(proc, data, limits, channel)
     timed_out = False
     try:
         while pipes.open:
@@ -502,12 +561,16 @@ def _supervise(
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)  # the whole group, stragglers included
         proc.wait()
-        stdout, stderr = pipes.close()
-    return stdout, stderr, pipes.truncated, timed_out
+        stdout, stderr, results = pipes.close()
+    return stdout, stderr, results, pipes.truncated, timed_out
 
 
 def run_python(
-    source: str, *, stdin: str = "", limits: SandboxLimits = DEFAULT_LIMITS
+    source: str,
+    *,
+    stdin: str = "",
+    limits: SandboxLimits = DEFAULT_LIMITS,
+    harness: tuple[str, object] | None = None,
 ) -> SandboxResult:
     """Run the Python program ``source`` in a sandboxed child process.
 
@@ -518,14 +581,25 @@ def run_python(
         source: The program text.
         stdin: Text given to the program on standard input.
         limits: Time, memory, file, process and output limits.
+        harness: ``(harness source, payload)``: the bootstrap execs the source and calls its
+            ``make(payload, fd)`` before the program runs (the file that carried them is gone
+            by then); ``make`` returns ``(run, objects to protect)`` and ``run(code,
+            namespace)`` runs the program instead of the bootstrap, writing results to the
+            pipe ``fd`` (:attr:`SandboxResult.channel`). See
+            :mod:`rlhfkit.rewards.verifiers.harness`.
 
     Returns:
         The exit status, the (capped) output and how the run ended.
     """
     root = os.path.realpath(tempfile.mkdtemp(prefix="rlhfkit-sandbox-"))
+    read_fd = write_fd = None
     try:
         with open(os.path.join(root, PROGRAM_NAME), "w", encoding="utf-8") as f:
             f.write(source)
+        if harness is not None:
+            with open(os.path.join(root, HARNESS_NAME), "w", encoding="utf-8") as f:
+                json.dump({"source": harness[0], "payload": harness[1]}, f)
+            read_fd, write_fd = os.pipe()
         env = {
             "PATH": "/usr/bin:/bin",
             "LANG": "C.UTF-8",
@@ -533,7 +607,8 @@ def run_python(
             "HOME": root,
             "TMPDIR": root,
         }
-        argv = [sys.executable, "-I", "-S", "-B", "-c", _BOOTSTRAP, _config(root, limits)]
+        config = _config(root, limits, write_fd)
+        argv = [sys.executable, "-I", "-S", "-B", "-c", _BOOTSTRAP, config]
         start = time.perf_counter()
         proc = subprocess.Popen(
             argv,
@@ -544,10 +619,19 @@ def run_python(
             stderr=subprocess.PIPE,
             start_new_session=True,
             close_fds=True,
+            pass_fds=() if write_fd is None else (write_fd,),
         )
-        out, err, truncated, timed_out = _supervise(proc, stdin.encode("utf-8"), limits)
+        if write_fd is not None:
+            os.close(write_fd)  # the child holds the only write end: EOF when it is gone
+            write_fd = None
+        out, err, channel, truncated, timed_out = _supervise(
+            proc, stdin.encode("utf-8"), limits, read_fd
+        )
         wall_s = time.perf_counter() - start
     finally:
+        for fd in (read_fd, write_fd):
+            if fd is not None:
+                os.close(fd)
         shutil.rmtree(root, ignore_errors=True)
     returncode = proc.returncode
     if returncode == -signal.SIGXCPU:
@@ -561,4 +645,5 @@ def run_python(
         wall_s=wall_s,
         truncated=truncated,
         status=_status(returncode, timed_out, stderr),
+        channel=channel.decode("utf-8", errors="replace"),
     )
