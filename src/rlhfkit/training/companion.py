@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from rlhfkit.config import OptimConfig
-from rlhfkit.training.optim import build_optimizer, build_scheduler
+from rlhfkit.training.optim import optimizer_and_schedule
 from rlhfkit.training.precision import MasterWeights
 
 
@@ -29,14 +29,9 @@ class Companion:
 
     def start(self, total_steps: int) -> None:
         """Build the optimiser and schedule for ``total_steps`` steps."""
-        o = self.optim
-        self.optimizer = build_optimizer(
-            self.master.params(), lr=o.lr, weight_decay=o.weight_decay, betas=o.betas, eps=o.eps
+        self.optimizer, self.scheduler = optimizer_and_schedule(
+            self.master.params(), self.optim, total_steps
         )
-        self.scheduler = build_scheduler(
-            self.optimizer, total_steps=total_steps, warmup_ratio=o.warmup_ratio,
-            schedule=o.schedule,
-        )  # fmt: skip
 
     def step(self) -> None:
         """Optimiser and schedule step, then copy the master weights into the model."""

@@ -39,7 +39,7 @@ from rlhfkit.training.distributed import (
     gather_objects,
 )
 from rlhfkit.training.logging import MetricsLogger
-from rlhfkit.training.optim import build_optimizer, build_scheduler, clip_grad_norm
+from rlhfkit.training.optim import clip_grad_norm, optimizer_and_schedule
 from rlhfkit.training.precision import MasterWeights
 from rlhfkit.training.progress import TrainProgress
 from rlhfkit.training.reference import starting_model
@@ -120,18 +120,8 @@ class RunContext:
             RunFinished: The run's final model exists and the checkpoint is at
                 ``total_steps`` or beyond: nothing is left to train.
         """
-        self.optimizer = build_optimizer(
-            self.master.params(),
-            lr=optim.lr,
-            weight_decay=optim.weight_decay,
-            betas=optim.betas,
-            eps=optim.eps,
-        )
-        self.scheduler = build_scheduler(
-            self.optimizer,
-            total_steps=total_steps,
-            warmup_ratio=optim.warmup_ratio,
-            schedule=optim.schedule,
+        self.optimizer, self.scheduler = optimizer_and_schedule(
+            self.master.params(), optim, total_steps
         )
         for companion in self.companions.values():
             companion.start(total_steps)

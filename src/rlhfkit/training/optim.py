@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
+
+if TYPE_CHECKING:
+    from rlhfkit.config import OptimConfig
 
 ScheduleName = Literal["linear", "cosine", "constant"]
 
@@ -78,6 +81,26 @@ def build_scheduler(
             step, total_steps=total_steps, warmup_steps=warmup, schedule=schedule
         ),
     )
+
+
+def optimizer_and_schedule(
+    params: Iterable[torch.nn.Parameter], optim: OptimConfig, total_steps: int
+) -> tuple[torch.optim.AdamW, Any]:
+    """:func:`build_optimizer` and :func:`build_scheduler` from an ``--optim`` section.
+
+    Args:
+        params: Parameters to optimise (fp32 master weights).
+        optim: Learning rate, weight decay, betas, eps, warmup and schedule.
+        total_steps: Optimiser steps of the whole run.
+    """
+    optimizer = build_optimizer(
+        params, lr=optim.lr, weight_decay=optim.weight_decay, betas=optim.betas, eps=optim.eps
+    )
+    scheduler = build_scheduler(
+        optimizer, total_steps=total_steps, warmup_ratio=optim.warmup_ratio,
+        schedule=optim.schedule,
+    )  # fmt: skip
+    return optimizer, scheduler
 
 
 def clip_grad_norm(params: Iterable[torch.nn.Parameter], max_norm: float | None) -> float:
