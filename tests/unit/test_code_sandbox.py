@@ -23,12 +23,8 @@ from rlhfkit.rewards.verifiers.asserts import plan_assert_test
 from rlhfkit.rewards.verifiers.code import code_reward, extract_program, normalise_output
 from rlhfkit.rewards.verifiers.harness import CHILD_SOURCE
 from rlhfkit.rewards.verifiers.judge import decode, literal_source, read_records
-from rlhfkit.rewards.verifiers.sandbox import (
-    _BOOTSTRAP,
-    SandboxLimits,
-    _supervise,
-    run_python,
-)
+from rlhfkit.rewards.verifiers.sandbox import SandboxLimits, _supervise, run_python
+from rlhfkit.rewards.verifiers.sandbox_boot import BOOTSTRAP
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux sandbox")
 
@@ -403,7 +399,7 @@ def test_escapes_are_refused(escape):
 def test_hook_functions_read_no_globals():
     # The hook's helpers must take every name from their own defaults: a global or a closure
     # cell could be swapped by the program (via builtins or a traceback frame's f_globals).
-    module = compile(_BOOTSTRAP, "<bootstrap>", "exec")
+    module = compile(BOOTSTRAP, "<bootstrap>", "exec")
     names = {"_as_path", "_resolve", "_inside", "_foreign", "_check_open", "_hook"}
     found = {c.co_name: c for c in module.co_consts if hasattr(c, "co_code")}
     assert names <= set(found)
