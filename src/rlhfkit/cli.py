@@ -14,6 +14,7 @@ import sys
 
 from rlhfkit.errors import UserError
 from rlhfkit.extras import MissingExtraError
+from rlhfkit.validation import did_you_mean, validate
 
 USER_ERRORS = (UserError, MissingExtraError)
 """Exceptions caused by the input, reported as one line without a traceback: bad options and
@@ -180,9 +181,7 @@ def _unknown_command(argv: list[str]) -> None:
             file=sys.stderr,
         )
         raise SystemExit(2)
-    names = sorted({*COMMANDS, *GROUPS})
-    close = difflib.get_close_matches(first, names, n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
+    hint = did_you_mean(first, sorted({*COMMANDS, *GROUPS}))
     print(f"rlhfkit: error: unknown command {first!r}{hint}\n\n{_usage()}", file=sys.stderr)
     raise SystemExit(2)
 
@@ -212,7 +211,6 @@ def main(argv: list[str] | None = None) -> None:
         _unknown_command(argv)
     from rlhfkit.config import parse_cli
     from rlhfkit.training.rundir import RunFinished
-    from rlhfkit.validation import validate
 
     module_name, config_name, entry, help_ = COMMANDS[command]
     module = importlib.import_module(module_name)
