@@ -161,7 +161,7 @@ def trim_records(run_dir: Path, info: dict[str, Any]) -> None:
         if name == "metrics.jsonl" and keep is not None and keep <= len(lines):
             kept = [line for line in lines[:keep] if line.endswith("\n")]
         else:
-            kept = [line for line in lines if _step(line) is not None and _step(line) <= step]
+            kept = [line for line in lines if (n := _step(line)) is not None and n <= step]
         if len(kept) != len(lines):
             atomic_write_text(path, "".join(kept))
             log.info("%s: dropped %d records logged after step %d", path, len(lines) - len(kept),
