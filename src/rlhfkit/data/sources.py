@@ -27,7 +27,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from rlhfkit.data.rows import LOCAL_SUFFIXES, DataError, Row, is_local_file, read_file, read_hub
-from rlhfkit.data.tasks import BUILTIN, SPLITS, builtin_rows
+from rlhfkit.data.tasks import builtin_problem, builtin_rows
 from rlhfkit.data.tasks.gsm8k import gsm8k_rows
 from rlhfkit.data.tasks.reasoning_gym import rgym_rows
 from rlhfkit.errors import ConfigError
@@ -93,14 +93,7 @@ def source_problem(source: str, split: str = "train") -> str | None:
     split exist. Hub datasets and reasoning-gym specs are checked when they are loaded.
     """
     if source.startswith(BUILTIN_PREFIX):
-        name = source.removeprefix(BUILTIN_PREFIX)
-        if name not in BUILTIN:
-            return f"unknown built-in dataset {source!r}; available: " + ", ".join(
-                f"{BUILTIN_PREFIX}{key}" for key in BUILTIN
-            )
-        if split not in SPLITS:
-            return f"{source} has no split {split!r}; use one of {', '.join(SPLITS)}"
-        return None
+        return builtin_problem(source.removeprefix(BUILTIN_PREFIX), split)
     if source.startswith(RGYM_PREFIX):
         return None
     path_spec = source.removeprefix(GSM8K_PREFIX)

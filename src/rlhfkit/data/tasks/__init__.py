@@ -45,6 +45,17 @@ BUILTIN: dict[str, Callable[[str], list[dict[str, Any]]]] = {
 """Built-in dataset name -> function(split) returning its raw rows."""
 
 
+def builtin_problem(name: str, split: str) -> str | None:
+    """Why ``builtin:NAME`` has no rows for ``split`` (an unknown name or split), else None."""
+    if name not in BUILTIN:
+        return f"unknown built-in dataset 'builtin:{name}'; available: " + ", ".join(
+            f"builtin:{key}" for key in BUILTIN
+        )
+    if split not in SPLITS:
+        return f"builtin:{name} has no split {split!r}; use one of {', '.join(SPLITS)}"
+    return None
+
+
 def builtin_rows(name: str, split: str) -> list[Row]:
     """Rows of a built-in dataset, located as ``builtin:NAME[SPLIT]:row N`` (1-based).
 
@@ -58,13 +69,9 @@ def builtin_rows(name: str, split: str) -> list[Row]:
     Raises:
         ValueError: An unknown name or split.
     """
-    if name not in BUILTIN:
-        raise ConfigError(
-            f"unknown built-in dataset {name!r}; available: "
-            + ", ".join(f"builtin:{key}" for key in BUILTIN)
-        )
-    if split not in SPLITS:
-        raise ConfigError(f"builtin:{name} has no split {split!r}; use one of {', '.join(SPLITS)}")
+    problem = builtin_problem(name, split)
+    if problem:
+        raise ConfigError(problem)
     prefix = f"builtin:{name}[{split}]"
     return [
         Row(data=data, location=f"{prefix}:row {i}")
