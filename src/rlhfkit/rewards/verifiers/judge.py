@@ -332,11 +332,30 @@ def _judge_source(plan: Plan, checks: list[ast.expr], values: dict[str, Any]) ->
     return "\n".join(lines) + "\n"
 
 
+def _probe_values(
+    plan: Plan, outcomes: list[tuple[bool, Any]], names: set[str] | None = None
+) -> dict[str, Any]:
+    """Placeholder -> decoded value (_FAILED: the probe raised), for ``names`` (None: all).
+
+    Decoded afresh on each call: an iterator can be consumed once.
+    """
+    values = {}
+    for name, step in plan.probes.items():
+        if names is not None and name not in names:
+            continue
+        ok, tree = outcomes[step]
+        try:
+            values[name] = decode(tree) if ok else _FAILED
+        except ValueError:
+            values[name] = _FAILED
+    return values
+
+
 def _environment(plan: Plan, outcomes: list[tuple[bool, Any]]) -> dict[str, Any]:
     """The fast path's names: placeholders, the test's literal values, its other names.
 
-    Probe values are decoded afresh on each call (an iterator can be consumed once); a name
-    the test binds to anything but a literal maps to _SLOW (only the judge process has it).
+    A name the test binds to anything but a literal maps to _SLOW (only the judge process has
+    it).
     """
     env: dict[str, Any] = {}
     for stmt in plan.preamble:
@@ -347,13 +366,7 @@ def _environment(plan: Plan, outcomes: list[tuple[bool, Any]]) -> dict[str, Any]
         if isinstance(stmt, ast.Assign) and isinstance(stmt.targets[0], ast.Name):
             with contextlib.suppress(ValueError, TypeError, SyntaxError, RecursionError):
                 env[stmt.targets[0].id] = ast.literal_eval(stmt.value)
-    for name, step in plan.probes.items():
-        ok, tree = outcomes[step]
-        try:
-            env[name] = decode(tree) if ok else _FAILED
-        except ValueError:
-            env[name] = _FAILED
-    return env
+    return env | _probe_values(plan, outcomes)
 
 
 def judge(plan: Plan, outcomes: list[tuple[bool, Any]], timeout: float) -> bool:
@@ -383,8 +396,7 @@ def judge(plan: Plan, outcomes: list[tuple[bool, Any]], timeout: float) -> bool:
         return True
     # Only the values the slow checks read; the fast path may have consumed an iterator.
     names = {n.id for c in slow for n in ast.walk(c) if isinstance(n, ast.Name)}
-    probes = {k: v for k, v in _environment(plan, outcomes).items() if k in plan.probes}
-    values = {k: v for k, v in probes.items() if k in names}
+    values = _probe_values(plan, outcomes, names)
     source = "import sys\nexec(compile(sys.stdin.read(), 'judge', 'exec'))\n"
     result = run_python(
         source, stdin=_judge_source(plan, slow, values), limits=SandboxLimits(timeout=timeout)
