@@ -3,9 +3,6 @@ not depend on the micro-batch split, clipping is inactive on a single epoch, EOS
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
 from recipe_helpers import pg_config, pg_rollout, pg_setup, read_metrics
@@ -15,26 +12,6 @@ from rlhfkit.recipes import policy_gradient as pg
 from rlhfkit.recipes.policy_gradient import advantages, collect, update
 from rlhfkit.recipes.policy_gradient.state import RolloutMicroBatch
 from rlhfkit.rewards.answers import exact_answer
-
-REWARD = '''
-CALLS = []
-
-
-def letter_a(completion):
-    """Share of the letter 'a' in the completion: a dense toy reward."""
-    CALLS.append(completion)
-    text = completion.strip()
-    return sum(c == "a" for c in text) / max(len(text), 1)
-'''
-
-
-@pytest.fixture(scope="module")
-def task(tmp_path_factory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("pg")
-    (root / "reward.py").write_text(REWARD)
-    rows = [{"prompt": f"Say a {i}", "answer": "a"} for i in range(16)]
-    (root / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return root / "prompts.jsonl", root / "reward.py"
 
 
 def _cfg(model_dir, task, run_dir, **over) -> pg.PGConfig:
@@ -51,8 +28,8 @@ def _cfg(model_dir, task, run_dir, **over) -> pg.PGConfig:
     return pg_config(base, **over)
 
 
-def test_grpo_learns_the_toy_task(tiny_model_dir, task, tmp_path):
-    pg.main(_cfg(tiny_model_dir, task, tmp_path / "run"))
+def test_grpo_learns_the_toy_task(tiny_model_dir, pg_task, tmp_path):
+    pg.main(_cfg(tiny_model_dir, pg_task, tmp_path / "run"))
     metrics = read_metrics(tmp_path / "run")
     rewards = [m["rollout/reward"] for m in metrics]
     assert len(rewards) == 30
@@ -70,12 +47,12 @@ def test_grpo_learns_the_toy_task(tiny_model_dir, task, tmp_path):
     "preset", ["grpo", "rloo", "dr_grpo", "cispo", "gspo", "maxrl", "remax", "reinforce_pp"]
 )
 def test_step_gradient_is_independent_of_the_micro_batch_split(
-    tiny_model_dir, task, tmp_path, preset
+    tiny_model_dir, pg_task, tmp_path, preset
 ):
     """One rollout, cut into one micro-batch or many: the accumulated gradient is the same."""
     from rlhfkit.training.accumulate import accumulate
 
-    cfg = _cfg(tiny_model_dir, task, tmp_path / "r", algo__preset=preset)
+    cfg = _cfg(tiny_model_dir, pg_task, tmp_path / "r", algo__preset=preset)
     ctx, run, state = pg_setup(cfg)
     batch = pg_rollout(run, state)
     step_loss, count = update.policy_step_loss(run, state), update.count(run)
@@ -110,10 +87,10 @@ def test_step_gradient_is_independent_of_the_micro_batch_split(
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
 
 
-def test_epochs_reuse_one_rollout_and_recompute_pi_old(tiny_model_dir, task, tmp_path):
+def test_epochs_reuse_one_rollout_and_recompute_pi_old(tiny_model_dir, pg_task, tmp_path):
     """6 optimiser steps at 3 epochs are 2 rollouts of consecutive prompt batches."""
     run = tmp_path / "r"
-    pg.main(_cfg(tiny_model_dir, task, run, loop__max_steps=6, algo__epochs=3))
+    pg.main(_cfg(tiny_model_dir, pg_task, run, loop__max_steps=6, algo__epochs=3))
     metrics = read_metrics(run)
     assert [m["step"] for m in metrics] == [3, 6]  # logged once per rollout
     assert metrics[-1]["train/ratio_mean"] != pytest.approx(1.0, abs=1e-9)
@@ -144,7 +121,7 @@ def test_presets_without_their_machinery_are_refused():
         pg.resolve_preset(pg.PGAlgoConfig(preset="grpo", beta=0.1, kl_coef=0.2))
 
 
-def test_truncated_completions_get_the_penalty_without_a_reward_call(task):
+def test_truncated_completions_get_the_penalty_without_a_reward_call():
     calls = []
 
     def reward(completion):
@@ -165,8 +142,8 @@ def test_exact_answer():
     assert exact_answer("no idea", "3") == 0.0
 
 
-def test_remax_baseline_is_the_greedy_reward(tiny_model_dir, task, tmp_path):
-    cfg = _cfg(tiny_model_dir, task, tmp_path / "r", algo__preset="remax")
+def test_remax_baseline_is_the_greedy_reward(tiny_model_dir, pg_task, tmp_path):
+    cfg = _cfg(tiny_model_dir, pg_task, tmp_path / "r", algo__preset="remax")
     _, run, state = pg_setup(cfg)
     batch = pg_rollout(run, state)
     greedy = collect.greedy_rewards(run, batch.prompts)
@@ -176,13 +153,15 @@ def test_remax_baseline_is_the_greedy_reward(tiny_model_dir, task, tmp_path):
     torch.testing.assert_close(batch.advantages, expected.flatten())
 
 
-def test_a_kl_in_the_reward_reaches_a_group_estimators_advantages(tiny_model_dir, task, tmp_path):
+def test_a_kl_in_the_reward_reaches_a_group_estimators_advantages(
+    tiny_model_dir, pg_task, tmp_path
+):
     """GRPO with its KL moved into the reward: a sequence-level estimator takes the sequence KL
     off each reward before the group z-score (the KL's level follows the estimator's)."""
     from rlhfkit.ops import advantages as adv_ops
 
     cfg = _cfg(
-        tiny_model_dir, task, tmp_path / "r", algo__preset="grpo", algo__kl_placement="reward",
+        tiny_model_dir, pg_task, tmp_path / "r", algo__preset="grpo", algo__kl_placement="reward",
         algo__kl_coef=0.5,
     )  # fmt: skip
     ctx, run, state = pg_setup(cfg)

@@ -114,7 +114,7 @@ def test_ppo_resume_gives_the_same_weights(tiny_model_dir, task, tmp_path):
 def test_ppo_gradient_is_independent_of_the_micro_batch_split(tiny_model_dir, task, tmp_path):
     cfg = _cfg(tiny_model_dir, task, tmp_path / "r")
     ctx, run, state = pg_setup(cfg)
-    critic = Critic.build(ctx, cfg, update.aggregation(run))
+    critic = Critic.build(ctx, cfg, update.aggregation(cfg, run.preset))
     step_loss, count = critic.add_value_loss(update.policy_step_loss(run, state)), update.count(run)
     grads = []
     for budget in (100_000, 30):

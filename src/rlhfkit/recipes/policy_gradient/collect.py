@@ -101,11 +101,11 @@ def score(
             column[i] = v
         components[spec] = column
     named = dict(zip(cfg.rewards, weights, strict=True))
+    kept = set(scored)
     for name, column in length_components(cfg, lengths, overlong).items():
-        components[name] = [v if i in set(scored) else None for i, v in enumerate(column)]
+        components[name] = [v if i in kept else None for i, v in enumerate(column)]
         named[name] = 1.0
     total = weighted_sum({k: components[k] for k in named}, named)
-    kept = set(scored)
     return [
         (math.nan if value is None else value) if i in kept else float(unscored)
         for i, value in enumerate(total)

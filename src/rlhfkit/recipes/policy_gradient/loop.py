@@ -11,7 +11,6 @@ from rlhfkit.config import to_dict
 from rlhfkit.errors import ConfigError
 from rlhfkit.models.heads import supports_prefix_trees
 from rlhfkit.ops.kl import adaptive_kl_coef
-from rlhfkit.ops.masking import Aggregation
 from rlhfkit.recipes.policy_gradient.advantages import assign_advantages, attach_logprobs
 from rlhfkit.recipes.policy_gradient.collect import collect, load_prompts
 from rlhfkit.recipes.policy_gradient.config import (
@@ -24,7 +23,7 @@ from rlhfkit.recipes.policy_gradient.critic import Critic
 from rlhfkit.recipes.policy_gradient.metrics import step_metrics, write_samples
 from rlhfkit.recipes.policy_gradient.presets import PGPreset
 from rlhfkit.recipes.policy_gradient.state import LoopState, PGRun, RolloutBatch, StepLoss
-from rlhfkit.recipes.policy_gradient.update import optimise, policy_step_loss
+from rlhfkit.recipes.policy_gradient.update import aggregation, optimise, policy_step_loss
 from rlhfkit.rewards import load_reward_fn
 from rlhfkit.rollout.sampler import HFGenerator
 from rlhfkit.training.accumulate import StepStats
@@ -107,8 +106,7 @@ def main(cfg: PGConfig) -> Path:
     ctx = build_run(cfg.model, cfg.log, cfg.loop.seed, to_dict(cfg), resume=cfg.loop.resume)
     critic = None
     if preset.critic:  # before the reference: the same RNG draws as a run without one
-        agg = Aggregation(preset.aggregation, max_len=cfg.sampling.max_new_tokens)
-        critic = Critic.build(ctx, cfg, agg)
+        critic = Critic.build(ctx, cfg, aggregation(cfg, preset))
     run = prepare(ctx, cfg, preset)
     total = total_steps(cfg, preset, len(run.prompts))
     ctx.start_training(cfg.optim, total)
@@ -165,7 +163,6 @@ def reference_model(ctx: RunContext) -> Callable[[], contextlib.AbstractContextM
 
 def prepare(ctx: RunContext, cfg: PGConfig, preset: PGPreset) -> PGRun:
     """The run's objects: prompts, rewards, the reference (when a KL needs it), the sampler."""
-    exact_kl_in_reward = preset.kl.needs_hidden and preset.kl_placement == "reward"
     return PGRun(
         ctx=ctx, cfg=cfg, preset=preset, prompts=load_prompts(ctx.tokenizer, cfg),
         reward_fns=[load_reward_fn(spec) for spec in cfg.rewards],
@@ -176,8 +173,4 @@ def prepare(ctx: RunContext, cfg: PGConfig, preset: PGPreset) -> PGRun:
         reference=reference_model(ctx) if preset.uses_kl else None,
         # each prompt once per micro-batch, its completions as branches (exact; no padding)
         trees=cfg.data.share_prefix and supports_prefix_trees(ctx.model),
-        # pi_old on the learner when a batch serves several steps, for the critic's GAE and
-        # for an exact KL in the reward
-        needs_old=preset.epochs * cfg.algo.minibatches > 1 or preset.critic
-        or (preset.uses_kl and exact_kl_in_reward),
     )  # fmt: skip

@@ -26,7 +26,7 @@ import torch
 
 from rlhfkit.losses.policy import ObjectiveParams
 from rlhfkit.ops import advantages as adv_ops
-from rlhfkit.ops.kl import KL_ESTIMATORS, kl_k1, linear_full_kl
+from rlhfkit.ops.kl import KL_ESTIMATORS, linear_full_kl
 
 # -- advantage estimators ---------------------------------------------------------------------
 
@@ -139,10 +139,7 @@ def _sampled(name: str) -> Callable[[KLSide, KLSide, torch.Tensor, float], torch
     return lambda policy, ref, mask, temperature: estimator(policy.logprobs, ref.logprobs)
 
 
-def _sampled_k1(
-    policy: KLSide, ref: KLSide, mask: torch.Tensor, temperature: float
-) -> torch.Tensor:
-    return kl_k1(policy.logprobs, ref.logprobs)
+_sampled_k1 = _sampled("k1")
 
 
 @dataclass(frozen=True)

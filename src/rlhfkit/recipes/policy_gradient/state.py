@@ -72,8 +72,6 @@ class PGRun:
         reference: Opens pi_ref for a pass (the adapter-less policy under LoRA, else one frozen
             copy kept loaded); None when no KL is computed.
         trees: Train on prefix trees (each prompt once per micro-batch, no padding).
-        needs_old: Compute log pi_old on the learner before the update (several steps per
-            batch, a critic, or an exact KL in the reward).
         ref_head: pi_ref's output-embedding weight, kept for the exact KL in the loss.
     """
 
@@ -85,7 +83,6 @@ class PGRun:
     generator: HFGenerator
     reference: Callable[[], contextlib.AbstractContextManager] | None
     trees: bool
-    needs_old: bool
     ref_head: torch.Tensor | None = None
 
     @property
@@ -98,6 +95,17 @@ class PGRun:
     def steps_per_batch(self) -> int:
         """Optimiser steps each rollout batch serves: epochs x minibatches."""
         return self.preset.epochs * self.cfg.algo.minibatches
+
+    @property
+    def needs_old(self) -> bool:
+        """Whether log pi_old is computed on the learner before the update.
+
+        Needed when a batch serves several steps (pi_old then differs from pi_theta), for the
+        critic's GAE, and for an exact KL in the reward (it needs pi_old's hidden states).
+        """
+        preset = self.preset
+        exact_in_reward = preset.kl.needs_hidden and preset.kl_placement == "reward"
+        return self.steps_per_batch > 1 or preset.critic or (preset.uses_kl and exact_in_reward)
 
 
 @dataclass

@@ -20,7 +20,8 @@ import torch
 from rlhfkit.losses.policy import policy_loss, tis_weights
 from rlhfkit.models.forward import fused_head, rollout_logprobs
 from rlhfkit.ops.masking import Aggregation, normaliser_count
-from rlhfkit.recipes.policy_gradient.presets import KLSide
+from rlhfkit.recipes.policy_gradient.config import PGConfig
+from rlhfkit.recipes.policy_gradient.presets import KLSide, PGPreset
 from rlhfkit.recipes.policy_gradient.state import (
     LoopState,
     PGRun,
@@ -32,14 +33,17 @@ from rlhfkit.training.accumulate import StepStats, accumulate
 from rlhfkit.types import LossOutput
 
 
-def aggregation(run: PGRun) -> Aggregation:
-    """The preset's loss aggregation (L_max of ``fixed_length`` is ``max_new_tokens``)."""
-    return Aggregation(run.preset.aggregation, max_len=run.cfg.sampling.max_new_tokens)
+def aggregation(cfg: PGConfig, preset: PGPreset) -> Aggregation:
+    """The preset's loss aggregation, shared by the policy loss and PPO's value loss.
+
+    L_max of ``fixed_length`` is ``max_new_tokens``.
+    """
+    return Aggregation(preset.aggregation, max_len=cfg.sampling.max_new_tokens)
 
 
 def count(run: PGRun) -> Callable[[RolloutMicroBatch], float]:
     """A micro-batch's share of the global normaliser of the preset's aggregation."""
-    agg = aggregation(run)
+    agg = aggregation(run.cfg, run.preset)
     return lambda b: float(normaliser_count(b.mask, agg))
 
 
@@ -51,7 +55,7 @@ def policy_step_loss(run: PGRun, state: LoopState) -> StepLoss:
     loop state at each call (the adaptive controller moves it between batches).
     """
     model, preset, t = run.ctx.model, run.preset, run.temperature
-    agg = aggregation(run)
+    agg = aggregation(run.cfg, run.preset)
     kl_in_loss = preset.kl_placement == "loss" and preset.uses_kl
 
     def loss_kl(logprobs: torch.Tensor, hidden: torch.Tensor | None, b: RolloutMicroBatch):
