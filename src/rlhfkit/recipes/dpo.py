@@ -52,11 +52,8 @@ from rlhfkit.data.preferences import to_groups
 from rlhfkit.data.schemas import load_examples
 from rlhfkit.data.sources import data_section_problems
 from rlhfkit.errors import ConfigError
-from rlhfkit.losses.preference import (
-    PREFERENCE_LOSSES,
-    kto_unpaired_from_pairs,
-    kto_z0_batch_rejected,
-)
+from rlhfkit.losses.kto import kto_unpaired_from_pairs, kto_z0_batch_rejected
+from rlhfkit.losses.preference import PREFERENCE_LOSSES
 from rlhfkit.models.forward import sequence_logprobs
 from rlhfkit.models.heads import supports_prefix_trees
 from rlhfkit.recipes.dpo_eval import gold_comparison, heldout_metrics, kl_metrics, pair_metrics
