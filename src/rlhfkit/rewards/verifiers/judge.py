@@ -114,9 +114,9 @@ def read_records(channel: str, steps: int, nonce: str) -> list[tuple[bool, Any]]
         return None
     out = []
     for index, record in enumerate(parsed[1:-1]):
-        if type(record) is not list or len(record) != 3 or record[0] != index:
+        if type(record) is not list or len(record) != 3 or type(record[0]) is not int:
             return None
-        if type(record[0]) is not int or record[1] not in ("ok", "error"):
+        if record[0] != index or record[1] not in ("ok", "error"):
             return None
         out.append((record[1] == "ok", record[2]))
     return out
