@@ -1,6 +1,7 @@
 """Helpers shared by the direct-alignment losses (:mod:`rlhfkit.losses.preference`).
 
-The loss dtype, the zero-safe division by the normaliser, the log-ratios Δ = logp − ref, the
+The loss dtype, the zero-safe division by the normaliser and the detached metric sums (also
+used by :mod:`rlhfkit.losses.reward`), the log-ratios Δ = logp − ref, the
 per-token averages and the paired losses' common output (the metric sums listed in
 :mod:`rlhfkit.losses.preference`). Every tensor argument is keyword-only, so that chosen and
 rejected (or policy and reference) log-probs cannot be swapped by position.
@@ -25,6 +26,11 @@ def safe_div(total: torch.Tensor, normaliser: Number) -> torch.Tensor:
     """``total / normaliser`` where a zero normaliser (nothing to count) gives 0, not NaN."""
     norm = torch.as_tensor(normaliser, dtype=total.dtype, device=total.device)
     return total / torch.where(norm == 0, torch.ones_like(norm), norm)
+
+
+def detached_sums(metrics: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The metric sums detached and in fp64 (they add up across micro-batches)."""
+    return {k: v.detach().double() for k, v in metrics.items()}
 
 
 def ref_deltas(
@@ -81,4 +87,4 @@ def pair_output(
         "delta_chosen_sum": d_c.sum(),
         **extra,
     }
-    return LossOutput(loss=loss, metrics={k: v.detach().double() for k, v in metrics.items()})
+    return LossOutput(loss=loss, metrics=detached_sums(metrics))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from rlhfkit.losses._common import Number, loss_dtype, safe_div
+from rlhfkit.losses._common import Number, detached_sums, loss_dtype, safe_div
 from rlhfkit.types import LossOutput
 
 
@@ -88,14 +88,14 @@ def kto_loss(
         logprobs, ref_logprobs, desirable (bool): (N,); z0 scalar; loss scalar.
     """
     dt = loss_dtype(logprobs)
-    r = logprobs.to(dt) - ref_logprobs.detach().to(dt)  # (N,)
+    lp = logprobs.to(dt)  # (N,)
+    r = lp - ref_logprobs.detach().to(dt)  # (N,)
     z = torch.as_tensor(z0, device=r.device).detach().to(dt)
     sign = desirable.to(dt) * 2 - 1  # (N,): +1 desirable, -1 undesirable
     weight = torch.where(desirable, lambda_d, lambda_u).to(dt)  # (N,)
     per_example = weight * torch.sigmoid(-sign * beta * (r - z))  # (N,)
     total = per_example.sum()
     loss = safe_div(total, r.numel() if normaliser is None else normaliser)
-    lp = logprobs.to(dt)
     metrics = {
         "examples": torch.tensor(float(r.numel()), device=r.device),
         "desirable": desirable.sum(),
@@ -106,4 +106,4 @@ def kto_loss(
         "desirable_logprobs_sum": torch.where(desirable, lp, 0.0).sum(),
         "undesirable_logprobs_sum": torch.where(desirable, 0.0, lp).sum(),
     }
-    return LossOutput(loss=loss, metrics={k: v.detach().double() for k, v in metrics.items()})
+    return LossOutput(loss=loss, metrics=detached_sums(metrics))

@@ -251,7 +251,7 @@ def policy_loss(
         per_token = per_token + kl_coef * kl
     loss = aggregate(per_token, mask, aggregation, normaliser)
     with torch.no_grad():
-        log_ratio = torch.where(mask, logprobs - old_logprobs, 0.0)
+        log_ratio = logprobs - old_logprobs  # 0 at padding (both filled above)
         ratio = torch.exp(log_ratio)
         metrics = {
             "clipped": float(clipped[mask].sum()),

@@ -19,6 +19,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from rlhfkit.losses._common import Number, detached_sums, safe_div
 from rlhfkit.ops.masking import (
     Aggregation,
     aggregate,
@@ -28,7 +29,6 @@ from rlhfkit.ops.masking import (
 )
 from rlhfkit.types import LossOutput
 
-Number = float | torch.Tensor
 PRM_CLASSES: dict[int, int] = {-1: 0, 0: 1, 1: 2}
 """PRM step label -> class index of the 3-class head (class = label + 1)."""
 IGNORE_INDEX = -100
@@ -37,16 +37,6 @@ IGNORE_INDEX = -100
 def _fp(x: torch.Tensor) -> torch.Tensor:
     """Cast to the loss dtype: fp64 stays fp64, everything else becomes fp32."""
     return x.double() if x.dtype == torch.float64 else x.float()
-
-
-def _safe_div(total: torch.Tensor, normaliser: Number) -> torch.Tensor:
-    """``total / normaliser`` where a zero normaliser (nothing to count) gives 0, not NaN."""
-    norm = torch.as_tensor(normaliser, dtype=total.dtype, device=total.device)
-    return total / torch.where(norm == 0, torch.ones_like(norm), norm)
-
-
-def _detach(metrics: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | float]:
-    return {k: v.detach().to(torch.float64) for k, v in metrics.items()}
 
 
 def bradley_terry_loss(
@@ -83,7 +73,7 @@ def bradley_terry_loss(
     per_pair = F.softplus(m - diff)  # (N,)
     w = torch.ones_like(diff) if weights is None else weights.to(diff.dtype)
     total = (w * per_pair).sum()
-    loss = _safe_div(total, w.sum() if normaliser is None else normaliser)
+    loss = safe_div(total, w.sum() if normaliser is None else normaliser)
     metrics = {
         "pairs": torch.tensor(float(diff.numel()), device=diff.device),
         "correct": (diff > 0).sum() + 0.5 * (diff == 0).sum(),
@@ -92,7 +82,7 @@ def bradley_terry_loss(
         "rejected_sum": r_r.sum(),
         "loss_sum": total,
     }
-    return LossOutput(loss=loss, metrics=_detach(metrics))
+    return LossOutput(loss=loss, metrics=detached_sums(metrics))
 
 
 def pairwise_stats(
@@ -118,7 +108,7 @@ def pairwise_stats(
         "correct": torch.where(valid, wins, 0.0).sum(),
         "margin_sum": torch.where(valid, diff, 0.0).sum(),
     }
-    return _detach(metrics)
+    return detached_sums(metrics)
 
 
 def all_pairs_loss(
@@ -201,13 +191,13 @@ def plackett_luce_loss(
     has_any = mask.any(-1)  # (N,)
     groups = has_any.sum()
     total = per_row.sum()
-    loss = _safe_div(total, groups if normaliser is None else normaliser)
+    loss = safe_div(total, groups if normaliser is None else normaliser)
     metrics = {
         "groups": groups,
         "loss_sum": total,
         "top1_correct": ((padded.argmax(-1) == 0) & has_any).sum(),
     }
-    return LossOutput(loss=loss, metrics=_detach(metrics))
+    return LossOutput(loss=loss, metrics=detached_sums(metrics))
 
 
 def orm_token_loss(
@@ -249,7 +239,7 @@ def orm_token_loss(
         "sequences": mask.any(-1).sum(),
         "loss_sum": masked_sum(per_token, mask),
     }
-    return LossOutput(loss=loss, metrics=_detach(metrics))
+    return LossOutput(loss=loss, metrics=detached_sums(metrics))
 
 
 def orm_sequence_loss(
@@ -287,10 +277,10 @@ def orm_sequence_loss(
     if not bool(has_any.any()):
         loss = logits.sum() * 0
     else:
-        loss = _safe_div(total, sequences if normaliser is None else normaliser)
+        loss = safe_div(total, sequences if normaliser is None else normaliser)
     correct = ((pooled > 0) == (target > 0.5)) & has_any
     metrics = {"sequences": sequences, "loss_sum": total, "correct": correct.sum()}
-    return LossOutput(loss=loss, metrics=_detach(metrics))
+    return LossOutput(loss=loss, metrics=detached_sums(metrics))
 
 
 def _score_final(z: torch.Tensor, mask: torch.Tensor, last_m: int, tau: float) -> torch.Tensor:
@@ -446,9 +436,9 @@ def prm_loss(
     if not bool(valid.any()):
         loss = logits.sum() * 0
     else:
-        loss = _safe_div(total, steps if normaliser is None else normaliser)
+        loss = safe_div(total, steps if normaliser is None else normaliser)
     metrics = {"steps": steps, "correct": (correct & valid).sum(), "loss_sum": total}
-    return LossOutput(loss=loss, metrics=_detach(metrics))
+    return LossOutput(loss=loss, metrics=detached_sums(metrics))
 
 
 def prm_step_scores(*, logits: torch.Tensor, mode: str = "3class") -> torch.Tensor:

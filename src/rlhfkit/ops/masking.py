@@ -16,14 +16,14 @@ op-free ``where`` is then the only thing that sees the padding.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
 AggregationName = Literal["token_mean", "seq_mean_token_mean", "fixed_length", "sum"]
 
 
-AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "fixed_length", "sum")
+AGGREGATIONS: tuple[AggregationName, ...] = get_args(AggregationName)
 """The aggregation modes (``sum`` is for losses whose normaliser is 1)."""
 
 
