@@ -48,6 +48,7 @@ def _cfg(model_dir: Path, run_dir: Path, **over) -> pipeline.PipelineConfig:
         dpo=replace(base.dpo, loop=LoopConfig(max_steps=2, **tiny_loop)),
         eval=EvalStageConfig(max_prompts=4, samples=2, bon_n=4, max_new_tokens=8, show=3),
         log=log,
+        isolate_stages=False,  # in-process, so tests can patch and count what runs
     )
     return replace(cfg, **over)
 
@@ -58,7 +59,7 @@ def _stamp(path: Path) -> int:
 
 def test_pipeline_runs_every_stage_and_skips_them_on_rerun(tiny_model_dir, tmp_path):
     run = tmp_path / "run"
-    pipeline.main(_cfg(tiny_model_dir, run))
+    pipeline.main(_cfg(tiny_model_dir, run, isolate_stages=True))  # each stage in a process
     for output in ("sft/final", "candidates.jsonl", "pairs.jsonl", "rm/final", "policy/final",
                    "policy/critic", "eval.json", "report.html"):  # fmt: skip
         assert (run / output).exists(), output
@@ -66,6 +67,10 @@ def test_pipeline_runs_every_stage_and_skips_them_on_rerun(tiny_model_dir, tmp_p
         assert not (run / stage / "checkpoints").exists(), stage
     ev = json.loads((run / "eval.json").read_text())
     assert set(ev["models"]) == {"sft", "final"}
+    assert "all" in ev["headline"] and ev["headline"]["all"]["prompts"] == 4
+    gain = ev["headline"]["all"]["gain"]
+    assert gain["low"] <= gain["mean"] <= gain["high"]
+    assert "gold reward" in ev["headline"]["all"]["sentence"]
     assert abs(sum(ev["win_rates"]["gold"][k] for k in ("win", "tie", "loss")) - 1) < 1e-9
     assert [p["n"] for p in ev["bon"]] == [1, 2, 4]
     assert ev["bon"][0]["kl"] == 0.0

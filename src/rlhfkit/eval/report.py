@@ -17,13 +17,18 @@ Input schema (every key optional except where a section needs it; ``None`` = not
 
     {"title": str, "created": str, "config": dict,
      "stages": {name: {"seconds": float, "status": "done"|"skipped"}},
+     "headline": {group: {"prompts": int, "sft": CI, "final": CI, "gain": CI, "sentence": str,
+                  "win_tie_loss": {"win": CI, "tie": CI, "loss": CI, "wins_per_loss": float, "n": int}}},
      "summary": {name: number or str},
      "curves": {"rl": [{"step": int, "reward": float, "proxy": float|None, "gold": float|None, "kl": float|None}]},
-     "reward_model": {"accuracy": float, "pairs": int, "by_category": {name: accuracy}},
+     "reward_model": {"accuracy": float, "pairs": int, "by_category": {name: accuracy},
+                      "on_policy": {"pairs", "accuracy", "correctness_pairs", "correctness_accuracy"}},
      "win_rates": {"gold": {"win": float, "tie": float, "loss": float, "n": int}, "judge": {...} | absent},
      "overoptimisation": {"bon": [{"n", "kl", "d", "proxy", "gold"}], "rl": [{"step", "kl", "d", "proxy", "gold"}]},
      "samples": [{"prompt": str, "sft": str, "final": str, "sft_gold": float|None, "final_gold": float|None}]}
 
+A CI is ``{"mean", "low", "high"}`` (:mod:`rlhfkit.eval.intervals`); the headline's groups are
+``all``, ``seen`` and ``unseen`` (task types), shown first in the summary with their sentences.
 Win, tie and loss are fractions of ``n`` (final model vs SFT). In ``overoptimisation`` a point
 without ``d`` gets d = sqrt(kl). When a curve has a point at d = 0 (best-of-1; the RL start) and
 at least three with d > 0, Gao's form (best-of-n: d (alpha - beta d); RL: d (alpha - beta log d))
@@ -142,8 +147,44 @@ def _na(what: str = "") -> str:
     return f'<p class="na">{_esc(what or NOT_AVAILABLE)}</p>'
 
 
+def _ci(x: dict[str, Any] | None, pct: bool = False) -> str:
+    """``mean [low, high]`` of an interval, or n/a."""
+    if not x:
+        return "n/a"
+    return f"{_fmt(x.get('mean'), pct)} [{_fmt(x.get('low'), pct)}, {_fmt(x.get('high'), pct)}]"
+
+
+GROUPS = {
+    "all": "all held-out prompts",
+    "seen": "task types RLHF saw",
+    "unseen": "unseen task types",
+}
+"""Headline groups, as the report names them."""
+
+
+def _headline(headline: dict[str, Any]) -> str:
+    """The sentences and a table of gold reward, gain and win/tie/loss with 95% intervals."""
+    sentences = [
+        f"<p><b>{_esc(GROUPS.get(name, name).capitalize())}:</b> {_esc(g.get('sentence', ''))}</p>"
+        for name, g in headline.items()
+    ]
+    rows = []
+    for name, g in headline.items():
+        wtl = g.get("win_tie_loss") or {}
+        rows.append(
+            [GROUPS.get(name, name), g.get("prompts"), _ci(g.get("sft")), _ci(g.get("final")),
+             _ci(g.get("gain")), _ci(wtl.get("win"), True), _ci(wtl.get("tie"), True),
+             _ci(wtl.get("loss"), True), wtl.get("wins_per_loss")]
+        )  # fmt: skip
+    head = ["prompts", "n", "gold SFT", "gold final", "gain", "win", "tie", "loss", "wins/loss"]
+    note = "<p>Brackets: 95% intervals over prompts (each prompt's mean over its samples).</p>"
+    return "".join(sentences) + _table(head, rows) + note
+
+
 def _summary(data: dict[str, Any]) -> str:
     parts = []
+    if data.get("headline"):
+        parts.append(_headline(data["headline"]))
     summary = data.get("summary") or {}
     if summary:
         parts.append(_table(["figure", "value"], [[k, v] for k, v in summary.items()]))
@@ -195,6 +236,16 @@ def _reward_model(data: dict[str, Any]) -> str:
     rows = [["overall", overall, rm.get("pairs")]] + [[k, v, None] for k, v in cats.items()]
     table = _table(["category", "accuracy", "pairs"], [[a, _fmt(b, True), c] for a, b, c in rows])
     names, accs = [r[0] for r in rows], [float(r[1]) for r in rows]
+    live = rm.get("on_policy") or {}
+    if live:
+        table += (
+            "<p>On the SFT model's own samples (pairs of one prompt's samples that the gold judge "
+            f"ranks apart, what RL optimises against): {_fmt(live.get('accuracy'), True)} of "
+            f"{_fmt(live.get('pairs'))} pairs ordered as the gold judge orders them; "
+            f"{_fmt(live.get('correctness_accuracy'), True)} of the "
+            f"{_fmt(live.get('correctness_pairs'))} where one sample is right and the other "
+            "wrong.</p>"
+        )
 
     def draw(fig: Figure) -> None:
         ax = fig.subplots()

@@ -16,6 +16,11 @@ from rlhfkit.recipes import dpo, reward_model, sft
 from rlhfkit.recipes import policy_gradient as pg
 from rlhfkit.rollout.hf import SamplingConfig
 
+UNSEEN_TASKS = ("antonyms", "count_letters", "thank_you_note")
+"""The built-in task types the demo keeps from its preference stages (one the SFT model often
+gets right, two it rarely does), so that its report can show what RLHF does on tasks it never
+saw."""
+
 
 @dataclass
 class CandidatesConfig:
@@ -28,6 +33,9 @@ class CandidatesConfig:
     sampling: SamplingConfig = field(
         default_factory=lambda: SamplingConfig(max_new_tokens=64, temperature=1.0, num_samples=2)
     )
+    pairs_per_prompt: int | None = None
+    """Pairs formed from a prompt's completions (every two distinct ones, in order; None: all
+    num_samples * (num_samples - 1) / 2 of them). Ties are dropped when labelled."""
 
 
 @dataclass
@@ -125,4 +133,11 @@ class PipelineConfig:
     """DPO settings (algo, optim, loop) for optimise.method dpo (the pipeline's eval stage does
     the evaluation, so DPO's own win-rate pass is off)."""
     eval: EvalStageConfig = field(default_factory=EvalStageConfig)
+    unseen_tasks: tuple[str, ...] = UNSEEN_TASKS
+    """Task types (a row's ``task`` field) kept out of every preference stage: no candidates,
+    pairs, reward-model rows or RL prompts of these types. The evaluation reports their held-out
+    prompts apart, to show whether the gain carries over to tasks RLHF never saw. Empty: none."""
+    isolate_stages: bool = True
+    """Run each stage that loads models in a process of its own, so that its memory goes back
+    to the system when it ends (the peak is the largest stage's, not the sum of all)."""
     log: LogConfig = field(default_factory=lambda: LogConfig(run_dir="runs/pipeline"))

@@ -8,6 +8,10 @@ Evaluation, on the distinct held-out prompts of the preference task:
   completions of each prompt, so both sides are measured alike);
 - win rate of the final model against the SFT model by the gold judge (sample j of a prompt
   against sample j), and by an LLM judge when ``judge`` is set (both orders);
+- the headline (:func:`headline`): gold reward of each model and their difference with 95%
+  intervals over prompts, win/tie/loss with intervals, and one plain sentence; for all
+  prompts, and apart for the task types the preference stages saw and those they never saw
+  (``unseen_tasks`` of the pipeline);
 - KL(pi_final || pi_SFT), summed over a completion (k1 and k3 on one temperature-1 sample per
   prompt, :func:`rlhfkit.eval.kl.sampled_kl`);
 - the reward model's held-out pairwise accuracy against the gold preference, overall and per
@@ -35,6 +39,7 @@ import torch
 from rlhfkit.atomic import atomic_write_text
 from rlhfkit.config import ModelConfig
 from rlhfkit.data.tasks.preferences import gold_prefers
+from rlhfkit.eval.intervals import mean_interval, paired_difference, win_tie_loss
 from rlhfkit.eval.kl import sampled_kl
 from rlhfkit.eval.overopt import bon_curve
 from rlhfkit.inference.evaluate import EvalDataConfig, evaluate_prompts
@@ -83,6 +88,128 @@ def _gold_win_rate(prompts: list[Any], sft: Any, final: Any, n: int) -> dict[str
         "loss": sum(o == 0.0 for o in outcomes) / total,
         "n": total,
     }
+
+
+def _prompt_means(grid: Any, gold: str, n: int) -> list[float]:
+    """Each prompt's mean gold reward over its first n samples (a blank sample scores 0)."""
+    return [statistics.fmean(row[:n]) for row in grid.components[gold]]
+
+
+def on_policy_agreement(proxy: list[list[float]], gold: list[list[float]]) -> dict[str, Any]:
+    """How often the reward model orders two samples of one prompt as the gold judge does.
+
+    Over every pair (i, j) of one prompt's samples whose gold scores differ, the share with
+    ``sign(proxy_i - proxy_j) == sign(gold_i - gold_j)`` (a proxy tie counts half); apart for
+    the pairs where exactly one sample scores at least 1.0 (a right answer, padded by at most a
+    few words). This is the accuracy RL depends on: the ranking of the policy's own samples,
+    not of the held-out reference pairs.
+
+    Args:
+        proxy: (M, N) reward-model scores of M prompts' N samples.
+        gold: (M, N) gold scores of the same samples.
+
+    Returns:
+        ``{"pairs", "accuracy", "correctness_pairs", "correctness_accuracy"}`` (an accuracy
+        is NaN without pairs).
+    """
+    hits = {"all": [], "correctness": []}
+    for p_row, g_row in zip(proxy, gold, strict=True):
+        cells = [
+            (p, g) for p, g in zip(p_row, g_row, strict=True) if p is not None and g is not None
+        ]
+        for a, (pa, ga) in enumerate(cells):
+            for pb, gb in cells[a + 1 :]:
+                if abs(ga - gb) < 1e-9:
+                    continue
+                hit = 0.5 if pa == pb else float((pa - pb) * (ga - gb) > 0)
+                hits["all"].append(hit)
+                if (ga >= 1.0) != (gb >= 1.0):
+                    hits["correctness"].append(hit)
+    return {
+        "pairs": len(hits["all"]),
+        "accuracy": _mean(hits["all"]),
+        "correctness_pairs": len(hits["correctness"]),
+        "correctness_accuracy": _mean(hits["correctness"]),
+    }
+
+
+def _verdict(diff: dict[str, float], wtl: dict[str, Any]) -> str:
+    """One plain sentence on a group's gold gain and win/loss ratio."""
+    gain = diff["mean"]
+    if diff["low"] > 0:
+        verdict = f"RLHF raised the gold reward by {gain:.2f} (95% interval {diff['low']:.2f} to "
+        verdict += f"{diff['high']:.2f}, so the gain is real, not noise)"
+    elif diff["high"] < 0:
+        verdict = f"RLHF lowered the gold reward by {-gain:.2f} (95% interval "
+        verdict += f"{diff['low']:.2f} to {diff['high']:.2f})"
+    else:
+        verdict = f"RLHF changed the gold reward by {gain:+.2f}, which is within noise (95% "
+        verdict += f"interval {diff['low']:.2f} to {diff['high']:.2f} includes 0)"
+    win, loss = wtl["win"]["mean"], wtl["loss"]["mean"]
+    return (
+        f"{verdict}; the final model beat the SFT model {win:.0%} of the time and lost {loss:.0%}."
+    )
+
+
+def headline(
+    prompts: list[Any],
+    sft: Any,
+    final: Any,
+    gold: str,
+    n: int,
+    unseen_tasks: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """Gold reward before and after, the paired gain and win/tie/loss, with 95% intervals.
+
+    Every interval is over prompts (:mod:`rlhfkit.eval.intervals`): a prompt's value is its mean
+    over its first n samples, and outcome j of a prompt compares the final model's sample j
+    with the SFT model's sample j by the gold judge.
+
+    Args:
+        prompts: The evaluated prompts, rows of the grids.
+        sft: The SFT model's scored grid (M, >= n).
+        final: The final model's scored grid (M, >= n).
+        gold: The gold reward's name in the grids' components.
+        n: Samples per prompt compared.
+        unseen_tasks: Task types the preference stages never saw; when set, the figures are
+            also given apart for the prompts of those types (``"unseen"``) and the others
+            (``"seen"``).
+
+    Returns:
+        ``{group: {"prompts", "sft", "final", "gain", "win_tie_loss", "sentence"}}`` with group
+        ``"all"`` and, with ``unseen_tasks``, ``"seen"`` and ``"unseen"`` (a group with fewer
+        than 2 prompts is left out).
+    """
+    before, after = _prompt_means(sft, gold, n), _prompt_means(final, gold, n)
+    outcomes = [
+        [
+            gold_prefers(
+                final.texts[i][j], sft.texts[i][j], p.fields["reference"], p.fields.get("task")
+            )
+            for j in range(n)
+        ]
+        for i, p in enumerate(prompts)
+    ]
+    unseen = [p.fields.get("task") in unseen_tasks for p in prompts]
+    groups = {"all": [True] * len(prompts)}
+    if unseen_tasks:
+        groups |= {"seen": [not u for u in unseen], "unseen": unseen}
+    out = {}
+    for name, keep in groups.items():
+        rows = [i for i, k in enumerate(keep) if k]
+        if len(rows) < 2:
+            continue
+        diff = paired_difference([after[i] for i in rows], [before[i] for i in rows])
+        wtl = win_tie_loss([outcomes[i] for i in rows])
+        out[name] = {
+            "prompts": len(rows),
+            "sft": mean_interval([before[i] for i in rows]),
+            "final": mean_interval([after[i] for i in rows]),
+            "gain": diff,
+            "win_tie_loss": wtl,
+            "sentence": _verdict(diff, wtl),
+        }
+    return out
 
 
 def _judge_win_rate(spec: str, prompts: list[Any], sft: Any, final: Any, n: int) -> dict:
@@ -167,12 +294,14 @@ def evaluate_stage(cfg: PipelineConfig, run: Path, gold: str) -> None:
             "sft": _model_figures(sft, proxy, gold, ev.samples),
             "final": _model_figures(final, proxy, gold, ev.samples),
         },
+        "headline": headline(prompts, sft, final, gold, ev.samples, cfg.unseen_tasks),
         "win_rates": {"gold": _gold_win_rate(prompts, sft, final, ev.samples)},
         "kl": _kl(cfg.model, run / "policy" / "final", run / "sft" / "final", prompts, ev),
         "reward_model": {
             "accuracy": rm_report["overall"]["accuracy"],
             "pairs": rm_report["overall"]["pairs"],
             "by_category": {k: v["accuracy"] for k, v in rm_report["per_category"].items()},
+            "on_policy": on_policy_agreement(sft.components[proxy], sft.components[gold]),
         },
         "bon": bon_curve(_matrix(sft.components[proxy]), _matrix(sft.components[gold]), ns),
         "samples": [
@@ -247,6 +376,7 @@ def report_data(
             "optimise": cfg.optimise.method,
         },
         "stages": stages,
+        "headline": ev.get("headline"),
         "summary": summary,
         "curves": {"rl": curve},
         "reward_model": ev["reward_model"],

@@ -35,10 +35,12 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import random
 import shutil
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -48,6 +50,7 @@ from rich.table import Table
 
 from rlhfkit.atomic import atomic_write_text
 from rlhfkit.config import LogConfig
+from rlhfkit.data.sources import load_rows
 from rlhfkit.data.tasks.preferences import gold_prefers
 from rlhfkit.extras import require_extra
 from rlhfkit.inference.evaluate import EvalDataConfig, evaluate_prompts
@@ -78,6 +81,37 @@ def _jsonl(rows: list[dict[str, Any]]) -> str:
     return "".join(json.dumps(r) + "\n" for r in rows)
 
 
+def _seen(cfg: PipelineConfig, run: Path, source: str, split: str) -> tuple[str, str]:
+    """The rows of ``source`` the preference stages may use: without ``unseen_tasks`` types.
+
+    With ``cfg.unseen_tasks`` set, the kept rows are written once to
+    ``<run>/seen/<split>-<n>.jsonl`` (n numbers the distinct sources) and that file is returned
+    with split ``"train"`` (a local file has one split); otherwise ``(source, split)`` as given.
+    """
+    if not cfg.unseen_tasks:
+        return source, split
+    folder = run / "seen"
+    index = folder / "sources.json"
+    known = json.loads(index.read_text()) if index.exists() else {}
+    key = f"{source}#{split}"
+    if key not in known:
+        rows = [r.data for r in load_rows(source, split=split)]
+        kept = [r for r in rows if r.get("task") not in cfg.unseen_tasks]
+        path = folder / f"{split}-{len(known)}.jsonl"
+        folder.mkdir(exist_ok=True)
+        atomic_write_text(path, _jsonl(kept))
+        known[key] = str(path)
+        atomic_write_text(index, json.dumps(known, indent=2))
+        log.info(
+            "%s (%s): %d of %d rows kept (unseen tasks left out)",
+            source,
+            split,
+            len(kept),
+            len(rows),
+        )
+    return known[key], "train"
+
+
 def run_sft(cfg: PipelineConfig, run: Path) -> None:
     """Step 1."""
     sub = cfg.sft
@@ -89,9 +123,10 @@ def run_candidates(cfg: PipelineConfig, run: Path) -> None:
     """Step 2: sample, then write one row per prompt with its completions."""
     if cfg.candidates.sampling.num_samples < 2:
         raise ValueError("candidates.sampling.num_samples must be >= 2 to form pairs")
+    source, split = _seen(cfg, run, cfg.candidates.source, "train")
     data = EvalDataConfig(
-        source=cfg.candidates.source,
-        split="train",
+        source=source,
+        split=split,
         schema="preference",
         max_prompt_len=cfg.rl.data.max_prompt_len,
         distinct=True,
@@ -120,14 +155,27 @@ def run_candidates(cfg: PipelineConfig, run: Path) -> None:
     atomic_write_text(run / "candidates.jsonl", _jsonl(rows))
 
 
-def _pairs_of(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each prompt's first two completions that differ, as an unlabelled pair."""
+def _pairs_of(rows: list[dict[str, Any]], per_prompt: int | None) -> list[dict[str, Any]]:
+    """Unlabelled pairs: every two distinct non-blank completions of a prompt, in order.
+
+    These are InstructGPT's K-choose-2 comparisons, at most ``per_prompt`` of them per prompt
+    (None: all).
+
+    A pair's ``id`` is ``"<row id>:<i>-<j>"`` (the indices of its two completions).
+    """
     pairs = []
     for r in rows:
-        a, b = r["completions"][0], r["completions"][1]
-        if a.strip() and b.strip() and a != b:
+        texts = r["completions"]
+        kept = [i for i, t in enumerate(texts) if t.strip() and t not in texts[:i]]
+        combos = [(i, j) for n, i in enumerate(kept) for j in kept[n + 1 :]]
+        for i, j in combos[:per_prompt]:
             pairs.append(
-                {**{k: r[k] for k in ("id", "prompt", "reference", "task")}, "a": a, "b": b}
+                {
+                    "id": f"{r['id']}:{i}-{j}",
+                    **{k: r[k] for k in ("prompt", "reference", "task")},
+                    "a": texts[i],
+                    "b": texts[j],
+                }
             )
     return pairs
 
@@ -199,7 +247,7 @@ def _judge_choices(cfg: PipelineConfig, pairs: list[dict[str, Any]]) -> list[flo
 def run_labels(cfg: PipelineConfig, run: Path) -> bool:
     """Step 3; False when human labels are still missing (the pipeline stops there)."""
     rows = [json.loads(line) for line in (run / "candidates.jsonl").read_text().splitlines()]
-    pairs = _pairs_of(rows)
+    pairs = _pairs_of(rows, cfg.candidates.pairs_per_prompt)
     labelers: dict[str, Callable[[], list[float | None] | None]] = {
         "gold": lambda: [gold_prefers(p["a"], p["b"], p["reference"], p["task"]) for p in pairs],
         "judge": lambda: _judge_choices(cfg, pairs),
@@ -239,9 +287,8 @@ def _rm_train_file(cfg: PipelineConfig, run: Path) -> Path:
     """The labelled pairs, plus the task's own gold-labelled pairs with labels.mix_builtin."""
     if not cfg.labels.mix_builtin:
         return run / "pairs.jsonl"
-    from rlhfkit.data.sources import load_rows
-
-    builtin = [r.data for r in load_rows(cfg.rm.data.train, split=cfg.rm.data.train_split)]
+    source, split = _seen(cfg, run, cfg.rm.data.train, cfg.rm.data.train_split)
+    builtin = [r.data for r in load_rows(source, split=split)]
     mixed = run / "rm_train.jsonl"
     atomic_write_text(mixed, (run / "pairs.jsonl").read_text() + _jsonl(builtin))
     return mixed
@@ -265,10 +312,12 @@ def run_optimise(cfg: PipelineConfig, run: Path) -> None:
         return
     rm_spec = f"rm:{run / 'rm' / 'final'}"
     algo = replace(cfg.rl.algo, preset=cfg.optimise.method)
+    train, split = _seen(cfg, run, cfg.rl.data.train, cfg.rl.data.train_split)
     loop = replace(cfg.rl.loop, resume=_resume(run / "policy"))
     sub = replace(
         cfg.rl,
         model=policy,
+        data=replace(cfg.rl.data, train=train, train_split=split),
         algo=algo,
         rewards=(rm_spec, GOLD),
         weights=(1.0, 0.0),
@@ -291,16 +340,18 @@ class Stage:
     output: str
     run: Callable[[PipelineConfig, Path], bool | None]
     checkpoints: str | None = None
+    loads_models: bool = True
+    """The stage loads models (run in its own process with ``isolate_stages``)."""
 
 
 STAGES = [
     Stage("sft", "sft/final", run_sft, "sft/checkpoints"),
     Stage("candidates", "candidates.jsonl", run_candidates),
-    Stage("labels", "pairs.jsonl", run_labels),
+    Stage("labels", "pairs.jsonl", run_labels, loads_models=False),
     Stage("rm", "rm/final", run_rm, "rm/checkpoints"),
     Stage("optimise", "policy/final", run_optimise, "policy/checkpoints"),
     Stage("eval", "eval.json", lambda cfg, run: evaluate_stage(cfg, run, GOLD)),
-    Stage("report", "report.html", lambda cfg, run: run_report(cfg, run)),
+    Stage("report", "report.html", lambda cfg, run: run_report(cfg, run), loads_models=False),
 ]
 """The pipeline, in order."""
 
@@ -328,13 +379,22 @@ def print_summary(run: Path) -> None:
     if (run / "eval.json").exists():
         ev = json.loads((run / "eval.json").read_text())
         sft_m, final = ev["models"]["sft"], ev["models"]["final"]
+        rm = ev["reward_model"]
+        wrong = rm["by_category"].get("wrong_answer")
         console.print(
-            f"gold reward {sft_m['gold']:.3f} (SFT) -> {final['gold']:.3f} (final) | RM reward "
-            f"{sft_m['proxy']:.3f} -> {final['proxy']:.3f} | KL {ev['kl']['k1']:.3f} nats | win "
-            f"rate vs SFT (gold) {ev['win_rates']['gold']['win']:.2f}, ties "
-            f"{ev['win_rates']['gold']['tie']:.2f} | RM held-out accuracy "
-            f"{ev['reward_model']['accuracy']:.3f}"
+            f"RM reward {sft_m['proxy']:.3f} -> {final['proxy']:.3f} | KL {ev['kl']['k1']:.3f} "
+            f"nats | RM held-out accuracy {rm['accuracy']:.3f}"
+            + (f" ({wrong:.3f} on wrong answers)" if wrong is not None else "")
         )
+        for name, group in (ev.get("headline") or {}).items():
+            gain, wtl = group["gain"], group["win_tie_loss"]
+            console.print(
+                f"[bold]{name}[/] ({group['prompts']} held-out prompts): gold "
+                f"{group['sft']['mean']:.3f} -> {group['final']['mean']:.3f}, gain "
+                f"{gain['mean']:+.3f} [{gain['low']:+.3f}, {gain['high']:+.3f}]; win/tie/loss "
+                f"{wtl['win']['mean']:.2f}/{wtl['tie']['mean']:.2f}/{wtl['loss']['mean']:.2f}\n"
+                f"  {group['sentence']}"
+            )
     if (run / "report.html").exists():
         console.print(f"report: [bold]{run / 'report.html'}[/]")
 
@@ -344,6 +404,26 @@ def demo(cfg: PipelineConfig) -> Path:
     if cfg.log.run_dir == "runs/pipeline":
         cfg = replace(cfg, log=replace(cfg.log, run_dir="runs/demo"))
     return main(cfg)
+
+
+def _stage_in_child(name: str, cfg: PipelineConfig, run: Path) -> bool | None:
+    """Run one stage (by name: the table's lambdas do not pickle) in a worker process."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return next(s for s in STAGES if s.name == name).run(cfg, run)
+
+
+def _run_stage(stage: Stage, cfg: PipelineConfig, run: Path) -> bool | None:
+    """Run a stage, in a fresh process when it loads models and ``cfg.isolate_stages`` is set.
+
+    A process of its own returns all of a stage's memory to the system when the stage ends
+    (models, optimiser state, allocator caches), so the pipeline's peak is the largest stage's
+    peak rather than their sum. An exception in the stage (a user error included) is re-raised
+    here; Ctrl-C reaches both processes.
+    """
+    if not (cfg.isolate_stages and stage.loads_models):
+        return stage.run(cfg, run)
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_stage_in_child, stage.name, cfg, run).result()
 
 
 def main(cfg: PipelineConfig) -> Path:
@@ -367,7 +447,7 @@ def main(cfg: PipelineConfig) -> Path:
             continue
         console.rule(f"[{k}/{len(STAGES)}] {stage.name}")
         start = time.perf_counter()
-        if stage.run(cfg, run) is False:  # waiting for human labels
+        if _run_stage(stage, cfg, run) is False:  # waiting for human labels
             atomic_write_text(run / "stages.json", json.dumps(status, indent=2))
             return run
         status[stage.name] = {"status": "done", "seconds": time.perf_counter() - start}

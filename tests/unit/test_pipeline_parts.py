@@ -1,0 +1,101 @@
+"""The pipeline's pure parts: pair formation, the unseen-task filter, the headline."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from types import SimpleNamespace
+
+import pytest
+
+from rlhfkit.data.tasks.preferences import gold_score
+from rlhfkit.eval.intervals import mean_interval, paired_difference
+from rlhfkit.pipeline import run as pipeline
+from rlhfkit.pipeline.evaluation import headline
+
+GOLD = pipeline.GOLD
+
+
+def _row(i, completions):
+    return {"id": i, "prompt": [{"role": "user", "content": f"q{i}"}], "reference": "w\nAnswer: 1",
+            "task": "arithmetic", "completions": completions}  # fmt: skip
+
+
+def test_pairs_are_every_two_distinct_non_blank_completions():
+    rows = [_row(0, ["a", "b", "a", " ", "c"]), _row(1, ["x", "x"])]
+    pairs = pipeline._pairs_of(rows, None)
+    assert [(p["id"], p["a"], p["b"]) for p in pairs] == [
+        ("0:0-1", "a", "b"), ("0:0-4", "a", "c"), ("0:1-4", "b", "c")
+    ]  # fmt: skip
+    assert [p["id"] for p in pipeline._pairs_of(rows, 2)] == ["0:0-1", "0:0-4"]
+    assert pairs[0]["reference"] == "w\nAnswer: 1" and pairs[0]["task"] == "arithmetic"
+
+
+def test_seen_rows_leave_out_the_unseen_task_types(tmp_path):
+    cfg = replace(pipeline.PipelineConfig(), unseen_tasks=("capitals", "antonyms"))
+    path, split = pipeline._seen(cfg, tmp_path, "builtin:preferences", "train")
+    rows = [json.loads(x) for x in open(path)]
+    assert split == "train" and rows
+    assert not {r["task"] for r in rows} & {"capitals", "antonyms"}
+    full = pipeline.load_rows("builtin:preferences", split="train")
+    assert len(rows) == sum(r.data["task"] not in ("capitals", "antonyms") for r in full)
+    assert pipeline._seen(cfg, tmp_path, "builtin:preferences", "train") == (path, "train")
+    other, _ = pipeline._seen(cfg, tmp_path, "builtin:preferences", "heldout")
+    assert other != path  # one file per source and split
+    none = replace(cfg, unseen_tasks=())
+    assert pipeline._seen(none, tmp_path, "builtin:x", "heldout") == ("builtin:x", "heldout")
+
+
+def _grid(texts, reference):
+    return SimpleNamespace(
+        texts=texts, components={GOLD: [[gold_score(t, reference) for t in row] for row in texts]}
+    )
+
+
+def test_headline_figures_equal_their_formulas():
+    ref = "w\nAnswer: 1"
+    right, wrong, blank = "w\nAnswer: 1", "w\nAnswer: 2", ""
+    prompts = [SimpleNamespace(fields={"reference": ref, "task": t}) for t in ("a", "a", "b", "b")]
+    sft = _grid([[wrong, wrong], [right, wrong], [wrong, blank], [right, right]], ref)
+    final = _grid([[right, wrong], [right, right], [wrong, wrong], [right, wrong]], ref)
+    out = headline(prompts, sft, final, GOLD, 2, unseen_tasks=("b",))
+    assert set(out) == {"all", "seen", "unseen"}
+    before = [0.3, 0.8, 0.15, 1.3]
+    after = [0.8, 1.3, 0.3, 0.8]
+    assert out["all"]["sft"] == mean_interval(before)
+    assert out["all"]["final"]["mean"] == pytest.approx(sum(after) / 4)
+    assert out["all"]["gain"] == paired_difference(after, before)
+    assert out["seen"]["gain"] == paired_difference(after[:2], before[:2])
+    wtl = out["all"]["win_tie_loss"]  # per prompt: (win, tie), (tie, win), (tie, win), (tie, loss)
+    assert wtl["win"]["mean"] == pytest.approx(3 / 8)
+    assert wtl["tie"]["mean"] == pytest.approx(4 / 8)
+    assert wtl["loss"]["mean"] == pytest.approx(1 / 8)
+    assert wtl["wins_per_loss"] == 3.0
+    assert out["unseen"]["prompts"] == 2
+    assert "within noise" in out["all"]["sentence"] or "raised" in out["all"]["sentence"]
+
+
+def test_headline_sentence_says_when_a_gain_is_real():
+    ref = "w\nAnswer: 1"
+    prompts = [SimpleNamespace(fields={"reference": ref, "task": "a"}) for _ in range(3)]
+    sft = _grid([["w\nAnswer: 2"]] * 3, ref)
+    final = _grid([["w\nAnswer: 1"]] * 3, ref)
+    out = headline(prompts, sft, final, GOLD, 1)
+    assert set(out) == {"all"}
+    assert out["all"]["sentence"].startswith("RLHF raised the gold reward by 1.00")
+    assert "beat the SFT model 100%" in out["all"]["sentence"]
+    flat = headline(prompts, sft, sft, GOLD, 1)["all"]["sentence"]
+    assert "within noise" in flat
+
+
+def test_on_policy_agreement_counts_pairs_the_gold_judge_separates():
+    from rlhfkit.pipeline.evaluation import on_policy_agreement
+
+    proxy = [[2.0, 1.0, 1.0], [0.0, 5.0]]
+    gold = [[1.3, 0.3, 0.0], [0.3, 0.3]]  # prompt 2: a gold tie, not counted
+    out = on_policy_agreement(proxy, gold)
+    # pairs (0,1) right, (0,2) right, (1,2) proxy tie = 1/2
+    assert out["pairs"] == 3 and out["accuracy"] == pytest.approx(2.5 / 3)
+    assert out["correctness_pairs"] == 2 and out["correctness_accuracy"] == 1.0
+    flipped = on_policy_agreement([[1.0, 2.0]], [[1.3, 0.3]])
+    assert flipped["accuracy"] == 0.0 and flipped["correctness_accuracy"] == 0.0
