@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -34,7 +35,7 @@ def test_pairs_are_every_two_distinct_non_blank_completions():
 def test_seen_rows_leave_out_the_unseen_task_types(tmp_path):
     cfg = replace(pipeline.PipelineConfig(), unseen_tasks=("capitals", "antonyms"))
     path, split = pipeline._seen(cfg, tmp_path, "builtin:preferences", "train")
-    rows = [json.loads(x) for x in open(path)]
+    rows = [json.loads(x) for x in Path(path).read_text().splitlines()]
     assert split == "train" and rows
     assert not {r["task"] for r in rows} & {"capitals", "antonyms"}
     full = pipeline.load_rows("builtin:preferences", split="train")
@@ -99,3 +100,16 @@ def test_on_policy_agreement_counts_pairs_the_gold_judge_separates():
     assert out["correctness_pairs"] == 2 and out["correctness_accuracy"] == 1.0
     flipped = on_policy_agreement([[1.0, 2.0]], [[1.3, 0.3]])
     assert flipped["accuracy"] == 0.0 and flipped["correctness_accuracy"] == 0.0
+
+
+def test_seed_shifts_every_training_stage_and_the_candidates():
+    base = pipeline.PipelineConfig()
+    cfg = pipeline._seeded(replace(base, seed=7))
+    assert cfg.sft.loop.seed == base.sft.loop.seed + 7
+    assert cfg.rm.loop.seed == base.rm.loop.seed + 7
+    assert cfg.rl.loop.seed == base.rl.loop.seed + 7
+    assert cfg.rl.sampling.seed == base.rl.sampling.seed + 7
+    assert cfg.dpo.loop.seed == base.dpo.loop.seed + 7
+    assert cfg.candidates.sampling.seed == base.candidates.sampling.seed + 7
+    assert cfg.eval == base.eval  # the evaluation samples alike for every seed
+    assert pipeline._seeded(base) is base

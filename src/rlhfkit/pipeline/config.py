@@ -28,10 +28,10 @@ class CandidatesConfig:
 
     source: str = "builtin:preferences"
     """Preference prompts (their ``reference`` and ``task`` fields feed the gold judge)."""
-    limit: int | None = 256
-    """Distinct prompts sampled."""
+    limit: int | None = None
+    """Distinct prompts sampled (None: all)."""
     sampling: SamplingConfig = field(
-        default_factory=lambda: SamplingConfig(max_new_tokens=64, temperature=1.0, num_samples=2)
+        default_factory=lambda: SamplingConfig(max_new_tokens=64, temperature=1.0, num_samples=4)
     )
     pairs_per_prompt: int | None = None
     """Pairs formed from a prompt's completions (every two distinct ones, in order; None: all
@@ -60,7 +60,7 @@ class LabelsConfig:
 class OptimiseConfig:
     """Step 5: how the SFT model is optimised."""
 
-    method: str = "ppo"
+    method: str = "grpo"
     """A policy-gradient preset (ppo, grpo, rloo, ...) against the reward model, or dpo."""
 
 
@@ -74,7 +74,7 @@ class EvalStageConfig:
     """Split of the source."""
     max_prompts: int | None = 84
     """Distinct prompts evaluated."""
-    samples: int = 2
+    samples: int = 4
     """Completions per prompt compared (final against SFT)."""
     bon_n: int = 8
     """SFT samples per prompt for the best-of-n curve (n = 1, 2, 4, ... up to this)."""
@@ -105,18 +105,19 @@ class PipelineConfig:
     labels: LabelsConfig = field(default_factory=LabelsConfig)
     rm: reward_model.RMConfig = field(
         default_factory=lambda: reward_model.RMConfig(
-            loop=LoopConfig(batch_size=16, max_steps=12, micro_batch_tokens=4096)
+            optim=OptimConfig(lr=1e-4, warmup_ratio=0.1),
+            loop=LoopConfig(batch_size=16, max_steps=80, micro_batch_tokens=2048),
         )
     )
     optimise: OptimiseConfig = field(default_factory=OptimiseConfig)
     rl: pg.PGConfig = field(
         default_factory=lambda: pg.PGConfig(
             data=pg.PGDataConfig(train="builtin:preferences", schema="preference"),
-            algo=pg.PGAlgoConfig(epochs=2, truncation_penalty=-6.0),
+            algo=pg.PGAlgoConfig(truncation_penalty=-6.0),
             critic=pg.CriticConfig(lr=1e-5),
-            sampling=SamplingConfig(max_new_tokens=64, temperature=0.7, num_samples=4),
-            optim=OptimConfig(lr=5e-6, schedule="constant", warmup_ratio=0.0),
-            loop=LoopConfig(batch_size=8, max_steps=16, save_every=4),
+            sampling=SamplingConfig(max_new_tokens=64, temperature=0.7, num_samples=8),
+            optim=OptimConfig(lr=1e-5, schedule="constant", warmup_ratio=0.0),
+            loop=LoopConfig(batch_size=8, max_steps=10, save_every=4),
             sample_every=4,
         )
     )
@@ -137,6 +138,9 @@ class PipelineConfig:
     """Task types (a row's ``task`` field) kept out of every preference stage: no candidates,
     pairs, reward-model rows or RL prompts of these types. The evaluation reports their held-out
     prompts apart, to show whether the gain carries over to tasks RLHF never saw. Empty: none."""
+    seed: int = 0
+    """Added to the seed of every training stage and of the candidates' sampling (a second
+    run with another seed repeats the experiment; the evaluation's samples keep their seeds)."""
     isolate_stages: bool = True
     """Run each stage that loads models in a process of its own, so that its memory goes back
     to the system when it ends (the peak is the largest stage's, not the sum of all)."""

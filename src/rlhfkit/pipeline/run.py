@@ -406,6 +406,26 @@ def demo(cfg: PipelineConfig) -> Path:
     return main(cfg)
 
 
+def _seeded(cfg: PipelineConfig) -> PipelineConfig:
+    """``cfg`` with ``cfg.seed`` added to every training stage's and the candidates' seeds."""
+    if not cfg.seed:
+        return cfg
+
+    def loop(sub: Any) -> Any:
+        return replace(sub, loop=replace(sub.loop, seed=sub.loop.seed + cfg.seed))
+
+    samples = cfg.candidates.sampling
+    rl = loop(cfg.rl)
+    return replace(
+        cfg,
+        sft=loop(cfg.sft),
+        candidates=replace(cfg.candidates, sampling=replace(samples, seed=samples.seed + cfg.seed)),
+        rm=loop(cfg.rm),
+        rl=replace(rl, sampling=replace(rl.sampling, seed=rl.sampling.seed + cfg.seed)),
+        dpo=loop(cfg.dpo),
+    )
+
+
 def _stage_in_child(name: str, cfg: PipelineConfig, run: Path) -> bool | None:
     """Run one stage (by name: the table's lambdas do not pickle) in a worker process."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -434,6 +454,7 @@ def main(cfg: PipelineConfig) -> Path:
             matplotlib (the ``plot`` extra) is not installed.
     """
     run = Path(cfg.log.run_dir)
+    cfg = _seeded(cfg)
     if not (run / "report.html").exists():
         require_extra("plot", "the pipeline's report (report.html)")
     run.mkdir(parents=True, exist_ok=True)
