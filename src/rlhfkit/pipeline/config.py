@@ -98,7 +98,7 @@ class PipelineConfig:
         default_factory=lambda: sft.SFTConfig(
             data=sft.SFTDataConfig(mask_mode="all_assistant_turns"),
             optim=OptimConfig(lr=5e-5, warmup_ratio=0.1),
-            loop=LoopConfig(batch_size=16, max_steps=30, micro_batch_tokens=2048),
+            loop=LoopConfig(batch_size=16, max_steps=30, micro_batch_tokens=1024),
         )
     )
     candidates: CandidatesConfig = field(default_factory=CandidatesConfig)
@@ -106,7 +106,7 @@ class PipelineConfig:
     rm: reward_model.RMConfig = field(
         default_factory=lambda: reward_model.RMConfig(
             optim=OptimConfig(lr=1e-4, warmup_ratio=0.1),
-            loop=LoopConfig(batch_size=16, max_steps=80, micro_batch_tokens=2048),
+            loop=LoopConfig(batch_size=16, max_steps=80, micro_batch_tokens=1024),
         )
     )
     optimise: OptimiseConfig = field(default_factory=OptimiseConfig)
@@ -117,7 +117,7 @@ class PipelineConfig:
             critic=pg.CriticConfig(lr=1e-5),
             sampling=SamplingConfig(max_new_tokens=64, temperature=0.7, num_samples=8),
             optim=OptimConfig(lr=1e-5, schedule="constant", warmup_ratio=0.0),
-            loop=LoopConfig(batch_size=8, max_steps=10, save_every=4),
+            loop=LoopConfig(batch_size=8, max_steps=10, save_every=4, micro_batch_tokens=768),
             sample_every=4,
         )
     )
