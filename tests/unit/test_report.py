@@ -248,6 +248,23 @@ def test_numpy_scalars_are_numbers(tmp_path):
     assert len(page.sections["curves"]["imgs"]) == 1
 
 
+def test_headline_sentences_and_intervals_lead_the_summary(tmp_path):
+    ci = {"mean": 0.1, "low": 0.05, "high": 0.15}
+    share = {"mean": 0.25, "low": 0.2, "high": 0.3}
+    group = {
+        "prompts": 84, "sft": ci, "final": ci, "gain": ci, "sentence": f"gain {EVIL}",
+        "win_tie_loss": {"win": share, "tie": share, "loss": share, "wins_per_loss": 2.5},
+    }  # fmt: skip
+    data = {"headline": {"all": group, "unseen": {**group, "gain": {"mean": 0.1}}}}
+    page = parse(render_report(data, tmp_path / "r.html"))
+    text = " ".join(page.sections["summary"]["text"].split())
+    assert text.startswith("All held-out prompts: gain <script>")  # escaped, shown as text
+    assert "Unseen task types:" in text
+    assert "84 0.100 [0.050, 0.150]" in text and "25.0% [20.0%, 30.0%]" in text
+    assert "2.5" in text
+    assert "0.100 [0.050, 0.150] n/a" in text  # a gain without its interval: n/a
+
+
 # ---- headless Chromium -----------------------------------------------------------------------
 
 

@@ -149,9 +149,11 @@ def _na(what: str = "") -> str:
 
 def _ci(x: dict[str, Any] | None, pct: bool = False) -> str:
     """``mean [low, high]`` of an interval, or n/a."""
-    if not x:
+    values = [_num((x or {}).get(k)) for k in ("mean", "low", "high")]
+    if any(v is None for v in values):
         return "n/a"
-    return f"{_fmt(x.get('mean'), pct)} [{_fmt(x.get('low'), pct)}, {_fmt(x.get('high'), pct)}]"
+    mean, low, high = (f"{100 * v:.1f}%" if pct else f"{v:.3f}" for v in values)
+    return f"{mean} [{low}, {high}]"
 
 
 GROUPS = {
@@ -165,7 +167,8 @@ GROUPS = {
 def _headline(headline: dict[str, Any]) -> str:
     """The sentences and a table of gold reward, gain and win/tie/loss with 95% intervals."""
     sentences = [
-        f"<p><b>{_esc(GROUPS.get(name, name).capitalize())}:</b> {_esc(g.get('sentence', ''))}</p>"
+        f"<p><b>{_esc(GROUPS.get(name, name)[:1].upper() + GROUPS.get(name, name)[1:])}:</b> "
+        f"{_esc(g.get('sentence', ''))}</p>"
         for name, g in headline.items()
     ]
     rows = []
