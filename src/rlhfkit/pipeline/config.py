@@ -105,6 +105,7 @@ class PipelineConfig:
     labels: LabelsConfig = field(default_factory=LabelsConfig)
     rm: reward_model.RMConfig = field(
         default_factory=lambda: reward_model.RMConfig(
+            data=reward_model.RMDataConfig(eval=None),  # the eval stage measures it
             optim=OptimConfig(lr=1e-4, warmup_ratio=0.1),
             loop=LoopConfig(batch_size=16, max_steps=80, micro_batch_tokens=1024),
         )
