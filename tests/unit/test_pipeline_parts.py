@@ -11,6 +11,7 @@ import pytest
 
 from rlhfkit.data.tasks.preferences import gold_score
 from rlhfkit.eval.intervals import mean_interval, paired_difference
+from rlhfkit.pipeline import evaluation as pipeline_eval
 from rlhfkit.pipeline import run as pipeline
 from rlhfkit.pipeline.evaluation import headline
 
@@ -41,6 +42,8 @@ def test_seen_rows_leave_out_the_unseen_task_types(tmp_path):
     full = pipeline.load_rows("builtin:preferences", split="train")
     assert len(rows) == sum(r.data["task"] not in ("capitals", "antonyms") for r in full)
     assert pipeline._seen(cfg, tmp_path, "builtin:preferences", "train") == (path, "train")
+    fewer = replace(cfg, unseen_tasks=("capitals",))
+    assert pipeline._seen(fewer, tmp_path, "builtin:preferences", "train")[0] != path
     other, _ = pipeline._seen(cfg, tmp_path, "builtin:preferences", "heldout")
     assert other != path  # one file per source and split
     none = replace(cfg, unseen_tasks=())
@@ -73,6 +76,8 @@ def test_headline_figures_equal_their_formulas():
     assert wtl["loss"]["mean"] == pytest.approx(1 / 8)
     assert wtl["wins_per_loss"] == 3.0
     assert out["unseen"]["prompts"] == 2
+    given = pipeline_eval.gold_outcomes(prompts, sft, final, 2)
+    assert headline(prompts, sft, final, GOLD, 2, ("b",), outcomes=given) == out
     assert "within noise" in out["all"]["sentence"] or "raised" in out["all"]["sentence"]
 
 

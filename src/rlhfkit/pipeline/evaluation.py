@@ -38,7 +38,7 @@ import torch
 
 from rlhfkit.atomic import atomic_write_text
 from rlhfkit.config import ModelConfig
-from rlhfkit.data.tasks.preferences import gold_prefers
+from rlhfkit.data.tasks.preferences import CORRECT_REWARD, gold_prefers
 from rlhfkit.eval.intervals import mean_interval, paired_difference, win_tie_loss
 from rlhfkit.eval.kl import sampled_kl
 from rlhfkit.eval.overopt import bon_curve
@@ -73,19 +73,27 @@ def _model_figures(grid: Any, proxy: str, gold: str, n: int) -> dict[str, float]
     }
 
 
-def _gold_win_rate(prompts: list[Any], sft: Any, final: Any, n: int) -> dict[str, float]:
-    outcomes = [
-        gold_prefers(
-            final.texts[i][j], sft.texts[i][j], p.fields["reference"], p.fields.get("task")
-        )
+def gold_outcomes(prompts: list[Any], sft: Any, final: Any, n: int) -> list[list[float]]:
+    """Per prompt, the gold verdicts of final sample j against SFT sample j (1 / 0.5 / 0)."""
+    return [
+        [
+            gold_prefers(
+                final.texts[i][j], sft.texts[i][j], p.fields["reference"], p.fields.get("task")
+            )
+            for j in range(n)
+        ]
         for i, p in enumerate(prompts)
-        for j in range(n)
     ]
-    total = len(outcomes)
+
+
+def _gold_win_rate(outcomes: list[list[float]]) -> dict[str, float]:
+    """Win, tie and loss shares over all comparisons of :func:`gold_outcomes`."""
+    flat = [o for row in outcomes for o in row]
+    total = len(flat)
     return {
-        "win": sum(o == 1.0 for o in outcomes) / total,
-        "tie": sum(o == 0.5 for o in outcomes) / total,
-        "loss": sum(o == 0.0 for o in outcomes) / total,
+        "win": sum(o == 1.0 for o in flat) / total,
+        "tie": sum(o == 0.5 for o in flat) / total,
+        "loss": sum(o == 0.0 for o in flat) / total,
         "n": total,
     }
 
@@ -100,9 +108,9 @@ def on_policy_agreement(proxy: list[list[float]], gold: list[list[float]]) -> di
 
     Over every pair (i, j) of one prompt's samples whose gold scores differ, the share with
     ``sign(proxy_i - proxy_j) == sign(gold_i - gold_j)`` (a proxy tie counts half); apart for
-    the pairs where exactly one sample scores at least 1.0 (a right answer, padded by at most a
-    few words). This is the accuracy RL depends on: the ranking of the policy's own samples,
-    not of the held-out reference pairs.
+    the pairs where exactly one sample scores at least ``CORRECT_REWARD`` (a right answer,
+    padded by at most a few words). This is the accuracy RL depends on: the ranking of the
+    policy's own samples, not of the held-out reference pairs.
 
     Args:
         proxy: (M, N) reward-model scores of M prompts' N samples.
@@ -123,7 +131,7 @@ def on_policy_agreement(proxy: list[list[float]], gold: list[list[float]]) -> di
                     continue
                 hit = 0.5 if pa == pb else float((pa - pb) * (ga - gb) > 0)
                 hits["all"].append(hit)
-                if (ga >= 1.0) != (gb >= 1.0):
+                if (ga >= CORRECT_REWARD) != (gb >= CORRECT_REWARD):
                     hits["correctness"].append(hit)
     return {
         "pairs": len(hits["all"]),
@@ -158,6 +166,7 @@ def headline(
     gold: str,
     n: int,
     unseen_tasks: tuple[str, ...] = (),
+    outcomes: list[list[float]] | None = None,
 ) -> dict[str, Any]:
     """Gold reward before and after, the paired gain and win/tie/loss, with 95% intervals.
 
@@ -174,6 +183,7 @@ def headline(
         unseen_tasks: Task types the preference stages never saw; when set, the figures are
             also given apart for the prompts of those types (``"unseen"``) and the others
             (``"seen"``).
+        outcomes: :func:`gold_outcomes` of the grids when already computed.
 
     Returns:
         ``{group: {"prompts", "sft", "final", "gain", "win_tie_loss", "sentence"}}`` with group
@@ -181,15 +191,8 @@ def headline(
         than 2 prompts is left out).
     """
     before, after = _prompt_means(sft, gold, n), _prompt_means(final, gold, n)
-    outcomes = [
-        [
-            gold_prefers(
-                final.texts[i][j], sft.texts[i][j], p.fields["reference"], p.fields.get("task")
-            )
-            for j in range(n)
-        ]
-        for i, p in enumerate(prompts)
-    ]
+    if outcomes is None:
+        outcomes = gold_outcomes(prompts, sft, final, n)
     unseen = [p.fields.get("task") in unseen_tasks for p in prompts]
     groups = {"all": [True] * len(prompts)}
     if unseen_tasks:
@@ -289,13 +292,16 @@ def evaluate_stage(cfg: PipelineConfig, run: Path, gold: str) -> None:
         )
     )
     ns = [n for n in (1, 2, 4, 8, 16, 32, 64) if n <= sft.shape[1]]
+    outcomes = gold_outcomes(prompts, sft, final, ev.samples)
     result = {
         "models": {
             "sft": _model_figures(sft, proxy, gold, ev.samples),
             "final": _model_figures(final, proxy, gold, ev.samples),
         },
-        "headline": headline(prompts, sft, final, gold, ev.samples, cfg.unseen_tasks),
-        "win_rates": {"gold": _gold_win_rate(prompts, sft, final, ev.samples)},
+        "headline": headline(
+            prompts, sft, final, gold, ev.samples, cfg.unseen_tasks, outcomes=outcomes
+        ),
+        "win_rates": {"gold": _gold_win_rate(outcomes)},
         "kl": _kl(cfg.model, run / "policy" / "final", run / "sft" / "final", prompts, ev),
         "reward_model": {
             "accuracy": rm_report["overall"]["accuracy"],

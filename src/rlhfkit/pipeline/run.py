@@ -33,6 +33,7 @@ and how long it took.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import multiprocessing
@@ -85,31 +86,22 @@ def _seen(cfg: PipelineConfig, run: Path, source: str, split: str) -> tuple[str,
     """The rows of ``source`` the preference stages may use: without ``unseen_tasks`` types.
 
     With ``cfg.unseen_tasks`` set, the kept rows are written once to
-    ``<run>/seen/<split>-<n>.jsonl`` (n numbers the distinct sources) and that file is returned
-    with split ``"train"`` (a local file has one split); otherwise ``(source, split)`` as given.
+    ``<run>/seen/<hash>.jsonl`` (the hash of source, split and the unseen tasks, so the same
+    inputs find the same file) and that file is returned with split ``"train"`` (a local file
+    has one split); otherwise ``(source, split)`` as given.
     """
     if not cfg.unseen_tasks:
         return source, split
-    folder = run / "seen"
-    index = folder / "sources.json"
-    known = json.loads(index.read_text()) if index.exists() else {}
-    key = f"{source}#{split}"
-    if key not in known:
+    key = json.dumps([source, split, sorted(cfg.unseen_tasks)])
+    path = run / "seen" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.jsonl"
+    if not path.exists():
         rows = [r.data for r in load_rows(source, split=split)]
         kept = [r for r in rows if r.get("task") not in cfg.unseen_tasks]
-        path = folder / f"{split}-{len(known)}.jsonl"
-        folder.mkdir(exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, _jsonl(kept))
-        known[key] = str(path)
-        atomic_write_text(index, json.dumps(known, indent=2))
-        log.info(
-            "%s (%s): %d of %d rows kept (unseen tasks left out)",
-            source,
-            split,
-            len(kept),
-            len(rows),
-        )
-    return known[key], "train"
+        log.info("%s (%s): %d of %d rows kept (unseen tasks left out)", source, split,
+                 len(kept), len(rows))  # fmt: skip
+    return str(path), "train"
 
 
 def run_sft(cfg: PipelineConfig, run: Path) -> None:
