@@ -53,6 +53,19 @@ class ModelConfig:
     """Dropout on the LoRA input."""
     lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
     """Modules to adapt; 'all-linear' adapts every linear layer except the head."""
+    parallel: Literal["replicate", "fsdp2"] = "replicate"
+    """How the ranks of a torchrun job share a trained model: 'replicate' (a full copy per rank,
+    gradients averaged) or 'fsdp2' (PyTorch FSDP2: parameters, gradients and optimiser state
+    sharded across ranks, one unit per decoder layer plus the root; checkpoints sharded with
+    torch.distributed.checkpoint and resumable at another number of ranks)."""
+    reshard_after_forward: bool = True
+    """fsdp2: free each layer's gathered parameters after its forward (least memory); false
+    keeps them until the backward (one all-gather fewer per layer)."""
+    offload: bool = False
+    """fsdp2: keep parameter shards, gradients and optimiser state in CPU memory."""
+    shard_frozen: bool = True
+    """fsdp2: shard the frozen models the run loads (the KL reference) too; false holds a full
+    copy in the compute dtype on every rank."""
 
     def problems(self) -> Problems:
         """Invalid values: an empty or mistyped local model path, LoRA settings."""
@@ -63,6 +76,8 @@ class ModelConfig:
             out.append(("lora_alpha", f"must be positive, got {self.lora_alpha}"))
         if not 0.0 <= self.lora_dropout < 1.0:
             out.append(("lora_dropout", f"must be in [0, 1), got {self.lora_dropout}"))
+        if self.offload and self.parallel != "fsdp2":
+            out.append(("offload", "needs --model.parallel fsdp2 (replicate keeps no shards)"))
         return out
 
 

@@ -273,10 +273,11 @@ def prepare(ctx: RunContext, cfg: DPOConfig) -> tuple[PairBatches, PairBatches |
     for pairs in (train, held):
         ref = None
         if needs_ref and pairs:
-            ref = cached_reference(
-                ctx.model, pairs, max_tokens=cfg.loop.micro_batch_tokens, packing=ctx.packing,
-                pad_id=ctx.pad_id, share_prefix=share,
-            )[0]  # fmt: skip
+            with ctx.gathered():  # a rank may find the cache that another is still writing
+                ref = cached_reference(
+                    ctx.model, pairs, max_tokens=cfg.loop.micro_batch_tokens, packing=ctx.packing,
+                    pad_id=ctx.pad_id, share_prefix=share,
+                )[0]  # fmt: skip
         out.append(PairBatches(pairs, ref, ctx.packing, ctx.pad_id, share))
     return out[0], (out[1] if held else None), counts
 
@@ -296,7 +297,8 @@ def main(cfg: DPOConfig) -> Path:
     total = cfg.loop.max_steps or max(1, math.ceil(cfg.loop.epochs * per_epoch))
     ctx.start_training(cfg.optim, total)
     saved = ctx.resume_state.get("gold_before")
-    before = gold_comparison(ctx, cfg, None) if ctx.step == 0 else saved
+    with ctx.gathered():  # rank 0 samples alone
+        before = gold_comparison(ctx, cfg, None) if ctx.step == 0 else saved
     if before is not None:
         ctx.resume_state["gold_before"] = before
     step_loss, count = make_step_loss(ctx.model, cfg.algo), example_count(cfg.algo)
@@ -341,8 +343,9 @@ def train_steps(
         mine = ctx.dist.shard(batch_order(len(train.pairs), batch_size, cfg.loop.seed, position))
         parts = [ctx.to_device(b) for b in train.micro_batches(mine, cfg.loop.micro_batch_tokens)]
         stats = accumulate(
-            parts, step_loss, count_fn=count, after_backward=ctx.master.collect_grads
-        )
+            parts, step_loss, count_fn=count, after_backward=ctx.master.collect_grads,
+            models=ctx.models,
+        )  # fmt: skip
         if not ctx.apply_step(stats, cfg.optim.max_grad_norm, cfg.loop.max_nonfinite):
             continue
         loss_value = all_reduce_sum(stats.loss)
@@ -352,8 +355,9 @@ def train_steps(
         metrics = {"train/loss": loss_value, "train/tokens": tokens, **pair_metrics(sums, "train")}
         every = cfg.loop.eval_every
         if held_out is not None and every and ctx.step % every == 0 and ctx.step < stop_step:
-            metrics.update(heldout_metrics(ctx, held_out, step_loss, count, cfg))
-            metrics.update(kl_metrics(ctx, cfg))
+            with ctx.gathered():  # rank 0 samples alone for the KL
+                metrics.update(heldout_metrics(ctx, held_out, step_loss, count, cfg))
+                metrics.update(kl_metrics(ctx, cfg))
         ctx.log_step(metrics, cfg.log.log_every)
         if save_every and ctx.step % save_every == 0:
             ctx.save(cfg.loop.keep_last)
@@ -367,9 +371,12 @@ def final_evaluation(
     Logged, written to ``eval.json``, and the greedy replies before and after to
     ``gold_samples.json``.
     """
-    final = heldout_metrics(ctx, held_out, step_loss, count, cfg) if held_out is not None else {}
-    final.update(kl_metrics(ctx, cfg))
-    after = gold_comparison(ctx, cfg, ctx.resume_state.get("gold_before"))
+    with ctx.gathered():  # rank 0 samples alone for the KL and the gold comparison
+        final = (
+            heldout_metrics(ctx, held_out, step_loss, count, cfg) if held_out is not None else {}
+        )
+        final.update(kl_metrics(ctx, cfg))
+        after = gold_comparison(ctx, cfg, ctx.resume_state.get("gold_before"))
     if after:
         final.update({f"eval/gold/{k}": v for k, v in after["summary"].items()})
     ctx.logger.log(ctx.step, final)

@@ -66,7 +66,7 @@ def heldout_metrics(
     mine = ctx.dist.shard(list(range(len(held_out.pairs))))
     batches = [ctx.to_device(b) for b in held_out.micro_batches(mine, cfg.loop.micro_batch_tokens)]
 
-    stats = accumulate(batches, step_loss, count_fn=count_fn, backward=False)
+    stats = accumulate(batches, step_loss, count_fn=count_fn, backward=False, models=ctx.models)
     ctx.model.train()
     sums = {k: all_reduce_sum(v) for k, v in sorted(stats.metrics.items())}
     return {"eval/loss": all_reduce_sum(stats.loss), **pair_metrics(sums, "eval")}
@@ -94,7 +94,7 @@ def kl_metrics(ctx: RunContext, cfg: Any) -> dict[str, float]:
     )
     kl = sampled_kl(
         ctx.model,
-        ctx.starting_model(),
+        ctx.starting_model(local=True),
         ctx.tokenizer,
         prompts,
         max_new_tokens=cfg.eval.max_new_tokens,

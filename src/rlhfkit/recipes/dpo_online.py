@@ -247,8 +247,9 @@ def round_reference(
         "share_prefix": share, "disable_adapter": False,
     }  # fmt: skip
     if cfg.online.reference == "round":
-        return compute_reference(ctx.model, pairs, **options)[0]
-    with ctx.starting_model() as reference:
+        with ctx.gathered():  # each rank has its own pairs
+            return compute_reference(ctx.model, pairs, **options)[0]
+    with ctx.starting_model() as reference, ctx.gathered(reference):
         return compute_reference(reference, pairs, **options)[0]
 
 
@@ -267,15 +268,17 @@ def main(cfg: OnlineDPOConfig) -> Path:
     held_out = None
     if cfg.data.eval:
         held = load_pairs(ctx.tokenizer, cfg.data.eval, cfg.data.eval_split, cfg, 1)[0]
-        ref = cached_reference(
-            ctx.model, held, max_tokens=cfg.loop.micro_batch_tokens, packing=ctx.packing,
-            pad_id=ctx.pad_id, share_prefix=share,
-        )[0] if held else None  # fmt: skip
+        with ctx.gathered():  # a rank may find the cache that another is still writing
+            ref = cached_reference(
+                ctx.model, held, max_tokens=cfg.loop.micro_batch_tokens, packing=ctx.packing,
+                pad_id=ctx.pad_id, share_prefix=share,
+            )[0] if held else None  # fmt: skip
         held_out = PairBatches(held, ref, ctx.packing, ctx.pad_id, share) if held else None
     total = on.rounds * on.steps_per_round
     ctx.start_training(cfg.optim, total)
     saved = ctx.resume_state.get("gold_before")
-    before = gold_comparison(ctx, cfg, None) if ctx.step == 0 else saved
+    with ctx.gathered():  # rank 0 samples alone
+        before = gold_comparison(ctx, cfg, None) if ctx.step == 0 else saved
     if before is not None:
         ctx.resume_state["gold_before"] = before
     loss = (make_step_loss(ctx.model, cfg.algo), example_count(cfg.algo))
@@ -283,7 +286,8 @@ def main(cfg: OnlineDPOConfig) -> Path:
         ctx.logger.log(0, heldout_metrics(ctx, held_out, *loss, cfg))
     with ctx.progress(total) as bar:
         for k in range(int(ctx.resume_state.get("round", 0)), on.rounds):
-            pairs, metrics, records = sample_round(ctx, cfg, reward, prompts, k)
+            with ctx.gathered():  # each rank samples its share of the prompts
+                pairs, metrics, records = sample_round(ctx, cfg, reward, prompts, k)
             ctx.logger.log(ctx.step, metrics)
             log.info("round %d: %s", k + 1, {n: round(v, 4) for n, v in metrics.items()})
             if ctx.dist.is_main:

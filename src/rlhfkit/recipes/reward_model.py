@@ -326,13 +326,14 @@ def evaluate(ctx: RunContext, task: Any, items: list, cfg: RMConfig) -> tuple[di
     if not items:
         return {}, {}
     ctx.model.eval()
-    mine = task.score(
-        ctx.model,
-        ctx.dist.shard(items),
-        packing=ctx.packing,
-        pad_id=ctx.pad_id,
-        max_tokens=cfg.loop.micro_batch_tokens,
-    )
+    with ctx.gathered():  # each rank scores its share, a different number of passes
+        mine = task.score(
+            ctx.model,
+            ctx.dist.shard(items),
+            packing=ctx.packing,
+            pad_id=ctx.pad_id,
+            max_tokens=cfg.loop.micro_batch_tokens,
+        )
     ctx.model.train()
     return task.report([r for part in gather_objects(mine) for r in part])
 
@@ -374,7 +375,11 @@ def main(cfg: RMConfig) -> Path:
             )
             parts = [ctx.to_device(part) for part in parts]
             stats = accumulate(
-                parts, step_loss, count_fn=task.count, after_backward=ctx.master.collect_grads
+                parts,
+                step_loss,
+                count_fn=task.count,
+                after_backward=ctx.master.collect_grads,
+                models=ctx.models,
             )
             if not ctx.apply_step(stats, cfg.optim.max_grad_norm, cfg.loop.max_nonfinite):
                 continue

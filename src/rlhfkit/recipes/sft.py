@@ -191,7 +191,10 @@ def evaluate(ctx: RunContext, examples: list[TokenizedExample], cfg: SFTConfig) 
         mine, packing=ctx.packing, budget=cfg.loop.micro_batch_tokens, pad_id=ctx.pad_id
     )
     batches = [ctx.to_device(b) for b in batches]
-    stats = accumulate(batches, make_step_loss(ctx.model), count_fn=label_count, backward=False)
+    stats = accumulate(
+        batches, make_step_loss(ctx.model), count_fn=label_count, backward=False,
+        models=ctx.models,
+    )  # fmt: skip
     ctx.model.train()
     return all_reduce_sum(stats.loss)  # each rank's share is over the global token count
 
@@ -236,7 +239,11 @@ def main(cfg: SFTConfig) -> Path:
             )
             parts = [ctx.to_device(part) for part in parts]
             stats: StepStats = accumulate(
-                parts, step_loss, count_fn=label_count, after_backward=ctx.master.collect_grads
+                parts,
+                step_loss,
+                count_fn=label_count,
+                after_backward=ctx.master.collect_grads,
+                models=ctx.models,
             )
             if not ctx.apply_step(stats, cfg.optim.max_grad_norm, cfg.loop.max_nonfinite):
                 continue

@@ -2,7 +2,10 @@
 
 A checkpoint is a directory ``<run_dir>/checkpoints/step-<N>`` holding:
 
-- ``model.safetensors``: the trainable parameters by name, fp32 master weights;
+- ``model.safetensors``: the trainable parameters by name, fp32 master weights; or, for a
+  sharded run (``--model.parallel fsdp2``), ``shards/``: a torch.distributed.checkpoint of the
+  master weights *and* the AdamW state, written by every rank in parallel and readable at any
+  number of ranks (:func:`save_shards`, :func:`load_shards`);
 - ``trainer_state.pt``: optimiser and scheduler state, RNG states (python, torch, CUDA), the
   step, the data position and any extra recipe state;
 - ``info.json``: the step and what a resumed run needs before loading anything (how many
@@ -18,8 +21,10 @@ or names a deleted one, and :func:`remove_partial` clears what a killed write le
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +36,7 @@ from rlhfkit.atomic import atomic_directory, atomic_write_text
 
 LATEST = "latest"
 INFO = "info.json"
+SHARDS = "shards"
 
 
 @dataclass
@@ -102,11 +108,16 @@ def save_checkpoint(
         torch.save(state.__dict__, tmp / "trainer_state.pt")
         (tmp / INFO).write_text(json.dumps({**(info or {}), "step": state.step}) + "\n")
     atomic_write_text(root / LATEST, final.name + "\n")
+    _prune(root, final, keep_last)
+    return final
+
+
+def _prune(root: Path, final: Path, keep_last: int | None) -> None:
+    """Delete all but the ``keep_last`` newest checkpoints (``final`` among those kept)."""
     if keep_last:
         others = sorted(p for p in root.glob("step-*") if p.is_dir() and p != final)
         for old in others[: max(0, len(others) - (keep_last - 1))]:
             shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -129,7 +140,81 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def _complete(path: Path) -> bool:
-    return (path / "trainer_state.pt").is_file() and (path / "model.safetensors").is_file()
+    weights = (path / "model.safetensors").is_file() or (path / SHARDS / ".metadata").is_file()
+    return (path / "trainer_state.pt").is_file() and weights
+
+
+def is_sharded_checkpoint(path: str | Path) -> bool:
+    """Whether the checkpoint at ``path`` keeps its tensors in ``shards/`` (an FSDP2 run)."""
+    return (Path(path) / SHARDS / ".metadata").is_file()
+
+
+def save_shards(
+    run_dir: str | Path,
+    tensors: dict[str, torch.Tensor],
+    state: TrainerState,
+    *,
+    is_main: bool,
+    keep_last: int | None = 2,
+    info: dict[str, Any] | None = None,
+) -> Path:
+    """Write a sharded checkpoint atomically; every rank calls it with its own shards.
+
+    Rank 0 makes a temporary directory and tells the others its name; every rank writes its
+    shards of ``tensors`` into ``<tmp>/shards`` (``torch.distributed.checkpoint.save``); after
+    a barrier rank 0 adds ``trainer_state.pt`` and ``info.json`` and renames the directory into
+    place. The run directory must be on a file system that every rank sees.
+
+    Args:
+        run_dir: The run directory.
+        tensors: Tensors by name, plain or ``DTensor`` shards (model and optimiser state).
+        state: Scheduler, RNG, data position and recipe state (its ``optimizer`` holds only the
+            parameter groups' hyper-parameters; the moments are in ``tensors``).
+        is_main: True on rank 0.
+        keep_last: Keep only this many newest checkpoints (None keeps all).
+        info: Small plain values for ``info.json``.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    from rlhfkit.training.distributed import barrier, broadcast_object
+
+    root = Path(run_dir) / "checkpoints"
+    final = root / f"step-{state.step:08d}"
+    tmp = None
+    if is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root)
+    tmp = Path(broadcast_object(tmp))
+    dcp.save(tensors, checkpoint_id=tmp / SHARDS)
+    barrier()
+    if is_main:
+        try:
+            torch.save(state.__dict__, tmp / "trainer_state.pt")
+            (tmp / INFO).write_text(json.dumps({**(info or {}), "step": state.step}) + "\n")
+            os.chmod(tmp, 0o755)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        atomic_write_text(root / LATEST, final.name + "\n")
+        _prune(root, final, keep_last)
+    barrier()
+    return final
+
+
+def load_shards(path: str | Path, tensors: dict[str, torch.Tensor]) -> TrainerState:
+    """Read a sharded checkpoint into ``tensors`` in place (any number of ranks, or none).
+
+    ``tensors`` names the destinations as :func:`save_shards` named the sources; each rank
+    passes its own layout (shards, or whole tensors in one process) and reads what it needs.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    path = Path(path)
+    dcp.load(tensors, checkpoint_id=path / SHARDS)
+    raw = torch.load(path / "trainer_state.pt", weights_only=False)
+    return TrainerState(**raw)
 
 
 def checkpoint_info(path: str | Path) -> dict[str, Any]:

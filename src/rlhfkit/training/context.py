@@ -8,10 +8,12 @@ saving atomically.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+from collections.abc import Iterator
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,14 +23,18 @@ from rlhfkit.config import OptimConfig
 from rlhfkit.errors import ConfigError, UserError
 from rlhfkit.models.load import LoraSpec, load_model
 from rlhfkit.models.precision import Precision
+from rlhfkit.models.sharding import gathered
 from rlhfkit.training.accumulate import StepStats
 from rlhfkit.training.checkpoint import (
     TrainerState,
     capture_rng,
+    is_sharded_checkpoint,
     latest_checkpoint,
     load_checkpoint,
+    load_shards,
     restore_rng,
     save_checkpoint,
+    save_shards,
 )
 from rlhfkit.training.companion import Companion
 from rlhfkit.training.distributed import (
@@ -39,7 +45,8 @@ from rlhfkit.training.distributed import (
     gather_objects,
 )
 from rlhfkit.training.logging import MetricsLogger
-from rlhfkit.training.optim import clip_grad_norm, optimizer_and_schedule
+from rlhfkit.training.optim import adam_state, clip_grad_norm, optimizer_and_schedule
+from rlhfkit.training.parallel import Placement
 from rlhfkit.training.precision import MasterWeights
 from rlhfkit.training.progress import TrainProgress
 from rlhfkit.training.reference import starting_model
@@ -83,19 +90,45 @@ class RunContext:
     """Further trained models (name -> :class:`Companion`), stepped and saved with the policy."""
     resume_from: Path | None = None
     """The checkpoint this attempt continues from (:func:`rlhfkit.training.rundir.plan_run`)."""
+    placement: Placement | None = None
+    """How models are placed across ranks (replicated or FSDP2-sharded); None: replicated."""
 
-    def starting_model(self) -> AbstractContextManager[torch.nn.Module]:
+    @property
+    def place(self) -> Placement:
+        """The run's :class:`Placement` (replicated when none was given)."""
+        return self.placement or Placement(self.dist, self.precision)
+
+    @property
+    def models(self) -> list[torch.nn.Module]:
+        """The trained models: the policy, then every companion."""
+        return [self.model, *(c.model for c in self.companions.values())]
+
+    @contextlib.contextmanager
+    def gathered(self, *frozen: torch.nn.Module) -> Iterator[None]:
+        """Full parameters of the trained models (and ``frozen``) until the block ends.
+
+        Every rank must enter together. Wrap passes without gradients whose number differs
+        between ranks (sampling, evaluation of this rank's share, rank-0 reports); a no-op
+        unless models are sharded (:func:`rlhfkit.models.sharding.gathered`).
+        """
+        with gathered(*self.models, *frozen):
+            yield
+
+    def starting_model(self, *, local: bool = False) -> AbstractContextManager[torch.nn.Module]:
         """The starting model pi_ref for a pass outside the reference cache.
 
         Under LoRA the policy with its adapter disabled; otherwise loaded again from its source
-        at the compute dtype and freed on exit (no reference is held while training).
+        at the compute dtype and freed on exit (no reference is held while training), placed
+        as a frozen model (sharded under FSDP2, so every rank must ask together) or, with
+        ``local``, whole on this rank only (for a pass one rank makes alone).
         """
         if self.source is None:
             raise ValueError("this run has no recorded starting model")
         name, kwargs = self.source
-        device, dtype = self.dist.device, self.precision.compute
+        dtype, place = self.precision.compute, self.place
+        place = replace(place, shard_frozen=place.shard_frozen and not local)
         return starting_model(
-            self.model, lambda: load_model(name, dtype=dtype, **kwargs).to(device).eval()
+            self.model, lambda: place.frozen(load_model(name, dtype=dtype, **kwargs))
         )
 
     @property
@@ -132,20 +165,7 @@ class RunContext:
                 raise ConfigError(f"--loop.resume: no checkpoint under {self.run_dir}/checkpoints")
         if path is None:
             return
-        weights, state = load_checkpoint(path)
-        self.master.load_state_dict(weights)
-        self.optimizer.load_state_dict(state.optimizer)
-        self.scheduler.load_state_dict(state.scheduler)
-        for name, companion in self.companions.items():
-            prefix = f"{name}/"
-            companion.master.load_state_dict(
-                {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
-            )
-            saved = state.data.get("companions", {}).get(name)
-            if saved is None:
-                raise KeyError(f"{path}: the checkpoint has no state of the {name!r} model")
-            companion.optimizer.load_state_dict(saved["optimizer"])
-            companion.scheduler.load_state_dict(saved["scheduler"])
+        state = self._restore(path)
         ranks = state.rng.get("ranks", [state.rng])
         if len(ranks) != self.dist.world_size:
             log.warning("checkpoint has RNG states of %d ranks, this run has %d: not restoring "
@@ -204,9 +224,81 @@ class RunContext:
         """The policy's master weights (under "") and every companion's."""
         return {"": self.master, **{k: c.master for k, c in self.companions.items()}}
 
+    def _restore(self, path: Path) -> Any:
+        """Read weights, optimiser and schedule state from ``path``; return its TrainerState."""
+        if is_sharded_checkpoint(path):
+            state = load_shards(path, self._named_tensors(init=True))
+            for master, opt, saved in self._optimisers(state):
+                master.sync_to_model()
+                for group, values in zip(opt.param_groups, saved["param_groups"], strict=True):
+                    group.update(values)
+        elif self.place.sharded:
+            raise ConfigError(
+                f"{path} was written by a replicated run (model.safetensors): resume it with "
+                "--model.parallel replicate"
+            )
+        else:
+            weights, state = load_checkpoint(path)
+            self.master.load_state_dict(weights)
+            self.optimizer.load_state_dict(state.optimizer)
+            for name, companion in self.companions.items():
+                prefix = f"{name}/"
+                companion.master.load_state_dict(
+                    {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
+                )
+                saved = self._companion_state(state, name, path)
+                companion.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(state.scheduler)
+        for name, companion in self.companions.items():
+            saved = self._companion_state(state, name, path)
+            companion.scheduler.load_state_dict(saved["scheduler"])
+        return state
+
+    @staticmethod
+    def _companion_state(state: Any, name: str, path: Path) -> dict[str, Any]:
+        saved = state.data.get("companions", {}).get(name)
+        if saved is None:
+            raise KeyError(f"{path}: the checkpoint has no state of the {name!r} model")
+        return saved
+
+    def _trained(self) -> list[tuple[str, MasterWeights, torch.optim.Optimizer]]:
+        """(checkpoint prefix, master weights, optimiser) of the policy and every companion."""
+        return [
+            ("", self.master, self.optimizer),
+            *((f"{n}/", c.master, c.optimizer) for n, c in self.companions.items()),
+        ]
+
+    def _named_tensors(self, *, init: bool = False) -> dict[str, torch.Tensor]:
+        """Master weights and AdamW moments by name, as this rank holds them (sharded or not).
+
+        Keys: ``[<companion>/]model/<param>`` and ``[<companion>/]optim/<param>/<state>``. With
+        ``init`` the optimiser state is created (zeros) where no step has made it yet, so a
+        checkpoint can be read into it.
+        """
+        out: dict[str, torch.Tensor] = {}
+        for prefix, master, optimizer in self._trained():
+            for name, param in zip(master.names, master.params(), strict=True):
+                out[f"{prefix}model/{name}"] = param.data
+                state = optimizer.state[param]
+                if init and not state:
+                    state.update(adam_state(optimizer, param))
+                for key, value in state.items():
+                    out[f"{prefix}optim/{name}/{key}"] = value
+        return out
+
+    def _optimisers(self, state: Any) -> list[tuple[MasterWeights, Any, dict[str, Any]]]:
+        """(master, optimiser, its saved hyper-parameters) of every trained model."""
+        saved = [state.optimizer] + [
+            state.data["companions"][n]["optimizer"] for n in self.companions
+        ]
+        return [(m, o, s) for (_, m, o), s in zip(self._trained(), saved, strict=True)]
+
     def _average_gradients(self, master: MasterWeights) -> None:
-        """Average fp32 master gradients across ranks (no-op on one process)."""
-        if self.dist.world_size == 1:
+        """Average fp32 master gradients across ranks.
+
+        A no-op on one process and under FSDP2, whose backward has reduce-scattered them.
+        """
+        if self.dist.world_size == 1 or self.place.sharded:
             return
         params = master.params()
         for p in params:
@@ -253,10 +345,31 @@ class RunContext:
         path = self.run_dir / "checkpoints" / f"step-{self.step:08d}"
         self.saved_step = self.step
         rng = gather_objects(capture_rng())  # every rank's generators, restored per rank
+        data = dict(data or {})
+        info = {"metrics_records": self.logger.records}
+        if self.place.sharded_checkpoints:
+            groups = _hyper_parameters
+            if self.companions:
+                data["companions"] = {
+                    n: {"optimizer": {"param_groups": groups(c.optimizer)},
+                        "scheduler": c.scheduler.state_dict()}
+                    for n, c in self.companions.items()
+                }  # fmt: skip
+            state = TrainerState(
+                step=self.step, optimizer={"param_groups": groups(self.optimizer)},
+                scheduler=self.scheduler.state_dict(), rng={"ranks": rng}, data=data,
+                extra=dict(self.resume_state),
+            )  # fmt: skip
+            path = save_shards(
+                self.run_dir, self._named_tensors(init=True), state, is_main=self.dist.is_main,
+                keep_last=keep_last, info=info,
+            )  # fmt: skip
+            if self.dist.is_main:
+                log.info("checkpoint %s", path)
+            return path
         if not self.dist.is_main:
             barrier()
             return path
-        data = dict(data or {})
         weights = self.master.state_dict()
         if self.companions:
             data["companions"] = {
@@ -273,7 +386,6 @@ class RunContext:
             data=data,
             extra=dict(self.resume_state),
         )
-        info = {"metrics_records": self.logger.records}
         path = save_checkpoint(self.run_dir, weights, state, keep_last=keep_last, info=info)
         log.info("checkpoint %s", path)
         barrier()
@@ -284,3 +396,8 @@ class RunContext:
         return TrainProgress(
             total, start=self.step, enabled=self.show_progress and self.dist.is_main
         )
+
+
+def _hyper_parameters(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    """The parameter groups' settings (learning rate, betas, ...) without their parameters."""
+    return [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]

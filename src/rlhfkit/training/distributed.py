@@ -113,3 +113,17 @@ def barrier() -> None:
     """Wait for every rank (no-op on one process)."""
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def broadcast_object(obj: object) -> object:
+    """Rank 0's ``obj`` on every rank (``obj`` itself on one process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def dist_rank() -> int:
+    """This process's global rank (0 on one process)."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from rlhfkit.models.sharding import full_tensor
+
 if TYPE_CHECKING:
     from rlhfkit.config import OptimConfig
 
@@ -103,10 +105,25 @@ def optimizer_and_schedule(
     return optimizer, scheduler
 
 
+def adam_state(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> dict[str, torch.Tensor]:
+    """AdamW's state of ``param`` before its first step (what the optimiser would create).
+
+    Made ahead of time so a checkpoint can be read into it; the step counter lives on the
+    parameter's device for the fused kernel, as AdamW itself places it.
+    """
+    fused = bool(optimizer.defaults.get("fused"))
+    step = torch.zeros((), dtype=torch.float32, device=param.device if fused else "cpu")
+    return {
+        "step": step,
+        "exp_avg": torch.zeros_like(param, memory_format=torch.preserve_format),
+        "exp_avg_sq": torch.zeros_like(param, memory_format=torch.preserve_format),
+    }
+
+
 def clip_grad_norm(params: Iterable[torch.nn.Parameter], max_norm: float | None) -> float:
     """Clip the global L2 norm of the gradients to ``max_norm`` (None: only measure it)."""
     params = [p for p in params if p.grad is not None]
     if not params:
         return 0.0
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf"))
-    return float(norm)
+    return float(full_tensor(norm))  # a sharded model's norm is a DTensor: the global value

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from rlhfkit.models.sharding import full_tensor
+
 
 class MasterWeights:
     """fp32 master copy of a model's trainable parameters.
@@ -90,6 +92,10 @@ class MasterWeights:
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Master weights by parameter name (fp32, detached)."""
         return {n: m.detach() for n, m in zip(self.names, self.master, strict=True)}
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Master weights by name, whole: sharded ones are gathered (every rank must call)."""
+        return {n: full_tensor(m.detach()) for n, m in zip(self.names, self.master, strict=True)}
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:

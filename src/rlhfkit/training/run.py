@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,17 +26,19 @@ from rlhfkit.models.load import (
     resolve_model_path,
 )
 from rlhfkit.models.precision import resolve_precision
+from rlhfkit.models.sharding import local_numel
 from rlhfkit.training.checkpoint import update_checkpoint_info
 from rlhfkit.training.companion import Companion
 from rlhfkit.training.context import NonFiniteLossError, RunContext
 from rlhfkit.training.distributed import barrier, init_distributed
 from rlhfkit.training.logging import MetricsLogger, write_run_info
+from rlhfkit.training.parallel import Placement
 from rlhfkit.training.precision import MasterWeights
 from rlhfkit.training.rundir import RunFinished, plan_run, prepare_run_dir
 
 __all__ = [
     "Companion", "NonFiniteLossError", "RunContext", "RunFinished", "batch_order", "build_run",
-    "finish_run",
+    "export_model", "finish_run",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -96,8 +99,11 @@ def build_run(
             list(model_cfg.lora_target_modules),
         )
         model = apply_lora(model, spec)
-    model.to(dist_info.device).train()
-    master = MasterWeights(model, precision.compute)
+    placement = Placement.of(model_cfg, dist_info, precision)
+    master = placement.trained(model)
+    if placement.sharded:
+        local, total = local_numel(model)
+        log.info("fsdp2: this rank stores %d of %d parameters", local, total)
     run_dir, purge_step = plan.run_dir, None
     if dist_info.is_main:
         try:
@@ -129,6 +135,7 @@ def build_run(
         lora_base=(model_cfg.name, spec, load_kwargs) if model_cfg.lora else None,
         source=(model_cfg.name, load_kwargs),
         resume_from=plan.checkpoint,
+        placement=placement,
     )
 
 
@@ -144,33 +151,66 @@ def finish_run(ctx: RunContext, keep_last: int) -> Path:
         path = ctx.run_dir / "checkpoints" / f"step-{ctx.step:08d}"
         if path.is_dir():
             update_checkpoint_info(path, metrics_records=ctx.logger.records)
-    if ctx.dist.is_main:
-        model, adapter = ctx.model, None
-        if ctx.lora_base is None:
-            model.to(torch.float32)  # parameters change dtype in place; master keeps handles
-            ctx.master.sync_to_model()
-        else:
-            adapter = _fp32_adapter(ctx)
-        with atomic_directory(ctx.run_dir / "final") as tmp:
-            if adapter is not None:
+    if ctx.lora_base is None:
+        name, kwargs = ctx.source
+        export_model(
+            ctx, ctx.model, ctx.master, ctx.run_dir / "final",
+            lambda: load_model(name, dtype=torch.float32, **kwargs),
+        )  # fmt: skip
+    else:
+        weights = ctx.master.full_state_dict()  # gathered on every rank when sharded
+        if ctx.dist.is_main:
+            adapter = _fp32_adapter(ctx, weights)
+            with atomic_directory(ctx.run_dir / "final") as tmp:
                 adapter.save_pretrained(tmp / "adapter")
-                model = adapter.merge_and_unload()
-            model.save_pretrained(tmp, safe_serialization=True)
-            ctx.tokenizer.save_pretrained(tmp)
-    barrier()
+                adapter.merge_and_unload().save_pretrained(tmp, safe_serialization=True)
+                ctx.tokenizer.save_pretrained(tmp)
+        barrier()
     ctx.logger.close()
     return ctx.run_dir
 
 
-def _fp32_adapter(ctx: RunContext) -> torch.nn.Module:
+def export_model(
+    ctx: RunContext,
+    model: torch.nn.Module,
+    master: MasterWeights,
+    target: Path,
+    fresh: Callable[[], torch.nn.Module],
+) -> None:
+    """Write a trained model as a Hugging Face directory (fp32) at ``target``, from rank 0.
+
+    A replicated model is cast to fp32 in place and given its master weights. A sharded one is
+    gathered (every rank takes part), and rank 0 loads the whole weights into ``fresh()``, an
+    fp32 copy of the starting model, which it saves.
+    """
+    weights = master.full_state_dict() if ctx.place.sharded else None
+    if ctx.dist.is_main:
+        if weights is None:
+            model.to(torch.float32)  # parameters change dtype in place; master keeps handles
+            master.sync_to_model()
+        else:
+            model = fresh()
+            _load_weights(model, weights)
+        with atomic_directory(target) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            ctx.tokenizer.save_pretrained(tmp)
+    barrier()
+
+
+def _load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Load trained weights by name into a fresh model; every name must be one of its own."""
+    result = model.load_state_dict(weights, strict=False)
+    if result.unexpected_keys:
+        raise RuntimeError(
+            f"trained weights do not fit the rebuilt model: {result.unexpected_keys[:5]}"
+        )
+
+
+def _fp32_adapter(ctx: RunContext, weights: dict[str, torch.Tensor]) -> torch.nn.Module:
     """A fresh fp32 base model wrapped with the trained adapter (fp32 master weights)."""
     name, spec, load_kwargs = ctx.lora_base
     fresh = apply_lora(load_model(name, dtype=torch.float32, **load_kwargs), spec)
-    result = fresh.load_state_dict(ctx.master.state_dict(), strict=False)
-    if result.unexpected_keys:
-        raise RuntimeError(
-            f"adapter weights do not fit the rebuilt model: {result.unexpected_keys[:5]}"
-        )
+    _load_weights(fresh, weights)
     return fresh
 
 

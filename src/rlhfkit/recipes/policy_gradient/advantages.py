@@ -15,8 +15,6 @@ it to rollout micro-batches. Formulas: ``docs/methods/policy.md#advantage-estima
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from rlhfkit.models.forward import fused_head, rollout_logprobs
@@ -26,7 +24,7 @@ from rlhfkit.recipes.policy_gradient.config import PGAlgoConfig
 from rlhfkit.recipes.policy_gradient.presets import ESTIMATORS, BaselineInputs, KLSide
 from rlhfkit.recipes.policy_gradient.state import LoopState, PGRun, RolloutBatch, RolloutMicroBatch
 from rlhfkit.rewards.shaping import kl_in_reward
-from rlhfkit.training.distributed import all_reduce_sum
+from rlhfkit.training.distributed import all_reduce_sum, dist_rank, gather_objects
 
 
 @torch.no_grad()
@@ -199,24 +197,44 @@ def _token_level(run: PGRun, batch: RolloutBatch, kl_coef: float) -> torch.Tenso
     return out
 
 
+def _whole_batch(local: torch.Tensor | None) -> tuple[torch.Tensor | None, slice]:
+    """Every rank's rows of ``local`` stacked in rank order, and where this rank's rows are.
+
+    Batch-level statistics (a batch baseline, the EMA, the KL the adaptive controller reads)
+    are over the global batch, whichever rank sampled which prompts.
+    """
+    if local is None:
+        return None, slice(None)
+    parts = gather_objects(local.cpu())
+    start = sum(p.shape[0] for p in parts[: dist_rank()])
+    return torch.cat(parts), slice(start, start + local.shape[0])
+
+
 def assign_advantages(run: PGRun, state: LoopState, batch: RolloutBatch) -> None:
-    """The KL in the reward and the preset's advantages, on every micro-batch (and the EMA)."""
+    """The KL in the reward and the preset's advantages, on every micro-batch (and the EMA).
+
+    Estimators see the rewards of the whole batch (all ranks'), so that a batch baseline is
+    the global one; each rank keeps the advantages of its own rows.
+    """
     preset, rewards = run.preset, batch.rewards
-    valid = [i for i, v in enumerate(rewards.flatten().tolist()) if not math.isnan(v)]
     kl_coef = state.current_kl_coef(preset)
     shaped = rewards
     if preset.uses_kl:
-        kl = sequence_kl(batch.batches, rewards.numel())
-        batch.stats["rollout/kl_seq"] = float(kl[valid].mean()) if valid else 0.0
+        kl = sequence_kl(batch.batches, rewards.numel()).view_as(rewards)
+        everywhere = _whole_batch(torch.stack([rewards, kl]).transpose(0, 1))[0]
+        all_kl = everywhere[:, 1].flatten()[~torch.isnan(everywhere[:, 0].flatten())]
+        batch.stats["rollout/kl_seq"] = float(all_kl.mean()) if all_kl.numel() else 0.0
         if preset.kl_placement == "reward" and preset.kl_per == "seq":
-            shaped = rewards - kl_coef * kl.view_as(rewards)
-    inputs = BaselineInputs(ema=state.ema_baseline, greedy=batch.sampled.greedy)
-    advantages = estimate(shaped, preset.advantage, run.cfg.algo, inputs)
-    if "ema" in preset.estimator.needs and valid:
-        flat = rewards.flatten()[valid]
-        state.ema_baseline = adv_ops.ema_baseline(flat, state.ema_baseline, run.cfg.algo.ema_decay)[
-            1
-        ]
+            shaped = rewards - kl_coef * kl
+    whole, mine = _whole_batch(shaped)
+    greedy = _whole_batch(batch.sampled.greedy)[0]
+    inputs = BaselineInputs(ema=state.ema_baseline, greedy=greedy)
+    advantages = estimate(whole, preset.advantage, run.cfg.algo, inputs)[mine]
+    all_rewards = _whole_batch(rewards)[0].flatten()
+    valid = all_rewards[~torch.isnan(all_rewards)]
+    if "ema" in preset.estimator.needs and valid.numel():
+        ema = adv_ops.ema_baseline(valid, state.ema_baseline, run.cfg.algo.ema_decay)
+        state.ema_baseline = ema[1]
     batch.advantages = torch.nan_to_num(advantages.flatten(), nan=0.0)
     broadcast(batch.batches, batch.advantages)
     if preset.estimator.level == "token":

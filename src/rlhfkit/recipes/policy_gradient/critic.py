@@ -22,21 +22,19 @@ the trained value model is saved under ``<run_dir>/critic``. Formulas:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from rlhfkit.atomic import atomic_directory
 from rlhfkit.losses.policy import value_loss
 from rlhfkit.models.heads import rollout_values
 from rlhfkit.models.load import load_model
 from rlhfkit.ops.masking import Aggregation
 from rlhfkit.recipes.policy_gradient.config import PGConfig
 from rlhfkit.recipes.policy_gradient.state import RolloutMicroBatch, StepLoss
-from rlhfkit.training.distributed import barrier
-from rlhfkit.training.precision import MasterWeights
-from rlhfkit.training.run import Companion, RunContext
+from rlhfkit.training.run import Companion, RunContext, export_model
 from rlhfkit.types import LossOutput
 
 CRITIC = "critic"
@@ -71,23 +69,30 @@ class Critic:
         companion: The value model with its master weights and optimiser.
         cfg: The run configuration (``critic`` section, aggregation length).
         aggregation: The preset's loss aggregation, shared with the policy loss.
+        fresh: Loads the value model's starting point again (fp32), for the export of a
+            sharded one.
     """
 
     ctx: RunContext
     companion: Companion
     cfg: PGConfig
     aggregation: Aggregation
+    fresh: Callable[[], torch.nn.Module]
 
     @classmethod
     def build(cls, ctx: RunContext, cfg: PGConfig, aggregation: Aggregation) -> Critic:
         """Load the value model at the run's precision and register it as a companion."""
         _, kwargs = ctx.source
         source = critic_source(cfg)
-        model = load_model(
-            source, dtype=torch.float32, task="score", num_labels=1,
-            attn_implementation=kwargs["attn_implementation"],
-            trust_remote_code=kwargs["trust_remote_code"], pad_token_id=ctx.pad_id,
-        )  # fmt: skip
+
+        def fresh() -> torch.nn.Module:
+            return load_model(
+                source, dtype=torch.float32, task="score", num_labels=1,
+                attn_implementation=kwargs["attn_implementation"],
+                trust_remote_code=kwargs["trust_remote_code"], pad_token_id=ctx.pad_id,
+            )  # fmt: skip
+
+        model = fresh()
         policy_vocab = ctx.model.get_input_embeddings().num_embeddings
         if model.get_input_embeddings().num_embeddings != policy_vocab:
             raise ValueError(
@@ -97,11 +102,10 @@ class Critic:
             )
         if cfg.model.gradient_checkpointing:
             model.gradient_checkpointing_enable()
-        model.to(ctx.dist.device).train()
         optim = type(cfg.optim)(**{**vars(cfg.optim), "lr": cfg.critic.lr})
-        companion = Companion(model, MasterWeights(model, ctx.precision.compute), optim)
+        companion = Companion(model, ctx.place.trained(model), optim)
         ctx.companions[CRITIC] = companion
-        return cls(ctx, companion, cfg, aggregation)
+        return cls(ctx, companion, cfg, aggregation, fresh)
 
     @property
     def model(self) -> torch.nn.Module:
@@ -154,12 +158,6 @@ class Critic:
 
     def save(self) -> Path:
         """Write the trained value model (fp32, Hugging Face format) to ``<run_dir>/critic``."""
-        ctx, target = self.ctx, self.ctx.run_dir / CRITIC
-        if ctx.dist.is_main:
-            self.model.to(torch.float32)
-            self.companion.master.sync_to_model()
-            with atomic_directory(target) as tmp:
-                self.model.save_pretrained(tmp, safe_serialization=True)
-                ctx.tokenizer.save_pretrained(tmp)
-        barrier()
+        target = self.ctx.run_dir / CRITIC
+        export_model(self.ctx, self.model, self.companion.master, target, self.fresh)
         return target

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from rlhfkit.config import to_dict
 from rlhfkit.errors import ConfigError
@@ -61,13 +63,14 @@ def step(
         critic: PPO's value model, or None.
         max_steps: Most optimiser steps to take on this batch.
     """
-    # 1-4. the next prompts, G completions each, their rewards; DAPO drops flat groups
-    batch = collect(run, state)
-    # 5. log pi_old and log pi_ref, the critic's V_old, the KL in the reward, the advantages
-    attach_logprobs(run, batch)
-    if critic is not None:
-        critic.attach_values(batch.batches)
-    assign_advantages(run, state, batch)
+    with run.ctx.gathered():  # each rank samples and scores its share of the prompts
+        # 1-4. the next prompts, G completions each, their rewards; DAPO drops flat groups
+        batch = collect(run, state)
+        # 5. log pi_old and log pi_ref, the critic's V_old, the KL in the reward, the advantages
+        attach_logprobs(run, batch)
+        if critic is not None:
+            critic.attach_values(batch.batches)
+        assign_advantages(run, state, batch)
     # 6. epochs x minibatches optimiser steps on this batch
     kl_coef = state.current_kl_coef(run.preset)
     steps = min(run.steps_per_batch, max_steps)
@@ -158,7 +161,13 @@ def reference_model(ctx: RunContext) -> Callable[[], contextlib.AbstractContextM
         return ctx.starting_model
     stack = contextlib.ExitStack()
     frozen = stack.enter_context(ctx.starting_model())
-    return lambda: contextlib.nullcontext(frozen)
+
+    @contextlib.contextmanager
+    def held() -> Iterator[torch.nn.Module]:
+        with ctx.gathered(frozen):  # whole while it is used (sharded at rest under FSDP2)
+            yield frozen
+
+    return held
 
 
 def prepare(ctx: RunContext, cfg: PGConfig, preset: PGPreset) -> PGRun:

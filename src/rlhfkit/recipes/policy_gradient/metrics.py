@@ -15,38 +15,60 @@ import torch
 
 from rlhfkit.recipes.policy_gradient.state import RolloutBatch
 from rlhfkit.training.accumulate import StepStats
-from rlhfkit.training.distributed import all_reduce_sum
+from rlhfkit.training.distributed import all_reduce_sum, gather_objects
 from rlhfkit.training.run import RunContext
 
 
+def _rollout_parts(batch: RolloutBatch) -> dict[str, list]:
+    """This rank's share of what :func:`rollout_metrics` summarises, as plain lists."""
+    rewards, rollout = batch.rewards, batch.rollout
+    flat_group = torch.nan_to_num(rewards, nan=0.0)
+    return {
+        "rewards": rewards.flatten().tolist(),
+        "flat_groups": (flat_group == flat_group[:, :1]).all(1).tolist(),
+        "lengths": [len(c) for c in rollout.completion_ids],
+        "reasons": list(rollout.finish_reasons),
+        "entropies": [h for row in rollout.entropies for h in row] if rollout.entropies else None,
+        "advantages": batch.advantages.flatten().tolist(),
+        "components": {
+            name: [v for v in values if v is not None] for name, values in batch.components.items()
+        },
+    }
+
+
 def rollout_metrics(batch: RolloutBatch) -> dict[str, float]:
-    """Reward, length, entropy, finish-reason and advantage statistics of one rollout batch."""
-    rewards, rollout, advantages = batch.rewards, batch.rollout, batch.advantages
-    lengths = [len(c) for c in rollout.completion_ids]
-    reasons = Counter(rollout.finish_reasons)
-    flat = [v for v in rewards.flatten().tolist() if not math.isnan(v)]
+    """Reward, length, entropy, finish-reason and advantage statistics of one rollout batch.
+
+    Over the whole batch: every rank's share is gathered first.
+    """
+    parts = gather_objects(_rollout_parts(batch))
+
+    def joined(key: str) -> list:
+        return [x for part in parts for x in part[key]]
+
+    everything = joined("rewards")
+    flat = [v for v in everything if not math.isnan(v)]
+    lengths, reasons, groups = joined("lengths"), Counter(joined("reasons")), joined("flat_groups")
+    advantages = torch.tensor(joined("advantages"), dtype=torch.float64)
     out = {
         "rollout/reward": statistics.fmean(flat) if flat else 0.0,
         "rollout/reward_std": statistics.pstdev(flat) if flat else 0.0,
-        "rollout/skipped": 1.0 - len(flat) / rewards.numel(),
+        "rollout/skipped": 1.0 - len(flat) / len(everything),
         "rollout/length": statistics.fmean(lengths),
         "rollout/length_max": float(max(lengths)),
-        "rollout/zero_variance_groups": float(
-            (torch.nan_to_num(rewards, nan=0.0) == torch.nan_to_num(rewards[:, :1], nan=0.0))
-            .all(1).float().mean()
-        ),
+        "rollout/zero_variance_groups": sum(groups) / len(groups),
         "rollout/advantage_mean": float(advantages.mean()),
         "rollout/advantage_std": float(advantages.std()) if advantages.numel() > 1 else 0.0,
         "rollout/advantage_abs_max": float(advantages.abs().max()),
         **batch.stats,
-    }  # fmt: skip
-    if rollout.entropies:
-        tokens = [h for row in rollout.entropies for h in row]
+    }
+    if parts[0]["entropies"] is not None:
+        tokens = joined("entropies")
         out["rollout/entropy"] = statistics.fmean(tokens) if tokens else 0.0
     for reason in ("eos", "stop", "length"):
         out[f"rollout/finish_{reason}"] = reasons.get(reason, 0) / len(lengths)
-    for name, values in batch.components.items():
-        valid = [v for v in values if v is not None]
+    for name in batch.components:
+        valid = [v for part in parts for v in part["components"].get(name, [])]
         if valid:
             out[f"rollout/reward/{name}"] = statistics.fmean(valid)
     return out

@@ -105,7 +105,10 @@ def optimise(
         for minibatch in batch.minibatches:
             if steps <= 0:
                 return last
-            stats = accumulate(minibatch, loss, count_fn=counter, after_backward=after_backward)
+            stats = accumulate(
+                minibatch, loss, count_fn=counter, after_backward=after_backward,
+                models=ctx.models,
+            )  # fmt: skip
             steps -= 1
             if ctx.apply_step(stats, cfg.optim.max_grad_norm, cfg.loop.max_nonfinite):
                 last = stats

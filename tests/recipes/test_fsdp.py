@@ -1,0 +1,177 @@
+"""FSDP2 on 2 gloo ranks: every recipe's sharded steps equal one process on the same global batch.
+
+Each comparison runs 3 optimiser steps in one process (replicated: the reference) and on 2 ranks
+with ``--model.parallel fsdp2`` (fp32, so equal up to the order of float sums), then compares
+every logged loss and metric and the exported final weights within 1e-5. The resume tests stop
+a 2-rank run after a checkpoint and continue it on 1 rank and on 2.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from fsdp_helpers import scripted_rl, shard_sizes
+from recipe_helpers import (
+    assert_same_run,
+    pg_config,
+    records,
+    rm_config,
+    run_two_ranks,
+    write_jsonl,
+)
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from rlhfkit.config import LogConfig, LoopConfig, ModelConfig, OptimConfig, from_dict
+from rlhfkit.recipes import dpo, sft
+from rlhfkit.recipes import reward_model as rm
+from rlhfkit.training.checkpoint import is_sharded_checkpoint
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+RM_ROWS = [
+    {"prompt": f"What is {a} + {b}?", "chosen": f"The answer is {a + b}.",
+     "rejected": f"The answer is {a + b + 1 + a % 3}." if a % 2 else "No."}
+    for a, b in [(1, 2), (3, 4), (5, 1), (2, 8), (7, 7), (4, 0), (9, 3), (6, 5), (8, 2), (0, 9)]
+]  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def one_process(monkeypatch, tmp_path):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("RLHFKIT_CACHE", str(tmp_path / "cache"))
+
+
+def model(path, parallel: str) -> ModelConfig:
+    return ModelConfig(name=str(path), precision="fp32", parallel=parallel)
+
+
+def log(run_dir) -> LogConfig:
+    return LogConfig(run_dir=str(run_dir), tensorboard=False, progress=False)
+
+
+def sft_config(model_dir, chat_data, run_dir, parallel: str, **loop) -> sft.SFTConfig:
+    train, heldout = (str(p) for p in chat_data)
+    loop = {"batch_size": 8, "micro_batch_tokens": 64, "max_steps": 3, "seed": 1, **loop}
+    return sft.SFTConfig(
+        model=model(model_dir, parallel),
+        data=sft.SFTDataConfig(train=train, eval=heldout, eval_split="train"),
+        optim=OptimConfig(lr=3e-3, warmup_ratio=0.0, schedule="constant"),
+        loop=LoopConfig(**loop),
+        log=log(run_dir),
+    )
+
+
+def test_sft(tiny_model_dir, chat_data, tmp_path):
+    sft.main(sft_config(tiny_model_dir, chat_data, tmp_path / "one", "replicate"))
+    run_two_ranks(sft.main, sft_config(tiny_model_dir, chat_data, tmp_path / "two", "fsdp2"))
+    assert_same_run(tmp_path / "one", tmp_path / "two", ("train/", "eval/"), n_records=5)
+
+
+def test_each_rank_stores_half_of_the_parameters(tiny_model_dir, chat_data, tmp_path):
+    run_two_ranks(shard_sizes, sft_config(tiny_model_dir, chat_data, tmp_path, "fsdp2"))
+    sizes = [(tmp_path / f"sizes-{r}.txt").read_text().split() for r in (0, 1)]
+    total = int(sizes[0][1])
+    for local, whole, kind in sizes:
+        assert int(whole) == total and kind == "DTensor"
+        assert abs(int(local) - total / 2) < 0.02 * total  # dim-0 shards: about half each
+    assert sum(int(s[0]) for s in sizes) == total
+
+
+def test_reward_model(tiny_model_dir, tmp_path):
+    data = write_jsonl(tmp_path / "pairs.jsonl", RM_ROWS)
+
+    def cfg(run, parallel):
+        c = rm_config(tiny_model_dir, data, tmp_path / run, max_steps=3, seed=1)
+        c.model.parallel = parallel
+        return c
+
+    rm.main(cfg("one", "replicate"))
+    run_two_ranks(rm.main, cfg("two", "fsdp2"))
+    assert_same_run(tmp_path / "one", tmp_path / "two", ("train/", "eval/"), n_records=5)
+
+
+def test_dpo(tiny_model_dir, pairs_file, tmp_path):
+    def cfg(run, parallel):
+        return from_dict(dpo.DPOConfig, {
+            "model": {"name": str(tiny_model_dir), "precision": "fp32", "parallel": parallel},
+            "data": {"train": str(pairs_file), "eval": str(pairs_file)},
+            "optim": {"lr": 1e-3, "warmup_ratio": 0.0},
+            "loop": {"batch_size": 8, "max_steps": 3, "micro_batch_tokens": 128},
+            "log": {"run_dir": str(tmp_path / run), "progress": False, "tensorboard": False},
+            "eval": {"win_rate": False, "kl_prompts": 2, "max_new_tokens": 4},
+        })  # fmt: skip
+
+    dpo.main(cfg("one", "replicate"))
+    run_two_ranks(dpo.main, cfg("two", "fsdp2"))
+    assert_same_run(tmp_path / "one", tmp_path / "two", ("train/", "eval/loss"), n_records=5)
+
+
+def rl_config(model_dir, task, run_dir, parallel: str, preset: str, **over):
+    data, reward = task
+    base = {
+        "model": {"name": str(model_dir), "precision": "fp32", "parallel": parallel},
+        "data": {"train": str(data)},
+        "rewards": [f"{reward}:letter_a"],
+        "algo": {"preset": preset},
+        "sampling": {"num_samples": 4, "max_new_tokens": 8, "temperature": 1.0},
+        "optim": {"lr": 1e-2, "warmup_ratio": 0.0, "schedule": "constant"},
+        "loop": {"batch_size": 4, "max_steps": 3, "micro_batch_tokens": 64},
+        "log": {"run_dir": str(run_dir), "progress": False, "tensorboard": False},
+    }
+    if preset == "ppo":
+        base["critic"] = {"init": "policy", "lr": 1e-3}
+        base["algo"]["epochs"] = 1
+    return pg_config(base, **over)
+
+
+@pytest.mark.parametrize("preset", ["grpo", "ppo"])
+def test_policy_gradient(tiny_model_dir, pg_task, tmp_path, preset):
+    scripted_rl(rl_config(tiny_model_dir, pg_task, tmp_path / "one", "replicate", preset))
+    run_two_ranks(
+        scripted_rl, rl_config(tiny_model_dir, pg_task, tmp_path / "two", "fsdp2", preset)
+    )
+    prefixes = ("train/", "rollout/", "critic/")
+    assert_same_run(tmp_path / "one", tmp_path / "two", prefixes, n_records=3)
+    if preset == "ppo":
+        a = load_file(str(tmp_path / "one" / "critic" / "model.safetensors"))
+        b = load_file(str(tmp_path / "two" / "critic" / "model.safetensors"))
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=0)
+
+
+def test_resume_at_another_number_of_ranks(tiny_model_dir, chat_data, tmp_path):
+    """2 ranks to step 2, then 1 rank to step 3, then 2 ranks to step 4 == 4 steps at once."""
+
+    def cfg(run, steps, parallel="fsdp2"):
+        return sft_config(tiny_model_dir, chat_data, tmp_path / run, parallel, max_steps=steps,
+                          save_every=1, eval_every=0)  # fmt: skip
+
+    sft.main(cfg("straight", 4, "replicate"))
+    run_two_ranks(sft.main, cfg("cut", 2))
+    ckpt = tmp_path / "cut" / "checkpoints" / "step-00000002"
+    assert is_sharded_checkpoint(ckpt) and not (ckpt / "model.safetensors").exists()
+    sft.main(cfg("cut", 3))  # one process reads the 2-rank shards
+    run_two_ranks(sft.main, cfg("cut", 4))  # two ranks read the 1-process checkpoint
+    losses = [r["train/loss"] for r in records(tmp_path / "straight", ("train/loss",)) if r]
+    resumed = [r["train/loss"] for r in records(tmp_path / "cut", ("train/loss",)) if r]
+    assert len(losses) == 4 and resumed == pytest.approx(losses, abs=1e-5)
+    final = tmp_path / "cut" / "final"
+    a = load_file(str(tmp_path / "straight" / "final" / "model.safetensors"))
+    b = load_file(str(final / "model.safetensors"))
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=0)
+    # the export is a plain Hugging Face directory with the trained weights
+    reloaded = AutoModelForCausalLM.from_pretrained(final).eval()
+    straight = AutoModelForCausalLM.from_pretrained(tmp_path / "straight" / "final").eval()
+    ids = torch.tensor([[5, 9, 17, 33, 2]])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, straight(ids).logits, atol=1e-4, rtol=0)
+    info = (
+        json.loads((tmp_path / "cut" / "run.json").read_text())
+        if (tmp_path / "cut" / "run.json").exists()
+        else {}
+    )
+    assert info.get("model", {}).get("parallel", "fsdp2") == "fsdp2"
