@@ -67,3 +67,27 @@ def shard_sizes(cfg: Any) -> None:
     with open(path, "w") as f:
         f.write(f"{local} {total} {type(next(ctx.model.parameters())).__name__}\n")
     torch.distributed.barrier()
+
+
+class Crash(RuntimeError):
+    """Stands for a killed run in the resume tests."""
+
+
+def sft_until(cfg: Any, step: int) -> None:
+    """``rlhfkit sft`` that dies right after writing the checkpoint of ``step``."""
+    from rlhfkit.recipes import sft
+    from rlhfkit.training.context import RunContext
+
+    original = RunContext.save
+
+    def save(self: RunContext, *args: Any, **kwargs: Any) -> Any:
+        path = original(self, *args, **kwargs)
+        if self.step == step:
+            raise Crash(f"killed after the checkpoint of step {step}")
+        return path
+
+    RunContext.save = save
+    try:
+        sft.main(cfg)
+    finally:
+        RunContext.save = original

@@ -8,11 +8,11 @@ a 2-rank run after a checkpoint and continue it on 1 rank and on 2.
 
 from __future__ import annotations
 
-import json
+from functools import partial
 
 import pytest
 import torch
-from fsdp_helpers import scripted_rl, shard_sizes
+from fsdp_helpers import Crash, scripted_rl, sft_until, shard_sizes
 from recipe_helpers import (
     assert_same_run,
     pg_config,
@@ -142,25 +142,30 @@ def test_policy_gradient(tiny_model_dir, pg_task, tmp_path, preset):
             torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=0)
 
 
-def test_resume_at_another_number_of_ranks(tiny_model_dir, chat_data, tmp_path):
-    """2 ranks to step 2, then 1 rank to step 3, then 2 ranks to step 4 == 4 steps at once."""
+def test_killed_run_resumes_at_another_number_of_ranks(tiny_model_dir, chat_data, tmp_path):
+    """2 ranks killed after step 2, 1 rank killed after step 3, 2 ranks to step 5: the losses
+    of steps 3-5 and the final weights are those of 5 uninterrupted steps in one process."""
 
-    def cfg(run, steps, parallel="fsdp2"):
-        return sft_config(tiny_model_dir, chat_data, tmp_path / run, parallel, max_steps=steps,
+    def cfg(run, parallel="fsdp2"):
+        return sft_config(tiny_model_dir, chat_data, tmp_path / run, parallel, max_steps=5,
                           save_every=1, eval_every=0)  # fmt: skip
 
-    sft.main(cfg("straight", 4, "replicate"))
-    run_two_ranks(sft.main, cfg("cut", 2))
+    sft.main(cfg("straight", "replicate"))
+    with pytest.raises(Exception, match=r"killed"):
+        run_two_ranks(partial(sft_until, step=2), cfg("cut"))
     ckpt = tmp_path / "cut" / "checkpoints" / "step-00000002"
     assert is_sharded_checkpoint(ckpt) and not (ckpt / "model.safetensors").exists()
-    sft.main(cfg("cut", 3))  # one process reads the 2-rank shards
-    run_two_ranks(sft.main, cfg("cut", 4))  # two ranks read the 1-process checkpoint
+    assert not (tmp_path / "cut" / "final").exists()
+    with pytest.raises(Crash):
+        sft_until(cfg("cut"), step=3)  # one process reads the 2-rank shards
+    run_two_ranks(sft.main, cfg("cut"))  # two ranks read the 1-process checkpoint
     losses = [r["train/loss"] for r in records(tmp_path / "straight", ("train/loss",)) if r]
     resumed = [r["train/loss"] for r in records(tmp_path / "cut", ("train/loss",)) if r]
-    assert len(losses) == 4 and resumed == pytest.approx(losses, abs=1e-5)
+    assert len(losses) == 5 and resumed == pytest.approx(losses, abs=1e-5)
     final = tmp_path / "cut" / "final"
     a = load_file(str(tmp_path / "straight" / "final" / "model.safetensors"))
     b = load_file(str(final / "model.safetensors"))
+    assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=0)
     # the export is a plain Hugging Face directory with the trained weights
@@ -169,9 +174,42 @@ def test_resume_at_another_number_of_ranks(tiny_model_dir, chat_data, tmp_path):
     ids = torch.tensor([[5, 9, 17, 33, 2]])
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, straight(ids).logits, atol=1e-4, rtol=0)
-    info = (
-        json.loads((tmp_path / "cut" / "run.json").read_text())
-        if (tmp_path / "cut" / "run.json").exists()
-        else {}
-    )
-    assert info.get("model", {}).get("parallel", "fsdp2") == "fsdp2"
+
+
+def test_sampling_recipes_sample_the_same_under_fsdp2(tiny_model_dir, pg_task, tmp_path):
+    """With the real sampler, 2 fsdp2 ranks (weights gathered for sampling) give the same
+    rollouts, losses and weights as 2 replicated ranks: GRPO with a KL to the sharded reference,
+    and online DPO (sampling, reward-function labels, reference of each round)."""
+    from rlhfkit.recipes import dpo_online
+    from rlhfkit.recipes import policy_gradient as pg
+
+    def rl(run, parallel):
+        return rl_config(tiny_model_dir, pg_task, tmp_path / run, parallel, "grpo",
+                         algo__kl_coef=0.05)  # fmt: skip
+
+    run_two_ranks(pg.main, rl("rl-rep", "replicate"))
+    run_two_ranks(pg.main, rl("rl-fsdp", "fsdp2"))
+    prefixes = ("train/", "rollout/")
+    assert_same_run(tmp_path / "rl-rep", tmp_path / "rl-fsdp", prefixes, n_records=3)
+
+    reward = pg_task[1]
+    rows = [{"prompt": f"Say a {i}", "chosen": "a", "rejected": "b"} for i in range(8)]
+    pairs = write_jsonl(tmp_path / "online.jsonl", rows)
+
+    def online(run, parallel):
+        return from_dict(dpo_online.OnlineDPOConfig, {
+            "model": {"name": str(tiny_model_dir), "precision": "fp32", "parallel": parallel},
+            "data": {"train": str(pairs), "eval": None},
+            "optim": {"lr": 1e-3, "warmup_ratio": 0.0, "schedule": "constant"},
+            "loop": {"batch_size": 4},
+            "log": {"run_dir": str(tmp_path / run), "progress": False, "tensorboard": False},
+            "eval": {"win_rate": False, "kl_prompts": 0},
+            "online": {"reward": f"{reward}:letter_a", "rounds": 2, "prompts_per_round": 4,
+                       "num_samples": 3, "max_new_tokens": 8, "steps_per_round": 1,
+                       "temperature": 1.0, "reference": "initial"},
+        })  # fmt: skip
+
+    run_two_ranks(dpo_online.main, online("dpo-rep", "replicate"))
+    run_two_ranks(dpo_online.main, online("dpo-fsdp", "fsdp2"))
+    n = len(records(tmp_path / "dpo-rep", ("train/",)))
+    assert_same_run(tmp_path / "dpo-rep", tmp_path / "dpo-fsdp", ("train/", "online/"), n)

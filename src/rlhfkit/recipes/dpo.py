@@ -284,7 +284,10 @@ def prepare(ctx: RunContext, cfg: DPOConfig) -> tuple[PairBatches, PairBatches |
 
 def main(cfg: DPOConfig) -> Path:
     """Run direct alignment; returns the run directory (model under ``<run_dir>/final``)."""
-    ctx = build_run(cfg.model, cfg.log, cfg.loop.seed, to_dict(cfg), resume=cfg.loop.resume)
+    ctx = build_run(
+        cfg.model, cfg.log, cfg.loop.seed, to_dict(cfg), resume=cfg.loop.resume,
+        batch_size=cfg.loop.batch_size,
+    )  # fmt: skip
     ctx.packing = supports_padding_free(ctx.model)
     train, held_out, counts = prepare(ctx, cfg)
     log.info("data: %s; held-out pairs: %d", counts, len(held_out.pairs) if held_out else 0)

@@ -260,7 +260,10 @@ def main(cfg: OnlineDPOConfig) -> Path:
         raise ConfigError(
             "online DPO needs num_samples >= 2, temperature > 0, rounds >= 1, steps_per_round >= 1"
         )
-    ctx = build_run(cfg.model, cfg.log, cfg.loop.seed, to_dict(cfg), resume=cfg.loop.resume)
+    ctx = build_run(
+        cfg.model, cfg.log, cfg.loop.seed, to_dict(cfg), resume=cfg.loop.resume,
+        batch_size=cfg.loop.batch_size,
+    )  # fmt: skip
     ctx.packing = supports_padding_free(ctx.model)
     share = cfg.data.share_prefix and ctx.packing and supports_prefix_trees(ctx.model)
     reward = load_reward_fn(on.reward, max_tokens=on.rm_max_tokens)

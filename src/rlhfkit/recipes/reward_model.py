@@ -343,7 +343,7 @@ def main(cfg: RMConfig) -> Path:
     task = make_task(cfg)
     ctx = build_run(
         cfg.model, cfg.log, cfg.loop.seed, to_dict(cfg), task="score", num_labels=task.num_labels,
-        resume=cfg.loop.resume,
+        resume=cfg.loop.resume, batch_size=cfg.loop.batch_size,
     )  # fmt: skip
     ctx.packing = cfg.data.packing and supports_padding_free(ctx.model)
     task.share_prefix = cfg.data.share_prefix and ctx.packing and supports_prefix_trees(ctx.model)

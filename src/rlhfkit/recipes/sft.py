@@ -201,7 +201,10 @@ def evaluate(ctx: RunContext, examples: list[TokenizedExample], cfg: SFTConfig) 
 
 def main(cfg: SFTConfig) -> Path:
     """Run SFT; returns the run directory (final model under ``<run_dir>/final``)."""
-    ctx = build_run(cfg.model, cfg.log, cfg.loop.seed, to_dict(cfg), resume=cfg.loop.resume)
+    ctx = build_run(
+        cfg.model, cfg.log, cfg.loop.seed, to_dict(cfg), resume=cfg.loop.resume,
+        batch_size=cfg.loop.batch_size,
+    )  # fmt: skip
     ctx.packing = cfg.data.packing and supports_padding_free(ctx.model)
     train, counts = tokenize_examples(ctx.tokenizer, cfg.data.train, cfg.data.train_split, cfg.data)
     held_out = (
@@ -210,11 +213,6 @@ def main(cfg: SFTConfig) -> Path:
         else []
     )
     log.info("data: %s; held-out examples: %d; packing: %s", counts, len(held_out), ctx.packing)
-    if cfg.loop.batch_size < ctx.dist.world_size:
-        raise ConfigError(
-            f"--loop.batch-size {cfg.loop.batch_size} is global: it must be at least the number "
-            f"of ranks ({ctx.dist.world_size})"
-        )
     if len(train) < cfg.loop.batch_size:
         raise ConfigError(
             f"{cfg.data.train}: {len(train)} usable examples < --loop.batch-size "

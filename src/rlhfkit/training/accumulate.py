@@ -60,7 +60,10 @@ def global_count(local: float, group: dist.ProcessGroup | None = None, op: Any =
     nccl = dist.get_backend(group) == "nccl"
     device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
     tensor = torch.tensor([float(local)], dtype=torch.float64, device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op is None else op, group=group)
+    if op is None:
+        dist.all_reduce(tensor, group=group)
+    else:
+        dist.all_reduce(tensor, op=op, group=group)
     return float(tensor.item())
 
 

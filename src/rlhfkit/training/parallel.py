@@ -38,7 +38,8 @@ class Placement:
         precision: The compute dtype policy.
         strategy: ``replicate`` or ``fsdp2``.
         reshard_after_forward: FSDP2's knob (see ``--model.reshard-after-forward``).
-        offload: FSDP2 CPU offload of shards, gradients and optimiser state.
+        offload: FSDP2 CPU offload of shards, gradients and optimiser state (on accelerators;
+            a CPU run keeps everything in CPU memory anyway).
         shard_frozen: Shard frozen models too under FSDP2.
     """
 
@@ -56,6 +57,14 @@ class Placement:
             dist, precision, cfg.parallel, cfg.reshard_after_forward, cfg.offload,
             cfg.shard_frozen,
         )  # fmt: skip
+
+    @property
+    def offloading(self) -> bool:
+        """Whether shards are offloaded: asked for, on an accelerator.
+
+        On a CPU the shards are in CPU memory already.
+        """
+        return self.offload and self.dist.device.type != "cpu"
 
     @property
     def sharded(self) -> bool:
@@ -81,7 +90,7 @@ class Placement:
         shard_model(
             model, param_dtype=None if compute == torch.float32 else compute,
             reduce_dtype=torch.float32, reshard_after_forward=self.reshard_after_forward,
-            offload=self.offload,
+            offload=self.offloading,
         )  # fmt: skip
         return MasterWeights(model, torch.float32)
 
@@ -92,6 +101,6 @@ class Placement:
         if self.sharded and self.shard_frozen:
             shard_model(
                 model, reduce_dtype=None, reshard_after_forward=self.reshard_after_forward,
-                offload=self.offload,
+                offload=self.offloading,
             )  # fmt: skip
         return model

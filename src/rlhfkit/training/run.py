@@ -53,6 +53,7 @@ def build_run(
     task: str = "causal_lm",
     num_labels: int = 1,
     resume: bool | None = None,
+    batch_size: int | None = None,
 ) -> RunContext:
     """Seed, load model + tokenizer with the precision policy and optional LoRA, open the run.
 
@@ -61,13 +62,19 @@ def build_run(
     (:mod:`rlhfkit.models.heads`) with ``num_labels`` outputs. ``resume`` (``--loop.resume``)
     decides, before the model is loaded, whether the run continues from its latest
     checkpoint or starts over (:mod:`rlhfkit.training.rundir`); :meth:`RunContext.start_training`
-    restores the checkpoint.
+    restores the checkpoint. ``batch_size`` (``--loop.batch-size``, global) must be a multiple
+    of the number of ranks, which is checked before anything is loaded.
 
     Raises:
         ConfigError: The run directory cannot be used, or fp16 training was asked for.
         RunFinished: The run directory holds a finished run.
     """
     dist_info = init_distributed()
+    if batch_size is not None and batch_size % dist_info.world_size:
+        raise ConfigError(
+            f"--loop.batch-size {batch_size} is global and is shared out over the "
+            f"{dist_info.world_size} ranks: make it a multiple of {dist_info.world_size}"
+        )
     plan = plan_run(log_cfg.run_dir, resume)
     torch.manual_seed(seed)
     precision = resolve_precision(model_cfg.precision, dist_info.device)

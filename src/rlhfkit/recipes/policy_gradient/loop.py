@@ -106,7 +106,10 @@ def main(cfg: PGConfig) -> Path:
     preset = resolve_preset(cfg.algo)
     if preset.min_group_size > cfg.sampling.num_samples:
         raise ConfigError(f"--sampling.num-samples: {group_size_problem(cfg.algo.preset, preset)}")
-    ctx = build_run(cfg.model, cfg.log, cfg.loop.seed, to_dict(cfg), resume=cfg.loop.resume)
+    ctx = build_run(
+        cfg.model, cfg.log, cfg.loop.seed, to_dict(cfg), resume=cfg.loop.resume,
+        batch_size=cfg.loop.batch_size,
+    )  # fmt: skip
     critic = None
     if preset.critic:  # before the reference: the same RNG draws as a run without one
         critic = Critic.build(ctx, cfg, aggregation(cfg, preset))
