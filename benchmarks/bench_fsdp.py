@@ -33,8 +33,8 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import common  # noqa: E402
-from bench_sft import generated_rows  # noqa: E402
+import common
+from bench_sft import generated_rows
 
 STRATEGIES = ("replicate", "fsdp2")
 
@@ -149,8 +149,9 @@ def main() -> None:
         for strategy in STRATEGIES:
             results[strategy].append(run_job(strategy, ns.ranks, args))
     gib = 1024**3
-    print(f"\n{ns.ranks} ranks, SFT step on {ns.batch_size} rows, {results['fsdp2'][0][0]['device']}"
-          f" {results['fsdp2'][0][0]['precision']}")  # fmt: skip
+    first = results["fsdp2"][0][0]
+    print(f"\n{ns.ranks} ranks, SFT step on {ns.batch_size} rows, {first['device']}, "
+          f"{first['precision']}")  # fmt: skip
     print("| strategy | rank | training state held | peak memory | step (median) |")
     print("| --- | --- | --- | --- | --- |")
     summary = {}
@@ -164,8 +165,10 @@ def main() -> None:
             print(f"| {strategy} | {rank} | {state / gib:.3f} GiB | {peak / gib:.2f} GiB "
                   f"({rows[0]['peak_kind']}) | {step:.2f} s |")  # fmt: skip
     rep, sh = summary[("replicate", 0)], summary[("fsdp2", 0)]
-    print(f"\nfsdp2 / replicate on rank 0: training state {sh[0] / rep[0]:.2f}x, "
-          f"peak memory {sh[1] / rep[1]:.2f}x, step time {sh[2] / rep[2]:.2f}x")
+    print(
+        f"\nfsdp2 / replicate on rank 0: training state {sh[0] / rep[0]:.2f}x, "
+        f"peak memory {sh[1] / rep[1]:.2f}x, step time {sh[2] / rep[2]:.2f}x"
+    )
     losses = {s: results[s][0][0]["loss"] for s in STRATEGIES}
     print(f"last-step loss: replicate {losses['replicate']:.6f}, fsdp2 {losses['fsdp2']:.6f}")
 

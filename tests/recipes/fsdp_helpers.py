@@ -52,8 +52,11 @@ def scripted_rl(cfg: Any) -> Any:
     """``rlhfkit rl`` with :class:`ScriptedGenerator` as the sampler."""
     from rlhfkit.recipes.policy_gradient import loop
 
-    loop.HFGenerator = ScriptedGenerator
-    return loop.main(cfg)
+    original, loop.HFGenerator = loop.HFGenerator, ScriptedGenerator
+    try:
+        return loop.main(cfg)
+    finally:
+        loop.HFGenerator = original
 
 
 def shard_sizes(cfg: Any) -> None:

@@ -95,7 +95,8 @@ def _rank_main(rank: int, port: int, main: Callable[[Any], Any], cfg: Any) -> No
     try:
         main(cfg)
     finally:
-        torch.distributed.destroy_process_group()
+        if torch.distributed.is_initialized():  # a pipeline's stages may run in child processes
+            torch.distributed.destroy_process_group()
 
 
 def run_two_ranks(main: Callable[[Any], Any], cfg: Any) -> None:

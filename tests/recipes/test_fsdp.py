@@ -213,3 +213,27 @@ def test_sampling_recipes_sample_the_same_under_fsdp2(tiny_model_dir, pg_task, t
     run_two_ranks(dpo_online.main, online("dpo-fsdp", "fsdp2"))
     n = len(records(tmp_path / "dpo-rep", ("train/",)))
     assert_same_run(tmp_path / "dpo-rep", tmp_path / "dpo-fsdp", ("train/", "online/"), n)
+
+
+def test_pipeline_on_two_ranks(tiny_model_dir, tmp_path):
+    """The pipeline under 2 fsdp2 ranks, each model-loading stage in its own process: rank 0
+    alone samples, labels and evaluates, both ranks train; SFT and the reward model come out as
+    in one process (the RL stage samples per rank, so its weights differ by design)."""
+    from dataclasses import replace
+
+    from test_pipeline import _cfg
+
+    from rlhfkit.pipeline import run as pipeline
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    pipeline.main(_cfg(tiny_model_dir, one))
+    cfg = _cfg(tiny_model_dir, two, isolate_stages=True)
+    run_two_ranks(pipeline.main, replace(cfg, model=replace(cfg.model, parallel="fsdp2")))
+    for output in ("candidates.jsonl", "pairs.jsonl", "policy/final", "eval.json", "report.html"):
+        assert (two / output).exists(), output
+    assert (one / "pairs.jsonl").read_text() == (two / "pairs.jsonl").read_text()
+    for stage in ("sft", "rm"):
+        a = load_file(str(one / stage / "final" / "model.safetensors"))
+        b = load_file(str(two / stage / "final" / "model.safetensors"))
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=0)

@@ -37,6 +37,7 @@ import hashlib
 import json
 import logging
 import multiprocessing
+import os
 import random
 import shutil
 import time
@@ -334,14 +335,17 @@ class Stage:
     checkpoints: str | None = None
     loads_models: bool = True
     """The stage loads models (run in its own process with ``isolate_stages``)."""
+    trains: bool = False
+    """Every rank of a torchrun job runs the stage together (a training recipe); the other
+    stages run on rank 0 while the other ranks wait for their output."""
 
 
 STAGES = [
-    Stage("sft", "sft/final", run_sft, "sft/checkpoints"),
+    Stage("sft", "sft/final", run_sft, "sft/checkpoints", trains=True),
     Stage("candidates", "candidates.jsonl", run_candidates),
     Stage("labels", "pairs.jsonl", run_labels, loads_models=False),
-    Stage("rm", "rm/final", run_rm, "rm/checkpoints"),
-    Stage("optimise", "policy/final", run_optimise, "policy/checkpoints"),
+    Stage("rm", "rm/final", run_rm, "rm/checkpoints", trains=True),
+    Stage("optimise", "policy/final", run_optimise, "policy/checkpoints", trains=True),
     Stage("eval", "eval.json", lambda cfg, run: evaluate_stage(cfg, run, GOLD)),
     Stage("report", "report.html", lambda cfg, run: run_report(cfg, run), loads_models=False),
 ]
@@ -353,6 +357,10 @@ def run_report(cfg: PipelineConfig, run: Path) -> None:
     from rlhfkit.eval.report import render_report
 
     render_report(report_data(cfg, run, GOLD, _stages(run)), run / "report.html")
+
+
+WAITING = "waiting for labels"
+"""The status of a stage that stopped to wait for human labels (``stages.json``)."""
 
 
 def _stages(run: Path) -> dict[str, Any]:
@@ -424,6 +432,19 @@ def _stage_in_child(name: str, cfg: PipelineConfig, run: Path) -> bool | None:
     return next(s for s in STAGES if s.name == name).run(cfg, run)
 
 
+def _wait_for(stage: Stage, run: Path, poll: float = 1.0) -> bool:
+    """On a rank other than 0: wait until rank 0 has run ``stage``.
+
+    Returns:
+        True when its output exists; False when rank 0 stopped to wait for human labels.
+    """
+    while not (run / stage.output).exists():
+        if _stages(run).get(stage.name, {}).get("status") == WAITING:
+            return False
+        time.sleep(poll)
+    return True
+
+
 def _run_stage(stage: Stage, cfg: PipelineConfig, run: Path) -> bool | None:
     """Run a stage, in a fresh process when it loads models and ``cfg.isolate_stages`` is set.
 
@@ -450,17 +471,19 @@ def main(cfg: PipelineConfig) -> Path:
     if not (run / "report.html").exists():
         require_extra("plot", "the pipeline's report (report.html)")
     run.mkdir(parents=True, exist_ok=True)
+    if launch_rank() != 0:  # under torchrun: take part in the training stages only
+        return _follow(cfg, run)
     status = _stages(run)
     for k, stage in enumerate(STAGES, 1):
         if (run / stage.output).exists():
-            status.setdefault(stage.name, {"status": "done", "seconds": 0.0})
-            if status[stage.name]["status"] == "done":
-                status[stage.name] = {**status[stage.name], "status": "skipped"}
+            seconds = status.get(stage.name, {}).get("seconds", 0.0)
+            status[stage.name] = {"status": "skipped", "seconds": seconds}
             console.print(f"[{k}/{len(STAGES)}] {stage.name}: done, skipped")
             continue
         console.rule(f"[{k}/{len(STAGES)}] {stage.name}")
         start = time.perf_counter()
         if _run_stage(stage, cfg, run) is False:  # waiting for human labels
+            status[stage.name] = {"status": WAITING}
             atomic_write_text(run / "stages.json", json.dumps(status, indent=2))
             return run
         status[stage.name] = {"status": "done", "seconds": time.perf_counter() - start}
@@ -469,4 +492,26 @@ def main(cfg: PipelineConfig) -> Path:
             shutil.rmtree(run / stage.checkpoints, ignore_errors=True)
     atomic_write_text(run / "stages.json", json.dumps(status, indent=2))
     print_summary(run)
+    return run
+
+
+def launch_rank() -> int:
+    """This process's rank in a torchrun job (0 outside one), read before any process group."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def _follow(cfg: PipelineConfig, run: Path) -> Path:
+    """A rank other than 0: run the training stages with rank 0, wait out the others.
+
+    Rank 0 alone samples, labels, evaluates, reports and keeps ``stages.json``, so every rank
+    trains on the same files.
+    """
+    for stage in STAGES:
+        if (run / stage.output).exists():
+            continue
+        if not stage.trains:
+            if not _wait_for(stage, run):
+                return run
+            continue
+        _run_stage(stage, cfg, run)
     return run
