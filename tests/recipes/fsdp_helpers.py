@@ -76,9 +76,8 @@ class Crash(RuntimeError):
     """Stands for a killed run in the resume tests."""
 
 
-def sft_until(cfg: Any, step: int) -> None:
-    """``rlhfkit sft`` that dies right after writing the checkpoint of ``step``."""
-    from rlhfkit.recipes import sft
+def main_until(main: Any, cfg: Any, step: int) -> None:
+    """``main(cfg)`` that dies right after writing the checkpoint of ``step``."""
     from rlhfkit.training.context import RunContext
 
     original = RunContext.save
@@ -91,6 +90,13 @@ def sft_until(cfg: Any, step: int) -> None:
 
     RunContext.save = save
     try:
-        sft.main(cfg)
+        main(cfg)
     finally:
         RunContext.save = original
+
+
+def sft_until(cfg: Any, step: int) -> None:
+    """``rlhfkit sft`` that dies right after writing the checkpoint of ``step``."""
+    from rlhfkit.recipes import sft
+
+    main_until(sft.main, cfg, step)

@@ -12,7 +12,7 @@ from functools import partial
 
 import pytest
 import torch
-from fsdp_helpers import Crash, scripted_rl, sft_until, shard_sizes
+from fsdp_helpers import Crash, main_until, scripted_rl, sft_until, shard_sizes
 from recipe_helpers import (
     assert_same_run,
     pg_config,
@@ -64,10 +64,36 @@ def sft_config(model_dir, chat_data, run_dir, parallel: str, **loop) -> sft.SFTC
     )
 
 
-def test_sft(tiny_model_dir, chat_data, tmp_path):
-    sft.main(sft_config(tiny_model_dir, chat_data, tmp_path / "one", "replicate"))
-    run_two_ranks(sft.main, sft_config(tiny_model_dir, chat_data, tmp_path / "two", "fsdp2"))
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_sft(tiny_model_dir, chat_data, tmp_path, lora):
+    def cfg(run, parallel):
+        c = sft_config(tiny_model_dir, chat_data, tmp_path / run, parallel)
+        c.model.lora, c.model.lora_r = lora, 4
+        return c
+
+    sft.main(cfg("one", "replicate"))
+    run_two_ranks(sft.main, cfg("two", "fsdp2"))
     assert_same_run(tmp_path / "one", tmp_path / "two", ("train/", "eval/"), n_records=5)
+    if lora:  # the adapter is saved beside the merged model
+        assert (tmp_path / "two" / "final" / "adapter" / "adapter_config.json").exists()
+
+
+def test_bf16_compute_with_fp32_reduction(tiny_model_dir, chat_data, tmp_path):
+    """bf16 gathered weights and fp32 gradient reduction: the losses follow the replicated
+    bf16 run to bf16 rounding (the two round in different places, so not to 1e-5)."""
+
+    def cfg(run, parallel):
+        c = sft_config(tiny_model_dir, chat_data, tmp_path / run, parallel)
+        c.model.precision = "bf16"
+        return c
+
+    run_two_ranks(sft.main, cfg("rep", "replicate"))
+    run_two_ranks(sft.main, cfg("fsdp", "fsdp2"))
+    a = [r for r in records(tmp_path / "rep", ("train/loss",)) if r]
+    b = [r for r in records(tmp_path / "fsdp", ("train/loss",)) if r]
+    assert len(a) == len(b) == 3
+    for ra, rb in zip(a, b, strict=True):
+        assert rb["train/loss"] == pytest.approx(ra["train/loss"], rel=2e-3)
 
 
 def test_each_rank_stores_half_of_the_parameters(tiny_model_dir, chat_data, tmp_path):
@@ -237,3 +263,28 @@ def test_pipeline_on_two_ranks(tiny_model_dir, tmp_path):
         b = load_file(str(two / stage / "final" / "model.safetensors"))
         for name in a:
             torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=0)
+
+
+def test_ppo_resumes_policy_critic_and_kl_controller(tiny_model_dir, pg_task, tmp_path):
+    """PPO with a critic and the adaptive KL controller under fsdp2: killed after a checkpoint
+    and resumed, it ends with the policy, the value model and the KL coefficient of an
+    uninterrupted run."""
+
+    def cfg(run):
+        return rl_config(tiny_model_dir, pg_task, tmp_path / run, "fsdp2", "ppo",
+                         loop__max_steps=4, loop__save_every=2, algo__kl_coef=0.05,
+                         algo__kl_target=0.01)  # fmt: skip
+
+    run_two_ranks(scripted_rl, cfg("straight"))
+    with pytest.raises(Exception, match=r"killed"):
+        run_two_ranks(partial(main_until, scripted_rl, step=2), cfg("cut"))
+    run_two_ranks(scripted_rl, cfg("cut"))
+    prefixes = ("train/", "critic/")
+    assert_same_run(tmp_path / "straight", tmp_path / "cut", prefixes, n_records=4)
+    for name in ("final", "critic"):
+        a = load_file(str(tmp_path / "straight" / name / "model.safetensors"))
+        b = load_file(str(tmp_path / "cut" / name / "model.safetensors"))
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
+    kl = [r["train/kl_coef"] for r in records(tmp_path / "cut", ("train/kl_coef",)) if r]
+    assert len(set(kl)) > 1  # the controller moved the coefficient, and resumed it

@@ -72,6 +72,7 @@ from rlhfkit.recipes.dpo_eval import gold_comparison, heldout_metrics
 from rlhfkit.rewards import load_reward_fn, score_completions
 from rlhfkit.rollout.hf import SamplingConfig
 from rlhfkit.rollout.sampler import chat_generator
+from rlhfkit.training.distributed import gather_objects
 from rlhfkit.training.reference import cached_reference, compute_reference
 from rlhfkit.training.run import RunContext, build_run, finish_run
 from rlhfkit.validation import reward_problem
@@ -188,6 +189,29 @@ def best_vs_worst(
     )
 
 
+def _sample_share(
+    ctx: RunContext, reward: Any, chosen: list[dict[str, Any]], sampling: SamplingConfig
+) -> tuple[list[list[str]], list[list[float | None]]]:
+    """Completions and rewards of every prompt of the round, each rank sampling its share.
+
+    Every rank gets the whole round back, in prompt order, so that all ranks build the same
+    pairs (and train on their share of them).
+    """
+    mine = ctx.dist.shard(list(range(len(chosen))))
+    rows = [PromptRow(render_prompt(ctx.tokenizer, chosen[i]["prompt"]), chosen[i]) for i in mine]
+    generator = chat_generator(ctx.model, ctx.tokenizer)
+    samples = sample_grid(generator, ctx.tokenizer, rows, sampling).texts if rows else []
+    flat = [c for completions in samples for c in completions]
+    fields = [chosen[i] for i, completions in zip(mine, samples, strict=True) for _ in completions]
+    flat_scores = score_completions(reward, flat, fields) if flat else []
+    local, offset = [], 0
+    for i, completions in zip(mine, samples, strict=True):
+        local.append((i, completions, flat_scores[offset : offset + len(completions)]))
+        offset += len(completions)
+    everything = sorted(x for part in gather_objects(local) for x in part)
+    return [c for _, c, _ in everything], [v for _, _, v in everything]
+
+
 def sample_round(
     ctx: RunContext, cfg: OnlineDPOConfig, reward: Any, prompts: list[dict[str, Any]], k: int
 ) -> tuple[list[TokenizedGroup], dict[str, float], list[dict[str, Any]]]:
@@ -201,16 +225,11 @@ def sample_round(
         num_samples=on.num_samples,
         seed=cfg.loop.seed * 1_000_003 + k * on.prompts_per_round,  # + the prompt's index
     )
-    rows = [PromptRow(render_prompt(ctx.tokenizer, p["prompt"]), p) for p in chosen]
-    generator = chat_generator(ctx.model, ctx.tokenizer)
-    samples = sample_grid(generator, ctx.tokenizer, rows, sampling).texts
+    samples, scored = _sample_share(ctx, reward, chosen, sampling)
+    flat_scores = [v for scores in scored for v in scores]
     flat = [c for completions in samples for c in completions]
-    fields = [p for p, completions in zip(chosen, samples, strict=True) for _ in completions]
-    flat_scores = score_completions(reward, flat, fields)
-    groups, records, offset = [], [], 0
-    for p, completions in zip(chosen, samples, strict=True):
-        scores = flat_scores[offset : offset + len(completions)]
-        offset += len(completions)
+    groups, records = [], []
+    for p, completions, scores in zip(chosen, samples, scored, strict=True):
         group = best_vs_worst(p, completions, scores, on.min_gap)
         if group is not None:
             groups.append(group)

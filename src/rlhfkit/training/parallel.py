@@ -83,9 +83,12 @@ class Placement:
         Sharded: the fp32 shards are the master weights; FSDP2 casts gathered layers to the
         compute dtype and reduces gradients in fp32.
         """
-        model.to(self.dist.device).train()
+        model.train()
         if not self.sharded:
+            model.to(self.dist.device)
             return MasterWeights(model, self.precision.compute)
+        # FSDP2 moves each unit to the device as it shards it: a GPU never holds the whole
+        # fp32 model, only one unit at a time before its shards are cut
         compute = self.precision.compute
         shard_model(
             model, param_dtype=None if compute == torch.float32 else compute,
@@ -95,10 +98,14 @@ class Placement:
         return MasterWeights(model, torch.float32)
 
     def frozen(self, model: nn.Module) -> nn.Module:
-        """Place a frozen model (in eval mode, compute dtype), sharded if so configured."""
-        model.to(self.dist.device, self.precision.compute).eval()
-        model.requires_grad_(False)
-        if self.sharded and self.shard_frozen:
+        """Place a frozen model (loaded in the compute dtype) in eval mode, sharded if so set.
+
+        Its buffers keep the dtype loading gave them (RoPE's stay fp32).
+        """
+        model.eval().requires_grad_(False)
+        if not (self.sharded and self.shard_frozen):
+            model.to(self.dist.device)
+        else:
             shard_model(
                 model, reduce_dtype=None, reshard_after_forward=self.reshard_after_forward,
                 offload=self.offloading,
