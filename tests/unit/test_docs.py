@@ -129,7 +129,9 @@ def _mentions(page: Path) -> list[tuple[int, str, tuple[str, ...]]]:
         context = heading_commands or page_commands
         if in_code:
             named = _named_commands(line)
-            spans = [(line, tuple(named[:1]) or context)]
+            launcher = COMMAND.search(line) if named else None  # torchrun's own options first
+            text = line[launcher.start() :] if launcher else line
+            spans = [(text, tuple(named[:1]) or context)]
         else:
             spans = [
                 (m.group(2), tuple(_named_commands(m.group(2))[:1]) or context)
