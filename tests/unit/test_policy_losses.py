@@ -12,6 +12,7 @@ from rlhfkit.losses.policy import (
     OBJECTIVES,
     ObjectiveParams,
     policy_loss,
+    sampler_mismatch,
     tis_weights,
     value_loss,
 )
@@ -194,6 +195,48 @@ def test_tis_weights():
     assert tis_weights(
         learner_logprobs=torch.tensor([math.log(3)]), sampler_logprobs=torch.zeros(1), cap=math.inf
     ).item() == pytest.approx(3.0)
+
+
+def test_tis_modes_closed_form():
+    # rho = [1, 3, 0.5, 1.5] on row 0; row 1: rho = [4, 4] (geometric mean 4 > C = 2)
+    learner = torch.log(torch.tensor([[1.0, 3.0, 0.5, 1.5], [4.0, 4.0, 1.0, 1.0]]))
+    sampler = torch.zeros(2, 4)
+    mask = torch.tensor([[True, True, True, True], [True, True, False, False]])
+
+    def w(mode):
+        return tis_weights(learner_logprobs=learner, sampler_logprobs=sampler, cap=2.0,
+                           mode=mode, mask=mask).flatten().tolist()  # fmt: skip
+
+    assert w("token_truncate") == pytest.approx([1.0, 2.0, 0.5, 1.5, 2.0, 2.0, 1.0, 1.0])
+    assert w("token_mask") == pytest.approx([1.0, 0.0, 0.5, 1.5, 0.0, 0.0, 1.0, 1.0])
+    # row 0: geometric mean (1 * 3 * 0.5 * 1.5)^(1/4) = 2.25^(1/4) = 1.22 in [0.5, 2]: kept;
+    # row 1: (4 * 4)^(1/2) = 4 over its two masked tokens: the row is dropped
+    assert w("sequence_mask") == pytest.approx([1.0, 3.0, 0.5, 1.5, 0.0, 0.0, 0.0, 0.0])
+    # a row far below 1/C is dropped too
+    low = torch.log(torch.tensor([[0.1, 0.2]]))
+    low = tis_weights(
+        learner_logprobs=low, sampler_logprobs=torch.zeros(1, 2), cap=2.0, mode="sequence_mask"
+    )
+    assert low.tolist() == [[0.0, 0.0]]
+
+
+@pytest.mark.parametrize("mode", ["token_truncate", "token_mask", "sequence_mask"])
+def test_tis_weight_is_one_when_sampler_and_learner_agree(mode):
+    lp = -torch.rand(3, 5) * 4
+    w = tis_weights(learner_logprobs=lp, sampler_logprobs=lp.clone(), cap=2.0, mode=mode)
+    assert torch.equal(w, torch.ones_like(w))
+
+
+def test_sampler_mismatch_sums():
+    learner = torch.log(torch.tensor([[0.5, 0.25, 1.0]]))
+    sampler = torch.log(torch.tensor([[0.25, 0.25, 0.5]]))
+    mask = torch.tensor([[True, True, False]])
+    out = sampler_mismatch(learner_logprobs=learner, sampler_logprobs=sampler, mask=mask)
+    # r = [2, 1]: |log r| = [ln 2, 0]; k3 = r - 1 - ln r = [1 - ln 2, 0]
+    assert out["sampler_gap"] == pytest.approx(math.log(2))
+    assert out["sampler_kl"] == pytest.approx(1 - math.log(2))
+    same = sampler_mismatch(learner_logprobs=learner, sampler_logprobs=learner, mask=mask)
+    assert same == {"sampler_gap": 0.0, "sampler_kl": 0.0}
 
 
 def test_uncapped_tis_is_unbiased_on_a_categorical():

@@ -181,19 +181,85 @@ OBJECTIVES: dict[str, Objective] = {
 """The objectives by name (``--algo.objective``; the method reference lists each formula)."""
 
 
-def tis_weights(
-    *, learner_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, cap: float = 2.0
-) -> torch.Tensor:
-    """Truncated importance weights w = min(exp(clamp(lp_learner - lp_sampler, -10, 10)), C).
+def _token_truncate(ratio: Tensor, mask: Tensor, cap: float) -> Tensor:
+    """w_t = min(rho_t, C)."""
+    return ratio.clamp(max=cap)
 
-    Detached, per token, one-sided (truncated IS of Espeholt et al. 2018, as in the off-policy
-    correction of Yao et al. 2025); ``cap=inf`` is plain IS.
+
+def _token_mask(ratio: Tensor, mask: Tensor, cap: float) -> Tensor:
+    """w_t = rho_t if rho_t <= C else 0 (the token is left out)."""
+    return torch.where(ratio <= cap, ratio, torch.zeros_like(ratio))
+
+
+def _sequence_mask(ratio: Tensor, mask: Tensor, cap: float) -> Tensor:
+    """w_t = rho_t if the sequence's geometric-mean ratio is in [1/C, C], else 0 for the row.
+
+    The sequence ratio is exp(mean over the row's tokens of log rho_t), so the test does not
+    grow with the length.
+    """
+    log_ratio = torch.where(mask, ratio.log(), torch.zeros_like(ratio))
+    tokens = mask.sum(-1, keepdim=True).clamp(min=1)
+    seq = torch.exp(log_ratio.sum(-1, keepdim=True) / tokens)  # (B, 1)
+    keep = (seq <= cap) & (seq >= 1.0 / cap)
+    return torch.where(keep, ratio, torch.zeros_like(ratio))
+
+
+TIS_MODES: dict[str, Callable[[Tensor, Tensor, float], Tensor]] = {
+    "token_truncate": _token_truncate,
+    "token_mask": _token_mask,
+    "sequence_mask": _sequence_mask,
+}
+"""Importance-weight corrections of the sampler/learner mismatch (``--algo.tis-mode``)."""
+
+
+def tis_weights(
+    *,
+    learner_logprobs: torch.Tensor,
+    sampler_logprobs: torch.Tensor,
+    cap: float = 2.0,
+    mode: str = "token_truncate",
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Importance weights of the learner against the sampler, rho_t = pi_learner / pi_sampler.
+
+    rho_t = exp(clamp(lp_learner - lp_sampler, -10, 10)), detached. ``mode`` picks the
+    correction (:data:`TIS_MODES`):
+
+    - ``token_truncate``: w_t = min(rho_t, C), truncated IS (Espeholt et al. 2018; the
+      off-policy correction of Yao et al. 2025); ``cap=inf`` is plain IS;
+    - ``token_mask``: w_t = rho_t where rho_t <= C, else 0 (masked IS: a token the sampler
+      drew far more often than the learner would is dropped, not down-weighted);
+    - ``sequence_mask``: w_t = rho_t, and 0 on every token of a row whose geometric-mean ratio
+      exp(mean_t log rho_t) lies outside [1/C, C].
+
+    When the sampler's and the learner's log-probs agree, every mode gives w = 1.
 
     Shapes:
-        (B, T) -> (B, T).
+        (B, T) -> (B, T); ``mask`` (B, T) marks the tokens of each row (all when None).
+    """
+    if mode not in TIS_MODES:
+        raise ValueError(f"unknown TIS mode {mode!r}; choose from {sorted(TIS_MODES)}")
+    delta = (learner_logprobs - sampler_logprobs).detach().clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    mask = torch.ones_like(delta, dtype=torch.bool) if mask is None else mask.bool()
+    return TIS_MODES[mode](torch.exp(delta), mask, cap)
+
+
+def sampler_mismatch(
+    *, learner_logprobs: Tensor, sampler_logprobs: Tensor, mask: Tensor
+) -> dict[str, float]:
+    """Sums over masked tokens measuring how far the sampler is from the learner.
+
+    ``sampler_gap``: |lp_learner - lp_sampler|; ``sampler_kl``: the k3 estimate of
+    KL(pi_sampler || pi_learner) on the sampler's own tokens, r - 1 - log r with
+    r = pi_learner / pi_sampler (unbiased, >= 0 per token, exactly 0 when they agree).
+
+    Shapes:
+        (B, T) each; returns float sums (divide by the token count).
     """
     delta = (learner_logprobs - sampler_logprobs).detach().clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-    return torch.exp(delta).clamp(max=cap)
+    delta = torch.where(mask, delta, torch.zeros_like(delta))
+    k3 = torch.expm1(delta) - delta
+    return {"sampler_gap": float(delta.abs()[mask].sum()), "sampler_kl": float(k3[mask].sum())}
 
 
 def policy_loss(

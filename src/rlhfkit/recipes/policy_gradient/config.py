@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field, replace
+from typing import Literal
 
 from rlhfkit.config import LogConfig, LoopConfig, ModelConfig, OptimConfig, Problems
 from rlhfkit.data.schemas import SCHEMAS
@@ -93,7 +94,11 @@ class PGAlgoConfig:
     kl_horizon: int = 10_000
     """Adaptive KL controller: horizon in samples."""
     tis_cap: float = 2.0
-    """Truncated importance sampling cap C against the sampler's log-probs (inf: plain IS)."""
+    """Importance-weight threshold C against the sampler's log-probs (inf: plain IS)."""
+    tis_mode: Literal["token_truncate", "token_mask", "sequence_mask"] = "token_truncate"
+    """Sampler/learner mismatch correction: 'token_truncate' w = min(rho, C); 'token_mask' drops
+    tokens with rho > C; 'sequence_mask' drops rows whose geometric-mean rho is outside
+    [1/C, C]."""
     truncation_penalty: float | None = None
     """Reward of a completion cut at max_new_tokens, given without calling the rewards (None:
     score it like the others)."""

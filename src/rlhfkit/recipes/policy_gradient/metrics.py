@@ -84,6 +84,9 @@ def step_metrics(stats: StepStats, batch: RolloutBatch) -> dict[str, float]:
         "train/approx_kl": sums.get("approx_kl", 0.0) / tokens,
         "train/ratio_mean": sums.get("ratio", tokens) / tokens,
         "train/sampler_gap": sums.get("sampler_gap", 0.0) / tokens,
+        "train/sampler_kl": sums.get("sampler_kl", 0.0) / tokens,
+        "train/tis_weight": sums.get("tis_weight", tokens) / tokens,
+        "train/tis_dropped": sums.get("tis_dropped", 0.0) / tokens,
         **rollout_metrics(batch),
     }
     if "kl" in sums:

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import torch
 
-from rlhfkit.losses.policy import policy_loss, tis_weights
+from rlhfkit.losses.policy import policy_loss, sampler_mismatch, tis_weights
 from rlhfkit.models.forward import fused_head, rollout_logprobs
 from rlhfkit.ops.masking import Aggregation, normaliser_count
 from rlhfkit.recipes.policy_gradient.config import PGConfig
@@ -68,8 +68,9 @@ def policy_step_loss(run: PGRun, state: LoopState) -> StepLoss:
         logprobs, hidden = rollout_logprobs(model, b.inputs, temperature=t)
         old = b.old_logprobs if b.old_logprobs is not None else logprobs.detach()
         weights = tis_weights(
-            learner_logprobs=old, sampler_logprobs=b.sampler_logprobs, cap=run.cfg.algo.tis_cap
-        )
+            learner_logprobs=old, sampler_logprobs=b.sampler_logprobs, cap=run.cfg.algo.tis_cap,
+            mode=run.cfg.algo.tis_mode, mask=b.mask,
+        )  # fmt: skip
         kl = loss_kl(logprobs, hidden, b) if kl_in_loss else None
         out = policy_loss(
             logprobs=logprobs, old_logprobs=old, advantages=b.advantages, mask=b.mask,
@@ -80,8 +81,13 @@ def policy_step_loss(run: PGRun, state: LoopState) -> StepLoss:
         detached = logprobs.detach()
         if kl is None and b.ref_logprobs is not None:
             out.metrics["kl"] = float(torch.where(b.mask, detached - b.ref_logprobs, 0.0).sum())
-        gap = (detached - b.sampler_logprobs).abs()
-        out.metrics["sampler_gap"] = float(torch.where(b.mask, gap, 0.0).sum())
+        out.metrics.update(
+            sampler_mismatch(
+                learner_logprobs=detached, sampler_logprobs=b.sampler_logprobs, mask=b.mask
+            )
+        )
+        out.metrics["tis_weight"] = float(weights[b.mask].sum())
+        out.metrics["tis_dropped"] = float((weights == 0)[b.mask].sum())
         return out
 
     return step_loss
