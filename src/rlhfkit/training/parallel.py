@@ -102,7 +102,7 @@ class Placement:
 
         Its buffers keep the dtype loading gave them (RoPE's stay fp32).
         """
-        model.eval().requires_grad_(False)
+        model.eval()  # requires_grad left as loaded: only ever run under no_grad
         if not (self.sharded and self.shard_frozen):
             model.to(self.dist.device)
         else:

@@ -309,16 +309,34 @@ def micro_batches(
     return [RolloutMicroBatch.from_collated(b, device) for b in parts]
 
 
-def collect(run: PGRun, state: LoopState) -> RolloutBatch:
-    """Steps 1-4: sample and score the next groups, filter them, cut them into micro-batches."""
+def draw(run: PGRun, state: LoopState) -> tuple[Sampled, dict[str, float]]:
+    """Steps 1-4 on the sampling side: the next groups, scored and filtered.
+
+    With ReMax also each prompt's greedy baseline. Advances ``state.rollouts``; uses only
+    ``run.generator`` and the rewards, so an engine can draw ahead of the learner.
+    """
     sampled, stats = sample_groups(run, state)
     if "greedy" in run.preset.estimator.needs:  # ReMax: one greedy decode per prompt
         sampled.greedy = greedy_rewards(run, sampled.prompts)
+    return sampled, stats
+
+
+def assemble(run: PGRun, sampled: Sampled, stats: dict[str, float], rollouts: int) -> RolloutBatch:
+    """Cut drawn groups into minibatches of micro-batches for the learner.
+
+    ``rollouts`` is the prompt-batch counter after the draw (it seeds the minibatch split).
+    """
     flat = sampled.rewards.flatten().tolist()
     scored = [i for i, v in enumerate(flat) if not math.isnan(v)]
-    seed = run.cfg.loop.seed + state.rollouts
+    seed = run.cfg.loop.seed + rollouts
     minibatches = [
         micro_batches(run, sampled.rollout, rows, run.cfg.loop.micro_batch_tokens)
         for rows in split_minibatches(scored, run.cfg.algo.minibatches, seed)
     ]
     return RolloutBatch(minibatches, sampled, stats=stats)
+
+
+def collect(run: PGRun, state: LoopState) -> RolloutBatch:
+    """Steps 1-4: sample and score the next groups, filter them, cut them into micro-batches."""
+    sampled, stats = draw(run, state)
+    return assemble(run, sampled, stats, state.rollouts)

@@ -128,6 +128,31 @@ class PGAlgoConfig:
 
 
 @dataclass
+class EngineConfig:
+    """Where rollouts are sampled, and how far sampling may run ahead of training."""
+
+    backend: Literal["hf"] = "hf"
+    """'hf': rlhfkit's own KV-cache sampler."""
+    max_staleness: int | None = None
+    """None: synchronous (each batch is sampled by the policy of the step that trains on it).
+    k >= 0: asynchronous: an engine copy of the policy samples the next batches in the
+    background while the learner trains, and a batch trained on at optimiser step s was drawn by
+    the weights of a step >= s - k (0 reproduces the synchronous run). One process only."""
+    sync_every: int = 1
+    """Asynchronous: copy the learner's weights into the engine after every N optimiser steps
+    (sooner when the staleness bound needs fresher weights)."""
+
+    def problems(self) -> Problems:
+        """Negative staleness, a sync interval below 1."""
+        out = []
+        if self.max_staleness is not None and self.max_staleness < 0:
+            out.append(("max_staleness", f"must be >= 0 (or unset), got {self.max_staleness}"))
+        if self.sync_every < 1:
+            out.append(("sync_every", f"must be at least 1, got {self.sync_every}"))
+        return out
+
+
+@dataclass
 class CriticConfig:
     """PPO's value model (used only by presets with a critic)."""
 
@@ -158,6 +183,7 @@ class PGConfig:
     data: PGDataConfig = field(default_factory=PGDataConfig)
     algo: PGAlgoConfig = field(default_factory=PGAlgoConfig)
     critic: CriticConfig = field(default_factory=CriticConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
     sampling: SamplingConfig = field(
         default_factory=lambda: SamplingConfig(max_new_tokens=64, temperature=1.0, num_samples=8)
     )

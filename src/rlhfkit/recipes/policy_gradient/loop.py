@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,8 @@ from rlhfkit.errors import ConfigError
 from rlhfkit.models.heads import supports_prefix_trees
 from rlhfkit.ops.kl import adaptive_kl_coef
 from rlhfkit.recipes.policy_gradient.advantages import assign_advantages, attach_logprobs
-from rlhfkit.recipes.policy_gradient.collect import collect, load_prompts
+from rlhfkit.recipes.policy_gradient.asynchronous import RolloutProducer
+from rlhfkit.recipes.policy_gradient.collect import assemble, collect, load_prompts
 from rlhfkit.recipes.policy_gradient.config import (
     PGConfig,
     group_size_problem,
@@ -27,6 +29,7 @@ from rlhfkit.recipes.policy_gradient.presets import PGPreset
 from rlhfkit.recipes.policy_gradient.state import LoopState, PGRun, RolloutBatch, StepLoss
 from rlhfkit.recipes.policy_gradient.update import aggregation, optimise, policy_step_loss
 from rlhfkit.rewards import load_reward_fn
+from rlhfkit.rollout.engine import LocalEngine
 from rlhfkit.rollout.sampler import HFGenerator
 from rlhfkit.training.accumulate import StepStats
 from rlhfkit.training.run import RunContext, build_run, finish_run
@@ -52,7 +55,12 @@ class StepResult:
 
 
 def step(
-    run: PGRun, state: LoopState, loss: StepLoss, critic: Critic | None, max_steps: int
+    run: PGRun,
+    state: LoopState,
+    loss: StepLoss,
+    critic: Critic | None,
+    max_steps: int,
+    producer: RolloutProducer | None = None,
 ) -> StepResult:
     """One policy-gradient step on the next prompts (GRPO, PPO and every other preset).
 
@@ -62,10 +70,11 @@ def step(
         loss: The micro-batch loss (the policy loss, plus the value loss with a critic).
         critic: PPO's value model, or None.
         max_steps: Most optimiser steps to take on this batch.
+        producer: Asynchronous RL: the engine's batches drawn ahead (None: sample now).
     """
     with run.ctx.gathered():  # each rank samples and scores its share of the prompts
         # 1-4. the next prompts, G completions each, their rewards; DAPO drops flat groups
-        batch = collect(run, state)
+        batch = collect(run, state) if producer is None else from_engine(run, state, producer)
         # 5. log pi_old and log pi_ref, the critic's V_old, the KL in the reward, the advantages
         attach_logprobs(run, batch)
         if critic is not None:
@@ -75,6 +84,8 @@ def step(
     kl_coef = state.current_kl_coef(run.preset)
     steps = min(run.steps_per_batch, max_steps)
     stats = optimise(run, batch, steps, loss, backward_hook(run, critic))
+    if producer is not None:  # the engine may draw on (and gets new weights when due)
+        producer.finished(run.ctx.step)
     # the adaptive controller sets the coefficient of the next batch from this batch's KL
     target = run.cfg.algo.kl_target
     if stats is not None and target is not None and "rollout/kl_seq" in batch.stats:
@@ -83,6 +94,35 @@ def step(
             horizon=run.cfg.algo.kl_horizon,
         )  # fmt: skip
     return StepResult(batch, stats, kl_coef)
+
+
+def from_engine(run: PGRun, state: LoopState, producer: RolloutProducer) -> RolloutBatch:
+    """The next batch the engine drew, cut for the learner, with its staleness logged."""
+    drawn = producer.next(run.ctx.step)
+    state.rollouts = drawn.rollouts
+    batch = assemble(run, drawn.sampled, drawn.stats, drawn.rollouts)
+    batch.stats["async/version"] = float(drawn.version)
+    batch.stats["async/staleness"] = float(run.ctx.step - drawn.version)
+    return batch
+
+
+@contextlib.contextmanager
+def rollout_source(run: PGRun, state: LoopState) -> Iterator[RolloutProducer | None]:
+    """Asynchronous RL's producer on an engine copy of the policy (None when synchronous)."""
+    engine_cfg, ctx = run.cfg.engine, run.ctx
+    if engine_cfg.max_staleness is None:
+        yield None
+        return
+    engine = LocalEngine(
+        ctx.model, pad_id=ctx.pad_id, eos_ids=[ctx.tokenizer.eos_token_id],
+        tokenizer=ctx.tokenizer, version=ctx.step,
+    )  # fmt: skip
+    producer = RolloutProducer(
+        run, engine, state, max_staleness=engine_cfg.max_staleness,
+        steps_per_batch=run.steps_per_batch, sync_every=engine_cfg.sync_every,
+    )  # fmt: skip
+    with producer:
+        yield producer
 
 
 def backward_hook(run: PGRun, critic: Critic | None) -> Callable[[], None]:
@@ -106,6 +146,11 @@ def main(cfg: PGConfig) -> Path:
     preset = resolve_preset(cfg.algo)
     if preset.min_group_size > cfg.sampling.num_samples:
         raise ConfigError(f"--sampling.num-samples: {group_size_problem(cfg.algo.preset, preset)}")
+    if cfg.engine.max_staleness is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError(
+            "--engine.max-staleness: asynchronous rollouts run in one process; under torchrun "
+            "leave it unset (synchronous)"
+        )
     ctx = build_run(
         cfg.model, cfg.log, cfg.loop.seed, to_dict(cfg), resume=cfg.loop.resume,
         batch_size=cfg.loop.batch_size,
@@ -130,10 +175,10 @@ def main(cfg: PGConfig) -> Path:
 def train(run: PGRun, state: LoopState, loss: StepLoss, critic: Critic | None, total: int) -> None:
     """Steps until ``total`` optimiser steps: log, write samples and checkpoint as configured."""
     ctx, cfg = run.ctx, run.cfg
-    with ctx.progress(total) as bar:
+    with ctx.progress(total) as bar, rollout_source(run, state) as producer:
         while ctx.step < total:
             before = ctx.step
-            result = step(run, state, loss, critic, total - ctx.step)
+            result = step(run, state, loss, critic, total - ctx.step, producer)
             ctx.resume_state[LOOP_STATE] = state.to_dict()
             if result.stats is None:
                 continue
