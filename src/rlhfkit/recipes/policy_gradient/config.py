@@ -131,8 +131,9 @@ class PGAlgoConfig:
 class EngineConfig:
     """Where rollouts are sampled, and how far sampling may run ahead of training."""
 
-    backend: Literal["hf"] = "hf"
-    """'hf': rlhfkit's own KV-cache sampler."""
+    backend: Literal["hf", "vllm"] = "hf"
+    """'hf': rlhfkit's own KV-cache sampler. 'vllm': a vLLM server (its own environment, built
+    by `make vllm`), synced with the learner's weights (synchronous unless max_staleness > 0)."""
     max_staleness: int | None = None
     """None: synchronous (each batch is sampled by the policy of the step that trains on it).
     k >= 0: asynchronous: an engine copy of the policy samples the next batches in the
@@ -141,6 +142,17 @@ class EngineConfig:
     sync_every: int = 1
     """Asynchronous: copy the learner's weights into the engine after every N optimiser steps
     (sooner when the staleness bound needs fresher weights)."""
+    vllm_url: str | None = None
+    """vllm: attach to this running server (started with rlhfkit's worker extension) instead of
+    starting one."""
+    vllm_python: str | None = None
+    """vllm: the Python of the engine's environment (default: .venv-vllm, or
+    $RLHFKIT_VLLM_PYTHON)."""
+    vllm_memory: float = 0.1
+    """vllm: share of memory the engine reserves for its KV cache (its
+    --gpu-memory-utilization; on the CPU build a share of RAM)."""
+    vllm_max_model_len: int = 2048
+    """vllm: longest prompt plus completion the engine accepts."""
 
     def problems(self) -> Problems:
         """Negative staleness, a sync interval below 1."""
@@ -149,6 +161,8 @@ class EngineConfig:
             out.append(("max_staleness", f"must be >= 0 (or unset), got {self.max_staleness}"))
         if self.sync_every < 1:
             out.append(("sync_every", f"must be at least 1, got {self.sync_every}"))
+        if not 0.0 < self.vllm_memory <= 1.0:
+            out.append(("vllm_memory", f"must be in (0, 1], got {self.vllm_memory}"))
         return out
 
 

@@ -13,6 +13,7 @@ import torch
 from rlhfkit.config import to_dict
 from rlhfkit.errors import ConfigError
 from rlhfkit.models.heads import supports_prefix_trees
+from rlhfkit.models.load import resolve_model_path
 from rlhfkit.ops.kl import adaptive_kl_coef
 from rlhfkit.recipes.policy_gradient.advantages import assign_advantages, attach_logprobs
 from rlhfkit.recipes.policy_gradient.asynchronous import RolloutProducer
@@ -31,6 +32,7 @@ from rlhfkit.recipes.policy_gradient.update import aggregation, optimise, policy
 from rlhfkit.rewards import load_reward_fn
 from rlhfkit.rollout.engine import LocalEngine
 from rlhfkit.rollout.sampler import HFGenerator
+from rlhfkit.rollout.vllm import ServerSettings, VLLMEngine, VLLMServer, engine_python
 from rlhfkit.training.accumulate import StepStats
 from rlhfkit.training.run import RunContext, build_run, finish_run
 
@@ -108,21 +110,58 @@ def from_engine(run: PGRun, state: LoopState, producer: RolloutProducer) -> Roll
 
 @contextlib.contextmanager
 def rollout_source(run: PGRun, state: LoopState) -> Iterator[RolloutProducer | None]:
-    """Asynchronous RL's producer on an engine copy of the policy (None when synchronous)."""
+    """The engine's producer of batches, or None to sample on the policy itself.
+
+    ``hf`` with ``max_staleness`` unset samples on the policy (no copy); ``hf`` with a bound
+    samples on an in-process copy; ``vllm`` on a server (synchronous: staleness 0).
+    """
     engine_cfg, ctx = run.cfg.engine, run.ctx
-    if engine_cfg.max_staleness is None:
+    if engine_cfg.backend == "hf" and engine_cfg.max_staleness is None:
         yield None
         return
-    engine = LocalEngine(
-        ctx.model, pad_id=ctx.pad_id, eos_ids=[ctx.tokenizer.eos_token_id],
-        tokenizer=ctx.tokenizer, version=ctx.step,
+    with contextlib.ExitStack() as stack:
+        eos = [ctx.tokenizer.eos_token_id]
+        if engine_cfg.backend == "vllm":
+            engine = stack.enter_context(vllm_engine(run))
+        else:
+            engine = LocalEngine(
+                ctx.model, pad_id=ctx.pad_id, eos_ids=eos, tokenizer=ctx.tokenizer,
+                version=ctx.step,
+            )  # fmt: skip
+        producer = RolloutProducer(
+            run, engine, state, max_staleness=engine_cfg.max_staleness or 0,
+            steps_per_batch=run.steps_per_batch, sync_every=engine_cfg.sync_every,
+        )  # fmt: skip
+        with producer:
+            yield producer
+
+
+@contextlib.contextmanager
+def vllm_engine(run: PGRun) -> Iterator[VLLMEngine]:
+    """A vLLM server on the run's starting model, as the rollout engine (stopped on exit).
+
+    The server loads the starting weights; a resumed run pushes its current ones first.
+    """
+    cfg, ctx = run.cfg.engine, run.ctx
+    name = resolve_model_path(ctx.source[0])
+    dtype = {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(
+        ctx.precision.compute, "float32"
+    )
+    settings = ServerSettings(
+        model=name, dtype=dtype, python=cfg.vllm_python, max_model_len=cfg.vllm_max_model_len,
+        memory_fraction=cfg.vllm_memory, seed=run.cfg.loop.seed,
     )  # fmt: skip
-    producer = RolloutProducer(
-        run, engine, state, max_staleness=engine_cfg.max_staleness,
-        steps_per_batch=run.steps_per_batch, sync_every=engine_cfg.sync_every,
-    )  # fmt: skip
-    with producer:
-        yield producer
+    server = VLLMServer(settings, url=cfg.vllm_url, log_dir=ctx.run_dir)
+    try:
+        engine = VLLMEngine(
+            server, ctx.model, eos_ids=[ctx.tokenizer.eos_token_id],
+            dtype=ctx.precision.compute, version=0,
+        )  # fmt: skip
+        if ctx.step > 0 or ctx.lora_base is not None or cfg.vllm_url:
+            engine.push(ctx.model, ctx.step)  # the server may hold other weights than these
+        yield engine
+    finally:
+        server.close()
 
 
 def backward_hook(run: PGRun, critic: Critic | None) -> Callable[[], None]:
@@ -146,11 +185,16 @@ def main(cfg: PGConfig) -> Path:
     preset = resolve_preset(cfg.algo)
     if preset.min_group_size > cfg.sampling.num_samples:
         raise ConfigError(f"--sampling.num-samples: {group_size_problem(cfg.algo.preset, preset)}")
-    if cfg.engine.max_staleness is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    engine = cfg.engine
+    if (engine.max_staleness is not None or engine.backend != "hf") and int(
+        os.environ.get("WORLD_SIZE", "1")
+    ) > 1:
         raise ConfigError(
-            "--engine.max-staleness: asynchronous rollouts run in one process; under torchrun "
-            "leave it unset (synchronous)"
+            "--engine: a separate rollout engine (vllm, or max_staleness) runs with one learner "
+            "process; under torchrun use the hf backend without max_staleness"
         )
+    if engine.backend == "vllm" and not engine.vllm_url:
+        engine_python(engine.vllm_python)  # not installed: say how, before loading anything
     ctx = build_run(
         cfg.model, cfg.log, cfg.loop.seed, to_dict(cfg), resume=cfg.loop.resume,
         batch_size=cfg.loop.batch_size,
