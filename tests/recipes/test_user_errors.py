@@ -233,3 +233,11 @@ def test_a_real_process_prints_one_line_and_debug_shows_the_traceback(tiny_model
     out = subprocess.run([*command, "--debug"], capture_output=True, text=True, env=env,
                          timeout=300)  # fmt: skip
     assert out.returncode != 0 and "Traceback" in out.stderr and "ConfigError" in out.stderr
+
+
+def test_a_missing_vllm_engine_is_named_with_its_install_command(tiny_model_dir, tmp_path, capsys):
+    data = write_rows(tmp_path / "prompts.jsonl", [prompt_row(i) for i in range(4)])
+    args = rl_args(tiny_model_dir, data, tmp_path)
+    args += ["--engine.backend", "vllm", "--engine.vllm-python", str(tmp_path / "no-python")]
+    err = run_cli(args, capsys)
+    assert "vLLM engine is not installed" in err and "make vllm" in err

@@ -51,12 +51,19 @@ class EngineError(UserError, RuntimeError):
 
 
 def default_python() -> Path | None:
-    """The engine environment's Python: ``$RLHFKIT_VLLM_PYTHON``, else ``.venv-vllm`` here."""
+    """The engine environment's Python, or None where there is none.
+
+    ``$RLHFKIT_VLLM_PYTHON``, else a complete ``.venv-vllm`` (one that ``make vllm`` finished:
+    it leaves ``.installed``) in the working directory or the checkout.
+    """
     env = os.environ.get("RLHFKIT_VLLM_PYTHON")
-    candidates = [Path(env)] if env else []
-    candidates += [Path.cwd() / ".venv-vllm" / "bin" / "python"]
-    candidates += [Path(__file__).resolve().parents[3] / ".venv-vllm" / "bin" / "python"]
-    return next((p for p in candidates if p.is_file()), None)
+    if env:
+        return Path(env) if Path(env).is_file() else None
+    for root in (Path.cwd(), Path(__file__).resolve().parents[3]):
+        venv = root / ".venv-vllm"
+        if (venv / ".installed").is_file() and (venv / "bin" / "python").is_file():
+            return venv / "bin" / "python"
+    return None
 
 
 def engine_python(python: str | None) -> Path:
