@@ -2,9 +2,10 @@
 
 Part 1, sampling: the embedded SmolLM2-135M-Instruct samples 64 sequences of exactly 64 new
 tokens (16 prompts x 4 samples, T = 1, end-of-turn ignored so every side does the same work) at
-the machine's compute precision, ``--rounds`` times per side, alternating after one warm-up
-call each. Tokens/s is 64 * 64 over the wall time of one call. The vLLM server runs in its own
-environment (``make vllm``); its start-up time is reported apart.
+the machine's compute precision, ``--rounds`` times per side after one warm-up call each:
+rlhfkit's sampler and ``generate`` alternating, then the vLLM server alone (an idle vLLM
+worker still spins on a core). Tokens/s is 64 * 64 over the wall time of one call. The server
+runs in its own environment (``make vllm``); its start-up time is reported apart.
 
 Part 2, GRPO: ``rlhfkit rl`` on the arithmetic prompts with the HF backend, the vLLM backend
 (synchronous) and the vLLM backend with ``--engine.max-staleness 1`` (asynchronous), the same
@@ -66,9 +67,25 @@ def sampling_part(rounds: int) -> dict:
             )  # fmt: skip
         return int((out.shape[1] - width) * out.shape[0])
 
+    def measure(sides: dict) -> dict[str, list[float]]:
+        rates: dict[str, list[float]] = {k: [] for k in sides}
+        for call in sides.values():
+            call()  # warm-up
+        for _ in range(rounds):
+            for side, call in sides.items():
+                t = time.perf_counter()
+                tokens = call()
+                rates[side].append(tokens / (time.perf_counter() - t))
+        return rates
+
+    # The in-process samplers first, alternating, then the engine alone: on a small machine an
+    # idle vLLM worker still spins on a core, which would slow the other sides.
+    rates = measure({"rlhfkit": rlhfkit_call, "generate": generate_call})
     start = time.perf_counter()
     name = {torch.bfloat16: "bfloat16"}.get(dtype, "float32")
-    server = VLLMServer(ServerSettings(model=resolve_model_path(MODEL), dtype=name))
+    logs = Path(__file__).parent / "results"
+    logs.mkdir(exist_ok=True)
+    server = VLLMServer(ServerSettings(model=resolve_model_path(MODEL), dtype=name), log_dir=logs)
     startup = time.perf_counter() - start
     engine = VLLMGenerator(server, eos_ids=[])
 
@@ -78,16 +95,8 @@ def sampling_part(rounds: int) -> dict:
         answer = server.post("/v1/completions", body)
         return sum(len(c["logprobs"]["tokens"]) for c in answer["choices"])
 
-    sides = {"vllm": vllm_call, "rlhfkit": rlhfkit_call, "generate": generate_call}
-    rates: dict[str, list[float]] = {k: [] for k in sides}
     try:
-        for call in sides.values():
-            call()  # warm-up
-        for _ in range(rounds):
-            for side, call in sides.items():
-                t = time.perf_counter()
-                tokens = call()
-                rates[side].append(tokens / (time.perf_counter() - t))
+        rates.update(measure({"vllm": vllm_call}))
     finally:
         server.close()
     return {"tokens_per_s": {k: statistics.median(v) for k, v in rates.items()},
