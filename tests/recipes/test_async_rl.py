@@ -52,12 +52,18 @@ def test_zero_staleness_is_the_synchronous_run(tiny_model_dir, pg_task, tmp_path
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_staleness_is_bounded_and_logged(tiny_model_dir, pg_task, tmp_path):
+def test_staleness_is_bounded_and_logged(tiny_model_dir, pg_task, tmp_path, monkeypatch):
+    from rlhfkit.recipes.policy_gradient import asynchronous
+
+    drawn = []
+    original = asynchronous.draw
+    monkeypatch.setattr(asynchronous, "draw", lambda *a: drawn.append(1) or original(*a))
     run = tmp_path / "run"
     pg.main(_cfg(tiny_model_dir, pg_task, run, "ppo", loop__max_steps=16,
                  engine__max_staleness=4, engine__sync_every=2))  # fmt: skip
     metrics = read_metrics(run)
     assert len(metrics) == 4  # 4 batches of 4 optimiser steps
+    assert len(drawn) == 4  # none drawn beyond the run's last step
     for m in metrics:
         assert 0 <= m["async/staleness"] <= 4
         assert m["async/version"] == m["step"] - 4 - m["async/staleness"]  # drawn at that step

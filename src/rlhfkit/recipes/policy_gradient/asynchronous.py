@@ -66,6 +66,8 @@ class RolloutProducer:
         max_staleness: Largest learner step minus engine version of a consumed batch.
         steps_per_batch: Optimiser steps the learner takes on a batch.
         sync_every: Push the learner's weights after this many optimiser steps.
+        total_steps: The learner's last step: a batch that would be consumed at or after it is
+            not drawn (unless skipped steps bring it back into the run).
     """
 
     def __init__(
@@ -77,10 +79,11 @@ class RolloutProducer:
         max_staleness: int,
         steps_per_batch: int,
         sync_every: int = 1,
+        total_steps: int | None = None,
     ) -> None:
         self.run = replace(run, generator=engine.generator)
         self.engine, self.k, self.per_batch = engine, max_staleness, steps_per_batch
-        self.sync_every = sync_every
+        self.sync_every, self.total = sync_every, total_steps
         self._drawing = LoopState(rollouts=state.rollouts)
         self._done_step, self._done_batches = run.ctx.step, 0
         self._stop = False
@@ -91,20 +94,27 @@ class RolloutProducer:
         self._thread = threading.Thread(target=self._produce, name="rollouts", daemon=True)
         self._thread.start()
 
+    def predicted_step(self, index: int) -> int:
+        """An upper bound of the learner's step when it takes batch ``index``."""
+        with self.engine.changed:
+            return self._done_step + (index - self._done_batches) * self.per_batch
+
     def required_version(self, index: int) -> int:
         """The oldest engine version allowed to draw batch ``index``."""
-        with self.engine.changed:
-            ahead = index - self._done_batches
-            return self._done_step + ahead * self.per_batch - self.k
+        return self.predicted_step(index) - self.k
+
+    def _may_draw(self, index: int) -> bool:
+        """Batch ``index`` is needed and the engine's weights are fresh enough for it."""
+        needed = self.total is None or self.predicted_step(index) < self.total
+        return needed and self.engine.latest >= self.required_version(index)
 
     def _produce(self) -> None:
         torch.set_num_threads(self._threads)
         try:
             index = 0
             while True:
-                need = self.required_version(index)
                 with self.engine.changed:
-                    while not self._stop and self.engine.latest < need:
+                    while not self._stop and not self._may_draw(index):
                         self.engine.changed.wait()
                     if self._stop:
                         return

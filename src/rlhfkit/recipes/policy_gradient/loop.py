@@ -110,7 +110,9 @@ def from_engine(run: PGRun, state: LoopState, producer: RolloutProducer) -> Roll
 
 
 @contextlib.contextmanager
-def rollout_source(run: PGRun, state: LoopState) -> Iterator[RolloutProducer | None]:
+def rollout_source(
+    run: PGRun, state: LoopState, total: int | None = None
+) -> Iterator[RolloutProducer | None]:
     """The engine's producer of batches, or None to sample on the policy itself.
 
     ``hf`` with ``max_staleness`` unset samples on the policy (no copy); ``hf`` with a bound
@@ -132,6 +134,7 @@ def rollout_source(run: PGRun, state: LoopState) -> Iterator[RolloutProducer | N
         producer = RolloutProducer(
             run, engine, state, max_staleness=engine_cfg.max_staleness or 0,
             steps_per_batch=run.steps_per_batch, sync_every=engine_cfg.sync_every,
+            total_steps=total,
         )  # fmt: skip
         with producer:
             yield producer
@@ -220,7 +223,7 @@ def main(cfg: PGConfig) -> Path:
 def train(run: PGRun, state: LoopState, loss: StepLoss, critic: Critic | None, total: int) -> None:
     """Steps until ``total`` optimiser steps: log, write samples and checkpoint as configured."""
     ctx, cfg = run.ctx, run.cfg
-    with ctx.progress(total) as bar, rollout_source(run, state) as producer:
+    with ctx.progress(total) as bar, rollout_source(run, state, total) as producer:
         while ctx.step < total:
             before = ctx.step
             result = step(run, state, loss, critic, total - ctx.step, producer)
