@@ -90,7 +90,7 @@ def sampling_part(rounds: int) -> dict:
     engine = VLLMGenerator(server, eos_ids=[])
 
     def vllm_call() -> int:
-        body = engine._body(prompts, sampling, 0)
+        body = engine._body(prompts, sampling)
         body.update(ignore_eos=True, stop_token_ids=[])
         answer = server.post("/v1/completions", body)
         return sum(len(c["logprobs"]["tokens"]) for c in answer["choices"])

@@ -82,37 +82,28 @@ def test_weight_sync_moves_the_engine_to_the_learner(server, tokenizer):
     prompts = _prompts(tokenizer)
     reply = [tokenizer("The answer is 19.<|im_end|>", add_special_tokens=False)["input_ids"]] * 4
 
-    def learner_logprobs():
-        with torch.no_grad():
-            p = max(len(x) for x in prompts)
-            ids = torch.tensor([[tokenizer.pad_token_id] * (p - len(x)) + x for x in prompts])
-            mask = torch.tensor([[0] * (p - len(x)) + [1] * len(x) for x in prompts]).bool()
-            out = torch.tensor(reply)
-            lp = completion_logprobs(model, ids, mask, out, torch.ones_like(out, dtype=torch.bool))
-        return lp
+    width = max(len(x) for x in prompts)
+    ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(x)) + x for x in prompts])
+    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in prompts]).bool()
+    out = torch.tensor(reply)
+
+    def learner_logprobs():  # (4, T), differentiable
+        return completion_logprobs(model, ids, mask, out, torch.ones_like(out, dtype=torch.bool))
 
     def engine_logprobs():
-        full = engine.generator.sequence_logprobs(
-            [x + r for x, r in zip(prompts, reply, strict=True)]
-        )
+        sequences = [x + r for x, r in zip(prompts, reply, strict=True)]
+        full = engine.generator.sequence_logprobs(sequences)
         return torch.tensor([row[len(x) - 1 :] for row, x in zip(full, prompts, strict=True)])
 
-    before = learner_logprobs()
+    with torch.no_grad():
+        before = learner_logprobs()
     torch.testing.assert_close(engine_logprobs(), before, atol=2e-3, rtol=0)
     # one optimiser step that raises the reply's likelihood
     optimiser = torch.optim.SGD(model.parameters(), lr=1e-3)
-    model.train()
-    p = max(len(x) for x in prompts)
-    ids = torch.tensor([[tokenizer.pad_token_id] * (p - len(x)) + x for x in prompts])
-    mask = torch.tensor([[0] * (p - len(x)) + [1] * len(x) for x in prompts]).bool()
-    out = torch.tensor(reply)
-    loss = -completion_logprobs(
-        model, ids, mask, out, torch.ones_like(out, dtype=torch.bool)
-    ).mean()
-    loss.backward()
+    (-learner_logprobs().mean()).backward()
     optimiser.step()
-    model.eval()
-    after = learner_logprobs()
+    with torch.no_grad():
+        after = learner_logprobs()
     assert (after - before).abs().max() > 0.05  # the step moved the learner
     stale = engine_logprobs()
     assert (stale - after).abs().max() > 0.05  # not synced yet: the engine is behind

@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import threading
+import time
 from typing import Any
 
 import torch
@@ -36,11 +37,67 @@ def weights_hash(model: nn.Module, names: set[str] | None = None) -> str:
     return digest.hexdigest()
 
 
-class LocalEngine:
+class StagedEngine:
+    """What every rollout engine shares: weights staged by the learner, loaded between batches.
+
+    The learner calls :meth:`push` (a snapshot is taken at once, so training goes on); the
+    sampling side calls :meth:`apply` between two batches, so a batch is never drawn by
+    half-updated weights. Subclasses say how a snapshot is taken (:meth:`_snapshot`) and
+    loaded (:meth:`_load`).
+
+    Args:
+        model: The learner's model (its trainable parameters are the ones synced).
+        version: The learner's optimiser step of the weights the engine starts with.
+    """
+
+    def __init__(self, model: nn.Module, version: int = 0) -> None:
+        self.synced = {n for n, p in model.named_parameters() if p.requires_grad}
+        self.version = version
+        self.sync_seconds = 0.0
+        """Time of the last :meth:`apply` that loaded weights."""
+        self._pending: tuple[int, dict[str, torch.Tensor]] | None = None
+        self._lock = threading.RLock()  # re-entrant: `latest` is read under `changed`
+        self.changed = threading.Condition(self._lock)
+        """Notified on every push (the sampling side waits on it for a fresh version)."""
+
+    @property
+    def latest(self) -> int:
+        """The newest version pushed (applied or still staged)."""
+        with self._lock:
+            return self._pending[0] if self._pending is not None else self.version
+
+    @torch.no_grad()
+    def push(self, model: nn.Module, version: int) -> None:
+        """Stage the learner's weights as ``version``."""
+        snapshot = self._snapshot(model)
+        with self.changed:
+            self._pending = (version, snapshot)
+            self.changed.notify_all()
+
+    @torch.no_grad()
+    def apply(self) -> int:
+        """Load the staged weights, if any; returns the version the engine now holds."""
+        with self._lock:
+            pending, self._pending = self._pending, None
+        if pending is not None:
+            start = time.perf_counter()
+            self._load(pending[1])
+            self.version = pending[0]
+            self.sync_seconds = time.perf_counter() - start
+        return self.version
+
+    def _snapshot(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def _load(self, snapshot: dict[str, torch.Tensor]) -> None:
+        raise NotImplementedError
+
+
+class LocalEngine(StagedEngine):
     """rlhfkit's sampler on a private copy of the policy, updated only by weight syncs.
 
     Args:
-        model: The learner's model (copied; the copy is frozen and in eval mode).
+        model: The learner's model (copied; the copy is in eval mode).
         pad_id: Padding id of the sampler.
         eos_ids: End-of-turn ids.
         tokenizer: For stop strings.
@@ -56,7 +113,7 @@ class LocalEngine:
         tokenizer: Any = None,
         version: int = 0,
     ) -> None:
-        self.synced = {n for n, p in model.named_parameters() if p.requires_grad}
+        super().__init__(model, version)
         # The copy keeps the learner's requires_grad flags (it only runs under no_grad): on CPU
         # frozen weights can take other kernels, and the engine must compute what the learner
         # would (max_staleness 0 reproduces the synchronous run bit for bit).
@@ -64,41 +121,17 @@ class LocalEngine:
         self.generator = HFGenerator(
             self.model, pad_id=pad_id, eos_ids=eos_ids, tokenizer=tokenizer
         )
-        self.version = version
-        self._pending: tuple[int, dict[str, torch.Tensor]] | None = None
-        self._lock = threading.RLock()  # re-entrant: `latest` is read under `changed`
-        self.changed = threading.Condition(self._lock)
-        """Notified on every push (the sampling side waits on it for a fresh version)."""
 
-    @property
-    def latest(self) -> int:
-        """The newest version pushed (applied or still staged)."""
-        with self._lock:
-            return self._pending[0] if self._pending is not None else self.version
+    def _snapshot(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone() for n, p in model.named_parameters() if n in self.synced}
 
-    @torch.no_grad()
-    def push(self, model: nn.Module, version: int) -> None:
-        """Stage the learner's trainable weights as ``version`` (a copy: training goes on)."""
-        snapshot = {n: p.detach().clone() for n, p in model.named_parameters() if n in self.synced}
-        with self.changed:
-            self._pending = (version, snapshot)
-            self.changed.notify_all()
-
-    @torch.no_grad()
-    def apply(self) -> int:
-        """Load the staged weights, if any, between two batches; returns the version held."""
-        with self._lock:
-            pending, self._pending = self._pending, None
-        if pending is not None:
-            version, snapshot = pending
-            params = dict(self.model.named_parameters())
-            missing = set(self.synced) - set(snapshot)
-            if missing:
-                raise RuntimeError(f"weight sync failed: no value for {sorted(missing)[:3]}")
-            for name, value in snapshot.items():
-                params[name].copy_(value)
-            self.version = version
-        return self.version
+    def _load(self, snapshot: dict[str, torch.Tensor]) -> None:
+        missing = set(self.synced) - set(snapshot)
+        if missing:
+            raise RuntimeError(f"weight sync failed: no value for {sorted(missing)[:3]}")
+        params = dict(self.model.named_parameters())
+        for name, value in snapshot.items():
+            params[name].copy_(value)
 
     def weights_hash(self) -> str:
         """Hash of the synced weights the engine holds (equal to the learner's after a sync)."""

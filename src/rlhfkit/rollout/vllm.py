@@ -25,7 +25,6 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -38,6 +37,7 @@ import torch
 from torch import nn
 
 from rlhfkit.errors import UserError
+from rlhfkit.rollout.engine import StagedEngine
 from rlhfkit.rollout.hf import SamplingConfig
 from rlhfkit.rollout.vllm_worker import tensors_hash
 from rlhfkit.types import Rollout
@@ -249,15 +249,12 @@ class VLLMGenerator:
 
     Args:
         server: The server.
-        eos_ids: End-of-turn ids (a completion ending with one finishes as ``eos``).
-        tokenizer: Unused (stop strings are matched by the engine); kept for the common
-            signature.
+        eos_ids: End-of-turn ids (a completion ending with one finishes as ``eos``); stop
+            strings are matched by the engine.
         chunk: Prompts per request.
     """
 
-    def __init__(
-        self, server: VLLMServer, *, eos_ids: Sequence[int], tokenizer: Any = None, chunk: int = 64
-    ) -> None:
+    def __init__(self, server: VLLMServer, *, eos_ids: Sequence[int], chunk: int = 64) -> None:
         self.server, self.eos_ids, self.chunk = server, set(eos_ids), chunk
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig) -> Rollout:
@@ -270,7 +267,7 @@ class VLLMGenerator:
         reasons: list[str] = []
         for start in range(0, len(prompts), self.chunk):
             part = [list(map(int, p)) for p in prompts[start : start + self.chunk]]
-            answer = self.server.post("/v1/completions", self._body(part, sampling, start))
+            answer = self.server.post("/v1/completions", self._body(part, sampling))
             choices = sorted(answer["choices"], key=lambda c: c["index"])
             for choice in choices:  # prompt i's samples are choices i*g .. i*g+g-1
                 ids, lps = _tokens(choice)
@@ -287,7 +284,7 @@ class VLLMGenerator:
             entropies=[],
         )
 
-    def _body(self, prompts: list[list[int]], s: SamplingConfig, offset: int) -> dict[str, Any]:
+    def _body(self, prompts: list[list[int]], s: SamplingConfig) -> dict[str, Any]:
         """The completion request for ``prompts``.
 
         No per-request seed: vLLM's CPU build cannot rewind a seeded generator when a long
@@ -338,11 +335,10 @@ def _tokens(choice: dict[str, Any]) -> tuple[list[int], list[float]]:
     return ids, [float(v) for v in lp.get("token_logprobs", [])]
 
 
-class VLLMEngine:
-    """A vLLM server as the rollout engine, with the interface of ``LocalEngine``.
+class VLLMEngine(StagedEngine):
+    """A vLLM server as the rollout engine.
 
-    ``push`` stages a copy of the learner's trainable weights (the learner goes on at once);
-    ``apply``, called by the sampling side between two batches, sends them to the server.
+    A :class:`StagedEngine` whose ``apply`` sends the staged weights to the server.
     Under LoRA the adapters are merged into the pushed weights (the server holds plain
     weights; vLLM's own LoRA serving is not used yet).
 
@@ -363,41 +359,20 @@ class VLLMEngine:
         dtype: torch.dtype,
         version: int = 0,
     ) -> None:
-        self.server, self.dtype, self.version = server, dtype, version
-        self.synced = {n for n, p in model.named_parameters() if p.requires_grad}
+        super().__init__(model, version)
+        self.server, self.dtype = server, dtype
         self.generator = VLLMGenerator(server, eos_ids=eos_ids)
-        self._pending: tuple[int, dict[str, torch.Tensor]] | None = None
-        self._lock = threading.RLock()
-        self.changed = threading.Condition(self._lock)
-        self.sync_seconds = 0.0
 
-    @property
-    def latest(self) -> int:
-        """The newest version pushed (applied or still staged)."""
-        with self._lock:
-            return self._pending[0] if self._pending is not None else self.version
+    def _snapshot(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        weights = _plain_weights(model, self.synced)
+        return {n: t.to(self.dtype).cpu().clone() for n, t in weights.items()}
 
-    @torch.no_grad()
-    def push(self, model: nn.Module, version: int) -> None:
-        """Stage the learner's weights as ``version``."""
-        snapshot = _plain_weights(model, self.synced)
-        snapshot = {n: t.to(self.dtype).cpu().clone() for n, t in snapshot.items()}
-        with self.changed:
-            self._pending = (version, snapshot)
-            self.changed.notify_all()
-
-    def apply(self) -> int:
-        """Send the staged weights to the server, if any; the version it now holds.
+    def _load(self, snapshot: dict[str, torch.Tensor]) -> None:
+        """Send the weights through shared memory; the server must load every tensor.
 
         Raises:
             EngineError: The server did not load them (never left half-synced silently).
         """
-        with self._lock:
-            pending, self._pending = self._pending, None
-        if pending is None:
-            return self.version
-        version, snapshot = pending
-        start = time.perf_counter()
         from safetensors.torch import save_file
 
         shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
@@ -408,9 +383,6 @@ class VLLMEngine:
         if not loaded or any(int(n) != len(snapshot) for n in loaded):
             raise EngineError(f"weight sync failed: the engine loaded {loaded} of {len(snapshot)}")
         self.server.post("/reset_prefix_cache", {})
-        self.version = version
-        self.sync_seconds = time.perf_counter() - start
-        return version
 
     def weights_hash(self) -> str:
         """Hash of the weights the engine's workers last loaded ("" before any sync).

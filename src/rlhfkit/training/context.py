@@ -348,15 +348,14 @@ class RunContext:
         data = dict(data or {})
         info = {"metrics_records": self.logger.records}
         if self.place.sharded_checkpoints:
-            groups = _hyper_parameters
             if self.companions:
                 data["companions"] = {
-                    n: {"optimizer": {"param_groups": groups(c.optimizer)},
+                    n: {"optimizer": {"param_groups": _hyper_parameters(c.optimizer)},
                         "scheduler": c.scheduler.state_dict()}
                     for n, c in self.companions.items()
                 }  # fmt: skip
             state = TrainerState(
-                step=self.step, optimizer={"param_groups": groups(self.optimizer)},
+                step=self.step, optimizer={"param_groups": _hyper_parameters(self.optimizer)},
                 scheduler=self.scheduler.state_dict(), rng={"ranks": rng}, data=data,
                 extra=dict(self.resume_state),
             )  # fmt: skip

@@ -105,7 +105,7 @@ def from_engine(run: PGRun, state: LoopState, producer: RolloutProducer) -> Roll
     batch = assemble(run, drawn.sampled, drawn.stats, drawn.rollouts)
     batch.stats["async/version"] = float(drawn.version)
     batch.stats["async/staleness"] = float(run.ctx.step - drawn.version)
-    batch.stats["async/sync_s"] = float(getattr(producer.engine, "sync_seconds", 0.0))
+    batch.stats["async/sync_s"] = producer.engine.sync_seconds
     return batch
 
 
