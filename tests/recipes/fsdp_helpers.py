@@ -100,3 +100,26 @@ def sft_until(cfg: Any, step: int) -> None:
     from rlhfkit.recipes import sft
 
     main_until(sft.main, cfg, step)
+
+
+RM_COMPLETIONS = ["a", "a b a", "b", "the answer is a", "no", "a a a a"]
+"""Completions a reward model scores in :func:`reward_model_scores` (rank r scores 1 + 3r)."""
+
+
+def reward_model_scores(cfg: Any, rm_dir: str) -> None:
+    """Load ``rm:<rm_dir>`` as the run of ``cfg`` places it; write this rank's stored share of it
+    and its scores of a rank-dependent number of completions (so the ranks' passes differ)."""
+    from rlhfkit.models.sharding import local_numel
+    from rlhfkit.rewards import load_reward_fn, reward_models, score_completions
+    from rlhfkit.training.run import build_run
+
+    ctx = build_run(cfg.model, cfg.log, 0, {})
+    scorer = load_reward_fn(f"rm:{rm_dir}", place=ctx.place.frozen, precision="fp32")
+    rank = int(os.environ["RANK"])
+    texts = RM_COMPLETIONS[: 1 + 3 * rank]
+    with ctx.gathered(*reward_models([scorer])):
+        scores = score_completions(scorer, texts, [{"prompt": "Say a"}] * len(texts))
+    local, total = local_numel(scorer.model)
+    with open(f"{cfg.log.run_dir}/rm-{rank}.txt", "w") as f:
+        f.write(f"{local} {total}\n" + " ".join(repr(s) for s in scores) + "\n")
+    torch.distributed.barrier()

@@ -12,7 +12,15 @@ from functools import partial
 
 import pytest
 import torch
-from fsdp_helpers import Crash, main_until, scripted_rl, sft_until, shard_sizes
+from fsdp_helpers import (
+    RM_COMPLETIONS,
+    Crash,
+    main_until,
+    reward_model_scores,
+    scripted_rl,
+    sft_until,
+    shard_sizes,
+)
 from recipe_helpers import (
     assert_same_run,
     pg_config,
@@ -166,6 +174,55 @@ def test_policy_gradient(tiny_model_dir, pg_task, tmp_path, preset):
         b = load_file(str(tmp_path / "two" / "critic" / "model.safetensors"))
         for name in a:
             torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=0)
+
+
+def test_reward_model_reward_is_sharded_and_gathered_to_score(
+    tiny_model_dir, tiny_rm_dir, tmp_path
+):
+    """``rm:<dir>`` as a reward under fsdp2: each rank stores half of the reward model, and,
+    gathered, it scores as the whole model does in one process, with a different number of
+    passes on each rank. ``--model.shard-frozen false`` holds it whole on every rank."""
+    from rlhfkit.rewards import load_reward_fn
+
+    whole = load_reward_fn(f"rm:{tiny_rm_dir}", precision="fp32")
+    expected = whole.score_batch(RM_COMPLETIONS, [{"prompt": "Say a"}] * len(RM_COMPLETIONS))
+    for shard_frozen in (True, False):
+        run = tmp_path / str(shard_frozen)
+        run.mkdir()
+        cfg = sft.SFTConfig(
+            model=ModelConfig(name=str(tiny_model_dir), precision="fp32", parallel="fsdp2",
+                              shard_frozen=shard_frozen),
+            log=log(run),
+        )  # fmt: skip
+        run_two_ranks(partial(reward_model_scores, rm_dir=str(tiny_rm_dir)), cfg)
+        stored = []
+        for rank in (0, 1):
+            sizes, scores = (run / f"rm-{rank}.txt").read_text().splitlines()
+            local, total = map(int, sizes.split())
+            stored.append(local)
+            got = [float(x) for x in scores.split()]
+            assert got == pytest.approx(expected[: 1 + 3 * rank], abs=1e-5)
+        if shard_frozen:  # dim-0 shards: the (1, H) score row is on rank 0
+            assert sum(stored) == total and abs(stored[0] - stored[1]) <= 64
+        else:
+            assert stored == [total, total]
+
+
+def test_policy_gradient_against_a_sharded_reward_model(
+    tiny_model_dir, tiny_rm_dir, pg_task, tmp_path
+):
+    """GRPO with ``rm:<dir>`` as the reward: 2 fsdp2 ranks (policy, reference and reward model
+    sharded) log and train as one process."""
+
+    def cfg(run, parallel):
+        out = rl_config(tiny_model_dir, pg_task, tmp_path / run, parallel, "grpo",
+                        algo__kl_coef=0.05, optim__lr=1e-3)  # fmt: skip
+        out.rewards = (f"rm:{tiny_rm_dir}",)
+        return out
+
+    scripted_rl(cfg("one", "replicate"))
+    run_two_ranks(scripted_rl, cfg("two", "fsdp2"))
+    assert_same_run(tmp_path / "one", tmp_path / "two", ("train/", "rollout/"), n_records=3)
 
 
 def test_killed_run_resumes_at_another_number_of_ranks(tiny_model_dir, chat_data, tmp_path):

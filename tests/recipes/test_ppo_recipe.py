@@ -46,21 +46,6 @@ def task(tmp_path_factory) -> tuple[Path, Path]:
     return root / "prompts.jsonl", root / "reward.py"
 
 
-@pytest.fixture(scope="module")
-def tiny_rm_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    """The tiny model with a fresh scalar head: a (random) reward model checkpoint."""
-    from rlhfkit.models.tiny import tiny_tokenizer
-
-    path = tmp_path_factory.mktemp("tiny-rm")
-    torch.manual_seed(3)
-    model = load_model(str(tiny_model_dir), task="score", pad_token_id=0)
-    with torch.no_grad():
-        model.score.weight.normal_(0.0, 0.5)
-    model.save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
-
-
 def _cfg(model_dir, task, run_dir, reward="letter_a", **over) -> pg.PGConfig:
     data, reward_file = task
     base = {

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from rlhfkit.models.sharding import is_sharded
 from rlhfkit.ops.logprobs import linear_logprobs, logits_logprobs
 from rlhfkit.ops.masking import prefix_tree_mask
 
@@ -72,7 +73,11 @@ def _checkpointing(lm: nn.Module) -> bool:
 
 
 def _decoder(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
-    """(backbone, last decoder layer) when the last layer can run on selected positions."""
+    """(backbone, last decoder layer) when the last layer can run on selected positions.
+
+    Not for an FSDP2-sharded model: its layers must run as whole forwards (a layer stopped in
+    its pre-forward hook would skip FSDP's post-forward and stay gathered).
+    """
     lm = _unwrap(model)
     backbone = getattr(lm, lm.base_model_prefix, None)
     layers = getattr(backbone, "layers", None)
@@ -80,6 +85,7 @@ def _decoder(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
         getattr(lm.config, "model_type", None) not in PARTIAL_LAST_LAYER
         or not layers
         or _checkpointing(lm)
+        or is_sharded(layers[-1])
         or not isinstance(getattr(backbone, "norm", None), nn.Module)
     ):
         return None
@@ -97,7 +103,8 @@ def selected_hidden(
     on all positions; the last one's attention too (its keys and values are needed
     everywhere), but its MLP and the final norm run only at the selected positions: for a
     reward model read at one token per sequence that skips about three quarters of a layer
-    (2.5% of SmolLM2-135M's forward and backward). Other model types run the whole backbone.
+    (2.5% of SmolLM2-135M's forward and backward). Other model types, and sharded models, run
+    the whole backbone.
 
     Shapes:
         rows, cols: (S,); returns (S, H).

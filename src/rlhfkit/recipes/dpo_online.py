@@ -69,7 +69,7 @@ from rlhfkit.recipes.dpo import (
     train_steps,
 )
 from rlhfkit.recipes.dpo_eval import gold_comparison, heldout_metrics
-from rlhfkit.rewards import load_reward_fn, score_completions
+from rlhfkit.rewards import load_reward_fn, reward_models, score_completions
 from rlhfkit.rollout.hf import SamplingConfig
 from rlhfkit.rollout.sampler import chat_generator
 from rlhfkit.training.distributed import gather_objects
@@ -285,7 +285,7 @@ def main(cfg: OnlineDPOConfig) -> Path:
     )  # fmt: skip
     ctx.packing = supports_padding_free(ctx.model)
     share = cfg.data.share_prefix and ctx.packing and supports_prefix_trees(ctx.model)
-    reward = load_reward_fn(on.reward, max_tokens=on.rm_max_tokens)
+    reward = load_reward_fn(on.reward, place=ctx.place.frozen, max_tokens=on.rm_max_tokens)
     prompts = round_prompts(cfg)
     held_out = None
     if cfg.data.eval:
@@ -308,7 +308,7 @@ def main(cfg: OnlineDPOConfig) -> Path:
         ctx.logger.log(0, heldout_metrics(ctx, held_out, *loss, cfg))
     with ctx.progress(total) as bar:
         for k in range(int(ctx.resume_state.get("round", 0)), on.rounds):
-            with ctx.gathered():  # each rank samples its share of the prompts
+            with ctx.gathered(*reward_models([reward])):  # each rank samples its share
                 pairs, metrics, records = sample_round(ctx, cfg, reward, prompts, k)
             ctx.logger.log(ctx.step, metrics)
             log.info("round %d: %s", k + 1, {n: round(v, 4) for n, v in metrics.items()})

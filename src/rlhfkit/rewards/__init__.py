@@ -1,5 +1,5 @@
 """Rewards: the ``RewardFn`` protocol, ``module:function`` scorers and reward-model scoring."""
 
-from rlhfkit.rewards.base import RewardFn, load_reward_fn, score_completions
+from rlhfkit.rewards.base import RewardFn, load_reward_fn, reward_models, score_completions
 
-__all__ = ["RewardFn", "load_reward_fn", "score_completions"]
+__all__ = ["RewardFn", "load_reward_fn", "reward_models", "score_completions"]

@@ -26,6 +26,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from torch import nn
+
 from rlhfkit.rewards.fields import accepted_fields
 from rlhfkit.rewards.verifiers import get_verifier, verify
 
@@ -63,7 +65,9 @@ def _import_attribute(spec: str) -> Any:
         raise ValueError(f"reward {spec!r}: {module_name!r} has no attribute {attr!r}") from None
 
 
-def load_reward_fn(spec: str, **options: Any) -> Callable[..., float | None]:
+def load_reward_fn(
+    spec: str, *, place: Callable[[Any], Any] | None = None, **options: Any
+) -> Callable[..., float | None]:
     """The reward named by ``spec``.
 
     Args:
@@ -71,6 +75,8 @@ def load_reward_fn(spec: str, **options: Any) -> Callable[..., float | None]:
             model checkpoint; ``options`` go to :class:`rlhfkit.rewards.model.RewardModelScorer`)
             ``verifier:<name>`` (``auto``: the verifier each example names), or ``judge:<model>``
             / ``judge:openai:<base_url>#<model>`` (an LLM judge's rating).
+        place: How a reward model is placed: a training run's frozen-model placement, so that
+            it is sharded like the run's reference (ignored for the other kinds).
         options: Settings of a reward-model scorer (ignored for functions).
 
     Raises:
@@ -79,7 +85,7 @@ def load_reward_fn(spec: str, **options: Any) -> Callable[..., float | None]:
     if spec.startswith("rm:"):
         from rlhfkit.rewards.model import RewardModelScorer
 
-        return RewardModelScorer(spec[3:], **options)
+        return RewardModelScorer(spec[3:], place=place, **options)
     if spec.startswith("judge:"):
         from rlhfkit.rewards.judge import judge_reward
 
@@ -126,3 +132,11 @@ def score_completions(
             raise ValueError(f"reward returned {number} for completion {i}; need a finite number")
         out.append(number)
     return out
+
+
+def reward_models(fns: Sequence[Callable[..., Any]]) -> list[Any]:
+    """The models held by ``fns`` (a reward model's network; functions hold none).
+
+    A run gathers them with its own models around the phase that scores, where they are sharded.
+    """
+    return [m for fn in fns if isinstance(m := getattr(fn, "model", None), nn.Module)]

@@ -4,12 +4,18 @@ The checkpoint is what ``rlhfkit rm train`` writes (a Hugging Face sequence-clas
 with one label). Each completion is rendered after its example's ``prompt`` with the reward
 model's own chat template (the prompt cut from the left to ``max_len``), and scored in
 length-sorted, token-budget batches (padding-free where the model allows).
+
+A training run places the reward model as it places its other frozen models (``place``): under
+``--model.parallel fsdp2`` each rank stores its shard, and the run gathers the whole model around
+the phase that scores (:meth:`rlhfkit.training.context.RunContext.gathered`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
+
+from torch import nn
 
 from rlhfkit.data.collate import supports_padding_free
 from rlhfkit.data.templates import render_messages
@@ -28,6 +34,8 @@ class RewardModelScorer:
         max_tokens: Tokens per forward pass.
         trust_remote_code: Allow model code from the hub.
         attn_implementation: Attention kernel (``varlen_sdpa`` runs padding-free).
+        place: Places the loaded model (a run's frozen-model placement: its device, or its
+            FSDP2 shards); None puts it whole on the default device.
     """
 
     def __init__(
@@ -39,18 +47,20 @@ class RewardModelScorer:
         max_tokens: int = 8192,
         trust_remote_code: bool = False,
         attn_implementation: str = "varlen_sdpa",
+        place: Callable[[nn.Module], nn.Module] | None = None,
     ) -> None:
         device = default_device()
         self.tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
-        self.model = load_model(
+        model = load_model(
             path,
             dtype=resolve_precision(precision, device).compute,
             attn_implementation=attn_implementation,
             trust_remote_code=trust_remote_code,
             task="score",
             pad_token_id=self.tokenizer.pad_token_id,
-            device=device,
+            device=device if place is None else "cpu",  # placed from the CPU, unit by unit
         ).eval()
+        self.model = model if place is None else place(model)
         self.packing = supports_padding_free(self.model)
         self.max_len, self.max_tokens = max_len, max_tokens
 

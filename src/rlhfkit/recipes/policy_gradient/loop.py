@@ -29,7 +29,7 @@ from rlhfkit.recipes.policy_gradient.metrics import step_metrics, write_samples
 from rlhfkit.recipes.policy_gradient.presets import PGPreset
 from rlhfkit.recipes.policy_gradient.state import LoopState, PGRun, RolloutBatch, StepLoss
 from rlhfkit.recipes.policy_gradient.update import aggregation, optimise, policy_step_loss
-from rlhfkit.rewards import load_reward_fn
+from rlhfkit.rewards import load_reward_fn, reward_models
 from rlhfkit.rollout.engine import LocalEngine
 from rlhfkit.rollout.sampler import HFGenerator
 from rlhfkit.rollout.vllm import ServerSettings, VLLMEngine, VLLMServer, engine_python
@@ -74,7 +74,8 @@ def step(
         max_steps: Most optimiser steps to take on this batch.
         producer: Asynchronous RL: the engine's batches drawn ahead (None: sample now).
     """
-    with run.ctx.gathered():  # each rank samples and scores its share of the prompts
+    # each rank samples and scores its share of the prompts (reward models whole meanwhile)
+    with run.ctx.gathered(*reward_models(run.reward_fns)):
         # 1-4. the next prompts, G completions each, their rewards; DAPO drops flat groups
         batch = collect(run, state) if producer is None else from_engine(run, state, producer)
         # 5. log pi_old and log pi_ref, the critic's V_old, the KL in the reward, the advantages
@@ -270,7 +271,7 @@ def prepare(ctx: RunContext, cfg: PGConfig, preset: PGPreset) -> PGRun:
     """The run's objects: prompts, rewards, the reference (when a KL needs it), the sampler."""
     return PGRun(
         ctx=ctx, cfg=cfg, preset=preset, prompts=load_prompts(ctx.tokenizer, cfg),
-        reward_fns=[load_reward_fn(spec) for spec in cfg.rewards],
+        reward_fns=[load_reward_fn(spec, place=ctx.place.frozen) for spec in cfg.rewards],
         generator=HFGenerator(
             ctx.model, pad_id=ctx.pad_id, eos_ids=[ctx.tokenizer.eos_token_id],
             tokenizer=ctx.tokenizer,
