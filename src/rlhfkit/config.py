@@ -163,6 +163,36 @@ class LoopConfig:
 
 
 @dataclass
+class EngineConfig:
+    """Which engine samples: rlhfkit's own sampler, or a vLLM server."""
+
+    backend: Literal["hf", "vllm"] = "hf"
+    """'hf': rlhfkit's own KV-cache sampler on the model. 'vllm': a vLLM server in its own
+    environment (built by `make vllm`), started on the model and stopped at the end, or attached
+    to by vllm_url."""
+    vllm_url: str | None = None
+    """vllm: attach to this running server (started with rlhfkit's worker extension) instead of
+    starting one; it must serve the model the command names."""
+    vllm_python: str | None = None
+    """vllm: the Python of the engine's environment (default: .venv-vllm, or
+    $RLHFKIT_VLLM_PYTHON)."""
+    vllm_memory: float = 0.1
+    """vllm: share of memory the engine reserves for its KV cache (its
+    --gpu-memory-utilization; on the CPU build a share of RAM)."""
+    vllm_max_model_len: int = 2048
+    """vllm: longest prompt plus completion the engine accepts."""
+
+    def problems(self) -> Problems:
+        """A memory share outside (0, 1], a context length below 1."""
+        out = []
+        if not 0.0 < self.vllm_memory <= 1.0:
+            out.append(("vllm_memory", f"must be in (0, 1], got {self.vllm_memory}"))
+        if self.vllm_max_model_len < 1:
+            out.append(("vllm_max_model_len", f"must be at least 1, got {self.vllm_max_model_len}"))
+        return out
+
+
+@dataclass
 class LogConfig:
     """Where outputs go."""
 

@@ -195,10 +195,10 @@ def test_resume_at_last_round_matches_uninterrupted(
     dpo_online.main(_cfg(tiny_model_dir, prompts_file, tmp_path / "a", reward))
     real = dpo_online.sample_round
 
-    def crash_in_round_two(ctx, cfg, fn, prompts, k):
+    def crash_in_round_two(ctx, cfg, fn, prompts, k, generator=None):
         if k == 1:
             raise KeyboardInterrupt
-        return real(ctx, cfg, fn, prompts, k)
+        return real(ctx, cfg, fn, prompts, k, generator)
 
     monkeypatch.setattr(dpo_online, "sample_round", crash_in_round_two)
     with pytest.raises(KeyboardInterrupt):

@@ -235,9 +235,51 @@ def test_a_real_process_prints_one_line_and_debug_shows_the_traceback(tiny_model
     assert out.returncode != 0 and "Traceback" in out.stderr and "ConfigError" in out.stderr
 
 
-def test_a_missing_vllm_engine_is_named_with_its_install_command(tiny_model_dir, tmp_path, capsys):
+def sampling_args(command: str, model: Path, data: Path, root: Path) -> list[str]:
+    """Arguments of each command that samples, on ``data`` (prompt rows)."""
+    source = ["--model.name", str(model), "--data.source", str(data), "--data.split", "train"]
+    return {
+        "rl": lambda: rl_args(model, data, root),
+        "dpo online": lambda: online_args(model, data, root),
+        "eval": lambda: ["eval", *source, "--cache-dir", "None"],
+        "bon": lambda: ["bon", *source, "--cache-dir", "None"],
+        "rs": lambda: ["rs", *source, "--log.run-dir", str(root / "rs")],
+        "generate": lambda: ["generate", "--model.name", str(model), "--prompts", "Hi"],
+        "pipeline": lambda: [
+            "pipeline",
+            "--model.name",
+            str(model),
+            "--log.run-dir",
+            str(root / "pipeline"),
+        ],  # fmt: skip
+    }[command]()
+
+
+@pytest.mark.parametrize(
+    "command", ["rl", "dpo online", "eval", "bon", "rs", "generate", "pipeline"]
+)
+def test_a_missing_vllm_engine_is_named_with_its_install_command(
+    command, tiny_model_dir, tmp_path, capsys, monkeypatch
+):
+    """Every command that samples says how to install the engine, before loading any model."""
+    import transformers
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the engine was checked")
+
     data = write_rows(tmp_path / "prompts.jsonl", [prompt_row(i) for i in range(4)])
-    args = rl_args(tiny_model_dir, data, tmp_path)
+    args = sampling_args(command, tiny_model_dir, data, tmp_path)
     args += ["--engine.backend", "vllm", "--engine.vllm-python", str(tmp_path / "no-python")]
+    for auto in (
+        transformers.AutoModelForCausalLM,
+        transformers.AutoModelForSequenceClassification,
+    ):
+        monkeypatch.setattr(auto, "from_pretrained", no_model)
     err = run_cli(args, capsys)
     assert "vLLM engine is not installed" in err and "make vllm" in err
+
+
+def test_the_pipeline_refuses_an_engine_url(tiny_model_dir, tmp_path, capsys):
+    args = sampling_args("pipeline", tiny_model_dir, tmp_path, tmp_path)
+    err = run_cli([*args, "--engine.backend", "vllm", "--engine.vllm-url", "http://x"], capsys)
+    assert "--engine.vllm-url: the pipeline starts a vLLM server per model" in err

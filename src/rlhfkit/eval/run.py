@@ -14,18 +14,20 @@
    for scores, the reward specs and weights), so a re-run after a crash or with another
    selection rule reuses them.
 
-:func:`sample_grid` with :func:`load_sampler`'s generator (or
-:func:`rlhfkit.rollout.sampler.chat_generator` on a model in training) is also how ``generate``,
+:func:`sample_grid` with :func:`open_sampler`'s generator (rlhfkit's sampler on the loaded model,
+or a vLLM server on it with ``--engine.backend vllm``), or
+:func:`rlhfkit.rollout.sampler.chat_generator` on a model in training, is also how ``generate``,
 ``dpo online`` and the DPO evaluation sample: every command samples through one Generator.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,14 +35,15 @@ from typing import Any
 import torch
 
 from rlhfkit.atomic import atomic_write_text
-from rlhfkit.config import ModelConfig
+from rlhfkit.config import EngineConfig, ModelConfig
 from rlhfkit.data.prompts import PromptRow
 from rlhfkit.models.load import load_model, load_tokenizer
 from rlhfkit.models.precision import default_device, resolve_precision
 from rlhfkit.rewards import load_reward_fn, score_completions
 from rlhfkit.rewards.shaping import weighted_sum
 from rlhfkit.rollout.hf import SamplingConfig
-from rlhfkit.rollout.sampler import HFGenerator, chat_generator
+from rlhfkit.rollout.sampler import Generator, HFGenerator, chat_generator
+from rlhfkit.rollout.vllm import VLLMGenerator, vllm_server
 
 
 def load_sampler(
@@ -61,6 +64,40 @@ def load_sampler(
         trust_remote_code=cfg.trust_remote_code, device=device,
     ).eval()  # fmt: skip
     return model, tokenizer, chat_generator(model, tokenizer)
+
+
+@contextlib.contextmanager
+def open_sampler(
+    cfg: ModelConfig,
+    tokenizer: Any,
+    engine: EngineConfig | None = None,
+    *,
+    seed: int = 0,
+    log_dir: Path | None = None,
+) -> Iterator[Generator]:
+    """A sampler on the model ``cfg`` names, on the engine ``engine`` names; freed on exit.
+
+    ``hf`` (or None) loads the model and samples with rlhfkit's KV-cache sampler; ``vllm``
+    starts a vLLM server on the model's directory (the model is not loaded here) or attaches to
+    ``engine.vllm_url``, and stops a server it started.
+
+    Args:
+        cfg: Which model, at which precision.
+        tokenizer: The model's tokenizer (its end-of-turn id ends completions).
+        engine: The engine section of the command (None: ``hf``).
+        seed: The engine's seed (vLLM).
+        log_dir: Where the vLLM server's log goes (a temporary directory when None).
+    """
+    if engine is None or engine.backend == "hf":
+        model, _, generator = load_sampler(cfg, tokenizer)
+        try:
+            yield generator
+        finally:
+            del model, generator
+        return
+    compute = resolve_precision(cfg.precision, default_device()).compute
+    with vllm_server(engine, cfg.name, compute, seed=seed, log_dir=log_dir) as server:
+        yield VLLMGenerator(server, eos_ids=[tokenizer.eos_token_id])
 
 
 @dataclass

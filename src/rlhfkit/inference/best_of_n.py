@@ -6,7 +6,8 @@ sample (the first of the n) and gives the analytic KL of the best-of-n policy to
 policy, KL_BoN = log n - (n - 1)/n (exact for continuous rewards without ties; an upper bound
 otherwise), the x-axis of Gao et al.'s over-optimisation curves.
 
-1. Load the prompts, sample n per prompt (the ``rlhfkit eval`` engine; cached).
+1. Load the prompts, sample n per prompt (the ``rlhfkit eval`` engine, on rlhfkit's sampler or
+   ``--engine.backend vllm``; cached).
 2. Score with the rewards (a reward model, a verifier, any ``module:function``).
 3. Pick the argmax per prompt (:func:`rlhfkit.ops.selection.top_per_prompt`).
 4. Write the chosen completions (JSONL) and print the report: mean reward of the best and of a
@@ -24,10 +25,11 @@ from typing import Any
 from rich.console import Console
 
 from rlhfkit.atomic import atomic_write_text
-from rlhfkit.config import ModelConfig
+from rlhfkit.config import EngineConfig, ModelConfig
 from rlhfkit.inference.evaluate import EvalDataConfig, evaluate_prompts
 from rlhfkit.ops.selection import bon_kl, top_per_prompt
 from rlhfkit.rollout.hf import SamplingConfig
+from rlhfkit.rollout.vllm import require_engine
 
 
 @dataclass
@@ -40,6 +42,7 @@ class BoNConfig:
         default_factory=lambda: SamplingConfig(max_new_tokens=128, temperature=0.8, num_samples=8)
     )
     """num_samples is n."""
+    engine: EngineConfig = field(default_factory=EngineConfig)
     rewards: tuple[str, ...] = ("verifier:auto",)
     """Scorers: verifier:NAME (auto: each row's own), rm:DIR, module:function or file.py:fn."""
     weights: tuple[float, ...] = ()
@@ -77,9 +80,10 @@ def bon_report(rewards: list[list[float]], threshold: float) -> dict[str, Any]:
 
 def main(cfg: BoNConfig) -> dict[str, Any]:
     """Steps 1-4; returns the report."""
+    require_engine(cfg.engine)
     prompts, grid = evaluate_prompts(
         cfg.model, None, cfg.data, cfg.sampling, cfg.rewards, cfg.weights,
-        chunk=cfg.chunk, cache_dir=cfg.cache_dir,
+        chunk=cfg.chunk, cache_dir=cfg.cache_dir, engine=cfg.engine,
     )  # fmt: skip
     report = bon_report(grid.rewards, cfg.threshold)
     console = Console()

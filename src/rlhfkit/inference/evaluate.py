@@ -36,20 +36,21 @@ from rich.progress import (
 )
 
 from rlhfkit.atomic import atomic_write_text
-from rlhfkit.config import ModelConfig
+from rlhfkit.config import EngineConfig, ModelConfig
 from rlhfkit.data.prompts import PromptRow, load_prompt_rows
 from rlhfkit.eval.run import (
     GridCache,
     cache_key,
     load_rewards,
-    load_sampler,
     model_fingerprint,
+    open_sampler,
     sample_grid,
     score_grid,
 )
 from rlhfkit.eval.summary import grid_report, print_grid_report
 from rlhfkit.models.load import load_tokenizer
 from rlhfkit.rollout.hf import SamplingConfig
+from rlhfkit.rollout.vllm import require_engine
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,7 @@ class EvalConfig:
     sampling: SamplingConfig = field(
         default_factory=lambda: SamplingConfig(max_new_tokens=256, temperature=0.0)
     )
+    engine: EngineConfig = field(default_factory=EngineConfig)
     rewards: tuple[str, ...] = ("verifier:auto",)
     """Scorers: verifier:NAME (auto: each row's own), rm:DIR, module:function or file.py:fn."""
     weights: tuple[float, ...] = ()
@@ -111,11 +113,14 @@ def evaluate_prompts(
     *,
     chunk: int = 32,
     cache_dir: str | None = None,
+    engine: EngineConfig | None = None,
+    log_dir: Path | None = None,
 ) -> tuple[list[PromptRow], Any]:
     """Steps 1-3: the prompts and their scored (M, N) grid (loaded from the cache if there).
 
-    The model's weights are loaded only when the samples are not in the cache (the tokenizer is
-    needed either way: it renders the prompts, which are part of the cache key).
+    The model's weights are loaded (or its vLLM server started, per ``engine``) only when the
+    samples are not in the cache (the tokenizer is needed either way: it renders the prompts,
+    which are part of the cache key). ``log_dir`` keeps a vLLM server's log.
     """
     tokenizer = load_tokenizer(model_cfg.name, trust_remote_code=model_cfg.trust_remote_code)
     if prompts is None:
@@ -125,21 +130,23 @@ def evaluate_prompts(
             max_prompts=data.max_prompts,
         )  # fmt: skip
     cache = GridCache(cache_dir) if cache_dir else None
+    on_engine = {} if engine is None or engine.backend == "hf" else {"engine": engine.backend}
     sample_key = cache_key(
         model=model_fingerprint(model_cfg.name), precision=model_cfg.precision,
-        prompts=[p.ids for p in prompts], sampling=asdict(sampling),
+        prompts=[p.ids for p in prompts], sampling=asdict(sampling), **on_engine,
     )  # fmt: skip
     grid = cache.load_samples(sample_key) if cache else None
     if grid is None:
-        _, _, generator = load_sampler(model_cfg, tokenizer)
         columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn())
-        with Progress(*columns, TimeElapsedColumn(), TimeRemainingColumn()) as bar:
+        with (
+            open_sampler(model_cfg, tokenizer, engine, seed=sampling.seed, log_dir=log_dir) as gen,
+            Progress(*columns, TimeElapsedColumn(), TimeRemainingColumn()) as bar,
+        ):
             task = bar.add_task(f"sample x{sampling.num_samples}", total=len(prompts))
             grid = sample_grid(
-                generator, tokenizer, prompts, sampling, chunk=chunk,
+                gen, tokenizer, prompts, sampling, chunk=chunk,
                 progress=lambda done: bar.update(task, completed=done),
             )  # fmt: skip
-        del generator  # and the model with it
         if cache:
             cache.save_samples(sample_key, grid)
     score_key = cache_key(samples=sample_key, rewards=list(rewards), weights=list(weights))
@@ -166,14 +173,16 @@ def write_samples(path: str | Path, prompts: list[PromptRow], grid: Any) -> None
 
 def main(cfg: EvalConfig) -> dict[str, Any]:
     """Steps 1-4; returns the report (also printed, and written to ``cfg.output``)."""
+    require_engine(cfg.engine)
     prompts, grid = evaluate_prompts(
         cfg.model, None, cfg.data, cfg.sampling, cfg.rewards, cfg.weights,
-        chunk=cfg.chunk, cache_dir=cfg.cache_dir,
+        chunk=cfg.chunk, cache_dir=cfg.cache_dir, engine=cfg.engine,
     )  # fmt: skip
     report = grid_report(grid, [p.fields for p in prompts], ks=cfg.ks, threshold=cfg.threshold)
     report["config"] = {
         "model": cfg.model.name, "source": cfg.data.source, "split": cfg.data.split,
         "sampling": asdict(cfg.sampling), "rewards": list(cfg.rewards),
+        "engine": cfg.engine.backend,
     }  # fmt: skip
     print_grid_report(report, title=f"{cfg.model.name} on {cfg.data.source}[{cfg.data.split}]")
     if cfg.output:

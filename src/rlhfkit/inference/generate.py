@@ -1,9 +1,9 @@
 """rlhfkit generate: sample chat completions from any model for given prompts.
 
 The prompts are rendered with the chat template (generation prompt appended) and sampled with
-the KV-cache sampler every other command uses (:func:`rlhfkit.eval.run.sample_grid` on
-:func:`rlhfkit.eval.run.load_sampler`'s :class:`rlhfkit.rollout.sampler.HFGenerator`); the
-completions are decoded without special tokens and stripped.
+the sampler every other command uses (:func:`rlhfkit.eval.run.sample_grid` on
+:func:`rlhfkit.eval.run.open_sampler`: rlhfkit's KV-cache sampler, or a vLLM server with
+``--engine.backend vllm``); the completions are decoded without special tokens and stripped.
 """
 
 from __future__ import annotations
@@ -12,12 +12,14 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rlhfkit.config import ModelConfig
+from rlhfkit.config import EngineConfig, ModelConfig
 from rlhfkit.data.messages import parse_prompt
 from rlhfkit.data.prompts import conversation_rows
 from rlhfkit.data.sources import DataError, load_rows
-from rlhfkit.eval.run import load_sampler, sample_grid
+from rlhfkit.eval.run import open_sampler, sample_grid
+from rlhfkit.models.load import load_tokenizer
 from rlhfkit.rollout.hf import SamplingConfig
+from rlhfkit.rollout.vllm import require_engine
 
 
 @dataclass
@@ -32,6 +34,7 @@ class GenerateConfig:
     """Optional system message put before every prompt."""
     model: ModelConfig = field(default_factory=ModelConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
     output: str | None = None
     """Write results as JSONL here (prompt, completions) in addition to printing them."""
 
@@ -55,9 +58,11 @@ def _conversations(cfg: GenerateConfig) -> list[list[dict[str, str]]]:
 def main(cfg: GenerateConfig) -> list[list[str]]:
     """Load the model, sample, print and optionally save the completions."""
     conversations = _conversations(cfg)
-    _, tokenizer, generator = load_sampler(cfg.model)
+    require_engine(cfg.engine)
+    tokenizer = load_tokenizer(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
     rows = conversation_rows(tokenizer, conversations)
-    completions = sample_grid(generator, tokenizer, rows, cfg.sampling).texts
+    with open_sampler(cfg.model, tokenizer, cfg.engine, seed=cfg.sampling.seed) as generator:
+        completions = sample_grid(generator, tokenizer, rows, cfg.sampling).texts
     for conv, outs in zip(conversations, completions, strict=True):
         print(f"\n>>> {conv[-1]['content']}")
         for i, out in enumerate(outs):

@@ -4,7 +4,8 @@ Rejection sampling (the book's chapter 9; Llama 2, RAFT, STaR-style filtering) f
 starting model on its own best completions:
 
 1. Load M prompts (``data.source``) and render them with the chat template.
-2. Sample N completions per prompt (``sampling.num_samples``; T 0.8, top-p 0.95 by default).
+2. Sample N completions per prompt (``sampling.num_samples``; T 0.8, top-p 0.95 by default),
+   with rlhfkit's sampler or, with ``--engine.backend vllm``, a vLLM server.
 3. Score them with the rewards (``verifier:auto`` by default; ``rm:<dir>`` for a reward model,
    which receives the completions sorted by length). Samples and scores are cached under
    ``<run_dir>/cache`` by a hash of the model files, prompts and settings.
@@ -40,7 +41,7 @@ from rich.console import Console
 from rich.table import Table
 
 from rlhfkit.atomic import atomic_write_text
-from rlhfkit.config import LogConfig, LoopConfig, ModelConfig, OptimConfig
+from rlhfkit.config import EngineConfig, LogConfig, LoopConfig, ModelConfig, OptimConfig
 from rlhfkit.data.prompts import PromptRow
 from rlhfkit.eval.run import Grid
 from rlhfkit.eval.summary import grid_report
@@ -48,6 +49,7 @@ from rlhfkit.inference.evaluate import EvalDataConfig, evaluate_prompts
 from rlhfkit.ops.selection import random_k_overall, random_per_prompt, select
 from rlhfkit.recipes import sft
 from rlhfkit.rollout.hf import SamplingConfig
+from rlhfkit.rollout.vllm import require_engine
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +97,9 @@ class RSConfig:
             max_new_tokens=128, temperature=0.8, top_p=0.95, num_samples=8
         )
     )
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    """Samples and the held-out evaluation on rlhfkit's sampler or vLLM (a vllm_url serves the
+    starting model only: the trained models get servers of their own)."""
     rewards: tuple[str, ...] = ("verifier:auto",)
     """Scorers: verifier:NAME (auto: each row's own), rm:DIR, module:function or file.py:fn."""
     weights: tuple[float, ...] = ()
@@ -182,9 +187,11 @@ def heldout_accuracy(cfg: RSConfig, models: dict[str, str]) -> dict[str, dict[st
     greedy = SamplingConfig(max_new_tokens=cfg.heldout.max_new_tokens, temperature=0.0)
     out = {}
     for name, path in models.items():
+        engine = cfg.engine if path == cfg.model.name else replace(cfg.engine, vllm_url=None)
         prompts, grid = evaluate_prompts(
             replace(cfg.model, name=path), None, data, greedy, cfg.rewards, cfg.weights,
-            chunk=cfg.chunk, cache_dir=str(Path(cfg.log.run_dir) / "cache"),
+            chunk=cfg.chunk, cache_dir=str(Path(cfg.log.run_dir) / "cache"), engine=engine,
+            log_dir=Path(cfg.log.run_dir),
         )  # fmt: skip
         out[name] = grid_report(grid, [p.fields for p in prompts])["overall"]
     return out
@@ -211,11 +218,14 @@ def print_summary(summary: dict[str, Any]) -> None:
 
 def main(cfg: RSConfig) -> dict[str, Any]:
     """Steps 1-6; returns the summary (also written to ``<run_dir>/summary.json``)."""
+    require_engine(cfg.engine)
+    if cfg.heldout.source:  # the trained models' evaluation starts servers of its own
+        require_engine(replace(cfg.engine, vllm_url=None))
     run_dir = Path(cfg.log.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     prompts, grid = evaluate_prompts(  # steps 1-3, cached
         cfg.model, None, cfg.data, cfg.sampling, cfg.rewards, cfg.weights,
-        chunk=cfg.chunk, cache_dir=str(run_dir / "cache"),
+        chunk=cfg.chunk, cache_dir=str(run_dir / "cache"), engine=cfg.engine, log_dir=run_dir,
     )  # fmt: skip
     chosen, control = pick(grid, cfg.selection)
     if not chosen:

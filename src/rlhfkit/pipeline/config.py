@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from rlhfkit.config import LogConfig, LoopConfig, ModelConfig, OptimConfig
+from rlhfkit.config import EngineConfig, LogConfig, LoopConfig, ModelConfig, OptimConfig, Problems
 from rlhfkit.recipes import dpo, reward_model, sft
 from rlhfkit.recipes import policy_gradient as pg
 from rlhfkit.rollout.hf import SamplingConfig
@@ -102,6 +102,9 @@ class PipelineConfig:
         )
     )
     candidates: CandidatesConfig = field(default_factory=CandidatesConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    """Where the candidates and evaluation stages sample: rlhfkit's sampler or vLLM (a server
+    started on each model they sample; the RL stage has its own --rl.engine)."""
     labels: LabelsConfig = field(default_factory=LabelsConfig)
     rm: reward_model.RMConfig = field(
         default_factory=lambda: reward_model.RMConfig(
@@ -146,3 +149,10 @@ class PipelineConfig:
     """Run each stage that loads models in a process of its own, so that its memory goes back
     to the system when it ends (the peak is the largest stage's, not the sum of all)."""
     log: LogConfig = field(default_factory=lambda: LogConfig(run_dir="runs/pipeline"))
+
+    def problems(self) -> Problems:
+        """An engine URL: the pipeline samples several models, each on a server of its own."""
+        if self.engine.vllm_url:
+            return [("engine.vllm_url", "the pipeline starts a vLLM server per model it samples; "
+                     "leave it unset")]  # fmt: skip
+        return []

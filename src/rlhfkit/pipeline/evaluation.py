@@ -274,6 +274,8 @@ def evaluate_stage(cfg: PipelineConfig, run: Path, gold: str) -> None:
         replace(sampling, num_samples=max(ev.bon_n, ev.samples)),
         *score,
         cache_dir=str(run / "cache"),
+        engine=cfg.engine,
+        log_dir=run / "logs" / "eval-sft",
     )
     final_cfg = replace(cfg.model, name=str(run / "policy" / "final"))
     _, final = evaluate_prompts(
@@ -283,6 +285,8 @@ def evaluate_stage(cfg: PipelineConfig, run: Path, gold: str) -> None:
         replace(sampling, num_samples=ev.samples, seed=1),
         *score,
         cache_dir=str(run / "cache"),
+        engine=cfg.engine,
+        log_dir=run / "logs" / "eval-final",
     )
     rm_report = eval_main(
         RMEvalConfig(

@@ -63,6 +63,7 @@ from rlhfkit.pipeline.config import PipelineConfig
 from rlhfkit.pipeline.evaluation import evaluate_stage, report_data
 from rlhfkit.recipes import dpo, reward_model, sft
 from rlhfkit.recipes import policy_gradient as pg
+from rlhfkit.rollout.vllm import require_engine
 
 log = logging.getLogger(__name__)
 console = Console()
@@ -133,6 +134,8 @@ def run_candidates(cfg: PipelineConfig, run: Path) -> None:
         (GOLD,),
         chunk=32,
         cache_dir=str(run / "cache"),
+        engine=cfg.engine,
+        log_dir=run / "logs" / "candidates",
     )
     rows = [
         {
@@ -470,6 +473,8 @@ def main(cfg: PipelineConfig) -> Path:
     cfg = _seeded(cfg)
     if not (run / "report.html").exists():
         require_extra("plot", "the pipeline's report (report.html)")
+    require_engine(cfg.engine)
+    require_engine(cfg.rl.engine)
     run.mkdir(parents=True, exist_ok=True)
     if launch_rank() != 0:  # under torchrun: take part in the training stages only
         return _follow(cfg, run)

@@ -10,9 +10,11 @@ Loop, for round k = 1 .. ``rounds``:
        shuffle, cycled).
     2. Sample ``num_samples`` completions per prompt from the current policy, with the KV-cache
        sampler every command uses (:func:`rlhfkit.rollout.sampler.chat_generator`, prompts
-       rendered with the chat template, :func:`rlhfkit.eval.run.sample_grid`). The seed of a
-       prompt's chunk is ``loop.seed * 1_000_003`` plus the prompt's position in the stream of
-       round prompts, so no two chunks of a run share a random stream.
+       rendered with the chat template, :func:`rlhfkit.eval.run.sample_grid`), or with
+       ``--engine.backend vllm`` on a vLLM server that gets the policy's weights before each
+       round (:mod:`rlhfkit.recipes.engine`). The seed of a prompt's chunk is
+       ``loop.seed * 1_000_003`` plus the prompt's position in the stream of round prompts, so
+       no two chunks of a run share a random stream (the vLLM engine takes no per-request seed).
     3. Score them with the reward: ``rm:<checkpoint>`` (a reward model from ``rlhfkit rm train``)
        or any ``module:function`` (:mod:`rlhfkit.rewards`); None skips a completion.
     4. Pair the best completion of each prompt with its worst; prompts whose best and worst
@@ -37,10 +39,13 @@ optimiser steps are sharded as in offline DPO.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import random
 import statistics
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -48,7 +53,7 @@ from typing import Any, Literal
 import torch
 
 from rlhfkit.atomic import atomic_write_text
-from rlhfkit.config import LogConfig, Problems, to_dict
+from rlhfkit.config import EngineConfig, LogConfig, Problems, to_dict
 from rlhfkit.data.collate import supports_padding_free
 from rlhfkit.data.groups import TokenizedGroup, tokenize_groups
 from rlhfkit.data.preferences import RankedGroup
@@ -69,9 +74,11 @@ from rlhfkit.recipes.dpo import (
     train_steps,
 )
 from rlhfkit.recipes.dpo_eval import gold_comparison, heldout_metrics
+from rlhfkit.recipes.engine import synced, vllm_policy
 from rlhfkit.rewards import load_reward_fn, reward_models, score_completions
 from rlhfkit.rollout.hf import SamplingConfig
-from rlhfkit.rollout.sampler import chat_generator
+from rlhfkit.rollout.sampler import Generator, chat_generator
+from rlhfkit.rollout.vllm import require_engine
 from rlhfkit.training.distributed import gather_objects
 from rlhfkit.training.reference import cached_reference, compute_reference
 from rlhfkit.training.run import RunContext, build_run, finish_run
@@ -132,6 +139,9 @@ class OnlineDPOConfig(DPOConfig):
     """rlhfkit dpo online: iterative DPO on pairs sampled from the policy and labelled."""
 
     online: OnlineConfig = field(default_factory=OnlineConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    """Where each round samples: the policy itself, or a vLLM server given the policy's weights
+    before each round (one process only)."""
     log: LogConfig = field(default_factory=lambda: LogConfig(run_dir="runs/dpo_online"))
 
 
@@ -190,16 +200,20 @@ def best_vs_worst(
 
 
 def _sample_share(
-    ctx: RunContext, reward: Any, chosen: list[dict[str, Any]], sampling: SamplingConfig
+    ctx: RunContext,
+    reward: Any,
+    chosen: list[dict[str, Any]],
+    sampling: SamplingConfig,
+    generator: Generator | None = None,
 ) -> tuple[list[list[str]], list[list[float | None]]]:
     """Completions and rewards of every prompt of the round, each rank sampling its share.
 
     Every rank gets the whole round back, in prompt order, so that all ranks build the same
-    pairs (and train on their share of them).
+    pairs (and train on their share of them). ``generator`` samples (None: the policy itself).
     """
     mine = ctx.dist.shard(list(range(len(chosen))))
     rows = [PromptRow(render_prompt(ctx.tokenizer, chosen[i]["prompt"]), chosen[i]) for i in mine]
-    generator = chat_generator(ctx.model, ctx.tokenizer)
+    generator = generator or chat_generator(ctx.model, ctx.tokenizer)
     samples = sample_grid(generator, ctx.tokenizer, rows, sampling).texts if rows else []
     flat = [c for completions in samples for c in completions]
     fields = [chosen[i] for i, completions in zip(mine, samples, strict=True) for _ in completions]
@@ -213,9 +227,17 @@ def _sample_share(
 
 
 def sample_round(
-    ctx: RunContext, cfg: OnlineDPOConfig, reward: Any, prompts: list[dict[str, Any]], k: int
+    ctx: RunContext,
+    cfg: OnlineDPOConfig,
+    reward: Any,
+    prompts: list[dict[str, Any]],
+    k: int,
+    generator: Generator | None = None,
 ) -> tuple[list[TokenizedGroup], dict[str, float], list[dict[str, Any]]]:
-    """Steps 1-4 of round ``k``: pairs, round metrics and the records written to disk."""
+    """Steps 1-4 of round ``k``: pairs, round metrics and the records written to disk.
+
+    ``generator`` samples (None: rlhfkit's sampler on the policy).
+    """
     on = cfg.online
     chosen = pick_prompts(prompts, k, on.prompts_per_round, cfg.loop.seed)
     sampling = SamplingConfig(
@@ -225,7 +247,7 @@ def sample_round(
         num_samples=on.num_samples,
         seed=cfg.loop.seed * 1_000_003 + k * on.prompts_per_round,  # + the prompt's index
     )
-    samples, scored = _sample_share(ctx, reward, chosen, sampling)
+    samples, scored = _sample_share(ctx, reward, chosen, sampling, generator)
     flat_scores = [v for scores in scored for v in scores]
     flat = [c for completions in samples for c in completions]
     groups, records = [], []
@@ -272,6 +294,75 @@ def round_reference(
         return compute_reference(reference, pairs, **options)[0]
 
 
+@contextlib.contextmanager
+def round_sampler(
+    ctx: RunContext, cfg: OnlineDPOConfig
+) -> Iterator[Callable[[], tuple[Generator | None, dict[str, float]]]]:
+    """Per round: the sampler of the policy's current weights and its metrics.
+
+    ``hf``: None (rlhfkit's sampler on the policy itself). ``vllm``: a server started once,
+    given the policy's weights before each round (their load time is logged).
+    """
+    if cfg.engine.backend == "hf":
+        yield lambda: (None, {})
+        return
+    with vllm_policy(ctx, cfg.engine, cfg.loop.seed) as engine:
+        yield lambda: (synced(engine, ctx).generator, {"online/sync_s": engine.sync_seconds})
+
+
+@dataclass
+class RoundBatches:
+    """What every round trains with besides its own pairs.
+
+    Attributes:
+        held_out: The held-out pairs (None: none).
+        loss: The step loss and its example count.
+        share: Pairs as prefix trees (one document per prompt).
+    """
+
+    held_out: PairBatches | None
+    loss: tuple[Any, Any]
+    share: bool
+
+
+def one_round(
+    ctx: RunContext,
+    cfg: OnlineDPOConfig,
+    k: int,
+    reward: Any,
+    prompts: list[dict[str, Any]],
+    sampler: tuple[Generator | None, dict[str, float]],
+    batches: RoundBatches,
+    bar: Any,
+) -> None:
+    """Round ``k``: sample, label and pair (steps 1-4), log and write them, train, checkpoint."""
+    generator, engine_metrics = sampler
+    with ctx.gathered(*reward_models([reward])):  # each rank samples its share
+        pairs, metrics, records = sample_round(ctx, cfg, reward, prompts, k, generator)
+    metrics.update(engine_metrics)
+    ctx.logger.log(ctx.step, metrics)
+    log.info("round %d: %s", k + 1, {n: round(v, 4) for n, v in metrics.items()})
+    if ctx.dist.is_main:
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        path = ctx.run_dir / "rounds" / f"round-{k + 1:03d}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, text)
+    if pairs:
+        share = batches.share
+        train = PairBatches(
+            pairs, round_reference(ctx, cfg, pairs, share), ctx.packing, ctx.pad_id, share
+        )
+        train_steps(
+            ctx, cfg, train, batches.held_out, batches.loss, bar,
+            stop_step=ctx.step + cfg.online.steps_per_round, batch_limit=None, save_every=0,
+            batch_offset=ctx.batches_done,
+        )  # fmt: skip
+    else:
+        log.warning("round %d: every prompt tied; no update this round", k + 1)
+    ctx.resume_state["round"] = k + 1
+    ctx.save(cfg.loop.keep_last)
+
+
 def main(cfg: OnlineDPOConfig) -> Path:
     """Run iterative DPO; returns the run directory (model under ``<run_dir>/final``)."""
     on = cfg.online
@@ -279,6 +370,9 @@ def main(cfg: OnlineDPOConfig) -> Path:
         raise ConfigError(
             "online DPO needs num_samples >= 2, temperature > 0, rounds >= 1, steps_per_round >= 1"
         )
+    if cfg.engine.backend == "vllm" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("--engine.backend vllm runs with one process; under torchrun use hf")
+    require_engine(cfg.engine)  # not installed: say how, before loading anything
     ctx = build_run(
         cfg.model, cfg.log, cfg.loop.seed, to_dict(cfg), resume=cfg.loop.resume,
         batch_size=cfg.loop.batch_size,
@@ -306,29 +400,10 @@ def main(cfg: OnlineDPOConfig) -> Path:
     loss = (make_step_loss(ctx.model, cfg.algo), example_count(cfg.algo))
     if ctx.step == 0 and held_out is not None:
         ctx.logger.log(0, heldout_metrics(ctx, held_out, *loss, cfg))
-    with ctx.progress(total) as bar:
+    batches = RoundBatches(held_out, loss, share)
+    with ctx.progress(total) as bar, round_sampler(ctx, cfg) as sampler:
         for k in range(int(ctx.resume_state.get("round", 0)), on.rounds):
-            with ctx.gathered(*reward_models([reward])):  # each rank samples its share
-                pairs, metrics, records = sample_round(ctx, cfg, reward, prompts, k)
-            ctx.logger.log(ctx.step, metrics)
-            log.info("round %d: %s", k + 1, {n: round(v, 4) for n, v in metrics.items()})
-            if ctx.dist.is_main:
-                text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-                path = ctx.run_dir / "rounds" / f"round-{k + 1:03d}.jsonl"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                atomic_write_text(path, text)
-            if pairs:
-                train = PairBatches(
-                    pairs, round_reference(ctx, cfg, pairs, share), ctx.packing, ctx.pad_id, share
-                )
-                train_steps(
-                    ctx, cfg, train, held_out, loss, bar, stop_step=ctx.step + on.steps_per_round,
-                    batch_limit=None, save_every=0, batch_offset=ctx.batches_done,
-                )  # fmt: skip
-            else:
-                log.warning("round %d: every prompt tied; no update this round", k + 1)
-            ctx.resume_state["round"] = k + 1
-            ctx.save(cfg.loop.keep_last)
+            one_round(ctx, cfg, k, reward, prompts, sampler(), batches, bar)
     final_evaluation(ctx, cfg, held_out, *loss)
     ctx.resume_state.pop("gold_before", None)
     return finish_run(ctx, cfg.loop.keep_last)

@@ -28,7 +28,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from rlhfkit.config import EngineConfig
 from rlhfkit.errors import UserError
+from rlhfkit.models.load import resolve_model_path
 from rlhfkit.rollout.engine import StagedEngine
 from rlhfkit.rollout.hf import SamplingConfig
 from rlhfkit.rollout.vllm_worker import tensors_hash
@@ -242,6 +244,47 @@ class VLLMServer:
                     os.killpg(self.process.pid, 9)
                 self.process.wait()
         shutil.rmtree(self._tmp, ignore_errors=True)
+
+
+ENGINE_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+"""The engine's name of each compute dtype."""
+
+
+def require_engine(engine: EngineConfig) -> None:
+    """Check, before any model is loaded, that a vLLM backend can start.
+
+    Raises:
+        EngineError: ``backend vllm`` without a URL and no engine environment (with the command
+            that builds it).
+    """
+    if engine.backend == "vllm" and not engine.vllm_url:
+        engine_python(engine.vllm_python)
+
+
+@contextlib.contextmanager
+def vllm_server(
+    engine: EngineConfig, model: str, dtype: torch.dtype, *, seed: int = 0,
+    log_dir: Path | None = None,
+) -> Iterator[VLLMServer]:  # fmt: skip
+    """A server on ``model`` as ``engine`` configures it (or attached to its URL), closed on exit.
+
+    Args:
+        engine: The engine section of a command's config.
+        model: Model name or directory the server loads (an embedded name is resolved).
+        dtype: The compute dtype it runs in.
+        seed: The engine's seed.
+        log_dir: Where its log goes (a temporary directory when None).
+    """
+    settings = ServerSettings(
+        model=resolve_model_path(model), dtype=ENGINE_DTYPES.get(dtype, "float32"),
+        python=engine.vllm_python, max_model_len=engine.vllm_max_model_len,
+        memory_fraction=engine.vllm_memory, seed=seed,
+    )  # fmt: skip
+    server = VLLMServer(settings, url=engine.vllm_url, log_dir=log_dir)
+    try:
+        yield server
+    finally:
+        server.close()
 
 
 class VLLMGenerator:

@@ -7,7 +7,14 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-from rlhfkit.config import LogConfig, LoopConfig, ModelConfig, OptimConfig, Problems
+from rlhfkit.config import (
+    EngineConfig,
+    LogConfig,
+    LoopConfig,
+    ModelConfig,
+    OptimConfig,
+    Problems,
+)
 from rlhfkit.data.schemas import SCHEMAS
 from rlhfkit.data.sources import data_section_problems
 from rlhfkit.errors import ConfigError
@@ -128,12 +135,13 @@ class PGAlgoConfig:
 
 
 @dataclass
-class EngineConfig:
-    """Where rollouts are sampled, and how far sampling may run ahead of training."""
+class RLEngineConfig(EngineConfig):
+    """Where rollouts are sampled, and how far sampling may run ahead of training.
 
-    backend: Literal["hf", "vllm"] = "hf"
-    """'hf': rlhfkit's own KV-cache sampler. 'vllm': a vLLM server (its own environment, built
-    by `make vllm`), synced with the learner's weights (synchronous unless max_staleness > 0)."""
+    On vllm the engine starts on the run's starting model and gets the learner's weights after
+    every optimiser step (synchronous unless max_staleness > 0).
+    """
+
     max_staleness: int | None = None
     """None: synchronous (each batch is sampled by the policy of the step that trains on it).
     k >= 0: asynchronous: an engine copy of the policy samples the next batches in the
@@ -142,27 +150,14 @@ class EngineConfig:
     sync_every: int = 1
     """Asynchronous: copy the learner's weights into the engine after every N optimiser steps
     (sooner when the staleness bound needs fresher weights)."""
-    vllm_url: str | None = None
-    """vllm: attach to this running server (started with rlhfkit's worker extension) instead of
-    starting one."""
-    vllm_python: str | None = None
-    """vllm: the Python of the engine's environment (default: .venv-vllm, or
-    $RLHFKIT_VLLM_PYTHON)."""
-    vllm_memory: float = 0.1
-    """vllm: share of memory the engine reserves for its KV cache (its
-    --gpu-memory-utilization; on the CPU build a share of RAM)."""
-    vllm_max_model_len: int = 2048
-    """vllm: longest prompt plus completion the engine accepts."""
 
     def problems(self) -> Problems:
-        """Negative staleness, a sync interval below 1."""
-        out = []
+        """Negative staleness, a sync interval below 1, and the engine's own problems."""
+        out = super().problems()
         if self.max_staleness is not None and self.max_staleness < 0:
             out.append(("max_staleness", f"must be >= 0 (or unset), got {self.max_staleness}"))
         if self.sync_every < 1:
             out.append(("sync_every", f"must be at least 1, got {self.sync_every}"))
-        if not 0.0 < self.vllm_memory <= 1.0:
-            out.append(("vllm_memory", f"must be in (0, 1], got {self.vllm_memory}"))
         return out
 
 
@@ -197,7 +192,7 @@ class PGConfig:
     data: PGDataConfig = field(default_factory=PGDataConfig)
     algo: PGAlgoConfig = field(default_factory=PGAlgoConfig)
     critic: CriticConfig = field(default_factory=CriticConfig)
-    engine: EngineConfig = field(default_factory=EngineConfig)
+    engine: RLEngineConfig = field(default_factory=RLEngineConfig)
     sampling: SamplingConfig = field(
         default_factory=lambda: SamplingConfig(max_new_tokens=64, temperature=1.0, num_samples=8)
     )

@@ -13,8 +13,8 @@ import torch
 from rlhfkit.config import to_dict
 from rlhfkit.errors import ConfigError
 from rlhfkit.models.heads import supports_prefix_trees
-from rlhfkit.models.load import resolve_model_path
 from rlhfkit.ops.kl import adaptive_kl_coef
+from rlhfkit.recipes.engine import vllm_policy
 from rlhfkit.recipes.policy_gradient.advantages import assign_advantages, attach_logprobs
 from rlhfkit.recipes.policy_gradient.asynchronous import RolloutProducer
 from rlhfkit.recipes.policy_gradient.collect import assemble, collect, load_prompts
@@ -32,7 +32,7 @@ from rlhfkit.recipes.policy_gradient.update import aggregation, optimise, policy
 from rlhfkit.rewards import load_reward_fn, reward_models
 from rlhfkit.rollout.engine import LocalEngine
 from rlhfkit.rollout.sampler import HFGenerator
-from rlhfkit.rollout.vllm import ServerSettings, VLLMEngine, VLLMServer, engine_python
+from rlhfkit.rollout.vllm import require_engine
 from rlhfkit.training.accumulate import StepStats
 from rlhfkit.training.run import RunContext, build_run, finish_run
 
@@ -126,7 +126,7 @@ def rollout_source(
     with contextlib.ExitStack() as stack:
         eos = [ctx.tokenizer.eos_token_id]
         if engine_cfg.backend == "vllm":
-            engine = stack.enter_context(vllm_engine(run))
+            engine = stack.enter_context(vllm_policy(ctx, engine_cfg, run.cfg.loop.seed))
         else:
             engine = LocalEngine(
                 ctx.model, pad_id=ctx.pad_id, eos_ids=eos, tokenizer=ctx.tokenizer,
@@ -139,34 +139,6 @@ def rollout_source(
         )  # fmt: skip
         with producer:
             yield producer
-
-
-@contextlib.contextmanager
-def vllm_engine(run: PGRun) -> Iterator[VLLMEngine]:
-    """A vLLM server on the run's starting model, as the rollout engine (stopped on exit).
-
-    The server loads the starting weights; a resumed run pushes its current ones first.
-    """
-    cfg, ctx = run.cfg.engine, run.ctx
-    name = resolve_model_path(ctx.source[0])
-    dtype = {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(
-        ctx.precision.compute, "float32"
-    )
-    settings = ServerSettings(
-        model=name, dtype=dtype, python=cfg.vllm_python, max_model_len=cfg.vllm_max_model_len,
-        memory_fraction=cfg.vllm_memory, seed=run.cfg.loop.seed,
-    )  # fmt: skip
-    server = VLLMServer(settings, url=cfg.vllm_url, log_dir=ctx.run_dir)
-    try:
-        engine = VLLMEngine(
-            server, ctx.model, eos_ids=[ctx.tokenizer.eos_token_id],
-            dtype=ctx.precision.compute, version=0,
-        )  # fmt: skip
-        if ctx.step > 0 or ctx.lora_base is not None or cfg.vllm_url:
-            engine.push(ctx.model, ctx.step)  # the server may hold other weights than these
-        yield engine
-    finally:
-        server.close()
 
 
 def backward_hook(run: PGRun, critic: Critic | None) -> Callable[[], None]:
@@ -198,8 +170,7 @@ def main(cfg: PGConfig) -> Path:
             "--engine: a separate rollout engine (vllm, or max_staleness) runs with one learner "
             "process; under torchrun use the hf backend without max_staleness"
         )
-    if engine.backend == "vllm" and not engine.vllm_url:
-        engine_python(engine.vllm_python)  # not installed: say how, before loading anything
+    require_engine(engine)  # not installed: say how, before loading anything
     ctx = build_run(
         cfg.model, cfg.log, cfg.loop.seed, to_dict(cfg), resume=cfg.loop.resume,
         batch_size=cfg.loop.batch_size,
