@@ -238,6 +238,7 @@ def test_a_real_process_prints_one_line_and_debug_shows_the_traceback(tiny_model
 def sampling_args(command: str, model: Path, data: Path, root: Path) -> list[str]:
     """Arguments of each command that samples, on ``data`` (prompt rows)."""
     source = ["--model.name", str(model), "--data.source", str(data), "--data.split", "train"]
+    pipeline_dir = ["--log.run-dir", str(root / "pipeline")]
     return {
         "rl": lambda: rl_args(model, data, root),
         "dpo online": lambda: online_args(model, data, root),
@@ -245,13 +246,7 @@ def sampling_args(command: str, model: Path, data: Path, root: Path) -> list[str
         "bon": lambda: ["bon", *source, "--cache-dir", "None"],
         "rs": lambda: ["rs", *source, "--log.run-dir", str(root / "rs")],
         "generate": lambda: ["generate", "--model.name", str(model), "--prompts", "Hi"],
-        "pipeline": lambda: [
-            "pipeline",
-            "--model.name",
-            str(model),
-            "--log.run-dir",
-            str(root / "pipeline"),
-        ],  # fmt: skip
+        "pipeline": lambda: ["pipeline", "--model.name", str(model), *pipeline_dir],
     }[command]()
 
 
