@@ -73,6 +73,39 @@ def test_greedy_completions_equal_rlhfkits_sampler(server, tokenizer):
         assert a == pytest.approx(b, abs=1e-3)
 
 
+def test_eval_on_the_engine_reports_as_on_rlhfkits_sampler(server, tokenizer, tmp_path):
+    """`rlhfkit eval --engine.backend vllm` (attached to the server): greedy fp32 samples equal
+    the hf backend's, so the reports are equal."""
+    from rlhfkit.config import EngineConfig, ModelConfig
+    from rlhfkit.inference import evaluate
+
+    model = load_model("smollm2-135m-instruct", dtype=torch.float32)
+    engine = VLLMEngine(server, model, eos_ids=[tokenizer.eos_token_id], dtype=torch.float32)
+    engine.push(model, version=0)  # the starting weights, whatever an earlier test left there
+    engine.apply()
+    prompts = tmp_path / "prompts.jsonl"
+    rows = [{"prompt": f"What is {a} + {b}?", "answer": str(a + b)} for a, b in [(2, 3), (10, 7),
+            (4, 4), (21, 9), (6, 0), (13, 13)]]  # fmt: skip
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    url = server.url
+
+    def report(backend):
+        cfg = evaluate.EvalConfig(
+            model=ModelConfig(name="smollm2-135m-instruct", precision="fp32"),
+            data=evaluate.EvalDataConfig(source=str(prompts), split="train"),
+            sampling=SamplingConfig(max_new_tokens=24, temperature=0.0),
+            engine=EngineConfig(backend=backend, vllm_url=url if backend == "vllm" else None),
+            rewards=("rlhfkit.rewards.answers:exact_answer",), cache_dir=None,
+            samples_output=str(tmp_path / f"{backend}.jsonl"),
+        )  # fmt: skip
+        evaluate.main(cfg)
+        lines = (tmp_path / f"{backend}.jsonl").read_text().splitlines()
+        return [(r["completion"], r["finish"], r["reward"]) for r in map(json.loads, lines)]
+
+    assert report("vllm") == report("hf")
+
+
 def test_weight_sync_moves_the_engine_to_the_learner(server, tokenizer):
     model = load_model("smollm2-135m-instruct", dtype=torch.float32)
     engine = VLLMEngine(server, model, eos_ids=[tokenizer.eos_token_id], dtype=torch.float32)
@@ -138,3 +171,39 @@ def test_grpo_runs_on_the_engine(server, tmp_path):
     for r in rows:
         assert r["async/staleness"] == 0  # synchronous on the engine: every batch is fresh
         assert r["train/sampler_gap"] < 0.05  # the engine and the learner agree (fp32)
+
+
+def test_online_dpo_samples_each_round_on_the_engine(server, tmp_path):
+    """`rlhfkit dpo online --engine.backend vllm`: every round samples on the engine after the
+    policy's weights were loaded into it (their load time logged), and pairs are trained on."""
+    from rlhfkit.config import from_dict
+    from rlhfkit.recipes import dpo_online
+
+    prompts = tmp_path / "prompts.jsonl"
+    rows = [{"prompt": f"What is {a} + {a}?", "chosen": str(2 * a), "rejected": "?"}
+            for a in range(6)]  # fmt: skip
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    reward = tmp_path / "reward.py"
+    reward.write_text("def length(completion):\n    return float(len(completion))\n")
+    cfg = from_dict(dpo_online.OnlineDPOConfig, {
+        "model": {"name": "smollm2-135m-instruct", "precision": "fp32"},
+        "data": {"train": str(prompts), "eval": None},
+        "engine": {"backend": "vllm", "vllm_url": server.url},
+        "online": {"reward": f"{reward}:length", "rounds": 2,
+                   "prompts_per_round": 4, "num_samples": 4, "max_new_tokens": 12,
+                   "steps_per_round": 1, "temperature": 1.0},
+        "optim": {"lr": 1e-6, "warmup_ratio": 0.0, "schedule": "constant"},
+        "loop": {"batch_size": 2},
+        "eval": {"win_rate": False, "kl_prompts": 0},
+        "log": {"run_dir": str(tmp_path / "run"), "progress": False, "tensorboard": False},
+    })  # fmt: skip
+    dpo_online.main(cfg)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rounds = [r for r in rows if "online/round" in r]
+    assert [r["online/round"] for r in rounds] == [1.0, 2.0]
+    assert all(r["online/sync_s"] > 0 for r in rounds)  # weights loaded before each round
+    assert all(r["online/pairs"] > 0 for r in rounds)
+    assert [r["step"] for r in rows if "train/loss" in r] == [1, 2]
+    for k in (1, 2):
+        samples = (tmp_path / "run" / "rounds" / f"round-{k:03d}.jsonl").read_text().splitlines()
+        assert len(samples) == 4 and all(len(json.loads(x)["completions"]) == 4 for x in samples)
