@@ -10,9 +10,12 @@ runs in its own environment (``make vllm``); its start-up time is reported apart
 Part 2, GRPO: ``rlhfkit rl`` on the arithmetic prompts with the HF backend, the vLLM backend
 (synchronous) and the vLLM backend with ``--engine.max-staleness 1`` (asynchronous), the same
 settings otherwise; the median step time (from the metrics' timestamps, first step excluded)
-and the weight-sync time per step.
+and the weight-sync time per step. Then TRL's ``GRPOTrainer`` (``generate``, no vLLM: the CPU
+engine's environment has no TRL) on the same prompts and settings (4 prompts x 8 samples x up
+to 48 tokens, T = 1, k3 KL 0.04 in the loss, lr 1e-6), driven by ``bench_grpo.py``'s worker;
+its median time per step (first step excluded).
 
-    python benchmarks/bench_engine.py [--rounds 3] [--grpo-steps 6] [--skip-grpo]
+    python benchmarks/bench_engine.py [--rounds 3] [--grpo-steps 6] [--skip-grpo] [--skip-trl]
 """
 
 from __future__ import annotations
@@ -142,11 +145,44 @@ def grpo_part(steps: int) -> dict:
     return out
 
 
+def trl_part(steps: int) -> dict:
+    """TRL's GRPOTrainer on the arithmetic prompts of ``grpo_part``, in its own process."""
+    import bench_grpo
+    from rlhfkit.data.prompts import load_prompt_rows
+
+    settings = bench_grpo.Settings(
+        batch_size=4, num_samples=8, max_new_tokens=48, lr=1e-6, beta=0.04, steps=steps,
+        warmup=1,
+    )  # fmt: skip
+    tokenizer = load_tokenizer(MODEL)
+    rows = []
+    for r in load_prompt_rows(tokenizer, "builtin:arithmetic", "verifiable", limit=64):
+        prompt = r.fields["prompt"]  # a chat, as rlhfkit renders it
+        chat = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        rows.append({"prompt": chat, "answer": r.fields["answer"]})
+    worker = common.Worker.start("trl", bench_grpo.trl_worker, settings, rows)
+    try:
+        worker.wait_ready()
+        answers = [worker.request("step") for _ in range(settings.total_steps)]
+        worker.request("stop")
+    finally:
+        worker.close()
+    seconds = [a["seconds"] for a in answers[settings.warmup :]]
+    return {
+        "median_step_s": statistics.median(seconds),
+        "reward": statistics.fmean(a["reward"] for a in answers),
+        "mean_completion_length": statistics.fmean(
+            x for a in answers for x in a["completion_lengths"]
+        ),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--grpo-steps", type=int, default=6)
     parser.add_argument("--skip-grpo", action="store_true")
+    parser.add_argument("--skip-trl", action="store_true")
     ns = parser.parse_args()
     common.set_threads(2)
     print(f"machine: {common.cpu_model()}")
@@ -167,6 +203,15 @@ def main() -> None:
             print(f"  {name:31s} {step:6.2f} s/step ({base / step:.2f}x hf steps/s), "
                   f"wall {r['wall_s']:.0f} s, sync {r['sync_s']:.2f} s, "
                   f"staleness {r['staleness']}")  # fmt: skip
+        if not ns.skip_trl:
+            trl = trl_part(ns.grpo_steps)
+            grpo["trl GRPOTrainer"] = trl
+            step = trl["median_step_s"]
+            print(f"  {'trl GRPOTrainer (generate)':31s} {step:6.2f} s/step "
+                  f"({base / step:.2f}x hf steps/s)")  # fmt: skip
+            for name, r in grpo.items():
+                if name != "trl GRPOTrainer":
+                    print(f"  {name}: {step / r['median_step_s']:.2f}x TRL's steps/s")
     out = Path(__file__).parent / "results" / f"engine-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
