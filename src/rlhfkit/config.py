@@ -181,6 +181,9 @@ class EngineConfig:
     --gpu-memory-utilization; on the CPU build a share of RAM)."""
     vllm_max_model_len: int = 2048
     """vllm: longest prompt plus completion the engine accepts."""
+    vllm_lora: Literal["adapter", "merged"] = "adapter"
+    """vllm, training with --model.lora: send the engine the LoRA adapter itself (it serves the
+    base model plus the adapter) or the merged weights W + (alpha/r) B A."""
 
     def problems(self) -> Problems:
         """A memory share outside (0, 1], a context length below 1."""

@@ -207,3 +207,90 @@ def test_online_dpo_samples_each_round_on_the_engine(server, tmp_path):
     for k in (1, 2):
         samples = (tmp_path / "run" / "rounds" / f"round-{k:03d}.jsonl").read_text().splitlines()
         assert len(samples) == 4 and all(len(json.loads(x)["completions"]) == 4 for x in samples)
+
+
+@pytest.fixture(scope="module")
+def lora_server(tmp_path_factory):
+    settings = ServerSettings(
+        model=resolve_model_path("smollm2-135m-instruct"), dtype="float32", lora_rank=8
+    )
+    server = VLLMServer(settings, log_dir=tmp_path_factory.mktemp("lora-server"))
+    yield server
+    server.close()
+
+
+def test_lora_adapter_sync_moves_the_engine_to_the_learner(lora_server, tokenizer):
+    """Under LoRA the engine gets the adapter itself: before the sync it samples the base model,
+    after it its log-probs are the learner's (base + adapter), and a second sync loads the
+    next adapter in place."""
+    from rlhfkit.models.load import LoraSpec, apply_lora
+    from rlhfkit.rollout.vllm import ADAPTER_NAME, VLLMAdapterEngine
+
+    torch.manual_seed(0)
+    model = apply_lora(load_model("smollm2-135m-instruct", dtype=torch.float32), LoraSpec(r=8))
+    with torch.no_grad():  # an adapter that changes the model (a fresh one is the identity)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.02)
+    engine = VLLMAdapterEngine(
+        lora_server, model, eos_ids=[tokenizer.eos_token_id], dtype=torch.float32
+    )
+    prompts = _prompts(tokenizer)
+    reply = tokenizer("The answer is 19.<|im_end|>", add_special_tokens=False)["input_ids"]
+    sequences = [x + reply for x in prompts]
+
+    def learner():
+        with torch.no_grad():
+            return [completion_logprobs(model, torch.tensor([x]), torch.ones(1, len(x)).bool(),
+                                        torch.tensor([reply]), torch.ones(1, len(reply)).bool())[0]
+                    for x in prompts]  # fmt: skip
+
+    def engine_side():
+        full = engine.generator.sequence_logprobs(sequences)
+        return [torch.tensor(row[len(x) - 1 :]) for row, x in zip(full, prompts, strict=True)]
+
+    before = engine_side()  # the base model: the adapter is not there yet
+    expected = learner()
+    assert max((a - b).abs().max().item() for a, b in zip(before, expected, strict=True)) > 0.05
+    engine.push(model, version=1)
+    assert engine.apply() == 1 and engine.generator.model_name == ADAPTER_NAME
+    for a, b in zip(engine_side(), expected, strict=True):
+        torch.testing.assert_close(a, b, atol=2e-3, rtol=0)
+    assert engine.weights_hash() == engine.expected_hash(model)
+    with torch.no_grad():  # the next adapter replaces this one
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.mul_(-1.0)
+    engine.push(model, version=2)
+    engine.apply()
+    for a, b in zip(engine_side(), learner(), strict=True):
+        torch.testing.assert_close(a, b, atol=2e-3, rtol=0)
+    engine.close()
+
+
+def test_grpo_with_lora_syncs_the_adapter(lora_server, tmp_path):
+    """`rlhfkit rl --model.lora true --engine.backend vllm`: the adapter is what gets synced."""
+    from rlhfkit.config import from_dict
+    from rlhfkit.recipes import policy_gradient as pg
+
+    prompts = tmp_path / "prompts.jsonl"
+    rows = [{"prompt": f"What is {a} + {a}?", "answer": str(2 * a)} for a in range(8)]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = from_dict(pg.PGConfig, {
+        "model": {"name": "smollm2-135m-instruct", "precision": "fp32", "lora": True,
+                  "lora_r": 8},
+        "data": {"train": str(prompts)},
+        "rewards": ["rlhfkit.rewards.answers:exact_answer"],
+        "engine": {"backend": "vllm", "vllm_url": lora_server.url},
+        "sampling": {"num_samples": 2, "max_new_tokens": 8, "temperature": 1.0},
+        "optim": {"lr": 1e-3, "warmup_ratio": 0.0, "schedule": "constant"},
+        "loop": {"batch_size": 2, "max_steps": 2},
+        "log": {"run_dir": str(tmp_path / "run"), "progress": False, "tensorboard": False},
+        "sample_every": 0,
+    })  # fmt: skip
+    pg.main(cfg)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["async/staleness"] == 0
+        assert r["train/sampler_gap"] < 0.05  # the engine samples base + the learner's adapter

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from pathlib import Path
 from typing import ClassVar
 
 import pytest
@@ -145,3 +146,42 @@ def test_samples_are_cached_per_engine(tiny_model_dir, tmp_path, monkeypatch):
     run(EngineConfig(backend="vllm"))
     run(None)  # None is the hf backend
     assert opened == ["hf", "vllm"]
+
+
+def test_adapter_engine_sends_peft_files_and_names_the_adapter(tiny_model_dir):
+    """A LoRA sync writes peft's adapter files (only the adapter's tensors, in the engine's
+    dtype), loads them in place under one name, resets the prefix cache, and requests then
+    name the adapter."""
+    from safetensors.torch import load_file
+
+    from rlhfkit.models.load import LoraSpec, apply_lora, load_model
+
+    seen = []
+
+    class AdapterServer(RecordedServer):
+        def post(self, path, body, timeout=600):
+            if path == "/v1/load_lora_adapter":
+                directory = body["lora_path"]
+                config = json.loads((Path(directory) / "adapter_config.json").read_text())
+                tensors = load_file(str(Path(directory) / "adapter_model.safetensors"))
+                seen.append((body, config, tensors))
+            self.bodies.append((path, body))
+            return {}
+
+    model = apply_lora(load_model(str(tiny_model_dir), dtype=torch.float32), LoraSpec(r=4))
+    server = AdapterServer(None)
+    engine = vllm.VLLMAdapterEngine(server, model, eos_ids=[2], dtype=torch.bfloat16)
+    assert engine.generator.model_name == "policy"  # the base model until the first sync
+    engine.push(model, version=3)
+    assert engine.apply() == 3
+    body, config, tensors = seen[0]
+    assert body["lora_name"] == vllm.ADAPTER_NAME and body["load_inplace"]
+    assert config["r"] == 4 and config["peft_type"] == "LORA"
+    lora = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert len(tensors) == len(lora) and all(".lora_" in n for n in tensors)
+    assert all(t.dtype == torch.bfloat16 for t in tensors.values())
+    assert [p for p, _ in server.bodies] == ["/v1/load_lora_adapter", "/reset_prefix_cache"]
+    assert engine.generator.model_name == vllm.ADAPTER_NAME
+    assert engine.weights_hash() == engine.expected_hash(model)
+    engine.close()
+    assert not Path(body["lora_path"]).exists()

@@ -47,6 +47,12 @@ from rlhfkit.types import Rollout
 SERVED_NAME = "policy"
 """The model name rlhfkit gives the server (requests name it)."""
 
+ADAPTER_NAME = "policy-lora"
+"""The name of the LoRA adapter rlhfkit loads into a server (requests then name it)."""
+
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+"""The ``--max-lora-rank`` values vLLM accepts."""
+
 
 class EngineError(UserError, RuntimeError):
     """The engine is missing, died, or refused a request (the message says which and why)."""
@@ -104,6 +110,7 @@ class ServerSettings:
             reserved for the KV cache).
         startup_timeout: Seconds to wait for the server to answer.
         seed: Engine seed.
+        lora_rank: Serve LoRA adapters up to this rank, loadable at run time (None: no LoRA).
     """
 
     model: str
@@ -113,6 +120,7 @@ class ServerSettings:
     memory_fraction: float = 0.1
     startup_timeout: float = 900.0
     seed: int = 0
+    lora_rank: int | None = None
 
 
 class VLLMServer:
@@ -160,6 +168,10 @@ class VLLMServer:
             "--gpu-memory-utilization", str(s.memory_fraction), "--seed", str(s.seed),
             "--worker-extension-cls", "rlhfkit_vllm_worker.WeightSync",
         ]  # fmt: skip
+        if s.lora_rank is not None:  # adapters loaded at run time (/v1/load_lora_adapter)
+            rank = next((r for r in LORA_RANKS if r >= s.lora_rank), s.lora_rank)
+            command += ["--enable-lora", "--max-loras", "1", "--max-lora-rank", str(rank)]
+            env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("w")
         # its own session: closing the server also ends the engine processes it spawned
@@ -222,7 +234,10 @@ class VLLMServer:
             raise EngineError(
                 f"the vLLM engine at {self.url} did not answer {path}: {err}"
             ) from err
-        return json.loads(text) if text.strip() else {}
+        try:
+            return json.loads(text) if text.strip() else {}
+        except json.JSONDecodeError:  # some endpoints answer plain text ("Success: ...")
+            return {"text": text}
 
     def post(self, path: str, body: Any, timeout: float = 600) -> Any:
         """POST ``body`` as JSON to ``path``; the decoded answer."""
@@ -264,7 +279,7 @@ def require_engine(engine: EngineConfig) -> None:
 @contextlib.contextmanager
 def vllm_server(
     engine: EngineConfig, model: str, dtype: torch.dtype, *, seed: int = 0,
-    log_dir: Path | None = None,
+    log_dir: Path | None = None, lora_rank: int | None = None,
 ) -> Iterator[VLLMServer]:  # fmt: skip
     """A server on ``model`` as ``engine`` configures it (or attached to its URL), closed on exit.
 
@@ -274,11 +289,12 @@ def vllm_server(
         dtype: The compute dtype it runs in.
         seed: The engine's seed.
         log_dir: Where its log goes (a temporary directory when None).
+        lora_rank: Serve LoRA adapters up to this rank (None: no LoRA).
     """
     settings = ServerSettings(
         model=resolve_model_path(model), dtype=ENGINE_DTYPES.get(dtype, "float32"),
         python=engine.vllm_python, max_model_len=engine.vllm_max_model_len,
-        memory_fraction=engine.vllm_memory, seed=seed,
+        memory_fraction=engine.vllm_memory, seed=seed, lora_rank=lora_rank,
     )  # fmt: skip
     server = VLLMServer(settings, url=engine.vllm_url, log_dir=log_dir)
     try:
@@ -299,6 +315,8 @@ class VLLMGenerator:
 
     def __init__(self, server: VLLMServer, *, eos_ids: Sequence[int], chunk: int = 64) -> None:
         self.server, self.eos_ids, self.chunk = server, set(eos_ids), chunk
+        self.model_name = server.model
+        """What requests name: the served model, or a LoRA adapter loaded into it."""
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig) -> Rollout:
         """``num_samples`` completions of each prompt with their sampler log-probs."""
@@ -336,7 +354,7 @@ class VLLMGenerator:
         """
         greedy = s.temperature <= 0
         body: dict[str, Any] = {
-            "model": self.server.model, "prompt": prompts, "n": s.num_samples,
+            "model": self.model_name, "prompt": prompts, "n": s.num_samples,
             "max_tokens": s.max_new_tokens, "temperature": 0.0 if greedy else s.temperature,
             "top_p": s.top_p, "top_k": s.top_k or -1, "min_p": s.min_p,
             "logprobs": 0, "return_tokens_as_token_ids": True,
@@ -353,20 +371,23 @@ class VLLMGenerator:
         return "eos" if ids and ids[-1] in self.eos_ids else "stop"
 
     def sequence_logprobs(self, sequences: Sequence[Sequence[int]]) -> list[list[float]]:
-        """Engine log-probs log pi(x_t | x_<t) of every token but the first of each sequence."""
-        body = {
-            "model": self.server.model, "prompt": [list(map(int, s)) for s in sequences],
-            "max_tokens": 1, "temperature": 0.0, "prompt_logprobs": 0,
-        }  # fmt: skip
+        """Engine log-probs log pi(x_t | x_<t) of every token but the first of each sequence.
+
+        One request per sequence: vLLM's CPU build (0.32) fails the prompt log-probs of several
+        sequences in one request when LoRA is enabled.
+        """
         out = []
-        for choice, seq in zip(
-            sorted(self.server.post("/v1/completions", body)["choices"], key=lambda c: c["index"]),
-            sequences,
-            strict=True,
-        ):
-            entries = choice["prompt_logprobs"][1:]  # the first token has no log-prob
-            out.append(
-                [float(e[str(int(t))]["logprob"]) for e, t in zip(entries, seq[1:], strict=True)]
+        for seq in sequences:
+            body = {
+                "model": self.model_name, "prompt": [list(map(int, seq))], "max_tokens": 1,
+                "temperature": 0.0, "prompt_logprobs": 0,
+            }  # fmt: skip
+            entries = self.server.post("/v1/completions", body)["choices"][0]["prompt_logprobs"]
+            out.append(  # the first token has no log-prob
+                [
+                    float(e[str(int(t))]["logprob"])
+                    for e, t in zip(entries[1:], seq[1:], strict=True)
+                ]
             )
         return out
 
@@ -383,7 +404,7 @@ class VLLMEngine(StagedEngine):
 
     A :class:`StagedEngine` whose ``apply`` sends the staged weights to the server.
     Under LoRA the adapters are merged into the pushed weights (the server holds plain
-    weights; vLLM's own LoRA serving is not used yet).
+    weights); :class:`VLLMAdapterEngine` sends the adapter itself instead.
 
     Args:
         server: The server (started from the model's starting weights).
@@ -427,6 +448,9 @@ class VLLMEngine(StagedEngine):
             raise EngineError(f"weight sync failed: the engine loaded {loaded} of {len(snapshot)}")
         self.server.post("/reset_prefix_cache", {})
 
+    def close(self) -> None:
+        """Nothing to free here (the server is closed by its owner)."""
+
     def weights_hash(self) -> str:
         """Hash of the weights the engine's workers last loaded ("" before any sync).
 
@@ -444,6 +468,87 @@ class VLLMEngine(StagedEngine):
         """What :meth:`weights_hash` gives once ``model``'s weights are synced."""
         weights = _plain_weights(model, self.synced)
         return tensors_hash({n: t.to(self.dtype) for n, t in weights.items()})
+
+
+class VLLMAdapterEngine(VLLMEngine):
+    """A vLLM server serving the base model plus the learner's LoRA adapter, synced as an adapter.
+
+    Each sync writes the adapter (peft's ``adapter_model.safetensors`` and
+    ``adapter_config.json``, a few MB instead of the whole model) to a new directory in shared
+    memory and loads it in place of the previous one (``/v1/load_lora_adapter``); requests then
+    name the adapter. The server must have been started with LoRA enabled
+    (``ServerSettings.lora_rank``).
+
+    Args:
+        server: The server, started with ``lora_rank`` at least the adapter's rank.
+        model: The learner's peft model (one active adapter).
+        eos_ids: End-of-turn ids.
+        dtype: The engine's dtype (the adapter is sent in it).
+        version: The learner's step of the weights the server holds (the base model alone
+            until the first sync: equal to a fresh adapter, whose B is zero).
+    """
+
+    def __init__(
+        self,
+        server: VLLMServer,
+        model: nn.Module,
+        *,
+        eos_ids: Sequence[int],
+        dtype: torch.dtype,
+        version: int = 0,
+    ) -> None:
+        super().__init__(server, model, eos_ids=eos_ids, dtype=dtype, version=version)
+        self.adapter = model.active_adapter
+        self.config = model.peft_config[self.adapter]
+        self._loaded: Path | None = None
+        self._sent: dict[str, torch.Tensor] = {}
+
+    def _snapshot(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        from peft import get_peft_model_state_dict
+
+        state = get_peft_model_state_dict(model, adapter_name=self.adapter)
+        return {n: t.detach().to(self.dtype).cpu().clone() for n, t in state.items()}
+
+    def _load(self, snapshot: dict[str, torch.Tensor]) -> None:
+        """Write the adapter to a new directory and load it in place of the previous one.
+
+        Raises:
+            EngineError: The server refused the adapter (the message says why).
+        """
+        from safetensors.torch import save_file
+
+        shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
+        directory = Path(tempfile.mkdtemp(dir=shm, prefix="rlhfkit-adapter-"))
+        self.config.save_pretrained(str(directory))
+        tensors = {n: t.contiguous() for n, t in snapshot.items()}
+        save_file(tensors, str(directory / "adapter_model.safetensors"))
+        # in place of any adapter of that name (an attached server may hold an older one)
+        body = {"lora_name": ADAPTER_NAME, "lora_path": str(directory), "load_inplace": True}
+        try:
+            self.server.post("/v1/load_lora_adapter", body)
+        except EngineError:
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
+        self.server.post("/reset_prefix_cache", {})
+        if self._loaded is not None:
+            shutil.rmtree(self._loaded, ignore_errors=True)
+        self._loaded, self._sent = directory, tensors
+        self.generator.model_name = ADAPTER_NAME
+
+    def weights_hash(self) -> str:
+        """Hash of the adapter the server last accepted ("" before any sync)."""
+        return tensors_hash(self._sent) if self._sent else ""
+
+    @torch.no_grad()
+    def expected_hash(self, model: nn.Module) -> str:
+        """What :meth:`weights_hash` gives once ``model``'s adapter is synced."""
+        return tensors_hash(self._snapshot(model))
+
+    def close(self) -> None:
+        """Remove the last adapter's directory (the server is closed by its owner)."""
+        if self._loaded is not None:
+            shutil.rmtree(self._loaded, ignore_errors=True)
+            self._loaded = None
 
 
 def _plain_weights(model: nn.Module, names: set[str]) -> dict[str, torch.Tensor]:
