@@ -15,6 +15,7 @@ KL(pi_theta || pi_ref), and E[grad k3] is the gradient of the forward KL(pi_ref 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -70,6 +71,40 @@ def adaptive_kl_coef(
     return beta * (1.0 + error * n_steps / horizon)
 
 
+def linear_divergence(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    ref_hidden: torch.Tensor,
+    ref_weight: torch.Tensor,
+    divergence: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    *,
+    temperature: float = 1.0,
+    chunk_rows: int = 512,
+) -> torch.Tensor:
+    """Per-position ``divergence(logits, ref_logits)`` from final hidden states and head weights.
+
+    Logits are h W^T / T for both models (fp32). Differentiable in ``hidden`` and ``weight``
+    only (the reference's logits are computed without gradient); chunked over rows, each
+    chunk's (rows, V) logits recomputed in the backward (activation checkpointing), so at most
+    one chunk of each model's logits exists at a time.
+
+    Shapes:
+        hidden: (N, H); weight: (V, H); ref_hidden: (N, H'); ref_weight: (V, H');
+        returns (N,) fp32.
+    """
+
+    def chunk(h: torch.Tensor, w: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+        return divergence((h @ w.T).float() / temperature, ref)
+
+    parts = []
+    for start in range(0, hidden.shape[0], chunk_rows):
+        rows = slice(start, start + chunk_rows)
+        with torch.no_grad():
+            ref = (ref_hidden[rows] @ ref_weight.T).float() / temperature  # (n, V)
+        parts.append(checkpoint(chunk, hidden[rows], weight, ref, use_reentrant=False))
+    return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+
+
 def linear_full_kl(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -81,21 +116,13 @@ def linear_full_kl(
 ) -> torch.Tensor:
     """Exact per-position KL(pi_theta || pi_ref) from final hidden states and head weights.
 
-    KL_i = sum_v p_iv (log p_iv - log q_iv), p = softmax(h_i W^T / T), q = softmax(h'_i W'^T / T).
-    Differentiable in ``hidden`` and ``weight``; chunked over rows, each chunk's (rows, V)
-    logits recomputed in the backward (activation checkpointing), so memory stays at one chunk.
+    KL_i = sum_v p_iv (log p_iv - log q_iv), p = softmax(h_i W^T / T), q = softmax(h'_i W'^T / T)
+    (:func:`linear_divergence` with :func:`full_kl`).
 
     Shapes:
         hidden, ref_hidden: (N, H); weight, ref_weight: (V, H); returns (N,) fp32.
     """
-
-    def chunk_kl(h: torch.Tensor, w: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-        return full_kl((h @ w.T).float() / temperature, ref)
-
-    parts = []
-    for start in range(0, hidden.shape[0], chunk_rows):
-        rows = slice(start, start + chunk_rows)
-        with torch.no_grad():
-            ref = (ref_hidden[rows] @ ref_weight.T).float() / temperature  # (n, V)
-        parts.append(checkpoint(chunk_kl, hidden[rows], weight, ref, use_reentrant=False))
-    return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+    return linear_divergence(
+        hidden, weight, ref_hidden, ref_weight, full_kl, temperature=temperature,
+        chunk_rows=chunk_rows,
+    )  # fmt: skip

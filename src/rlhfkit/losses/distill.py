@@ -1,0 +1,213 @@
+"""Distillation losses on per-token distributions (RLHF book ch. 12; GKD, Agarwal et al. 2024).
+
+With the teacher's distribution P = softmax(z_T / tau) and the student's Q = softmax(z_S / tau)
+at one position:
+
+- forward KL(P || Q) = sum_v P (log P - log Q): word-level KD (Hinton et al.; SFT on the
+  teacher's soft labels up to the constant H(P)); mass-covering.
+- reverse KL(Q || P) = sum_v Q (log Q - log P): mode-seeking; what on-policy distillation
+  minimises on the student's own samples.
+- generalised JSD with interpolation beta in [0, 1] (GKD):
+
+      JSD_beta(P || Q) = beta KL(P || M) + (1 - beta) KL(Q || M),   M = beta P + (1 - beta) Q,
+
+  the mixture M taken in probability space (log M = logsumexp(log beta + log P,
+  log(1 - beta) + log Q)). beta = 0 and beta = 1 are defined as the forward and the reverse KL,
+  which JSD_beta / beta and JSD_beta / (1 - beta) tend to at the two ends (JSD_beta itself
+  vanishes there); beta = 0.5 is the symmetric Jensen-Shannon divergence.
+
+A temperature tau divides both models' logits; the divergence is multiplied by tau^2 so that
+gradient magnitudes do not shrink with tau (Hinton et al. 2015).
+
+Top-k with a tail bucket (for large vocabularies): the divergence is taken over the K ids the
+student ranks highest plus one bucket holding the rest of each distribution's mass,
+log(1 - sum_topK p) = log(-expm1(logsumexp(log p_topK))). With K = V it is the full divergence.
+
+The teacher's side never gets a gradient. :func:`distill_divergence` evaluates any of these from
+final hidden states and head weights chunk by chunk (:func:`rlhfkit.ops.kl.linear_divergence`),
+so no (tokens x vocabulary) tensor is kept for both models at once.
+
+Shapes: logits (..., V) for both models (the same V: a shared tokenizer); per-position values
+(...) fp32.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from rlhfkit.ops.kl import linear_divergence
+
+Divergence = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""(student log-probs, teacher log-probs) over the same buckets -> per-position divergence."""
+
+
+LOG_FLOOR = -1e4
+"""Log-probabilities are clamped from below here, so that buckets of zero mass (log 0) add 0,
+with a zero gradient, instead of 0 * inf."""
+
+
+def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) = sum_v p (log p - log q) over the last dimension (0 log 0 = 0)."""
+    log_p, log_q = log_p.clamp(min=LOG_FLOOR), log_q.clamp(min=LOG_FLOOR)
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def forward_kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) from log-probabilities over the same buckets.
+
+    Shapes:
+        student, teacher: (..., K) log-probs; returns (...).
+    """
+    return _kl(teacher, student)
+
+
+def reverse_kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """KL(student || teacher) from log-probabilities over the same buckets.
+
+    Shapes:
+        student, teacher: (..., K) log-probs; returns (...).
+    """
+    return _kl(student, teacher)
+
+
+def generalized_jsd(student: torch.Tensor, teacher: torch.Tensor, beta: float) -> torch.Tensor:
+    """GKD's JSD_beta(teacher || student); beta 0 / 1 are the forward / reverse KL.
+
+    JSD_beta = beta KL(P || M) + (1 - beta) KL(Q || M), M = beta P + (1 - beta) Q, with P the
+    teacher and Q the student.
+
+    Shapes:
+        student, teacher: (..., K) log-probs; returns (...).
+
+    Raises:
+        ValueError: beta outside [0, 1].
+    """
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    if beta == 0.0:
+        return forward_kl(student, teacher)
+    if beta == 1.0:
+        return reverse_kl(student, teacher)
+    mixture = torch.logaddexp(teacher + math.log(beta), student + math.log1p(-beta))
+    return beta * _kl(teacher, mixture) + (1.0 - beta) * _kl(student, mixture)
+
+
+def log_tail(top: torch.Tensor) -> torch.Tensor:
+    """log(1 - sum_k exp(top_k)): the log of the mass outside the given log-probabilities.
+
+    Computed as log(-expm1(logsumexp(top))), accurate for tails near 0 and near 1, and floored
+    at the smallest normal float (mass 1e-38) when the ids hold all the mass.
+
+    Shapes:
+        top: (..., K) log-probs; returns (..., 1).
+    """
+    lse = torch.logsumexp(top, dim=-1, keepdim=True).clamp(max=0.0)
+    return torch.log((-torch.expm1(lse)).clamp(min=torch.finfo(torch.float32).tiny))
+
+
+def top_k_buckets(
+    student: torch.Tensor, teacher: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both distributions over the student's top-k ids plus one tail bucket.
+
+    Each row's K + 1 buckets are log p(v) for the K ids the student ranks highest and
+    log(1 - sum_topK p) for the rest; they sum (in probability) to 1 for both models.
+
+    Shapes:
+        student, teacher: (..., V) log-probs; returns two (..., K + 1) log-prob tensors.
+    """
+    k = min(k, student.shape[-1])
+    ids = student.topk(k, dim=-1).indices  # (..., K)
+    out = []
+    for logp in (student, teacher):
+        top = logp.gather(-1, ids)  # (..., K)
+        out.append(torch.cat([top, log_tail(top)], dim=-1))
+    return out[0], out[1]
+
+
+@dataclass(frozen=True)
+class DistillLoss:
+    """One per-position distillation divergence, as the config names it.
+
+    Attributes:
+        beta: GKD's interpolation: 0 forward KL(teacher || student), 1 reverse KL, in between
+            the generalised JSD.
+        temperature: tau dividing both models' logits (the divergence is scaled by tau^2).
+        top_k: Compare over the student's top-k ids plus a tail bucket (None: the whole
+            vocabulary).
+    """
+
+    beta: float = 0.5
+    temperature: float = 1.0
+    top_k: int | None = None
+
+    def __call__(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        """The divergence at each position, from logits already divided by the temperature.
+
+        Shapes:
+            student_logits, teacher_logits: (..., V); returns (...) fp32 (fp64 for fp64 input).
+        """
+        student = F.log_softmax(_at_least_fp32(student_logits), dim=-1)
+        teacher = F.log_softmax(_at_least_fp32(teacher_logits), dim=-1)
+        if self.top_k is not None:
+            student, teacher = top_k_buckets(student, teacher, self.top_k)
+        return generalized_jsd(student, teacher, self.beta) * self.temperature**2
+
+    def from_logits(
+        self, student_logits: torch.Tensor, teacher_logits: torch.Tensor
+    ) -> torch.Tensor:
+        """The divergence at each position from raw logits (divided by the temperature here).
+
+        Shapes:
+            student_logits, teacher_logits: (..., V); returns (...) fp32.
+        """
+        t = self.temperature
+        return self(_at_least_fp32(student_logits) / t, _at_least_fp32(teacher_logits.detach()) / t)
+
+
+def distill_divergence(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    loss: DistillLoss,
+    *,
+    chunk_rows: int = 512,
+) -> torch.Tensor:
+    """Per-position divergence from both models' final hidden states and output heads.
+
+    Fused with the heads: each chunk of rows gets its two (rows, V) logit blocks, its
+    divergence, and is recomputed in the backward, so memory holds one chunk of logits per
+    model. Gradients reach the student's ``hidden`` and ``weight`` only.
+
+    Shapes:
+        hidden: (N, H); weight: (V, H); teacher_hidden: (N, H'); teacher_weight: (V, H');
+        returns (N,) fp32.
+    """
+    return linear_divergence(
+        hidden, weight, teacher_hidden.detach(), teacher_weight.detach(), loss,
+        temperature=loss.temperature, chunk_rows=chunk_rows,
+    )  # fmt: skip
+
+
+def sampled_reverse_kl(
+    student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor
+) -> torch.Tensor:
+    """The sampled-token estimate of KL(student || teacher): log q(a_t) - log p(a_t), a_t ~ q.
+
+    Unbiased for the per-position reverse KL when a_t is the student's own sample; its negative
+    is on-policy distillation's per-token advantage.
+
+    Shapes:
+        student_logprobs, teacher_logprobs: (...) log-probs of the sampled tokens; returns (...).
+    """
+    return student_logprobs - teacher_logprobs
