@@ -58,6 +58,12 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
         "main",
         "Policy-gradient RL against rewards (grpo, rloo, reinforce, dr_grpo, gspo, cispo, ...).",
     ),
+    "distill": (
+        "rlhfkit.recipes.distill",
+        "DistillConfig",
+        "main",
+        "Distil a teacher into a student (GKD: on/off-policy, forward/reverse KL, JSD).",
+    ),
     "eval": (
         "rlhfkit.inference.evaluate",
         "EvalConfig",
@@ -146,7 +152,7 @@ def _usage() -> str:
 GROUPS = sorted({name.split()[0] for name in COMMANDS if " " in name})
 """First words of the two-word commands (``rm``, ``label``, ``dpo``)."""
 
-TRAINING = ("sft", "rm train", "dpo", "dpo online", "rl", "rs", "pipeline", "demo")
+TRAINING = ("sft", "rm train", "dpo", "dpo online", "rl", "distill", "rs", "pipeline", "demo")
 """Commands that checkpoint: an interrupted one continues when it is run again."""
 
 

@@ -194,6 +194,31 @@ def label_logprobs(
     return linear_logprobs(hidden[select], head.weight, targets, temperature=temperature), rows
 
 
+def label_hidden(
+    model: nn.Module, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Final hidden states at the positions that predict the labelled tokens, and the head.
+
+    Row-major order of the label positions, as :func:`label_logprobs` (so two models' outputs
+    on one batch line up position by position).
+
+    Returns:
+        ``(hidden, weight)``: (N, H) states, and the output head's (V, H) weight.
+
+    Raises:
+        ValueError: The model has no plain linear output head.
+
+    Shapes:
+        input_ids, labels: (B, L); returns (N, H), (V, H).
+    """
+    head = fused_head(model)
+    if head is None:
+        raise ValueError(f"{type(_unwrap(model)).__name__} has no plain linear output head")
+    select = batch["labels"][:, 1:] != -100  # (B, L-1)
+    hidden = backbone_hidden(model, **_model_inputs(batch))[:, :-1]  # (B, L-1, H)
+    return hidden[select], head.weight
+
+
 def completion_inputs(
     prompt_ids: torch.Tensor,
     prompt_mask: torch.Tensor,
