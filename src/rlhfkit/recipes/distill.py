@@ -152,11 +152,13 @@ class DistillConfig:
     log: LogConfig = field(default_factory=lambda: LogConfig(run_dir="runs/distill"))
 
 
-def check_tokenizers(student: Any, teacher: Any, teacher_name: str) -> None:
+def check_tokenizers(
+    student: Any, teacher: Any, teacher_name: str, *, option: str = "--teacher.name"
+) -> None:
     """Refuse a teacher whose tokenizer differs from the student's (vocabulary or specials).
 
     Raises:
-        ConfigError: Naming the first difference.
+        ConfigError: Naming ``option`` and the first difference.
     """
     a, b = student.get_vocab(), teacher.get_vocab()
     if a != b:
@@ -164,13 +166,13 @@ def check_tokenizers(student: Any, teacher: Any, teacher_name: str) -> None:
         moved = [t for t in a if t in b and a[t] != b[t]][:3]
         detail = f"tokens in one only: {only}" if only else f"ids differ for {moved}"
         raise ConfigError(
-            f"--teacher.name {teacher_name}: its tokenizer differs from the student's "
+            f"{option} {teacher_name}: its tokenizer differs from the student's "
             f"({len(b)} vs {len(a)} tokens; {detail}); distillation needs a shared tokenizer"
         )
     for name in ("eos_token", "bos_token", "pad_token"):
         if getattr(student, name, None) != getattr(teacher, name, None):
             raise ConfigError(
-                f"--teacher.name {teacher_name}: its {name} is {getattr(teacher, name, None)!r}, "
+                f"{option} {teacher_name}: its {name} is {getattr(teacher, name, None)!r}, "
                 f"the student's {getattr(student, name, None)!r}; distillation needs a shared "
                 "tokenizer"
             )

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from rlhfkit.models.forward import fused_head, rollout_logprobs
+from rlhfkit.models.sharding import gathered
 from rlhfkit.ops import advantages as adv_ops
 from rlhfkit.ops.masking import masked_mean
 from rlhfkit.recipes.policy_gradient.config import PGAlgoConfig
@@ -52,6 +53,12 @@ def attach_logprobs(run: PGRun, batch: RolloutBatch) -> None:
             zip(batches, forward_logprobs(run.ctx.model, batches, t), strict=True)
         ):
             b.old_logprobs, old_hidden[i] = logprobs, hidden
+    if run.teacher is not None:  # on-policy distillation: log pi_T of the sampled tokens
+        with gathered(run.teacher):
+            for b, (logprobs, _) in zip(
+                batches, forward_logprobs(run.teacher, batches, t), strict=True
+            ):
+                b.teacher_logprobs = logprobs
     if not preset.uses_kl:
         return
     with run.reference() as ref:
@@ -239,3 +246,25 @@ def assign_advantages(run: PGRun, state: LoopState, batch: RolloutBatch) -> None
     broadcast(batch.batches, batch.advantages)
     if preset.estimator.level == "token":
         batch.advantages = _token_level(run, batch, kl_coef)
+    if run.teacher is not None:
+        add_teacher_advantages(run, batch)
+
+
+def add_teacher_advantages(run: PGRun, batch: RolloutBatch) -> None:
+    """On-policy distillation: add the teacher's per-token advantage to every micro-batch.
+
+    A_t += c * sum_{s >= t} gamma^(s-t) (log pi_T(a_s) - log pi_old(a_s)), the negative of the
+    sampled-token estimate of KL(pi || pi_T) summed forward (gamma 0: each token's own term),
+    with c = ``--algo.teacher-coef`` and gamma = ``--algo.teacher-gamma``. Logs the per-token
+    reverse-KL estimate over the global batch (``rollout/teacher_kl``).
+    """
+    algo, total, tokens = run.cfg.algo, 0.0, 0.0
+    for b in batch.batches:
+        gap = (b.teacher_logprobs - b.kl_logprobs).double()  # (B, T)
+        extra = adv_ops.returns_to_go(gap, b.mask, algo.teacher_gamma)
+        b.advantages = (b.advantages.double() + algo.teacher_coef * extra).float()
+        total -= float(gap[b.mask].sum())
+        tokens += float(b.mask.sum())
+        batch.advantages[b.rows.cpu()] = masked_mean(b.advantages, b.mask, dim=-1).double().cpu()
+    total, tokens = all_reduce_sum(total), all_reduce_sum(tokens)
+    batch.stats["rollout/teacher_kl"] = total / tokens if tokens else 0.0

@@ -69,8 +69,9 @@ class PGAlgoConfig:
     """Which preset, and overrides of its axes and modifiers (None: the preset's value)."""
 
     preset: str = "grpo"
-    """reinforce, rloo, remax, reinforce_pp, ppo, grpo, dr_grpo, dapo, gspo, cispo, sapo or
-    maxrl (grpo_process is in the table but not yet runnable)."""
+    """reinforce, rloo, remax, reinforce_pp, ppo, grpo, dr_grpo, dapo, gspo, cispo, sapo, maxrl
+    or opd (on-policy distillation, with --algo.teacher; grpo_process is in the table but not
+    yet runnable)."""
     advantage: str | None = None
     """Advantage estimator (batch_baseline, ema_baseline, leave_one_out, group_zscore, ...)."""
     objective: str | None = None
@@ -132,6 +133,24 @@ class PGAlgoConfig:
     """Optimiser passes over each rollout batch (None: the preset's; PPO 4, others 1)."""
     minibatches: int = 1
     """Optimiser steps per pass: the rollout batch is cut into this many minibatches."""
+    teacher: str | None = None
+    """On-policy distillation: a teacher model sharing the policy's tokenizer (frozen, in the
+    compute dtype, placed like the reference). Each sampled token a_t gets the advantage
+    teacher_coef * sum_{s >= t} teacher_gamma^(s-t) (log pi_T(a_s) - log pi_old(a_s)), added to
+    the preset's (the opd preset has only the centred reward besides)."""
+    teacher_coef: float = 1.0
+    """On-policy distillation: weight of the teacher's advantage."""
+    teacher_gamma: float = 0.0
+    """On-policy distillation: discount of the teacher's per-token terms (0: each token's own)."""
+
+    def problems(self) -> Problems:
+        """A teacher that is not there, a discount outside [0, 1]."""
+        out = []
+        if self.teacher is not None:
+            out += [("teacher", text) for text in [model_path_problem(self.teacher)] if text]
+        if not 0.0 <= self.teacher_gamma <= 1.0:
+            out.append(("teacher_gamma", f"must be in [0, 1], got {self.teacher_gamma}"))
+        return out
 
 
 @dataclass

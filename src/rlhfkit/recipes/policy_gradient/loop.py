@@ -13,7 +13,9 @@ import torch
 from rlhfkit.config import to_dict
 from rlhfkit.errors import ConfigError
 from rlhfkit.models.heads import supports_prefix_trees
+from rlhfkit.models.load import load_model, load_tokenizer
 from rlhfkit.ops.kl import adaptive_kl_coef
+from rlhfkit.recipes.distill import check_tokenizers
 from rlhfkit.recipes.engine import vllm_policy
 from rlhfkit.recipes.policy_gradient.advantages import assign_advantages, attach_logprobs
 from rlhfkit.recipes.policy_gradient.asynchronous import RolloutProducer
@@ -171,6 +173,16 @@ def main(cfg: PGConfig) -> Path:
             "process; under torchrun use the hf backend without max_staleness"
         )
     require_engine(engine)  # not installed: say how, before loading anything
+    if preset.teacher and cfg.algo.teacher is None:
+        raise ConfigError(
+            f"--algo.teacher: the {cfg.algo.preset} preset distils a teacher; name it"
+        )
+    if cfg.algo.teacher is not None:  # a shared tokenizer, before any model loads
+        check_tokenizers(
+            load_tokenizer(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code),
+            load_tokenizer(cfg.algo.teacher, trust_remote_code=cfg.model.trust_remote_code),
+            cfg.algo.teacher, option="--algo.teacher",
+        )  # fmt: skip
     ctx = build_run(
         cfg.model, cfg.log, cfg.loop.seed, to_dict(cfg), resume=cfg.loop.resume,
         batch_size=cfg.loop.batch_size,
@@ -238,6 +250,12 @@ def reference_model(ctx: RunContext) -> Callable[[], contextlib.AbstractContextM
     return held
 
 
+def load_teacher(ctx: RunContext, name: str) -> torch.nn.Module:
+    """On-policy distillation's teacher: frozen, in the compute dtype, placed like the reference."""
+    teacher = load_model(name, dtype=ctx.precision.compute).requires_grad_(False)
+    return ctx.place.frozen(teacher)
+
+
 def prepare(ctx: RunContext, cfg: PGConfig, preset: PGPreset) -> PGRun:
     """The run's objects: prompts, rewards, the reference (when a KL needs it), the sampler."""
     return PGRun(
@@ -248,6 +266,7 @@ def prepare(ctx: RunContext, cfg: PGConfig, preset: PGPreset) -> PGRun:
             tokenizer=ctx.tokenizer,
         ),
         reference=reference_model(ctx) if preset.uses_kl else None,
+        teacher=load_teacher(ctx, cfg.algo.teacher) if cfg.algo.teacher else None,
         # each prompt once per micro-batch, its completions as branches (exact; no padding)
         trees=cfg.data.share_prefix and supports_prefix_trees(ctx.model),
     )  # fmt: skip

@@ -193,6 +193,7 @@ class PGPreset:
         overlong_penalty: Add DAPO's soft overlong penalty to the reward.
         min_group_size: Fewest samples per prompt the row runs with.
         epochs: Optimiser passes over each rollout batch.
+        teacher: The row is on-policy distillation and needs ``--algo.teacher``.
     """
 
     advantage: str
@@ -208,6 +209,7 @@ class PGPreset:
     overlong_penalty: bool = False
     min_group_size: int = 1
     epochs: int = 1
+    teacher: bool = False
 
     @property
     def estimator(self) -> Estimator:
@@ -264,6 +266,9 @@ PG_PRESETS: dict[str, PGPreset] = {
     ),
     "sapo": PGPreset("group_zscore", "sapo", "seq_mean_token_mean", **_GROUP),
     "maxrl": PGPreset("maxrl", "reinforce", "seq_mean_token_mean"),
+    # on-policy distillation: the teacher's per-token advantage (--algo.teacher), plus any
+    # reward centred per group
+    "opd": PGPreset("group_center", "ppo_clip", "token_mean", teacher=True),
     "grpo_process": PGPreset(
         "process_group", "ppo_clip", "seq_mean_token_mean", **_LOSS_KL, **_GROUP
     ),

@@ -73,6 +73,7 @@ class PGRun:
             copy kept loaded); None when no KL is computed.
         trees: Train on prefix trees (each prompt once per micro-batch, no padding).
         ref_head: pi_ref's output-embedding weight, kept for the exact KL in the loss.
+        teacher: On-policy distillation's teacher (frozen), or None.
     """
 
     ctx: RunContext
@@ -84,6 +85,7 @@ class PGRun:
     reference: Callable[[], contextlib.AbstractContextManager] | None
     trees: bool
     ref_head: torch.Tensor | None = None
+    teacher: torch.nn.Module | None = None
 
     @property
     def temperature(self) -> float:
@@ -126,6 +128,7 @@ class RolloutMicroBatch:
             log-probs).
         old_values: V_old(s_t) from the critic before the update, (B, T) (PPO).
         returns: R_t = A_t + V_old(s_t), the value targets, (B, T) (PPO).
+        teacher_logprobs: log pi_T of the sampled tokens, (B, T) (on-policy distillation).
     """
 
     inputs: dict[str, torch.Tensor]
@@ -138,6 +141,7 @@ class RolloutMicroBatch:
     kl: torch.Tensor | None = None
     old_values: torch.Tensor | None = None
     returns: torch.Tensor | None = None
+    teacher_logprobs: torch.Tensor | None = None
 
     @classmethod
     def from_collated(
