@@ -53,6 +53,9 @@ class ModelConfig:
     """Dropout on the LoRA input."""
     lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
     """Modules to adapt; 'all-linear' adapts every linear layer except the head."""
+    keep_layers: list[int] | None = None
+    """Keep only these decoder layers of the loaded model, in this order (for example 0 2 4 ...:
+    a smaller student from a teacher); None keeps all."""
     parallel: Literal["replicate", "fsdp2"] = "replicate"
     """How the ranks of a torchrun job share a trained model: 'replicate' (a full copy per rank,
     gradients averaged) or 'fsdp2' (PyTorch FSDP2: parameters, gradients and optimiser state
@@ -76,6 +79,8 @@ class ModelConfig:
             out.append(("lora_alpha", f"must be positive, got {self.lora_alpha}"))
         if not 0.0 <= self.lora_dropout < 1.0:
             out.append(("lora_dropout", f"must be in [0, 1), got {self.lora_dropout}"))
+        if self.keep_layers is not None and (not self.keep_layers or min(self.keep_layers) < 0):
+            out.append(("keep_layers", f"need layer indices >= 0, got {self.keep_layers}"))
         if self.offload and self.parallel != "fsdp2":
             out.append(("offload", "needs --model.parallel fsdp2 (replicate keeps no shards)"))
         return out

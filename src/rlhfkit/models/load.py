@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import logging
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -180,6 +181,7 @@ def load_model(
     task: str = "causal_lm",
     num_labels: int = 1,
     pad_token_id: int | None = None,
+    keep_layers: Sequence[int] | None = None,
 ) -> PreTrainedModel:
     """Load a causal LM (or a scalar-head model on its backbone) by id, directory or name.
 
@@ -195,6 +197,8 @@ def load_model(
         num_labels: Head outputs of a ``score`` model (1: reward / value, 3: PRM).
         pad_token_id: Written into a ``score`` model's config (transformers pools at the last
             non-pad token).
+        keep_layers: Keep only these decoder layers, in this order (:func:`keep_layers`;
+            None: all).
     """
     if task not in TASKS:
         raise ValueError(f"unknown model task {task!r}; use one of {', '.join(TASKS)}")
@@ -211,7 +215,39 @@ def load_model(
     )
     if task == "score" and pad_token_id is not None:
         model.config.pad_token_id = pad_token_id
+    if keep_layers is not None:
+        keep_layers_of(model, keep_layers)
     return model.to(device)
+
+
+def keep_layers_of(model: PreTrainedModel, indices: Sequence[int]) -> PreTrainedModel:
+    """Cut ``model`` in place down to the decoder layers ``indices`` (in that order).
+
+    A smaller student initialised from a teacher (for example every other layer). The config
+    says the new depth (and per-layer settings such as ``layer_types`` follow the kept layers),
+    and each attention layer is renumbered for the KV cache, so the model saves and loads as a
+    normal Hugging Face model of that depth.
+
+    Raises:
+        ValueError: No decoder layer list, no index, or an index out of range.
+    """
+    backbone = getattr(model, model.base_model_prefix, None)
+    layers = getattr(backbone, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise ValueError(f"{type(model).__name__} has no list of decoder layers to cut")
+    n = len(layers)
+    if not indices or any(not 0 <= i < n for i in indices):
+        raise ValueError(f"keep_layers {list(indices)}: need indices in 0..{n - 1}")
+    backbone.layers = torch.nn.ModuleList(layers[i] for i in indices)
+    for position, layer in enumerate(backbone.layers):
+        for module in layer.modules():
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = position
+    config = model.config
+    if isinstance(getattr(config, "layer_types", None), list):
+        config.layer_types = [config.layer_types[i] for i in indices]
+    config.num_hidden_layers = len(indices)
+    return model
 
 
 def apply_lora(model: PreTrainedModel, spec: LoraSpec):
