@@ -1,0 +1,233 @@
+"""Distillation benchmark: rlhfkit's distillation step vs TRL's GKDTrainer on the same work.
+
+Both sides distil a teacher into the embedded SmolLM2-135M-Instruct on the same chat rows in
+the same order (16 rows per optimiser step, one micro-batch on TRL): off-policy batches only
+(GKD's lambda = 0: the rows' own assistant replies, so both sides see the same tokens), the
+generalised JSD with beta = 0.5 at temperature 1 on the assistant tokens (content plus
+end-of-turn token), bf16 compute, AdamW at the same constant learning rate, clipping at 1.0. The
+teacher is the embedded model too, loaded separately and frozen (the step's work does not depend
+on its weights). Each side runs in its own persistent process; the driver alternates one
+optimiser step of each after warm-up steps. The headline is training tokens/s (non-padding
+tokens of the step); peak memory is reported beside it.
+
+- rlhfkit runs the loop body of ``rlhfkit distill`` on the rendered rows (``micro_batches`` ->
+  ``accumulate`` with the head-fused chunked divergence -> ``apply_step``).
+- TRL runs ``trl.experimental.gkd.GKDTrainer`` with ``lmbda=0``, ``beta=0.5``,
+  ``temperature=1``, ``seq_kd=False`` (full logits of both models, padded batch).
+
+    python benchmarks/bench_distill.py [--steps 6] [--warmup 1] [--profile]
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import common
+import versus
+from bench_sft import TEMPLATE, load_conversations
+
+
+@dataclass(frozen=True)
+class Settings(versus.BenchSettings):
+    """What both sides are asked to do: ``batch_size`` rows per optimiser step."""
+
+    lr: float = 1e-5
+    """Constant AdamW learning rate."""
+    data: str = "builtin:instructions"
+    """Row source (rlhfkit.data.sources.load_rows)."""
+    beta: float = 0.5
+    """The generalised JSD's interpolation."""
+
+
+# ---------------------------------------------------------------------------------------------
+# rlhfkit side
+
+
+def _rlhfkit_setup(settings: Settings, conversations: list, run_dir: str) -> dict[str, Any]:
+    """Build the run as recipes/distill.py does; returns the objects the steps use."""
+    from rlhfkit.config import LogConfig, LoopConfig, ModelConfig, OptimConfig
+    from rlhfkit.data.collate import supports_padding_free
+    from rlhfkit.data.templates import render_messages
+    from rlhfkit.losses.distill import DistillLoss
+    from rlhfkit.models.load import load_model
+    from rlhfkit.recipes.distill import make_step_loss
+    from rlhfkit.training.run import build_run
+
+    ctx = build_run(
+        ModelConfig(precision="bf16"),
+        LogConfig(run_dir=run_dir, tensorboard=False, progress=False),
+        settings.seed,
+        {},
+    )
+    ctx.packing = supports_padding_free(ctx.model)
+    teacher = ctx.place.frozen(
+        load_model("smollm2-135m-instruct", dtype=ctx.precision.compute).requires_grad_(False)
+    )
+    examples = []
+    for i, messages in enumerate(conversations):
+        example = render_messages(
+            ctx.tokenizer, messages, mask_mode="all_assistant_turns", max_len=settings.max_len,
+            truncation="right", source=f"row {i}",
+        )  # fmt: skip
+        if example is None:
+            raise ValueError(f"row {i} was dropped by render_messages; pick other data")
+        examples.append(example)
+    optim = OptimConfig(
+        lr=settings.lr, schedule="constant", warmup_ratio=0.0, max_grad_norm=settings.max_grad_norm
+    )
+    ctx.start_training(optim, settings.total_steps + 1, resume=False)  # +1: optional profile
+    return {
+        "ctx": ctx,
+        "examples": examples,
+        "step_loss": make_step_loss(ctx.model, teacher, DistillLoss(beta=settings.beta)),
+        "budget": LoopConfig().micro_batch_tokens,
+    }
+
+
+def _rlhfkit_step(run: dict[str, Any], settings: Settings, index: int) -> dict[str, Any]:
+    """One optimiser step on batch ``index``, as the loop of recipes/distill.py runs it."""
+    from rlhfkit.recipes.distill import label_count, micro_batches
+    from rlhfkit.training.accumulate import accumulate
+
+    ctx = run["ctx"]
+    size = settings.batch_size
+    batch = run["examples"][index * size : (index + 1) * size]
+    start, cpu_start = time.perf_counter(), time.process_time()
+    parts = micro_batches(batch, packing=ctx.packing, budget=run["budget"], pad_id=ctx.pad_id)
+    stats = accumulate(
+        parts, run["step_loss"], count_fn=label_count, after_backward=ctx.master.collect_grads
+    )
+    stepped = ctx.apply_step(stats, settings.max_grad_norm, 3)
+    ctx.log_step({"train/loss": stats.loss, "train/label_tokens": stats.normaliser}, 1)
+    tokens = sum(len(e.input_ids) for e in batch)
+    return versus.step_answer(
+        start, cpu_start, stats, stepped, parts, tokens=tokens, loss_tokens=stats.normaliser
+    )
+
+
+def rlhfkit_worker(conn: Any, settings: Settings, conversations: list) -> None:
+    """Worker process of the rlhfkit side (answers "step", "profile", "stop")."""
+
+    def body() -> None:
+        common.set_threads(settings.threads)
+        with tempfile.TemporaryDirectory(prefix="bench-distill-rlhfkit-") as run_dir:
+            run = _rlhfkit_setup(settings, conversations, run_dir)
+            conn.send(
+                {
+                    **common.model_facts(run["ctx"].model),
+                    "packing": run["ctx"].packing,
+                    "input_ids": [e.input_ids for e in run["examples"]],
+                    "rss_mib": common.rss_mib(),
+                }
+            )
+            done = 0
+
+            def step() -> dict[str, Any]:
+                nonlocal done
+                done += 1
+                return _rlhfkit_step(run, settings, done - 1)
+
+            def again() -> dict[str, Any]:
+                return common.profiled(lambda: _rlhfkit_step(run, settings, done - 1))
+
+            versus.serve_steps(conn, step, close=run["ctx"].logger.close, profile_step=again)
+
+    common.worker_main(conn, body)
+
+
+# ---------------------------------------------------------------------------------------------
+# TRL side
+
+
+def trl_worker(conn: Any, settings: Settings, conversations: list) -> None:
+    """Worker process of the TRL side (answers "step", "stop")."""
+
+    def body() -> None:
+        common.set_threads(settings.threads)
+        os.environ["TRL_EXPERIMENTAL_SILENCE"] = "1"
+        import datasets
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+        path = versus.trl_model_dir()
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        teacher = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        rows = datasets.Dataset.from_list([{"messages": m} for m in conversations])
+
+        def make_trainer(output_dir: str, callbacks: list[Any]) -> Any:
+            args = GKDConfig(
+                **versus.trl_args(settings, output_dir), lmbda=0.0, beta=settings.beta,
+                temperature=1.0, seq_kd=False, chat_template_path=str(TEMPLATE),
+            )  # fmt: skip
+            return GKDTrainer(
+                model=model, teacher_model=teacher, args=args, train_dataset=rows,
+                processing_class=tokenizer, callbacks=callbacks,
+            )  # fmt: skip
+
+        def describe(trainer: Any) -> dict[str, Any]:
+            return {"lmbda": trainer.lmbda, "beta": trainer.beta, "seq_kd": trainer.seq_kd}
+
+        versus.train_trl(conn, model, make_trainer, describe, prefix="bench-distill-trl-")
+
+    common.worker_main(conn, body)
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver
+
+
+def summarise(
+    report: common.Reporter, answers: dict[str, list[dict]], ready: dict[str, dict], peak: float
+) -> None:
+    """The shared figures (tokens/s, peak memory and their ratios)."""
+
+    def efficiency(side: str, steps: list[dict]) -> dict[str, float]:
+        return {"mfu": common.median_mfu(ready[side]["params"], steps, peak)}
+
+    versus.summarise(report, answers, efficiency, "memory_ratio")
+
+
+def run(settings: Settings, profile: bool) -> common.Reporter:
+    """Start both workers, alternate them, and report."""
+    common.set_threads(settings.threads)
+    report = common.Reporter("distill")
+    report.details["environment"] = common.environment()
+    conversations, data_name = load_conversations(
+        settings.data, settings.total_steps * settings.batch_size
+    )
+    workers = [
+        common.Worker.start("rlhfkit", rlhfkit_worker, settings, conversations),
+        common.Worker.start("trl", trl_worker, settings, conversations),
+    ]
+    try:
+        ready = {w.name: w.wait_ready() for w in workers}
+        ids = ready["rlhfkit"].pop("input_ids")
+        size = settings.batch_size
+        per_step = [
+            sum(map(len, ids[k * size : (k + 1) * size])) for k in range(settings.total_steps)
+        ]
+        result = {"ready": ready, **versus.measure(workers, settings, profile)}
+    finally:
+        for worker in workers:
+            worker.close()
+    for steps in result["measured"].values():  # the same non-padding tokens on both sides
+        for k, step in enumerate(steps):
+            step["tokens"] = per_step[settings.warmup + k]
+    result["work"] = {"tokens_per_step": per_step}
+    versus.report_result(report, result, settings, summarise, data=data_name)
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the benchmark, print the figures and write the JSON result."""
+    versus.main(Settings, run, __doc__.splitlines()[0], "row source for load_rows", argv)
+
+
+if __name__ == "__main__":
+    main()
