@@ -23,6 +23,7 @@ from rlhfkit.ops import advantages as adv_ops
 from rlhfkit.ops.masking import masked_mean
 from rlhfkit.recipes.policy_gradient.config import PGAlgoConfig
 from rlhfkit.recipes.policy_gradient.presets import ESTIMATORS, BaselineInputs, KLSide
+from rlhfkit.recipes.policy_gradient.self_distill import attach_self_teacher
 from rlhfkit.recipes.policy_gradient.state import LoopState, PGRun, RolloutBatch, RolloutMicroBatch
 from rlhfkit.rewards.shaping import kl_in_reward
 from rlhfkit.training.distributed import all_reduce_sum, dist_rank, gather_objects
@@ -43,6 +44,24 @@ def forward_logprobs(
     return out
 
 
+def attach_teacher_logprobs(run: PGRun, batch: RolloutBatch) -> None:
+    """On-policy distillation: log pi_T of the sampled tokens on every micro-batch.
+
+    From the external teacher, or (self-distillation) from the policy's network reading each
+    completion after its privileged prompt.
+    """
+    if run.self_teacher is not None:
+        attach_self_teacher(run, run.self_teacher, batch, run.ctx.step)
+    if run.teacher is not None:
+        with gathered(run.teacher):
+            for b, (logprobs, _) in zip(
+                batch.batches,
+                forward_logprobs(run.teacher, batch.batches, run.temperature),
+                strict=True,
+            ):
+                b.teacher_logprobs = logprobs
+
+
 def attach_logprobs(run: PGRun, batch: RolloutBatch) -> None:
     """Store log pi_old and log pi_ref on every micro-batch, and the exact KL for the reward."""
     preset, batches, t = run.preset, batch.batches, run.temperature
@@ -53,12 +72,7 @@ def attach_logprobs(run: PGRun, batch: RolloutBatch) -> None:
             zip(batches, forward_logprobs(run.ctx.model, batches, t), strict=True)
         ):
             b.old_logprobs, old_hidden[i] = logprobs, hidden
-    if run.teacher is not None:  # on-policy distillation: log pi_T of the sampled tokens
-        with gathered(run.teacher):
-            for b, (logprobs, _) in zip(
-                batches, forward_logprobs(run.teacher, batches, t), strict=True
-            ):
-                b.teacher_logprobs = logprobs
+    attach_teacher_logprobs(run, batch)
     if not preset.uses_kl:
         return
     with run.reference() as ref:
@@ -246,7 +260,7 @@ def assign_advantages(run: PGRun, state: LoopState, batch: RolloutBatch) -> None
     broadcast(batch.batches, batch.advantages)
     if preset.estimator.level == "token":
         batch.advantages = _token_level(run, batch, kl_coef)
-    if run.teacher is not None:
+    if run.teacher is not None or run.self_teacher is not None:
         add_teacher_advantages(run, batch)
 
 
@@ -260,11 +274,12 @@ def add_teacher_advantages(run: PGRun, batch: RolloutBatch) -> None:
     """
     algo, total, tokens = run.cfg.algo, 0.0, 0.0
     for b in batch.batches:
+        mask = b.mask if b.teacher_rows is None else b.mask & b.teacher_rows[:, None]
         gap = (b.teacher_logprobs - b.kl_logprobs).double()  # (B, T)
-        extra = adv_ops.returns_to_go(gap, b.mask, algo.teacher_gamma)
+        extra = adv_ops.returns_to_go(gap, mask, algo.teacher_gamma)
         b.advantages = (b.advantages.double() + algo.teacher_coef * extra).float()
-        total -= float(gap[b.mask].sum())
-        tokens += float(b.mask.sum())
+        total -= float(gap[mask].sum())
+        tokens += float(mask.sum())
         batch.advantages[b.rows.cpu()] = masked_mean(b.advantages, b.mask, dim=-1).double().cpu()
     total, tokens = all_reduce_sum(total), all_reduce_sum(tokens)
     batch.stats["rollout/teacher_kl"] = total / tokens if tokens else 0.0

@@ -135,19 +135,30 @@ class PGAlgoConfig:
     """Optimiser steps per pass: the rollout batch is cut into this many minibatches."""
     teacher: str | None = None
     """On-policy distillation: a teacher model sharing the policy's tokenizer (frozen, in the
-    compute dtype, placed like the reference). Each sampled token a_t gets the advantage
+    compute dtype, placed like the reference), or 'self' (the policy given privileged context:
+    --algo.self-context, --algo.self-teacher). Each sampled token a_t gets the advantage
     teacher_coef * sum_{s >= t} teacher_gamma^(s-t) (log pi_T(a_s) - log pi_old(a_s)), added to
     the preset's (the opd preset has only the centred reward besides)."""
     teacher_coef: float = 1.0
     """On-policy distillation: weight of the teacher's advantage."""
     teacher_gamma: float = 0.0
     """On-policy distillation: discount of the teacher's per-token terms (0: each token's own)."""
+    self_context: Literal["answer", "sibling"] = "answer"
+    """--algo.teacher self: what the teacher reads besides the prompt: the row's reference answer,
+    or a correct completion of another sample of the same prompt."""
+    self_teacher: Literal["frozen", "live", "ema"] = "frozen"
+    """--algo.teacher self: the teacher's weights: the starting model, the current policy, or an
+    exponential moving average of the policy."""
+    self_ema: float = 0.01
+    """--algo.teacher self with ema: the average's step size alpha."""
 
     def problems(self) -> Problems:
         """A teacher that is not there, a discount outside [0, 1]."""
         out = []
-        if self.teacher is not None:
+        if self.teacher not in (None, "self"):
             out += [("teacher", text) for text in [model_path_problem(self.teacher)] if text]
+        if not 0.0 < self.self_ema <= 1.0:
+            out.append(("self_ema", f"must be in (0, 1], got {self.self_ema}"))
         if not 0.0 <= self.teacher_gamma <= 1.0:
             out.append(("teacher_gamma", f"must be in [0, 1], got {self.teacher_gamma}"))
         return out

@@ -29,6 +29,7 @@ from rlhfkit.recipes.policy_gradient.config import (
 from rlhfkit.recipes.policy_gradient.critic import Critic
 from rlhfkit.recipes.policy_gradient.metrics import step_metrics, write_samples
 from rlhfkit.recipes.policy_gradient.presets import PGPreset
+from rlhfkit.recipes.policy_gradient.self_distill import SelfTeacher
 from rlhfkit.recipes.policy_gradient.state import LoopState, PGRun, RolloutBatch, StepLoss
 from rlhfkit.recipes.policy_gradient.update import aggregation, optimise, policy_step_loss
 from rlhfkit.rewards import load_reward_fn, reward_models
@@ -89,6 +90,8 @@ def step(
     kl_coef = state.current_kl_coef(run.preset)
     steps = min(run.steps_per_batch, max_steps)
     stats = optimise(run, batch, steps, loss, backward_hook(run, critic))
+    if run.self_teacher is not None:  # an EMA teacher follows the policy
+        run.self_teacher.update()
     if producer is not None:  # the engine may draw on (and gets new weights when due)
         producer.finished(run.ctx.step)
     # the adaptive controller sets the coefficient of the next batch from this batch's KL
@@ -181,7 +184,7 @@ def main(cfg: PGConfig) -> Path:
         raise ConfigError(
             f"--algo.teacher: the {cfg.algo.preset} preset distils a teacher; name it"
         )
-    if cfg.algo.teacher is not None:  # a shared tokenizer, before any model loads
+    if cfg.algo.teacher not in (None, "self"):  # a shared tokenizer, before any model loads
         check_tokenizers(
             load_tokenizer(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code),
             load_tokenizer(cfg.algo.teacher, trust_remote_code=cfg.model.trust_remote_code),
@@ -201,7 +204,11 @@ def main(cfg: PGConfig) -> Path:
     loss = policy_step_loss(run, state)
     if critic is not None:
         loss = critic.add_value_loss(loss)
-    train(run, state, loss, critic, total)
+    try:
+        train(run, state, loss, critic, total)
+    finally:
+        if run.self_teacher is not None:
+            run.self_teacher.close()
     if critic is not None:  # before the final model, whose presence marks a finished run
         critic.save()
     finish_run(ctx, cfg.loop.keep_last)
@@ -270,7 +277,13 @@ def prepare(ctx: RunContext, cfg: PGConfig, preset: PGPreset) -> PGRun:
             tokenizer=ctx.tokenizer,
         ),
         reference=reference_model(ctx) if preset.uses_kl else None,
-        teacher=load_teacher(ctx, cfg.algo.teacher) if cfg.algo.teacher else None,
+        teacher=(
+            load_teacher(ctx, cfg.algo.teacher) if cfg.algo.teacher not in (None, "self") else None
+        ),
+        self_teacher=(
+            SelfTeacher(ctx, cfg.algo.self_teacher, cfg.algo.self_ema)
+            if cfg.algo.teacher == "self" else None
+        ),
         # each prompt once per micro-batch, its completions as branches (exact; no padding)
         trees=cfg.data.share_prefix and supports_prefix_trees(ctx.model),
     )  # fmt: skip

@@ -74,6 +74,8 @@ class PGRun:
         trees: Train on prefix trees (each prompt once per micro-batch, no padding).
         ref_head: pi_ref's output-embedding weight, kept for the exact KL in the loss.
         teacher: On-policy distillation's teacher (frozen), or None.
+        self_teacher: Self-distillation's teacher (the policy with privileged context), or
+            None.
     """
 
     ctx: RunContext
@@ -86,6 +88,7 @@ class PGRun:
     trees: bool
     ref_head: torch.Tensor | None = None
     teacher: torch.nn.Module | None = None
+    self_teacher: Any = None
 
     @property
     def temperature(self) -> float:
@@ -129,6 +132,8 @@ class RolloutMicroBatch:
         old_values: V_old(s_t) from the critic before the update, (B, T) (PPO).
         returns: R_t = A_t + V_old(s_t), the value targets, (B, T) (PPO).
         teacher_logprobs: log pi_T of the sampled tokens, (B, T) (on-policy distillation).
+        teacher_rows: Rows that get the teacher's term, (B,) bool (self-distillation: those
+            with a privileged context); None: every row.
     """
 
     inputs: dict[str, torch.Tensor]
@@ -142,6 +147,7 @@ class RolloutMicroBatch:
     old_values: torch.Tensor | None = None
     returns: torch.Tensor | None = None
     teacher_logprobs: torch.Tensor | None = None
+    teacher_rows: torch.Tensor | None = None
 
     @classmethod
     def from_collated(
