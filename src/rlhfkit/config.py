@@ -79,8 +79,9 @@ class ModelConfig:
             out.append(("lora_alpha", f"must be positive, got {self.lora_alpha}"))
         if not 0.0 <= self.lora_dropout < 1.0:
             out.append(("lora_dropout", f"must be in [0, 1), got {self.lora_dropout}"))
-        if self.keep_layers is not None and (not self.keep_layers or min(self.keep_layers) < 0):
-            out.append(("keep_layers", f"need layer indices >= 0, got {self.keep_layers}"))
+        layers = self.keep_layers
+        if layers is not None and (not layers or min(layers) < 0 or len(set(layers)) < len(layers)):
+            out.append(("keep_layers", f"need distinct layer indices >= 0, got {layers}"))
         if self.offload and self.parallel != "fsdp2":
             out.append(("offload", "needs --model.parallel fsdp2 (replicate keeps no shards)"))
         return out

@@ -200,3 +200,27 @@ def test_a_teacher_with_another_tokenizer_is_refused_before_loading(
     err = capsys.readouterr().err
     assert done.value.code == 2 and "Traceback" not in err
     assert "--teacher.name" in err and "tokenizer differs from the student's" in err
+
+
+def test_a_teacher_head_padded_past_the_vocabulary_is_cut_to_it(
+    tiny_model_dir, prompts_file, tmp_path
+):
+    """Checkpoints of one family may pad their heads to different sizes past the tokenizer's
+    vocabulary: both heads are cut to the vocabulary."""
+    padded = tmp_path / "padded-teacher"
+    teacher = tiny_model(seed=5, vocab_size=448)
+    with torch.no_grad():  # the padding rows, as in a trained model: never the likely token
+        teacher.get_output_embeddings().weight[384:] = 0.0
+    teacher.save_pretrained(padded)
+    tiny_tokenizer().save_pretrained(padded)
+    cfg = config(
+        tiny_model_dir,
+        padded,
+        prompts_file,
+        tmp_path / "run",
+        loop__max_steps=2,
+        algo__lmbda=1.0,
+        data__eval=None,
+    )  # the student samples: ids in its vocabulary
+    distill.main(cfg)
+    assert len([r for r in read_metrics(tmp_path / "run") if "train/loss" in r]) == 2

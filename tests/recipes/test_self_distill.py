@@ -125,6 +125,8 @@ def test_ema_and_frozen_teachers(tiny_model_dir, pg_task, tmp_path):
     ctx, _, _ = pg_setup(cfg)
     ema = SelfTeacher(ctx, "ema", 0.25)
     frozen = SelfTeacher(ctx, "frozen", 0.25)
+    with ema.network(), frozen.network():  # both are built at their first pass
+        pass
     before_ema = [p.detach().clone() for p in ema.model.parameters()]
     before_frozen = [p.detach().clone() for p in frozen.model.parameters()]
     with torch.no_grad():

@@ -60,5 +60,14 @@ def test_a_cut_model_samples_with_its_kv_cache(four_layers):
 
 
 def test_bad_indices_are_refused(four_layers):
-    with pytest.raises(ValueError, match=r"keep_layers \[4\]: need indices in 0\.\.3"):
+    from rlhfkit.config import ModelConfig
+    from rlhfkit.errors import ConfigError
+
+    with pytest.raises(
+        ConfigError, match=r"--model.keep-layers 4: need distinct layer indices in 0\.\.3"
+    ):
         load_model(str(four_layers), keep_layers=[4])
+    with pytest.raises(ConfigError, match=r"--model.keep-layers 1 1"):
+        load_model(str(four_layers), keep_layers=[1, 1])
+    problems = ModelConfig(name=str(four_layers), keep_layers=[0, 2, 0]).problems()
+    assert problems == [("keep_layers", "need distinct layer indices >= 0, got [0, 2, 0]")]

@@ -37,6 +37,7 @@ import torch
 from rlhfkit.atomic import atomic_write_text
 from rlhfkit.config import EngineConfig, ModelConfig
 from rlhfkit.data.prompts import PromptRow
+from rlhfkit.errors import ConfigError
 from rlhfkit.models.load import load_model, load_tokenizer
 from rlhfkit.models.precision import default_device, resolve_precision
 from rlhfkit.rewards import load_reward_fn, score_completions
@@ -61,7 +62,7 @@ def load_sampler(
         tokenizer = load_tokenizer(cfg.name, trust_remote_code=cfg.trust_remote_code)
     model = load_model(
         cfg.name, dtype=precision.compute, attn_implementation=cfg.attn_implementation,
-        trust_remote_code=cfg.trust_remote_code, device=device,
+        trust_remote_code=cfg.trust_remote_code, device=device, keep_layers=cfg.keep_layers,
     ).eval()  # fmt: skip
     return model, tokenizer, chat_generator(model, tokenizer)
 
@@ -95,6 +96,8 @@ def open_sampler(
         finally:
             del model, generator
         return
+    if cfg.keep_layers is not None:
+        raise ConfigError("--model.keep-layers: the vLLM engine loads the whole model")
     compute = resolve_precision(cfg.precision, default_device()).compute
     with vllm_server(engine, cfg.name, compute, seed=seed, log_dir=log_dir) as server:
         yield VLLMGenerator(server, eos_ids=[tokenizer.eos_token_id])

@@ -229,15 +229,19 @@ def keep_layers_of(model: PreTrainedModel, indices: Sequence[int]) -> PreTrained
     normal Hugging Face model of that depth.
 
     Raises:
-        ValueError: No decoder layer list, no index, or an index out of range.
+        ValueError: The model has no list of decoder layers.
+        ConfigError: No index, a repeated one, or one out of range.
     """
     backbone = getattr(model, model.base_model_prefix, None)
     layers = getattr(backbone, "layers", None)
     if not isinstance(layers, torch.nn.ModuleList):
         raise ValueError(f"{type(model).__name__} has no list of decoder layers to cut")
     n = len(layers)
-    if not indices or any(not 0 <= i < n for i in indices):
-        raise ValueError(f"keep_layers {list(indices)}: need indices in 0..{n - 1}")
+    if not indices or any(not 0 <= i < n for i in indices) or len(set(indices)) < len(indices):
+        raise ConfigError(
+            f"--model.keep-layers {' '.join(map(str, indices))}: need distinct layer indices in "
+            f"0..{n - 1}"
+        )
     backbone.layers = torch.nn.ModuleList(layers[i] for i in indices)
     for position, layer in enumerate(backbone.layers):
         for module in layer.modules():

@@ -178,15 +178,21 @@ def check_tokenizers(
             )
 
 
-def load_teacher(ctx: RunContext, cfg: DistillConfig) -> torch.nn.Module:
-    """The teacher, frozen, in the compute dtype, placed as the run places frozen models."""
+def load_teacher(
+    ctx: RunContext, name: str, *, trust_remote_code: bool = False,
+    attn_implementation: str = "varlen_sdpa", option: str = "--teacher.name",
+) -> torch.nn.Module:  # fmt: skip
+    """A teacher, frozen, in the compute dtype, placed as the run places frozen models.
+
+    Raises:
+        ConfigError: Its output head has fewer rows than the shared tokenizer has tokens.
+    """
     teacher = load_model(
-        cfg.teacher.name, dtype=ctx.precision.compute,
-        attn_implementation=cfg.teacher.attn_implementation,
-        trust_remote_code=cfg.teacher.trust_remote_code,
+        name, dtype=ctx.precision.compute, attn_implementation=attn_implementation,
+        trust_remote_code=trust_remote_code,
     )  # fmt: skip
-    if teacher.get_input_embeddings().num_embeddings < len(ctx.tokenizer):
-        raise ConfigError(f"--teacher.name {cfg.teacher.name}: embedding smaller than the vocab")
+    if teacher.get_output_embeddings().weight.shape[0] < len(ctx.tokenizer):
+        raise ConfigError(f"{option} {name}: its output head is smaller than the vocabulary")
     teacher.requires_grad_(False)
     return ctx.place.frozen(teacher)
 
@@ -194,16 +200,22 @@ def load_teacher(ctx: RunContext, cfg: DistillConfig) -> torch.nn.Module:
 def sampled_examples(
     generator: Any, prompts: list[PromptRow], sampling: SamplingConfig, source: str
 ) -> list[TokenizedExample]:
-    """Each prompt with one sampled completion, labels on the completion's tokens."""
+    """Each prompt with one sampled completion, labels on the completion's tokens.
+
+    An empty completion (a stop string at once) stands as the end-of-turn token alone, so that
+    every prompt keeps one example and every rank some work.
+    """
     if not prompts:
         return []
     rollout = generator.generate([p.ids for p in prompts], replace(sampling, num_samples=1))
     out = []
+    eos = list(getattr(generator, "eos_ids", None) or [])[:1]
     for p, ids in zip(prompts, rollout.completion_ids, strict=True):
-        if ids:
-            mask = [False] * len(p.ids) + [True] * len(ids)
-            where = f"{source} sample of {p.location}"
-            out.append(TokenizedExample(list(p.ids) + list(ids), mask, source=where))
+        ids = list(ids) or eos
+        mask = [False] * len(p.ids) + [True] * len(ids)
+        out.append(
+            TokenizedExample(list(p.ids) + ids, mask, source=f"{source} sample of {p.location}")
+        )
     return out
 
 
@@ -251,14 +263,23 @@ def label_count(batch: dict[str, torch.Tensor]) -> float:
     return float((batch["labels"][:, 1:] != -100).sum())
 
 
-def make_step_loss(student: torch.nn.Module, teacher: torch.nn.Module, loss: DistillLoss):
-    """The per-micro-batch loss: the summed per-token divergence over the global label count."""
+def make_step_loss(
+    student: torch.nn.Module, teacher: torch.nn.Module, loss: DistillLoss, vocab: int | None = None
+):
+    """The per-micro-batch loss: the summed per-token divergence over the global label count.
+
+    ``vocab`` (the shared tokenizer's size) cuts both heads to the same rows: checkpoints of
+    one family may pad their heads to different sizes past the vocabulary.
+    """
 
     def step_loss(batch: dict[str, torch.Tensor], normaliser: float) -> LossOutput:
         hidden, weight = label_hidden(student, batch)  # (N, H), (V, H)
         with torch.no_grad():
-            t_hidden, t_weight = label_hidden(teacher, batch)  # (N, H'), (V, H')
-        per_token = distill_divergence(hidden, weight, t_hidden, t_weight, loss)  # (N,)
+            t_hidden, t_weight = label_hidden(teacher, batch)  # (N, H'), (V', H')
+        rows = vocab or min(weight.shape[0], t_weight.shape[0])
+        per_token = distill_divergence(
+            hidden, weight[:rows], t_hidden, t_weight[:rows], loss
+        )  # (N,)
         return LossOutput(
             loss=per_token.sum() / normaliser,
             metrics={"divergence_sum": per_token.detach().sum(), "tokens": float(len(per_token))},
@@ -288,6 +309,8 @@ def heldout_metrics(
             batch = ctx.to_device(batch)
             hidden, weight = label_hidden(ctx.model, batch)
             t_hidden, t_weight = label_hidden(teacher, batch)
+            vocab = len(ctx.tokenizer)
+            weight, t_weight = weight[:vocab], t_weight[:vocab]
             for start in range(0, hidden.shape[0], 256):
                 rows = slice(start, start + 256)
                 logits = (hidden[rows] @ weight.T).float()
@@ -338,21 +361,26 @@ def main(cfg: DistillConfig) -> Path:
         cfg.model.name, trust_remote_code=cfg.model.trust_remote_code
     )
     check_tokenizers(student_tokenizer, teacher_tokenizer, cfg.teacher.name)
-    ctx = build_run(
-        cfg.model, cfg.log, cfg.loop.seed, to_dict(cfg), resume=cfg.loop.resume,
-        batch_size=cfg.loop.batch_size,
-    )  # fmt: skip
-    ctx.packing = supports_padding_free(ctx.model)
-    data = cfg.data
+    data = cfg.data  # the prompts, checked before any model loads
     prompts = load_prompt_rows(
-        ctx.tokenizer, data.train, data.schema, split=data.train_split, limit=data.limit,
+        student_tokenizer, data.train, data.schema, split=data.train_split, limit=data.limit,
         max_prompt_len=data.max_prompt_len,
     )  # fmt: skip
     if len(prompts) < cfg.loop.batch_size:
         raise ConfigError(
             f"{data.train}: {len(prompts)} prompts < --loop.batch-size {cfg.loop.batch_size}"
         )
-    teacher = load_teacher(ctx, cfg)
+    if cfg.algo.lmbda < 1.0 and cfg.algo.off_policy == "dataset":
+        dataset_examples(student_tokenizer, prompts)  # every row has its completion
+    ctx = build_run(
+        cfg.model, cfg.log, cfg.loop.seed, to_dict(cfg), resume=cfg.loop.resume,
+        batch_size=cfg.loop.batch_size,
+    )  # fmt: skip
+    ctx.packing = supports_padding_free(ctx.model)
+    teacher = load_teacher(
+        ctx, cfg.teacher.name, trust_remote_code=cfg.teacher.trust_remote_code,
+        attn_implementation=cfg.teacher.attn_implementation,
+    )  # fmt: skip
     held = []
     if data.eval:
         held_prompts = load_prompt_rows(
@@ -370,7 +398,7 @@ def main(cfg: DistillConfig) -> Path:
     if ctx.step == 0 and held:
         ctx.logger.log(0, heldout_metrics(ctx, teacher, held, cfg))
     loss = DistillLoss(beta=cfg.algo.beta, temperature=cfg.algo.temperature, top_k=cfg.algo.top_k)
-    step_loss = make_step_loss(ctx.model, teacher, loss)
+    step_loss = make_step_loss(ctx.model, teacher, loss, vocab=len(ctx.tokenizer))
     with ctx.progress(total) as bar:
         while ctx.step < total:
             order = batch_order(len(prompts), cfg.loop.batch_size, cfg.loop.seed, ctx.batches_done)

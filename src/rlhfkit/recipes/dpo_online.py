@@ -301,13 +301,20 @@ def round_sampler(
     """Per round: the sampler of the policy's current weights and its metrics.
 
     ``hf``: None (rlhfkit's sampler on the policy itself). ``vllm``: a server started once,
-    given the policy's weights before each round (their load time is logged).
+    given the policy's weights before each round where they moved (their load time is logged;
+    0 when nothing was loaded).
     """
     if cfg.engine.backend == "hf":
         yield lambda: (None, {})
         return
     with vllm_policy(ctx, cfg.engine, cfg.loop.seed) as engine:
-        yield lambda: (synced(engine, ctx).generator, {"online/sync_s": engine.sync_seconds})
+
+        def sampler() -> tuple[Generator | None, dict[str, float]]:
+            loads = engine.pending or engine.latest != ctx.step
+            synced(engine, ctx)
+            return engine.generator, {"online/sync_s": engine.sync_seconds if loads else 0.0}
+
+        yield sampler
 
 
 @dataclass

@@ -66,6 +66,12 @@ class StagedEngine:
         with self._lock:
             return self._pending[0] if self._pending is not None else self.version
 
+    @property
+    def pending(self) -> bool:
+        """Whether pushed weights wait to be loaded by the next :meth:`apply`."""
+        with self._lock:
+            return self._pending is not None
+
     @torch.no_grad()
     def push(self, model: nn.Module, version: int) -> None:
         """Stage the learner's weights as ``version``."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from rlhfkit.losses.distill import sampled_reverse_kl
 from rlhfkit.models.forward import fused_head, rollout_logprobs
 from rlhfkit.models.sharding import gathered
 from rlhfkit.ops import advantages as adv_ops
@@ -270,12 +271,13 @@ def add_teacher_advantages(run: PGRun, batch: RolloutBatch) -> None:
     A_t += c * sum_{s >= t} gamma^(s-t) (log pi_T(a_s) - log pi_old(a_s)), the negative of the
     sampled-token estimate of KL(pi || pi_T) summed forward (gamma 0: each token's own term),
     with c = ``--algo.teacher-coef`` and gamma = ``--algo.teacher-gamma``. Logs the per-token
-    reverse-KL estimate over the global batch (``rollout/teacher_kl``).
+    reverse-KL estimate over the global batch (``rollout/teacher_kl``). Added after the
+    preset's estimator, so PPO's value targets (the returns) do not include it.
     """
     algo, total, tokens = run.cfg.algo, 0.0, 0.0
     for b in batch.batches:
         mask = b.mask if b.teacher_rows is None else b.mask & b.teacher_rows[:, None]
-        gap = (b.teacher_logprobs - b.kl_logprobs).double()  # (B, T)
+        gap = -sampled_reverse_kl(b.kl_logprobs, b.teacher_logprobs).double()  # (B, T)
         extra = adv_ops.returns_to_go(gap, mask, algo.teacher_gamma)
         b.advantages = (b.advantages.double() + algo.teacher_coef * extra).float()
         total -= float(gap[mask].sum())

@@ -13,9 +13,9 @@ import torch
 from rlhfkit.config import to_dict
 from rlhfkit.errors import ConfigError
 from rlhfkit.models.heads import supports_prefix_trees
-from rlhfkit.models.load import load_model, load_tokenizer
+from rlhfkit.models.load import load_tokenizer
 from rlhfkit.ops.kl import adaptive_kl_coef
-from rlhfkit.recipes.distill import check_tokenizers
+from rlhfkit.recipes.distill import check_tokenizers, load_teacher
 from rlhfkit.recipes.engine import vllm_policy
 from rlhfkit.recipes.policy_gradient.advantages import assign_advantages, attach_logprobs
 from rlhfkit.recipes.policy_gradient.asynchronous import RolloutProducer
@@ -158,19 +158,18 @@ def backward_hook(run: PGRun, critic: Critic | None) -> Callable[[], None]:
     return both
 
 
-def main(cfg: PGConfig) -> Path:
-    """Run policy-gradient RL; returns the run directory.
+def check_before_loading(cfg: PGConfig) -> PGPreset:
+    """The resolved preset, once every setting that can be checked without a model is.
 
-    The model is saved under ``<run_dir>/final`` and, with a critic, the value model under
-    ``<run_dir>/critic``.
+    Raises:
+        ConfigError: Naming the option (the engine, the group size, the teacher).
+        EngineError: The vLLM engine is not installed (with the command that builds it).
     """
     preset = resolve_preset(cfg.algo)
     if preset.min_group_size > cfg.sampling.num_samples:
         raise ConfigError(f"--sampling.num-samples: {group_size_problem(cfg.algo.preset, preset)}")
-    engine = cfg.engine
-    if (engine.max_staleness is not None or engine.backend != "hf") and int(
-        os.environ.get("WORLD_SIZE", "1")
-    ) > 1:
+    engine, world = cfg.engine, int(os.environ.get("WORLD_SIZE", "1"))
+    if (engine.max_staleness is not None or engine.backend != "hf") and world > 1:
         raise ConfigError(
             "--engine: a separate rollout engine (vllm, or max_staleness) runs with one learner "
             "process; under torchrun use the hf backend without max_staleness"
@@ -184,12 +183,26 @@ def main(cfg: PGConfig) -> Path:
         raise ConfigError(
             f"--algo.teacher: the {cfg.algo.preset} preset distils a teacher; name it"
         )
+    if cfg.algo.teacher == "self" and cfg.algo.self_teacher == "ema" and world > 1:
+        raise ConfigError(
+            "--algo.self-teacher ema keeps a copy of the policy: it runs with one process"
+        )
     if cfg.algo.teacher not in (None, "self"):  # a shared tokenizer, before any model loads
         check_tokenizers(
             load_tokenizer(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code),
             load_tokenizer(cfg.algo.teacher, trust_remote_code=cfg.model.trust_remote_code),
             cfg.algo.teacher, option="--algo.teacher",
         )  # fmt: skip
+    return preset
+
+
+def main(cfg: PGConfig) -> Path:
+    """Run policy-gradient RL; returns the run directory.
+
+    The model is saved under ``<run_dir>/final`` and, with a critic, the value model under
+    ``<run_dir>/critic``.
+    """
+    preset = check_before_loading(cfg)
     ctx = build_run(
         cfg.model, cfg.log, cfg.loop.seed, to_dict(cfg), resume=cfg.loop.resume,
         batch_size=cfg.loop.batch_size,
@@ -261,12 +274,6 @@ def reference_model(ctx: RunContext) -> Callable[[], contextlib.AbstractContextM
     return held
 
 
-def load_teacher(ctx: RunContext, name: str) -> torch.nn.Module:
-    """On-policy distillation's teacher: frozen, in the compute dtype, placed like the reference."""
-    teacher = load_model(name, dtype=ctx.precision.compute).requires_grad_(False)
-    return ctx.place.frozen(teacher)
-
-
 def prepare(ctx: RunContext, cfg: PGConfig, preset: PGPreset) -> PGRun:
     """The run's objects: prompts, rewards, the reference (when a KL needs it), the sampler."""
     return PGRun(
@@ -278,7 +285,10 @@ def prepare(ctx: RunContext, cfg: PGConfig, preset: PGPreset) -> PGRun:
         ),
         reference=reference_model(ctx) if preset.uses_kl else None,
         teacher=(
-            load_teacher(ctx, cfg.algo.teacher) if cfg.algo.teacher not in (None, "self") else None
+            load_teacher(
+                ctx, cfg.algo.teacher, trust_remote_code=cfg.model.trust_remote_code,
+                option="--algo.teacher",
+            ) if cfg.algo.teacher not in (None, "self") else None
         ),
         self_teacher=(
             SelfTeacher(ctx, cfg.algo.self_teacher, cfg.algo.self_ema)

@@ -16,7 +16,7 @@ external teacher's in on-policy distillation's per-token advantage
 Completions without a context (no answer field, or no correct sibling) get no teacher term.
 The teacher's weights (``--algo.self-teacher``): ``frozen`` (the starting model), ``live`` (the
 current policy, under no_grad) or ``ema`` (an exponential moving average of the policy,
-theta_T <- theta_T + alpha (theta - theta_T) after each rollout batch's update, alpha =
+theta_T <- theta_T + alpha (theta - theta_T) in fp32 after each rollout batch's update, alpha =
 ``--algo.self-ema``; a resumed run restarts the average from the resumed policy).
 """
 
@@ -33,6 +33,7 @@ import torch
 from rlhfkit.data.rollouts import rollout_micro_batches
 from rlhfkit.data.templates import render_prompt
 from rlhfkit.models.forward import completion_logprobs
+from rlhfkit.models.sharding import gathered
 from rlhfkit.recipes.policy_gradient.state import PGRun, RolloutBatch, Sampled
 from rlhfkit.training.context import RunContext
 
@@ -94,6 +95,12 @@ def contexts(run: PGRun, sampled: Sampled, step: int) -> list[str | None]:
 class SelfTeacher:
     """The policy's network as its own teacher: frozen, live or an EMA.
 
+    ``frozen`` is the starting model: under LoRA the policy with its adapter disabled for each
+    teacher pass only; otherwise one frozen copy, loaded at the first pass. ``ema`` keeps fp32
+    shadow weights, started from the policy at the first pass (so a resumed run starts the
+    average from the resumed policy) and moved after each rollout batch's update by
+    theta_T <- theta_T + alpha (theta - theta_T); a compute-dtype copy of the network runs them.
+
     Args:
         ctx: The run (its policy, tokenizer and starting model).
         mode: ``frozen``, ``live`` or ``ema``.
@@ -104,23 +111,37 @@ class SelfTeacher:
         self.ctx, self.mode, self.alpha = ctx, mode, alpha
         self._stack = contextlib.ExitStack()
         self.model: torch.nn.Module | None = None
-        if mode == "frozen":
-            self.model = self._stack.enter_context(ctx.starting_model())
-        elif mode == "ema":
-            self.model = copy.deepcopy(ctx.model).eval().requires_grad_(False)
+        self.shadow: list[torch.Tensor] = []
+
+    @property
+    def _lora(self) -> bool:
+        return getattr(self.ctx.model, "disable_adapter", None) is not None
 
     @contextlib.contextmanager
     def network(self) -> Iterator[torch.nn.Module]:
-        """The teacher's network for one no-grad pass."""
-        yield self.ctx.model if self.model is None else self.model
+        """The teacher's network for one no-grad pass (whole while it runs under FSDP2)."""
+        if self.mode == "frozen" and self._lora:
+            with self.ctx.starting_model() as model:  # the adapter is off for this pass only
+                yield model
+            return
+        if self.mode == "frozen" and self.model is None:
+            self.model = self._stack.enter_context(self.ctx.starting_model())
+        if self.mode == "ema" and self.model is None:
+            self.model = copy.deepcopy(self.ctx.model).eval().requires_grad_(False)
+            self.shadow = [p.detach().float().clone() for p in self.ctx.model.parameters()]
+        model = self.ctx.model if self.model is None else self.model
+        with gathered(model):
+            yield model
 
     @torch.no_grad()
     def update(self) -> None:
         """After a rollout batch's update: move the EMA towards the policy (no-op otherwise)."""
         if self.mode != "ema" or self.model is None:
             return
-        for t, p in zip(self.model.parameters(), self.ctx.model.parameters(), strict=True):
-            t.lerp_(p.detach().to(t.dtype), self.alpha)
+        teacher = self.model.parameters()
+        for shadow, t, p in zip(self.shadow, teacher, self.ctx.model.parameters(), strict=True):
+            shadow.lerp_(p.detach().float(), self.alpha)
+            t.copy_(shadow)
 
     def close(self) -> None:
         """Free a frozen copy."""
