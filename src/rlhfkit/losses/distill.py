@@ -174,6 +174,102 @@ class DistillLoss:
         return self(_at_least_fp32(student_logits) / t, _at_least_fp32(teacher_logits.detach()) / t)
 
 
+def _jsd_logit_grad(student: torch.Tensor, teacher: torch.Tensor, beta: float) -> torch.Tensor:
+    """The gradient of JSD_beta with respect to the student's logits z.
+
+    With Q = softmax(z), P the teacher and M the mixture, d JSD / d Q_v = (1 - beta)
+    (log Q_v - log M_v) (the other terms cancel), and through the softmax d / d z =
+    Q (g - sum_v Q_v g_v). beta = 1 (M = P) gives the reverse KL's gradient; beta = 0 is
+    defined as the forward KL, whose gradient is Q - P.
+
+    Shapes:
+        student, teacher: (n, V) log-probs; returns (n, V) fp32.
+    """
+    q = student.exp()
+    if beta == 0.0:
+        return q - teacher.exp()
+    if beta == 1.0:
+        r = student - teacher
+    else:
+        r = student - torch.logaddexp(teacher + math.log(beta), student + math.log1p(-beta))
+        r.mul_(1.0 - beta)
+    return q * (r - (q * r).sum(-1, keepdim=True))
+
+
+class _FusedJSD(torch.autograd.Function):
+    """Chunked head matmuls + fp32 divergence, with the gradient in closed form.
+
+    The forward keeps no (tokens x vocabulary) block; the backward recomputes each chunk's two
+    logit blocks and applies :func:`_jsd_logit_grad` (no autograd graph of the elementwise
+    work, which a checkpointed chunk would rebuild and run).
+    """
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        teacher_hidden: torch.Tensor,
+        teacher_weight: torch.Tensor,
+        beta: float,
+        temperature: float,
+        chunk_rows: int,
+    ) -> torch.Tensor:
+        n = hidden.shape[0]
+        out = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        for start in range(0, n, chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            student, teacher = _chunk_logprobs(
+                hidden[rows], weight, teacher_hidden[rows], teacher_weight, temperature
+            )
+            out[rows] = generalized_jsd(student, teacher, beta) * temperature**2
+        ctx.save_for_backward(hidden, weight, teacher_hidden, teacher_weight)
+        ctx.beta, ctx.temperature, ctx.chunk_rows = beta, temperature, chunk_rows
+        return out
+
+    @staticmethod
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, grad_out: torch.Tensor
+    ) -> tuple[torch.Tensor | None, ...]:
+        hidden, weight, teacher_hidden, teacher_weight = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        parts_w: list[torch.Tensor] = []
+        t = ctx.temperature
+        for start in range(0, hidden.shape[0], ctx.chunk_rows):
+            rows = slice(start, start + ctx.chunk_rows)
+            student, teacher = _chunk_logprobs(
+                hidden[rows], weight, teacher_hidden[rows], teacher_weight, t
+            )
+            # d (t^2 D(z / t)) / d z = t * dD/d(z / t), times the upstream gradient
+            grad = _jsd_logit_grad(student, teacher, ctx.beta)
+            grad = grad.mul_(grad_out[rows, None].float() * t).to(hidden.dtype)
+            if need_h:
+                grad_h[rows] = grad @ weight
+            if need_w:
+                parts_w.append(grad.T @ hidden[rows])
+        grad_w = None
+        if need_w:
+            total = parts_w[0].float()
+            for part in parts_w[1:]:
+                total += part
+            grad_w = total.to(weight.dtype)
+        return grad_h, grad_w, None, None, None, None, None
+
+
+def _chunk_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    temperature: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 log-softmax of both models' logits / temperature for one chunk of rows."""
+    student = (hidden @ weight.T).float().div_(temperature)
+    teacher = (teacher_hidden @ teacher_weight.T).float().div_(temperature)
+    return F.log_softmax(student, dim=-1), F.log_softmax(teacher, dim=-1)
+
+
 def distill_divergence(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -185,16 +281,24 @@ def distill_divergence(
 ) -> torch.Tensor:
     """Per-position divergence from both models' final hidden states and output heads.
 
-    Fused with the heads: each chunk of rows gets its two (rows, V) logit blocks, its
-    divergence, and is recomputed in the backward, so memory holds one chunk of logits per
-    model. Gradients reach the student's ``hidden`` and ``weight`` only.
+    Fused with the heads: each chunk of rows gets its two (rows, V) logit blocks and its
+    divergence; the backward recomputes them, so memory holds one chunk of logits per model.
+    Over the whole vocabulary the gradient is in closed form (:func:`_jsd_logit_grad`); with
+    ``top_k`` each chunk is checkpointed and differentiated by autograd. Gradients reach the
+    student's ``hidden`` and ``weight`` only.
 
     Shapes:
         hidden: (N, H); weight: (V, H); teacher_hidden: (N, H'); teacher_weight: (V, H');
         returns (N,) fp32.
     """
+    teacher_hidden, teacher_weight = teacher_hidden.detach(), teacher_weight.detach()
+    if loss.top_k is None:
+        return _FusedJSD.apply(
+            hidden, weight, teacher_hidden, teacher_weight, loss.beta, loss.temperature,
+            chunk_rows,
+        )  # fmt: skip
     return linear_divergence(
-        hidden, weight, teacher_hidden.detach(), teacher_weight.detach(), loss,
+        hidden, weight, teacher_hidden, teacher_weight, loss,
         temperature=loss.temperature, chunk_rows=chunk_rows,
     )  # fmt: skip
 
