@@ -364,8 +364,10 @@ def test_presets_resolve_to_the_table():
         "sapo": ("group_zscore", "sapo", "seq_mean_token_mean", "none", "k1", "token"),
         "maxrl": ("maxrl", "reinforce", "seq_mean_token_mean", "none", "k1", "token"),
         "grpo_process": ("process_group", "ppo_clip", "seq_mean_token_mean", "loss", "k3", "token"),
+        "opd": ("group_center", "ppo_clip", "token_mean", "none", "k1", "token"),
     }
     assert set(PG_PRESETS) == set(table)
+    assert [n for n, p in PG_PRESETS.items() if p.teacher] == ["opd"]
     for name, row in table.items():
         p = PG_PRESETS[name]
         assert (
