@@ -203,3 +203,20 @@ def test_llm_judge_labels_pairs_and_judges_the_final_model(tiny_model_dir, tmp_p
     judge = json.loads((run / "eval.json").read_text())["win_rates"]["judge"]
     assert judge["consistency"] == 1.0 and judge["unparseable"] == 0
     assert 'id="win-rates"' in (run / "report.html").read_text()
+
+
+def test_the_sft_stage_can_distil_a_teacher(tiny_model_dir, tmp_path):
+    """With --sft-teacher the first stage is rlhfkit distill on the SFT data's prompts (word-level
+    KD on their replies by default), and its model is the stage's output."""
+    import json
+
+    cfg = _cfg(tiny_model_dir, tmp_path / "run")
+    cfg = replace(cfg, sft_teacher=str(tiny_model_dir))
+    pipeline.run_sft(cfg, tmp_path / "run")
+    assert (tmp_path / "run" / "sft" / "final" / "model.safetensors").exists()
+    rows = [
+        json.loads(x) for x in (tmp_path / "run" / "sft" / "metrics.jsonl").read_text().splitlines()
+    ]
+    train = [r for r in rows if "train/loss" in r]
+    assert len(train) == 2 and all(r["train/on_policy"] == 0.0 for r in train)
+    assert train[0]["train/loss"] == pytest.approx(0.0, abs=1e-6)  # the teacher is the student

@@ -50,7 +50,9 @@ def load_prompt_rows(
     Args:
         tokenizer: Renders the prompts (chat template, generation prompt appended).
         source: A file, hub dataset, ``builtin:NAME``, ``gsm8k:FILE`` or ``rgym:NAME``.
-        schema: Row format (any schema whose examples have a ``prompt``).
+        schema: Row format (any schema whose examples have a ``prompt``; a conversation's
+            prompt is what precedes its last assistant message, whose text becomes the row's
+            ``completion`` field).
         split: Split of a hub or built-in source.
         limit: Read at most this many rows.
         max_prompt_len: Longer prompts keep their last tokens.
@@ -68,11 +70,14 @@ def load_prompt_rows(
     for example in result.examples:
         if max_prompts is not None and len(rows) >= max_prompts:
             break
-        fields = {**(getattr(example, "meta", None) or {}), "prompt": list(example.prompt)}
+        prompt, reply = _prompt_of(example)
+        fields = {**(getattr(example, "meta", None) or {}), "prompt": prompt}
+        if reply is not None:
+            fields["completion"] = reply
         for name in ("answer", "verifier"):
             if getattr(example, name, None) is not None:
                 fields[name] = getattr(example, name)
-        ids = render_prompt(tokenizer, example.prompt, max_len=max_prompt_len)
+        ids = render_prompt(tokenizer, prompt, max_len=max_prompt_len)
         if distinct and tuple(ids) in seen:
             continue
         seen.add(tuple(ids))
@@ -80,6 +85,22 @@ def load_prompt_rows(
     if not rows:
         raise ConfigError(f"{source}: no prompts")
     return rows
+
+
+def _prompt_of(example: Any) -> tuple[list[dict[str, Any]], str | None]:
+    """An example's prompt messages, and for a conversation (``sft`` rows) its last reply.
+
+    A conversation's prompt is everything before its last assistant message, whose text is
+    the row's ``completion``.
+    """
+    if hasattr(example, "prompt"):
+        return list(example.prompt), None
+    messages = list(example.messages)
+    last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=None)
+    if last is None:
+        return messages, None
+    content = messages[last].get("content")
+    return messages[:last], content if isinstance(content, str) else None
 
 
 def conversation_rows(

@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from rlhfkit.config import EngineConfig, LogConfig, LoopConfig, ModelConfig, OptimConfig, Problems
-from rlhfkit.recipes import dpo, reward_model, sft
+from rlhfkit.recipes import distill, dpo, reward_model, sft
 from rlhfkit.recipes import policy_gradient as pg
 from rlhfkit.rollout.hf import SamplingConfig
+from rlhfkit.validation import model_path_problem
 
 UNSEEN_TASKS = ("antonyms", "count_letters", "thank_you_note")
 """The built-in task types the demo keeps from its preference stages (one the SFT model often
@@ -101,6 +102,15 @@ class PipelineConfig:
             loop=LoopConfig(batch_size=16, max_steps=30, micro_batch_tokens=1024),
         )
     )
+    sft_teacher: str | None = None
+    """Distil this teacher in the SFT stage instead of fine-tuning on the SFT data's replies
+    (rlhfkit distill on the SFT data's prompts, with the --distill settings and the --sft
+    optimiser and loop; the teacher must share the model's tokenizer)."""
+    distill: distill.DistillAlgoConfig = field(
+        default_factory=lambda: distill.DistillAlgoConfig(lmbda=0.0, beta=0.0, off_policy="dataset")
+    )
+    """The distilled SFT stage's divergence and sequences (default: word-level KD, the forward
+    KL to the teacher on the SFT data's own replies; raise lmbda for on-policy batches)."""
     candidates: CandidatesConfig = field(default_factory=CandidatesConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     """Where the candidates and evaluation stages sample: rlhfkit's sampler or vLLM (a server
@@ -151,8 +161,14 @@ class PipelineConfig:
     log: LogConfig = field(default_factory=lambda: LogConfig(run_dir="runs/pipeline"))
 
     def problems(self) -> Problems:
-        """An engine URL: the pipeline samples several models, each on a server of its own."""
+        """An engine URL or a teacher that is not there.
+
+        The pipeline samples several models, each on a server of its own, so it takes no URL.
+        """
+        out = []
         if self.engine.vllm_url:
-            return [("engine.vllm_url", "the pipeline starts a vLLM server per model it samples; "
-                     "leave it unset")]  # fmt: skip
-        return []
+            out.append(("engine.vllm_url", "the pipeline starts a vLLM server per model it "
+                        "samples; leave it unset"))  # fmt: skip
+        if self.sft_teacher is not None:
+            out += [("sft_teacher", t) for t in [model_path_problem(self.sft_teacher)] if t]
+        return out

@@ -61,7 +61,7 @@ from rlhfkit.pipeline.config import LabelsConfig as LabelsConfig
 from rlhfkit.pipeline.config import OptimiseConfig as OptimiseConfig
 from rlhfkit.pipeline.config import PipelineConfig
 from rlhfkit.pipeline.evaluation import evaluate_stage, report_data
-from rlhfkit.recipes import dpo, reward_model, sft
+from rlhfkit.recipes import distill, dpo, reward_model, sft
 from rlhfkit.recipes import policy_gradient as pg
 from rlhfkit.rollout.vllm import require_engine
 
@@ -107,10 +107,21 @@ def _seen(cfg: PipelineConfig, run: Path, source: str, split: str) -> tuple[str,
 
 
 def run_sft(cfg: PipelineConfig, run: Path) -> None:
-    """Step 1."""
+    """Step 1: SFT on the SFT data, or with ``sft_teacher`` the teacher distilled on its prompts."""
     sub = cfg.sft
     loop = replace(sub.loop, resume=_resume(run / "sft"))
-    sft.main(replace(sub, model=cfg.model, loop=loop, log=_sub_log(cfg, "sft")))
+    if cfg.sft_teacher is None:
+        sft.main(replace(sub, model=cfg.model, loop=loop, log=_sub_log(cfg, "sft")))
+        return
+    data = distill.DistillDataConfig(
+        train=sub.data.train, train_split=sub.data.train_split, eval=None, schema="sft",
+        limit=sub.data.limit, max_prompt_len=sub.data.max_len,
+    )  # fmt: skip
+    config = distill.DistillConfig(
+        model=cfg.model, teacher=distill.TeacherConfig(name=cfg.sft_teacher), data=data,
+        algo=cfg.distill, optim=sub.optim, loop=loop, log=_sub_log(cfg, "sft"),
+    )  # fmt: skip
+    distill.main(config)
 
 
 def run_candidates(cfg: PipelineConfig, run: Path) -> None:
