@@ -10,8 +10,9 @@ on its weights). Each side runs in its own persistent process; the driver altern
 optimiser step of each after warm-up steps. The headline is training tokens/s (non-padding
 tokens of the step); peak memory is reported beside it.
 
-- rlhfkit runs the loop body of ``rlhfkit distill`` on the rendered rows (``micro_batches`` ->
-  ``accumulate`` with the head-fused chunked divergence -> ``apply_step``).
+- rlhfkit runs the loop body of ``rlhfkit distill`` on the rendered rows (the SFT recipe's
+  ``micro_batches`` -> ``accumulate`` with the head-fused chunked divergence -> ``apply_step``,
+  through ``bench_sft``'s worker).
 - TRL runs ``trl.experimental.gkd.GKDTrainer`` with ``lmbda=0``, ``beta=0.5``,
   ``temperature=1``, ``seq_kd=False`` (full logits of both models, padded batch).
 
@@ -21,11 +22,10 @@ tokens of the step); peak memory is reported beside it.
 from __future__ import annotations
 
 import os
-import tempfile
-import time
 from dataclasses import dataclass
 from typing import Any
 
+import bench_sft
 import common
 import versus
 from bench_sft import TEMPLATE, load_conversations
@@ -88,55 +88,10 @@ def _rlhfkit_setup(settings: Settings, conversations: list, run_dir: str) -> dic
     }
 
 
-def _rlhfkit_step(run: dict[str, Any], settings: Settings, index: int) -> dict[str, Any]:
-    """One optimiser step on batch ``index``, as the loop of recipes/distill.py runs it."""
-    from rlhfkit.recipes.distill import label_count, micro_batches
-    from rlhfkit.training.accumulate import accumulate
-
-    ctx = run["ctx"]
-    size = settings.batch_size
-    batch = run["examples"][index * size : (index + 1) * size]
-    start, cpu_start = time.perf_counter(), time.process_time()
-    parts = micro_batches(batch, packing=ctx.packing, budget=run["budget"], pad_id=ctx.pad_id)
-    stats = accumulate(
-        parts, run["step_loss"], count_fn=label_count, after_backward=ctx.master.collect_grads
-    )
-    stepped = ctx.apply_step(stats, settings.max_grad_norm, 3)
-    ctx.log_step({"train/loss": stats.loss, "train/label_tokens": stats.normaliser}, 1)
-    tokens = sum(len(e.input_ids) for e in batch)
-    return versus.step_answer(
-        start, cpu_start, stats, stepped, parts, tokens=tokens, loss_tokens=stats.normaliser
-    )
-
-
 def rlhfkit_worker(conn: Any, settings: Settings, conversations: list) -> None:
-    """Worker process of the rlhfkit side (answers "step", "profile", "stop")."""
-
-    def body() -> None:
-        common.set_threads(settings.threads)
-        with tempfile.TemporaryDirectory(prefix="bench-distill-rlhfkit-") as run_dir:
-            run = _rlhfkit_setup(settings, conversations, run_dir)
-            conn.send(
-                {
-                    **common.model_facts(run["ctx"].model),
-                    "packing": run["ctx"].packing,
-                    "input_ids": [e.input_ids for e in run["examples"]],
-                    "rss_mib": common.rss_mib(),
-                }
-            )
-            done = 0
-
-            def step() -> dict[str, Any]:
-                nonlocal done
-                done += 1
-                return _rlhfkit_step(run, settings, done - 1)
-
-            def again() -> dict[str, Any]:
-                return common.profiled(lambda: _rlhfkit_step(run, settings, done - 1))
-
-            versus.serve_steps(conn, step, close=run["ctx"].logger.close, profile_step=again)
-
-    common.worker_main(conn, body)
+    """Worker process of the rlhfkit side: ``bench_sft``'s, whose step (the loop body shared by
+    ``rlhfkit sft`` and ``rlhfkit distill``) runs the distillation step loss built here."""
+    bench_sft.rlhfkit_worker(conn, settings, conversations, _rlhfkit_setup, "bench-distill-")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -39,7 +39,8 @@ from rlhfkit.models.load import load_model, load_tokenizer, resolve_model_path
 from rlhfkit.models.precision import default_device, resolve_precision
 from rlhfkit.rollout.hf import SamplingConfig
 from rlhfkit.rollout.sampler import HFGenerator
-from rlhfkit.rollout.vllm import ServerSettings, VLLMGenerator, VLLMServer
+from rlhfkit.rollout.vllm import VLLMGenerator
+from rlhfkit.rollout.vllm_server import ServerSettings, VLLMServer
 
 MODEL = "smollm2-135m-instruct"
 QUESTIONS = [f"What is {a} + {a + 30}? Explain briefly." for a in range(10, 26)]

@@ -176,16 +176,20 @@ def _rlhfkit_step(run: dict[str, Any], settings: Settings, index: int) -> dict[s
     )
 
 
-def rlhfkit_worker(conn: Any, settings: Settings, conversations: list) -> None:
+def rlhfkit_worker(
+    conn: Any, settings: Any, conversations: list, setup: Any = None, prefix: str = "bench-sft-"
+) -> None:
     """Worker process of the rlhfkit side (answers "step", "profile", "stop").
 
-    "profile" runs the last measured batch again under the profiler.
+    ``setup(settings, conversations, run_dir)`` builds the run (default: the SFT recipe's); its
+    ``step_loss`` makes the step a distillation step, for instance. "profile" runs the last
+    measured batch again under the profiler.
     """
 
     def body() -> None:
         common.set_threads(settings.threads)
-        with tempfile.TemporaryDirectory(prefix="bench-sft-rlhfkit-") as run_dir:
-            run = _rlhfkit_setup(settings, conversations, run_dir)
+        with tempfile.TemporaryDirectory(prefix=f"{prefix}rlhfkit-") as run_dir:
+            run = (setup or _rlhfkit_setup)(settings, conversations, run_dir)
             conn.send(
                 {
                     **common.model_facts(run["ctx"].model),

@@ -7,6 +7,7 @@ length, L = P + T, V vocabulary. ``mask`` always means "this token counts in the
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
 
@@ -137,6 +138,27 @@ class Rollout:
     logprobs: list[list[float]]
     finish_reasons: list[FinishReason]
     entropies: list[list[float]] = field(default_factory=list)
+
+    @classmethod
+    def grouped(
+        cls,
+        prompts: Sequence[Sequence[int]],
+        g: int,
+        completion_ids: list[list[int]],
+        logprobs: list[list[float]],
+        finish_reasons: list[FinishReason],
+        entropies: list[list[float]] | None = None,
+    ) -> Rollout:
+        """``g`` completions of each prompt, in prompt order (completion i is of prompt i // g)."""
+        n = len(prompts) * g
+        return cls(
+            prompt_index=[i // g for i in range(n)],
+            prompt_ids=[list(prompts[i // g]) for i in range(n)],
+            completion_ids=completion_ids,
+            logprobs=logprobs,
+            finish_reasons=finish_reasons,
+            entropies=entropies or [],
+        )
 
     def __len__(self) -> int:
         return len(self.completion_ids)

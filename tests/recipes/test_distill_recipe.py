@@ -17,8 +17,9 @@ from rlhfkit.config import from_dict
 from rlhfkit.errors import ConfigError
 from rlhfkit.losses.distill import DistillLoss
 from rlhfkit.models.load import load_model
-from rlhfkit.models.tiny import tiny_model, tiny_tokenizer
+from rlhfkit.models.tiny import save_tiny_model, tiny_model, tiny_tokenizer
 from rlhfkit.recipes import distill
+from rlhfkit.recipes.sft import label_count, micro_batches
 from rlhfkit.training.accumulate import accumulate
 from rlhfkit.types import TokenizedExample
 
@@ -29,9 +30,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def teacher_dir(tmp_path_factory):
     """A tiny teacher of another seed and a wider MLP, sharing the tokenizer."""
     path = tmp_path_factory.mktemp("tiny-teacher")
-    tiny_model(seed=7, intermediate_size=192).save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
+    return save_tiny_model(path, seed=7, intermediate_size=192)
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +80,8 @@ def test_gradient_does_not_depend_on_the_micro_batch_split(tiny_model_dir, teach
     results = []
     for budget in (1024, 12):
         student.zero_grad()
-        parts = distill.micro_batches(examples, packing=True, budget=budget, pad_id=0)
-        stats = accumulate(parts, step_loss, count_fn=distill.label_count)
+        parts = micro_batches(examples, packing=True, budget=budget, pad_id=0)
+        stats = accumulate(parts, step_loss, count_fn=label_count)
         results.append((len(parts), stats.loss, [p.grad.clone() for p in student.parameters()]))
         assert all(p.grad is None for p in teacher.parameters())
     (n_one, loss_one, g_one), (n_many, loss_many, g_many) = results
@@ -97,7 +96,6 @@ def test_the_loss_is_the_token_mean_of_the_divergence(tiny_model_dir, teacher_di
     teacher = load_model(str(teacher_dir), dtype=torch.float32)
     loss = DistillLoss(beta=0.3, temperature=2.0)
     examples = _examples(3)
-    batch = distill.micro_batches(examples, packing=False, budget=64, pad_id=0)[0]
     expected = []
     with torch.no_grad():
         for e in examples:
@@ -107,15 +105,14 @@ def test_the_loss_is_the_token_mean_of_the_divergence(tiny_model_dir, teacher_di
             t = teacher(ids).logits[0, start - 1 : -1]
             expected.append(loss.from_logits(s, t))
     expected_mean = torch.cat(expected).mean().item()
-    parts = distill.micro_batches(examples, packing=True, budget=1024, pad_id=0)
+    parts = micro_batches(examples, packing=True, budget=1024, pad_id=0)
     stats = accumulate(
         parts,
         distill.make_step_loss(student, teacher, loss),
-        count_fn=distill.label_count,
+        count_fn=label_count,
         backward=False,
     )
     assert stats.loss == pytest.approx(expected_mean, rel=1e-5)
-    assert batch["input_ids"].shape[0] == 1
 
 
 def test_a_teacher_equal_to_the_student_gives_zero_kl_and_full_agreement(
@@ -147,7 +144,8 @@ def test_the_mixed_schedule_is_seeded_and_the_student_moves_towards_the_teacher(
     tiny_model_dir, teacher_dir, prompts_file, tmp_path
 ):
     """lambda = 0.5: the on-policy steps are the seeded draws; training on the teacher's
-    distributions lowers the held-out KL to it (both ways) without losing top-1 agreement."""
+    distributions lowers the held-out KL to it, both ways. (Top-1 agreement is not asserted: two
+    tiny random models agree at every position already, so it could not fail.)"""
     cfg = config(tiny_model_dir, teacher_dir, prompts_file, tmp_path / "run", algo__lmbda=0.5,
                  loop__max_steps=12, loop__eval_every=0, algo__beta=0.5)  # fmt: skip
     distill.main(cfg)
@@ -158,7 +156,6 @@ def test_the_mixed_schedule_is_seeded_and_the_student_moves_towards_the_teacher(
     before, after = rows[0], rows[-1]
     assert after["eval/forward_kl"] < 0.7 * before["eval/forward_kl"]
     assert after["eval/reverse_kl"] < 0.7 * before["eval/reverse_kl"]
-    assert after["eval/agreement"] >= before["eval/agreement"]
 
 
 def test_dataset_completions_are_the_off_policy_sequences(
@@ -211,8 +208,7 @@ def test_a_teacher_head_padded_past_the_vocabulary_is_cut_to_it(
     teacher = tiny_model(seed=5, vocab_size=448)
     with torch.no_grad():  # the padding rows, as in a trained model: never the likely token
         teacher.get_output_embeddings().weight[384:] = 0.0
-    teacher.save_pretrained(padded)
-    tiny_tokenizer().save_pretrained(padded)
+    save_tiny_model(padded, teacher)
     cfg = config(
         tiny_model_dir,
         padded,

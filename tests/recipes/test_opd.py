@@ -14,7 +14,7 @@ from recipe_helpers import pg_config, pg_rollout, pg_setup, read_metrics
 from rlhfkit.errors import ConfigError
 from rlhfkit.models.forward import rollout_logprobs
 from rlhfkit.models.load import load_model
-from rlhfkit.models.tiny import tiny_model, tiny_tokenizer
+from rlhfkit.models.tiny import save_tiny_model, tiny_model, tiny_tokenizer
 from rlhfkit.recipes import policy_gradient as pg
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -23,9 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("opd-teacher")
-    tiny_model(seed=11, intermediate_size=96).save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
+    return save_tiny_model(path, seed=11, intermediate_size=96)
 
 
 @pytest.fixture(scope="module")
@@ -36,9 +34,7 @@ def sharp_teacher_dir(tmp_path_factory):
     model = tiny_model(seed=11, tie_word_embeddings=False)
     with torch.no_grad():
         model.lm_head.weight.mul_(6.0)
-    model.save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
+    return save_tiny_model(path, model)
 
 
 def opd_config(model_dir, teacher, task, run_dir, **over):

@@ -20,12 +20,8 @@ from rlhfkit.models.forward import completion_logprobs
 from rlhfkit.models.load import load_model, load_tokenizer, resolve_model_path
 from rlhfkit.rollout.hf import SamplingConfig
 from rlhfkit.rollout.sampler import chat_generator
-from rlhfkit.rollout.vllm import (
-    ServerSettings,
-    VLLMEngine,
-    VLLMServer,
-    default_python,
-)
+from rlhfkit.rollout.vllm import VLLMEngine
+from rlhfkit.rollout.vllm_server import ServerSettings, VLLMServer, default_python
 
 pytestmark = [
     pytest.mark.slow,
@@ -147,26 +143,33 @@ def test_weight_sync_moves_the_engine_to_the_learner(server, tokenizer):
     assert engine.weights_hash() == engine.expected_hash(model)
 
 
-def test_grpo_runs_on_the_engine(server, tmp_path):
+def grpo_on_engine(url: str, run_dir, **model) -> list[dict]:
+    """Two GRPO steps on the engine at ``url`` (the embedded model plus ``model`` options);
+    the metric records."""
     from rlhfkit.config import from_dict
     from rlhfkit.recipes import policy_gradient as pg
 
-    prompts = tmp_path / "prompts.jsonl"
+    prompts = run_dir.parent / "prompts.jsonl"
     rows = [{"prompt": f"What is {a} + {a}?", "answer": str(2 * a)} for a in range(8)]
     prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = from_dict(pg.PGConfig, {
-        "model": {"name": "smollm2-135m-instruct", "precision": "fp32"},
+        "model": {"name": "smollm2-135m-instruct", "precision": "fp32", **model},
         "data": {"train": str(prompts)},
         "rewards": ["rlhfkit.rewards.answers:exact_answer"],
-        "engine": {"backend": "vllm", "vllm_url": server.url},
+        "engine": {"backend": "vllm", "vllm_url": url},
         "sampling": {"num_samples": 2, "max_new_tokens": 8, "temperature": 1.0},
-        "optim": {"lr": 1e-5, "warmup_ratio": 0.0, "schedule": "constant"},
+        "optim": {"lr": 1e-3 if model.get("lora") else 1e-5, "warmup_ratio": 0.0,
+                  "schedule": "constant"},
         "loop": {"batch_size": 2, "max_steps": 2},
-        "log": {"run_dir": str(tmp_path / "run"), "progress": False, "tensorboard": False},
+        "log": {"run_dir": str(run_dir), "progress": False, "tensorboard": False},
         "sample_every": 0,
     })  # fmt: skip
     pg.main(cfg)
-    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_grpo_runs_on_the_engine(server, tmp_path):
+    rows = grpo_on_engine(server.url, tmp_path / "run")
     assert [r["step"] for r in rows] == [1, 2]
     for r in rows:
         assert r["async/staleness"] == 0  # synchronous on the engine: every batch is fresh
@@ -270,26 +273,7 @@ def test_lora_adapter_sync_moves_the_engine_to_the_learner(lora_server, tokenize
 
 def test_grpo_with_lora_syncs_the_adapter(lora_server, tmp_path):
     """`rlhfkit rl --model.lora true --engine.backend vllm`: the adapter is what gets synced."""
-    from rlhfkit.config import from_dict
-    from rlhfkit.recipes import policy_gradient as pg
-
-    prompts = tmp_path / "prompts.jsonl"
-    rows = [{"prompt": f"What is {a} + {a}?", "answer": str(2 * a)} for a in range(8)]
-    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = from_dict(pg.PGConfig, {
-        "model": {"name": "smollm2-135m-instruct", "precision": "fp32", "lora": True,
-                  "lora_r": 8},
-        "data": {"train": str(prompts)},
-        "rewards": ["rlhfkit.rewards.answers:exact_answer"],
-        "engine": {"backend": "vllm", "vllm_url": lora_server.url},
-        "sampling": {"num_samples": 2, "max_new_tokens": 8, "temperature": 1.0},
-        "optim": {"lr": 1e-3, "warmup_ratio": 0.0, "schedule": "constant"},
-        "loop": {"batch_size": 2, "max_steps": 2},
-        "log": {"run_dir": str(tmp_path / "run"), "progress": False, "tensorboard": False},
-        "sample_every": 0,
-    })  # fmt: skip
-    pg.main(cfg)
-    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = grpo_on_engine(lora_server.url, tmp_path / "run", lora=True, lora_r=8)
     assert [r["step"] for r in rows] == [1, 2]
     for r in rows:
         assert r["async/staleness"] == 0

@@ -18,7 +18,7 @@ from rlhfkit.config import EngineConfig, ModelConfig
 from rlhfkit.eval import run as eval_run
 from rlhfkit.inference import evaluate
 from rlhfkit.models.load import resolve_model_path
-from rlhfkit.rollout import vllm
+from rlhfkit.rollout import vllm, vllm_server
 from rlhfkit.rollout.hf import SamplingConfig
 from rlhfkit.types import Rollout
 
@@ -54,13 +54,13 @@ class RecordedServer:
 @pytest.fixture
 def recorded(monkeypatch):
     RecordedServer.made = []
-    monkeypatch.setattr(vllm, "VLLMServer", RecordedServer)
+    monkeypatch.setattr(vllm_server, "VLLMServer", RecordedServer)
     return RecordedServer.made
 
 
 def test_server_settings_come_from_the_engine_section(recorded, tiny_model_dir):
     engine = EngineConfig(backend="vllm", vllm_memory=0.25, vllm_max_model_len=512)
-    with vllm.vllm_server(engine, str(tiny_model_dir), torch.bfloat16, seed=3) as server:
+    with vllm_server.vllm_server(engine, str(tiny_model_dir), torch.bfloat16, seed=3) as server:
         assert not server.closed
     s = server.settings
     assert (s.model, s.dtype, s.memory_fraction, s.max_model_len, s.seed) == (

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from rlhfkit.models.load import load_model
-from rlhfkit.models.tiny import tiny_model, tiny_tokenizer
+from rlhfkit.models.tiny import save_tiny_model, tiny_tokenizer
 from rlhfkit.rollout.hf import SamplingConfig
 from rlhfkit.rollout.sampler import chat_generator
 
@@ -15,9 +15,7 @@ from rlhfkit.rollout.sampler import chat_generator
 @pytest.fixture(scope="module")
 def four_layers(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-4")
-    tiny_model(seed=3, num_hidden_layers=4).save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
+    return save_tiny_model(path, seed=3, num_hidden_layers=4)
 
 
 def test_kept_layers_compute_what_those_layers_compute(four_layers, tmp_path):

@@ -44,7 +44,8 @@ from rlhfkit.rewards import load_reward_fn, score_completions
 from rlhfkit.rewards.shaping import weighted_sum
 from rlhfkit.rollout.hf import SamplingConfig
 from rlhfkit.rollout.sampler import Generator, HFGenerator, chat_generator
-from rlhfkit.rollout.vllm import VLLMGenerator, vllm_server
+from rlhfkit.rollout.vllm import VLLMGenerator
+from rlhfkit.rollout.vllm_server import vllm_server
 
 
 def load_sampler(

@@ -29,7 +29,7 @@ from rlhfkit.config import EngineConfig, ModelConfig
 from rlhfkit.inference.evaluate import EvalDataConfig, evaluate_prompts
 from rlhfkit.ops.selection import bon_kl, top_per_prompt
 from rlhfkit.rollout.hf import SamplingConfig
-from rlhfkit.rollout.vllm import require_engine
+from rlhfkit.rollout.vllm_server import require_engine
 
 
 @dataclass

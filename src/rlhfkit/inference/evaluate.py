@@ -50,7 +50,7 @@ from rlhfkit.eval.run import (
 from rlhfkit.eval.summary import grid_report, print_grid_report
 from rlhfkit.models.load import load_tokenizer
 from rlhfkit.rollout.hf import SamplingConfig
-from rlhfkit.rollout.vllm import require_engine
+from rlhfkit.rollout.vllm_server import require_engine
 
 log = logging.getLogger(__name__)
 

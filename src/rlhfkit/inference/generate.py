@@ -19,7 +19,7 @@ from rlhfkit.data.sources import DataError, load_rows
 from rlhfkit.eval.run import open_sampler, sample_grid
 from rlhfkit.models.load import load_tokenizer
 from rlhfkit.rollout.hf import SamplingConfig
-from rlhfkit.rollout.vllm import require_engine
+from rlhfkit.rollout.vllm_server import require_engine
 
 
 @dataclass

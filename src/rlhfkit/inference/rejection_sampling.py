@@ -49,7 +49,7 @@ from rlhfkit.inference.evaluate import EvalDataConfig, evaluate_prompts
 from rlhfkit.ops.selection import random_k_overall, random_per_prompt, select
 from rlhfkit.recipes import sft
 from rlhfkit.rollout.hf import SamplingConfig
-from rlhfkit.rollout.vllm import require_engine
+from rlhfkit.rollout.vllm_server import require_engine
 
 log = logging.getLogger(__name__)
 

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from rlhfkit.ops.kl import linear_divergence
+from rlhfkit.ops.logprobs import sum_in_fp32
 
 Divergence = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """(student log-probs, teacher log-probs) over the same buckets -> per-position divergence."""
@@ -248,12 +249,7 @@ class _FusedJSD(torch.autograd.Function):
                 grad_h[rows] = grad @ weight
             if need_w:
                 parts_w.append(grad.T @ hidden[rows])
-        grad_w = None
-        if need_w:
-            total = parts_w[0].float()
-            for part in parts_w[1:]:
-                total += part
-            grad_w = total.to(weight.dtype)
+        grad_w = sum_in_fp32(parts_w, weight.dtype) if need_w else None
         return grad_h, grad_w, None, None, None, None, None
 
 

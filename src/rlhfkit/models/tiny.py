@@ -9,6 +9,7 @@ embeddings, like the embedded SmolLM2.
 from __future__ import annotations
 
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -99,3 +100,16 @@ def tiny_model(
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model.to(dtype)
+
+
+def save_tiny_model(
+    path: str | Path, model: LlamaForCausalLM | None = None, **options: object
+) -> Path:
+    """Save ``model`` (default: ``tiny_model(**options)``) with the tiny tokenizer.
+
+    The directory loads in any command; returns ``path``.
+    """
+    chosen = model if model is not None else tiny_model(**options)  # type: ignore[arg-type]
+    chosen.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return Path(path)

@@ -108,7 +108,7 @@ class _LinearLogprobs(torch.autograd.Function):
                 parts_w.append(grad_logits.T @ h)  # (V, H)
         return (
             grad_h,
-            _sum_in_fp32(parts_w, weight.dtype) if need_w else None,
+            sum_in_fp32(parts_w, weight.dtype) if need_w else None,
             None,
             None,
             None,
@@ -116,8 +116,8 @@ class _LinearLogprobs(torch.autograd.Function):
         )
 
 
-def _sum_in_fp32(parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    """Sum chunk gradients, accumulating in fp32 when there is more than one."""
+def sum_in_fp32(parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """Sum chunk gradients, accumulating in fp32 when there is more than one; cast to ``dtype``."""
     if len(parts) == 1:
         return parts[0].to(dtype)
     total = parts[0].float()

@@ -63,7 +63,7 @@ from rlhfkit.pipeline.config import PipelineConfig
 from rlhfkit.pipeline.evaluation import evaluate_stage, report_data
 from rlhfkit.recipes import distill, dpo, reward_model, sft
 from rlhfkit.recipes import policy_gradient as pg
-from rlhfkit.rollout.vllm import require_engine
+from rlhfkit.rollout.vllm_server import require_engine
 
 log = logging.getLogger(__name__)
 console = Console()

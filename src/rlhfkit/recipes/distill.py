@@ -42,7 +42,7 @@ from typing import Any, Literal
 import torch
 
 from rlhfkit.config import LogConfig, LoopConfig, ModelConfig, OptimConfig, Problems, to_dict
-from rlhfkit.data.collate import pack_examples, packed_batch, pad_batch, supports_padding_free
+from rlhfkit.data.collate import supports_padding_free
 from rlhfkit.data.prompts import PromptRow, load_prompt_rows
 from rlhfkit.data.sources import data_section_problems
 from rlhfkit.errors import ConfigError
@@ -50,6 +50,7 @@ from rlhfkit.losses.distill import DistillLoss, distill_divergence
 from rlhfkit.models.forward import label_hidden
 from rlhfkit.models.load import load_model, load_tokenizer
 from rlhfkit.models.sharding import gathered
+from rlhfkit.recipes.sft import label_count, micro_batches
 from rlhfkit.rollout.hf import SamplingConfig
 from rlhfkit.rollout.sampler import chat_generator
 from rlhfkit.training.accumulate import accumulate
@@ -242,25 +243,6 @@ def dataset_examples(tokenizer: Any, prompts: list[PromptRow]) -> list[Tokenized
             )
         )
     return out
-
-
-def micro_batches(
-    examples: list[TokenizedExample], *, packing: bool, budget: int, pad_id: int
-) -> list[dict[str, torch.Tensor]]:
-    """Padding-free rows of at most ``budget`` tokens (padded rows when packing is off)."""
-    if not examples:
-        return []
-    if packing:
-        return [
-            packed_batch([examples[i] for i in b])
-            for b in pack_examples(examples, max_tokens=budget)
-        ]
-    return [pad_batch([e], pad_id=pad_id) for e in examples]
-
-
-def label_count(batch: dict[str, torch.Tensor]) -> float:
-    """Label tokens in a micro-batch (its share of the token-mean normaliser)."""
-    return float((batch["labels"][:, 1:] != -100).sum())
 
 
 def make_step_loss(

@@ -78,7 +78,7 @@ from rlhfkit.recipes.engine import synced, vllm_policy
 from rlhfkit.rewards import load_reward_fn, reward_models, score_completions
 from rlhfkit.rollout.hf import SamplingConfig
 from rlhfkit.rollout.sampler import Generator, chat_generator
-from rlhfkit.rollout.vllm import require_engine
+from rlhfkit.rollout.vllm_server import require_engine
 from rlhfkit.training.distributed import gather_objects
 from rlhfkit.training.reference import cached_reference, compute_reference
 from rlhfkit.training.run import RunContext, build_run, finish_run

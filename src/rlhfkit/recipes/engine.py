@@ -14,7 +14,8 @@ import contextlib
 from collections.abc import Iterator
 
 from rlhfkit.config import EngineConfig
-from rlhfkit.rollout.vllm import VLLMAdapterEngine, VLLMEngine, vllm_server
+from rlhfkit.rollout.vllm import VLLMAdapterEngine, VLLMEngine
+from rlhfkit.rollout.vllm_server import vllm_server
 from rlhfkit.training.context import RunContext
 
 

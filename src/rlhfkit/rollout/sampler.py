@@ -328,14 +328,7 @@ class HFGenerator:
             )  # fmt: skip
             logits, next_pos = out.logits[:, -1], next_pos + 1
         self.model.train(was_training)
-        return Rollout(
-            prompt_index=[i // g for i in range(n)],
-            prompt_ids=[list(prompts[i // g]) for i in range(n)],
-            completion_ids=completions,
-            logprobs=logprobs,
-            finish_reasons=reasons,
-            entropies=entropies,
-        )
+        return Rollout.grouped(prompts, g, completions, logprobs, reasons, entropies)
 
 
 def chat_generator(model: torch.nn.Module, tokenizer: Any) -> HFGenerator:

@@ -35,7 +35,7 @@ from rlhfkit.recipes.policy_gradient.update import aggregation, optimise, policy
 from rlhfkit.rewards import load_reward_fn, reward_models
 from rlhfkit.rollout.engine import LocalEngine
 from rlhfkit.rollout.sampler import HFGenerator
-from rlhfkit.rollout.vllm import require_engine
+from rlhfkit.rollout.vllm_server import require_engine
 from rlhfkit.training.accumulate import StepStats
 from rlhfkit.training.run import RunContext, build_run, finish_run
 
