@@ -48,44 +48,20 @@ class Settings(versus.BenchSettings):
 
 
 def _rlhfkit_setup(settings: Settings, conversations: list, run_dir: str) -> dict[str, Any]:
-    """Build the run as recipes/distill.py does; returns the objects the steps use."""
-    from rlhfkit.config import LogConfig, LoopConfig, ModelConfig, OptimConfig
-    from rlhfkit.data.collate import supports_padding_free
-    from rlhfkit.data.templates import render_messages
+    """``bench_sft``'s run (the same rendered rows and training state) with the frozen teacher
+    and the distillation step loss of recipes/distill.py."""
     from rlhfkit.losses.distill import DistillLoss
     from rlhfkit.models.load import load_model
     from rlhfkit.recipes.distill import make_step_loss
-    from rlhfkit.training.run import build_run
 
-    ctx = build_run(
-        ModelConfig(precision="bf16"),
-        LogConfig(run_dir=run_dir, tensorboard=False, progress=False),
-        settings.seed,
-        {},
-    )
-    ctx.packing = supports_padding_free(ctx.model)
+    run = bench_sft._rlhfkit_setup(settings, conversations, run_dir)
+    ctx = run["ctx"]
     teacher = ctx.place.frozen(
         load_model("smollm2-135m-instruct", dtype=ctx.precision.compute).requires_grad_(False)
     )
-    examples = []
-    for i, messages in enumerate(conversations):
-        example = render_messages(
-            ctx.tokenizer, messages, mask_mode="all_assistant_turns", max_len=settings.max_len,
-            truncation="right", source=f"row {i}",
-        )  # fmt: skip
-        if example is None:
-            raise ValueError(f"row {i} was dropped by render_messages; pick other data")
-        examples.append(example)
-    optim = OptimConfig(
-        lr=settings.lr, schedule="constant", warmup_ratio=0.0, max_grad_norm=settings.max_grad_norm
-    )
-    ctx.start_training(optim, settings.total_steps + 1, resume=False)  # +1: optional profile
-    return {
-        "ctx": ctx,
-        "examples": examples,
-        "step_loss": make_step_loss(ctx.model, teacher, DistillLoss(beta=settings.beta)),
-        "budget": LoopConfig().micro_batch_tokens,
-    }
+    loss = DistillLoss(beta=settings.beta)
+    run["step_loss"] = make_step_loss(ctx.model, teacher, loss, vocab=len(ctx.tokenizer))
+    return run
 
 
 def rlhfkit_worker(conn: Any, settings: Settings, conversations: list) -> None:
