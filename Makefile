@@ -7,6 +7,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
+# No wheel cache: what is installed lives in the venvs already, and CI machines can be short of disk.
+export PIP_NO_CACHE_DIR := 1
 
 .PHONY: demo test lint bench clean setup vllm
 

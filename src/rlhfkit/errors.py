@@ -23,3 +23,7 @@ class ConfigError(UserError, ValueError):
 
 class MissingFileError(UserError, FileNotFoundError):
     """A file the user named does not exist."""
+
+
+class DiskSpaceError(UserError, OSError):
+    """A directory the run writes to has too little free space for what it must write."""

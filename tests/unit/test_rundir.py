@@ -8,13 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhfkit.errors import ConfigError
+from rlhfkit.errors import ConfigError, DiskSpaceError
 from rlhfkit.training.checkpoint import (
     TrainerState,
     checkpoint_info,
     latest_checkpoint,
     remove_partial,
     save_checkpoint,
+    tensor_bytes,
 )
 from rlhfkit.training.rundir import RunFinished, plan_run, prepare_run_dir, trim_records
 
@@ -42,6 +43,27 @@ def test_latest_falls_back_to_the_newest_complete_checkpoint(tmp_path):
     (second / "model.safetensors").unlink()  # incomplete
     assert latest_checkpoint(tmp_path) == first
     assert checkpoint_info(first)["step"] == 2
+
+
+def test_tensor_bytes_counts_each_tensor_once():
+    w = torch.zeros(3, 4)  # 48 bytes
+    state = {"a": w, "b": [w, torch.zeros(2, dtype=torch.bfloat16)], "c": (1, "x")}
+    assert tensor_bytes(state) == 48 + 4
+
+
+def test_a_full_disk_stops_before_writing_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    first = checkpoint(tmp_path, 2)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(10**9, 10**9, 1000))
+    with pytest.raises(DiskSpaceError, match=r"not enough free disk in .*checkpoints.*resume"):
+        checkpoint(tmp_path, 4)
+    assert latest_checkpoint(tmp_path) == first
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "latest", "step-00000002",
+    ]  # fmt: skip
 
 
 def test_leftovers_of_killed_writes_are_removed(tmp_path):

@@ -20,6 +20,7 @@ or names a deleted one, and :func:`remove_partial` clears what a killed write le
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -33,6 +34,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from rlhfkit.atomic import atomic_directory, atomic_write_text
+from rlhfkit.errors import DiskSpaceError
 
 LATEST = "latest"
 INFO = "info.json"
@@ -102,14 +104,60 @@ def save_checkpoint(
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{state.step:08d}"
-    with atomic_directory(final) as tmp:
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}
-        save_file(tensors, str(tmp / "model.safetensors"))
-        torch.save(state.__dict__, tmp / "trainer_state.pt")
-        (tmp / INFO).write_text(json.dumps({**(info or {}), "step": state.step}) + "\n")
+    need = tensor_bytes(weights) + tensor_bytes(state.__dict__)
+    require_space(root, need)
+    try:
+        with atomic_directory(final) as tmp:
+            tensors = {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}
+            save_file(tensors, str(tmp / "model.safetensors"))
+            torch.save(state.__dict__, tmp / "trainer_state.pt")
+            (tmp / INFO).write_text(json.dumps({**(info or {}), "step": state.step}) + "\n")
+    except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as RuntimeError
+        if isinstance(exc, OSError) and exc.errno != errno.ENOSPC:
+            raise
+        if shutil.disk_usage(root).free >= need:
+            raise
+        raise _no_space(root, need) from exc
     atomic_write_text(root / LATEST, final.name + "\n")
     _prune(root, final, keep_last)
     return final
+
+
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of every tensor inside ``obj`` (nested dicts, lists and tuples), counted once each."""
+    seen: set[int] = set()
+
+    def walk(x: Any) -> int:
+        if isinstance(x, torch.Tensor):
+            if id(x) in seen:
+                return 0
+            seen.add(id(x))
+            return x.numel() * x.element_size()
+        if isinstance(x, dict):
+            return sum(walk(v) for v in x.values())
+        if isinstance(x, (list, tuple)):
+            return sum(walk(v) for v in x)
+        return 0
+
+    return walk(obj)
+
+
+def require_space(directory: Path, need: int) -> None:
+    """Raise :class:`DiskSpaceError` unless ``directory`` has ``need`` bytes free.
+
+    1% and 16 MiB are added as headroom for file headers.
+    """
+    if shutil.disk_usage(directory).free < need * 1.01 + 2**24:
+        raise _no_space(directory, need)
+
+
+def _no_space(directory: Path, need: int) -> DiskSpaceError:
+    free = shutil.disk_usage(directory).free
+    return DiskSpaceError(
+        f"not enough free disk in {directory}: a checkpoint needs about {need / 2**30:.2f} GiB "
+        f"and {free / 2**30:.2f} GiB is free. The checkpoints already written are intact: free "
+        "some space (or lower --loop.keep-last) and run the same command again to resume."
+    )
 
 
 def _prune(root: Path, final: Path, keep_last: int | None) -> None:
