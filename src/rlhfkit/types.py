@@ -130,6 +130,10 @@ class Rollout:
         finish_reasons: One :data:`FinishReason` per completion.
         entropies: Entropy (nats) of the tempered sampling distribution at each sampled
             position, before truncation; empty when the backend does not report it.
+        masks: For a multi-turn rollout, per completion token whether the policy sampled it
+            (True) or it came from the environment: a tool's output, an observation, the chat
+            template's turn markers (False, no loss). Empty: every completion token is the
+            policy's. Positions outside the mask hold log-prob and entropy 0.
     """
 
     prompt_index: list[int]
@@ -138,6 +142,7 @@ class Rollout:
     logprobs: list[list[float]]
     finish_reasons: list[FinishReason]
     entropies: list[list[float]] = field(default_factory=list)
+    masks: list[list[bool]] = field(default_factory=list)
 
     @classmethod
     def grouped(
@@ -162,3 +167,34 @@ class Rollout:
 
     def __len__(self) -> int:
         return len(self.completion_ids)
+
+    def select(self, rows: Sequence[int], prompt_index: Sequence[int]) -> Rollout:
+        """The given rows, in that order, with new group indices ``prompt_index``."""
+
+        def take(values: list) -> list:
+            return [values[i] for i in rows] if values else []
+
+        return Rollout(
+            list(prompt_index), take(self.prompt_ids), take(self.completion_ids),
+            take(self.logprobs), take(self.finish_reasons), take(self.entropies),
+            take(self.masks),
+        )  # fmt: skip
+
+    @classmethod
+    def concat(cls, parts: Sequence[Rollout], prompt_index: Sequence[int]) -> Rollout:
+        """Rollouts one after another, with new group indices ``prompt_index``.
+
+        Masks are kept when any part has them (rows of a part without masks: all True).
+        """
+
+        def cat(attr: str) -> list:
+            return [x for part in parts for x in getattr(part, attr)]
+
+        masks = []
+        if any(part.masks for part in parts):
+            for part in parts:
+                masks += part.masks or [[True] * len(c) for c in part.completion_ids]
+        return cls(
+            list(prompt_index), cat("prompt_ids"), cat("completion_ids"), cat("logprobs"),
+            cat("finish_reasons"), cat("entropies"), masks,
+        )  # fmt: skip

@@ -299,3 +299,13 @@ def test_adaptive_kl_controller():
     assert adaptive_kl_coef(0.1, 6.0, 6.0, 5, 10) == pytest.approx(0.1)
     assert adaptive_kl_coef(0.1, 0.0, 6.0, 10, 10) == pytest.approx(0.08)
     assert math.isfinite(adaptive_kl_coef(0.2, 1e9, 6.0, 1, 10_000))
+
+
+def test_returns_to_go_discounts_over_model_tokens_only():
+    """Model turn (0-1), tool output (2-3, a hole), model turn (4-5): by hand, gamma 0.5."""
+    r = torch.tensor([[1.0, 0.0, 7.0, 7.0, 0.0, 4.0]], dtype=torch.float64)
+    mask = torch.tensor([[True, True, False, False, True, True]])
+    out = returns_to_go(r, mask, gamma=0.5)
+    # G_5 = 4, G_4 = 0 + .5*4 = 2, G_1 = 0 + .5*2 = 1, G_0 = 1 + .5*1 = 1.5; holes 0
+    torch.testing.assert_close(out, torch.tensor([[1.5, 1.0, 0.0, 0.0, 2.0, 4.0]],
+                                                 dtype=torch.float64))  # fmt: skip

@@ -33,17 +33,35 @@ def pad_rows(rows: list[list[Any]], value: float, left: bool, dtype: torch.dtype
     return out
 
 
+def completion_mask(
+    completion_ids: list[list[int]], masks: list[list[bool]] | None
+) -> torch.Tensor:
+    """(B, T) bool: True on the completion tokens that count, False on padding.
+
+    Without ``masks`` every completion token counts; with them (a multi-turn rollout) only the
+    policy's tokens do, so tool output inside a row is a hole in the mask.
+    """
+    if masks is None:
+        masks = [[True] * len(c) for c in completion_ids]
+    for i, (ids, mask) in enumerate(zip(completion_ids, masks, strict=True)):
+        if len(ids) != len(mask):
+            raise ValueError(f"row {i}: {len(ids)} completion ids but a mask of {len(mask)}")
+    return pad_rows([[int(m) for m in mask] for mask in masks], 0, False, torch.long).bool()
+
+
 def rollout_micro_batches(
     prompt_ids: list[list[int]],
     completion_ids: list[list[int]],
     sampler_logprobs: list[list[float]],
     pad_id: int,
     max_tokens: int,
+    masks: list[list[bool]] | None = None,
 ) -> list[dict[str, torch.Tensor]]:
     """Micro-batches of whole sequences under a token budget.
 
     Prompts are left-padded and completions right-padded; ``rows`` gives each row's index in
-    the rollout. Completion-space tensors are (B, T).
+    the rollout. Completion-space tensors are (B, T). ``masks`` (a multi-turn rollout's) gives
+    the completion tokens that count; by default all of them do.
     """
     order = sorted(
         range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]) + len(completion_ids[i])
@@ -62,7 +80,7 @@ def rollout_micro_batches(
     for idx in batches:
         prompts = [prompt_ids[i] for i in idx]
         comps = [completion_ids[i] for i in idx]
-        mask = pad_rows([[1] * len(c) for c in comps], 0, False, torch.long).bool()
+        mask = completion_mask(comps, [masks[i] for i in idx] if masks else None)
         out.append({
             "prompt_ids": pad_rows(prompts, pad_id, True, torch.long),
             "prompt_mask": pad_rows([[1] * len(p) for p in prompts], 0, True, torch.long),
@@ -84,6 +102,7 @@ def rollout_tree_batches(
     rows: list[int],
     pad_id: int,
     max_tokens: int,
+    masks: list[list[bool]] | None = None,
 ) -> list[dict[str, torch.Tensor]]:
     """Micro-batches of prefix trees: one document per prompt, its completions as branches.
 
@@ -98,6 +117,7 @@ def rollout_tree_batches(
         rows: The rollout rows to batch.
         pad_id: Padding id of the completion-space tensors.
         max_tokens: Token budget of one micro-batch.
+        masks: Completion tokens that count, of every rollout row (None: all of them).
 
     Returns:
         Micro-batches with the tree keys of :func:`rlhfkit.data.groups.tree_batch` plus the
@@ -126,7 +146,8 @@ def rollout_tree_batches(
         bins[-1].append(tree)
         used += cost
     return [
-        _tree_micro_batch(b, prompt_ids, completion_ids, sampler_logprobs, pad_id) for b in bins
+        _tree_micro_batch(b, prompt_ids, completion_ids, sampler_logprobs, pad_id, masks)
+        for b in bins
     ]
 
 
@@ -136,6 +157,7 @@ def _tree_micro_batch(
     completion_ids: list[list[int]],
     sampler_logprobs: list[list[float]],
     pad_id: int,
+    masks: list[list[bool]] | None,
 ) -> dict[str, torch.Tensor]:
     """One micro-batch of prefix trees with its completion-space tensors."""
     groups = [
@@ -154,7 +176,7 @@ def _tree_micro_batch(
     packed = tree_batch(groups)
     idx = [i for tree in trees for i in tree]
     comps = [completion_ids[i] for i in idx]
-    mask = pad_rows([[1] * len(c) for c in comps], 0, False, torch.long).bool()
+    mask = completion_mask(comps, [masks[i] for i in idx] if masks else None)
     keep = ("input_ids", "position_ids", "seq_lens", "cu_seqlens", "tree_context", "tree_prefix",
             "tree_branches", "target_ids", "target_rows", "target_cols")  # fmt: skip
     return {

@@ -199,16 +199,19 @@ def gae(
 
 
 def returns_to_go(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
-    """G_t = sum_{s >= t} gamma^{s-t} r_s within each row's masked tokens.
+    """G_t = sum_k gamma^k r_{s_k} over the masked tokens s_0 = t < s_1 < ... of t's row.
+
+    Discounting counts masked tokens only: a hole in the mask (tool output between two model
+    turns) is not a step, as in :func:`gae`.
 
     Shapes:
-        rewards, mask: (B, T); returns (B, T), 0 at masked positions.
+        rewards, mask: (B, T); returns (B, T), 0 at masked-out positions.
     """
     r = torch.where(mask, rewards, 0.0)
     out = torch.zeros_like(r)
     running = torch.zeros_like(r[:, 0])
     for t in range(r.shape[1] - 1, -1, -1):
-        running = r[:, t] + gamma * running
+        running = torch.where(mask[:, t], r[:, t] + gamma * running, running)
         out[:, t] = running
     return torch.where(mask, out, 0.0)
 

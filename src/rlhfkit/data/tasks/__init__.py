@@ -15,6 +15,10 @@
 - ``builtin:strings``: string-manipulation problems (reverse, sort words, count a letter, change
   case, remove vowels, ...) with exact answers, checked by the ``strings`` verifier
   (``strings.py``); schema ``verifiable``.
+- ``builtin:calculator``, ``builtin:calculator_traces`` and ``builtin:guess_number``: the tasks of
+  the built-in environments (``rlhfkit rl --env.name calculator|guess_number``) and tool-use
+  conversations to warm-start on (``tool_tasks.py``); schemas ``verifiable``, ``sft`` and
+  ``verifiable``.
 
 Related sources with their own prefixes (see ``rlhfkit.data.sources.load_rows``):
 ``gsm8k:PATH`` reads a GSM8K-format file (``gsm8k.py``) and ``rgym:NAME`` generates
@@ -29,7 +33,14 @@ from collections.abc import Callable
 from typing import Any
 
 from rlhfkit.data.rows import Row
-from rlhfkit.data.tasks import arithmetic, countdown, instructions, preferences, strings
+from rlhfkit.data.tasks import (
+    arithmetic,
+    countdown,
+    instructions,
+    preferences,
+    strings,
+    tool_tasks,
+)
 from rlhfkit.errors import ConfigError
 
 SPLITS = ("train", "heldout")
@@ -41,6 +52,9 @@ BUILTIN: dict[str, Callable[[str], list[dict[str, Any]]]] = {
     "preferences": preferences.builtin_split,
     "countdown": countdown.builtin_split,
     "strings": strings.builtin_split,
+    "calculator": tool_tasks.calculator_split,
+    "calculator_traces": tool_tasks.calculator_traces_split,
+    "guess_number": tool_tasks.guess_number_split,
 }
 """Built-in dataset name -> function(split) returning its raw rows."""
 

@@ -3,6 +3,9 @@
 1. The next prompt batch of a seeded shuffle (the loop state's ``rollouts`` counter).
 2. ``num_samples`` completions per prompt from the policy, with the sampler's log-probs,
    entropies and finish reasons.
+   With an environment (``--env.name``) each sample is a multi-turn episode
+   (:func:`rlhfkit.rollout.multiturn.run_episodes`): tool output and observations are holes in
+   the completion's mask, and the episode's reward is the component ``env``.
 3. Rewards (:func:`score`): the weighted sum of every reward component. A completion cut at
    ``max_new_tokens`` gets ``truncation_penalty`` without a reward call when that is set, or is
    skipped with ``mask_truncated`` (EOS-only scoring); DAPO's overlong penalty is one more
@@ -38,6 +41,7 @@ from rlhfkit.recipes.policy_gradient.state import (
 )
 from rlhfkit.rewards import score_completions
 from rlhfkit.rewards.shaping import length_penalty, overlong_penalty, weighted_sum
+from rlhfkit.rollout.multiturn import run_episodes
 from rlhfkit.training.distributed import all_reduce_sum
 from rlhfkit.training.run import batch_order
 from rlhfkit.types import Rollout
@@ -48,6 +52,8 @@ OVERLONG = "overlong"
 """Name of DAPO's overlong-penalty reward component."""
 LENGTH = "length"
 """Name of the length-penalty reward component."""
+ENV = "env"
+"""Name of the environment's reward component (the sum of an episode's step rewards)."""
 
 
 def load_prompts(tokenizer: Any, cfg: PGConfig) -> list[PromptRow]:
@@ -68,6 +74,7 @@ def score(
     *,
     lengths: list[int] | None = None,
     overlong: bool = False,
+    extra: dict[str, list[float]] | None = None,
 ) -> tuple[list[float], dict[str, list[float | None]]]:
     """Step 3: the weighted reward of every completion (NaN: skipped) and each component.
 
@@ -80,6 +87,7 @@ def score(
         lengths: Completion token counts (needed with ``overlong``).
         overlong: Add DAPO's overlong penalty as the component ``overlong`` (weight 1); with
             ``algo.length_penalty`` the component ``length`` is added too.
+        extra: Components computed elsewhere, weight 1 (an environment's episode rewards).
 
     Returns:
         The rewards and the components (None where a component did not score a completion).
@@ -102,7 +110,7 @@ def score(
         components[spec] = column
     named = dict(zip(cfg.rewards, weights, strict=True))
     kept = set(scored)
-    for name, column in length_components(cfg, lengths, overlong).items():
+    for name, column in {**(extra or {}), **length_components(cfg, lengths, overlong)}.items():
         components[name] = [v if i in kept else None for i, v in enumerate(column)]
         named[name] = 1.0
     total = weighted_sum({k: components[k] for k in named}, named)
@@ -138,18 +146,11 @@ def select_groups(sampled: Sampled, groups: list[int]) -> Sampled:
     """Only the given groups of ``sampled``, in that order."""
     g = sampled.rewards.shape[1]
     rows = [p * g + j for p in groups for j in range(g)]
-    r = sampled.rollout
-    rollout = Rollout(
-        prompt_index=[k // g for k in range(len(rows))],
-        prompt_ids=[r.prompt_ids[i] for i in rows],
-        completion_ids=[r.completion_ids[i] for i in rows],
-        logprobs=[r.logprobs[i] for i in rows],
-        finish_reasons=[r.finish_reasons[i] for i in rows],
-        entropies=[r.entropies[i] for i in rows] if r.entropies else [],
-    )
+    rollout = sampled.rollout.select(rows, [k // g for k in range(len(rows))])
     return Sampled(
         [sampled.prompts[p] for p in groups], rollout, [sampled.texts[i] for i in rows],
         sampled.rewards[groups], {k: [v[i] for i in rows] for k, v in sampled.components.items()},
+        episodes=[sampled.episodes[i] for i in rows] if sampled.episodes else [],
     )  # fmt: skip
 
 
@@ -162,17 +163,12 @@ def concat_groups(parts: list[Sampled]) -> Sampled:
         index += [offset + i for i in part.rollout.prompt_index]
         offset += len(part.prompts)
 
-    def cat(attr: str) -> list:
-        return [x for part in parts for x in getattr(part.rollout, attr)]
-
-    rollout = Rollout(
-        index, cat("prompt_ids"), cat("completion_ids"), cat("logprobs"), cat("finish_reasons"),
-        cat("entropies"),
-    )  # fmt: skip
+    rollout = Rollout.concat([part.rollout for part in parts], index)
     return Sampled(
         [p for part in parts for p in part.prompts], rollout,
         [t for part in parts for t in part.texts], torch.cat([p.rewards for p in parts]),
         {k: [x for part in parts for x in part.components[k]] for k in first.components},
+        episodes=[e for part in parts for e in part.episodes],
     )  # fmt: skip
 
 
@@ -185,16 +181,26 @@ def sample_round(run: PGRun, state: LoopState) -> Sampled:
     order = batch_order(len(prompts), size, cfg.loop.seed, position)
     chosen = [prompts[i] for i in ctx.dist.shard(order)]
     sampling = replace(cfg.sampling, seed=cfg.loop.seed * 1_000_003 + position)
-    rollout = run.generator.generate([p.ids for p in chosen], sampling)
+    episodes, extra = None, None
+    if run.env is None:
+        rollout = run.generator.generate([p.ids for p in chosen], sampling)
+    else:  # multi-turn: each sample is an episode with the environment
+        episodes = run_episodes(
+            run.generator, ctx.tokenizer, chosen, run.env, sampling, run.turns,
+            native_tools=cfg.env.native_tools,
+        )  # fmt: skip
+        rollout, extra = episodes.rollout, {ENV: episodes.rewards}
     texts = ctx.tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
     fields = [chosen[i].fields for i in rollout.prompt_index]
     finished = [r != "length" for r in rollout.finish_reasons]
     flat, components = score(
-        texts, fields, finished, cfg, run.reward_fns,
+        episodes.replies if episodes else texts, fields, finished, cfg, run.reward_fns,
         lengths=[len(c) for c in rollout.completion_ids], overlong=run.preset.overlong_penalty,
+        extra=extra,
     )  # fmt: skip
     rewards = torch.tensor(flat, dtype=torch.float64).view(len(chosen), sampling.num_samples)
-    return Sampled(chosen, rollout, texts, rewards, components)
+    return Sampled(chosen, rollout, texts, rewards, components,
+                   episodes=episodes.info if episodes else [])  # fmt: skip
 
 
 def informative_groups(
@@ -296,12 +302,14 @@ def micro_batches(
     device, pad = run.ctx.dist.device, run.ctx.pad_id
     if run.trees:
         parts = rollout_tree_batches(
-            rollout.prompt_ids, rollout.completion_ids, rollout.logprobs, rows, pad, budget
-        )
+            rollout.prompt_ids, rollout.completion_ids, rollout.logprobs, rows, pad, budget,
+            masks=rollout.masks or None,
+        )  # fmt: skip
     else:
         parts = rollout_micro_batches(
             [rollout.prompt_ids[i] for i in rows], [rollout.completion_ids[i] for i in rows],
             [rollout.logprobs[i] for i in rows], pad, budget,
+            masks=[rollout.masks[i] for i in rows] if rollout.masks else None,
         )  # fmt: skip
         index = torch.tensor(rows, dtype=torch.long)
         for b in parts:

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from rlhfkit.config import to_dict
+from rlhfkit.envs.base import Environment, ToolEnv, env_class, load_env
 from rlhfkit.errors import ConfigError
 from rlhfkit.models.heads import supports_prefix_trees
 from rlhfkit.models.load import load_tokenizer
@@ -21,7 +23,10 @@ from rlhfkit.recipes.policy_gradient.advantages import assign_advantages, attach
 from rlhfkit.recipes.policy_gradient.asynchronous import RolloutProducer
 from rlhfkit.recipes.policy_gradient.collect import assemble, collect, load_prompts
 from rlhfkit.recipes.policy_gradient.config import (
+    DEFAULT_REWARDS,
+    EnvConfig,
     PGConfig,
+    PGDataConfig,
     group_size_problem,
     resolve_preset,
     total_steps,
@@ -34,6 +39,7 @@ from rlhfkit.recipes.policy_gradient.state import LoopState, PGRun, RolloutBatch
 from rlhfkit.recipes.policy_gradient.update import aggregation, optimise, policy_step_loss
 from rlhfkit.rewards import load_reward_fn, reward_models
 from rlhfkit.rollout.engine import LocalEngine
+from rlhfkit.rollout.multiturn import TurnLimits, env_prompt_rows
 from rlhfkit.rollout.sampler import HFGenerator
 from rlhfkit.rollout.vllm_server import require_engine
 from rlhfkit.training.accumulate import StepStats
@@ -166,6 +172,13 @@ def check_before_loading(cfg: PGConfig) -> PGPreset:
         EngineError: The vLLM engine is not installed (with the command that builds it).
     """
     preset = resolve_preset(cfg.algo)
+    if cfg.env.name is not None:
+        environment(cfg.env)  # an unknown environment or bad options, before any model
+        if "greedy" in preset.estimator.needs or cfg.algo.teacher == "self":
+            raise ConfigError(
+                "--env.name: episodes cannot be replayed greedily (ReMax) or re-scored with "
+                "privileged context (--algo.teacher self); choose another preset or teacher"
+            )
     if preset.min_group_size > cfg.sampling.num_samples:
         raise ConfigError(f"--sampling.num-samples: {group_size_problem(cfg.algo.preset, preset)}")
     engine, world = cfg.engine, int(os.environ.get("WORLD_SIZE", "1"))
@@ -202,6 +215,7 @@ def main(cfg: PGConfig) -> Path:
     The model is saved under ``<run_dir>/final`` and, with a critic, the value model under
     ``<run_dir>/critic``.
     """
+    cfg = with_env_defaults(cfg)
     preset = check_before_loading(cfg)
     ctx = build_run(
         cfg.model, cfg.log, cfg.loop.seed, to_dict(cfg), resume=cfg.loop.resume,
@@ -274,10 +288,44 @@ def reference_model(ctx: RunContext) -> Callable[[], contextlib.AbstractContextM
     return held
 
 
+def with_env_defaults(cfg: PGConfig) -> PGConfig:
+    """The run's settings with an environment's defaults.
+
+    Its own dataset unless one is named, and its reward instead of the default one.
+    """
+    if cfg.env.name is None:
+        return cfg
+    data, rewards = cfg.data, cfg.rewards
+    if data.train == PGDataConfig.train:
+        dataset = getattr(env_class(cfg.env.name), "DATASET", None)
+        data = replace(data, train=dataset) if dataset else data
+    if rewards == DEFAULT_REWARDS:
+        rewards = ()
+    return replace(cfg, data=data, rewards=rewards)
+
+
+def environment(env: EnvConfig) -> Callable[[], Environment]:
+    """A factory of fresh environments for ``--env``; tool settings reach tool environments."""
+    options = json.loads(env.options)
+    if issubclass(env_class(env.name), ToolEnv):
+        options = {"call_format": env.call_format, "timeout": env.tool_timeout,
+                   "max_chars": env.tool_max_chars, **options}  # fmt: skip
+    return load_env(env.name, **options)
+
+
 def prepare(ctx: RunContext, cfg: PGConfig, preset: PGPreset) -> PGRun:
     """The run's objects: prompts, rewards, the reference (when a KL needs it), the sampler."""
+    prompts = load_prompts(ctx.tokenizer, cfg)
+    make_env = environment(cfg.env) if cfg.env.name is not None else None
+    if make_env is not None:
+        prompts = env_prompt_rows(
+            ctx.tokenizer, prompts, make_env, native_tools=cfg.env.native_tools,
+            max_prompt_len=cfg.data.max_prompt_len,
+        )  # fmt: skip
+    env = cfg.env
     return PGRun(
-        ctx=ctx, cfg=cfg, preset=preset, prompts=load_prompts(ctx.tokenizer, cfg),
+        env=make_env, turns=TurnLimits(env.max_turns, env.max_tokens, env.max_observation_tokens),
+        ctx=ctx, cfg=cfg, preset=preset, prompts=prompts,
         reward_fns=[load_reward_fn(spec, place=ctx.place.frozen) for spec in cfg.rewards],
         generator=HFGenerator(
             ctx.model, pad_id=ctx.pad_id, eos_ids=[ctx.tokenizer.eos_token_id],

@@ -14,9 +14,11 @@ from collections import Counter
 import torch
 
 from rlhfkit.recipes.policy_gradient.state import RolloutBatch
+from rlhfkit.rollout.multiturn import episode_means
 from rlhfkit.training.accumulate import StepStats
 from rlhfkit.training.distributed import all_reduce_sum, gather_objects
 from rlhfkit.training.run import RunContext
+from rlhfkit.types import Rollout
 
 
 def _rollout_parts(batch: RolloutBatch) -> dict[str, list]:
@@ -28,12 +30,23 @@ def _rollout_parts(batch: RolloutBatch) -> dict[str, list]:
         "flat_groups": (flat_group == flat_group[:, :1]).all(1).tolist(),
         "lengths": [len(c) for c in rollout.completion_ids],
         "reasons": list(rollout.finish_reasons),
-        "entropies": [h for row in rollout.entropies for h in row] if rollout.entropies else None,
+        "entropies": _policy_entropies(rollout) if rollout.entropies else None,
+        "episodes": batch.sampled.episodes,
         "advantages": batch.advantages.flatten().tolist(),
         "components": {
             name: [v for v in values if v is not None] for name, values in batch.components.items()
         },
     }
+
+
+def _policy_entropies(rollout: Rollout) -> list[float]:
+    """The sampler's entropy at every token the policy sampled (not at tool output)."""
+    if not rollout.masks:
+        return [h for row in rollout.entropies for h in row]
+    return [
+        h for row, mask in zip(rollout.entropies, rollout.masks, strict=True)
+        for h, m in zip(row, mask, strict=True) if m
+    ]  # fmt: skip
 
 
 def rollout_metrics(batch: RolloutBatch) -> dict[str, float]:
@@ -71,6 +84,7 @@ def rollout_metrics(batch: RolloutBatch) -> dict[str, float]:
         valid = [v for part in parts for v in part["components"].get(name, [])]
         if valid:
             out[f"rollout/reward/{name}"] = statistics.fmean(valid)
+    out.update(episode_means(joined("episodes")))  # env/turns, env/calls, ... with --env
     return out
 
 

@@ -19,8 +19,10 @@ from typing import Any
 import torch
 
 from rlhfkit.data.prompts import PromptRow
+from rlhfkit.envs.base import Environment
 from rlhfkit.recipes.policy_gradient.config import PGConfig
 from rlhfkit.recipes.policy_gradient.presets import PGPreset
+from rlhfkit.rollout.multiturn import TurnLimits
 from rlhfkit.rollout.sampler import HFGenerator
 from rlhfkit.training.run import RunContext
 from rlhfkit.types import LossOutput, Rollout
@@ -76,6 +78,8 @@ class PGRun:
         teacher: On-policy distillation's teacher (frozen), or None.
         self_teacher: Self-distillation's teacher (the policy with privileged context), or
             None.
+        env: Makes a fresh environment per episode (``--env.name``), or None.
+        turns: An episode's bounds (turns, tokens).
     """
 
     ctx: RunContext
@@ -89,6 +93,8 @@ class PGRun:
     ref_head: torch.Tensor | None = None
     teacher: torch.nn.Module | None = None
     self_teacher: Any = None
+    env: Callable[[], Environment] | None = None
+    turns: TurnLimits = field(default_factory=TurnLimits)
 
     @property
     def temperature(self) -> float:
@@ -184,6 +190,8 @@ class Sampled:
         rewards: (P, G) fp64, NaN where a completion is skipped.
         components: Each reward component's value per completion (None: not scored).
         greedy: Each prompt's greedy-completion reward, (P,) (ReMax), or None.
+        episodes: With an environment, each episode's counters (turns, tool calls, ...);
+            empty otherwise.
     """
 
     prompts: list[PromptRow]
@@ -192,6 +200,7 @@ class Sampled:
     rewards: torch.Tensor
     components: dict[str, list[float | None]]
     greedy: torch.Tensor | None = None
+    episodes: list[dict[str, float]] = field(default_factory=list)
 
 
 @dataclass
