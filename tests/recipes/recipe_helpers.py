@@ -168,3 +168,29 @@ def pg_rollout(run: Any, state: Any, critic: Any = None) -> Any:
         critic.attach_values(batch.batches)
     assign_advantages(run, state, batch)
     return batch
+
+
+# Environments
+
+
+class EchoEnv:
+    """A multi-turn test environment: every reply gets the user message ``answer`` until the
+    ``turns``-th, whose reward is its count of the letter a (then the episode ends)."""
+
+    def __init__(self, turns: int = 3, answer: str = "go on") -> None:
+        self.tools: list[dict] = []
+        self.call_format = None
+        self.turns, self.answer, self.n = turns, answer, 0
+
+    def reset(self, fields: dict) -> list[dict]:
+        self.n = 0
+        prompt = fields["prompt"]
+        return list(prompt) if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+
+    def step(self, message: str) -> Any:
+        from rlhfkit.envs.base import StepResult
+
+        self.n += 1
+        if self.n >= self.turns:
+            return StepResult([], float(message.count("a")), True, {"echoes": 0.0})
+        return StepResult([{"role": "user", "content": self.answer}], 0.0, False, {"echoes": 1.0})

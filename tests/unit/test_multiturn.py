@@ -47,7 +47,7 @@ class Scripted:
             text = self.tokenizer.decode(list(prompt))
             for _ in range(sampling.num_samples):
                 out = self.tokenizer(self.reply(text), add_special_tokens=False)["input_ids"]
-                out = out + [self.tokenizer.eos_token_id]
+                out = [*out, self.tokenizer.eos_token_id]
                 cut = min(len(out), sampling.max_new_tokens)
                 ids.append(out[:cut])
                 reasons.append("eos" if cut == len(out) else "length")
@@ -216,3 +216,29 @@ def test_guess_the_number_by_bisection_wins(tokenizer):
     assert episodes.info[0]["inconsistent"] == 0
     stats = episode_means(episodes.info)
     assert stats["env/success"] == 1.0 and stats["env/solved"] == 1.0
+
+
+def test_a_turn_ended_by_a_stop_string_gets_the_marker_from_the_environment(tokenizer):
+    """Stopping at </tool_call>: <|im_end|> was not sampled, so the observation starts with it."""
+    rows, make = calculator_setup(tokenizer)
+
+    class StopAtCall(Scripted):
+        def generate(self, prompts, sampling):
+            out = super().generate(prompts, sampling)
+            for i, ids in enumerate(out.completion_ids):
+                if "</tool_call>" in self.tokenizer.decode(ids):
+                    out.completion_ids[i] = ids[:-1]  # no <|im_end|>: stopped at the string
+                    out.logprobs[i] = out.logprobs[i][:-1]
+                    out.finish_reasons[i] = "stop"
+            return out
+
+    generator = StopAtCall(tokenizer, calculator_reply)
+    sampling = SamplingConfig(max_new_tokens=256, num_samples=1, temperature=1.0)
+    episodes = run_episodes(generator, tokenizer, rows, make, sampling, TurnLimits())
+    whole = tokenizer.apply_chat_template(episodes.conversations[0], tokenize=False)
+    expected = tokenizer(whole, add_special_tokens=False)["input_ids"]
+    got = episodes.rollout.prompt_ids[0] + episodes.rollout.completion_ids[0]
+    assert got + tokenizer("\n", add_special_tokens=False)["input_ids"] == expected
+    first_hole = episodes.rollout.masks[0].index(False)
+    assert episodes.rollout.completion_ids[0][first_hole] == tokenizer.eos_token_id
+    assert episodes.rewards == [1.0]

@@ -2,7 +2,10 @@
 
 Completion-space tensors (B rows, T completion tokens; the ``types`` glossary) hold what the
 losses read: ``completion_ids``, ``completion_mask``, ``sampler_logprobs``, ``advantages`` and
-``rows`` (each row's index in the rollout). The model input comes in one of two layouts:
+``rows`` (each row's index in the rollout). A multi-turn rollout's ``completion_mask`` has holes
+at the environment's tokens; the padded layout then adds ``completion_attention`` (every real
+completion token, which the model attends to), and in a prefix tree the environment's tokens
+are context without targets. The model input comes in one of two layouts:
 
 - padded (:func:`rollout_micro_batches`): prompts left-padded, completions right-padded, rows
   of similar length together;
@@ -81,11 +84,13 @@ def rollout_micro_batches(
         prompts = [prompt_ids[i] for i in idx]
         comps = [completion_ids[i] for i in idx]
         mask = completion_mask(comps, [masks[i] for i in idx] if masks else None)
+        attend = completion_mask(comps, None)
         out.append({
             "prompt_ids": pad_rows(prompts, pad_id, True, torch.long),
             "prompt_mask": pad_rows([[1] * len(p) for p in prompts], 0, True, torch.long),
             "completion_ids": pad_rows(comps, pad_id, False, torch.long),
             "completion_mask": mask,
+            **({"completion_attention": attend} if masks else {}),
             "sampler_logprobs": pad_rows(
                 [sampler_logprobs[i] for i in idx], 0.0, False, torch.float32
             ),
@@ -165,7 +170,8 @@ def _tree_micro_batch(
             [
                 TokenizedExample(
                     prompt_ids[i] + completion_ids[i],
-                    [False] * len(prompt_ids[i]) + [True] * len(completion_ids[i]),
+                    [False] * len(prompt_ids[i])
+                    + (list(masks[i]) if masks else [True] * len(completion_ids[i])),
                 )
                 for i in tree
             ],

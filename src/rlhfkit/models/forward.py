@@ -272,14 +272,20 @@ def completion_logprobs_and_hidden(
     completion_mask: torch.Tensor,
     *,
     temperature: float = 1.0,
+    attention: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """:func:`completion_logprobs` and the final hidden states it read.
+
+    ``attention`` (B, T) marks the completion tokens the model sees when it differs from
+    ``completion_mask``, the tokens scored: a multi-turn row attends to its tool output but
+    scores only the policy's tokens.
 
     Returns:
         (B, T) log-probs and the (N, H) hidden states at the N masked completion positions
         (row-major), or None for a model whose head is not a plain linear layer.
     """
-    inputs = completion_inputs(prompt_ids, prompt_mask, completion_ids, completion_mask)
+    attend = completion_mask if attention is None else attention
+    inputs = completion_inputs(prompt_ids, prompt_mask, completion_ids, attend)
     p = prompt_ids.shape[1]
     select = completion_mask.bool()  # (B, T)
     dtype = torch.promote_types(next(model.parameters()).dtype, torch.float32)
@@ -313,7 +319,7 @@ def rollout_logprobs(
     if "target_ids" not in batch:
         return completion_logprobs_and_hidden(
             model, batch["prompt_ids"], batch["prompt_mask"], batch["completion_ids"], mask,
-            temperature=temperature,
+            temperature=temperature, attention=batch.get("completion_attention"),
         )  # fmt: skip
     rows, cols, targets = batch["target_rows"], batch["target_cols"], batch["target_ids"]
     dtype = torch.promote_types(next(model.parameters()).dtype, torch.float32)

@@ -124,6 +124,7 @@ def completion_values(
     prompt_mask: torch.Tensor,
     completion_ids: torch.Tensor,
     completion_mask: torch.Tensor,
+    attention: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """PPO values V(s_t) of every completion position: the head at the state before token t.
 
@@ -132,9 +133,12 @@ def completion_values(
 
     Shapes:
         prompt_ids, prompt_mask: (B, P) left-padded; completion_ids, completion_mask: (B, T)
-        right-padded; returns (B, T) fp32 (0 where the mask is False).
+        right-padded; ``attention`` (B, T): the completion tokens attended to, when they are
+        more than the masked ones (tool output); returns (B, T) fp32 (0 where the mask is
+        False).
     """
-    inputs = completion_inputs(prompt_ids, prompt_mask, completion_ids, completion_mask)
+    attend = completion_mask if attention is None else attention
+    inputs = completion_inputs(prompt_ids, prompt_mask, completion_ids, attend)
     hidden = backbone_hidden(model, **inputs)[:, prompt_ids.shape[1] - 1 : -1]  # (B, T, H)
     select = completion_mask.bool()
     out = torch.zeros(completion_ids.shape, dtype=torch.float32, device=completion_ids.device)
@@ -154,8 +158,9 @@ def rollout_values(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Te
     mask = batch["completion_mask"].bool()
     if "target_ids" not in batch:
         return completion_values(
-            model, batch["prompt_ids"], batch["prompt_mask"], batch["completion_ids"], mask
-        )
+            model, batch["prompt_ids"], batch["prompt_mask"], batch["completion_ids"], mask,
+            batch.get("completion_attention"),
+        )  # fmt: skip
     hidden = backbone_hidden(model, **_model_inputs(batch))  # (1, L, H)
     values = apply_head(score_head(model), hidden[batch["target_rows"], batch["target_cols"]])
     out = torch.zeros(mask.shape, dtype=values.dtype, device=mask.device)

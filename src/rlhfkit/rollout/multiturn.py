@@ -17,7 +17,9 @@ One round of :func:`run_episodes`:
    are rendered by the chat template after the turn's end-of-turn marker, with the next
    generation prompt (``<|im_end|>`` has been sampled; ``\n<|im_start|>tool\n...<|im_end|>\n
    <|im_start|>assistant\n`` is the observation), tokenised, capped at
-   ``max_observation_tokens`` and appended with mask False and log-prob 0.
+   ``max_observation_tokens`` and appended with mask False and log-prob 0. A turn that ended at
+   a stop string (``</tool_call>``) rather than the end-of-turn id gets the marker as the
+   first part of the observation.
 
 An episode ends when the environment says done (finish ``eos``/``stop`` as the sampler reports
 the last turn), when a turn is cut by the token limit (``length``: the environment does not see
@@ -146,12 +148,16 @@ def observation_ids(
     conversation: Sequence[Message],
     answer: Sequence[Message],
     tools: list[dict] | None,
+    *,
+    marker_sampled: bool = True,
 ) -> list[int]:
     """Token ids of the environment's ``answer`` after the conversation's last (policy) turn.
 
     The text the template puts after the last turn's end-of-turn marker, through the next
     generation prompt: ``render(conversation + answer, gen) - render(conversation)`` cut at
-    the marker, which the policy has already sampled.
+    the marker, which the policy has already sampled. A turn that ended at a stop string
+    (``</tool_call>``, say) has no marker yet: with ``marker_sampled`` False the observation
+    starts with it.
 
     Raises:
         ValueError: The template does not keep the conversation as a prefix of its extension.
@@ -160,7 +166,9 @@ def observation_ids(
     after = render(tokenizer, [*conversation, *answer], tools, True)
     eos = tokenizer.eos_token
     end = before.rfind(eos) + len(eos) if eos else -1
-    if end < len(eos or "x") or not after.startswith(before[:end]):
+    if end >= len(eos or "x") and not marker_sampled:
+        end -= len(eos)
+    if end < 0 or not eos or not after.startswith(before[:end]):
         raise ValueError(
             "the chat template rewrites earlier turns when a message is added, so an "
             "environment's answer cannot be appended to the sampled ids"
@@ -174,12 +182,13 @@ def capped_observation(
     answer: list[Message],
     tools: list[dict] | None,
     cap: int,
+    marker_sampled: bool = True,
 ) -> tuple[list[int], list[Message]]:
     """Observation ids within ``cap`` tokens: the longest message contents cut as needed.
 
     Returns the ids and the answer as rendered (contents cut, marked ``[truncated]``).
     """
-    ids = observation_ids(tokenizer, conversation, answer, tools)
+    ids = observation_ids(tokenizer, conversation, answer, tools, marker_sampled=marker_sampled)
     marker = " [truncated]"
     extra = len(tokenizer(marker, add_special_tokens=False)["input_ids"]) + 2
     for _ in range(4):
@@ -191,7 +200,9 @@ def capped_observation(
         keep = max(0, len(content["input_ids"]) - excess - extra)
         text = tokenizer.decode(content["input_ids"][:keep]) + marker
         answer = [*answer[:longest], {**answer[longest], "content": text}, *answer[longest + 1 :]]
-        ids = observation_ids(tokenizer, conversation, answer, tools)
+        ids = observation_ids(
+            tokenizer, conversation, answer, tools, marker_sampled=marker_sampled
+        )
     return ids, answer
 
 
@@ -217,8 +228,9 @@ def _advance(
         ep.finish = TURNS
         return
     obs, shown = capped_observation(
-        tokenizer, ep.messages, list(step.messages), ep.tools, limits.max_observation_tokens
-    )
+        tokenizer, ep.messages, list(step.messages), ep.tools, limits.max_observation_tokens,
+        marker_sampled=bool(turn) and turn[-1] == tokenizer.eos_token_id,
+    )  # fmt: skip
     if len(obs) > limits.max_observation_tokens or len(ep.ids) + len(obs) >= limits.max_tokens:
         ep.finish = "length"
         return
