@@ -22,8 +22,12 @@ def _cfg(model_dir, task, run_dir, **over) -> pg.PGConfig:
         "data": {"train": str(data), "share_prefix": False},
         "env": {"name": "recipe_helpers:EchoEnv", "options": '{"turns": 3}', "max_tokens": 96},
         # every printable character ends a turn: the random model's turns are short and complete
-        "sampling": {"num_samples": 4, "max_new_tokens": 8, "temperature": 1.0,
-                     "stop": list(string.printable[:94])},
+        "sampling": {
+            "num_samples": 4,
+            "max_new_tokens": 8,
+            "temperature": 1.0,
+            "stop": list(string.printable[:94]),
+        },
         "optim": {"lr": 1e-3, "warmup_ratio": 0.0, "schedule": "constant"},
         "loop": {"batch_size": 2, "max_steps": 2},
         "log": {"run_dir": str(run_dir), "progress": False, "tensorboard": False},
@@ -46,7 +50,7 @@ def env_batch(tiny_model_dir, pg_task, tmp_path):
     cfg = _cfg(tiny_model_dir, pg_task, tmp_path / "r", sampling__max_new_tokens=6)
     ctx, run, state = pg_setup(cfg)
     batch = pg_rollout(run, state)
-    holes = [m for m in batch.rollout.masks if not all(m) and any(m[m.index(False):])]
+    holes = [m for m in batch.rollout.masks if not all(m) and any(m[m.index(False) :])]
     assert holes, "no episode had a policy turn after an observation"
     return ctx, run, state, batch
 
@@ -90,13 +94,13 @@ def test_gradients_at_tool_output_positions_are_exactly_zero(env_batch):
 
 
 def test_a_changed_tool_output_changes_no_loss_term_before_it(env_batch):
-    ctx, run, state, batch = env_batch
+    ctx, _, _, batch = env_batch
     rollout = batch.rollout
     row = next(i for i, m in enumerate(rollout.masks) if not all(m))
     mask, ids = rollout.masks[row], list(rollout.completion_ids[row])
     start = mask.index(False)
     other = list(ids)
-    other[start:start + 3] = [(t + 7) % 300 + 10 for t in ids[start:start + 3]]
+    other[start : start + 3] = [(t + 7) % 300 + 10 for t in ids[start : start + 3]]
     losses = []
     for completion in (ids, other):
         (b,) = [
@@ -107,7 +111,7 @@ def test_a_changed_tool_output_changes_no_loss_term_before_it(env_batch):
             )
         ]  # fmt: skip
         advantages.broadcast([b], torch.ones(1, dtype=torch.float64))
-        (logprobs, _), = advantages.forward_logprobs(ctx.model, [b], 1.0)
+        ((logprobs, _),) = advantages.forward_logprobs(ctx.model, [b], 1.0)
         losses.append(-logprobs[0])  # the per-token terms of a policy-gradient loss
     assert torch.equal(losses[0][:start], losses[1][:start])
     assert not torch.equal(losses[0][start + 3 :][torch.tensor(mask[start + 3 :])],

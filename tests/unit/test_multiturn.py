@@ -76,8 +76,11 @@ def tokenizer():
 
 
 def calculator_setup(tokenizer, **env_options):
-    row = {**calculator_rows(1, seed=3)[0], "answer": str(347 * 128),
-           "tool_call": {"name": "calculator", "arguments": {"expression": "347*128"}}}
+    row = {
+        **calculator_rows(1, seed=3)[0],
+        "answer": str(347 * 128),
+        "tool_call": {"name": "calculator", "arguments": {"expression": "347*128"}},
+    }
     make = lambda: CalculatorEnv(**env_options)  # noqa: E731
     return env_prompt_rows(tokenizer, [PromptRow([], row)], make), make
 

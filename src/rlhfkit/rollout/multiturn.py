@@ -200,15 +200,11 @@ def capped_observation(
         keep = max(0, len(content["input_ids"]) - excess - extra)
         text = tokenizer.decode(content["input_ids"][:keep]) + marker
         answer = [*answer[:longest], {**answer[longest], "content": text}, *answer[longest + 1 :]]
-        ids = observation_ids(
-            tokenizer, conversation, answer, tools, marker_sampled=marker_sampled
-        )
+        ids = observation_ids(tokenizer, conversation, answer, tools, marker_sampled=marker_sampled)
     return ids, answer
 
 
-def _advance(
-    tokenizer: Any, ep: Episode, turn: list[int], finish: str, limits: TurnLimits
-) -> None:
+def _advance(tokenizer: Any, ep: Episode, turn: list[int], finish: str, limits: TurnLimits) -> None:
     """Give the environment the episode's new turn; append its answer or end the episode."""
     ep.turns += 1
     text = tokenizer.decode(turn, skip_special_tokens=True)
