@@ -9,6 +9,7 @@ so there is one source for type, default and help text. A YAML preset supplies v
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import types
 import typing
@@ -165,6 +166,50 @@ class LoopConfig:
             out.append(("epochs", f"must be a positive number, got {self.epochs}"))
         if self.max_steps is not None and self.max_steps < 1:
             out.append(("max_steps", f"must be at least 1 (or None), got {self.max_steps}"))
+        return out
+
+
+@dataclass
+class EnvConfig:
+    """A multi-turn environment to act in (tool use, games): the rollouts become episodes."""
+
+    name: str | None = None
+    """calculator, guess_number, or 'module:Class' (None: single-turn completions)."""
+    options: str = "{}"
+    """Keyword arguments of the environment's constructor, as a JSON object."""
+    call_format: str = "hermes"
+    """How the model writes tool calls: hermes (JSON in <tool_call> tags) or python."""
+    native_tools: bool = False
+    """Show the tools through the chat template's own tools support instead of the call
+    format's system prompt (for models whose template defines tools)."""
+    tool_timeout: float = 5.0
+    """Seconds a tool call may run before it is stopped (its error goes to the model)."""
+    tool_max_chars: int = 2000
+    """Characters of a tool's output the model sees."""
+    max_turns: int = 8
+    """Policy turns per episode."""
+    max_tokens: int = 1024
+    """Trajectory tokens per episode (the policy's turns and the environment's answers);
+    ``sampling.max_new_tokens`` bounds each turn."""
+    max_observation_tokens: int = 256
+    """Tokens of one environment answer (longer tool output is cut)."""
+
+    def problems(self) -> Problems:
+        """Limits below 1 and options that are not a JSON object."""
+        out = [
+            (name, f"must be at least 1, got {getattr(self, name)}")
+            for name in ("max_turns", "max_tokens", "max_observation_tokens", "tool_max_chars")
+            if getattr(self, name) < 1
+        ]
+        if not self.tool_timeout > 0:
+            out.append(("tool_timeout", f"must be > 0 seconds, got {self.tool_timeout}"))
+        try:
+            options = json.loads(self.options)
+        except ValueError as err:
+            out.append(("options", f"not valid JSON ({err})"))
+        else:
+            if not isinstance(options, dict):
+                out.append(("options", "must be a JSON object of keyword arguments"))
         return out
 
 

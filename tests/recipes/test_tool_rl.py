@@ -143,3 +143,26 @@ def test_prefix_trees_and_padded_rows_score_multi_turn_rows_alike(env_batch):
         mask = torch.tensor(r.masks[i])
         torch.testing.assert_close(both["trees"][mask], both["padded"][mask], atol=1e-5, rtol=0)
         assert torch.all(both["trees"][~mask] == 0) and torch.all(both["padded"][~mask] == 0)
+
+
+def test_eval_in_an_environment_reports_tool_use(tiny_model_dir, tmp_path):
+    from rlhfkit.config import from_dict
+    from rlhfkit.inference import evaluate
+
+    cfg = from_dict(evaluate.EvalConfig, {
+        "model": {"name": str(tiny_model_dir), "precision": "fp32"},
+        "env": {"name": "calculator", "max_turns": 2},
+        "data": {"limit": 3},
+        "sampling": {"max_new_tokens": 8, "temperature": 1.0, "num_samples": 2},
+        "ks": [1, 2],
+        "output": str(tmp_path / "report.json"),
+        "samples_output": str(tmp_path / "samples.jsonl"),
+    })  # fmt: skip
+    report = evaluate.main(cfg)
+    assert report["config"]["source"] == "builtin:calculator"
+    assert report["overall"]["prompts"] == 3 and report["overall"]["samples"] == 6
+    assert {"pass@2", "pass^2"} <= set(report["overall"])
+    episodes = report["episodes"]
+    assert 1 <= episodes["turns"] <= 2 and 0 <= episodes["success"] <= 1
+    samples = (tmp_path / "samples.jsonl").read_text().splitlines()
+    assert len(samples) == 6

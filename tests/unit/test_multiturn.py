@@ -245,3 +245,40 @@ def test_a_turn_ended_by_a_stop_string_gets_the_marker_from_the_environment(toke
     first_hole = episodes.rollout.masks[0].index(False)
     assert episodes.rollout.completion_ids[0][first_hole] == tokenizer.eos_token_id
     assert episodes.rewards == [1.0]
+
+
+def test_calculator_traces_label_the_assistant_turns_only():
+    """SFT on a tool-use trace: the call and the answer are labelled, the tool's output not."""
+    from rlhfkit.data.tasks import builtin_rows
+    from rlhfkit.data.templates import render_messages
+    from rlhfkit.envs.builtin import calculator
+    from rlhfkit.envs.calls import get_format
+
+    tok = tiny_tokenizer()
+    row = builtin_rows("calculator_traces", "heldout")[0].data
+    messages = row["messages"]
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "tool", "assistant"]
+    (call,) = get_format("hermes").parse(messages[2]["content"]).calls
+    assert calculator(**call.arguments) == messages[3]["content"]
+    ex = render_messages(tok, messages, mask_mode="all_assistant_turns")
+    labelled = tok.decode([i for i, m in zip(ex.input_ids, ex.loss_mask, strict=True) if m])
+    assert labelled == messages[2]["content"] + "<|im_end|>" + messages[4]["content"] + "<|im_end|>"
+
+
+def test_env_options_are_checked_before_loading(tmp_path):
+    from rlhfkit.config import EnvConfig, from_dict
+    from rlhfkit.envs.base import env_factory
+    from rlhfkit.errors import ConfigError
+    from rlhfkit.recipes.policy_gradient.config import PGConfig
+    from rlhfkit.validation import config_problems
+
+    cfg = from_dict(PGConfig, {"env": {"name": "calculator", "max_turns": 0, "options": "[1]"}})
+    problems = config_problems(cfg)
+    assert "--env.max-turns: must be at least 1, got 0" in problems
+    assert any(p.startswith("--env.options: must be a JSON object") for p in problems)
+    with pytest.raises(ConfigError, match="unknown environment 'calculater'"):
+        env_factory(EnvConfig(name="calculater"))
+    with pytest.raises(ConfigError, match="do not fit CalculatorEnv"):
+        env_factory(EnvConfig(name="calculator", options='{"colour": 1}'))
+    with pytest.raises(ConfigError, match="cannot import"):
+        env_factory(EnvConfig(name="no_such_module:Env"))

@@ -35,10 +35,12 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from rlhfkit.config import EnvConfig
 from rlhfkit.envs.calls import ToolCall, get_format
 from rlhfkit.envs.tools import Tool, ToolRegistry
 from rlhfkit.errors import ConfigError
@@ -256,3 +258,21 @@ def load_env(spec: str, **options: Any) -> Callable[[], Environment]:
     except TypeError as err:
         raise ConfigError(f"--env.options do not fit {cls.__name__}: {err}") from err
     return lambda: cls(**options)
+
+
+def env_factory(cfg: EnvConfig) -> Callable[[], Environment]:
+    """A factory of fresh environments for an ``--env`` section.
+
+    ``options`` (JSON) go to the environment's constructor; a tool environment
+    (:class:`ToolEnv`) also gets the call format, the timeout and the output cap.
+
+    Raises:
+        ConfigError: No environment named, an unknown one, or options it does not take.
+    """
+    if cfg.name is None:
+        raise ConfigError("--env.name: name an environment")
+    options = json.loads(cfg.options)
+    if issubclass(env_class(cfg.name), ToolEnv):
+        options = {"call_format": cfg.call_format, "timeout": cfg.tool_timeout,
+                   "max_chars": cfg.tool_max_chars, **options}  # fmt: skip
+    return load_env(cfg.name, **options)

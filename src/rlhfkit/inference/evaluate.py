@@ -9,6 +9,8 @@ The loop:
 3. Score every completion with the rewards (``verifier:auto`` by default: the verifier each row
    names; a reward model ``rm:<dir>``, a judge or any ``module:function`` works the same way).
    A completion is correct when its reward reaches ``threshold``.
+   With ``--env.name`` each sample is an episode in that environment instead
+   (:mod:`rlhfkit.inference.evaluate_env`).
 4. Report: accuracy (Avg@N), pass@k and pass^k (unbiased estimators, for every k in ``ks``
    up to N), maj@k (majority vote over the extracted answers of the first k samples), mean
    reward, length statistics and finish reasons, overall and per ``task`` field; JSON (with
@@ -36,7 +38,7 @@ from rich.progress import (
 )
 
 from rlhfkit.atomic import atomic_write_text
-from rlhfkit.config import EngineConfig, ModelConfig
+from rlhfkit.config import EngineConfig, EnvConfig, ModelConfig
 from rlhfkit.data.prompts import PromptRow, load_prompt_rows
 from rlhfkit.eval.run import (
     GridCache,
@@ -85,6 +87,9 @@ class EvalConfig:
         default_factory=lambda: SamplingConfig(max_new_tokens=256, temperature=0.0)
     )
     engine: EngineConfig = field(default_factory=EngineConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
+    """With ``--env.name``: episodes in that environment (tool use, games), scored by its
+    reward, with tool-use figures in the report's ``episodes``."""
     rewards: tuple[str, ...] = ("verifier:auto",)
     """Scorers: verifier:NAME (auto: each row's own), rm:DIR, module:function or file.py:fn."""
     weights: tuple[float, ...] = ()
@@ -174,6 +179,10 @@ def write_samples(path: str | Path, prompts: list[PromptRow], grid: Any) -> None
 def main(cfg: EvalConfig) -> dict[str, Any]:
     """Steps 1-4; returns the report (also printed, and written to ``cfg.output``)."""
     require_engine(cfg.engine)
+    if cfg.env.name is not None:
+        from rlhfkit.inference.evaluate_env import evaluate_env
+
+        return evaluate_env(cfg, EvalDataConfig.source)
     prompts, grid = evaluate_prompts(
         cfg.model, None, cfg.data, cfg.sampling, cfg.rewards, cfg.weights,
         chunk=cfg.chunk, cache_dir=cfg.cache_dir, engine=cfg.engine,

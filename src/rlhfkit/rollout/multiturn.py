@@ -37,6 +37,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from rlhfkit.config import EnvConfig
 from rlhfkit.data.prompts import PromptRow
 from rlhfkit.envs.base import Environment, Message, with_tools
 from rlhfkit.rollout.hf import SamplingConfig
@@ -60,6 +61,11 @@ class TurnLimits:
     max_turns: int = 8
     max_tokens: int = 1024
     max_observation_tokens: int = 256
+
+    @classmethod
+    def of(cls, env: EnvConfig) -> TurnLimits:
+        """The limits an ``--env`` section sets."""
+        return cls(env.max_turns, env.max_tokens, env.max_observation_tokens)
 
 
 @dataclass

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass, field, replace
@@ -10,6 +9,7 @@ from typing import Literal
 
 from rlhfkit.config import (
     EngineConfig,
+    EnvConfig,
     LogConfig,
     LoopConfig,
     ModelConfig,
@@ -193,50 +193,6 @@ class RLEngineConfig(EngineConfig):
 
 
 @dataclass
-class EnvConfig:
-    """A multi-turn environment to act in (tool use, games): the rollouts become episodes."""
-
-    name: str | None = None
-    """calculator, guess_number, or 'module:Class' (None: single-turn completions)."""
-    options: str = "{}"
-    """Keyword arguments of the environment's constructor, as a JSON object."""
-    call_format: str = "hermes"
-    """How the model writes tool calls: hermes (JSON in <tool_call> tags) or python."""
-    native_tools: bool = False
-    """Show the tools through the chat template's own tools support instead of the call
-    format's system prompt (for models whose template defines tools)."""
-    tool_timeout: float = 5.0
-    """Seconds a tool call may run before it is stopped (its error goes to the model)."""
-    tool_max_chars: int = 2000
-    """Characters of a tool's output the model sees."""
-    max_turns: int = 8
-    """Policy turns per episode."""
-    max_tokens: int = 1024
-    """Trajectory tokens per episode (the policy's turns and the environment's answers);
-    ``sampling.max_new_tokens`` bounds each turn."""
-    max_observation_tokens: int = 256
-    """Tokens of one environment answer (longer tool output is cut)."""
-
-    def problems(self) -> Problems:
-        """Limits below 1 and options that are not a JSON object."""
-        out = [
-            (f"env.{name}", f"must be at least 1, got {getattr(self, name)}")
-            for name in ("max_turns", "max_tokens", "max_observation_tokens", "tool_max_chars")
-            if getattr(self, name) < 1
-        ]
-        if not self.tool_timeout > 0:
-            out.append(("env.tool_timeout", f"must be > 0 seconds, got {self.tool_timeout}"))
-        try:
-            options = json.loads(self.options)
-        except ValueError as err:
-            out.append(("env.options", f"not valid JSON ({err})"))
-        else:
-            if not isinstance(options, dict):
-                out.append(("env.options", "must be a JSON object of keyword arguments"))
-        return out
-
-
-@dataclass
 class CriticConfig:
     """PPO's value model (used only by presets with a critic)."""
 
@@ -306,8 +262,6 @@ class PGConfig:
                 out.append(("sampling.num_samples", group_size_problem(self.algo.preset, preset)))
         if not self.rewards and self.env.name is None:
             out.append(("rewards", "at least one reward is needed"))
-        if self.env.name is not None:
-            out += self.env.problems()
         out += [("rewards", text) for text in map(reward_problem, self.rewards) if text]
         if self.weights and len(self.weights) != len(self.rewards):
             out.append(("weights", f"{len(self.weights)} weights for {len(self.rewards)} rewards"))

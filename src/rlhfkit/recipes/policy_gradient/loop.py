@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -12,7 +11,7 @@ from pathlib import Path
 import torch
 
 from rlhfkit.config import to_dict
-from rlhfkit.envs.base import Environment, ToolEnv, env_class, load_env
+from rlhfkit.envs.base import env_class, env_factory
 from rlhfkit.errors import ConfigError
 from rlhfkit.models.heads import supports_prefix_trees
 from rlhfkit.models.load import load_tokenizer
@@ -24,7 +23,6 @@ from rlhfkit.recipes.policy_gradient.asynchronous import RolloutProducer
 from rlhfkit.recipes.policy_gradient.collect import assemble, collect, load_prompts
 from rlhfkit.recipes.policy_gradient.config import (
     DEFAULT_REWARDS,
-    EnvConfig,
     PGConfig,
     PGDataConfig,
     group_size_problem,
@@ -173,7 +171,7 @@ def check_before_loading(cfg: PGConfig) -> PGPreset:
     """
     preset = resolve_preset(cfg.algo)
     if cfg.env.name is not None:
-        environment(cfg.env)  # an unknown environment or bad options, before any model
+        env_factory(cfg.env)  # an unknown environment or bad options, before any model
         if "greedy" in preset.estimator.needs or cfg.algo.teacher == "self":
             raise ConfigError(
                 "--env.name: episodes cannot be replayed greedily (ReMax) or re-scored with "
@@ -304,27 +302,17 @@ def with_env_defaults(cfg: PGConfig) -> PGConfig:
     return replace(cfg, data=data, rewards=rewards)
 
 
-def environment(env: EnvConfig) -> Callable[[], Environment]:
-    """A factory of fresh environments for ``--env``; tool settings reach tool environments."""
-    options = json.loads(env.options)
-    if issubclass(env_class(env.name), ToolEnv):
-        options = {"call_format": env.call_format, "timeout": env.tool_timeout,
-                   "max_chars": env.tool_max_chars, **options}  # fmt: skip
-    return load_env(env.name, **options)
-
-
 def prepare(ctx: RunContext, cfg: PGConfig, preset: PGPreset) -> PGRun:
     """The run's objects: prompts, rewards, the reference (when a KL needs it), the sampler."""
     prompts = load_prompts(ctx.tokenizer, cfg)
-    make_env = environment(cfg.env) if cfg.env.name is not None else None
+    make_env = env_factory(cfg.env) if cfg.env.name is not None else None
     if make_env is not None:
         prompts = env_prompt_rows(
             ctx.tokenizer, prompts, make_env, native_tools=cfg.env.native_tools,
             max_prompt_len=cfg.data.max_prompt_len,
         )  # fmt: skip
-    env = cfg.env
     return PGRun(
-        env=make_env, turns=TurnLimits(env.max_turns, env.max_tokens, env.max_observation_tokens),
+        env=make_env, turns=TurnLimits.of(cfg.env),
         ctx=ctx, cfg=cfg, preset=preset, prompts=prompts,
         reward_fns=[load_reward_fn(spec, place=ctx.place.frozen) for spec in cfg.rewards],
         generator=HFGenerator(
