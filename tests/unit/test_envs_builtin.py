@@ -86,3 +86,12 @@ def test_guess_the_number_stops_after_max_guesses():
 def test_builtin_names_resolve():
     assert env_class("calculator") is CalculatorEnv and issubclass(CalculatorEnv, ToolEnv)
     assert env_class("rlhfkit.envs.builtin:GuessNumberEnv") is GuessNumberEnv
+
+
+def test_a_smaller_range_maps_the_secret_into_it():
+    env = GuessNumberEnv(high=10)
+    opening = env.reset({"prompt": "Game 7", "secret": 37, "high": 100})
+    assert opening[-1]["content"] == (
+        "Game 7: I am thinking of a whole number between 1 and 10. Your guess?"
+    )
+    assert env.secret == 7 and env.step("7").reward == 1.0

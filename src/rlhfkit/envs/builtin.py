@@ -87,14 +87,17 @@ class CalculatorEnv(ToolEnv):
 class GuessNumberEnv:
     """Guess a whole number in [1, high] with "higher"/"lower" feedback after each guess.
 
-    The row's ``secret`` is the number and ``high`` the top of the range. A reply whose last
-    whole number is the secret wins (reward 1, done); another number gets "Higher." or "Lower.";
-    a reply without a number is told how to answer. ``info`` counts guesses, invalid replies
-    and guesses that contradict earlier feedback (outside the range still possible).
+    The row gives the game (its ``prompt``, a name such as ``Game 1234``), the number
+    (``secret``) and the range (``high``). A reply whose last whole number is the secret wins
+    (reward 1, done); another number gets "Higher." or "Lower."; a reply without a number is
+    told how to answer. ``info`` counts guesses, invalid replies and guesses that contradict
+    earlier feedback.
 
     Args:
         max_guesses: End the episode (reward 0) after this many guesses (None: the rollout's
             turn cap ends it).
+        high: Play on [1, high] instead of the row's range (the row's secret is mapped into it,
+            ``1 + (secret - 1) % high``): a smaller range makes an easier game.
     """
 
     DATASET = "builtin:guess_number"
@@ -103,22 +106,28 @@ class GuessNumberEnv:
         "else. After each guess you are told whether the number is higher or lower."
     )
 
-    def __init__(self, max_guesses: int | None = None) -> None:
+    def __init__(self, max_guesses: int | None = None, high: int | None = None) -> None:
+        if high is not None and high < 1:
+            raise ValueError(f"high must be at least 1, got {high}")
         self.tools: list[dict[str, Any]] = []
         self.call_format: str | None = None
-        self.max_guesses = max_guesses
+        self.max_guesses, self.range_top = max_guesses, high
         self.secret, self.low, self.high, self.guesses = 0, 1, 100, 0
 
     def reset(self, fields: dict[str, Any]) -> list[Message]:
-        """Start a game on a row with ``secret`` and ``high`` (and a ``prompt``)."""
-        self.secret, self.high = int(fields["secret"]), int(fields.get("high", 100))
-        self.low, self.guesses = 1, 0
-        prompt = fields.get("prompt") or (
-            f"I am thinking of a whole number between 1 and {self.high}. What is your guess?"
+        """Start the row's game; returns the system message and the question."""
+        top = self.range_top or int(fields.get("high", 100))
+        self.secret, self.low, self.high, self.guesses = (
+            1 + (int(fields["secret"]) - 1) % top,
+            1,
+            top,
+            0,
         )
-        if isinstance(prompt, list):  # messages (a prompt schema's form)
-            prompt = next(m["content"] for m in reversed(prompt) if m["role"] == "user")
-        return [{"role": "system", "content": self.SYSTEM}, {"role": "user", "content": prompt}]
+        name = fields.get("prompt") or "Game"
+        if isinstance(name, list):  # messages (a prompt schema's form)
+            name = next(m["content"] for m in reversed(name) if m["role"] == "user")
+        question = f"{name}: I am thinking of a whole number between 1 and {top}. Your guess?"
+        return [{"role": "system", "content": self.SYSTEM}, {"role": "user", "content": question}]
 
     def step(self, message: str) -> StepResult:
         """Judge a guess: right (reward 1), higher, lower, or not a number."""

@@ -76,15 +76,11 @@ def calculator_trace(row: dict[str, Any], call_format: str = "hermes") -> dict[s
 def guess_number_rows(
     n: int, *, seed: int, high: int = 100, exclude: Collection[str] = ()
 ) -> list[dict[str, Any]]:
-    """``n`` games; the prompt names the game's number so that rows stay distinct."""
+    """``n`` games; each prompt names its game (``Game 1234``) so that rows stay distinct."""
 
     def draw(rng: random.Random, seen: set[str]) -> dict[str, Any]:
         secret, game = rng.randint(1, high), rng.randint(1, 10**6)
-        prompt = (
-            f"Game {game}: I am thinking of a whole number between 1 and {high}. "
-            "What is your guess?"
-        )
-        return {"prompt": prompt, "answer": str(secret), "secret": secret, "high": high,
+        return {"prompt": f"Game {game}", "answer": str(secret), "secret": secret, "high": high,
                 "task": "guess_number"}  # fmt: skip
 
     return distinct_rows(n, random.Random(seed), draw, exclude=exclude, max_attempts=10 * n + 100)
