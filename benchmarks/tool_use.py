@@ -14,9 +14,12 @@ The headline is the SFT + GRPO model with the tool against the untrained model w
 gain in points with its paired 95% interval over problems, and the training wall time (SFT +
 GRPO, launch to exit).
 
-``guess_number`` (``builtin:guess_number``, numbers 1 to 100, ``--game-turns`` guesses): the
-success rate of sampled episodes (T = 1, ``--game-samples`` per game) before and after
-``rlhfkit rl --env.name guess_number`` (``--game-steps`` steps), with 95% intervals.
+``guess_number`` (``builtin:guess_number``, numbers 1 to 20, ``--game-turns`` guesses): an SFT
+warm start on ``builtin:guess_number_traces`` (games of a player who guesses uniformly among the
+numbers still possible: it follows the feedback but does not bisect), then ``rlhfkit rl
+--env.name guess_number`` (``--game-steps`` steps); the success rate of sampled episodes (T = 1,
+``--game-samples`` per game, ``--games`` held-out games) of the untrained, warm-started and
+RL-trained models, with 95% intervals, and RL's gain over the warm start (paired interval).
 
 Every figure is printed as ``BENCH tool_use.<name> <value>`` and written with the commands and
 timings to ``benchmarks/results/tool_use-<UTC time>.json``.
@@ -136,33 +139,50 @@ def calculator(args: argparse.Namespace, report: common.Reporter) -> None:
 
 
 def guess_number(args: argparse.Namespace, report: common.Reporter) -> None:
-    """Success rate of sampled games before and after GRPO on the game."""
+    """Warm start on random-guesser games, then GRPO; sampled success before and after."""
     runs = args.run_dir / "guess_number"
     runs.mkdir(parents=True, exist_ok=True)
-    rl_dir = runs / "rl"
+    sft_dir, rl_dir = runs / "sft", runs / "rl"
     game = ["--env.name", "guess_number", "--env.max-turns", str(args.game_turns)]
+    sft = train(rlhfkit(
+        "sft", "--data.train", "builtin:guess_number_traces", "--data.eval", "None",
+        "--data.mask-mode", "all_assistant_turns", "--loop.max-steps", str(args.game_sft_steps),
+        "--loop.batch-size", "8", "--optim.lr", "5e-5", "--loop.save-every", "0",
+        "--log.run-dir", str(sft_dir), "--log.tensorboard", "False",
+    ), sft_dir)  # fmt: skip
     rl = train(rlhfkit(
-        "rl", *game, "--loop.max-steps", str(args.game_steps), "--loop.batch-size", "4",
+        "rl", "--model.name", str(sft_dir / "final"), *game,
+        "--loop.max-steps", str(args.game_steps), "--loop.batch-size", "4",
         "--sampling.num-samples", "8", "--sampling.max-new-tokens", "8",
-        "--optim.lr", "2e-6", "--loop.save-every", "0", "--sample-every", "10",
+        "--optim.lr", str(args.game_lr), "--loop.save-every", "0", "--sample-every", "10",
         "--log.run-dir", str(rl_dir), "--log.tensorboard", "False",
     ), rl_dir)  # fmt: skip
-    flags = [*game, "--data.limit", str(args.games), "--sampling.temperature", "1.0",
-             "--sampling.num-samples", str(args.game_samples), "--sampling.max-new-tokens", "8"]
-    before = evaluate(runs, "base", MODEL, flags)
-    after = evaluate(runs, "rl", str(rl_dir / "final"), flags)
-    for name, result in (("base", before), ("rl", after)):
+    flags = [
+        *game, "--data.limit", str(args.games), "--sampling.temperature", "1.0",
+        "--sampling.num-samples", str(args.game_samples), "--sampling.max-new-tokens", "8",
+    ]  # fmt: skip
+    evals = {
+        "base": evaluate(runs, "base", MODEL, flags),
+        "sft": evaluate(runs, "sft", str(sft_dir / "final"), flags),
+        "rl": evaluate(runs, "rl", str(rl_dir / "final"), flags),
+    }
+    for name, result in evals.items():
         interval = mean_interval(result["per_row"])
+        episodes = result["report"]["episodes"]
         report.figure(f"guess_number.{name}.success", interval["mean"])
         report.figure(f"guess_number.{name}.low", interval["low"])
         report.figure(f"guess_number.{name}.high", interval["high"])
-        report.figure(f"guess_number.{name}.turns", result["report"]["episodes"]["turns"])
-    gain = paired_difference(after["per_row"], before["per_row"])
-    report.figure("guess_number.gain_points", 100 * gain["mean"])
-    report.figure("guess_number.gain_low", 100 * gain["low"])
-    report.figure("guess_number.gain_high", 100 * gain["high"])
+        report.figure(f"guess_number.{name}.turns", episodes["turns"])
+        report.figure(f"guess_number.{name}.inconsistent", episodes.get("inconsistent", 0.0))
+    gain = paired_difference(evals["rl"]["per_row"], evals["sft"]["per_row"])
+    report.figure("guess_number.rl_over_sft_points", 100 * gain["mean"])
+    report.figure("guess_number.rl_over_sft_low", 100 * gain["low"])
+    report.figure("guess_number.rl_over_sft_high", 100 * gain["high"])
+    report.figure("guess_number.sft_wall_s", sft["wall_s"])
     report.figure("guess_number.rl_wall_s", rl["wall_s"])
-    report.details["guess_number"] = {"rl": rl, "base": before["report"], "final": after["report"]}
+    report.details["guess_number"] = {
+        "sft": sft, "rl": rl, "evals": {k: v["report"] for k, v in evals.items()},
+    }  # fmt: skip
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -173,8 +193,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sft-steps", type=int, default=40, help="warm-start SFT steps")
     parser.add_argument("--rl-steps", type=int, default=20, help="GRPO steps on the calculator")
     parser.add_argument("--heldout", type=int, default=200, help="held-out problems")
-    parser.add_argument("--game-steps", type=int, default=30, help="GRPO steps on the game")
-    parser.add_argument("--game-turns", type=int, default=7, help="guesses per game")
+    parser.add_argument("--game-sft-steps", type=int, default=20, help="warm-start SFT steps")
+    parser.add_argument("--game-steps", type=int, default=40, help="GRPO steps on the game")
+    parser.add_argument("--game-lr", type=float, default=5e-6, help="GRPO learning rate")
+    parser.add_argument("--game-turns", type=int, default=5, help="guesses per game")
     parser.add_argument("--games", type=int, default=100, help="held-out games")
     parser.add_argument("--game-samples", type=int, default=4, help="episodes per game")
     parser.add_argument("--run-dir", type=Path, default=ROOT / "runs" / "tool_use")

@@ -60,7 +60,7 @@ def test_tools_go_into_the_system_prompt_or_to_the_template():
 
 
 def test_guess_the_number_answers_higher_lower_and_ends_on_the_secret():
-    row = {**guess_number_rows(1, seed=2)[0], "secret": 37}
+    row = {**guess_number_rows(1, seed=2)[0], "secret": 37, "high": 100}
     env = GuessNumberEnv()
     env.reset(row)
     low = env.step("I guess 20")
@@ -95,3 +95,23 @@ def test_a_smaller_range_maps_the_secret_into_it():
         "Game 7: I am thinking of a whole number between 1 and 10. Your guess?"
     )
     assert env.secret == 7 and env.step("7").reward == 1.0
+
+
+def test_guess_number_traces_follow_the_feedback():
+    """Each trace is a game the environment would play out: consistent guesses, right end."""
+    from rlhfkit.data.tasks import builtin_rows
+
+    rows = [r.data for r in builtin_rows("guess_number_traces", "heldout")[:50]]
+    games = [r.data for r in builtin_rows("guess_number", "heldout")[:50]]
+    for trace, game in zip(rows, games, strict=True):
+        env = GuessNumberEnv(max_guesses=6)
+        assert trace["messages"][:2] == env.reset(game)
+        for k, message in enumerate(trace["messages"][2:]):
+            if message["role"] != "assistant":
+                continue
+            step = env.step(message["content"])
+            assert step.info["inconsistent"] == 0
+            follow = trace["messages"][2 + k + 1 :]
+            assert step.done == (not follow) or step.messages == follow[:1]
+        assert trace["solved"] == (env.guesses <= 6 and step.reward == 1.0)
+    assert 0.5 < sum(r["solved"] for r in rows) / len(rows) < 1.0

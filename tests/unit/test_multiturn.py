@@ -282,3 +282,10 @@ def test_env_options_are_checked_before_loading(tmp_path):
         env_factory(EnvConfig(name="calculator", options='{"colour": 1}'))
     with pytest.raises(ConfigError, match="cannot import"):
         env_factory(EnvConfig(name="no_such_module:Env"))
+
+
+def test_a_template_without_the_eos_marker_is_refused(tokenizer):
+    conversation = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    tokenizer.eos_token = "<|endoftext|>"  # not what the template ends turns with
+    with pytest.raises(ValueError, match="does not end a turn"):
+        observation_ids(tokenizer, conversation, [{"role": "user", "content": "again"}], None)

@@ -274,4 +274,5 @@ def test_as_sft_rows_validate() -> None:
 
 def test_registry() -> None:
     assert set(BUILTIN) == {"instructions", "arithmetic", "preferences", "countdown", "strings",
-                            "calculator", "calculator_traces", "guess_number"}  # fmt: skip
+                            "calculator", "calculator_traces", "guess_number",
+                            "guess_number_traces"}  # fmt: skip

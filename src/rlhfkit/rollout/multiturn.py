@@ -171,10 +171,14 @@ def observation_ids(
     before = render(tokenizer, conversation, tools, False)
     after = render(tokenizer, [*conversation, *answer], tools, True)
     eos = tokenizer.eos_token
-    end = before.rfind(eos) + len(eos) if eos else -1
-    if end >= len(eos or "x") and not marker_sampled:
-        end -= len(eos)
-    if end < 0 or not eos or not after.startswith(before[:end]):
+    found = before.rfind(eos) if eos else -1
+    if found < 0:
+        raise ValueError(
+            f"the chat template does not end a turn with the tokenizer's eos_token {eos!r}, so "
+            "the end of the policy's turn cannot be found in the rendered conversation"
+        )
+    end = found if not marker_sampled else found + len(eos)
+    if not after.startswith(before[:end]):
         raise ValueError(
             "the chat template rewrites earlier turns when a message is added, so an "
             "environment's answer cannot be appended to the sampled ids"

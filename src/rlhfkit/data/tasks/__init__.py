@@ -15,10 +15,10 @@
 - ``builtin:strings``: string-manipulation problems (reverse, sort words, count a letter, change
   case, remove vowels, ...) with exact answers, checked by the ``strings`` verifier
   (``strings.py``); schema ``verifiable``.
-- ``builtin:calculator``, ``builtin:calculator_traces`` and ``builtin:guess_number``: the tasks of
-  the built-in environments (``rlhfkit rl --env.name calculator|guess_number``) and tool-use
-  conversations to warm-start on (``tool_tasks.py``); schemas ``verifiable``, ``sft`` and
-  ``verifiable``.
+- ``builtin:calculator``, ``builtin:calculator_traces``, ``builtin:guess_number`` and
+  ``builtin:guess_number_traces``: the tasks of the built-in environments (``rlhfkit rl
+  --env.name calculator|guess_number``) and conversations to warm-start on
+  (``tool_tasks.py``); schemas ``verifiable`` for the tasks, ``sft`` for the traces.
 
 Related sources with their own prefixes (see ``rlhfkit.data.sources.load_rows``):
 ``gsm8k:PATH`` reads a GSM8K-format file (``gsm8k.py``) and ``rgym:NAME`` generates
@@ -55,6 +55,7 @@ BUILTIN: dict[str, Callable[[str], list[dict[str, Any]]]] = {
     "calculator": tool_tasks.calculator_split,
     "calculator_traces": tool_tasks.calculator_traces_split,
     "guess_number": tool_tasks.guess_number_split,
+    "guess_number_traces": tool_tasks.guess_number_traces_split,
 }
 """Built-in dataset name -> function(split) returning its raw rows."""
 

@@ -14,7 +14,10 @@
   ``--data.mask-mode all_assistant_turns`` so that both assistant turns are labelled and the
   tool's output is not.
 - ``builtin:guess_number`` (schema ``verifiable``, the secret as its ``answer``): games of
-  guess-the-number, a secret in [1, ``high``] per row.
+  guess-the-number, a secret in [1, ``high``] per row (``high`` 20).
+- ``builtin:guess_number_traces`` (schema ``sft``): those games played by a guesser that picks
+  uniformly among the numbers the feedback still allows (it follows the feedback but does not
+  bisect): a warm start for RL on the game.
 
 Generation is deterministic; the held-out split shares no prompt with the train split.
 """
@@ -27,7 +30,7 @@ from typing import Any
 
 from rlhfkit.data.tasks.splits import disjoint_split, distinct_rows
 from rlhfkit.envs.base import with_tools
-from rlhfkit.envs.builtin import CalculatorEnv, calculator
+from rlhfkit.envs.builtin import CalculatorEnv, GuessNumberEnv, calculator
 from rlhfkit.envs.calls import ToolCall, get_format
 
 STORIES = (
@@ -74,7 +77,7 @@ def calculator_trace(row: dict[str, Any], call_format: str = "hermes") -> dict[s
 
 
 def guess_number_rows(
-    n: int, *, seed: int, high: int = 100, exclude: Collection[str] = ()
+    n: int, *, seed: int, high: int = 20, exclude: Collection[str] = ()
 ) -> list[dict[str, Any]]:
     """``n`` games; each prompt names its game (``Game 1234``) so that rows stay distinct."""
 
@@ -84,6 +87,30 @@ def guess_number_rows(
                 "task": "guess_number"}  # fmt: skip
 
     return distinct_rows(n, random.Random(seed), draw, exclude=exclude, max_attempts=10 * n + 100)
+
+
+def guess_number_trace(row: dict[str, Any], max_guesses: int = 6) -> dict[str, Any]:
+    """A game of ``row`` played by guessing uniformly among the numbers still possible.
+
+    The player follows the feedback but does not bisect, so it wins most games of a small
+    range within ``max_guesses`` guesses and plays them longer than needed: a warm start that
+    RL can improve on. The draw is seeded by the row's prompt.
+    """
+    env = GuessNumberEnv(max_guesses=max_guesses)
+    messages = env.reset(row)
+    rng = random.Random(row["prompt"])
+    low, high = 1, int(row.get("high", 20))
+    for _ in range(max_guesses):
+        guess = rng.randint(low, high)
+        messages.append({"role": "assistant", "content": str(guess)})
+        step = env.step(str(guess))
+        if step.done:
+            break
+        messages += step.messages
+        low, high = (guess + 1, high) if guess < env.secret else (low, guess - 1)
+    if messages[-1]["role"] != "assistant":  # ended on feedback: drop it
+        messages.pop()
+    return {"messages": messages, "task": "guess_number", "solved": step.reward > 0}
 
 
 def calculator_split(split: str) -> list[dict[str, Any]]:
@@ -97,5 +124,10 @@ def calculator_traces_split(split: str) -> list[dict[str, Any]]:
 
 
 def guess_number_split(split: str) -> list[dict[str, Any]]:
-    """``builtin:guess_number``: 2000 train games, 200 held-out games (numbers 1 to 100)."""
+    """``builtin:guess_number``: 2000 train games, 200 held-out games (numbers 1 to 20)."""
     return disjoint_split(guess_number_rows, split, train=2000, heldout=200)
+
+
+def guess_number_traces_split(split: str) -> list[dict[str, Any]]:
+    """``builtin:guess_number_traces``: each ``guess_number`` game played by a random guesser."""
+    return [guess_number_trace(row) for row in guess_number_split(split)]
