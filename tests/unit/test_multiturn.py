@@ -201,7 +201,7 @@ def test_guess_the_number_by_bisection_wins(tokenizer):
     row = guess_number_rows(1, seed=0)[0]
     make = GuessNumberEnv
     rows = env_prompt_rows(tokenizer, [PromptRow([], row)], make)
-    state = {"low": 1, "high": 100}
+    state = {"low": 1, "high": row["high"]}
 
     def bisect(context: str) -> str:
         last = context.rsplit("<|im_start|>user\n", 1)[1]
