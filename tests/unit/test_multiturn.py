@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Callable, Sequence
 
@@ -70,7 +71,7 @@ def calculator_reply(context: str) -> str:
 
 @pytest.fixture
 def tokenizer():
-    tok = tiny_tokenizer()
+    tok = copy.deepcopy(tiny_tokenizer())  # tiny_tokenizer() is shared: change a copy only
     tok.chat_template = VERBATIM_CHATML
     return tok
 
@@ -254,7 +255,7 @@ def test_calculator_traces_label_the_assistant_turns_only():
     from rlhfkit.envs.builtin import calculator
     from rlhfkit.envs.calls import get_format
 
-    tok = tiny_tokenizer()
+    tok = tiny_tokenizer()  # not changed here
     row = builtin_rows("calculator_traces", "heldout")[0].data
     messages = row["messages"]
     assert [m["role"] for m in messages] == ["system", "user", "assistant", "tool", "assistant"]

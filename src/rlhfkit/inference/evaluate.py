@@ -10,7 +10,7 @@ The loop:
    names; a reward model ``rm:<dir>``, a judge or any ``module:function`` works the same way).
    A completion is correct when its reward reaches ``threshold``.
    With ``--env.name`` each sample is an episode in that environment instead
-   (:mod:`rlhfkit.inference.evaluate_env`).
+   (:func:`evaluate_env`).
 4. Report: accuracy (Avg@N), pass@k and pass^k (unbiased estimators, for every k in ``ks``
    up to N), maj@k (majority vote over the extracted answers of the first k samples), mean
    reward, length statistics and finish reasons, overall and per ``task`` field; JSON (with
@@ -18,13 +18,20 @@ The loop:
 
 Samples and scores are cached under ``cache_dir`` by a hash of the model files, prompts and
 settings (:class:`rlhfkit.eval.run.GridCache`); a second run with the same inputs only reports.
+
+With ``--env.name`` (:func:`evaluate_env`) the rows of ``data.source`` (by default the
+environment's own held-out tasks) are opened by the environment, each sample is an episode (the
+turn and token limits of ``--env``), its reward the environment's, and the report adds how the
+tools were used (``episodes``): turns, tool calls, ``valid_calls`` (well-formed calls with
+fitting arguments / calls made), ``right_tool`` and ``right_arguments`` (the first call against
+the row's ``tool_call``), tool errors, turn-capped and truncated episodes.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +47,9 @@ from rich.progress import (
 from rlhfkit.atomic import atomic_write_text
 from rlhfkit.config import EngineConfig, EnvConfig, ModelConfig
 from rlhfkit.data.prompts import PromptRow, load_prompt_rows
+from rlhfkit.envs.base import env_class, env_factory
 from rlhfkit.eval.run import (
+    Grid,
     GridCache,
     cache_key,
     load_rewards,
@@ -52,6 +61,7 @@ from rlhfkit.eval.run import (
 from rlhfkit.eval.summary import grid_report, print_grid_report
 from rlhfkit.models.load import load_tokenizer
 from rlhfkit.rollout.hf import SamplingConfig
+from rlhfkit.rollout.multiturn import TurnLimits, env_prompt_rows, episode_means, run_episodes
 from rlhfkit.rollout.vllm_server import require_engine
 
 log = logging.getLogger(__name__)
@@ -180,9 +190,7 @@ def main(cfg: EvalConfig) -> dict[str, Any]:
     """Steps 1-4; returns the report (also printed, and written to ``cfg.output``)."""
     require_engine(cfg.engine)
     if cfg.env.name is not None:
-        from rlhfkit.inference.evaluate_env import evaluate_env
-
-        return evaluate_env(cfg, EvalDataConfig.source)
+        return evaluate_env(cfg)
     prompts, grid = evaluate_prompts(
         cfg.model, None, cfg.data, cfg.sampling, cfg.rewards, cfg.weights,
         chunk=cfg.chunk, cache_dir=cfg.cache_dir, engine=cfg.engine,
@@ -199,4 +207,70 @@ def main(cfg: EvalConfig) -> dict[str, Any]:
         log.info("report written to %s", cfg.output)
     if cfg.samples_output:
         write_samples(cfg.samples_output, prompts, grid)
+    return report
+
+
+def tool_use_summary(infos: list[dict[str, float]]) -> dict[str, float]:
+    """Episode means (``env/...``) plus ``valid_calls``: well-formed calls / calls made.
+
+    Args:
+        infos: Each episode's counters (:func:`rlhfkit.rollout.multiturn.run_episodes`).
+    """
+    out = {k.removeprefix("env/"): v for k, v in episode_means(infos).items()}
+    calls = sum(info.get("calls", 0.0) for info in infos)
+    bad = sum(info.get("malformed_calls", 0.0) for info in infos)
+    if calls:
+        out["valid_calls"] = 1.0 - bad / calls
+    return out
+
+
+def evaluate_env(cfg: EvalConfig) -> dict[str, Any]:
+    """Steps 1-3 of an evaluation in ``cfg.env``; returns the report (printed and written)."""
+    make_env = env_factory(cfg.env)
+    data = cfg.data
+    if data.source == EvalDataConfig.source:
+        data = replace(data, source=getattr(env_class(cfg.env.name), "DATASET", data.source))
+    tokenizer = load_tokenizer(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
+    rows = load_prompt_rows(
+        tokenizer, data.source, data.schema, split=data.split, limit=data.limit,
+        max_prompt_len=data.max_prompt_len, max_prompts=data.max_prompts,
+    )  # fmt: skip
+    rows = env_prompt_rows(tokenizer, rows, make_env, native_tools=cfg.env.native_tools)
+    limits, n = TurnLimits.of(cfg.env), cfg.sampling.num_samples
+    texts, lengths, finish, rewards, infos, conversations = [], [], [], [], [], []
+    with open_sampler(cfg.model, tokenizer, cfg.engine, seed=cfg.sampling.seed) as generator:
+        for start in range(0, len(rows), cfg.chunk):
+            part = rows[start : start + cfg.chunk]
+            episodes = run_episodes(
+                generator, tokenizer, part, make_env, cfg.sampling, limits,
+                native_tools=cfg.env.native_tools,
+            )  # fmt: skip
+            r = episodes.rollout
+            for i in range(len(part)):
+                cols = range(i * n, (i + 1) * n)
+                texts.append([episodes.replies[k] for k in cols])
+                lengths.append([len(r.completion_ids[k]) for k in cols])
+                finish.append([r.finish_reasons[k] for k in cols])
+                rewards.append([episodes.rewards[k] for k in cols])
+            infos += episodes.info
+            conversations += episodes.conversations
+    grid = Grid(texts, lengths, finish, rewards)
+    report = grid_report(grid, [row.fields for row in rows], ks=cfg.ks, threshold=cfg.threshold)
+    report["episodes"] = tool_use_summary(infos)
+    report["config"] = {
+        "model": cfg.model.name, "source": data.source, "split": data.split,
+        "env": asdict(cfg.env), "sampling": asdict(cfg.sampling), "engine": cfg.engine.backend,
+    }  # fmt: skip
+    print_grid_report(report, title=f"{cfg.model.name} in {cfg.env.name} on {data.source}")
+    print(json.dumps(report["episodes"], indent=2))
+    if cfg.output:
+        atomic_write_text(cfg.output, json.dumps(report, indent=2))
+    if cfg.samples_output:
+        records = [
+            {"row": k // n, "sample": k % n, "reward": infos[k].get("reward"),
+             "messages": conversations[k], "info": infos[k]}
+            for k in range(len(conversations))
+        ]  # fmt: skip
+        lines = [json.dumps(record) for record in records]
+        atomic_write_text(cfg.samples_output, "\n".join(lines) + "\n")
     return report
