@@ -5,7 +5,8 @@ minute on the CPU build). Skipped, with the reason, only where the engine is not
 Exact properties: greedy completions equal rlhfkit's sampler's (fp32 on both sides); after a
 training step the engine's log-probs of fixed sequences still match the old weights and miss
 the new ones (a sync that does nothing fails), and after the sync match the learner's; the
-engine's weights hash equal to the learner's after the sync; GRPO runs on the engine.
+engine's weights hash equal to the learner's after the sync; GRPO runs on the engine; greedy
+multi-turn episodes are the same on the engine as on rlhfkit's sampler.
 """
 
 from __future__ import annotations
@@ -67,6 +68,36 @@ def test_greedy_completions_equal_rlhfkits_sampler(server, tokenizer):
     assert theirs.finish_reasons == ours.finish_reasons
     for a, b in zip(theirs.logprobs, ours.logprobs, strict=True):  # the sampler's log-probs too
         assert a == pytest.approx(b, abs=1e-3)
+
+
+def test_multi_turn_episodes_on_the_engine_equal_rlhfkits(server, tokenizer):
+    """Greedy guess-the-number episodes: the same turns, observations and masks on both.
+
+    Turns end at a full stop or a newline (a stop string: the end-of-turn marker then comes
+    with the observation), so that the untrained model plays several turns.
+    """
+    from rlhfkit.data.prompts import PromptRow
+    from rlhfkit.data.tasks.tool_tasks import guess_number_rows
+    from rlhfkit.envs.builtin import GuessNumberEnv
+    from rlhfkit.rollout.multiturn import TurnLimits, env_prompt_rows, run_episodes
+
+    model = load_model("smollm2-135m-instruct", dtype=torch.float32).eval()
+    engine = VLLMEngine(server, model, eos_ids=[tokenizer.eos_token_id], dtype=torch.float32)
+    rows = [PromptRow([], row) for row in guess_number_rows(3, seed=4)]
+    rows = env_prompt_rows(tokenizer, rows, GuessNumberEnv)
+    greedy = SamplingConfig(max_new_tokens=24, temperature=0.0, num_samples=1, stop=(".", "\n"))
+    limits = TurnLimits(max_turns=3, max_tokens=120)
+    ours = run_episodes(chat_generator(model, tokenizer), tokenizer, rows, GuessNumberEnv,
+                        greedy, limits)  # fmt: skip
+    theirs = run_episodes(engine.generator, tokenizer, rows, GuessNumberEnv, greedy, limits)
+    assert all(info["turns"] > 1 for info in ours.info)  # observations inside the rows
+    assert theirs.rollout.completion_ids == ours.rollout.completion_ids
+    assert theirs.rollout.masks == ours.rollout.masks
+    assert theirs.rewards == ours.rewards and theirs.conversations == ours.conversations
+    for a, b, mask in zip(theirs.rollout.logprobs, ours.rollout.logprobs, ours.rollout.masks,
+                          strict=True):  # fmt: skip
+        assert a == pytest.approx(b, abs=1e-3)
+        assert all(x == 0.0 for x, m in zip(a, mask, strict=True) if not m)
 
 
 def test_eval_on_the_engine_reports_as_on_rlhfkits_sampler(server, tokenizer, tmp_path):
