@@ -44,6 +44,7 @@ from rlhfkit.config import EnvConfig
 from rlhfkit.envs.calls import ToolCall, get_format
 from rlhfkit.envs.tools import Tool, ToolRegistry
 from rlhfkit.errors import ConfigError
+from rlhfkit.validation import did_you_mean
 
 Message = dict[str, Any]
 
@@ -230,8 +231,8 @@ def env_class(spec: str) -> type:
     target = BUILTIN_ENVS.get(spec, spec)
     if ":" not in target:
         raise ConfigError(
-            f"--env.name: unknown environment {spec!r}; use one of {', '.join(BUILTIN_ENVS)} "
-            "or 'module:Class'"
+            f"--env.name: unknown environment {spec!r}{did_you_mean(spec, list(BUILTIN_ENVS))} "
+            f"(use one of {', '.join(BUILTIN_ENVS)} or 'module:Class')"
         )
     module_name, _, name = target.partition(":")
     try:
