@@ -58,6 +58,12 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
         "main",
         "Policy-gradient RL against rewards (grpo, rloo, reinforce, dr_grpo, gspo, cispo, ...).",
     ),
+    "cai revise": (
+        "rlhfkit.recipes.cai",
+        "CAIReviseConfig",
+        "main",
+        "Constitutional AI's critique and revision: SFT rows and preference pairs.",
+    ),
     "distill": (
         "rlhfkit.recipes.distill",
         "DistillConfig",
