@@ -86,7 +86,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank: int, port: int, main: Callable[[Any], Any], cfg: Any) -> None:
+def _rank_main(rank: int, port: int, main: Callable[[Any], Any], cfg: Any, done_dir: str) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
         WORLD_SIZE="2",
@@ -94,14 +94,30 @@ def _rank_main(rank: int, port: int, main: Callable[[Any], Any], cfg: Any) -> No
     torch.set_num_threads(1)
     try:
         main(cfg)
+        if torch.distributed.is_initialized():  # both ranks done before either tears down
+            torch.distributed.barrier()
+        (Path(done_dir) / f"rank{rank}").touch()
     finally:
         if torch.distributed.is_initialized():  # a pipeline's stages may run in child processes
             torch.distributed.destroy_process_group()
 
 
 def run_two_ranks(main: Callable[[Any], Any], cfg: Any) -> None:
-    """Run ``main(cfg)`` in 2 spawned processes with torchrun's environment (gloo on CPU)."""
-    mp.spawn(_rank_main, args=(free_port(), main, cfg), nprocs=2, join=True)
+    """Run ``main(cfg)`` in 2 spawned processes with torchrun's environment (gloo on CPU).
+
+    A rank that dies *after* both ranks finished ``main`` (gloo's teardown in
+    ``destroy_process_group`` rarely aborts a process with "terminate called without an active
+    exception") does not fail the test: its outputs are complete, and the test checks them.
+    Any failure before that is raised as usual.
+    """
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as done:
+        try:
+            mp.spawn(_rank_main, args=(free_port(), main, cfg, done), nprocs=2, join=True)
+        except mp.ProcessExitedException:
+            if not all((Path(done) / f"rank{r}").exists() for r in range(2)):
+                raise
 
 
 def records(run: Path, prefixes: tuple[str, ...]) -> list[dict]:
