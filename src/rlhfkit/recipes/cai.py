@@ -181,16 +181,15 @@ def _done(out: Path) -> int:
     The three files are appended one after the other, so a killed run can leave one longer
     than another, or a line cut short (the text after the last newline).
     """
-    lines = {}
+    texts = {}
     for name in OUTPUTS:
         path = out / name
-        text = path.read_text(encoding="utf-8") if path.is_file() else ""
-        lines[name] = text.split("\n")[:-1]
+        texts[name] = path.read_text(encoding="utf-8") if path.is_file() else ""
+    lines = {name: text.split("\n")[:-1] for name, text in texts.items()}
     done = min(len(v) for v in lines.values())
     for name, kept in lines.items():
-        path = out / name
-        if path.is_file() and (len(kept) != done or not path.read_text().endswith("\n")):
-            path.write_text("".join(x + "\n" for x in kept[:done]), encoding="utf-8")
+        if texts[name] and (len(kept) != done or not texts[name].endswith("\n")):
+            (out / name).write_text("".join(x + "\n" for x in kept[:done]), encoding="utf-8")
     return done
 
 

@@ -173,7 +173,7 @@ def finish_run(ctx: RunContext, keep_last: int) -> Path:
                 adapter.save_pretrained(tmp / "adapter")
                 adapter.merge_and_unload().save_pretrained(tmp, safe_serialization=True)
                 ctx.tokenizer.save_pretrained(tmp)
-    barrier()  # every rank leaves together: none tears down its process group mid-export
+        barrier()  # export_model ends with its own barrier
     ctx.logger.close()
     return ctx.run_dir
 
