@@ -8,7 +8,8 @@
 ``statuses`` is a script of error answers given before replying normally (e.g. ``[429]``: one
 "too many requests", then success); ``status_forever`` answers every request with that status.
 ``delay(body)`` seconds are slept before answering (to shuffle completion order);
-``max_in_flight`` is the largest number of requests handled at once.
+``max_in_flight`` is the largest number of requests handled at once. ``logprobs(body, content)``
+gives the ``logprobs.content`` list of an answer to a request that asks for log-probs.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ class FakeOpenAI:
         statuses: list[int] | None = None,
         status_forever: int | None = None,
         delay: Callable[[dict[str, Any]], float] | None = None,
+        logprobs: Callable[[dict[str, Any], str], list[dict[str, Any]]] | None = None,
     ) -> None:
-        self.reply, self.delay = reply, delay
+        self.reply, self.delay, self.logprobs = reply, delay, logprobs
         self.statuses, self.status_forever = list(statuses or []), status_forever
         self.requests: list[dict[str, Any]] = []
         self.in_flight = self.max_in_flight = 0
@@ -58,6 +60,9 @@ class FakeOpenAI:
         if status is not None:
             return status, {"error": {"message": f"fake error {status}"}}
         content = self.reply(body)
+        extra = {}
+        if body.get("logprobs") and self.logprobs is not None:
+            extra = {"logprobs": {"content": self.logprobs(body, content)}}
         return 200, {
             "id": "chatcmpl-fake",
             "object": "chat.completion",
@@ -67,6 +72,7 @@ class FakeOpenAI:
                     "index": 0,
                     "message": {"role": "assistant", "content": content},
                     "finish_reason": "stop",
+                    **extra,
                 }
             ],
         }

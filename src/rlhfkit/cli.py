@@ -64,6 +64,18 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
         "main",
         "Constitutional AI's critique and revision: SFT rows and preference pairs.",
     ),
+    "cai label": (
+        "rlhfkit.recipes.cai_label",
+        "CAILabelConfig",
+        "main",
+        "AI preference labels (RLAIF): a judge compares pairs under the constitution's principles.",
+    ),
+    "cai rubric": (
+        "rlhfkit.recipes.cai_label",
+        "CAIRubricConfig",
+        "rubric_main",
+        "A model writes a weighted checklist (rubric) for each prompt, for rubric rewards.",
+    ),
     "distill": (
         "rlhfkit.recipes.distill",
         "DistillConfig",
@@ -99,6 +111,12 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
         "DecontamConfig",
         "main",
         "Flag training rows sharing an 8-gram (or 50-char substring) with eval sets.",
+    ),
+    "serve": (
+        "rlhfkit.inference.serve",
+        "ServeConfig",
+        "main",
+        "Serve a local model as an OpenAI-compatible chat endpoint (greedy; for judges).",
     ),
     "generate": (
         "rlhfkit.inference.generate",

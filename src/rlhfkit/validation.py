@@ -127,6 +127,8 @@ def reward_problem(spec: str) -> str | None:
         return model_path_problem(str(path) if "/" in directory else f"./{directory}")
     if spec.startswith(("judge:", "verifier:")):
         return None
+    if spec.startswith("rubric:"):
+        return _rubric_problem(spec)
     module, sep, attr = spec.rpartition(":")
     if not (sep and module and attr):
         return f"reward {spec!r}: expected 'module:function' or 'path/file.py:function'"
@@ -139,6 +141,20 @@ def reward_problem(spec: str) -> str | None:
     except (ImportError, ValueError):
         found = False
     return None if found else f"reward {spec!r}: no module named {module!r}"
+
+
+def _rubric_problem(spec: str) -> str | None:
+    """Why a ``rubric:`` reward cannot load, from its file's existence alone.
+
+    Its criteria and rules are checked by :func:`rlhfkit.rewards.rubric.rubric_problem`.
+    """
+    name = spec.removeprefix("rubric:").split("|")[0]
+    if name == "rows":
+        return None
+    if name.startswith("builtin:"):
+        path = Path(__file__).parent / "data" / "rubrics" / f"{name.removeprefix('builtin:')}.yaml"
+        return None if path.is_file() else f"reward {spec!r}: no such built-in rubric: {name}"
+    return None if Path(name).expanduser().is_file() else f"reward {spec!r}: no such file: {name}"
 
 
 def run_dir_problem(run_dir: str) -> str | None:

@@ -220,3 +220,59 @@ def test_the_sft_stage_can_distil_a_teacher(tiny_model_dir, tmp_path):
     train = [r for r in rows if "train/loss" in r]
     assert len(train) == 2 and all(r["train/on_policy"] == 0.0 for r in train)
     assert train[0]["train/loss"] == pytest.approx(0.0, abs=1e-6)  # the teacher is the student
+
+
+def test_ai_labels_under_the_constitution_report_their_gold_agreement(tiny_model_dir, tmp_path):
+    """--labels.mode ai: the judge answers each principle's question in both orders over HTTP;
+    the report states how often its labels agree with the gold judge."""
+    from fake_openai import FakeOpenAI
+
+    run = tmp_path / "run"
+    with FakeOpenAI(_longer_wins) as server:
+        spec = f"judge:openai:{server.base_url}#fake-judge"
+        cfg = _cfg(tiny_model_dir, run, labels=pipeline.LabelsConfig(mode="ai", judge=spec))
+        cfg = replace(cfg, optimise=pipeline.OptimiseConfig(method="dpo"))
+        pipeline.main(cfg)
+        questions = [r["body"]["messages"][1]["content"] for r in server.requests]
+    assert questions and all("Question: " in q for q in questions)
+    quality = json.loads((run / "labels_quality.json").read_text())
+    assert quality["mode"] == "ai" and quality["consistency"] == 1.0
+    assert quality["pairs"] > 0 and quality["with_preference"] > 0
+    agreement = quality["gold_agreement"]  # None when gold ties every pair of the tiny model
+    assert (agreement is None) == (quality["gold_compared"] == 0)
+    assert agreement is None or 0.0 <= agreement <= 1.0
+    assert (run / "judge_cache.sqlite").is_file()
+    pairs = [json.loads(x) for x in (run / "pairs.jsonl").read_text().splitlines()]
+    sampled = [p for p in pairs if p.get("source") == "ai"]
+    assert sampled and all(len(p["chosen"]) > len(p["rejected"]) for p in sampled)
+    assert "ai labels: agreement with the gold judge" in (run / "report.html").read_text()
+
+
+def test_rubric_labels_need_no_judge(tiny_model_dir, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [{"id": "r1", "prompt": "What is the opposite of 'up'?", "task": "antonyms",
+             "reference": "The opposite of 'up' is 'down'.\nAnswer: down",
+             "completions": ["It is down.\nAnswer: down", "Sorry, I cannot.",
+                             "Answer: up"]}]  # fmt: skip
+    (run / "candidates.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    cfg = _cfg(tiny_model_dir, run, labels=pipeline.LabelsConfig(mode="rubric", mix_builtin=False))
+    assert pipeline.run_labels(cfg, run)
+    pairs = [json.loads(x) for x in (run / "pairs.jsonl").read_text().splitlines()]
+    assert {(p["chosen"], p["rejected"]) for p in pairs} == {
+        ("It is down.\nAnswer: down", "Sorry, I cannot."),
+        ("It is down.\nAnswer: down", "Answer: up"),
+        ("Answer: up", "Sorry, I cannot."),
+    }
+    assert json.loads((run / "labels_quality.json").read_text())["gold_agreement"] == 1.0
+
+
+def test_ai_and_rubric_label_options_are_checked_before_any_model_loads(tiny_model_dir, tmp_path):
+    from rlhfkit.validation import config_problems
+
+    for labels, option in ((pipeline.LabelsConfig(mode="ai", constitution="none.yaml"),
+                            "--labels.constitution: "),
+                           (pipeline.LabelsConfig(mode="rubric", rubric="builtin:nope"),
+                            "--labels.rubric: ")):  # fmt: skip
+        cfg = _cfg(tiny_model_dir, tmp_path / "run", labels=labels)
+        assert any(p.startswith(option) for p in config_problems(cfg)), config_problems(cfg)

@@ -14,6 +14,7 @@ from typing import Literal
 from rlhfkit.config import EngineConfig, LogConfig, LoopConfig, ModelConfig, OptimConfig, Problems
 from rlhfkit.recipes import distill, dpo, reward_model, sft
 from rlhfkit.recipes import policy_gradient as pg
+from rlhfkit.rewards.rubric import rubric_problem
 from rlhfkit.rollout.hf import SamplingConfig
 from rlhfkit.validation import model_path_problem
 
@@ -43,10 +44,19 @@ class CandidatesConfig:
 class LabelsConfig:
     """Step 3: who labels the candidate pairs."""
 
-    mode: Literal["gold", "judge", "human"] = "gold"
-    """Programmatic gold judge, an LLM judge, or people (export, then import)."""
+    mode: Literal["gold", "judge", "ai", "rubric", "human"] = "gold"
+    """Programmatic gold judge; an LLM judge (pairwise, both orders); AI feedback under a
+    constitution's principles (RLAIF: both orders, inconsistent pairs dropped); a rubric's
+    scores; or people (export, then import)."""
     judge: str = "judge:smollm2-135m-instruct"
-    """The LLM judge: judge:<model name or dir> or judge:openai:<base_url>#<model>."""
+    """The LLM judge of the judge and ai modes (and of a rubric's criteria without a check):
+    judge:<model name or dir> or judge:openai:<base_url>#<model>."""
+    constitution: str = "default"
+    """ai mode: the principles, 'default' (shipped) or a .yaml/.json file."""
+    rubric: str = "builtin:instructions"
+    """rubric mode: a rubric file or builtin:NAME (criteria without a check use the judge)."""
+    cache: bool = True
+    """Keep the judge's answers in <run>/judge_cache.sqlite, so a rerun asks it nothing."""
     mix_builtin: bool = True
     """Also train the reward model on the task's gold-labelled training pairs."""
     likert: Literal["likert5", "likert8"] = "likert5"
@@ -171,4 +181,15 @@ class PipelineConfig:
                         "samples; leave it unset"))  # fmt: skip
         if self.sft_teacher is not None:
             out += [("sft_teacher", t) for t in [model_path_problem(self.sft_teacher)] if t]
+        if self.labels.mode == "ai":
+            from rlhfkit.data.constitution import load_constitution
+            from rlhfkit.errors import UserError
+
+            try:
+                load_constitution(self.labels.constitution).with_preference()
+            except UserError as err:
+                out.append(("labels.constitution", str(err)))
+        if self.labels.mode == "rubric":
+            problem = rubric_problem(f"rubric:{self.labels.rubric}|{self.labels.judge}")
+            out += [("labels.rubric", problem)] if problem else []
         return out

@@ -377,6 +377,14 @@ def report_data(
         "optimiser": cfg.optimise.method,
         "mean length (SFT -> final)": f"{sft_m['length']:.1f} -> {final['length']:.1f}",
     }
+    quality_file = run / "labels_quality.json"
+    if quality_file.is_file():
+        q = json.loads(quality_file.read_text())
+        summary[f"{cfg.labels.mode} labels: agreement with the gold judge"] = (
+            ("n/a" if q["gold_agreement"] is None else f"{q['gold_agreement']:.3f}")
+            + f" on {int(q['gold_compared'])} pairs "
+            f"({int(q['with_preference'])} of {int(q['pairs'])} pairs got a preference)"
+        )
     return {
         "title": f"rlhfkit pipeline: {run}",
         "created": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),

@@ -251,6 +251,63 @@ def _judge_choices(cfg: PipelineConfig, pairs: list[dict[str, Any]]) -> list[flo
     return list(result.scores)
 
 
+def _judge_backend(cfg: PipelineConfig, run: Path) -> Any:
+    from rlhfkit.rewards.cache import cached
+    from rlhfkit.rewards.judge import load_backend
+
+    return cached(load_backend(cfg.labels.judge),
+                  run / "judge_cache.sqlite" if cfg.labels.cache else None)  # fmt: skip
+
+
+def _ai_choices(
+    cfg: PipelineConfig, run: Path, pairs: list[dict[str, Any]], quality: dict[str, Any]
+) -> list[float | None]:
+    """RLAIF labels under the constitution (both orders; inconsistent pairs give None)."""
+    from rlhfkit.data.constitution import load_constitution
+    from rlhfkit.rewards.ai_labels import label_pairs
+
+    labels = label_pairs(
+        _judge_backend(cfg, run), [p["prompt"] for p in pairs], [p["a"] for p in pairs],
+        [p["b"] for p in pairs], load_constitution(cfg.labels.constitution), seed=cfg.seed,
+    )  # fmt: skip
+    quality.update(labels.metrics())
+    return [None if c is None else float(c == "a") for c in labels.preferred]
+
+
+def _rubric_choices(
+    cfg: PipelineConfig, run: Path, pairs: list[dict[str, Any]], quality: dict[str, Any]
+) -> list[float | None]:
+    """Labels by rubric score (the higher-scoring reply; equal scores are ties)."""
+    from rlhfkit.data.rubric import load_rubrics
+    from rlhfkit.rewards.rubric import RubricReward, rubric_preferences
+
+    rubrics = load_rubrics(cfg.labels.rubric)
+    needs_judge = any(
+        c.check is None for r in [rubrics.default, *rubrics.tasks.values()] if r
+        for c in r.criteria
+    )  # fmt: skip
+    reward = RubricReward(rubrics, _judge_backend(cfg, run) if needs_judge else None)
+    fields = [{k: p[k] for k in ("prompt", "reference", "task")} for p in pairs]
+    choices = rubric_preferences(reward, fields, [p["a"] for p in pairs], [p["b"] for p in pairs])
+    quality["unparseable"] = float(reward.unparseable)
+    return choices
+
+
+def _label_quality(
+    pairs: list[dict[str, Any]], choices: list[float | None]
+) -> dict[str, float | None]:
+    """How many pairs got a preference, and how often it agrees with the gold judge's."""
+    gold = [gold_prefers(p["a"], p["b"], p["reference"], p["task"]) for p in pairs]
+    both = [(c, g) for c, g in zip(choices, gold, strict=True)
+            if c is not None and c != 0.5 and g != 0.5]  # fmt: skip
+    return {
+        "pairs": float(len(pairs)),
+        "with_preference": float(sum(c is not None and c != 0.5 for c in choices)),
+        "gold_agreement": sum(c == g for c, g in both) / len(both) if both else None,
+        "gold_compared": float(len(both)),
+    }
+
+
 def run_labels(cfg: PipelineConfig, run: Path) -> bool:
     """Step 3; False when human labels are still missing (the pipeline stops there)."""
     rows = [json.loads(line) for line in (run / "candidates.jsonl").read_text().splitlines()]
@@ -258,8 +315,11 @@ def run_labels(cfg: PipelineConfig, run: Path) -> bool:
     labelers: dict[str, Callable[[], list[float | None] | None]] = {
         "gold": lambda: [gold_prefers(p["a"], p["b"], p["reference"], p["task"]) for p in pairs],
         "judge": lambda: _judge_choices(cfg, pairs),
+        "ai": lambda: _ai_choices(cfg, run, pairs, quality),
+        "rubric": lambda: _rubric_choices(cfg, run, pairs, quality),
         "human": lambda: _human_choices(cfg, run, pairs),
     }
+    quality: dict[str, Any] = {"mode": cfg.labels.mode}
     choices = labelers[cfg.labels.mode]()
     if choices is None:
         console.print(
@@ -285,6 +345,9 @@ def run_labels(cfg: PipelineConfig, run: Path) -> bool:
     if not out and not cfg.labels.mix_builtin:
         raise ValueError("labelling left no pair with a preference (every pair was a tie)")
     random.Random(0).shuffle(out)
+    quality.update(_label_quality(pairs, choices))
+    atomic_write_text(run / "labels_quality.json", json.dumps(quality, indent=2))
+    log.info("labels: %s", quality)
     atomic_write_text(run / "pairs.jsonl", _jsonl(out))
     log.info("labels: %d pairs, %d with a preference", len(pairs), len(out))
     return True

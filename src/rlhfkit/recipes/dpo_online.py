@@ -76,13 +76,13 @@ from rlhfkit.recipes.dpo import (
 from rlhfkit.recipes.dpo_eval import gold_comparison, heldout_metrics
 from rlhfkit.recipes.engine import synced, vllm_policy
 from rlhfkit.rewards import load_reward_fn, reward_models, score_completions
+from rlhfkit.rewards.rubric import reward_spec_problem
 from rlhfkit.rollout.hf import SamplingConfig
 from rlhfkit.rollout.sampler import Generator, chat_generator
 from rlhfkit.rollout.vllm_server import require_engine
 from rlhfkit.training.distributed import gather_objects
 from rlhfkit.training.reference import cached_reference, compute_reference
 from rlhfkit.training.run import RunContext, build_run, finish_run
-from rlhfkit.validation import reward_problem
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ class OnlineConfig:
             out.append(("temperature", f"must be positive, got {self.temperature}"))
         if not 0.0 < self.top_p <= 1.0:
             out.append(("top_p", f"must be in (0, 1], got {self.top_p}"))
-        problem = reward_problem(self.reward)
+        problem = reward_spec_problem(self.reward)
         if problem:
             out.append(("reward", problem))
         return out

@@ -27,8 +27,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from rlhfkit.data.constitution import Constitution, Principle
-from rlhfkit.rewards.chat import ChatBackend
-from rlhfkit.rewards.judge import Prompt, _conversation, _section, parse_verdict
+from rlhfkit.rewards.chat import ChatBackend, VerdictBackend
+from rlhfkit.rewards.judge import Prompt, conversation_block, parse_verdict, section_block
 
 PRINCIPLE_SYSTEM = (
     "You are an impartial judge. You are shown a conversation between a user and an AI "
@@ -44,8 +44,8 @@ def principle_messages(
 ) -> list[dict[str, str]]:
     """The judge's chat for one ordered pair under a principle's preference question."""
     parts = [
-        _conversation(prompt), _section("Reply of Assistant A", reply_a),
-        _section("Reply of Assistant B", reply_b),
+        conversation_block(prompt), section_block("Reply of Assistant A", reply_a),
+        section_block("Reply of Assistant B", reply_b),
         f"Question: {question.strip()}\nExplain briefly, then answer [[A]] or [[B]].",
     ]  # fmt: skip
     return [
@@ -66,7 +66,8 @@ def soft_label(forward: tuple[float, float], swapped: tuple[float, float]) -> fl
     """
 
     def first(pair: tuple[float, float]) -> float:
-        return 1.0 / (1.0 + math.exp(pair[1] - pair[0]))
+        gap = pair[1] - pair[0]
+        return 0.0 if gap > 700 else 1.0 / (1.0 + math.exp(gap))  # exp overflows past ~709
 
     return 0.5 * (first(forward) + (1.0 - first(swapped)))
 
@@ -80,12 +81,15 @@ class AILabels:
         principles: The principle each pair was judged under.
         verdicts: Per pair, the parsed verdicts ``(A-first, B-first)`` in shown positions.
         outputs: The judge's raw answers, in the same layout.
+        soft: Per pair, P(reply a preferred) from the verdict log-probs of both orders
+            (:func:`soft_label`), or None where the backend gave none.
     """
 
     preferred: list[str | None]
     principles: list[Principle]
     verdicts: list[tuple[str | None, str | None]]
     outputs: list[tuple[str, str]]
+    soft: list[float | None] | None = None
 
     def metrics(self) -> dict[str, float]:
         """``kept``, ``consistency``, ``position_bias`` and ``unparseable`` (see the module)."""
@@ -127,12 +131,29 @@ def label_pairs(
     items = list(zip(prompts, replies_a, replies_b, principles, strict=True))
     chats = [principle_messages(p, a, b, pr.preference or "") for p, a, b, pr in items]
     chats += [principle_messages(p, b, a, pr.preference or "") for p, a, b, pr in items]
-    texts = list(backend.complete(chats, max_tokens=max_tokens, temperature=0.0))
+    logprobs: list[dict[str, float] | None] = [None] * len(chats)
+    if isinstance(backend, VerdictBackend):
+        answers = backend.complete_with_verdict(chats, max_tokens=max_tokens, choices=("A", "B"))
+        texts = [text for text, _ in answers]
+        logprobs = [lp for _, lp in answers]
+    else:
+        texts = list(backend.complete(chats, max_tokens=max_tokens, temperature=0.0))
     if len(texts) != 2 * n:
         raise ValueError(f"the judge backend returned {len(texts)} replies for {2 * n} chats")
     verdicts = [(parse_verdict(texts[i]), parse_verdict(texts[n + i])) for i in range(n)]
     agreed = {("A", "B"): "a", ("B", "A"): "b"}  # B shown first: its [[A]] names reply b
+    soft = [_soft(logprobs[i], logprobs[n + i]) for i in range(n)]
     return AILabels(
         [agreed.get(v) for v in verdicts], principles, verdicts,
-        [(texts[i], texts[n + i]) for i in range(n)],
+        [(texts[i], texts[n + i]) for i in range(n)], soft,
     )  # fmt: skip
+
+
+def _soft(forward: dict[str, float] | None, swapped: dict[str, float] | None) -> float | None:
+    """:func:`soft_label` of two orders' verdict log-probs, None when either is missing."""
+    if forward is None or swapped is None:
+        return None
+    pairs = [(lp["A"], lp["B"]) for lp in (forward, swapped)]
+    if any(math.isinf(a) and math.isinf(b) for a, b in pairs):
+        return None
+    return soft_label(pairs[0], pairs[1])

@@ -14,7 +14,9 @@ A reward is named by ``module:function`` (an importable module, or a ``path/to/f
 ``rm:<checkpoint directory>`` for a reward model trained with ``rlhfkit rm train``, or by
 ``verifier:<name>`` for a built-in verifier (``verifier:auto`` picks each example's own, see
 :mod:`rlhfkit.rewards.verifiers`), or ``judge:<model>`` / ``judge:openai:<base_url>#<model>`` for
-an LLM judge's 1-10 rating (:mod:`rlhfkit.rewards.judge`).
+an LLM judge's 1-10 rating (:mod:`rlhfkit.rewards.judge`), or
+``rubric:<file or builtin:<name>>[|judge:<model>][|implicit]`` for a rubric's weighted criteria
+(:mod:`rlhfkit.rewards.rubric`).
 """
 
 from __future__ import annotations
@@ -74,7 +76,8 @@ def load_reward_fn(
         spec: ``module:function``, ``path/to/file.py:function``, ``rm:<directory>`` (a reward
             model checkpoint; ``options`` go to :class:`rlhfkit.rewards.model.RewardModelScorer`)
             ``verifier:<name>`` (``auto``: the verifier each example names), or ``judge:<model>``
-            / ``judge:openai:<base_url>#<model>`` (an LLM judge's rating).
+            / ``judge:openai:<base_url>#<model>`` (an LLM judge's rating), or
+            ``rubric:<file>[|judge:<model>][|implicit]`` (a rubric reward).
         place: How a reward model is placed: a training run's frozen-model placement, so that
             it is sharded like the run's reference (ignored for the other kinds).
         options: Settings of a reward-model scorer (ignored for functions).
@@ -90,6 +93,10 @@ def load_reward_fn(
         from rlhfkit.rewards.judge import judge_reward
 
         return judge_reward(spec, **options)
+    if spec.startswith("rubric:"):
+        from rlhfkit.rewards.rubric import rubric_reward
+
+        return rubric_reward(spec)
     if spec.startswith("verifier:"):
         name = spec.removeprefix("verifier:")
         return verify if name == "auto" else get_verifier(name)

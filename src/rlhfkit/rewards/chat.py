@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import math
 import os
 import time
 import urllib.error
@@ -42,6 +43,39 @@ class ChatBackend(Protocol):
     ) -> list[str]:
         """One reply of at most ``max_tokens`` tokens to each conversation."""
         ...
+
+
+@runtime_checkable
+class VerdictBackend(Protocol):
+    """A chat backend that also gives the log-probabilities of the verdict token.
+
+    ``complete_with_verdict`` returns, per conversation, the greedy reply and a mapping from
+    each choice (for example ``"A"`` and ``"B"``) to the log-probability of its first token at
+    the verdict position: right after the reply's last ``[[``. The mapping is None when the
+    reply has no ``[[<choice>`` there.
+    """
+
+    def complete_with_verdict(
+        self, messages_batch: list[Messages], *, max_tokens: int, choices: tuple[str, ...]
+    ) -> list[tuple[str, dict[str, float] | None]]:
+        """Greedy replies and the choices' log-probabilities at their verdicts."""
+        ...
+
+
+def verdict_position(pieces: list[str], choices: tuple[str, ...]) -> int | None:
+    """Index of the verdict token: the last piece that starts a choice right after ``[[``.
+
+    Args:
+        pieces: The reply's tokens as text, in order.
+        choices: The verdict's possible values (upper case).
+    """
+    text, found = "", None
+    for t, piece in enumerate(pieces):
+        head = piece.strip().upper()
+        if head and text.rstrip().endswith("[[") and any(c.startswith(head) for c in choices):
+            found = t
+        text += piece
+    return found
 
 
 class LocalChatBackend:
@@ -82,6 +116,7 @@ class LocalChatBackend:
         elif tokenizer is None:
             raise ValueError("LocalChatBackend(model=...) needs the tokenizer too")
         self.model, self.tokenizer = model.eval(), tokenizer
+        self.name = getattr(model.config, "_name_or_path", "") or model_name_or_path
         self.batch_size, self.max_prompt_len = batch_size, max_prompt_len
 
     def complete(
@@ -90,16 +125,42 @@ class LocalChatBackend:
         """Greedy replies (``temperature`` must be 0: a judge is deterministic)."""
         if temperature != 0.0:
             raise ValueError("LocalChatBackend decodes greedily: use temperature 0")
+        return [
+            text for text, _, _ in self.generate_replies(messages_batch, max_tokens, logits=False)
+        ]
+
+    def complete_with_verdict(
+        self, messages_batch: list[Messages], *, max_tokens: int, choices: tuple[str, ...]
+    ) -> list[tuple[str, dict[str, float] | None]]:
+        """Greedy replies and the choices' log-probabilities at the verdict (see the protocol)."""
+        first = {c: self.tokenizer.encode(c, add_special_tokens=False)[0] for c in choices}
+        out: list[tuple[str, dict[str, float] | None]] = []
+        for text, ids, logits in self.generate_replies(messages_batch, max_tokens, logits=True):
+            pieces = [self.tokenizer.decode([i]) for i in ids]
+            t = verdict_position(pieces, choices)
+            if t is None or logits is None:
+                out.append((text, None))
+                continue
+            logp = torch.log_softmax(logits[t].float(), dim=-1)
+            out.append((text, {c: float(logp[i]) for c, i in first.items()}))
+        return out
+
+    def generate_replies(
+        self, messages_batch: list[Messages], max_tokens: int, *, logits: bool
+    ) -> list[tuple[str, list[int], torch.Tensor | None]]:
+        """Per conversation, in input order: reply text, reply token ids and per-step logits."""
         ids = [
             render_prompt(self.tokenizer, m, max_len=self.max_prompt_len) for m in messages_batch
         ]
         config = GenerationConfig(
             max_new_tokens=max_tokens, do_sample=False, pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=self.tokenizer.eos_token_id,
+            eos_token_id=self.tokenizer.eos_token_id, output_logits=logits,
+            return_dict_in_generate=True,
         )  # fmt: skip
         device = next(self.model.parameters()).device
+        specials = set(self.tokenizer.all_special_ids)
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # similar lengths together
-        out: list[str] = [""] * len(ids)
+        out: list[tuple[str, list[int], torch.Tensor | None]] = [("", [], None)] * len(ids)
         for start in range(0, len(order), self.batch_size):
             rows = order[start : start + self.batch_size]
             width = max(len(ids[i]) for i in rows)
@@ -109,14 +170,21 @@ class LocalChatBackend:
                 batch[r, width - len(ids[i]) :] = torch.tensor(ids[i])
                 attention[r, width - len(ids[i]) :] = 1
             with torch.no_grad():
-                generated = self.model.generate(
+                result = self.model.generate(
                     input_ids=batch.to(device), attention_mask=attention.to(device),
                     generation_config=config,
-                )  # fmt: skip  # (rows, width + T)
-            texts = self.tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
-            for i, text in zip(rows, texts, strict=True):
-                out[i] = text.strip()
+                )  # fmt: skip  # sequences (rows, width + T), logits T x (rows, V)
+            steps = torch.stack(result.logits, dim=1).cpu() if logits else None  # (rows, T, V)
+            for r, i in enumerate(rows):
+                reply = result.sequences[r, width:].tolist()
+                end = next((k for k, t in enumerate(reply) if t in specials), len(reply))
+                reply = reply[:end]  # up to the end of text (then only padding follows)
+                text = self.tokenizer.decode(reply, skip_special_tokens=True).strip()
+                out[i] = (text, reply, None if steps is None else steps[r, : len(reply)])
         return out
+
+    def __repr__(self) -> str:
+        return f"LocalChatBackend({self.name!r})"
 
 
 class JudgeBackendError(RuntimeError):
@@ -144,6 +212,7 @@ class OpenAIChatBackend:
         max_retries: Retries after the first attempt.
         concurrency: Requests in flight at once.
         backoff: First retry delay in seconds (doubling).
+        top_logprobs: Alternatives asked for per token when verdict log-probs are wanted.
 
     Raises:
         ValueError: When ``base_url`` is not an http(s) URL.
@@ -159,6 +228,7 @@ class OpenAIChatBackend:
         max_retries: int = 3,
         concurrency: int = 4,
         backoff: float = 1.0,
+        top_logprobs: int = 20,
     ) -> None:
         parsed = urllib.parse.urlparse(base_url)
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
@@ -167,6 +237,7 @@ class OpenAIChatBackend:
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model, self.api_key_env, self.timeout = model, api_key_env, timeout
         self.max_retries, self.concurrency, self.backoff = max_retries, max(1, concurrency), backoff
+        self.top_logprobs = top_logprobs
         self._opener = urllib.request.build_opener()
 
     def __repr__(self) -> str:
@@ -180,22 +251,51 @@ class OpenAIChatBackend:
         Raises:
             JudgeBackendError: A request failed for good, or the answer had no reply.
         """
-        headers = {"Content-Type": "application/json"}
-        key = os.environ.get(self.api_key_env) if self.api_key_env else None
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
+        headers = self._headers()
 
         def one(messages: Messages) -> str:
             body = {"model": self.model, "messages": messages, "temperature": temperature,
                     "max_tokens": max_tokens}  # fmt: skip
-            return self._post(json.dumps(body).encode(), headers)
+            return self._content(self._post(json.dumps(body).encode(), headers))
 
+        return self._map(one, messages_batch)
+
+    def complete_with_verdict(
+        self, messages_batch: list[Messages], *, max_tokens: int, choices: tuple[str, ...]
+    ) -> list[tuple[str, dict[str, float] | None]]:
+        """Greedy replies and the choices' log-probabilities at the verdict (see the protocol).
+
+        Asks for ``logprobs`` with the ``top_logprobs`` alternatives of every token. A choice
+        missing from the alternatives at the verdict gets ``-inf``; a server that returns no
+        log-probs gives None (the caller falls back to the verdict text).
+        """
+        headers = self._headers()
+
+        def one(messages: Messages) -> tuple[str, dict[str, float] | None]:
+            body = {
+                "model": self.model, "messages": messages, "temperature": 0.0,
+                "max_tokens": max_tokens, "logprobs": True, "top_logprobs": self.top_logprobs,
+            }  # fmt: skip
+            answer = self._post(json.dumps(body).encode(), headers)
+            return self._content(answer), _verdict_logprobs(answer, choices)
+
+        return self._map(one, messages_batch)
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"Content-Type": "application/json"}
+        key = os.environ.get(self.api_key_env) if self.api_key_env else None
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        return headers
+
+    def _map(self, fn: Any, messages_batch: list[Messages]) -> list[Any]:
         if not messages_batch:
             return []
         with ThreadPoolExecutor(min(self.concurrency, len(messages_batch))) as pool:
-            return list(pool.map(one, messages_batch))
+            return list(pool.map(fn, messages_batch))
 
-    def _post(self, body: bytes, headers: dict[str, str]) -> str:
+    def _post(self, body: bytes, headers: dict[str, str]) -> bytes:
+        """The answer's body, after retries (see the class docstring)."""
         last = ""
         for attempt in range(self.max_retries + 1):
             if attempt:
@@ -203,7 +303,7 @@ class OpenAIChatBackend:
             request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
             try:
                 with self._opener.open(request, timeout=self.timeout) as response:
-                    return self._content(response.read())
+                    return response.read()
             except urllib.error.HTTPError as err:
                 detail = err.read()[:300].decode("utf-8", "replace").strip()
                 last = f"POST {self.url}: HTTP {err.code} {err.reason}: {detail}"
@@ -221,6 +321,25 @@ class OpenAIChatBackend:
                 f"POST {self.url}: no choices[0].message.content in the answer {payload[:200]!r}"
             ) from None
         return content or ""
+
+
+def _verdict_logprobs(payload: bytes, choices: tuple[str, ...]) -> dict[str, float] | None:
+    """The choices' log-probabilities at the verdict of an answer with ``logprobs``, or None."""
+    try:
+        tokens = json.loads(payload)["choices"][0]["logprobs"]["content"]
+        pieces = [str(t["token"]) for t in tokens]
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None
+    t = verdict_position(pieces, choices)
+    if t is None:
+        return None
+    found: dict[str, list[float]] = {c: [] for c in choices}
+    for alt in tokens[t].get("top_logprobs") or [tokens[t]]:
+        head = str(alt.get("token", "")).strip().upper()
+        for c in choices:
+            if head and c.startswith(head):
+                found[c].append(float(alt["logprob"]))
+    return {c: (torch.tensor(v).logsumexp(0).item() if v else -math.inf) for c, v in found.items()}
 
 
 def load_backend(spec: str, **options: Any) -> ChatBackend:

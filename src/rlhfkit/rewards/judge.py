@@ -113,10 +113,10 @@ def parse_rating(text: str) -> float | None:
     return value if 1.0 <= value <= 10.0 else None
 
 
-def _conversation(prompt: Prompt) -> str:
+def conversation_block(prompt: Prompt) -> str:
     """The conversation a reply continues, as text (one ``Role: content`` block per message)."""
     if isinstance(prompt, str):
-        return _section("Conversation", f"User: {prompt.strip()}")
+        return section_block("Conversation", f"User: {prompt.strip()}")
     if not prompt:
         raise ValueError("a judge prompt needs at least one message")
     turns = []
@@ -124,10 +124,10 @@ def _conversation(prompt: Prompt) -> str:
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
             raise ValueError(f"judge prompt message {i}: need a dict with 'role' and 'content'")
         turns.append(f"{str(message['role']).capitalize()}: {str(message['content']).strip()}")
-    return _section("Conversation", "\n\n".join(turns))
+    return section_block("Conversation", "\n\n".join(turns))
 
 
-def _section(title: str, text: str) -> str:
+def section_block(title: str, text: str) -> str:
     return f"[{title}]\n{text.strip()}\n[End of {title}]"
 
 
@@ -142,10 +142,13 @@ def pairwise_messages(
         reply_b: Shown as Assistant B's reply.
         reference: Optional reference answer, shown before the replies.
     """
-    parts = [_conversation(prompt)]
+    parts = [conversation_block(prompt)]
     if reference is not None:
-        parts.append(_section("Reference answer", reference))
-    parts += [_section("Reply of Assistant A", reply_a), _section("Reply of Assistant B", reply_b)]
+        parts.append(section_block("Reference answer", reference))
+    parts += [
+        section_block("Reply of Assistant A", reply_a),
+        section_block("Reply of Assistant B", reply_b),
+    ]
     system = PAIRWISE_SYSTEM + (REFERENCE_NOTE if reference is not None else "")
     return [
         {"role": "system", "content": system},
@@ -155,10 +158,10 @@ def pairwise_messages(
 
 def rating_messages(prompt: Prompt, reply: str, reference: str | None = None) -> Messages:
     """The judge's chat for rating one reply (see :func:`pairwise_messages`)."""
-    parts = [_conversation(prompt)]
+    parts = [conversation_block(prompt)]
     if reference is not None:
-        parts.append(_section("Reference answer", reference))
-    parts.append(_section("Reply of the assistant", reply))
+        parts.append(section_block("Reference answer", reference))
+    parts.append(section_block("Reply of the assistant", reply))
     system = RATING_SYSTEM + (REFERENCE_NOTE if reference is not None else "")
     return [
         {"role": "system", "content": system},
@@ -234,7 +237,7 @@ def _check_lengths(**lists: Sequence[Any] | None) -> int:
     return next(iter(sizes.values()))
 
 
-def _complete(backend: ChatBackend, chats: list[Messages], max_tokens: int) -> list[str]:
+def complete_checked(backend: ChatBackend, chats: list[Messages], max_tokens: int) -> list[str]:
     """The backend's replies at temperature 0, checked to be one string per chat."""
     texts = list(backend.complete(chats, max_tokens=max_tokens, temperature=0.0))
     if len(texts) != len(chats):
@@ -294,7 +297,7 @@ class PairwiseJudge:
                 pairwise_messages(p, b, a, r)
                 for p, a, b, r in zip(prompts, completions_a, completions_b, refs, strict=True)
             ]
-        texts = _complete(self.backend, chats, self.max_tokens)
+        texts = complete_checked(self.backend, chats, self.max_tokens)
         forward = texts[:n]
         swapped: list[str | None] = list(texts[n:]) if self.swap else [None] * n
         verdicts = [
@@ -353,7 +356,7 @@ class RatingJudge:
         chats = [
             rating_messages(p, c, r) for p, c, r in zip(prompts, completions, refs, strict=True)
         ]
-        outputs = _complete(self.backend, chats, self.max_tokens)
+        outputs = complete_checked(self.backend, chats, self.max_tokens)
         result = RatingResult([parse_rating(o) for o in outputs], list(outputs))
         self.rated += n
         self.unparseable += result.unparseable

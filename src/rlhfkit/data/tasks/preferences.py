@@ -110,6 +110,51 @@ def _has_house_format(completion: str) -> bool:
     return lines[1].startswith("Answer: ") and bool(lines[1][len("Answer: ") :].strip())
 
 
+# --- The gold judge's terms, one by one (rubric rules use them) ---------------------------------
+
+
+def _target(reference: str, task: str | None) -> tuple[str, bool]:
+    """The reference's answer and whether it is compared case-sensitively."""
+    lines = [line for line in reference.splitlines() if line.strip()] or [""]
+    target = _last_answer(reference) or lines[-1]
+    letters = [char for char in target if char.isalpha()]
+    return target, task in CASE_TASKS or (len(letters) >= 2 and target.upper() == target)
+
+
+def answer_is_correct(completion: str, reference: str, task: str | None = None) -> bool:
+    """Whether the completion's last ``Answer:`` line equals the reference's answer (normalised)."""
+    target, case_sensitive = _target(reference, task)
+    answer = _last_answer(completion)
+    return answer is not None and (
+        _normalise(answer, case_sensitive) == _normalise(target, case_sensitive)
+    )
+
+
+def mentions_answer(completion: str, reference: str, task: str | None = None) -> bool:
+    """Whether the reference's answer occurs in the completion (normalised, as whole words)."""
+    target, case_sensitive = _target(reference, task)
+    needle = _normalise(target, case_sensitive)
+    if not needle:
+        return False
+    hay = _normalise(completion, case_sensitive)
+    return re.search(rf"(?<!\w){re.escape(needle)}(?!\w)", hay) is not None
+
+
+def has_answer_line(completion: str) -> bool:
+    """Whether the completion has a non-empty ``Answer:`` line."""
+    return _last_answer(completion) is not None
+
+
+def within_word_budget(completion: str, reference: str) -> bool:
+    """Whether the completion has at most ``LENGTH_SLACK`` more words than the reference."""
+    return len(completion.split()) - len(reference.split()) <= LENGTH_SLACK
+
+
+def has_house_format(completion: str) -> bool:
+    """Exactly a non-empty working line and a final ``Answer: <value>`` line."""
+    return _has_house_format(completion)
+
+
 def gold_score(completion: str, reference: str, task: str | None = None) -> float:
     """Gold score of a completion of a ``builtin:instructions`` prompt.
 
@@ -128,14 +173,7 @@ def gold_score(completion: str, reference: str, task: str | None = None) -> floa
     """
     if not completion.strip():
         return 0.0
-    lines = [line for line in reference.splitlines() if line.strip()] or [""]
-    target = _last_answer(reference) or lines[-1]
-    letters = [char for char in target if char.isalpha()]
-    case_sensitive = task in CASE_TASKS or (len(letters) >= 2 and target.upper() == target)
-    answer = _last_answer(completion)
-    correct = answer is not None and (
-        _normalise(answer, case_sensitive) == _normalise(target, case_sensitive)
-    )
+    correct = answer_is_correct(completion, reference, task)
     extra = len(completion.split()) - len(reference.split()) - LENGTH_SLACK
     penalty = min(MAX_LENGTH_PENALTY, LENGTH_PENALTY_PER_WORD * max(0, extra))
     score = CORRECT_REWARD * correct + FORMAT_REWARD * _has_house_format(completion) - penalty

@@ -29,8 +29,9 @@ from rlhfkit.recipes.policy_gradient.presets import (
     PLANNED_ESTIMATORS,
     PGPreset,
 )
+from rlhfkit.rewards.rubric import reward_spec_problem
 from rlhfkit.rollout.hf import SamplingConfig
-from rlhfkit.validation import did_you_mean, model_path_problem, reward_problem
+from rlhfkit.validation import did_you_mean, model_path_problem
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +234,8 @@ class PGConfig:
         default_factory=lambda: SamplingConfig(max_new_tokens=64, temperature=1.0, num_samples=8)
     )
     rewards: tuple[str, ...] = DEFAULT_REWARDS
-    """Rewards: 'module:function', 'path/file.py:function' or 'rm:<reward model dir>'. With
+    """Rewards: 'module:function', 'path/file.py:function', 'rm:<reward model dir>',
+    'verifier:NAME', 'judge:MODEL' or 'rubric:FILE' (with '|judge:MODEL', '|implicit'). With
     ``--env.name`` the environment's reward is used, plus these when they are set (a reward
     function then scores each episode's last reply)."""
     weights: tuple[float, ...] = ()
@@ -262,7 +264,7 @@ class PGConfig:
                 out.append(("sampling.num_samples", group_size_problem(self.algo.preset, preset)))
         if not self.rewards and self.env.name is None:
             out.append(("rewards", "at least one reward is needed"))
-        out += [("rewards", text) for text in map(reward_problem, self.rewards) if text]
+        out += [("rewards", text) for text in map(reward_spec_problem, self.rewards) if text]
         if self.weights and len(self.weights) != len(self.rewards):
             out.append(("weights", f"{len(self.weights)} weights for {len(self.rewards)} rewards"))
         if self.critic.model is not None and (problem := model_path_problem(self.critic.model)):
