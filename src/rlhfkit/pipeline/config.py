@@ -55,6 +55,8 @@ class LabelsConfig:
     """ai mode: the principles, 'default' (shipped) or a .yaml/.json file."""
     rubric: str = "builtin:instructions"
     """rubric mode: a rubric file or builtin:NAME (criteria without a check use the judge)."""
+    max_tokens: int = 128
+    """ai and rubric modes: tokens the judge may write per answer."""
     cache: bool = True
     """Keep the judge's answers in <run>/judge_cache.sqlite, so a rerun asks it nothing."""
     mix_builtin: bool = True

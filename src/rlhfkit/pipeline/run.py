@@ -269,6 +269,7 @@ def _ai_choices(
     labels = label_pairs(
         _judge_backend(cfg, run), [p["prompt"] for p in pairs], [p["a"] for p in pairs],
         [p["b"] for p in pairs], load_constitution(cfg.labels.constitution), seed=cfg.seed,
+        max_tokens=cfg.labels.max_tokens,
     )  # fmt: skip
     quality.update(labels.metrics())
     return [None if c is None else float(c == "a") for c in labels.preferred]
@@ -286,7 +287,8 @@ def _rubric_choices(
         c.check is None for r in [rubrics.default, *rubrics.tasks.values()] if r
         for c in r.criteria
     )  # fmt: skip
-    reward = RubricReward(rubrics, _judge_backend(cfg, run) if needs_judge else None)
+    backend = _judge_backend(cfg, run) if needs_judge else None
+    reward = RubricReward(rubrics, backend, max_tokens=cfg.labels.max_tokens)
     fields = [{k: p[k] for k in ("prompt", "reference", "task")} for p in pairs]
     choices = rubric_preferences(reward, fields, [p["a"] for p in pairs], [p["b"] for p in pairs])
     quality["unparseable"] = float(reward.unparseable)
