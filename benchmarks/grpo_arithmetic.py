@@ -165,6 +165,15 @@ def run_command(command: list[str], log_path: Path) -> dict[str, float]:
     }
 
 
+def train(command: list[str], run: Path) -> dict[str, float]:
+    """Run a training command from scratch in ``run``; its timing and step count."""
+    if run.exists():
+        shutil.rmtree(run)
+    print("running:", " ".join(command), flush=True)
+    timing = run_command(command, run.parent / f"{run.name}.log")
+    return {**timing, "steps": len(read_metrics(run))}
+
+
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     """The per-step records of a run's metrics.jsonl."""
     path = run_dir / "metrics.jsonl"

@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
 import common
-from grpo_arithmetic import read_metrics, run_command
+from grpo_arithmetic import read_metrics, run_command, train
 from rlhfkit.eval.intervals import mean_interval, paired_difference
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,15 +37,6 @@ BUDGET_S = 15 * 60.0
 def rlhfkit(*args: str) -> list[str]:
     """A ``python -m rlhfkit`` command line."""
     return [sys.executable, "-m", "rlhfkit", *args]
-
-
-def train(command: list[str], run: Path) -> dict[str, float]:
-    """Run a training command from scratch in ``run``; its timing and step count."""
-    if run.exists():
-        shutil.rmtree(run)
-    print("running:", " ".join(command), flush=True)
-    timing = run_command(command, run.parent / f"{run.name}.log")
-    return {**timing, "steps": len(read_metrics(run))}
 
 
 def evaluate(runs: Path, name: str, model: str, samples: int) -> dict[str, Any]:

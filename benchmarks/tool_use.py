@@ -32,13 +32,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
 import common
-from grpo_arithmetic import read_metrics, run_command
+from grpo_arithmetic import run_command, train
 from rlhfkit.eval.intervals import mean_interval, paired_difference
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,15 +70,6 @@ def evaluate(run_dir: Path, name: str, model: str, flags: list[str]) -> dict[str
         by_row.setdefault(row, []).append(float(record["reward"] or 0.0) >= 1.0)
     per_row = [sum(v) / len(v) for _, v in sorted(by_row.items())]
     return {"report": report, "per_row": per_row, "seconds": timing["wall_s"]}
-
-
-def train(command: list[str], run: Path) -> dict[str, float]:
-    """Run a training command from scratch in ``run``; its timing and step count."""
-    if run.exists():
-        shutil.rmtree(run)
-    print("running:", " ".join(command), flush=True)
-    timing = run_command(command, run.parent / f"{run.name}.log")
-    return {**timing, "steps": len(read_metrics(run))}
 
 
 def calculator(args: argparse.Namespace, report: common.Reporter) -> None:

@@ -193,15 +193,25 @@ def _done(out: Path) -> int:
     return done
 
 
+def output_dir(path: str, option: str = "--output") -> Path:
+    """``path`` as a directory, created if needed.
+
+    Raises:
+        ConfigError: It cannot be created (naming ``option``).
+    """
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"{option} {path}: cannot create the directory ({err})") from err
+    return out
+
+
 def main(cfg: CAIReviseConfig) -> Path:
     """Generate the critiques and revisions; returns the output directory."""
     constitution = load_constitution(cfg.constitution)
     prompts = load_prompts(cfg.prompts, cfg.split, cfg.limit)
-    out = Path(cfg.output)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ConfigError(f"--output {cfg.output}: cannot create the directory ({err})") from err
+    out = output_dir(cfg.output)
     start = _done(out)
     if start >= len(prompts):
         log.info("all %d prompts are done in %s", len(prompts), out)

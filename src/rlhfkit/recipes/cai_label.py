@@ -35,7 +35,7 @@ from rlhfkit.atomic import atomic_write_text
 from rlhfkit.data.constitution import load_constitution
 from rlhfkit.data.sources import DataError, load_rows
 from rlhfkit.errors import ConfigError
-from rlhfkit.recipes.cai import load_prompts
+from rlhfkit.recipes.cai import load_prompts, output_dir
 from rlhfkit.rewards.ai_labels import label_pairs
 from rlhfkit.rewards.cache import cached
 from rlhfkit.rewards.chat import load_backend
@@ -188,11 +188,7 @@ def _summary(records: list[dict[str, Any]], pairs: list[dict[str, Any]]) -> tupl
 def main(cfg: CAILabelConfig) -> Path:
     """Label the pairs; returns the output directory."""
     pairs = load_pairs(cfg.pairs, cfg.split, cfg.limit)
-    out = Path(cfg.output)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ConfigError(f"--output {cfg.output}: cannot create the directory ({err})") from err
+    out = output_dir(cfg.output)
     labels_file = out / "labels.jsonl"
     done = len(_complete_lines(labels_file))
     if done:
@@ -241,10 +237,7 @@ def rubric_main(cfg: CAIRubricConfig) -> Path:
 
     prompts = load_prompts(cfg.prompts, cfg.split, cfg.limit)
     out = Path(cfg.output)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ConfigError(f"--output {cfg.output}: cannot create its directory ({err})") from err
+    output_dir(str(out.parent))
     cache = None if cfg.cache is None else out.parent / cfg.cache
     backend = cached(load_backend(cfg.model, **cfg.backend_options), cache)
     rubrics = generate_checklists(backend, prompts, max_tokens=cfg.max_tokens)
