@@ -6,10 +6,12 @@ with a seeded random order so that a judge that always picks one position scores
 
 Labellers, each on the same pairs:
 
-- ``ai_direct``: RLAIF under the default constitution (a principle drawn per pair, both orders,
-  inconsistent pairs dropped), the embedded model loaded in this process;
-- ``ai_endpoint``: the same through ``rlhfkit serve`` (an OpenAI-compatible server started
-  here), with verdict log-probs, so soft labels too;
+- ``ai_classic``: RLAIF under the default constitution (a principle drawn per pair, both orders,
+  inconsistent pairs dropped), the embedded model loaded in this process, the verdict read as
+  P(A) vs P(B) after "The answer is: (" (also: agreement of the soft label's side, all pairs);
+- ``ai_direct``: the same with the generative verdict (the judge writes ``[[A]]``/``[[B]]``);
+- ``ai_endpoint``: the generative verdict through ``rlhfkit serve`` (an OpenAI-compatible
+  server started here), with verdict log-probs, so soft labels too;
 - ``rubric``: the shipped rubric ``builtin:instructions`` (deterministic rules, no model).
 
 Reported per labeller: the share of pairs that got a label (kept), agreement with gold among
@@ -94,9 +96,18 @@ def main(argv: list[str] | None = None) -> None:
     constitution = load_constitution()
     results: dict[str, Any] = {}
 
+    local = LocalChatBackend(MODEL)
     start = time.perf_counter()
-    direct = label_pairs(LocalChatBackend(MODEL), prompts, a, b, constitution,
-                         max_tokens=args.max_tokens)  # fmt: skip
+    classic = label_pairs(local, prompts, a, b, constitution, mode="classic")
+    soft_right = [
+        (s > 0.5) == g for s, g in zip(classic.soft or [], gold_first, strict=True) if s != 0.5
+    ]
+    results["ai_classic"] = {**classic.metrics(), **score(classic.preferred, gold_first),
+                             "soft_agreement_all": sum(soft_right) / len(rows),
+                             "seconds": time.perf_counter() - start}  # fmt: skip
+    start = time.perf_counter()
+    direct = label_pairs(local, prompts, a, b, constitution, max_tokens=args.max_tokens,
+                         mode="generative")  # fmt: skip
     results["ai_direct"] = {**direct.metrics(), **score(direct.preferred, gold_first),
                             "seconds": time.perf_counter() - start}  # fmt: skip
 
@@ -106,7 +117,8 @@ def main(argv: list[str] | None = None) -> None:
         start = time.perf_counter()
         endpoint = OpenAIChatBackend(f"http://127.0.0.1:{port}/v1", MODEL, api_key_env=None,
                                      timeout=600, concurrency=1)  # fmt: skip
-        via = label_pairs(endpoint, prompts, a, b, constitution, max_tokens=args.max_tokens)
+        via = label_pairs(endpoint, prompts, a, b, constitution, max_tokens=args.max_tokens,
+                          mode="generative")  # fmt: skip
         soft = [s for s in via.soft or [] if s is not None]
         results["ai_endpoint"] = {**via.metrics(), **score(via.preferred, gold_first),
                                   "soft_labels": len(soft),

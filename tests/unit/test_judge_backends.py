@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -201,3 +202,67 @@ def test_cai_label_writes_pairs_with_soft_labels_and_resumes(tmp_path: Path, mon
     asked.clear()
     cai_label.main(cfg)  # resumes after the 3 complete lines; the rest is in the cache
     assert asked == [] and len((out / "labels.jsonl").read_text().splitlines()) == 5
+
+
+class PrefixJudge:
+    """Classic-mode stub: log-probs that favour the reply containing 'good', plus a bias."""
+
+    def __init__(self, bias: float = 0.0) -> None:
+        self.bias, self.batches = bias, []
+
+    def prefix_logprobs(self, batch, *, prefix, choices):
+        self.batches.append((batch, prefix))
+        out = []
+        for chat in batch:
+            text = chat[1]["content"]
+            first = text.split("[Reply of Assistant A]\n")[1].split("\n[End")[0]
+            lead = (1.0 if "good" in first else -1.0) + self.bias  # logit of A over B
+            out.append({"A": lead - 5.0, "B": -5.0})  # unnormalised over the vocabulary
+        return out
+
+    def complete(self, batch, *, max_tokens, temperature=0.0):
+        raise AssertionError("the classic mode generates nothing")
+
+
+def test_classic_mode_renormalises_p_a_against_p_b() -> None:
+    judge = PrefixJudge()
+    labels = label_pairs(judge, ["q1", "q2"], ["good", "bad"], ["bad", "good"],
+                         load_constitution(), mode="auto")  # fmt: skip
+    [(batch, prefix)] = judge.batches
+    assert prefix == "The answer is: (" and len(batch) == 4
+    assert "Answer with (A) or (B)." in batch[0][1]["content"]
+    p = 1 / (1 + math.exp(-1.0))  # P(A) + P(B) = 1 over the two letters
+    assert labels.preferred == ["a", "b"]
+    assert labels.soft == [pytest.approx(p), pytest.approx(1 - p)]
+    assert labels.outputs[0][0] == f"P(A) = {p:.4f} [[A]]"
+    biased = label_pairs(PrefixJudge(bias=3.0), ["q"], ["good"], ["bad"], load_constitution(),
+                         mode="classic")  # fmt: skip
+    assert biased.preferred == [None] and biased.metrics()["position_bias"] == 1.0
+    with pytest.raises(ValueError, match="generative"):
+        label_pairs(Counting(), ["q"], ["a"], ["b"], load_constitution(), mode="classic")
+    with pytest.raises(ValueError, match="mode"):
+        label_pairs(judge, ["q"], ["a"], ["b"], load_constitution(), mode="fast")
+
+
+def test_local_prefix_logprobs_equal_one_unpadded_forward() -> None:
+    tokenizer = tiny_tokenizer()
+    model = tiny_model(seed=0).eval()
+    backend = LocalChatBackend(model=model, tokenizer=tokenizer, batch_size=3)
+    chats = [[{"role": "user", "content": "x" * n}] for n in (1, 9, 4)]
+    got = backend.prefix_logprobs(chats, prefix="The answer is: (", choices=("A", "B"))
+    from rlhfkit.data.templates import render_prompt
+
+    for chat, lp in zip(chats, got, strict=True):
+        ids = render_prompt(tokenizer, chat) + tokenizer.encode(
+            "The answer is: (", add_special_tokens=False
+        )
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([ids])).logits[0, -1].float(), -1)
+        for c in "AB":
+            token = tokenizer.encode(c, add_special_tokens=False)[0]
+            assert lp[c] == pytest.approx(float(logp[token]), abs=1e-4)
+    cache = CachedBackend(backend, Path(tempfile.mkdtemp()) / "c.sqlite")
+    assert cache.prefix_logprobs(chats, prefix="(", choices=("A", "B")) == cache.prefix_logprobs(
+        chats, prefix="(", choices=("A", "B")
+    )
+    assert cache.calls == 3 and cache.hits == 3

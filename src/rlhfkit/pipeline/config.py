@@ -57,6 +57,10 @@ class LabelsConfig:
     """rubric mode: a rubric file or builtin:NAME (criteria without a check use the judge)."""
     max_tokens: int = 128
     """ai and rubric modes: tokens the judge may write per answer."""
+    ai_verdict: Literal["auto", "classic", "generative"] = "auto"
+    """ai mode: read the verdict as P(A) vs P(B) after "The answer is: (" (classic, local
+    judges), from the judge's written [[A]]/[[B]] (generative), or auto (classic where the
+    judge is local)."""
     cache: bool = True
     """Keep the judge's answers in <run>/judge_cache.sqlite, so a rerun asks it nothing."""
     mix_builtin: bool = True

@@ -269,7 +269,7 @@ def _ai_choices(
     labels = label_pairs(
         _judge_backend(cfg, run), [p["prompt"] for p in pairs], [p["a"] for p in pairs],
         [p["b"] for p in pairs], load_constitution(cfg.labels.constitution), seed=cfg.seed,
-        max_tokens=cfg.labels.max_tokens,
+        max_tokens=cfg.labels.max_tokens, mode=cfg.labels.ai_verdict,
     )  # fmt: skip
     quality.update(labels.metrics())
     return [None if c is None else float(c == "a") for c in labels.preferred]

@@ -29,7 +29,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from rlhfkit.atomic import atomic_write_text
 from rlhfkit.data.constitution import load_constitution
@@ -63,8 +63,12 @@ class CAILabelConfig:
     rubric: str | None = None
     """Label by this rubric's scores instead (a rubric file or builtin:NAME); rows need the
     fields its rules read (e.g. 'reference')."""
+    mode: Literal["auto", "classic", "generative"] = "auto"
+    """How the verdict is read: classic (P(A) vs P(B) after "The answer is: (", one forward
+    pass; local models), generative (the judge explains, then writes [[A]] or [[B]]), auto
+    (classic for a local judge, generative for an endpoint)."""
     max_tokens: int = 256
-    """Tokens the judge may write per answer."""
+    """Tokens the judge may write per answer (generative)."""
     seed: int = 0
     """Seed of the principle draws."""
     chunk: int = 32
@@ -142,7 +146,8 @@ def _label_chunk(cfg: CAILabelConfig, backend: Any, part: list[dict[str, Any]], 
         ]  # fmt: skip
     constitution = load_constitution(cfg.constitution)
     labels = label_pairs(backend, [p["prompt"] for p in part], a, b, constitution,
-                         seed=cfg.seed, start=start, max_tokens=cfg.max_tokens)  # fmt: skip
+                         seed=cfg.seed, start=start, max_tokens=cfg.max_tokens,
+                         mode=cfg.mode)  # fmt: skip
     soft = labels.soft or [None] * len(part)
     return [
         {"id": p["id"], "principle": pr.name, "verdicts": list(v), "outputs": list(o),

@@ -3,8 +3,12 @@
 For each pair of replies to a prompt, a principle with a preference question is drawn from the
 constitution (uniform, a pure function of the seed and the pair's position). A judge model is
 shown the conversation and both replies, and is asked the principle's question. It is asked
-twice, with the replies in both orders, in one backend batch. It ends each answer with
-``[[A]]`` or ``[[B]]``.
+twice, with the replies in both orders, in one backend batch. Two ways of reading its verdict:
+
+- **generative**: it explains, then ends its answer with ``[[A]]`` or ``[[B]]`` (parsed);
+- **classic** (Bai et al.'s labelling): its reply is begun for it with "The answer is: (" and
+  the verdict is P(A) against P(B) for the next token, renormalised over the two (one forward
+  pass, nothing to parse). Small models that never write a well-formed verdict still give one.
 
 - Both orders pick the same reply: the pair is labelled with it.
 - The orders disagree (the judge picked a position, not a reply), a verdict is missing, or it
@@ -27,7 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from rlhfkit.data.constitution import Constitution, Principle
-from rlhfkit.rewards.chat import ChatBackend, VerdictBackend
+from rlhfkit.rewards.chat import ChatBackend, PrefixBackend, VerdictBackend
 from rlhfkit.rewards.judge import Prompt, conversation_block, parse_verdict, section_block
 
 PRINCIPLE_SYSTEM = (
@@ -40,18 +44,40 @@ PRINCIPLE_SYSTEM = (
 
 
 def principle_messages(
-    prompt: Prompt, reply_a: str, reply_b: str, question: str
+    prompt: Prompt, reply_a: str, reply_b: str, question: str, classic: bool = False
 ) -> list[dict[str, str]]:
-    """The judge's chat for one ordered pair under a principle's preference question."""
+    """The judge's chat for one ordered pair under a principle's preference question.
+
+    ``classic`` asks for the letter alone, as ``(A)`` or ``(B)`` (the classic mode reads the
+    letter's probability after :data:`CLASSIC_PREFIX`).
+    """
+    ask = ("Answer with (A) or (B)." if classic
+           else "Explain briefly, then answer [[A]] or [[B]].")  # fmt: skip
     parts = [
         conversation_block(prompt), section_block("Reply of Assistant A", reply_a),
-        section_block("Reply of Assistant B", reply_b),
-        f"Question: {question.strip()}\nExplain briefly, then answer [[A]] or [[B]].",
+        section_block("Reply of Assistant B", reply_b), f"Question: {question.strip()}\n{ask}",
     ]  # fmt: skip
     return [
-        {"role": "system", "content": PRINCIPLE_SYSTEM},
+        {"role": "system", "content": CLASSIC_SYSTEM if classic else PRINCIPLE_SYSTEM},
         {"role": "user", "content": "\n\n".join(parts)},
     ]
+
+
+CLASSIC_SYSTEM = (
+    "You are an impartial judge. You are shown a conversation between a user and an AI "
+    "assistant, then two candidate replies to the user's last message, (A) and (B), and a "
+    "question about them. Answer the question for these two replies only; the order in which "
+    "they are shown and their length must not influence you."
+)
+CLASSIC_PREFIX = "The answer is: ("
+"""How the judge's reply begins in the classic mode; the next token is the verdict."""
+
+
+def _classic_text(logprobs: dict[str, float]) -> str:
+    """A classic verdict written as a generative one, so one parser reads both."""
+    p = soft_label((logprobs["A"], logprobs["B"]), (logprobs["B"], logprobs["A"]))
+    verdict = "A" if p > 0.5 else "B" if p < 0.5 else "C"
+    return f"P(A) = {p:.4f} [[{verdict}]]"
 
 
 def soft_label(forward: tuple[float, float], swapped: tuple[float, float]) -> float:
@@ -116,11 +142,26 @@ def label_pairs(
     seed: int = 0,
     start: int = 0,
     max_tokens: int = 256,
+    mode: str = "generative",
 ) -> AILabels:
     """Label pairs with a judge under drawn principles (pair ``i`` is number ``start + i``).
 
+    Args:
+        backend: The judge.
+        prompts: The conversations the replies answer.
+        replies_a: First replies.
+        replies_b: Second replies.
+        constitution: Principles (those with a preference question are drawn).
+        seed: Seed of the draws.
+        start: Number of the first pair in the run.
+        max_tokens: Tokens per generative answer.
+        mode: ``generative`` (the judge explains, then writes ``[[A]]``/``[[B]]``), ``classic``
+            (one forward pass: P(A) vs P(B) after the reply starts "The answer is: (";
+            needs a :class:`~rlhfkit.rewards.chat.PrefixBackend`), or ``auto`` (classic where
+            the backend supports it).
+
     Raises:
-        ValueError: Inputs of different lengths.
+        ValueError: Inputs of different lengths, or an unknown or unsupported mode.
         DataError: The constitution has no principle with a preference question.
     """
     n = len(prompts)
@@ -129,10 +170,22 @@ def label_pairs(
     usable = constitution.with_preference()
     principles = [usable.draw(seed, start + i) for i in range(n)]
     items = list(zip(prompts, replies_a, replies_b, principles, strict=True))
-    chats = [principle_messages(p, a, b, pr.preference or "") for p, a, b, pr in items]
-    chats += [principle_messages(p, b, a, pr.preference or "") for p, a, b, pr in items]
+    if mode == "auto":
+        mode = "classic" if isinstance(backend, PrefixBackend) else "generative"
+    if mode not in ("generative", "classic"):
+        raise ValueError(f"AI label mode {mode!r}: expected auto, classic or generative")
+    classic = mode == "classic"
+    chats = [principle_messages(p, a, b, pr.preference or "", classic) for p, a, b, pr in items]
+    chats += [principle_messages(p, b, a, pr.preference or "", classic) for p, a, b, pr in items]
     logprobs: list[dict[str, float] | None] = [None] * len(chats)
-    if isinstance(backend, VerdictBackend):
+    if classic:
+        if not isinstance(backend, PrefixBackend):
+            raise ValueError(f"{backend!r} cannot score a reply's next token: use the "
+                             "generative mode")  # fmt: skip
+        scored = backend.prefix_logprobs(chats, prefix=CLASSIC_PREFIX, choices=("A", "B"))
+        logprobs = list(scored)
+        texts = [_classic_text(lp) for lp in scored]
+    elif isinstance(backend, VerdictBackend):
         answers = backend.complete_with_verdict(chats, max_tokens=max_tokens, choices=("A", "B"))
         texts = [text for text, _ in answers]
         logprobs = [lp for _, lp in answers]

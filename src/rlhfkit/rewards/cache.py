@@ -39,6 +39,8 @@ class CachedBackend:
         self.calls = self.hits = 0
         if hasattr(backend, "complete_with_verdict"):
             self.complete_with_verdict = self._complete_with_verdict
+        if hasattr(backend, "prefix_logprobs"):
+            self.prefix_logprobs = self._prefix_logprobs
 
     def __repr__(self) -> str:
         return repr(self.backend)
@@ -89,6 +91,17 @@ class CachedBackend:
             lambda batch: ask(batch, max_tokens=max_tokens, choices=choices),
         )  # fmt: skip
         return [(text, logprobs) for text, logprobs in answers]
+
+    def _prefix_logprobs(
+        self, messages_batch: list[Messages], *, prefix: str, choices: tuple[str, ...]
+    ) -> list[dict[str, float]]:
+        """The backend's choice log-probs after ``prefix``, from the cache where it has them."""
+        settings = {"prefix": prefix, "choices": list(choices)}
+        ask = self.backend.prefix_logprobs  # type: ignore[attr-defined]
+        return self._cached(
+            "prefix", messages_batch, settings,
+            lambda batch: ask(batch, prefix=prefix, choices=choices),
+        )  # fmt: skip
 
     def close(self) -> None:
         """Close the file."""

@@ -62,6 +62,22 @@ class VerdictBackend(Protocol):
         ...
 
 
+@runtime_checkable
+class PrefixBackend(Protocol):
+    """A chat backend that scores the next token after a fixed start of its reply.
+
+    ``prefix_logprobs`` returns, per conversation, the log-probability of each choice's first
+    token right after the assistant's reply has begun with ``prefix`` (one forward pass, no
+    generation): the classic way of reading a model's preference between lettered options.
+    """
+
+    def prefix_logprobs(
+        self, messages_batch: list[Messages], *, prefix: str, choices: tuple[str, ...]
+    ) -> list[dict[str, float]]:
+        """Per conversation, ``{choice: log p(first token of choice | chat, prefix)}``."""
+        ...
+
+
 def verdict_position(pieces: list[str], choices: tuple[str, ...]) -> int | None:
     """Index of the verdict token: the last piece that starts a choice right after ``[[``.
 
@@ -145,6 +161,45 @@ class LocalChatBackend:
             out.append((text, {c: float(logp[i]) for c, i in first.items()}))
         return out
 
+    def prefix_logprobs(
+        self, messages_batch: list[Messages], *, prefix: str, choices: tuple[str, ...]
+    ) -> list[dict[str, float]]:
+        """Log-probs of the choices' first tokens after the reply starts with ``prefix``.
+
+        One batched forward pass per ``batch_size`` conversations (left padding); the
+        log-softmax is over the whole vocabulary.
+        """
+        first = {c: self.tokenizer.encode(c, add_special_tokens=False)[0] for c in choices}
+        start = self.tokenizer.encode(prefix, add_special_tokens=False)
+        ids = [
+            render_prompt(self.tokenizer, m, max_len=self.max_prompt_len - len(start)) + start
+            for m in messages_batch
+        ]
+        device = next(self.model.parameters()).device
+        out: list[dict[str, float]] = [{} for _ in ids]
+        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+        for begin in range(0, len(order), self.batch_size):
+            rows = order[begin : begin + self.batch_size]
+            batch, attention = self._left_pad([ids[i] for i in rows])
+            with torch.no_grad():
+                logits = self.model(
+                    input_ids=batch.to(device), attention_mask=attention.to(device)
+                ).logits[:, -1]  # (rows, V): the next token after each prefix
+            logp = torch.log_softmax(logits.float(), dim=-1).cpu()
+            for r, i in enumerate(rows):
+                out[i] = {c: float(logp[r, t]) for c, t in first.items()}
+        return out
+
+    def _left_pad(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows, width) ids and attention mask, left-padded so every row ends at the right."""
+        width = max(len(s) for s in seqs)
+        batch = torch.full((len(seqs), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        attention = torch.zeros_like(batch)
+        for r, s in enumerate(seqs):
+            batch[r, width - len(s) :] = torch.tensor(s)
+            attention[r, width - len(s) :] = 1
+        return batch, attention
+
     def generate_replies(
         self, messages_batch: list[Messages], max_tokens: int, *, logits: bool
     ) -> list[tuple[str, list[int], torch.Tensor | None]]:
@@ -163,12 +218,8 @@ class LocalChatBackend:
         out: list[tuple[str, list[int], torch.Tensor | None]] = [("", [], None)] * len(ids)
         for start in range(0, len(order), self.batch_size):
             rows = order[start : start + self.batch_size]
-            width = max(len(ids[i]) for i in rows)
-            batch = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
-            attention = torch.zeros_like(batch)
-            for r, i in enumerate(rows):  # left padding: every reply starts at column ``width``
-                batch[r, width - len(ids[i]) :] = torch.tensor(ids[i])
-                attention[r, width - len(ids[i]) :] = 1
+            batch, attention = self._left_pad([ids[i] for i in rows])
+            width = batch.shape[1]  # every reply starts at column ``width``
             with torch.no_grad():
                 result = self.model.generate(
                     input_ids=batch.to(device), attention_mask=attention.to(device),
