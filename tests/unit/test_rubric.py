@@ -213,3 +213,9 @@ def test_rubric_preferences_label_pairs() -> None:
     labels = rubric_preferences(reward, [FIELDS] * 3, [REFERENCE, "Sorry.", REFERENCE],
                                 ["Sorry.", REFERENCE, REFERENCE])  # fmt: skip
     assert labels == [1.0, 0.0, 0.5]
+
+
+def test_spec_options_are_checked_before_loading() -> None:
+    assert "expected rubric" in reward_problem("rubric:builtin:instructions|bogus")
+    assert "needs a judge" in reward_problem("rubric:builtin:instructions|implicit")
+    assert reward_problem("rubric:builtin:instructions|implicit|judge:x") is None

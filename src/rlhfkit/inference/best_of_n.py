@@ -28,6 +28,7 @@ from rlhfkit.atomic import atomic_write_text
 from rlhfkit.config import EngineConfig, ModelConfig
 from rlhfkit.inference.evaluate import EvalDataConfig, evaluate_prompts
 from rlhfkit.ops.selection import bon_kl, top_per_prompt
+from rlhfkit.rewards.base import rewards_problems
 from rlhfkit.rollout.hf import SamplingConfig
 from rlhfkit.rollout.vllm_server import require_engine
 
@@ -56,6 +57,10 @@ class BoNConfig:
     """Where samples and scores are cached (None: no cache)."""
     output: str | None = None
     """Write the chosen completions (prompt, completion, reward, all rewards) as JSONL here."""
+
+    def problems(self) -> list[tuple[str, str]]:
+        """Rewards that cannot load, found before any model loads."""
+        return rewards_problems(self.rewards)
 
 
 def bon_report(rewards: list[list[float]], threshold: float) -> dict[str, Any]:

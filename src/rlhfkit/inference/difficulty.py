@@ -30,6 +30,7 @@ from rlhfkit.config import ModelConfig
 from rlhfkit.data.sources import load_rows
 from rlhfkit.inference.evaluate import EvalDataConfig, evaluate_prompts
 from rlhfkit.ops.selection import pass_rate_band
+from rlhfkit.rewards.base import rewards_problems
 from rlhfkit.rollout.hf import SamplingConfig
 
 
@@ -59,6 +60,10 @@ class FilterConfig:
     """Where samples and scores are cached (None: no cache)."""
     output: str = "filtered.jsonl"
     """The kept rows, as JSONL."""
+
+    def problems(self) -> list[tuple[str, str]]:
+        """Rewards that cannot load, found before any model loads."""
+        return rewards_problems(self.rewards)
 
 
 def main(cfg: FilterConfig) -> dict[str, Any]:

@@ -60,6 +60,7 @@ from rlhfkit.eval.run import (
 )
 from rlhfkit.eval.summary import grid_report, print_grid_report
 from rlhfkit.models.load import load_tokenizer
+from rlhfkit.rewards.base import rewards_problems
 from rlhfkit.rollout.hf import SamplingConfig
 from rlhfkit.rollout.multiturn import TurnLimits, env_prompt_rows, episode_means, run_episodes
 from rlhfkit.rollout.vllm_server import require_engine
@@ -117,6 +118,10 @@ class EvalConfig:
     """Write the report as JSON here."""
     samples_output: str | None = None
     """Write every sample (prompt, completion, reward, length, finish) as JSONL here."""
+
+    def problems(self) -> list[tuple[str, str]]:
+        """Rewards that cannot load, found before any model loads."""
+        return rewards_problems(self.rewards)
 
 
 def evaluate_prompts(

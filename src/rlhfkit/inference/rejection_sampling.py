@@ -48,6 +48,7 @@ from rlhfkit.eval.summary import grid_report
 from rlhfkit.inference.evaluate import EvalDataConfig, evaluate_prompts
 from rlhfkit.ops.selection import random_k_overall, random_per_prompt, select
 from rlhfkit.recipes import sft
+from rlhfkit.rewards.base import rewards_problems
 from rlhfkit.rollout.hf import SamplingConfig
 from rlhfkit.rollout.vllm_server import require_engine
 
@@ -114,6 +115,10 @@ class RSConfig:
     chunk: int = 32
     """Prompts per generator call."""
     log: LogConfig = field(default_factory=lambda: LogConfig(run_dir="runs/rs"))
+
+    def problems(self) -> list[tuple[str, str]]:
+        """Rewards that cannot load, found before any model loads."""
+        return rewards_problems(self.rewards)
 
 
 def pick(grid: Grid, cfg: SelectionConfig) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:

@@ -76,7 +76,7 @@ from rlhfkit.recipes.dpo import (
 from rlhfkit.recipes.dpo_eval import gold_comparison, heldout_metrics
 from rlhfkit.recipes.engine import synced, vllm_policy
 from rlhfkit.rewards import load_reward_fn, reward_models, score_completions
-from rlhfkit.rewards.rubric import reward_spec_problem
+from rlhfkit.rewards.base import reward_spec_problem
 from rlhfkit.rollout.hf import SamplingConfig
 from rlhfkit.rollout.sampler import Generator, chat_generator
 from rlhfkit.rollout.vllm_server import require_engine

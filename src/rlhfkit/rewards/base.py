@@ -106,6 +106,26 @@ def load_reward_fn(
     return fn
 
 
+def reward_spec_problem(spec: str) -> str | None:
+    """Why the reward ``spec`` cannot load, found without loading a model; None if it can.
+
+    :func:`rlhfkit.validation.reward_problem`, plus a rubric's criteria and rules.
+    """
+    from rlhfkit.validation import reward_problem
+
+    problem = reward_problem(spec)
+    if problem is None and spec.startswith("rubric:"):
+        from rlhfkit.rewards.rubric import rubric_problem
+
+        return rubric_problem(spec)
+    return problem
+
+
+def rewards_problems(specs: Sequence[str]) -> list[tuple[str, str]]:
+    """``("rewards", why)`` for each of ``specs`` that cannot load (a config's ``problems``)."""
+    return [("rewards", text) for text in map(reward_spec_problem, specs) if text]
+
+
 def score_completions(
     fn: Callable[..., Any], completions: Sequence[str], fields: Sequence[dict[str, Any]]
 ) -> list[float | None]:

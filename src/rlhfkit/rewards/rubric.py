@@ -342,6 +342,18 @@ def rubric_reward(spec: str, **backend_options: Any) -> RubricReward:
         ValueError: A malformed spec or an unknown option.
         MissingFileError, DataError: The rubric file is missing or malformed.
     """
+    rubric_spec, judge, mode = parse_rubric_spec(spec)
+    rubrics = load_rubrics(rubric_spec)
+    backend = load_backend(judge, **backend_options) if judge else None
+    return RubricReward(rubrics, backend, mode=mode)
+
+
+def parse_rubric_spec(spec: str) -> tuple[str, str | None, str]:
+    """``rubric:<rubric>[|judge:<model>][|implicit]`` as (rubric, judge or None, mode).
+
+    Raises:
+        ValueError: An empty rubric, an unknown option, or an option given twice.
+    """
     rubric_spec, *options = spec.removeprefix("rubric:").split("|")
     judge = [o for o in options if o.startswith("judge:")]
     modes = [o for o in options if o in ("explicit", "implicit")]
@@ -349,9 +361,7 @@ def rubric_reward(spec: str, **backend_options: Any) -> RubricReward:
     if not rubric_spec or unknown or len(judge) > 1 or len(modes) > 1:
         raise ValueError(f"reward {spec!r}: expected rubric:<file or builtin:<name>>"
                          "[|judge:<model>][|implicit]")  # fmt: skip
-    rubrics = load_rubrics(rubric_spec)
-    backend = load_backend(judge[0], **backend_options) if judge else None
-    return RubricReward(rubrics, backend, mode=modes[0] if modes else "explicit")
+    return rubric_spec, judge[0] if judge else None, modes[0] if modes else "explicit"
 
 
 def rubric_problem(spec: str) -> str | None:
@@ -361,9 +371,11 @@ def rubric_problem(spec: str) -> str | None:
     """
     from rlhfkit.errors import UserError
 
-    rubric_spec, *options = spec.removeprefix("rubric:").split("|")
-    has_judge = any(o.startswith("judge:") for o in options)
     try:
+        rubric_spec, judge, mode = parse_rubric_spec(spec)
+        has_judge = judge is not None
+        if mode == "implicit" and not has_judge:
+            return f"reward {spec!r}: implicit scoring needs a judge: add |judge:<model>"
         rubrics = load_rubrics(rubric_spec)
         for rubric in [rubrics.default, *rubrics.tasks.values()]:
             for criterion in rubric.criteria if rubric is not None else ():
@@ -373,18 +385,9 @@ def rubric_problem(spec: str) -> str | None:
                     return (f"reward {spec!r}: criterion {criterion.title!r} has no check and "
                             "needs a judge: add |judge:<model>")  # fmt: skip
     except (UserError, ValueError) as err:
-        return f"reward {spec!r}: {err}"
+        text = str(err)
+        return text if text.startswith("reward ") else f"reward {spec!r}: {text}"
     return None
-
-
-def reward_spec_problem(spec: str) -> str | None:
-    """:func:`rlhfkit.validation.reward_problem`, with a rubric's criteria checked too."""
-    from rlhfkit.validation import reward_problem
-
-    problem = reward_problem(spec)
-    if problem is None and spec.startswith("rubric:"):
-        return rubric_problem(spec)
-    return problem
 
 
 # --- Checklists and labels ----------------------------------------------------------------------

@@ -29,7 +29,7 @@ from rlhfkit.recipes.policy_gradient.presets import (
     PLANNED_ESTIMATORS,
     PGPreset,
 )
-from rlhfkit.rewards.rubric import reward_spec_problem
+from rlhfkit.rewards.base import reward_spec_problem
 from rlhfkit.rollout.hf import SamplingConfig
 from rlhfkit.validation import did_you_mean, model_path_problem
 
