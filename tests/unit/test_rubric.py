@@ -108,6 +108,8 @@ def test_rules() -> None:
     assert rule("regex:(?i)sorry")("SORRY", {}) and not rule("contains:xyz")("abc", {})
     assert rule("repeats")("I like it very much. I like it very much.", {})
     assert not rule("repeats")("One two three four. Five six seven eight.", {})
+    assert rule("verifier:math")("So \\boxed{4}.", {"answer": "4"})
+    assert not rule("verifier:math")("So \\boxed{5}.", {"answer": "4"})
     for bad in ("nope", "max_words:x", "regex:(", "verifier:nope"):
         with pytest.raises(ValueError, match="rubric check"):
             rule(bad)

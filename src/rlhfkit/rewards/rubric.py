@@ -101,11 +101,11 @@ example's ``reference`` and ``task``)."""
 
 
 def _verifier_rule(name: str) -> RuleFn:
-    from rlhfkit.rewards.base import score_completions
+    from rlhfkit.rewards.fields import accepted_fields
     from rlhfkit.rewards.verifiers import get_verifier, verify
 
     fn = verify if name == "auto" else get_verifier(name)
-    return lambda c, f: (score_completions(fn, [c], [dict(f)])[0] or 0.0) > 0.0
+    return lambda c, f: (fn(c, **accepted_fields(fn, dict(f))) or 0.0) > 0.0
 
 
 def _regex_rule(pattern: str) -> RuleFn:
