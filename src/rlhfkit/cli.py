@@ -34,6 +34,12 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
         "eval_main",
         "Pairwise accuracy, margin, calibration of a reward model.",
     ),
+    "rm warm": (
+        "rlhfkit.recipes.warm",
+        "WarmConfig",
+        "main",
+        "Average the weights of reward models fine-tuned from one start (WARM).",
+    ),
     "rm score": (
         "rlhfkit.recipes.reward_model_eval",
         "RMScoreConfig",

@@ -8,6 +8,7 @@ the gold reward rises, peaks and falls.
 
 - ``bon_curve``: the best-of-n curve from an (M, N) grid of proxy and gold rewards, with the
   analytic best-of-n KL, log n - (n - 1)/n (Stiennon 2020).
+- ``bon_unbiased``: the exact expected best-of-n reward from N >= n samples of a prompt.
 - ``fit_gao_bon`` / ``fit_gao_rl``: least-squares fits of Gao's functional forms
   R_bon(d) = d (alpha - beta d) and R_rl(d) = d (alpha - beta log d).
 - ``gao_peaks``: where those forms peak, d*_bon = alpha / (2 beta), d*_rl = e^(alpha/beta - 1).
@@ -91,6 +92,45 @@ def bon_curve(proxy: Any, gold: Any, ns: Sequence[int]) -> list[dict[str, float]
             }
         )
     return out
+
+
+def bon_unbiased(proxy: Sequence[float], gold: Sequence[float], n: int) -> tuple[float, float]:
+    """Expected proxy and gold reward of best-of-n, exactly, from N >= n samples of one prompt.
+
+    Best-of-n draws n of the N samples without replacement and keeps the proxy's argmax (ties
+    to the lowest index). Over all C(N, n) draws, with the samples ranked by (proxy ascending,
+    index descending), the sample of rank i (1-based) is the pick in C(i - 1, n - 1) of them, so
+
+        E[r of the pick] = sum_i r_(i) C(i - 1, n - 1) / C(N, n)
+
+    for r = proxy and r = gold alike: the unbiased estimator of the best-of-n reward, which
+    uses every sample instead of splitting them into disjoint groups.
+
+    Args:
+        proxy: The N proxy rewards (selection), finite.
+        gold: The N gold rewards of the same samples, finite.
+        n: Samples per draw, 1 <= n <= N.
+
+    Returns:
+        (expected proxy reward, expected gold reward) of the pick.
+
+    Raises:
+        ValueError: Different lengths, n out of range, or a non-finite reward.
+    """
+    size = len(proxy)
+    if len(gold) != size:
+        raise ValueError(f"proxy and gold differ in length: {size} vs {len(gold)}")
+    if not 1 <= n <= size:
+        raise ValueError(f"n must be in 1..N = {size}, got {n}")
+    if not all(math.isfinite(x) for x in [*proxy, *gold]):
+        raise ValueError("best-of-n rewards must be finite")
+    order = sorted(range(size), key=lambda i: (proxy[i], -i))  # rank 1 .. N
+    total = math.comb(size, n)
+    weights = [math.comb(rank, n - 1) / total for rank in range(size)]  # C(i - 1, n - 1)
+    return (
+        math.fsum(w * proxy[i] for w, i in zip(weights, order, strict=True)),
+        math.fsum(w * gold[i] for w, i in zip(weights, order, strict=True)),
+    )
 
 
 def _lstsq2(x1: list[float], x2: list[float], y: list[float]) -> tuple[float, float]:
