@@ -125,6 +125,8 @@ def reward_problem(spec: str) -> str | None:
         if not path.is_dir():
             return f"reward {spec!r}: no such directory: {directory}"
         return model_path_problem(str(path) if "/" in directory else f"./{directory}")
+    if spec.startswith("rm-ensemble:"):
+        return _ensemble_problem(spec)
     if spec.startswith(("judge:", "verifier:")):
         return None
     if spec.startswith("rubric:"):
@@ -141,6 +143,15 @@ def reward_problem(spec: str) -> str | None:
     except (ImportError, ValueError):
         found = False
     return None if found else f"reward {spec!r}: no module named {module!r}"
+
+
+def _ensemble_problem(spec: str) -> str | None:
+    """Why an ``rm-ensemble:`` reward cannot load: its mode or a member directory."""
+    mode, sep, dirs = spec.removeprefix("rm-ensemble:").partition(":")
+    if not sep or mode.partition("=")[0] not in ("mean", "min", "uwo"):
+        return f"reward {spec!r}: expected rm-ensemble:<mean|min|uwo[=lambda]>:<dir>,<dir>[,...]"
+    problems = (reward_problem(f"rm:{d}") for d in dirs.split(",") if d)
+    return next((p for p in problems if p), None)
 
 
 def _rubric_problem(spec: str) -> str | None:

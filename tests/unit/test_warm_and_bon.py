@@ -83,3 +83,28 @@ def test_warm_writes_the_mean_and_loads_as_a_reward_model(tmp_path: Path) -> Non
     with pytest.raises(ValueError, match="architecture"):
         average_model_dirs([members[0], other], tmp_path / "bad")
     assert warm.WarmConfig(members=(str(members[0]),)).problems()
+
+
+def test_reward_model_ensemble_combines_its_members(tmp_path: Path) -> None:
+    from rlhfkit.rewards.base import load_reward_fn, reward_models, reward_spec_problem
+
+    members = [_reward_model(tmp_path / f"rm{k}", seed=k) for k in range(3)]
+    singles = [RewardModelScorer(str(m), precision="fp32") for m in members]
+    replies, fields = ["one reply", "another, longer reply"], [{"prompt": "q"}, {"prompt": "q"}]
+    grid = torch.tensor([s.score_batch(replies, fields) for s in singles], dtype=torch.float64)
+    dirs = ",".join(map(str, members))
+    expected = {
+        "mean": grid.mean(0), "min": grid.min(0).values,
+        "uwo": grid.mean(0) - grid.std(0, correction=0),
+        "uwo=0.5": grid.mean(0) - 0.5 * grid.std(0, correction=0),
+    }  # fmt: skip
+    for mode, want in expected.items():
+        fn = load_reward_fn(f"rm-ensemble:{mode}:{dirs}", precision="fp32")
+        got = torch.tensor(fn.score_batch(replies, fields), dtype=torch.float64)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert len(reward_models([fn])) == 3
+    assert reward_spec_problem(f"rm-ensemble:mean:{dirs}") is None
+    missing = f"{members[0]},{tmp_path}/nope"
+    for bad in (f"rm-ensemble:max:{dirs}", f"rm-ensemble:mean:{members[0]}",
+                f"rm-ensemble:min=2:{dirs}", f"rm-ensemble:mean:{missing}"):  # fmt: skip
+        assert reward_spec_problem(bad), bad

@@ -45,8 +45,8 @@ class BoNConfig:
     """num_samples is n."""
     engine: EngineConfig = field(default_factory=EngineConfig)
     rewards: tuple[str, ...] = ("verifier:auto",)
-    """Scorers: verifier:NAME (auto: each row's own), rm:DIR, judge:MODEL, rubric:FILE
-    (|judge:MODEL, |implicit), module:function or file.py:fn."""
+    """Scorers: verifier:NAME (auto: each row's own), rm:DIR, rm-ensemble:MODE:DIR,DIR,
+    judge:MODEL, rubric:FILE (|judge:MODEL, |implicit), module:function or file.py:fn."""
     weights: tuple[float, ...] = ()
     """One weight per reward (default 1 each)."""
     threshold: float = 1.0

@@ -44,8 +44,8 @@ class FilterConfig:
         default_factory=lambda: SamplingConfig(max_new_tokens=128, temperature=1.0, num_samples=16)
     )
     rewards: tuple[str, ...] = ("verifier:auto",)
-    """Scorers: verifier:NAME (auto: each row's own), rm:DIR, judge:MODEL, rubric:FILE
-    (|judge:MODEL, |implicit), module:function or file.py:fn."""
+    """Scorers: verifier:NAME (auto: each row's own), rm:DIR, rm-ensemble:MODE:DIR,DIR,
+    judge:MODEL, rubric:FILE (|judge:MODEL, |implicit), module:function or file.py:fn."""
     weights: tuple[float, ...] = ()
     """One weight per reward (default 1 each)."""
     threshold: float = 1.0

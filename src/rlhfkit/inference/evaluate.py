@@ -102,8 +102,8 @@ class EvalConfig:
     """With ``--env.name``: episodes in that environment (tool use, games), scored by its
     reward, with tool-use figures in the report's ``episodes``."""
     rewards: tuple[str, ...] = ("verifier:auto",)
-    """Scorers: verifier:NAME (auto: each row's own), rm:DIR, judge:MODEL, rubric:FILE
-    (|judge:MODEL, |implicit), module:function or file.py:fn."""
+    """Scorers: verifier:NAME (auto: each row's own), rm:DIR, rm-ensemble:MODE:DIR,DIR,
+    judge:MODEL, rubric:FILE (|judge:MODEL, |implicit), module:function or file.py:fn."""
     weights: tuple[float, ...] = ()
     """One weight per reward (default 1 each)."""
     threshold: float = 1.0

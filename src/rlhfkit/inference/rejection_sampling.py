@@ -102,8 +102,8 @@ class RSConfig:
     """Samples and the held-out evaluation on rlhfkit's sampler or vLLM (a vllm_url serves the
     starting model only: the trained models get servers of their own)."""
     rewards: tuple[str, ...] = ("verifier:auto",)
-    """Scorers: verifier:NAME (auto: each row's own), rm:DIR, judge:MODEL, rubric:FILE
-    (|judge:MODEL, |implicit), module:function or file.py:fn."""
+    """Scorers: verifier:NAME (auto: each row's own), rm:DIR, rm-ensemble:MODE:DIR,DIR,
+    judge:MODEL, rubric:FILE (|judge:MODEL, |implicit), module:function or file.py:fn."""
     weights: tuple[float, ...] = ()
     """One weight per reward (default 1 each)."""
     selection: SelectionConfig = field(default_factory=SelectionConfig)

@@ -11,7 +11,8 @@ reward as it stands. Batched scorers (a reward model) also provide ``score_batch
 fields)``, which :func:`score_completions` prefers.
 
 A reward is named by ``module:function`` (an importable module, or a ``path/to/file.py``), by
-``rm:<checkpoint directory>`` for a reward model trained with ``rlhfkit rm train``, or by
+``rm:<checkpoint directory>`` for a reward model trained with ``rlhfkit rm train``, by
+``rm-ensemble:<mean|min|uwo[=lambda]>:<dir>,<dir>,...`` for an ensemble of them, or by
 ``verifier:<name>`` for a built-in verifier (``verifier:auto`` picks each example's own, see
 :mod:`rlhfkit.rewards.verifiers`), or ``judge:<model>`` / ``judge:openai:<base_url>#<model>`` for
 an LLM judge's 1-10 rating (:mod:`rlhfkit.rewards.judge`), or
@@ -89,6 +90,10 @@ def load_reward_fn(
         from rlhfkit.rewards.model import RewardModelScorer
 
         return RewardModelScorer(spec[3:], place=place, **options)
+    if spec.startswith("rm-ensemble:"):
+        from rlhfkit.rewards.model import RewardModelEnsemble
+
+        return RewardModelEnsemble(spec, place=place, **options)
     if spec.startswith("judge:"):
         from rlhfkit.rewards.judge import judge_reward
 
@@ -114,6 +119,13 @@ def reward_spec_problem(spec: str) -> str | None:
     from rlhfkit.validation import reward_problem
 
     problem = reward_problem(spec)
+    if problem is None and spec.startswith("rm-ensemble:"):
+        from rlhfkit.rewards.model import parse_ensemble_spec
+
+        try:
+            parse_ensemble_spec(spec)
+        except ValueError as err:
+            return str(err)
     if problem is None and spec.startswith("rubric:"):
         from rlhfkit.rewards.rubric import rubric_problem
 
@@ -166,4 +178,5 @@ def reward_models(fns: Sequence[Callable[..., Any]]) -> list[Any]:
 
     A run gathers them with its own models around the phase that scores, where they are sharded.
     """
-    return [m for fn in fns if isinstance(m := getattr(fn, "model", None), nn.Module)]
+    out = [m for fn in fns if isinstance(m := getattr(fn, "model", None), nn.Module)]
+    return out + [m for fn in fns for m in getattr(fn, "models", []) if isinstance(m, nn.Module)]

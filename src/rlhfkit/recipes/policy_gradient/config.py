@@ -235,6 +235,7 @@ class PGConfig:
     )
     rewards: tuple[str, ...] = DEFAULT_REWARDS
     """Rewards: 'module:function', 'path/file.py:function', 'rm:<reward model dir>',
+    'rm-ensemble:<mean|min|uwo[=lambda]>:<dir>,<dir>,...',
     'verifier:NAME', 'judge:MODEL' or 'rubric:FILE' (with '|judge:MODEL', '|implicit'). With
     ``--env.name`` the environment's reward is used, plus these when they are set (a reward
     function then scores each episode's last reply)."""
