@@ -195,7 +195,8 @@ def test_cai_label_writes_pairs_with_soft_labels_and_resumes(tmp_path: Path, mon
     assert all(r["p_chosen"] == pytest.approx(0.8) for r in rows)
     assert rows[0]["margin"] == pytest.approx(math.log(4)) and rows[0]["principle"]
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["kept"] == 5 and metrics["consistency"] == 1 and metrics["position_bias"] == 0.5
+    assert metrics["pairs"] == 5 and metrics["kept"] == 1.0 and metrics["consistency"] == 1
+    assert metrics["position_bias"] == 0.5 and metrics["soft_labels"] == 5
     assert asked == [4, 4, 2]  # both orders of each chunk in one batch
     lines = (out / "labels.jsonl").read_text().splitlines()
     (out / "labels.jsonl").write_text("\n".join(lines[:3]) + "\n" + lines[3][:10])  # killed
@@ -266,3 +267,21 @@ def test_local_prefix_logprobs_equal_one_unpadded_forward() -> None:
         chats, prefix="(", choices=("A", "B")
     )
     assert cache.calls == 3 and cache.hits == 3
+
+
+def test_cai_label_by_a_rule_rubric_loads_no_judge(tmp_path: Path, monkeypatch) -> None:
+    def no_model(spec, **kw):
+        raise AssertionError("a rule-checked rubric needs no judge model")
+
+    monkeypatch.setattr(cai_label, "load_backend", no_model)
+    reference = "The opposite of 'up' is 'down'.\nAnswer: down"
+    rows = [{"prompt": "Opposite of 'up'?", "reference": reference, "task": "antonyms",
+             "a": "Sorry, I cannot.", "b": reference}]  # fmt: skip
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps(rows[0]) + "\n")
+    out = cai_label.main(cai_label.CAILabelConfig(pairs=str(path), rubric="builtin:instructions",
+                                                  output=str(tmp_path / "out")))  # fmt: skip
+    [row] = [json.loads(x) for x in (out / "pairs.jsonl").read_text().splitlines()]
+    assert row["chosen"] == reference and row["rubric"] == "builtin:instructions"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["kept"] == 1.0 and metrics["unparseable"] == 0

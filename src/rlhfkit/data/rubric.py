@@ -104,6 +104,12 @@ class RubricSet:
     tasks: Mapping[str, Rubric] = field(default_factory=dict)
     source: str = ""
 
+    @property
+    def needs_judge(self) -> bool:
+        """Whether a criterion of the file's rubrics has no check (a judge must decide it)."""
+        rubrics = [r for r in (self.default, *self.tasks.values()) if r is not None]
+        return any(c.check is None for r in rubrics for c in r.criteria)
+
     def for_example(self, fields: Mapping[str, Any], where: str = "example") -> Rubric:
         """The rubric of one example: its own ``rubric`` field, its task's, or the default.
 

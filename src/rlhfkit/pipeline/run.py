@@ -5,12 +5,9 @@
 2. **candidates**: the SFT model samples ``candidates.num_samples`` (>= 2) completions for each
    preference prompt (``<run>/candidates.jsonl``).
 3. **labels**: pairs of candidates are labelled (``<run>/pairs.jsonl``, preference schema):
-   - ``gold``: the built-in task's programmatic judge (reproducible; ties dropped);
-   - ``judge``: an LLM judge (pairwise, both orders; inconsistent verdicts are ties, dropped);
-   - ``human``: the pairs are exported to ``<run>/label_requests.jsonl``; the pipeline stops
-     until ``<run>/human_labels.jsonl`` holds a ``{"id", "choice": "a"|"b"|"tie"}`` row per
-     pair, then continues.
-   With ``labels.mix_builtin`` the task's own gold-labelled training pairs are added.
+   gold, an LLM judge, AI feedback under a constitution, a rubric, or people
+   (:mod:`rlhfkit.pipeline.labels`). With ``labels.mix_builtin`` the task's own gold-labelled
+   training pairs are added.
 4. **rm**: a reward model is trained on the pairs (``<run>/rm/final``); its held-out accuracy
    against the gold preference is measured on the task's held-out pairs.
 5. **optimise**: the SFT model is optimised against the reward model with PPO (default, as in
@@ -38,7 +35,6 @@ import json
 import logging
 import multiprocessing
 import os
-import random
 import shutil
 import time
 from collections.abc import Callable
@@ -53,7 +49,6 @@ from rich.table import Table
 from rlhfkit.atomic import atomic_write_text
 from rlhfkit.config import LogConfig
 from rlhfkit.data.sources import load_rows
-from rlhfkit.data.tasks.preferences import gold_prefers
 from rlhfkit.extras import require_extra
 from rlhfkit.inference.evaluate import EvalDataConfig, evaluate_prompts
 from rlhfkit.pipeline.config import CandidatesConfig as CandidatesConfig
@@ -61,6 +56,7 @@ from rlhfkit.pipeline.config import LabelsConfig as LabelsConfig
 from rlhfkit.pipeline.config import OptimiseConfig as OptimiseConfig
 from rlhfkit.pipeline.config import PipelineConfig
 from rlhfkit.pipeline.evaluation import evaluate_stage, report_data
+from rlhfkit.pipeline.labels import jsonl_text, run_labels
 from rlhfkit.recipes import distill, dpo, reward_model, sft
 from rlhfkit.recipes import policy_gradient as pg
 from rlhfkit.rollout.vllm_server import require_engine
@@ -80,10 +76,6 @@ def _resume(run_dir: Path) -> bool:
     return (run_dir / "checkpoints" / "latest").exists()
 
 
-def _jsonl(rows: list[dict[str, Any]]) -> str:
-    return "".join(json.dumps(r) + "\n" for r in rows)
-
-
 def _seen(cfg: PipelineConfig, run: Path, source: str, split: str) -> tuple[str, str]:
     """The rows of ``source`` the preference stages may use: without ``unseen_tasks`` types.
 
@@ -100,7 +92,7 @@ def _seen(cfg: PipelineConfig, run: Path, source: str, split: str) -> tuple[str,
         rows = [r.data for r in load_rows(source, split=split)]
         kept = [r for r in rows if r.get("task") not in cfg.unseen_tasks]
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, _jsonl(kept))
+        atomic_write_text(path, jsonl_text(kept))
         log.info("%s (%s): %d of %d rows kept (unseen tasks left out)", source, split,
                  len(kept), len(rows))  # fmt: skip
     return str(path), "train"
@@ -159,200 +151,7 @@ def run_candidates(cfg: PipelineConfig, run: Path) -> None:
         }
         for i, p in enumerate(prompts)
     ]
-    atomic_write_text(run / "candidates.jsonl", _jsonl(rows))
-
-
-def _pairs_of(rows: list[dict[str, Any]], per_prompt: int | None) -> list[dict[str, Any]]:
-    """Unlabelled pairs: every two distinct non-blank completions of a prompt, in order.
-
-    These are InstructGPT's K-choose-2 comparisons, at most ``per_prompt`` of them per prompt
-    (None: all).
-
-    A pair's ``id`` is ``"<row id>:<i>-<j>"`` (the indices of its two completions).
-    """
-    pairs = []
-    for r in rows:
-        texts = r["completions"]
-        kept = [i for i, t in enumerate(texts) if t.strip() and t not in texts[:i]]
-        combos = [(i, j) for n, i in enumerate(kept) for j in kept[n + 1 :]]
-        for i, j in combos[:per_prompt]:
-            pairs.append(
-                {
-                    "id": f"{r['id']}:{i}-{j}",
-                    **{k: r[k] for k in ("prompt", "reference", "task")},
-                    "a": texts[i],
-                    "b": texts[j],
-                }
-            )
-    return pairs
-
-
-def _human_choices(cfg: PipelineConfig, run: Path, pairs: list[dict[str, Any]]) -> list | None:
-    """People's labels: from the labelling app's task, or from ``human_labels.jsonl``.
-
-    The first run exports the pairs (``label_requests.jsonl``) into a task of the labelling app
-    (``<run>/labels.sqlite``, :mod:`rlhfkit.feedback`) and returns None; once every item of the
-    task has its labels, they are written to ``human_labels.jsonl``, which is then read (a file
-    written by hand works the same way).
-    """
-    from rlhfkit.feedback.bridge import create_task_from_requests, labels_for_task
-
-    requests, answers = run / "label_requests.jsonl", run / "human_labels.jsonl"
-    task_file, db = run / "label_task.json", run / "labels.sqlite"
-    if not requests.exists():
-        rows = [{"id": p["id"], "prompt": p["prompt"], "a": p["a"], "b": p["b"]} for p in pairs]
-        atomic_write_text(requests, _jsonl(rows))
-    if not task_file.exists():
-        task_id, info = create_task_from_requests(
-            db,
-            requests,
-            name=run.name,
-            mode=cfg.labels.likert,
-            overlap=cfg.labels.overlap,
-            guidelines=cfg.labels.guidelines,
-        )
-        atomic_write_text(task_file, json.dumps(info, indent=2, default=str))
-    task_id = json.loads(task_file.read_text())["task_id"]
-    if not answers.exists():
-        labels = labels_for_task(db, task_id)
-        if labels is None:
-            console.print(
-                f"[bold]labels needed[/] for task {task_id}: start the app with `rlhfkit label "
-                f"serve --db {db}`, invite labellers with `rlhfkit label task --db {db} --task "
-                f"{task_id} --invite NAME ...`, then run the same command again (or write "
-                f'{answers} by hand: one {{"id", "choice": "a"|"b"|"tie"}} per pair).'
-            )
-            return None
-        atomic_write_text(answers, _jsonl(labels))
-    choices, given = {"a": 1.0, "b": 0.0, "tie": 0.5}, {}
-    for n, line in enumerate(answers.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        row = json.loads(line)
-        if row.get("choice") not in choices:
-            raise ValueError(f"{answers}:{n}: field 'choice': expected 'a', 'b' or 'tie'")
-        given[row.get("id")] = choices[row["choice"]]
-    missing = [p["id"] for p in pairs if p["id"] not in given]
-    if missing:
-        raise ValueError(
-            f"{answers}: no label for pair id(s) {missing[:10]} ({len(missing)} in all)"
-        )
-    return [given[p["id"]] for p in pairs]
-
-
-def _judge_choices(cfg: PipelineConfig, pairs: list[dict[str, Any]]) -> list[float | None]:
-    from rlhfkit.rewards.judge import PairwiseJudge, load_backend
-
-    judge = PairwiseJudge(load_backend(cfg.labels.judge))
-    result = judge.compare(
-        [p["prompt"] for p in pairs], [p["a"] for p in pairs], [p["b"] for p in pairs]
-    )
-    log.info("judge: %s", result.metrics())
-    return list(result.scores)
-
-
-def _judge_backend(cfg: PipelineConfig, run: Path) -> Any:
-    from rlhfkit.rewards.cache import cached
-    from rlhfkit.rewards.judge import load_backend
-
-    return cached(load_backend(cfg.labels.judge),
-                  run / "judge_cache.sqlite" if cfg.labels.cache else None)  # fmt: skip
-
-
-def _ai_choices(
-    cfg: PipelineConfig, run: Path, pairs: list[dict[str, Any]], quality: dict[str, Any]
-) -> list[float | None]:
-    """RLAIF labels under the constitution (both orders; inconsistent pairs give None)."""
-    from rlhfkit.data.constitution import load_constitution
-    from rlhfkit.rewards.ai_labels import label_pairs
-
-    labels = label_pairs(
-        _judge_backend(cfg, run), [p["prompt"] for p in pairs], [p["a"] for p in pairs],
-        [p["b"] for p in pairs], load_constitution(cfg.labels.constitution), seed=cfg.seed,
-        max_tokens=cfg.labels.max_tokens, mode=cfg.labels.ai_verdict,
-    )  # fmt: skip
-    quality.update(labels.metrics())
-    return [None if c is None else float(c == "a") for c in labels.preferred]
-
-
-def _rubric_choices(
-    cfg: PipelineConfig, run: Path, pairs: list[dict[str, Any]], quality: dict[str, Any]
-) -> list[float | None]:
-    """Labels by rubric score (the higher-scoring reply; equal scores are ties)."""
-    from rlhfkit.data.rubric import load_rubrics
-    from rlhfkit.rewards.rubric import RubricReward, rubric_preferences
-
-    rubrics = load_rubrics(cfg.labels.rubric)
-    needs_judge = any(
-        c.check is None for r in [rubrics.default, *rubrics.tasks.values()] if r
-        for c in r.criteria
-    )  # fmt: skip
-    backend = _judge_backend(cfg, run) if needs_judge else None
-    reward = RubricReward(rubrics, backend, max_tokens=cfg.labels.max_tokens)
-    fields = [{k: p[k] for k in ("prompt", "reference", "task")} for p in pairs]
-    choices = rubric_preferences(reward, fields, [p["a"] for p in pairs], [p["b"] for p in pairs])
-    quality["unparseable"] = float(reward.unparseable)
-    return choices
-
-
-def _label_quality(
-    pairs: list[dict[str, Any]], choices: list[float | None]
-) -> dict[str, float | None]:
-    """How many pairs got a preference, and how often it agrees with the gold judge's."""
-    gold = [gold_prefers(p["a"], p["b"], p["reference"], p["task"]) for p in pairs]
-    both = [(c, g) for c, g in zip(choices, gold, strict=True)
-            if c is not None and c != 0.5 and g != 0.5]  # fmt: skip
-    return {
-        "pairs": float(len(pairs)),
-        "with_preference": float(sum(c is not None and c != 0.5 for c in choices)),
-        "gold_agreement": sum(c == g for c, g in both) / len(both) if both else None,
-        "gold_compared": float(len(both)),
-    }
-
-
-def run_labels(cfg: PipelineConfig, run: Path) -> bool:
-    """Step 3; False when human labels are still missing (the pipeline stops there)."""
-    rows = [json.loads(line) for line in (run / "candidates.jsonl").read_text().splitlines()]
-    pairs = _pairs_of(rows, cfg.candidates.pairs_per_prompt)
-    labelers: dict[str, Callable[[], list[float | None] | None]] = {
-        "gold": lambda: [gold_prefers(p["a"], p["b"], p["reference"], p["task"]) for p in pairs],
-        "judge": lambda: _judge_choices(cfg, pairs),
-        "ai": lambda: _ai_choices(cfg, run, pairs, quality),
-        "rubric": lambda: _rubric_choices(cfg, run, pairs, quality),
-        "human": lambda: _human_choices(cfg, run, pairs),
-    }
-    quality: dict[str, Any] = {"mode": cfg.labels.mode}
-    choices = labelers[cfg.labels.mode]()
-    if choices is None:
-        console.print(
-            f"[bold]labels needed[/]: label the {len(pairs)} pairs of "
-            f"{run / 'label_requests.jsonl'} and write {run / 'human_labels.jsonl'} "
-            '(one {"id": ..., "choice": "a" | "b" | "tie"} per line), then run the same command.'
-        )
-        return False
-    out = []
-    for p, c in zip(pairs, choices, strict=True):
-        if c is None or c == 0.5:  # ties and unparseable verdicts carry no preference
-            continue
-        chosen, rejected = (p["a"], p["b"]) if c == 1.0 else (p["b"], p["a"])
-        out.append(
-            {
-                "prompt": p["prompt"],
-                "chosen": chosen,
-                "rejected": rejected,
-                "category": "sampled",
-                "source": cfg.labels.mode,
-            }
-        )
-    if not out and not cfg.labels.mix_builtin:
-        raise ValueError("labelling left no pair with a preference (every pair was a tie)")
-    random.Random(0).shuffle(out)
-    quality.update(_label_quality(pairs, choices))
-    atomic_write_text(run / "labels_quality.json", json.dumps(quality, indent=2))
-    log.info("labels: %s", quality)
-    atomic_write_text(run / "pairs.jsonl", _jsonl(out))
-    log.info("labels: %d pairs, %d with a preference", len(pairs), len(out))
-    return True
+    atomic_write_text(run / "candidates.jsonl", jsonl_text(rows))
 
 
 def _rm_train_file(cfg: PipelineConfig, run: Path) -> Path:
@@ -362,7 +161,7 @@ def _rm_train_file(cfg: PipelineConfig, run: Path) -> Path:
     source, split = _seen(cfg, run, cfg.rm.data.train, cfg.rm.data.train_split)
     builtin = [r.data for r in load_rows(source, split=split)]
     mixed = run / "rm_train.jsonl"
-    atomic_write_text(mixed, (run / "pairs.jsonl").read_text() + _jsonl(builtin))
+    atomic_write_text(mixed, (run / "pairs.jsonl").read_text() + jsonl_text(builtin))
     return mixed
 
 

@@ -32,14 +32,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 from rlhfkit.atomic import atomic_write_text
-from rlhfkit.data.constitution import load_constitution
+from rlhfkit.data.constitution import Constitution, load_constitution
+from rlhfkit.data.rubric import load_rubrics
 from rlhfkit.data.sources import DataError, load_rows
 from rlhfkit.errors import ConfigError
 from rlhfkit.recipes.cai import load_prompts, output_dir
-from rlhfkit.rewards.ai_labels import label_pairs
+from rlhfkit.rewards.ai_labels import label_pairs, verdict_metrics
 from rlhfkit.rewards.cache import cached
 from rlhfkit.rewards.chat import load_backend
-from rlhfkit.rewards.rubric import rubric_problem
+from rlhfkit.rewards.rubric import RubricReward, rubric_problem
 
 log = logging.getLogger(__name__)
 
@@ -127,14 +128,14 @@ def _complete_lines(path: Path) -> list[str]:
     return lines
 
 
-def _label_chunk(cfg: CAILabelConfig, backend: Any, part: list[dict[str, Any]], start: int) -> list:
-    """The ``labels.jsonl`` records of one chunk."""
+def _label_chunk(
+    cfg: CAILabelConfig, judge: Any, constitution: Constitution | None,
+    part: list[dict[str, Any]], start: int,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """The ``labels.jsonl`` records of one chunk (``judge``: a rubric reward or a backend)."""
     a, b = [p["a"] for p in part], [p["b"] for p in part]
-    if cfg.rubric is not None:
-        from rlhfkit.data.rubric import load_rubrics
-        from rlhfkit.rewards.rubric import RubricReward
-
-        reward = RubricReward(load_rubrics(cfg.rubric), backend)
+    if isinstance(judge, RubricReward):
+        reward = judge
         fields = [{k: v for k, v in p.items() if k not in ("a", "b", "chosen", "rejected")}
                   for p in part]  # fmt: skip
         scores = reward.score_batch([*a, *b], [*fields, *fields])
@@ -144,8 +145,8 @@ def _label_chunk(cfg: CAILabelConfig, backend: Any, part: list[dict[str, Any]], 
              "label": None if sa is None or sb is None or sa == sb else "a" if sa > sb else "b"}
             for p, sa, sb in zip(part, scores[:n], scores[n:], strict=True)
         ]  # fmt: skip
-    constitution = load_constitution(cfg.constitution)
-    labels = label_pairs(backend, [p["prompt"] for p in part], a, b, constitution,
+    assert constitution is not None
+    labels = label_pairs(judge, [p["prompt"] for p in part], a, b, constitution,
                          seed=cfg.seed, start=start, max_tokens=cfg.max_tokens,
                          mode=cfg.mode)  # fmt: skip
     soft = labels.soft or [None] * len(part)
@@ -155,6 +156,17 @@ def _label_chunk(cfg: CAILabelConfig, backend: Any, part: list[dict[str, Any]], 
         for p, pr, v, o, label, s in zip(part, labels.principles, labels.verdicts,
                                          labels.outputs, labels.preferred, soft, strict=True)
     ]  # fmt: skip
+
+
+def _judge(cfg: CAILabelConfig, cache: Path | None) -> Any:
+    """The rubric reward (``--rubric``) or the judge backend, each loaded once per run."""
+    if cfg.rubric is None:
+        return cached(load_backend(cfg.judge, **cfg.backend_options), cache)
+    rubrics = load_rubrics(cfg.rubric)
+    backend = None
+    if rubrics.needs_judge:  # a rule-checked rubric needs no model at all
+        backend = cached(load_backend(cfg.judge, **cfg.backend_options), cache)
+    return RubricReward(rubrics, backend, max_tokens=cfg.max_tokens)
 
 
 def _summary(records: list[dict[str, Any]], pairs: list[dict[str, Any]]) -> tuple[list, dict]:
@@ -174,18 +186,15 @@ def _summary(records: list[dict[str, Any]], pairs: list[dict[str, Any]]) -> tupl
             clipped = min(max(p, 1e-6), 1 - 1e-6)
             row["margin"] = math.log(clipped / (1 - clipped))
         rows.append(row)
-    verdicts = [v for r in records for v in r.get("verdicts", [])]
-    parsed = [v for v in verdicts if v in ("A", "B")]
-    both = [r["verdicts"] for r in records if all(v in ("A", "B") for v in r.get("verdicts", []))
-            and r.get("verdicts")]  # fmt: skip
+    if records and "verdicts" in records[0]:
+        judged = verdict_metrics([r["label"] for r in records], [r["verdicts"] for r in records])
+    else:  # labelled by rubric scores: no verdicts, an ungraded reply leaves no label
+        unscored = sum(r["score_a"] is None or r["score_b"] is None for r in records)
+        judged = {"pairs": float(len(records)), "kept": len(rows) / len(records),
+                  "unparseable": float(unscored)}  # fmt: skip
     metrics = {
-        "pairs": len(records), "kept": len(rows),
-        "consistency": sum(x != y for x, y in both) / len(both) if both else None,
-        "position_bias": sum(v == "A" for v in parsed) / len(parsed) if parsed else None,
-        "unparseable": sum(v is None for v in verdicts) if verdicts else
-        sum(r.get("score_a") is None or r.get("score_b") is None for r in records),
-        "soft_labels": len(soft),
-        "mean_p_chosen": sum(soft) / len(soft) if soft else None,
+        **{k: None if v != v else v for k, v in judged.items()},  # NaN -> null in the JSON
+        "soft_labels": len(soft), "mean_p_chosen": sum(soft) / len(soft) if soft else None,
     }  # fmt: skip
     return rows, metrics
 
@@ -200,9 +209,12 @@ def main(cfg: CAILabelConfig) -> Path:
         log.info("continuing after %d pairs already labelled in %s", done, labels_file)
     if done < len(pairs):
         cache = None if cfg.cache is None else out / cfg.cache
-        backend = cached(load_backend(cfg.judge, **cfg.backend_options), cache)
+        judge, constitution = _judge(cfg, cache), None
+        if not isinstance(judge, RubricReward):
+            constitution = load_constitution(cfg.constitution)
         for first in range(done, len(pairs), cfg.chunk):
-            records = _label_chunk(cfg, backend, pairs[first : first + cfg.chunk], first)
+            part = pairs[first : first + cfg.chunk]
+            records = _label_chunk(cfg, judge, constitution, part, first)
             with labels_file.open("a", encoding="utf-8") as f:
                 f.write("".join(json.dumps(r) + "\n" for r in records))
             log.info("%d / %d pairs", first + len(records), len(pairs))

@@ -75,7 +75,7 @@ CLASSIC_PREFIX = "The answer is: ("
 
 def _classic_text(logprobs: dict[str, float]) -> str:
     """A classic verdict written as a generative one, so one parser reads both."""
-    p = soft_label((logprobs["A"], logprobs["B"]), (logprobs["B"], logprobs["A"]))
+    p = _p_first((logprobs["A"], logprobs["B"]))
     verdict = "A" if p > 0.5 else "B" if p < 0.5 else "C"
     return f"P(A) = {p:.4f} [[{verdict}]]"
 
@@ -90,12 +90,13 @@ def soft_label(forward: tuple[float, float], swapped: tuple[float, float]) -> fl
     Returns:
         The mean of softmax(forward)[A] and softmax(swapped)[B].
     """
+    return 0.5 * (_p_first(forward) + (1.0 - _p_first(swapped)))
 
-    def first(pair: tuple[float, float]) -> float:
-        gap = pair[1] - pair[0]
-        return 0.0 if gap > 700 else 1.0 / (1.0 + math.exp(gap))  # exp overflows past ~709
 
-    return 0.5 * (first(forward) + (1.0 - first(swapped)))
+def _p_first(pair: tuple[float, float]) -> float:
+    """softmax over ``(log p([[A]]), log p([[B]]))``, its first entry."""
+    gap = pair[1] - pair[0]
+    return 0.0 if gap > 700 else 1.0 / (1.0 + math.exp(gap))  # exp overflows past ~709
 
 
 @dataclass
@@ -119,17 +120,34 @@ class AILabels:
 
     def metrics(self) -> dict[str, float]:
         """``kept``, ``consistency``, ``position_bias`` and ``unparseable`` (see the module)."""
-        n = len(self.preferred)
-        parsed = [v for pair in self.verdicts for v in pair if v in ("A", "B")]
-        both = [pair for pair in self.verdicts if all(v in ("A", "B") for v in pair)]
-        agree = sum(first != second for first, second in both)  # A then B = same reply
-        return {
-            "pairs": float(n),
-            "kept": sum(p is not None for p in self.preferred) / n if n else math.nan,
-            "consistency": agree / len(both) if both else math.nan,
-            "position_bias": sum(v == "A" for v in parsed) / len(parsed) if parsed else math.nan,
-            "unparseable": float(sum(v is None for pair in self.verdicts for v in pair)),
-        }
+        return verdict_metrics(self.preferred, self.verdicts)
+
+
+def verdict_metrics(
+    preferred: Sequence[str | None], verdicts: Sequence[Sequence[str | None]]
+) -> dict[str, float]:
+    """How reliable a judge was over pairs judged in both orders (NaN where undefined).
+
+    Args:
+        preferred: Per pair, the kept label or None.
+        verdicts: Per pair, the parsed verdicts (A-first, B-first) in shown positions.
+
+    Returns:
+        ``pairs``; ``kept`` (share labelled); ``consistency`` (share of fully parsed pairs whose
+        orders pick the same reply); ``position_bias`` (share of parsed verdicts naming the
+        reply shown first); ``unparseable`` (count of verdicts that could not be read).
+    """
+    n = len(preferred)
+    parsed = [v for pair in verdicts for v in pair if v in ("A", "B")]
+    both = [pair for pair in verdicts if all(v in ("A", "B") for v in pair)]
+    agree = sum(first != second for first, second in both)  # A then B = same reply
+    return {
+        "pairs": float(n),
+        "kept": sum(p is not None for p in preferred) / n if n else math.nan,
+        "consistency": agree / len(both) if both else math.nan,
+        "position_bias": sum(v == "A" for v in parsed) / len(parsed) if parsed else math.nan,
+        "unparseable": float(sum(v is None for pair in verdicts for v in pair)),
+    }
 
 
 def label_pairs(
