@@ -94,7 +94,7 @@ def soft_label(forward: tuple[float, float], swapped: tuple[float, float]) -> fl
 
 
 def _p_first(pair: tuple[float, float]) -> float:
-    """softmax over ``(log p([[A]]), log p([[B]]))``, its first entry."""
+    """Softmax over ``(log p([[A]]), log p([[B]]))``, its first entry."""
     gap = pair[1] - pair[0]
     return 0.0 if gap > 700 else 1.0 / (1.0 + math.exp(gap))  # exp overflows past ~709
 
