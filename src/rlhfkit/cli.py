@@ -154,6 +154,12 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
         "main",
         "SFT -> candidates -> labels -> reward model -> PPO/DPO -> eval -> report.html.",
     ),
+    "overopt": (
+        "rlhfkit.pipeline.overopt",
+        "OveroptConfig",
+        "main",
+        "Reward over-optimisation: proxies at label budgets, best-of-n and RL, Gao fits.",
+    ),
     "demo": (
         "rlhfkit.pipeline.run",
         "PipelineConfig",
@@ -182,7 +188,18 @@ def _usage() -> str:
 GROUPS = sorted({name.split()[0] for name in COMMANDS if " " in name})
 """First words of the two-word commands (``rm``, ``label``, ``dpo``)."""
 
-TRAINING = ("sft", "rm train", "dpo", "dpo online", "rl", "distill", "rs", "pipeline", "demo")
+TRAINING = (
+    "sft",
+    "rm train",
+    "dpo",
+    "dpo online",
+    "rl",
+    "distill",
+    "rs",
+    "pipeline",
+    "demo",
+    "overopt",
+)
 """Commands that checkpoint: an interrupted one continues when it is run again."""
 
 

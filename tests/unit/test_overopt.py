@@ -8,7 +8,17 @@ import math
 import pytest
 import torch
 
-from rlhfkit.eval.overopt import bon_curve, fit_gao_bon, fit_gao_rl, gao_peaks, rm_ensemble
+from rlhfkit.eval.overopt import (
+    bon_curve,
+    bon_curve_unbiased,
+    bon_unbiased,
+    fit_gao_bon,
+    fit_gao_rl,
+    gao_fit,
+    gao_peaks,
+    r_squared,
+    rm_ensemble,
+)
 
 NAN = math.nan
 
@@ -231,3 +241,46 @@ def test_synthetic_overoptimisation_gold_peaks_while_proxy_rises():
     alpha, beta = fit_gao_bon(d, [x - g[0] for x in g])
     d_bon, _ = gao_peaks(alpha, beta)
     assert beta > 0 and d[1] < d_bon < d[-1]
+
+
+def test_bon_curve_unbiased_averages_the_per_prompt_estimator():
+    proxy = [[0.1, 0.9, 0.5, 0.3], [0.2, 0.4, 0.8, 0.6], [0.7, 0.1, 0.3, 0.5]]
+    gold = [[1.0, 0.0, 2.0, 3.0], [4.0, 1.0, 0.0, 2.0], [0.5, 1.5, 2.5, 3.5]]
+    points = bon_curve_unbiased(proxy, gold, [1, 2, 4])
+    assert [p["n"] for p in points] == [1, 2, 4] and points[0]["d"] == 0.0
+    for p in points:
+        picks = [bon_unbiased(a, b, p["n"]) for a, b in zip(proxy, gold, strict=True)]
+        assert p["gold"] == pytest.approx(sum(g for _, g in picks) / 3)
+        assert p["proxy"] == pytest.approx(sum(r for r, _ in picks) / 3)
+        assert p["gold_low"] <= p["gold"] <= p["gold_high"]
+    # n = N picks every prompt's proxy argmax: gold 0.0, 0.0, 0.5
+    assert points[-1]["gold"] == pytest.approx(0.5 / 3)
+    assert points[0]["gold"] == pytest.approx((6.0 + 7.0 + 8.0) / 12)  # n = 1: the plain mean
+
+
+def test_r_squared_is_one_on_the_curve_and_matches_the_definition_off_it():
+    d = [0.2, 0.5, 1.0, 1.5, 2.0]
+    exact = [x * (0.8 - 0.3 * x) for x in d]
+    assert r_squared(d, exact, 0.8, 0.3, rl=False) == pytest.approx(1.0)
+    noisy = [y + e for y, e in zip(exact, [0.05, -0.02, 0.03, -0.04, 0.01], strict=True)]
+    alpha, beta = fit_gao_bon(d, noisy)
+    pred = [x * (alpha - beta * x) for x in d]
+    mean = sum(noisy) / len(noisy)
+    expected = 1 - sum((y - f) ** 2 for y, f in zip(noisy, pred, strict=True)) / sum(
+        (y - mean) ** 2 for y in noisy
+    )
+    assert r_squared(d, noisy, alpha, beta, rl=False) == pytest.approx(expected)
+    rl = [x * (0.5 - 0.4 * math.log(x)) for x in d]
+    assert r_squared(d, rl, 0.5, 0.4, rl=True) == pytest.approx(1.0)
+    assert math.isnan(r_squared([1.0], [0.3], 0.1, 0.1, rl=False))
+
+
+def test_gao_fit_recovers_known_parameters_with_r2_and_peak():
+    d = [0.0, 0.3, 0.6, 0.9, 1.2, 1.5, 1.8]
+    fit = gao_fit(d, [x * (1.2 - 0.5 * x) for x in d], rl=False)
+    assert fit["alpha"] == pytest.approx(1.2) and fit["beta"] == pytest.approx(0.5)
+    assert fit["r2"] == pytest.approx(1.0) and fit["d_star"] == pytest.approx(1.2)
+    fit = gao_fit(d, [x * (0.7 - 0.2 * math.log(x)) if x else 0.0 for x in d], rl=True)
+    assert fit["alpha"] == pytest.approx(0.7) and fit["beta"] == pytest.approx(0.2)
+    assert fit["d_star"] == pytest.approx(math.exp(0.7 / 0.2 - 1))
+    assert gao_fit([0.0, 1.0], [0.0, 0.5], rl=False) is None  # one usable point

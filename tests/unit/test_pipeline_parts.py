@@ -26,11 +26,11 @@ def _row(i, completions):
 
 def test_pairs_are_every_two_distinct_non_blank_completions():
     rows = [_row(0, ["a", "b", "a", " ", "c"]), _row(1, ["x", "x"])]
-    pairs = pipeline_labels._pairs_of(rows, None)
+    pairs = pipeline_labels.pairs_of(rows, None)
     assert [(p["id"], p["a"], p["b"]) for p in pairs] == [
         ("0:0-1", "a", "b"), ("0:0-4", "a", "c"), ("0:1-4", "b", "c")
     ]  # fmt: skip
-    assert [p["id"] for p in pipeline_labels._pairs_of(rows, 2)] == ["0:0-1", "0:0-4"]
+    assert [p["id"] for p in pipeline_labels.pairs_of(rows, 2)] == ["0:0-1", "0:0-4"]
     assert pairs[0]["reference"] == "w\nAnswer: 1" and pairs[0]["task"] == "arithmetic"
 
 

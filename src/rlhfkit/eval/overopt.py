@@ -12,6 +12,9 @@ the gold reward rises, peaks and falls.
 - ``fit_gao_bon`` / ``fit_gao_rl``: least-squares fits of Gao's functional forms
   R_bon(d) = d (alpha - beta d) and R_rl(d) = d (alpha - beta log d).
 - ``gao_peaks``: where those forms peak, d*_bon = alpha / (2 beta), d*_rl = e^(alpha/beta - 1).
+- ``bon_curve_unbiased``: the best-of-n curve from every prompt's N samples with
+  ``bon_unbiased``, with 95% intervals over prompts.
+- ``gao_fit``: one fit with its R^2 and peak, as the ``rlhfkit overopt`` report tabulates it.
 - ``rm_ensemble``: combine the scores of K reward models (Coste et al. 2023, "Reward Model
   Ensembles Help Mitigate Overoptimization"): mean, worst case (min) or the uncertainty-weighted
   mean - lambda * std.
@@ -25,6 +28,7 @@ from typing import Any
 
 import torch
 
+from rlhfkit.eval.intervals import mean_interval
 from rlhfkit.ops.ensemble import ENSEMBLE_MODES as ENSEMBLE_MODES
 from rlhfkit.ops.ensemble import rm_ensemble as rm_ensemble
 from rlhfkit.ops.selection import bon_kl
@@ -209,3 +213,71 @@ def gao_peaks(alpha: float, beta: float) -> tuple[float, float]:
     ratio = alpha / beta
     d_rl = math.exp(ratio - 1) if ratio - 1 < 709 else math.inf
     return alpha / (2 * beta), d_rl
+
+
+def bon_curve_unbiased(
+    proxy: Sequence[Sequence[float]], gold: Sequence[Sequence[float]], ns: Sequence[int]
+) -> list[dict[str, Any]]:
+    """The best-of-n curve with the unbiased estimator: per n, the means over prompts.
+
+    For each prompt, :func:`bon_unbiased` gives the exact expected proxy and gold reward of the
+    proxy's pick among n of its N samples; the point of n averages them over the M prompts,
+    with a 95% Student-t interval of the gold mean over prompts (M >= 2). KL = log n - (n - 1)/n
+    and d = sqrt(KL), as in :func:`bon_curve`.
+
+    Shapes:
+        proxy, gold: (M, N) nested sequences, M prompts by N >= max(ns) samples.
+
+    Returns:
+        One dict per n: ``n``, ``kl``, ``d``, ``proxy``, ``gold``, ``gold_low``, ``gold_high``.
+    """
+    if len(proxy) != len(gold) or not proxy:
+        raise ValueError(f"need the same M >= 1 prompts: {len(proxy)} vs {len(gold)}")
+    out = []
+    for n in ns:
+        picks = [bon_unbiased(p, g, n) for p, g in zip(proxy, gold, strict=True)]
+        golds = [g for _, g in picks]
+        interval = mean_interval(golds) if len(golds) > 1 else {"low": golds[0], "high": golds[0]}
+        kl = bon_kl(n)
+        proxies = math.fsum(p for p, _ in picks) / len(picks)
+        out.append({
+            "n": n, "kl": kl, "d": math.sqrt(kl), "proxy": proxies,
+            "gold": math.fsum(golds) / len(golds), "gold_low": interval["low"],
+            "gold_high": interval["high"],
+        })  # fmt: skip
+    return out
+
+
+def r_squared(d: Sequence[float], r: Sequence[float], alpha: float, beta: float, rl: bool) -> float:
+    """Coefficient of determination of a Gao fit: 1 - SS_res / SS_tot over the points with d > 0.
+
+    The prediction is d (alpha - beta d) (best-of-n) or d (alpha - beta log d) (RL, ``rl``); SS_tot
+    is taken around the points' mean. NaN with fewer than two points or no spread.
+    """
+    pts = _points(d, r)
+    if len(pts) < 2:
+        return math.nan
+    mean = math.fsum(y for _, y in pts) / len(pts)
+    shape = math.log if rl else (lambda x: x)
+    res = math.fsum((y - x * (alpha - beta * shape(x))) ** 2 for x, y in pts)
+    tot = math.fsum((y - mean) ** 2 for _, y in pts)
+    return 1.0 - res / tot if tot > 0 else math.nan
+
+
+def gao_fit(d: Sequence[float], gain: Sequence[float], rl: bool) -> dict[str, float] | None:
+    """Gao's form fitted to reward gains: ``alpha``, ``beta``, ``r2`` and the peak ``d_star``.
+
+    Args:
+        d: sqrt(KL) of each point.
+        gain: The reward gain over the starting policy at each point.
+        rl: The RL form d (alpha - beta log d) instead of best-of-n's d (alpha - beta d).
+
+    Returns:
+        None when there are fewer than two usable points.
+    """
+    try:
+        alpha, beta = (fit_gao_rl if rl else fit_gao_bon)(d, gain)
+    except ValueError:
+        return None
+    peak = gao_peaks(alpha, beta)[1 if rl else 0]
+    return {"alpha": alpha, "beta": beta, "r2": r_squared(d, gain, alpha, beta, rl), "d_star": peak}

@@ -400,6 +400,10 @@ def render_report(data: dict[str, Any], path: str | Path) -> Path:
         body.append(f"<p>Created {_esc(created)}</p>")
     for sid, heading in SECTIONS:
         body.append(f'<section id="{sid}"><h2>{_esc(heading)}</h2>{BUILDERS[sid](data)}</section>')
+    return _write_page(title, body, path)
+
+
+def _write_page(title: str, body: list[str], path: str | Path) -> Path:
     page = (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         f"<title>{_esc(title)}</title><style>{CSS}</style>"
@@ -409,3 +413,71 @@ def render_report(data: dict[str, Any], path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, page)
     return path
+
+
+def _budget_figure(curves: list[dict[str, Any]], rl: bool) -> str:
+    """Proxy (dotted) and gold (solid) reward against d, one colour per budget and proxy."""
+
+    def draw(fig: Figure) -> None:
+        ax_gold, ax_proxy = fig.subplots(1, 2)
+        for c in curves:
+            pts = c["points"]
+            d = [p["d"] for p in pts]
+            label = f"{c['budget']} pairs, {c['proxy']}"
+            ax_gold.plot(d, [p["gold"] for p in pts], marker=".", label=label)
+            ax_proxy.plot(d, [p["proxy"] for p in pts], marker=".", linestyle=":", label=label)
+        for ax, what in ((ax_gold, "gold reward"), (ax_proxy, "proxy reward")):
+            ax.set(xlabel="d = sqrt(KL(policy || start))", ylabel=what)
+        ax_gold.set_title(("RL" if rl else "best-of-n") + ": gold")
+        ax_proxy.set_title(("RL" if rl else "best-of-n") + ": proxy")
+        ax_gold.legend(loc="best", fontsize="small")
+
+    return _figure(draw, "proxy and gold reward against sqrt(KL)", (10, 4.2))
+
+
+def render_overopt_report(data: dict[str, Any], path: str | Path) -> Path:
+    """Write ``rlhfkit overopt``'s page: the curves per budget, Gao's fits and a table.
+
+    ``data`` holds ``bon`` (``{"ns", "curves": [{"budget", "proxy", "points": [{"n", "d",
+    "proxy", "gold", "gold_low", "gold_high"}], "gold_fit", "gold_peak_n", "gold_peak"}]}``),
+    ``rl`` (``{"runs": [{"budget", "proxy", "points": [{"step", "d", "proxy", "gold"}],
+    "gold_fit", "gold_peak_step", "gold_peak_d", "final_d"}]}``) and ``config``.
+
+    Raises:
+        MissingExtraError: When matplotlib (the ``plot`` extra) is not installed.
+    """
+    _matplotlib()
+    bon, runs = data["bon"]["curves"], data.get("rl", {}).get("runs", [])
+    body = [
+        "<h1>Reward over-optimisation</h1>",
+        "<p>Proxy reward models trained on gold-labelled pairs at several label budgets; the policy"
+        " optimised against each by best-of-n (unbiased estimator over all samples) and by RL."
+        " Every point is scored by the proxy and by the gold judge. Over-optimisation shows as a"
+        " gold curve that peaks and falls while the proxy keeps rising.</p>",
+        '<section id="bon"><h2>Best-of-n</h2>' + _budget_figure(bon, rl=False),
+    ]
+    rows = []
+    for c in bon:
+        pts, fit = c["points"], c["gold_fit"] or {}
+        rows.append([c["budget"], c["proxy"], pts[0]["gold"], c["gold_peak"], c["gold_peak_n"],
+                     pts[-1]["gold"], pts[-1]["proxy"] - pts[0]["proxy"], fit.get("alpha"),
+                     fit.get("beta"), fit.get("r2"), fit.get("d_star")])  # fmt: skip
+    head = ["budget", "proxy", "gold n=1", "gold peak", "peak n", "gold n=max", "proxy gain",
+            "alpha", "beta", "R^2", "d*"]  # fmt: skip
+    body.append(_table(head, rows, text_cols=2) + "</section>")
+    if runs:
+        body.append('<section id="rl"><h2>RL</h2>' + _budget_figure(runs, rl=True))
+        rows = []
+        for r in runs:
+            pts, fit = r["points"], r["gold_fit"] or {}
+            past = (r["final_d"] - fit["d_star"]) if fit.get("d_star") is not None else None
+            rows.append([r["budget"], r["proxy"], pts[0]["gold"] if pts else None,
+                         max((p["gold"] for p in pts if p["gold"] is not None), default=None),
+                         r.get("gold_peak_step"), r.get("final_d"), fit.get("alpha"),
+                         fit.get("beta"), fit.get("r2"), fit.get("d_star"), past])  # fmt: skip
+        head = ["budget", "proxy", "gold start", "gold peak", "peak step", "final d", "alpha",
+                "beta", "R^2", "d*", "final d - d*"]  # fmt: skip
+        body.append(_table(head, rows, text_cols=2) + "</section>")
+    config = json.dumps(data.get("config", {}), indent=1, default=str)
+    body.append(f"<section id='config'><h2>Configuration</h2><pre>{_esc(config)}</pre></section>")
+    return _write_page("rlhfkit over-optimisation", body, path)

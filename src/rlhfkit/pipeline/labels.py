@@ -37,7 +37,7 @@ def jsonl_text(rows: list[dict[str, Any]]) -> str:
     return "".join(json.dumps(r) + "\n" for r in rows)
 
 
-def _pairs_of(rows: list[dict[str, Any]], per_prompt: int | None) -> list[dict[str, Any]]:
+def pairs_of(rows: list[dict[str, Any]], per_prompt: int | None) -> list[dict[str, Any]]:
     """Unlabelled pairs: every two distinct non-blank completions of a prompt, in order.
 
     These are InstructGPT's K-choose-2 comparisons, at most ``per_prompt`` of them per prompt
@@ -184,7 +184,7 @@ def _label_quality(
 def run_labels(cfg: PipelineConfig, run: Path) -> bool:
     """Step 3; False when human labels are still missing (the pipeline stops there)."""
     rows = [json.loads(line) for line in (run / "candidates.jsonl").read_text().splitlines()]
-    pairs = _pairs_of(rows, cfg.candidates.pairs_per_prompt)
+    pairs = pairs_of(rows, cfg.candidates.pairs_per_prompt)
     labelers: dict[str, Callable[[], list[float | None] | None]] = {
         "gold": lambda: [gold_prefers(p["a"], p["b"], p["reference"], p["task"]) for p in pairs],
         "judge": lambda: _judge_choices(cfg, pairs),

@@ -306,7 +306,6 @@ def _seeded(cfg: PipelineConfig) -> PipelineConfig:
 
 def _stage_in_child(name: str, cfg: PipelineConfig, run: Path) -> bool | None:
     """Run one stage (by name: the table's lambdas do not pickle) in a worker process."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     return next(s for s in STAGES if s.name == name).run(cfg, run)
 
 
@@ -323,18 +322,31 @@ def _wait_for(stage: Stage, run: Path, poll: float = 1.0) -> bool:
     return True
 
 
-def _run_stage(stage: Stage, cfg: PipelineConfig, run: Path) -> bool | None:
-    """Run a stage, in a fresh process when it loads models and ``cfg.isolate_stages`` is set.
+def _logged(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` with INFO logging set up (in a fresh process nothing configures it)."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return fn(*args)
 
-    A process of its own returns all of a stage's memory to the system when the stage ends
-    (models, optimiser state, allocator caches), so the pipeline's peak is the largest stage's
-    peak rather than their sum. An exception in the stage (a user error included) is re-raised
-    here; Ctrl-C reaches both processes.
+
+def run_in_child(fn: Callable[..., Any], *args: Any, isolate: bool = True) -> Any:
+    """``fn(*args)`` in a fresh (spawned) process when ``isolate``, else here.
+
+    A process of its own returns all of a step's memory to the system when it ends (models,
+    optimiser state, allocator caches), so a multi-stage run peaks at its largest step rather
+    than their sum. ``fn`` and ``args`` must pickle (module-level functions, dataclasses). An
+    exception in the child (a user error included) is re-raised here; Ctrl-C reaches both.
     """
-    if not (cfg.isolate_stages and stage.loads_models):
-        return stage.run(cfg, run)
+    if not isolate:
+        return fn(*args)
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(_stage_in_child, stage.name, cfg, run).result()
+        return pool.submit(_logged, fn, *args).result()
+
+
+def _run_stage(stage: Stage, cfg: PipelineConfig, run: Path) -> bool | None:
+    """Run a stage, in a fresh process when it loads models and ``cfg.isolate_stages`` is set."""
+    return run_in_child(
+        _stage_in_child, stage.name, cfg, run, isolate=cfg.isolate_stages and stage.loads_models
+    )
 
 
 def main(cfg: PipelineConfig) -> Path:

@@ -1,14 +1,22 @@
 """Reward shaping (docs/methods/policy.md: KL in the reward, DAPO, EOS-only scoring).
 
-DAPO's overlong penalty, a length penalty, the weighted sum of reward components and the KL
-penalty in the reward. Pure functions on plain numbers or (B, T) tensors.
+DAPO's overlong penalty, a length penalty, the weighted sum of reward components, the KL
+penalty in the reward, and reward normalisation and clipping (running moments merged with
+Chan et al.'s parallel update). Pure functions on plain numbers or tensors.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
+
+REWARD_NORMS = ("none", "batch", "running")
+"""``--algo.reward_norm``: no normalisation, this batch's moments, or the running moments."""
+
+Moments = tuple[int, float, float]
+"""(count, mean, M2) of the values seen: M2 = sum_i (x_i - mean)^2."""
 
 
 def overlong_penalty(length: int, max_len: int, cache: int) -> float:
@@ -107,3 +115,105 @@ def l1_length_reward(correct: bool | float, length: int, target: int, alpha: flo
     r = 1[correct] - alpha |L_target - L|.
     """
     return float(bool(correct)) - alpha * abs(target - length)
+
+
+def merge_moments(count: int, mean: float, m2: float, values: torch.Tensor) -> Moments:
+    """The moments (n, mean, M2) updated with the non-NaN ``values`` (Chan et al. 1979).
+
+    With the batch's n_b, mean_b and M2_b = sum_i (x_i - mean_b)^2, n = n_a + n_b and
+    delta = mean_b - mean_a:
+
+        mean = mean_a + delta n_b / n,    M2 = M2_a + M2_b + delta^2 n_a n_b / n.
+
+    Starting from (0, 0, 0) this gives one batch's own moments. Returns the input unchanged
+    when every value is NaN.
+
+    Shapes:
+        values: any shape (flattened); returns plain numbers.
+    """
+    x = values.detach().flatten().double()
+    x = x[~torch.isnan(x)]
+    n_b = int(x.numel())
+    if n_b == 0:
+        return count, mean, m2
+    mean_b = float(x.mean())
+    m2_b = float((x - mean_b).square().sum())
+    n = count + n_b
+    delta = mean_b - mean
+    return n, mean + delta * n_b / n, m2 + m2_b + delta * delta * count * n_b / n
+
+
+def moments_std(count: int, m2: float) -> float:
+    """The population std sqrt(M2 / n) of merged moments (0 when n = 0)."""
+    return math.sqrt(max(m2, 0.0) / count) if count > 0 else 0.0
+
+
+def normalise_rewards(
+    values: torch.Tensor, mean: float, std: float, eps: float = 1e-8
+) -> torch.Tensor:
+    """Rewards standardised: r <- (r - mean) / (std + eps); NaN (skipped) stays NaN.
+
+    Shapes:
+        values: any shape; returns the same shape and dtype.
+    """
+    return (values - mean) / (std + eps)
+
+
+def clip_rewards(values: torch.Tensor, bound: float) -> torch.Tensor:
+    """Rewards clipped: r <- clip(r, -bound, bound); NaN stays NaN.
+
+    Shapes:
+        values: any shape; returns the same shape and dtype.
+
+    Raises:
+        ValueError: When ``bound`` is not positive.
+    """
+    if not bound > 0:
+        raise ValueError(f"the reward clip bound must be > 0, got {bound}")
+    return values.clamp(-bound, bound)
+
+
+def clip_fraction(values: torch.Tensor, bound: float) -> float:
+    """Share of the non-NaN ``values`` with |r| > bound (0 when every value is NaN)."""
+    valid = values[~torch.isnan(values)]
+    return float((valid.abs() > bound).double().mean()) if valid.numel() else 0.0
+
+
+def reward_scale(
+    values: torch.Tensor, norm: str, running: Moments
+) -> tuple[tuple[float, float] | None, Moments]:
+    """The (mean, std) to normalise one batch's rewards by, and the running moments after it.
+
+    ``norm`` "batch": the batch's own mean and std; "running": the running moments updated
+    with this batch first (:func:`merge_moments`), then read; "none": no normalisation (None).
+    Both stds are population stds, sqrt(M2 / n); NaN values are ignored.
+
+    Shapes:
+        values: any shape; returns plain numbers.
+
+    Raises:
+        ValueError: An unknown ``norm``.
+    """
+    if norm not in REWARD_NORMS:
+        raise ValueError(f"unknown reward normalisation {norm!r} (choose from {REWARD_NORMS})")
+    if norm == "none":
+        return None, running
+    if norm == "running":
+        running = merge_moments(*running, values)
+    count, mean, m2 = running if norm == "running" else merge_moments(0, 0.0, 0.0, values)
+    return (mean, moments_std(count, m2)), running
+
+
+def shape_rewards(
+    values: torch.Tensor, scale: tuple[float, float] | None, bound: float | None
+) -> torch.Tensor:
+    """Normalise, then clip: r <- clip((r - mean) / (std + 1e-8), -bound, bound).
+
+    ``scale`` is the (mean, std) of :func:`reward_scale` (None: no normalisation); ``bound``
+    None: no clipping. NaN (a skipped completion) stays NaN.
+
+    Shapes:
+        values: any shape; returns the same shape and dtype.
+    """
+    out = values if scale is None else normalise_rewards(values, *scale)
+    return out if bound is None else clip_rewards(out, bound)

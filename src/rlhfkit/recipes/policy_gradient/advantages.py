@@ -3,14 +3,16 @@
 1. :func:`attach_logprobs`: log pi_old on the learner (when the batch serves several steps, has
    a critic or an exact KL in the reward) and log pi_ref (when a KL enters the reward or the
    loss); the exact per-token KL for the reward when the KL source needs hidden states.
-2. :func:`assign_advantages`: the KL in the reward (per sequence off the sequence reward, or per
+2. :func:`assign_advantages`: the rewards normalised and clipped (``--algo.reward-norm``,
+   ``--algo.reward-clip``), the KL in the reward (per sequence off the sequence reward, or per
    token inside the token stage), the preset's estimator on the (P, G) rewards with skipped
    completions left out of every baseline, and for a token-level estimator REINFORCE++'s
    whitened returns-to-go or PPO's GAE with the critic's values.
 
-The math lives in :mod:`rlhfkit.ops.advantages` and :mod:`rlhfkit.ops.kl`; this module applies
-it to rollout micro-batches. Formulas: ``docs/methods/policy.md#advantage-estimators`` and
-``#where-the-kl-goes``.
+The math lives in :mod:`rlhfkit.ops.advantages`, :mod:`rlhfkit.ops.kl` and
+:mod:`rlhfkit.rewards.shaping`; this module applies it to rollout micro-batches. Formulas:
+``docs/methods/policy.md#advantage-estimators``, ``#where-the-kl-goes`` and
+``#rewards-truncation-and-sampling-modifiers``.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from rlhfkit.recipes.policy_gradient.config import PGAlgoConfig
 from rlhfkit.recipes.policy_gradient.presets import ESTIMATORS, BaselineInputs, KLSide
 from rlhfkit.recipes.policy_gradient.self_distill import attach_self_teacher
 from rlhfkit.recipes.policy_gradient.state import LoopState, PGRun, RolloutBatch, RolloutMicroBatch
-from rlhfkit.rewards.shaping import kl_in_reward
+from rlhfkit.rewards.shaping import clip_fraction, kl_in_reward, reward_scale, shape_rewards
 from rlhfkit.training.distributed import all_reduce_sum, dist_rank, gather_objects
 
 
@@ -232,13 +234,48 @@ def _whole_batch(local: torch.Tensor | None) -> tuple[torch.Tensor | None, slice
     return torch.cat(parts), slice(start, start + local.shape[0])
 
 
+def shaped_rewards(
+    run: PGRun, state: LoopState, batch: RolloutBatch
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """This rank's rewards normalised, then clipped, and every rank's greedy rewards alike.
+
+    ``--algo.reward-norm`` and ``--algo.reward-clip`` (:mod:`rlhfkit.rewards.shaping`): the
+    moments are over the scored completions of the global batch; under 'running' the loop
+    state's moments take this batch in first. ReMax's greedy rewards are shaped with the same
+    mean, std and bound (they do not enter the moments). Logs
+    ``rollout/reward_shaped_mean`` and, with a clip, ``rollout/reward_clip_frac``;
+    ``batch.rewards`` keeps the raw rewards.
+
+    Shapes:
+        returns (P, G) fp64 (NaN where skipped) and (P_all,) or None.
+    """
+    algo = run.cfg.algo
+    greedy = _whole_batch(batch.sampled.greedy)[0]
+    if algo.reward_norm == "none" and algo.reward_clip is None:
+        return batch.rewards, greedy
+    whole, mine = _whole_batch(batch.rewards)
+    scale, state.reward_moments = reward_scale(whole, algo.reward_norm, state.reward_moments)
+    shaped = shape_rewards(whole, scale, algo.reward_clip)
+    valid = shaped[~torch.isnan(shaped)]
+    batch.stats["rollout/reward_shaped_mean"] = float(valid.mean()) if valid.numel() else 0.0
+    if algo.reward_clip is not None:
+        unclipped = shape_rewards(whole, scale, None)
+        batch.stats["rollout/reward_clip_frac"] = clip_fraction(unclipped, algo.reward_clip)
+    if greedy is not None:
+        greedy = shape_rewards(greedy, scale, algo.reward_clip)
+    return shaped[mine], greedy
+
+
 def assign_advantages(run: PGRun, state: LoopState, batch: RolloutBatch) -> None:
     """The KL in the reward and the preset's advantages, on every micro-batch (and the EMA).
 
-    Estimators see the rewards of the whole batch (all ranks'), so that a batch baseline is
-    the global one; each rank keeps the advantages of its own rows.
+    The rewards are first normalised and clipped (:func:`shaped_rewards`; every estimator,
+    the EMA and PPO's token stage read the shaped ones). Estimators see the rewards of the
+    whole batch (all ranks'), so that a batch baseline is the global one; each rank keeps the
+    advantages of its own rows.
     """
-    preset, rewards = run.preset, batch.rewards
+    preset = run.preset
+    rewards, greedy = shaped_rewards(run, state, batch)
     kl_coef = state.current_kl_coef(preset)
     shaped = rewards
     if preset.uses_kl:
@@ -249,7 +286,6 @@ def assign_advantages(run: PGRun, state: LoopState, batch: RolloutBatch) -> None
         if preset.kl_placement == "reward" and preset.kl_per == "seq":
             shaped = rewards - kl_coef * kl
     whole, mine = _whole_batch(shaped)
-    greedy = _whole_batch(batch.sampled.greedy)[0]
     inputs = BaselineInputs(ema=state.ema_baseline, greedy=greedy)
     advantages = estimate(whole, preset.advantage, run.cfg.algo, inputs)[mine]
     all_rewards = _whole_batch(rewards)[0].flatten()

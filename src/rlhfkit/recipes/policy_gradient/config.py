@@ -30,6 +30,7 @@ from rlhfkit.recipes.policy_gradient.presets import (
     PGPreset,
 )
 from rlhfkit.rewards.base import reward_spec_problem
+from rlhfkit.rewards.shaping import REWARD_NORMS
 from rlhfkit.rollout.hf import SamplingConfig
 from rlhfkit.validation import did_you_mean, model_path_problem
 
@@ -131,6 +132,12 @@ class PGAlgoConfig:
     """Reward -length_penalty per completion token beyond length_budget (0: off)."""
     length_budget: int = 0
     """Completion tokens free of the length penalty."""
+    reward_norm: Literal["none", "batch", "running"] = "none"
+    """Normalise the rewards (after the penalties, before the KL and the estimator):
+    r <- (r - mean) / (std + 1e-8) with this batch's population mean and std ('batch') or the
+    running ones over every reward so far, this batch included ('running')."""
+    reward_clip: float | None = None
+    """Clip each reward (after any normalisation) to [-c, c] (None: no clipping)."""
     epochs: int | None = None
     """Optimiser passes over each rollout batch (None: the preset's; PPO 4, others 1)."""
     minibatches: int = 1
@@ -155,8 +162,13 @@ class PGAlgoConfig:
     """--algo.teacher self with ema: the average's step size alpha."""
 
     def problems(self) -> Problems:
-        """A teacher that is not there, a discount outside [0, 1]."""
+        """A teacher that is not there, a discount outside [0, 1], a reward clip <= 0."""
         out = []
+        if self.reward_clip is not None and not self.reward_clip > 0:
+            out.append(("reward_clip", f"must be > 0 (or unset), got {self.reward_clip}"))
+        if self.reward_norm not in REWARD_NORMS:
+            names = ", ".join(REWARD_NORMS)
+            out.append(("reward_norm", f"unknown {self.reward_norm!r} (choose from {names})"))
         if self.teacher not in (None, "self"):
             out += [("teacher", text) for text in [model_path_problem(self.teacher)] if text]
         if not 0.0 < self.self_ema <= 1.0:

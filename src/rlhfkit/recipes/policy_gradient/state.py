@@ -3,7 +3,8 @@
 - :class:`PGRun`: the objects built once (configuration, preset row, prompts, reward functions,
   reference model, sampler); nothing here is saved.
 - :class:`LoopState`: what must survive a resume (the prompt-batch counter, the EMA baseline,
-  the adaptive KL coefficient); written into every checkpoint and read back on resume.
+  the adaptive KL coefficient, the running reward moments); written into every checkpoint and
+  read back on resume.
 - :class:`RolloutMicroBatch`: one micro-batch of completions, the model input plus the
   completion-space tensors (B, T) that each stage fills in.
 - :class:`RolloutBatch`: one rollout batch as minibatches of micro-batches, with what to log.
@@ -22,6 +23,7 @@ from rlhfkit.data.prompts import PromptRow
 from rlhfkit.envs.base import Environment
 from rlhfkit.recipes.policy_gradient.config import PGConfig
 from rlhfkit.recipes.policy_gradient.presets import PGPreset
+from rlhfkit.rewards.shaping import Moments
 from rlhfkit.rollout.multiturn import TurnLimits
 from rlhfkit.rollout.sampler import HFGenerator
 from rlhfkit.training.run import RunContext
@@ -39,11 +41,28 @@ class LoopState:
             first step: the preset's).
         ema_baseline: The running reward baseline of ``ema_baseline`` (None before the first
             batch).
+        reward_count: ``--algo.reward-norm running``: rewards seen so far (skipped ones not
+            counted).
+        reward_mean: Their running mean.
+        reward_m2: Their running sum of squared deviations from the mean, M2.
     """
 
     rollouts: int = 0
     kl_coef: float | None = None
     ema_baseline: float | None = None
+    reward_count: int = 0
+    reward_mean: float = 0.0
+    reward_m2: float = 0.0
+
+    @property
+    def reward_moments(self) -> Moments:
+        """The running reward moments (count, mean, M2)."""
+        return self.reward_count, self.reward_mean, self.reward_m2
+
+    @reward_moments.setter
+    def reward_moments(self, value: Moments) -> None:
+        count, mean, m2 = value
+        self.reward_count, self.reward_mean, self.reward_m2 = int(count), float(mean), float(m2)
 
     def current_kl_coef(self, preset: PGPreset) -> float:
         """The KL coefficient of this step: the controller's, else the preset row's."""

@@ -1,0 +1,495 @@
+"""``rlhfkit overopt``: the reward over-optimisation experiment (Gao, Schulman & Hilton 2023).
+
+Proxy reward models are trained on gold-labelled pairs at several label budgets; the policy is
+then optimised against each proxy, by best-of-n and by RL, and every point is scored by the
+proxy and by the gold judge (the built-in task's programmatic judge, which labelled the pairs).
+The proxy keeps rising as the policy moves away from its start; the gold reward rises, peaks
+and, for a proxy trained on few labels, falls.
+
+1. **sft**: the policy, the embedded model fine-tuned on the built-in instructions (skipped
+   with ``--policy``).
+2. **candidates**: the policy samples ``candidates.sampling.num_samples`` completions for each
+   training prompt; every two distinct ones with different gold scores form a gold-labelled pair
+   (the higher score is chosen), pooled with the task's own gold pairs (``proxies.mix_builtin``)
+   and shuffled once (``pool.jsonl``).
+3. **proxies**: for each budget b, ``proxies.ensemble`` reward models (seeds 0..K-1, each its own
+   data order) on the pool's first b pairs, with a share ``proxies.label_noise`` of them flipped
+   (``rm/b<b>-s<k>/final``); with ``proxies.warm`` also their weight average (WARM,
+   ``rm/b<b>-warm/final``).
+4. **samples**: N = ``bon.samples`` samples of each held-out prompt from the policy, scored by
+   the gold judge and by every reward model (``samples/``, cached).
+5. **bon**: the best-of-n curves for n = 1, 2, 4, ... up to ``bon.max_n`` with the unbiased
+   estimator (:func:`rlhfkit.eval.overopt.bon_unbiased`, every sample used), for every proxy,
+   ensemble mode and WARM model, with Gao's fit R_bon(d) = d (alpha - beta d), its R^2 and peak
+   (``bon.json``).
+6. **rl**: a GRPO run against each proxy named by ``rl_on`` (gold logged beside it at weight 0);
+   the per-step proxy and gold rewards against d = sqrt(KL) are fitted with
+   R_rl(d) = d (alpha - beta log d) (``rl/<proxy>/``, ``rl.json``).
+7. **report**: ``overopt.html``, the curves per budget, the fits and a table.
+
+Every stage is skipped when its output exists, and the training runs resume from their
+checkpoints, so running the same command again continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from rlhfkit.atomic import atomic_write_text
+from rlhfkit.config import LogConfig, LoopConfig, ModelConfig, OptimConfig, Problems
+from rlhfkit.data.sources import load_rows
+from rlhfkit.data.tasks.preferences import gold_prefers
+from rlhfkit.eval.overopt import bon_curve_unbiased, gao_fit
+from rlhfkit.extras import require_extra
+from rlhfkit.inference.evaluate import EvalDataConfig, evaluate_prompts
+from rlhfkit.models.merge import average_model_dirs
+from rlhfkit.ops.ensemble import rm_ensemble
+from rlhfkit.pipeline.config import CandidatesConfig
+from rlhfkit.pipeline.labels import jsonl_text, pairs_of
+from rlhfkit.pipeline.run import GOLD, run_in_child
+from rlhfkit.recipes import policy_gradient as pg
+from rlhfkit.recipes import reward_model, sft
+from rlhfkit.rollout.hf import SamplingConfig
+from rlhfkit.validation import model_path_problem
+
+log = logging.getLogger(__name__)
+console = Console()
+
+
+@dataclass
+class ProxiesConfig:
+    """Step 3: the proxy reward models."""
+
+    budgets: tuple[int, ...] = (64, 256, 1024)
+    """Label budgets: each proxy trains on the pool's first b pairs (nested, as in Gao et al.)."""
+    label_noise: float = 0.0
+    """Share of a budget's pairs whose labels are flipped (seeded)."""
+    ensemble: int = 1
+    """Reward models per budget, with seeds 0..K-1 (K > 1: the ensemble curves too)."""
+    modes: tuple[str, ...] = ("mean", "min", "uwo")
+    """Ensemble modes compared (K > 1): mean, min (worst case), uwo (mean - uwo_lambda * std)."""
+    uwo_lambda: float = 1.0
+    """The std penalty of the uwo mode."""
+    warm: bool = False
+    """Also the WARM model of each budget: the element-wise mean of its K members' weights."""
+    epochs: float = 2.0
+    """Passes over a budget's pairs; steps = max(min_steps, ceil(epochs * b / batch_size))."""
+    min_steps: int = 8
+    """Fewest optimiser steps of a proxy."""
+    mix_builtin: bool = True
+    """Pool the task's own gold-labelled training pairs with the policy's sampled pairs."""
+
+
+@dataclass
+class BonConfig:
+    """Steps 4-5: best-of-n on held-out prompts."""
+
+    source: str = "builtin:preferences"
+    """Held-out prompts with the gold judge's fields."""
+    split: str = "heldout"
+    """Split of the source."""
+    prompts: int = 24
+    """Distinct prompts."""
+    samples: int = 64
+    """N: samples per prompt (the unbiased estimator uses all N for every n <= N)."""
+    max_n: int = 64
+    """Largest n of the curve (n = 1, 2, 4, ... up to it)."""
+    max_new_tokens: int = 64
+    """Length limit of every sample."""
+    temperature: float = 1.0
+    """Sampling temperature."""
+
+
+def _default_rl() -> pg.PGConfig:
+    return pg.PGConfig(
+        data=pg.PGDataConfig(train="builtin:preferences", schema="preference"),
+        algo=pg.PGAlgoConfig(preset="grpo"),
+        sampling=SamplingConfig(max_new_tokens=64, temperature=1.0, num_samples=8),
+        optim=OptimConfig(lr=3e-5, schedule="constant", warmup_ratio=0.0),
+        loop=LoopConfig(batch_size=4, max_steps=24, save_every=8, micro_batch_tokens=768),
+    )
+
+
+@dataclass
+class OveroptConfig:
+    """rlhfkit overopt: proxy reward models at several label budgets, best-of-n and RL.
+
+    Every point is scored by the proxy and by gold; Gao's fits and a report page.
+    """
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The starting model (every stage's precision and loading options)."""
+    policy: str | None = None
+    """An instruction-tuned policy to start from (None: the sft stage makes one)."""
+    sft: sft.SFTConfig = field(
+        default_factory=lambda: sft.SFTConfig(
+            data=sft.SFTDataConfig(mask_mode="all_assistant_turns"),
+            optim=OptimConfig(lr=5e-5, warmup_ratio=0.1),
+            loop=LoopConfig(batch_size=16, max_steps=30, micro_batch_tokens=1024),
+        )
+    )
+    candidates: CandidatesConfig = field(
+        default_factory=lambda: CandidatesConfig(
+            limit=160,
+            sampling=SamplingConfig(max_new_tokens=64, temperature=1.0, num_samples=4),
+        )
+    )
+    proxies: ProxiesConfig = field(default_factory=ProxiesConfig)
+    rm: reward_model.RMConfig = field(
+        default_factory=lambda: reward_model.RMConfig(
+            data=reward_model.RMDataConfig(eval=None),
+            optim=OptimConfig(lr=1e-4, warmup_ratio=0.1),
+            loop=LoopConfig(batch_size=16, micro_batch_tokens=1024, save_every=16),
+        )
+    )
+    """Reward-model training (its steps come from proxies.epochs and the budget)."""
+    bon: BonConfig = field(default_factory=BonConfig)
+    rl_on: tuple[str, ...] = ("single",)
+    """Proxies optimised by RL, per budget: single (seed 0), an ensemble mode (mean, min, uwo;
+    needs proxies.ensemble > 1) or warm. Empty: no RL stage."""
+    rl: pg.PGConfig = field(default_factory=_default_rl)
+    """The RL runs' settings (GRPO; the rewards are the proxy and, at weight 0, the gold judge)."""
+    seed: int = 0
+    """Added to every seed (proxy members, candidates, RL), to repeat the experiment."""
+    isolate_stages: bool = True
+    """Run each model-loading step in a process of its own (memory goes back to the system)."""
+    log: LogConfig = field(default_factory=lambda: LogConfig(run_dir="runs/overopt"))
+
+    def problems(self) -> Problems:
+        """Budgets, noise, ensemble size, the n grid, the RL proxies and the policy path."""
+        out: list[tuple[str, str]] = []
+        p = self.proxies
+        if not p.budgets or any(b < 2 for b in p.budgets):
+            out.append(("proxies.budgets", f"need one or more budgets >= 2, got {p.budgets}"))
+        if not 0.0 <= p.label_noise < 0.5:
+            out.append(("proxies.label_noise", f"must be in [0, 0.5), got {p.label_noise}"))
+        if p.ensemble < 1:
+            out.append(("proxies.ensemble", f"must be >= 1, got {p.ensemble}"))
+        bad = [m for m in p.modes if m not in ("mean", "min", "uwo")]
+        if bad:
+            out.append(("proxies.modes", f"unknown mode(s) {bad}; choose mean, min or uwo"))
+        if not 1 <= self.bon.max_n <= self.bon.samples:
+            out.append(("bon.max_n", f"must be in 1..bon.samples = {self.bon.samples}, got "
+                        f"{self.bon.max_n}"))  # fmt: skip
+        if self.bon.prompts < 2:
+            out.append(("bon.prompts", f"need at least 2 prompts, got {self.bon.prompts}"))
+        out += [("rl_on", text) for text in map(self._rl_on_problem, self.rl_on) if text]
+        if self.policy is not None:
+            out += [("policy", t) for t in [model_path_problem(self.policy)] if t]
+        return out
+
+    def _rl_on_problem(self, name: str) -> str | None:
+        if name not in ("single", "warm", "mean", "min", "uwo"):
+            return f"unknown proxy {name!r}; choose single, warm, mean, min or uwo"
+        if name in ("mean", "min", "uwo") and self.proxies.ensemble < 2:
+            return f"{name!r} needs proxies.ensemble >= 2"
+        if name == "warm" and (self.proxies.ensemble < 2 or not self.proxies.warm):
+            return "'warm' needs proxies.warm and proxies.ensemble >= 2"
+        return None
+
+
+# ----------------------------------------------------------------------------- names
+
+
+def members(cfg: OveroptConfig, budget: int) -> list[str]:
+    """The reward-model names of one budget: ``b<b>-s<k>`` for k < ensemble."""
+    return [f"b{budget}-s{k}" for k in range(cfg.proxies.ensemble)]
+
+
+def proxies(cfg: OveroptConfig, budget: int) -> list[str]:
+    """Every proxy of a budget: ``single``, the ensemble modes, ``warm``."""
+    out = ["single"]
+    if cfg.proxies.ensemble > 1:
+        out += list(cfg.proxies.modes) + (["warm"] if cfg.proxies.warm else [])
+    return out
+
+
+def _policy(cfg: OveroptConfig, run: Path) -> str:
+    return cfg.policy or str(run / "sft" / "final")
+
+
+def _rm_dir(run: Path, name: str) -> Path:
+    return run / "rm" / name / "final"
+
+
+def _reward_spec(cfg: OveroptConfig, run: Path, budget: int, proxy: str) -> str:
+    """The reward spec of a proxy (``rm:<dir>`` or ``rm-ensemble:<mode>:<dirs>``)."""
+    dirs = [str(_rm_dir(run, m)) for m in members(cfg, budget)]
+    if proxy == "single":
+        return f"rm:{dirs[0]}"
+    if proxy == "warm":
+        return f"rm:{_rm_dir(run, f'b{budget}-warm')}"
+    mode = f"uwo={cfg.proxies.uwo_lambda}" if proxy == "uwo" else proxy
+    return f"rm-ensemble:{mode}:{','.join(dirs)}"
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def run_sft(cfg: OveroptConfig, run: Path) -> None:
+    """Step 1: the policy."""
+    loop = replace(cfg.sft.loop, resume=(run / "sft" / "checkpoints" / "latest").exists(),
+                   seed=cfg.sft.loop.seed + cfg.seed)  # fmt: skip
+    log_cfg = replace(cfg.log, run_dir=str(run / "sft"))
+    sft.main(replace(cfg.sft, model=cfg.model, loop=loop, log=log_cfg))
+
+
+def run_candidates(cfg: OveroptConfig, run: Path) -> None:
+    """Step 2: sampled pairs labelled by gold, pooled with the task's pairs, shuffled once."""
+    sampling = replace(cfg.candidates.sampling, seed=cfg.candidates.sampling.seed + cfg.seed)
+    data = EvalDataConfig(source=cfg.candidates.source, split="train", schema="preference",
+                          distinct=True, max_prompts=cfg.candidates.limit)  # fmt: skip
+    model = replace(cfg.model, name=_policy(cfg, run))
+    cache = str(run / "cache")
+    prompts, grid = evaluate_prompts(model, None, data, sampling, (GOLD,), cache_dir=cache)
+    rows = [
+        {"id": i, "prompt": p.fields["prompt"], "completions": grid.texts[i],
+         "reference": p.fields.get("reference"), "task": p.fields.get("task")}
+        for i, p in enumerate(prompts)
+    ]  # fmt: skip
+    pool = []
+    for p in pairs_of(rows, cfg.candidates.pairs_per_prompt):
+        choice = gold_prefers(p["a"], p["b"], p["reference"], p["task"])
+        if choice in (0.0, 1.0):
+            chosen, rejected = (p["a"], p["b"]) if choice == 1.0 else (p["b"], p["a"])
+            pool.append({"prompt": p["prompt"], "chosen": chosen, "rejected": rejected,
+                         "category": "sampled"})  # fmt: skip
+    if cfg.proxies.mix_builtin:
+        pool += [r.data for r in load_rows(cfg.candidates.source, split="train")]
+    random.Random(cfg.seed).shuffle(pool)
+    if len(pool) < max(cfg.proxies.budgets):
+        log.warning("the pool has %d pairs, fewer than the largest budget %d: that proxy uses all",
+                    len(pool), max(cfg.proxies.budgets))  # fmt: skip
+    atomic_write_text(run / "pool.jsonl", jsonl_text(pool))
+
+
+def budget_pairs(pool: list[dict[str, Any]], budget: int, noise: float, seed: int) -> list[dict]:
+    """The pool's first ``budget`` pairs, round(noise * budget) of them flipped (seeded)."""
+    pairs = [dict(p) for p in pool[:budget]]
+    flipped = random.Random(seed).sample(range(len(pairs)), round(noise * len(pairs)))
+    for i in flipped:
+        pairs[i]["chosen"], pairs[i]["rejected"] = pairs[i]["rejected"], pairs[i]["chosen"]
+    return pairs
+
+
+def run_proxies(cfg: OveroptConfig, run: Path) -> None:
+    """Step 3: every budget's reward models (and their WARM average)."""
+    pool = [json.loads(line) for line in (run / "pool.jsonl").read_text().splitlines()]
+    for budget in cfg.proxies.budgets:
+        path = run / "rm" / f"pairs-b{budget}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pairs = budget_pairs(pool, budget, cfg.proxies.label_noise, cfg.seed + budget)
+        atomic_write_text(path, jsonl_text(pairs))
+        epochs = cfg.proxies.epochs * len(pairs) / cfg.rm.loop.batch_size
+        steps = max(cfg.proxies.min_steps, math.ceil(epochs))
+        for k, name in enumerate(members(cfg, budget)):
+            out = run / "rm" / name
+            if (out / "final").exists():
+                continue
+            loop = replace(cfg.rm.loop, max_steps=steps, seed=cfg.rm.loop.seed + cfg.seed + k,
+                           resume=(out / "checkpoints" / "latest").exists())  # fmt: skip
+            data = replace(cfg.rm.data, train=str(path), train_split="train")
+            sub = replace(cfg.rm, model=cfg.model, data=data, loop=loop,
+                          log=replace(cfg.log, run_dir=str(out)))  # fmt: skip
+            run_in_child(reward_model.main, sub, isolate=cfg.isolate_stages)
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        warm = _rm_dir(run, f"b{budget}-warm")
+        if cfg.proxies.warm and cfg.proxies.ensemble > 1 and not warm.exists():
+            average_model_dirs([_rm_dir(run, m) for m in members(cfg, budget)], warm)
+    atomic_write_text(run / "rm" / "done.json", json.dumps({"budgets": list(cfg.proxies.budgets)}))
+
+
+def _models(cfg: OveroptConfig) -> list[str]:
+    """Every reward model that scores the samples (members, and WARM models)."""
+    out = [m for b in cfg.proxies.budgets for m in members(cfg, b)]
+    if cfg.proxies.warm and cfg.proxies.ensemble > 1:
+        out += [f"b{b}-warm" for b in cfg.proxies.budgets]
+    return out
+
+
+def run_samples(cfg: OveroptConfig, run: Path) -> None:
+    """Step 4: the policy's N samples of each held-out prompt, scored by gold and every RM."""
+    b = cfg.bon
+    data = EvalDataConfig(source=b.source, split=b.split, schema="preference", distinct=True,
+                          max_prompts=b.prompts)  # fmt: skip
+    sampling = SamplingConfig(max_new_tokens=b.max_new_tokens, temperature=b.temperature,
+                              num_samples=b.samples, seed=1234 + cfg.seed)  # fmt: skip
+    model = replace(cfg.model, name=_policy(cfg, run))
+    scores: dict[str, list[list[float]]] = {}
+    for name, spec in [("gold", GOLD), *((m, f"rm:{_rm_dir(run, m)}") for m in _models(cfg))]:
+        prompts, grid = evaluate_prompts(model, None, data, sampling, (spec,),
+                                         cache_dir=str(run / "cache"))  # fmt: skip
+        scores[name] = [[float(x) for x in row] for row in grid.rewards]
+    texts = {"prompts": [p.fields["prompt"] for p in prompts], "completions": grid.texts}
+    atomic_write_text(run / "samples.json", json.dumps({"scores": scores, **texts}))
+
+
+def _proxy_grid(cfg: OveroptConfig, scores: dict[str, Any], budget: int, proxy: str) -> list:
+    """The (M, N) proxy scores of one proxy: a member's, WARM's or an ensemble's combination."""
+    if proxy == "single":
+        return scores[members(cfg, budget)[0]]
+    if proxy == "warm":
+        return scores[f"b{budget}-warm"]
+    import torch
+
+    stacked = torch.tensor([scores[m] for m in members(cfg, budget)], dtype=torch.float64)
+    k, m, n = stacked.shape
+    combined = rm_ensemble(stacked.view(k, m * n), proxy, cfg.proxies.uwo_lambda)
+    return combined.view(m, n).tolist()
+
+
+def run_bon(cfg: OveroptConfig, run: Path) -> None:
+    """Step 5: the unbiased best-of-n curves and their Gao fits, per budget and proxy."""
+    scores = json.loads((run / "samples.json").read_text())["scores"]
+    ns = [2**i for i in range(int(math.log2(cfg.bon.max_n)) + 1)]
+    curves = []
+    for budget in cfg.proxies.budgets:
+        for proxy in proxies(cfg, budget):
+            points = bon_curve_unbiased(_proxy_grid(cfg, scores, budget, proxy), scores["gold"], ns)
+            d = [p["d"] for p in points]
+            fit = gao_fit(d, [p["gold"] - points[0]["gold"] for p in points], rl=False)
+            best = max(points, key=lambda p: p["gold"])
+            curves.append({"budget": budget, "proxy": proxy, "points": points, "gold_fit": fit,
+                           "gold_peak_n": best["n"], "gold_peak": best["gold"]})  # fmt: skip
+    atomic_write_text(run / "bon.json", json.dumps({"ns": ns, "curves": curves}, indent=2))
+
+
+def run_rl(cfg: OveroptConfig, run: Path) -> None:
+    """Step 6: GRPO against each chosen proxy of each budget; proxy and gold per step, fitted."""
+    results = []
+    for budget in cfg.proxies.budgets:
+        for proxy in cfg.rl_on:
+            name = f"b{budget}-{proxy}"
+            out = run / "rl" / name
+            if not (out / "final").exists():
+                spec = _reward_spec(cfg, run, budget, proxy)
+                loop = replace(cfg.rl.loop, seed=cfg.rl.loop.seed + cfg.seed,
+                               resume=(out / "checkpoints" / "latest").exists())  # fmt: skip
+                sub = replace(cfg.rl, model=replace(cfg.model, name=_policy(cfg, run)),
+                              rewards=(spec, GOLD), weights=(1.0, 0.0), loop=loop,
+                              log=replace(cfg.log, run_dir=str(out)))  # fmt: skip
+                run_in_child(pg.main, sub, isolate=cfg.isolate_stages)
+                shutil.rmtree(out / "checkpoints", ignore_errors=True)
+            results.append({"budget": budget, "proxy": proxy, **rl_curve(out, cfg)})
+    atomic_write_text(run / "rl.json", json.dumps({"runs": results}, indent=2))
+
+
+def rl_curve(out: Path, cfg: OveroptConfig) -> dict[str, Any]:
+    """Per logged step: KL, d, proxy and gold mean of the rollouts; the gold fit and its peak.
+
+    The first point is the starting policy (d = 0, the first batch's rewards); the gold gains
+    over it are fitted with R_rl(d) = d (alpha - beta log d).
+    """
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    rows = [r for r in rows if "rollout/reward" in r]
+    keys = rows[0] if rows else {}
+    proxy_key = next((k for k in keys if k.startswith("rollout/reward/rm")), None)
+    points = [
+        {"step": r["step"], "kl": max(float(r.get("rollout/kl_seq", 0.0)), 0.0),
+         "proxy": r.get(proxy_key) if proxy_key else r["rollout/reward"],
+         "gold": r.get(f"rollout/reward/{GOLD}")}
+        for r in rows
+    ]  # fmt: skip
+    for p in points:
+        p["d"] = math.sqrt(p["kl"])
+    if not points:
+        return {"points": [], "gold_fit": None}
+    start = points[0]["gold"] or 0.0
+    fit = gao_fit([0.0, *(p["d"] for p in points[1:])],
+                  [0.0, *((p["gold"] or 0.0) - start for p in points[1:])], rl=True)  # fmt: skip
+    best = max(points, key=lambda p: p["gold"] if p["gold"] is not None else -math.inf)
+    return {"points": points, "gold_fit": fit, "gold_peak_step": best["step"],
+            "gold_peak_d": best["d"], "final_d": points[-1]["d"]}  # fmt: skip
+
+
+def run_report(cfg: OveroptConfig, run: Path) -> None:
+    """Step 7: ``overopt.html``."""
+    from rlhfkit.eval.report import render_overopt_report
+
+    bon = json.loads((run / "bon.json").read_text())
+    rl = json.loads((run / "rl.json").read_text()) if (run / "rl.json").exists() else {"runs": []}
+    render_overopt_report({"bon": bon, "rl": rl, "config": asdict(cfg)}, run / "overopt.html")
+
+
+@dataclass
+class Step:
+    """A stage: its name, the output that marks it done, and whether it loads models."""
+
+    name: str
+    output: str
+    run: Any
+    loads_models: bool = True
+
+
+STEPS = [
+    Step("sft", "sft/final", run_sft),
+    Step("candidates", "pool.jsonl", run_candidates),
+    Step("proxies", "rm/done.json", run_proxies, loads_models=False),  # each RM isolates itself
+    Step("samples", "samples.json", run_samples),
+    Step("bon", "bon.json", run_bon, loads_models=False),
+    Step("rl", "rl.json", run_rl, loads_models=False),  # each run isolates itself
+    Step("report", "overopt.html", run_report, loads_models=False),
+]
+
+
+def _step_in_child(name: str, cfg: OveroptConfig, run: Path) -> None:
+    next(s for s in STEPS if s.name == name).run(cfg, run)
+
+
+def print_summary(run: Path) -> None:
+    """Per budget and proxy: the best-of-n gold peak, the fit's R^2, and the RL runs' peaks."""
+    table = Table(title=f"rlhfkit overopt: {run}")
+    for name in ("budget", "proxy", "gold n=1", "gold peak (n)", "gold n=max", "proxy n=max",
+                 "R^2 bon", "RL gold peak (step)", "RL final d"):  # fmt: skip
+        table.add_column(name, justify="right")
+    rl = json.loads((run / "rl.json").read_text())["runs"] if (run / "rl.json").exists() else []
+    for c in json.loads((run / "bon.json").read_text())["curves"]:
+        pts, fit = c["points"], c["gold_fit"]
+        r = next((x for x in rl if x["budget"] == c["budget"] and x["proxy"] == c["proxy"]), None)
+        peak = (f"{max(p['gold'] for p in r['points']):.3f} ({r['gold_peak_step']})"
+                if r and r["points"] else "")  # fmt: skip
+        table.add_row(
+            str(c["budget"]), c["proxy"], f"{pts[0]['gold']:.3f}",
+            f"{c['gold_peak']:.3f} ({c['gold_peak_n']})", f"{pts[-1]['gold']:.3f}",
+            f"{pts[-1]['proxy']:.3f}", f"{fit['r2']:.3f}" if fit else "",
+            peak, f"{r['final_d']:.3f}" if r and r["points"] else "",
+        )  # fmt: skip
+    console.print(table)
+    console.print(f"report: [bold]{run / 'overopt.html'}[/]")
+
+
+def main(cfg: OveroptConfig) -> Path:
+    """Run the steps in order, skipping finished ones; returns the run directory."""
+    run = Path(cfg.log.run_dir)
+    if not (run / "overopt.html").exists():
+        require_extra("plot", "the over-optimisation report (overopt.html)")
+    run.mkdir(parents=True, exist_ok=True)
+    times_path = run / "stages.json"
+    times = json.loads(times_path.read_text()) if times_path.exists() else {}
+    for k, step in enumerate(STEPS, 1):
+        if (run / step.output).exists() or (step.name == "sft" and cfg.policy):
+            console.print(f"[{k}/{len(STEPS)}] {step.name}: done, skipped")
+            continue
+        console.rule(f"[{k}/{len(STEPS)}] {step.name}")
+        start = time.perf_counter()
+        if step.loads_models:
+            run_in_child(_step_in_child, step.name, cfg, run, isolate=cfg.isolate_stages)
+        else:
+            step.run(cfg, run)
+        times[step.name] = time.perf_counter() - start
+        atomic_write_text(times_path, json.dumps(times, indent=2))
+        if step.name == "sft":
+            shutil.rmtree(run / "sft" / "checkpoints", ignore_errors=True)
+    print_summary(run)
+    return run
