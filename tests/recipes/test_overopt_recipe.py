@@ -92,6 +92,11 @@ def test_overopt_runs_every_step_and_its_figures_follow_the_formulas(tiny_model_
     grid = rm_ensemble(stacked.view(2, -1), "min").view(len(scores["gold"]), -1).tolist()
     top = sum(max(row) for row in grid) / len(grid)  # n = N: the proxy's best sample
     assert worst["points"][-1]["proxy"] == pytest.approx(top)
+    accuracy = bon["heldout_accuracy"]
+    assert set(accuracy) == {"b8-s0", "b8-s1", "b16-s0", "b16-s1", "b8-warm", "b16-warm"}
+    assert all(0.0 <= a["all"] <= 1.0 and "wrong_answer" in a for a in accuracy.values())
+    assert all(0.0 <= c["on_policy_accuracy"] <= 1.0 or math.isnan(c["on_policy_accuracy"])
+               for c in bon["curves"])  # fmt: skip
     rl = json.loads((run / "rl.json").read_text())["runs"]
     assert {(r["budget"], r["proxy"]) for r in rl} == {(b, p) for b in (8, 16)
                                                        for p in ("single", "min")}  # fmt: skip

@@ -276,3 +276,46 @@ def test_ai_and_rubric_label_options_are_checked_before_any_model_loads(tiny_mod
                             "--labels.rubric: ")):  # fmt: skip
         cfg = _cfg(tiny_model_dir, tmp_path / "run", labels=labels)
         assert any(p.startswith(option) for p in config_problems(cfg)), config_problems(cfg)
+
+
+def test_a_reward_model_ensemble_trains_members_averages_them_and_reports_each(
+    tiny_model_dir, tmp_path
+):
+    """--rm-ensemble 2 --rm-combine min: two members, rm/final their WARM average, RL against
+    the ensemble's minimum, and every member, mode and WARM in eval.json and the report."""
+    import torch
+    from safetensors.torch import load_file
+
+    run = tmp_path / "run"
+    pipeline.main(_cfg(tiny_model_dir, run, rm_ensemble=2, rm_combine="min"))
+    members = [run / "rm" / "members" / f"s{k}" for k in range(2)]
+    for member in members:
+        assert (member / "final" / "model.safetensors").is_file()
+        assert not (member / "checkpoints").exists()  # deleted once the member is done
+    weights = [load_file(m / "final" / "model.safetensors") for m in members]
+    warm = load_file(run / "rm" / "final" / "model.safetensors")
+    assert set(warm) == set(weights[0])
+    assert any(not torch.equal(weights[0][k], weights[1][k]) for k in warm)  # two seeds
+    for name, tensor in warm.items():
+        mean = (weights[0][name].float() + weights[1][name].float()) / 2
+        tol = 1e-2 if tensor.dtype == torch.bfloat16 else 1e-6
+        torch.testing.assert_close(tensor.float(), mean, atol=tol, rtol=tol)
+    metrics = [json.loads(x) for x in (run / "policy/metrics.jsonl").read_text().splitlines()]
+    spec = f"rm-ensemble:min:{members[0] / 'final'},{members[1] / 'final'}"
+    assert any(f"rollout/reward/{spec}" in m for m in metrics)
+    ens = json.loads((run / "eval.json").read_text())["reward_model"]["ensemble"]
+    assert [m["seed"] for m in ens["members"]] == [0, 1]
+    assert set(ens["modes"]) == {"mean", "min", "uwo"} and ens["modes"]["uwo"]["lambda"] == 0.5
+    assert ens["used"] == "min" and ens["proxy"] == spec
+    for block in [*ens["members"], *ens["modes"].values(), ens["warm"]]:
+        assert 0.0 <= block["accuracy"] <= 1.0 and block["pairs"] > 0 and block["by_category"]
+    html = (run / "report.html").read_text()
+    rows = ("member 0 (seed 0)", "member 1 (seed 1)", "ensemble mean", "ensemble min",
+            "ensemble uwo (lambda 0.5)", "WARM (weight average)")  # fmt: skip
+    for row in rows:
+        assert f'<td class="">{row}</td>' in html, row
+    used = r'<td class="">ensemble min</td>(?:<td[^>]*>[^<]*</td>)*<td class="">RL reward</td></tr>'
+    assert re.search(used, html)
+    stamps = {p: _stamp(run / p) for p in ("rm/final", "rm/members/s0/final", "policy/final")}
+    pipeline.main(_cfg(tiny_model_dir, run, rm_ensemble=2, rm_combine="min"))
+    assert {p: _stamp(run / p) for p in stamps} == stamps

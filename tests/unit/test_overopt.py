@@ -284,3 +284,17 @@ def test_gao_fit_recovers_known_parameters_with_r2_and_peak():
     assert fit["alpha"] == pytest.approx(0.7) and fit["beta"] == pytest.approx(0.2)
     assert fit["d_star"] == pytest.approx(math.exp(0.7 / 0.2 - 1))
     assert gao_fit([0.0, 1.0], [0.0, 0.5], rl=False) is None  # one usable point
+
+
+def test_pairwise_agreement_counts_gold_ordered_pairs():
+    from rlhfkit.eval.overopt import pairwise_agreement
+
+    # prompt 0: gold pairs (0,1) (0,2) (1,2) all differ; the proxy orders (0,1) and (1,2) as
+    # gold does and ties (0,2); prompt 1: gold all equal, no pair counts
+    proxy = [[0.9, 0.1, 0.9], [0.3, 0.2, 0.1]]
+    gold = [[1.0, 0.0, 0.5], [1.0, 1.0, 1.0]]
+    assert pairwise_agreement(proxy, gold) == pytest.approx((1 + 0.5 + 1) / 3)
+    reversed_proxy = [[-x for x in row] for row in proxy]  # every ordered pair flips, ties stay
+    assert pairwise_agreement(reversed_proxy, gold) == pytest.approx(0.5 / 3)
+    assert pairwise_agreement(gold, gold) == 1.0
+    assert math.isnan(pairwise_agreement([[0.1, 0.2]], [[1.0, 1.0]]))

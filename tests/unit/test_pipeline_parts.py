@@ -119,3 +119,95 @@ def test_seed_shifts_every_training_stage_and_the_candidates():
     assert cfg.candidates.sampling.seed == base.candidates.sampling.seed + 7
     assert cfg.eval == base.eval  # the evaluation samples alike for every seed
     assert pipeline._seeded(base) is base
+
+
+def _rl_rows(golds, step=10, kl_step=0.04):
+    return [{"step": i * step, "kl": i * kl_step, "proxy": 0.1 * i, "gold": g}
+            for i, g in enumerate(golds)]  # fmt: skip
+
+
+def test_rl_gold_peak_says_where_gold_peaked_and_how_far_the_run_went_past_it(tmp_path):
+    import math
+
+    from rlhfkit.eval.report import render_report, rl_gold_peak
+
+    rows = _rl_rows([0.0, 0.3, 0.5, 0.4, 0.2, None, 0.1])[::-1]  # any order; one gold missing
+    peak = rl_gold_peak(rows, d_star=0.35)
+    assert (peak["step"], peak["gold"], peak["final_step"]) == (20, 0.5, 60)
+    assert peak["d"] == pytest.approx(math.sqrt(0.08))
+    assert peak["final_d"] == pytest.approx(math.sqrt(0.24))
+    assert peak["reached"] and peak["past"] == pytest.approx(math.sqrt(0.24) - math.sqrt(0.08))
+    sentence = peak["sentence"]
+    assert sentence.startswith("The RL gold reward peaked (step 20, d = 0.283, gold 0.500)")
+    assert (
+        "d* = 0.350" in sentence and f"{peak['past']:+.3f} in d past the measured peak" in sentence
+    )
+    assert rl_gold_peak([{"step": 0, "kl": 0.1, "gold": None}]) is None
+    assert "never turns down" in rl_gold_peak(rows, d_star=math.inf)["sentence"]
+    page = render_report({"overoptimisation": {"rl": rows}}, tmp_path / "r.html").read_text()
+    assert "The RL gold reward peaked (step 20" in page and "final d - peak d" in page
+
+
+def test_rl_gold_peak_says_when_the_run_did_not_reach_its_peak(tmp_path):
+    from rlhfkit.eval.report import render_report, rl_gold_peak
+
+    peak = rl_gold_peak(_rl_rows([0.0, 0.1, 0.2, 0.2, 0.3]), d_star=2.0)
+    assert not peak["reached"] and peak["past"] is None and peak["step"] == 40
+    assert "did not reach its peak" in peak["sentence"]
+    assert "d* = 2.000, beyond the run's final d" in peak["sentence"]
+    tie = rl_gold_peak(_rl_rows([0.0, 0.3, 0.1, 0.3]))  # the first of equal golds is the peak
+    assert tie["reached"] and tie["step"] == 10 and tie["d_star"] is None
+    flat = rl_gold_peak(_rl_rows([0.2, 0.2, 0.2]))
+    assert flat["flat"] and not flat["reached"] and "did not change" in flat["sentence"]
+    data = {"overoptimisation": {"rl": _rl_rows([0.0, 0.1, 0.2, 0.3, 0.4])}}
+    page = render_report(data, tmp_path / "r.html").read_text()
+    # a Gao fit exists (4 points past d = 0); the gain grows as d^2, so its beta < 0
+    assert "the run did not reach its peak; Gao&#x27;s fit never turns down" in page
+
+
+def test_ensemble_scores_combine_per_pair_side():
+    from rlhfkit.eval.reward_model import ScoredPair
+    from rlhfkit.pipeline.ensemble import combine_pairs
+
+    def pairs(*scores):
+        return [ScoredPair(c, r, 5, 6, "cat", "src") for c, r in scores]
+
+    members = [pairs((1.0, 0.0), (0.0, 2.0)), pairs((3.0, 4.0), (1.0, 1.0))]
+    low = combine_pairs(members, "min", 0.0)
+    assert [(p.chosen, p.rejected) for p in low] == [(1.0, 0.0), (0.0, 1.0)]
+    mean = combine_pairs(members, "mean", 0.0)
+    assert [(p.chosen, p.rejected) for p in mean] == [(2.0, 2.0), (0.5, 1.5)]
+    uwo = combine_pairs(members, "uwo", 0.5)  # mean - 0.5 * population std
+    assert [(p.chosen, p.rejected) for p in uwo] == [(1.5, 1.0), (0.25, 1.25)]
+    assert uwo[0].category == "cat" and uwo[0].chosen_tokens == 5
+    with pytest.raises(ValueError, match="pair counts"):
+        combine_pairs([members[0], members[1][:1]], "mean", 0.0)
+
+
+def test_rl_reward_spec_names_the_ensemble_or_the_warm_model(tmp_path):
+    from rlhfkit.pipeline.ensemble import rl_reward_spec
+    from rlhfkit.rewards.model import parse_ensemble_spec
+
+    base = pipeline.PipelineConfig()
+    assert rl_reward_spec(base, tmp_path) == f"rm:{tmp_path / 'rm' / 'final'}"
+    warm = replace(base, rm_ensemble=3, rm_combine="warm")
+    assert rl_reward_spec(warm, tmp_path) == f"rm:{tmp_path / 'rm' / 'final'}"
+    spec = rl_reward_spec(replace(base, rm_ensemble=3, rm_uwo_lambda=0.25), tmp_path)
+    members = [str(tmp_path / "rm" / "members" / f"s{k}" / "final") for k in range(3)]
+    assert parse_ensemble_spec(spec) == ("uwo", 0.25, members)
+    low = rl_reward_spec(replace(base, rm_ensemble=2, rm_combine="min"), tmp_path)
+    assert parse_ensemble_spec(low) == ("min", 1.0, members[:2])
+
+
+def test_rm_ensemble_options_are_checked():
+    from rlhfkit.validation import config_problems
+
+    base = pipeline.PipelineConfig()
+    assert not config_problems(replace(base, rm_ensemble=3))
+    none = config_problems(replace(base, rm_ensemble=0))
+    assert any(p.startswith("--rm-ensemble: must be >= 1") for p in none), none
+    dpo = replace(base, rm_ensemble=2, optimise=pipeline.OptimiseConfig(method="dpo"))
+    assert any(p.startswith("--rm-ensemble: optimise.method dpo") for p in config_problems(dpo))
+    assert any(
+        p.startswith("--rm-uwo-lambda") for p in config_problems(replace(base, rm_uwo_lambda=-1.0))
+    )

@@ -15,6 +15,7 @@ the gold reward rises, peaks and falls.
 - ``bon_curve_unbiased``: the best-of-n curve from every prompt's N samples with
   ``bon_unbiased``, with 95% intervals over prompts.
 - ``gao_fit``: one fit with its R^2 and peak, as the ``rlhfkit overopt`` report tabulates it.
+- ``pairwise_agreement``: how often a proxy orders two samples of a prompt as gold does.
 - ``rm_ensemble``: combine the scores of K reward models (Coste et al. 2023, "Reward Model
   Ensembles Help Mitigate Overoptimization"): mean, worst case (min) or the uncertainty-weighted
   mean - lambda * std.
@@ -281,3 +282,28 @@ def gao_fit(d: Sequence[float], gain: Sequence[float], rl: bool) -> dict[str, fl
         return None
     peak = gao_peaks(alpha, beta)[1 if rl else 0]
     return {"alpha": alpha, "beta": beta, "r2": r_squared(d, gain, alpha, beta, rl), "d_star": peak}
+
+
+def pairwise_agreement(proxy: Sequence[Sequence[float]], gold: Sequence[Sequence[float]]) -> float:
+    """Share of same-prompt sample pairs with different gold rewards that the proxy orders alike.
+
+    Over every prompt m and pair i < j of its samples with gold_mi != gold_mj, the pair counts
+    1 when sign(proxy_mi - proxy_mj) = sign(gold_mi - gold_mj), 1/2 on a proxy tie, else 0: the
+    proxy's accuracy on the policy's own samples, which is what best-of-n and RL select by.
+
+    Shapes:
+        proxy, gold: (M, N) nested sequences.
+
+    Returns:
+        The agreement in [0, 1] (NaN when no pair differs in gold).
+    """
+    hits, pairs = 0.0, 0
+    for p_row, g_row in zip(proxy, gold, strict=True):
+        for i in range(len(g_row)):
+            for j in range(i + 1, len(g_row)):
+                if g_row[i] == g_row[j]:
+                    continue
+                pairs += 1
+                dp = p_row[i] - p_row[j]
+                hits += 0.5 if dp == 0 else float((dp > 0) == (g_row[i] > g_row[j]))
+    return hits / pairs if pairs else math.nan

@@ -22,7 +22,11 @@ Input schema (every key optional except where a section needs it; ``None`` = not
      "summary": {name: number or str},
      "curves": {"rl": [{"step": int, "reward": float, "proxy": float|None, "gold": float|None, "kl": float|None}]},
      "reward_model": {"accuracy": float, "pairs": int, "by_category": {name: accuracy},
-                      "on_policy": {"pairs", "accuracy", "correctness_pairs", "correctness_accuracy"}},
+                      "on_policy": {"pairs", "accuracy", "correctness_pairs", "correctness_accuracy"},
+                      "ensemble": {"members": [{"seed", "dir", "accuracy", "pairs", "by_category"}],
+                                   "modes": {"mean"|"min"|"uwo": {"accuracy", "pairs", "by_category", "lambda" (uwo)}},
+                                   "warm": {"accuracy", "pairs", "by_category"},
+                                   "used": "mean"|"min"|"uwo"|"warm"|None, "proxy": str|None} | absent},
      "win_rates": {"gold": {"win": float, "tie": float, "loss": float, "n": int}, "judge": {...} | absent},
      "overoptimisation": {"bon": [{"n", "kl", "d", "proxy", "gold"}], "rl": [{"step", "kl", "d", "proxy", "gold"}]},
      "samples": [{"prompt": str, "sft": str, "final": str, "sft_gold": float|None, "final_gold": float|None}]}
@@ -33,7 +37,13 @@ Win, tie and loss are fractions of ``n`` (final model vs SFT). In ``overoptimisa
 without ``d`` gets d = sqrt(kl). When a curve has a point at d = 0 (best-of-1; the RL start) and
 at least three with d > 0, Gao's form (best-of-n: d (alpha - beta d); RL: d (alpha - beta log d))
 is fitted to its reward gain over the d = 0 point (:mod:`rlhfkit.eval.overopt`) and drawn dashed,
-and a table gives alpha, beta and the peak d*.
+and a table gives alpha, beta and the peak d*. For the RL curve a sentence and a table
+(:func:`rl_gold_peak`) say where the gold reward peaked (the step and d of the highest gold point,
+and the fitted d* where there is a fit) and how far the run went past it (final d minus peak d,
+or that it did not reach its peak: its last step was its best). ``reward_model.ensemble`` (a
+pipeline run with several reward models) adds a table of the held-out accuracy, overall and on
+``wrong_answer`` pairs, of every member, ensemble mode and the WARM average, marking the one RL
+optimised.
 """  # noqa: E501 (the schema lines are quoted verbatim)
 
 from __future__ import annotations
@@ -257,7 +267,35 @@ def _reward_model(data: dict[str, Any]) -> str:
         ax.set(ylim=(0, 1), ylabel="held-out accuracy", title="Reward-model accuracy")
         ax.tick_params(axis="x", labelrotation=30)
 
-    return table + _figure(draw, "reward-model accuracy per category", (7, 3.4))
+    figure = _figure(draw, "reward-model accuracy per category", (7, 3.4))
+    return table + figure + (_ensemble(rm["ensemble"]) if rm.get("ensemble") else "")
+
+
+def _ensemble(ens: dict[str, Any]) -> str:
+    """The accuracy of every member, ensemble mode and WARM, marking what RL optimised."""
+    used = ens.get("used")
+    rows: list[tuple[str, dict[str, Any], bool]] = [
+        (f"member {k} (seed {_fmt(m.get('seed'))})", m, False)
+        for k, m in enumerate(ens.get("members") or [])
+    ]
+    for mode, m in (ens.get("modes") or {}).items():
+        lam = f" (lambda {_fmt(m.get('lambda'))})" if m.get("lambda") is not None else ""
+        rows.append((f"ensemble {mode}{lam}", m, used == mode))
+    if ens.get("warm"):
+        rows.append(("WARM (weight average)", ens["warm"], used == "warm"))
+    cells = [
+        [name, _fmt(m.get("accuracy"), True),
+         _fmt((m.get("by_category") or {}).get("wrong_answer"), True), m.get("pairs"),
+         "RL reward" if is_used else ""]
+        for name, m, is_used in rows
+    ]  # fmt: skip
+    head = ["reward model", "accuracy", "on wrong_answer", "pairs", "used"]
+    proxy = f" RL optimised <code>{_esc(ens['proxy'])}</code>." if ens.get("proxy") else ""
+    return (
+        "<h3>Reward-model ensemble</h3><p>Held-out pairwise accuracy of each reward model trained"
+        " (one per seed), of their scores combined (mean, min, or uwo: mean - lambda * std) and"
+        f" of the average of their weights (WARM).{proxy}</p>" + _table(head, cells)
+    )
 
 
 def _win_rates(data: dict[str, Any]) -> str:
@@ -349,7 +387,86 @@ def _overoptimisation(data: dict[str, Any]) -> str:
             peak = gao_peaks(*fit)[1 if kind == "rl" else 0]
             rows.append([f"{marks[kind][2]} {key}", fit[0], fit[1], peak])
     table = _table(["curve", "alpha", "beta", "peak d*"], rows) if rows else ""
-    return _figure(draw, "proxy and gold reward against sqrt(KL)", (8, 4.5)) + table
+    fit = fits[("rl", "gold")]
+    peak = rl_gold_peak(oo.get("rl") or [], gao_peaks(*fit)[1] if fit is not None else None)
+    figure = _figure(draw, "proxy and gold reward against sqrt(KL)", (8, 4.5))
+    return figure + table + (_peak_html(peak) if peak else "")
+
+
+def rl_gold_peak(
+    rows: Sequence[dict[str, Any]], d_star: float | None = None
+) -> dict[str, Any] | None:
+    """Where an RL run's gold reward peaked and how far the run went past the peak.
+
+    Args:
+        rows: The RL points (``step``, ``d`` or ``kl``, ``gold``), in any order.
+        d_star: The peak of Gao's RL fit to the gold curve, when there is one.
+
+    Returns:
+        None without a point that has gold and d; else ``{"step", "d", "gold"}`` of the highest
+        gold point (the first at a tie), ``final_step``, ``final_d`` and ``final_gold`` of the
+        last point (the highest step; the highest d without steps), ``reached`` (whether a
+        point with a lower gold reward came after the peak: else the run did not reach its
+        peak), ``flat`` (every point's gold is the same: no peak), ``past`` (final d minus peak
+        d; None when not reached), ``d_star`` (inf: the fit never turns down) and ``sentence``.
+    """
+    points = []
+    for r in rows:
+        d, kl, step = _num(r.get("d")), _num(r.get("kl")), _num(r.get("step"))
+        d = math.sqrt(max(kl, 0.0)) if d is None and kl is not None else d
+        if d is not None:
+            step = int(step) if step is not None and step.is_integer() else step
+            points.append({"step": step, "d": d, "gold": _num(r.get("gold"))})
+    if not any(p["gold"] is not None for p in points):
+        return None
+    steps = all(p["step"] is not None for p in points)
+    points.sort(key=lambda p: p["step"] if steps else p["d"])  # stable: ties keep their order
+    scored = [p for p in points if p["gold"] is not None]
+    best, last = max(scored, key=lambda p: p["gold"]), points[-1]  # max: the first of equals
+    flat = all(p["gold"] == best["gold"] for p in scored)
+    reached = best is not scored[-1] and not flat
+    past = last["d"] - best["d"] if reached else None
+    d_star = None if d_star is None or math.isnan(d_star) else d_star
+    at = f"step {_fmt(best['step'])}, " if best["step"] is not None else ""
+    where = f"({at}d = {best['d']:.3f}, gold {best['gold']:.3f})"
+    if d_star is None:
+        fit = ""
+    elif math.isinf(d_star):
+        fit = "; Gao's fit never turns down (no finite peak d*)"
+    else:
+        beyond = ", beyond the run's final d" if d_star > last["d"] else ""
+        fit = f"; Gao's fit puts the peak at d* = {d_star:.3f}{beyond}"
+    end = f"step {_fmt(last['step'])}, " if last["step"] is not None else ""
+    if flat:
+        sentence = (
+            f"The RL gold reward did not change over the run ({best['gold']:.3f} at every "
+            f"measured point): it has no peak{fit}."
+        )
+    elif reached:
+        sentence = (
+            f"The RL gold reward peaked {where}{fit}. The run ended at {end}d = {last['d']:.3f}: "
+            f"{past:+.3f} in d past the measured peak."
+        )
+    else:
+        sentence = (
+            f"The RL gold reward was highest at the run's last point {where}: the run did not "
+            f"reach its peak{fit}."
+        )
+    return {**{k: best[k] for k in ("step", "d", "gold")}, "final_step": last["step"],
+            "final_d": last["d"], "final_gold": last["gold"], "reached": reached, "flat": flat,
+            "past": past, "d_star": d_star, "sentence": sentence}  # fmt: skip
+
+
+def _peak_html(peak: dict[str, Any]) -> str:
+    """The peak sentence and its table (measured peak, fitted peak, final point, distance)."""
+    rows = [["gold peak (measured)", peak["step"], peak["d"], peak["gold"]]]
+    if peak["d_star"] is not None:
+        rows.append(["gold peak (Gao fit d*)", None, peak["d_star"], None])
+    rows.append(["final point", peak["final_step"], peak["final_d"], peak["final_gold"]])
+    past = peak["past"] if peak["reached"] else "no peak" if peak["flat"] else "not reached"
+    rows.append(["final d - peak d", None, past, None])
+    head = ["RL gold reward", "step", "d", "gold"]
+    return f'<p class="peak">{_esc(peak["sentence"])}</p>' + _table(head, rows)
 
 
 def _samples(data: dict[str, Any]) -> str:
@@ -439,7 +556,9 @@ def render_overopt_report(data: dict[str, Any], path: str | Path) -> Path:
     """Write ``rlhfkit overopt``'s page: the curves per budget, Gao's fits and a table.
 
     ``data`` holds ``bon`` (``{"ns", "curves": [{"budget", "proxy", "points": [{"n", "d",
-    "proxy", "gold", "gold_low", "gold_high"}], "gold_fit", "gold_peak_n", "gold_peak"}]}``),
+    "proxy", "gold", "gold_low", "gold_high"}], "gold_fit", "gold_peak_n", "gold_peak",
+    "on_policy_accuracy", "heldout_accuracy"}]}``; the accuracies are the proxy's agreement with
+    gold on the policy's own samples and its accuracy on the task's held-out pairs),
     ``rl`` (``{"runs": [{"budget", "proxy", "points": [{"step", "d", "proxy", "gold"}],
     "gold_fit", "gold_peak_step", "gold_peak_d", "final_d"}]}``) and ``config``.
 
@@ -459,11 +578,13 @@ def render_overopt_report(data: dict[str, Any], path: str | Path) -> Path:
     rows = []
     for c in bon:
         pts, fit = c["points"], c["gold_fit"] or {}
-        rows.append([c["budget"], c["proxy"], pts[0]["gold"], c["gold_peak"], c["gold_peak_n"],
-                     pts[-1]["gold"], pts[-1]["proxy"] - pts[0]["proxy"], fit.get("alpha"),
-                     fit.get("beta"), fit.get("r2"), fit.get("d_star")])  # fmt: skip
-    head = ["budget", "proxy", "gold n=1", "gold peak", "peak n", "gold n=max", "proxy gain",
-            "alpha", "beta", "R^2", "d*"]  # fmt: skip
+        held_out = (c.get("heldout_accuracy") or {}).get("all")
+        rows.append([c["budget"], c["proxy"], held_out, c.get("on_policy_accuracy"),
+                     pts[0]["gold"], c["gold_peak"], c["gold_peak_n"], pts[-1]["gold"],
+                     pts[-1]["proxy"] - pts[0]["proxy"], fit.get("alpha"), fit.get("beta"),
+                     fit.get("r2"), fit.get("d_star")])  # fmt: skip
+    head = ["budget", "proxy", "held-out acc.", "on-policy acc.", "gold n=1", "gold peak",
+            "peak n", "gold n=max", "proxy gain", "alpha", "beta", "R^2", "d*"]  # fmt: skip
     body.append(_table(head, rows, text_cols=2) + "</section>")
     if runs:
         body.append('<section id="rl"><h2>RL</h2>' + _budget_figure(runs, rl=True))

@@ -139,6 +139,15 @@ class PipelineConfig:
             loop=LoopConfig(batch_size=16, max_steps=80, micro_batch_tokens=1024),
         )
     )
+    rm_ensemble: int = 1
+    """Reward models trained in the rm stage, with seeds rm.loop.seed + k for k = 0..K-1 (each
+    its own data order and head), in <run>/rm/members/s<k>/final; with K > 1 <run>/rm/final is
+    their weight average (WARM), which the evaluation's reward-model figures read."""
+    rm_combine: Literal["mean", "min", "uwo", "warm"] = "uwo"
+    """With rm_ensemble > 1, the RL reward: the members' scores combined by their mean, their
+    minimum or mean - rm_uwo_lambda * std (uwo), or the WARM average as one reward model."""
+    rm_uwo_lambda: float = 0.5
+    """The std penalty lambda of rm_combine uwo."""
     optimise: OptimiseConfig = field(default_factory=OptimiseConfig)
     rl: pg.PGConfig = field(
         default_factory=lambda: pg.PGConfig(
@@ -177,11 +186,18 @@ class PipelineConfig:
     log: LogConfig = field(default_factory=lambda: LogConfig(run_dir="runs/pipeline"))
 
     def problems(self) -> Problems:
-        """An engine URL or a teacher that is not there.
+        """An engine URL, a teacher that is not there, or a reward-model ensemble that is unused.
 
         The pipeline samples several models, each on a server of its own, so it takes no URL.
         """
         out = []
+        if self.rm_ensemble < 1:
+            out.append(("rm_ensemble", f"must be >= 1, got {self.rm_ensemble}"))
+        elif self.rm_ensemble > 1 and self.optimise.method == "dpo":
+            unused = "optimise.method dpo trains on the pairs, not against a reward model: "
+            out.append(("rm_ensemble", unused + "the ensemble would go unused; leave it at 1"))
+        if not self.rm_uwo_lambda >= 0:  # NaN too
+            out.append(("rm_uwo_lambda", f"must be >= 0, got {self.rm_uwo_lambda}"))
         if self.engine.vllm_url:
             out.append(("engine.vllm_url", "the pipeline starts a vLLM server per model it "
                         "samples; leave it unset"))  # fmt: skip

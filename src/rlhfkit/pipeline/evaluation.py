@@ -15,7 +15,9 @@ Evaluation, on the distinct held-out prompts of the preference task:
 - KL(pi_final || pi_SFT), summed over a completion (k1 and k3 on one temperature-1 sample per
   prompt, :func:`rlhfkit.eval.kl.sampled_kl`);
 - the reward model's held-out pairwise accuracy against the gold preference, overall and per
-  category (the ``rm eval`` report);
+  category (the ``rm eval`` report); with ``rm_ensemble`` > 1 also of every member, of the
+  ensemble under each mode and of WARM, and which of them RL optimised
+  (:func:`rlhfkit.pipeline.ensemble.ensemble_accuracy`);
 - the best-of-n curve of the SFT model (:func:`rlhfkit.eval.overopt.bon_curve`): proxy and gold
   reward of the best-by-proxy of n samples against d = sqrt(KL_BoN).
 
@@ -46,6 +48,7 @@ from rlhfkit.inference.evaluate import EvalDataConfig, evaluate_prompts
 from rlhfkit.models.load import load_model, load_tokenizer
 from rlhfkit.models.precision import default_device, resolve_precision
 from rlhfkit.pipeline.config import EvalStageConfig, PipelineConfig
+from rlhfkit.pipeline.ensemble import ensemble_accuracy
 from rlhfkit.recipes.reward_model_eval import RMEvalConfig, eval_main
 from rlhfkit.rollout.hf import SamplingConfig
 
@@ -288,13 +291,12 @@ def evaluate_stage(cfg: PipelineConfig, run: Path, gold: str) -> None:
         engine=cfg.engine,
         log_dir=run / "logs" / "eval-final",
     )
-    rm_report = eval_main(
-        RMEvalConfig(
-            model=replace(cfg.model, name=str(run / "rm" / "final")),
-            data=cfg.rm.data.eval or "builtin:preferences",
-            split=cfg.rm.data.eval_split,
-        )
+    rm_eval = RMEvalConfig(
+        model=replace(cfg.model, name=str(run / "rm" / "final")),
+        data=cfg.rm.data.eval or "builtin:preferences",
+        split=cfg.rm.data.eval_split,
     )
+    rm_report = eval_main(rm_eval)
     ns = [n for n in (1, 2, 4, 8, 16, 32, 64) if n <= sft.shape[1]]
     outcomes = gold_outcomes(prompts, sft, final, ev.samples)
     result = {
@@ -325,23 +327,30 @@ def evaluate_stage(cfg: PipelineConfig, run: Path, gold: str) -> None:
             for i, p in enumerate(prompts[: ev.show])
         ],
     }
+    if cfg.rm_ensemble > 1:  # rm/final above is the members' WARM average
+        result["reward_model"]["ensemble"] = ensemble_accuracy(cfg, run, rm_eval, rm_report)
     if ev.judge:
         result["win_rates"]["judge"] = _judge_win_rate(ev.judge, prompts, sft, final, ev.samples)
     atomic_write_text(run / "eval.json", json.dumps(result, indent=2))
 
 
 def _rl_curve(run: Path, gold: str) -> list[dict[str, Any]]:
-    """Proxy and gold reward and KL per step, from the policy run's metrics (RL only)."""
+    """Proxy and gold reward and KL per step, from the policy run's metrics (RL only).
+
+    The proxy is the reward component whose metric starts with ``rollout/reward/rm``: the
+    reward model's (``rm:``) or the ensemble's (``rm-ensemble:``), whichever RL optimised.
+    """
     path = run / "policy" / "metrics.jsonl"
     if not path.exists():
         return []
-    proxy = f"rollout/reward/rm:{run / 'rm' / 'final'}"
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    keys = (k for r in rows for k in r if k.startswith("rollout/reward/rm"))
+    proxy = next(keys, None)
     return [
         {
             "step": r["step"],
             "reward": r["rollout/reward"],
-            "proxy": r.get(proxy),
+            "proxy": r.get(proxy) if proxy else None,
             "gold": r.get(f"rollout/reward/{gold}"),
             "kl": r.get("rollout/kl_seq"),
         }
@@ -377,6 +386,14 @@ def report_data(
         "optimiser": cfg.optimise.method,
         "mean length (SFT -> final)": f"{sft_m['length']:.1f} -> {final['length']:.1f}",
     }
+    ensemble = ev["reward_model"].get("ensemble")
+    if ensemble and ensemble.get("used"):
+        used = ensemble["used"]
+        summary["RL reward"] = (
+            f"WARM average of {cfg.rm_ensemble} reward models" if used == "warm"
+            else f"ensemble of {cfg.rm_ensemble} reward models, {used}"
+            + (f" (lambda {cfg.rm_uwo_lambda:g})" if used == "uwo" else "")
+        )  # fmt: skip
     quality_file = run / "labels_quality.json"
     if quality_file.is_file():
         q = json.loads(quality_file.read_text())
@@ -392,6 +409,11 @@ def report_data(
             "model": cfg.model.name,
             "labels": cfg.labels.mode,
             "optimise": cfg.optimise.method,
+            **(
+                {"rm_ensemble": cfg.rm_ensemble, "rm_combine": cfg.rm_combine}
+                if cfg.rm_ensemble > 1
+                else {}
+            ),
         },
         "stages": stages,
         "headline": ev.get("headline"),

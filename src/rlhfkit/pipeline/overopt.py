@@ -50,7 +50,7 @@ from rlhfkit.atomic import atomic_write_text
 from rlhfkit.config import LogConfig, LoopConfig, ModelConfig, OptimConfig, Problems
 from rlhfkit.data.sources import load_rows
 from rlhfkit.data.tasks.preferences import gold_prefers
-from rlhfkit.eval.overopt import bon_curve_unbiased, gao_fit
+from rlhfkit.eval.overopt import bon_curve_unbiased, gao_fit, pairwise_agreement
 from rlhfkit.extras import require_extra
 from rlhfkit.inference.evaluate import EvalDataConfig, evaluate_prompts
 from rlhfkit.models.merge import average_model_dirs
@@ -59,7 +59,7 @@ from rlhfkit.pipeline.config import CandidatesConfig
 from rlhfkit.pipeline.labels import jsonl_text, pairs_of
 from rlhfkit.pipeline.run import GOLD, run_in_child
 from rlhfkit.recipes import policy_gradient as pg
-from rlhfkit.recipes import reward_model, sft
+from rlhfkit.recipes import reward_model, reward_model_eval, sft
 from rlhfkit.rollout.hf import SamplingConfig
 from rlhfkit.validation import model_path_problem
 
@@ -83,7 +83,7 @@ class ProxiesConfig:
     """The std penalty of the uwo mode."""
     warm: bool = False
     """Also the WARM model of each budget: the element-wise mean of its K members' weights."""
-    epochs: float = 2.0
+    epochs: float = 1.0
     """Passes over a budget's pairs; steps = max(min_steps, ceil(epochs * b / batch_size))."""
     min_steps: int = 8
     """Fewest optimiser steps of a proxy."""
@@ -150,7 +150,7 @@ class OveroptConfig:
         default_factory=lambda: reward_model.RMConfig(
             data=reward_model.RMDataConfig(eval=None),
             optim=OptimConfig(lr=1e-4, warmup_ratio=0.1),
-            loop=LoopConfig(batch_size=16, micro_batch_tokens=1024, save_every=16),
+            loop=LoopConfig(batch_size=16, micro_batch_tokens=1024, save_every=32),
         )
     )
     """Reward-model training (its steps come from proxies.epochs and the budget)."""
@@ -161,7 +161,11 @@ class OveroptConfig:
     rl: pg.PGConfig = field(default_factory=_default_rl)
     """The RL runs' settings (GRPO; the rewards are the proxy and, at weight 0, the gold judge)."""
     seed: int = 0
-    """Added to every seed (proxy members, candidates, RL), to repeat the experiment."""
+    """Added to the seeds of the candidates, the proxies and the RL runs, to repeat the
+    experiment (the held-out best-of-n samples keep theirs: the same test set every time)."""
+    cache_dir: str | None = None
+    """Where samples and their scores are cached (None: <run>/cache); runs that share it and
+    the policy sample the held-out prompts once."""
     isolate_stages: bool = True
     """Run each model-loading step in a process of its own (memory goes back to the system)."""
     log: LogConfig = field(default_factory=lambda: LogConfig(run_dir="runs/overopt"))
@@ -219,6 +223,10 @@ def _policy(cfg: OveroptConfig, run: Path) -> str:
     return cfg.policy or str(run / "sft" / "final")
 
 
+def _cache(cfg: OveroptConfig, run: Path) -> str:
+    return cfg.cache_dir or str(run / "cache")
+
+
 def _rm_dir(run: Path, name: str) -> Path:
     return run / "rm" / name / "final"
 
@@ -251,7 +259,7 @@ def run_candidates(cfg: OveroptConfig, run: Path) -> None:
     data = EvalDataConfig(source=cfg.candidates.source, split="train", schema="preference",
                           distinct=True, max_prompts=cfg.candidates.limit)  # fmt: skip
     model = replace(cfg.model, name=_policy(cfg, run))
-    cache = str(run / "cache")
+    cache = _cache(cfg, run)
     prompts, grid = evaluate_prompts(model, None, data, sampling, (GOLD,), cache_dir=cache)
     rows = [
         {"id": i, "prompt": p.fields["prompt"], "completions": grid.texts[i],
@@ -324,15 +332,23 @@ def run_samples(cfg: OveroptConfig, run: Path) -> None:
     data = EvalDataConfig(source=b.source, split=b.split, schema="preference", distinct=True,
                           max_prompts=b.prompts)  # fmt: skip
     sampling = SamplingConfig(max_new_tokens=b.max_new_tokens, temperature=b.temperature,
-                              num_samples=b.samples, seed=1234 + cfg.seed)  # fmt: skip
+                              num_samples=b.samples, seed=1234)  # fmt: skip
     model = replace(cfg.model, name=_policy(cfg, run))
     scores: dict[str, list[list[float]]] = {}
     for name, spec in [("gold", GOLD), *((m, f"rm:{_rm_dir(run, m)}") for m in _models(cfg))]:
         prompts, grid = evaluate_prompts(model, None, data, sampling, (spec,),
-                                         cache_dir=str(run / "cache"))  # fmt: skip
+                                         cache_dir=_cache(cfg, run))  # fmt: skip
         scores[name] = [[float(x) for x in row] for row in grid.rewards]
     texts = {"prompts": [p.fields["prompt"] for p in prompts], "completions": grid.texts}
-    atomic_write_text(run / "samples.json", json.dumps({"scores": scores, **texts}))
+    accuracy = {}
+    for name in _models(cfg):  # on the task's held-out pairs, by category
+        report = reward_model_eval.eval_main(reward_model_eval.RMEvalConfig(
+            model=replace(cfg.model, name=str(_rm_dir(run, name))), data=b.source, split=b.split,
+        ))  # fmt: skip
+        by_category = {k: v["accuracy"] for k, v in report["per_category"].items()}
+        accuracy[name] = {"all": report["overall"]["accuracy"], **by_category}
+    out = {"scores": scores, "heldout_accuracy": accuracy, **texts}
+    atomic_write_text(run / "samples.json", json.dumps(out))
 
 
 def _proxy_grid(cfg: OveroptConfig, scores: dict[str, Any], budget: int, proxy: str) -> list:
@@ -351,18 +367,26 @@ def _proxy_grid(cfg: OveroptConfig, scores: dict[str, Any], budget: int, proxy: 
 
 def run_bon(cfg: OveroptConfig, run: Path) -> None:
     """Step 5: the unbiased best-of-n curves and their Gao fits, per budget and proxy."""
-    scores = json.loads((run / "samples.json").read_text())["scores"]
+    samples = json.loads((run / "samples.json").read_text())
+    scores, accuracy = samples["scores"], samples["heldout_accuracy"]
     ns = [2**i for i in range(int(math.log2(cfg.bon.max_n)) + 1)]
     curves = []
     for budget in cfg.proxies.budgets:
         for proxy in proxies(cfg, budget):
-            points = bon_curve_unbiased(_proxy_grid(cfg, scores, budget, proxy), scores["gold"], ns)
+            grid = _proxy_grid(cfg, scores, budget, proxy)
+            points = bon_curve_unbiased(grid, scores["gold"], ns)
             d = [p["d"] for p in points]
             fit = gao_fit(d, [p["gold"] - points[0]["gold"] for p in points], rl=False)
             best = max(points, key=lambda p: p["gold"])
-            curves.append({"budget": budget, "proxy": proxy, "points": points, "gold_fit": fit,
-                           "gold_peak_n": best["n"], "gold_peak": best["gold"]})  # fmt: skip
-    atomic_write_text(run / "bon.json", json.dumps({"ns": ns, "curves": curves}, indent=2))
+            name = {"single": members(cfg, budget)[0], "warm": f"b{budget}-warm"}.get(proxy)
+            curves.append({
+                "budget": budget, "proxy": proxy, "points": points, "gold_fit": fit,
+                "gold_peak_n": best["n"], "gold_peak": best["gold"],
+                "on_policy_accuracy": pairwise_agreement(grid, scores["gold"]),
+                "heldout_accuracy": accuracy.get(name) if name else None,
+            })  # fmt: skip
+    out = {"ns": ns, "curves": curves, "heldout_accuracy": accuracy}
+    atomic_write_text(run / "bon.json", json.dumps(out, indent=2))
 
 
 def run_rl(cfg: OveroptConfig, run: Path) -> None:
@@ -450,8 +474,8 @@ def _step_in_child(name: str, cfg: OveroptConfig, run: Path) -> None:
 def print_summary(run: Path) -> None:
     """Per budget and proxy: the best-of-n gold peak, the fit's R^2, and the RL runs' peaks."""
     table = Table(title=f"rlhfkit overopt: {run}")
-    for name in ("budget", "proxy", "gold n=1", "gold peak (n)", "gold n=max", "proxy n=max",
-                 "R^2 bon", "RL gold peak (step)", "RL final d"):  # fmt: skip
+    for name in ("budget", "proxy", "on-policy acc.", "gold n=1", "gold peak (n)", "gold n=max",
+                 "proxy n=max", "R^2 bon", "RL gold peak (step)", "RL final d"):  # fmt: skip
         table.add_column(name, justify="right")
     rl = json.loads((run / "rl.json").read_text())["runs"] if (run / "rl.json").exists() else []
     for c in json.loads((run / "bon.json").read_text())["curves"]:
@@ -460,7 +484,7 @@ def print_summary(run: Path) -> None:
         peak = (f"{max(p['gold'] for p in r['points']):.3f} ({r['gold_peak_step']})"
                 if r and r["points"] else "")  # fmt: skip
         table.add_row(
-            str(c["budget"]), c["proxy"], f"{pts[0]['gold']:.3f}",
+            str(c["budget"]), c["proxy"], f"{c['on_policy_accuracy']:.3f}", f"{pts[0]['gold']:.3f}",
             f"{c['gold_peak']:.3f} ({c['gold_peak_n']})", f"{pts[-1]['gold']:.3f}",
             f"{pts[-1]['proxy']:.3f}", f"{fit['r2']:.3f}" if fit else "",
             peak, f"{r['final_d']:.3f}" if r and r["points"] else "",

@@ -9,12 +9,15 @@
    (:mod:`rlhfkit.pipeline.labels`). With ``labels.mix_builtin`` the task's own gold-labelled
    training pairs are added.
 4. **rm**: a reward model is trained on the pairs (``<run>/rm/final``); its held-out accuracy
-   against the gold preference is measured on the task's held-out pairs.
+   against the gold preference is measured on the task's held-out pairs. With ``rm_ensemble``
+   K > 1, K reward models with K seeds (``<run>/rm/members/s<k>/final``) and their WARM weight
+   average as ``<run>/rm/final`` (:mod:`rlhfkit.pipeline.ensemble`).
 5. **optimise**: the SFT model is optimised against the reward model with PPO (default, as in
    InstructGPT) or any policy-gradient preset (``optimise.method``), under the KL penalty of the
-   preset, or with DPO on the pairs (``optimise.method dpo``) (``<run>/policy/final``). The gold
-   score rides along as a zero-weight reward component, so proxy and gold reward are logged
-   at every step.
+   preset, or with DPO on the pairs (``optimise.method dpo``) (``<run>/policy/final``). With
+   K > 1 the reward is the members' scores combined (``rm_combine`` mean, min or uwo) or the
+   WARM model (warm). The gold score rides along as a zero-weight reward component, so proxy
+   and gold reward are logged at every step.
 6. **eval**: gold reward, reward-model reward, win rate against the SFT model by the gold
    judge, KL to the SFT model, lengths, and the best-of-N curve of the SFT model
    (``<run>/eval.json``; :mod:`rlhfkit.pipeline.evaluation`).
@@ -55,6 +58,7 @@ from rlhfkit.pipeline.config import CandidatesConfig as CandidatesConfig
 from rlhfkit.pipeline.config import LabelsConfig as LabelsConfig
 from rlhfkit.pipeline.config import OptimiseConfig as OptimiseConfig
 from rlhfkit.pipeline.config import PipelineConfig
+from rlhfkit.pipeline.ensemble import rl_reward_spec, train_members
 from rlhfkit.pipeline.evaluation import evaluate_stage, report_data
 from rlhfkit.pipeline.labels import jsonl_text, run_labels
 from rlhfkit.recipes import distill, dpo, reward_model, sft
@@ -166,10 +170,13 @@ def _rm_train_file(cfg: PipelineConfig, run: Path) -> Path:
 
 
 def run_rm(cfg: PipelineConfig, run: Path) -> None:
-    """Step 4."""
+    """Step 4: one reward model, or with ``rm_ensemble`` > 1 the members and their WARM average."""
     data = replace(cfg.rm.data, train=str(_rm_train_file(cfg, run)), train_split="train")
     loop = replace(cfg.rm.loop, resume=_resume(run / "rm"))
     sub = replace(cfg.rm, model=cfg.model, data=data, loop=loop, log=_sub_log(cfg, "rm"))
+    if cfg.rm_ensemble > 1:
+        train_members(cfg, run, sub)
+        return
     reward_model.main(sub)
 
 
@@ -181,7 +188,7 @@ def run_optimise(cfg: PipelineConfig, run: Path) -> None:
         loop = replace(cfg.dpo.loop, resume=_resume(run / "policy"))
         dpo.main(replace(cfg.dpo, model=policy, data=data, loop=loop, log=_sub_log(cfg, "policy")))
         return
-    rm_spec = f"rm:{run / 'rm' / 'final'}"
+    rm_spec = rl_reward_spec(cfg, run)
     algo = replace(cfg.rl.algo, preset=cfg.optimise.method)
     train, split = _seen(cfg, run, cfg.rl.data.train, cfg.rl.data.train_split)
     loop = replace(cfg.rl.loop, resume=_resume(run / "policy"))
