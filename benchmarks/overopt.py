@@ -51,8 +51,8 @@ def curve(bon: dict[str, Any], budget: int, proxy: str) -> dict[str, Any]:
     return next(c for c in bon["curves"] if c["budget"] == budget and c["proxy"] == proxy)
 
 
-def rl_final_gold(rl: dict[str, Any], budget: int, proxy: str, last: int = 4) -> float:
-    """Mean gold reward of the rollouts of the last ``last`` RL steps (one batch is noisy)."""
+def rl_final_gold(rl: dict[str, Any], budget: int, proxy: str, last: int = 2) -> float:
+    """Mean gold reward of the last ``last`` points of the RL curve (each averages 4 steps)."""
     run = next(r for r in rl["runs"] if r["budget"] == budget and r["proxy"] == proxy)
     golds = [p["gold"] for p in run["points"][-last:] if p["gold"] is not None]
     return sum(golds) / len(golds)

@@ -127,7 +127,7 @@ def reward_problem(spec: str) -> str | None:
         return model_path_problem(str(path) if "/" in directory else f"./{directory}")
     if spec.startswith("rm-ensemble:"):
         return _ensemble_problem(spec)
-    if spec.startswith(("judge:", "verifier:")):
+    if spec.startswith(("judge:", "verifier:", "length:")):  # checked by their parsers
         return None
     if spec.startswith("rubric:"):
         return _rubric_problem(spec)

@@ -41,6 +41,7 @@ def _cfg(model_dir: Path, run_dir: Path, **over) -> overopt.OveroptConfig:
         rm=replace(base.rm, data=replace(base.rm.data, max_len=256), loop=LoopConfig(**tiny_loop)),
         bon=overopt.BonConfig(prompts=3, samples=4, max_n=4, max_new_tokens=6),
         rl_on=("single", "min"),
+        rl_block=1,
         rl=replace(
             base.rl,
             data=replace(base.rl.data, limit=4),
@@ -100,7 +101,11 @@ def test_overopt_runs_every_step_and_its_figures_follow_the_formulas(tiny_model_
     rl = json.loads((run / "rl.json").read_text())["runs"]
     assert {(r["budget"], r["proxy"]) for r in rl} == {(b, p) for b in (8, 16)
                                                        for p in ("single", "min")}  # fmt: skip
-    assert all(len(r["points"]) == 3 and r["points"][0]["gold"] is not None for r in rl)
+    for r in rl:  # the start (best-of-n's n = 1 point), then one point per step (rl_block 1)
+        start = next(c for c in bon["curves"] if c["budget"] == r["budget"]
+                     and c["proxy"] == r["proxy"])["points"][0]  # fmt: skip
+        assert len(r["points"]) == 4 and r["points"][0]["d"] == 0.0
+        assert r["points"][0]["gold"] == start["gold"] and r["points"][0]["proxy"] == start["proxy"]
     html = (run / "overopt.html").read_text()
     assert "Best-of-n" in html and "RL" in html and "<img" in html
     # a second run skips every step
@@ -136,3 +141,19 @@ def test_bad_options_are_one_line_errors_before_any_model_loads(args, needle, tm
     err = capsys.readouterr().err
     assert needle in err and "Traceback" not in err
     assert not (tmp_path / "r").exists()
+
+
+def test_rl_points_average_blocks_of_steps_after_the_start():
+    gold = f"rollout/reward/{overopt.GOLD}"
+    rows = [
+        {"step": s, "rollout/reward": 9.0, "rollout/reward/rm:x": float(s), gold: 0.1 * s,
+         "rollout/kl_seq": float(s)}
+        for s in range(1, 8)
+    ] + [{"step": 8, "train/loss": 0.0}]  # fmt: skip
+    points = overopt.rl_points(rows, {"proxy": -1.0, "gold": 0.05}, block=3)
+    assert [p["step"] for p in points] == [0, 3, 6]  # step 7 is an incomplete block
+    assert points[0] == {"step": 0, "kl": 0.0, "d": 0.0, "proxy": -1.0, "gold": 0.05}
+    assert points[1]["kl"] == pytest.approx(2.0) and points[1]["d"] == pytest.approx(2**0.5)
+    assert points[2]["proxy"] == pytest.approx(5.0) and points[2]["gold"] == pytest.approx(0.5)
+    summary = overopt.rl_summary(points)
+    assert summary["gold_peak_step"] == 6 and summary["final_d"] == pytest.approx(5**0.5)

@@ -225,3 +225,25 @@ def test_running_norm_accumulates_in_the_loop_state():
     before = state.reward_moments
     _assign(torch.full((2, 4), NAN, dtype=torch.float64), state, reward_norm="running")
     assert state.reward_moments == before
+
+
+def test_length_reward_spec_is_the_word_count_penalty():
+    from rlhfkit.rewards.base import load_reward_fn, reward_spec_problem
+
+    fn = load_reward_fn("length:3:0.5")
+    assert fn("one two three") == 0.0
+    assert fn("one two three four five") == pytest.approx(-1.0)  # 2 words over, 0.5 each
+    assert load_reward_fn("length:0")("a b") == pytest.approx(-0.02)  # default 0.01 per word
+    assert reward_spec_problem("length:10:0.02") is None
+    for bad in ("length:", "length:-1", "length:5:-0.1", "length:5:x", "length:5:1:2"):
+        assert "expected length:" in reward_spec_problem(bad), bad
+
+
+def test_length_reward_is_rejected_before_any_model_loads(tmp_path, capsys):
+    from rlhfkit.cli import main as cli_main
+
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["bon", "--rewards", "length:many", "--output", str(tmp_path / "o.json")])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "length:many" in err and "Traceback" not in err

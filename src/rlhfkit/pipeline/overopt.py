@@ -115,9 +115,9 @@ def _default_rl() -> pg.PGConfig:
     return pg.PGConfig(
         data=pg.PGDataConfig(train="builtin:preferences", schema="preference"),
         algo=pg.PGAlgoConfig(preset="grpo"),
-        sampling=SamplingConfig(max_new_tokens=64, temperature=1.0, num_samples=8),
+        sampling=SamplingConfig(max_new_tokens=64, temperature=1.0, num_samples=4),
         optim=OptimConfig(lr=3e-5, schedule="constant", warmup_ratio=0.0),
-        loop=LoopConfig(batch_size=4, max_steps=24, save_every=8, micro_batch_tokens=768),
+        loop=LoopConfig(batch_size=8, max_steps=20, save_every=10, micro_batch_tokens=768),
     )
 
 
@@ -160,6 +160,8 @@ class OveroptConfig:
     needs proxies.ensemble > 1) or warm. Empty: no RL stage."""
     rl: pg.PGConfig = field(default_factory=_default_rl)
     """The RL runs' settings (GRPO; the rewards are the proxy and, at weight 0, the gold judge)."""
+    rl_block: int = 4
+    """RL steps averaged per point of the RL curve (one step's rollouts cover few prompts)."""
     seed: int = 0
     """Added to the seeds of the candidates, the proxies and the RL runs, to repeat the
     experiment (the held-out best-of-n samples keep theirs: the same test set every time)."""
@@ -186,6 +188,8 @@ class OveroptConfig:
         if not 1 <= self.bon.max_n <= self.bon.samples:
             out.append(("bon.max_n", f"must be in 1..bon.samples = {self.bon.samples}, got "
                         f"{self.bon.max_n}"))  # fmt: skip
+        if self.rl_block < 1:
+            out.append(("rl_block", f"must be >= 1, got {self.rl_block}"))
         if self.bon.prompts < 2:
             out.append(("bon.prompts", f"need at least 2 prompts, got {self.bon.prompts}"))
         out += [("rl_on", text) for text in map(self._rl_on_problem, self.rl_on) if text]
@@ -391,6 +395,7 @@ def run_bon(cfg: OveroptConfig, run: Path) -> None:
 
 def run_rl(cfg: OveroptConfig, run: Path) -> None:
     """Step 6: GRPO against each chosen proxy of each budget; proxy and gold per step, fitted."""
+    bon = json.loads((run / "bon.json").read_text())
     results = []
     for budget in cfg.proxies.budgets:
         for proxy in cfg.rl_on:
@@ -405,34 +410,50 @@ def run_rl(cfg: OveroptConfig, run: Path) -> None:
                               log=replace(cfg.log, run_dir=str(out)))  # fmt: skip
                 run_in_child(pg.main, sub, isolate=cfg.isolate_stages)
                 shutil.rmtree(out / "checkpoints", ignore_errors=True)
-            results.append({"budget": budget, "proxy": proxy, **rl_curve(out, cfg)})
+            curve = next(c for c in bon["curves"] if c["budget"] == budget and c["proxy"] == proxy)
+            rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x]
+            points = rl_points(rows, curve["points"][0], cfg.rl_block)
+            results.append({"budget": budget, "proxy": proxy, **rl_summary(points)})
     atomic_write_text(run / "rl.json", json.dumps({"runs": results}, indent=2))
 
 
-def rl_curve(out: Path, cfg: OveroptConfig) -> dict[str, Any]:
-    """Per logged step: KL, d, proxy and gold mean of the rollouts; the gold fit and its peak.
+def rl_points(rows: list[dict[str, Any]], start: dict[str, Any], block: int) -> list[dict]:
+    """The RL curve: the starting policy, then the rollout means of each block of steps.
 
-    The first point is the starting policy (d = 0, the first batch's rewards); the gold gains
-    over it are fitted with R_rl(d) = d (alpha - beta log d).
+    One step's rollouts cover a few prompts, so their mean reward moves with the prompts drawn;
+    each point averages ``block`` consecutive logged steps (their KL, proxy and gold means) and
+    stands at d = sqrt(mean KL). The first point is the starting policy at d = 0, with its proxy
+    and gold means over the held-out best-of-n samples (n = 1: the same policy and sampling).
+
+    Args:
+        rows: The run's ``metrics.jsonl`` records.
+        start: The n = 1 point of the proxy's best-of-n curve (``proxy``, ``gold``).
+        block: Steps averaged per point.
     """
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    rows = [r for r in rows if "rollout/reward" in r]
-    keys = rows[0] if rows else {}
-    proxy_key = next((k for k in keys if k.startswith("rollout/reward/rm")), None)
-    points = [
-        {"step": r["step"], "kl": max(float(r.get("rollout/kl_seq", 0.0)), 0.0),
-         "proxy": r.get(proxy_key) if proxy_key else r["rollout/reward"],
-         "gold": r.get(f"rollout/reward/{GOLD}")}
-        for r in rows
-    ]  # fmt: skip
-    for p in points:
-        p["d"] = math.sqrt(p["kl"])
-    if not points:
-        return {"points": [], "gold_fit": None}
-    start = points[0]["gold"] or 0.0
-    fit = gao_fit([0.0, *(p["d"] for p in points[1:])],
-                  [0.0, *((p["gold"] or 0.0) - start for p in points[1:])], rl=True)  # fmt: skip
-    best = max(points, key=lambda p: p["gold"] if p["gold"] is not None else -math.inf)
+    logged = [r for r in rows if "rollout/reward" in r]
+    proxy_key = next((k for r in logged[:1] for k in r if k.startswith("rollout/reward/rm")), None)
+    points = [{"step": 0, "kl": 0.0, "d": 0.0, "proxy": start["proxy"], "gold": start["gold"]}]
+    for i in range(0, len(logged) - block + 1, block):
+        part = logged[i : i + block]
+        kl = max(0.0, sum(float(r.get("rollout/kl_seq", 0.0)) for r in part) / len(part))
+        golds = [
+            r[f"rollout/reward/{GOLD}"] for r in part if r.get(f"rollout/reward/{GOLD}") is not None
+        ]
+        proxies = [r.get(proxy_key, r["rollout/reward"]) for r in part]
+        points.append({
+            "step": part[-1]["step"], "kl": kl, "d": math.sqrt(kl),
+            "proxy": sum(proxies) / len(proxies),
+            "gold": sum(golds) / len(golds) if golds else None,
+        })  # fmt: skip
+    return points
+
+
+def rl_summary(points: list[dict[str, Any]]) -> dict[str, Any]:
+    """The points, Gao's RL fit of their gold gains over the start, the peak and the final d."""
+    start = points[0]["gold"]
+    scored = [p for p in points if p["gold"] is not None]
+    fit = gao_fit([p["d"] for p in scored], [p["gold"] - start for p in scored], rl=True)
+    best = max(scored, key=lambda p: p["gold"])
     return {"points": points, "gold_fit": fit, "gold_peak_step": best["step"],
             "gold_peak_d": best["d"], "final_d": points[-1]["d"]}  # fmt: skip
 
@@ -472,24 +493,27 @@ def _step_in_child(name: str, cfg: OveroptConfig, run: Path) -> None:
 
 
 def print_summary(run: Path) -> None:
-    """Per budget and proxy: the best-of-n gold peak, the fit's R^2, and the RL runs' peaks."""
-    table = Table(title=f"rlhfkit overopt: {run}")
-    for name in ("budget", "proxy", "on-policy acc.", "gold n=1", "gold peak (n)", "gold n=max",
-                 "proxy n=max", "R^2 bon", "RL gold peak (step)", "RL final d"):  # fmt: skip
+    """Per budget and proxy: gold under best-of-n (start, peak, n = max, R^2) and under RL."""
+    table = Table(title=f"rlhfkit overopt: {run} (gold reward)")
+    for name in ("proxy", "acc.", "BoN n=1", "peak (n)", "n=max", "R^2", "RL peak (step)",
+                 "RL end"):  # fmt: skip
         table.add_column(name, justify="right")
     rl = json.loads((run / "rl.json").read_text())["runs"] if (run / "rl.json").exists() else []
     for c in json.loads((run / "bon.json").read_text())["curves"]:
         pts, fit = c["points"], c["gold_fit"]
         r = next((x for x in rl if x["budget"] == c["budget"] and x["proxy"] == c["proxy"]), None)
-        peak = (f"{max(p['gold'] for p in r['points']):.3f} ({r['gold_peak_step']})"
-                if r and r["points"] else "")  # fmt: skip
+        golds = [p["gold"] for p in r["points"] if p["gold"] is not None] if r else []
         table.add_row(
-            str(c["budget"]), c["proxy"], f"{c['on_policy_accuracy']:.3f}", f"{pts[0]['gold']:.3f}",
+            f"{c['budget']} {c['proxy']}", f"{c['on_policy_accuracy']:.2f}",
+            f"{pts[0]['gold']:.3f}",
             f"{c['gold_peak']:.3f} ({c['gold_peak_n']})", f"{pts[-1]['gold']:.3f}",
-            f"{pts[-1]['proxy']:.3f}", f"{fit['r2']:.3f}" if fit else "",
-            peak, f"{r['final_d']:.3f}" if r and r["points"] else "",
+            f"{fit['r2']:.2f}" if fit else "",
+            f"{max(golds):.3f} ({r['gold_peak_step']})" if golds else "",
+            f"{golds[-1]:.3f}" if golds else "",
         )  # fmt: skip
     console.print(table)
+    console.print("proxy: label budget and proxy; acc.: its agreement with gold on the policy's "
+                  "own samples")  # fmt: skip
     console.print(f"report: [bold]{run / 'overopt.html'}[/]")
 
 

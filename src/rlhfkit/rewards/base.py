@@ -78,7 +78,8 @@ def load_reward_fn(
             model checkpoint; ``options`` go to :class:`rlhfkit.rewards.model.RewardModelScorer`)
             ``verifier:<name>`` (``auto``: the verifier each example names), or ``judge:<model>``
             / ``judge:openai:<base_url>#<model>`` (an LLM judge's rating), or
-            ``rubric:<file>[|judge:<model>][|implicit]`` (a rubric reward).
+            ``rubric:<file>[|judge:<model>][|implicit]`` (a rubric reward), or
+            ``length:<budget>[:<per_word>]`` (a length penalty on the completion's words).
         place: How a reward model is placed: a training run's frozen-model placement, so that
             it is sharded like the run's reference (ignored for the other kinds).
         options: Settings of a reward-model scorer (ignored for functions).
@@ -105,6 +106,10 @@ def load_reward_fn(
     if spec.startswith("verifier:"):
         name = spec.removeprefix("verifier:")
         return verify if name == "auto" else get_verifier(name)
+    if spec.startswith("length:"):
+        from rlhfkit.rewards.shaping import length_reward
+
+        return length_reward(spec)
     fn = _import_attribute(spec)
     if not callable(fn):
         raise ValueError(f"reward {spec!r} is not callable")
@@ -130,6 +135,13 @@ def reward_spec_problem(spec: str) -> str | None:
         from rlhfkit.rewards.rubric import rubric_problem
 
         return rubric_problem(spec)
+    if problem is None and spec.startswith("length:"):
+        from rlhfkit.rewards.shaping import parse_length_spec
+
+        try:
+            parse_length_spec(spec)
+        except ValueError as err:
+            return str(err)
     return problem
 
 

@@ -8,7 +8,7 @@ Chan et al.'s parallel update). Pure functions on plain numbers or tensors.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -217,3 +217,41 @@ def shape_rewards(
     """
     out = values if scale is None else normalise_rewards(values, *scale)
     return out if bound is None else clip_rewards(out, bound)
+
+
+LENGTH_PREFIX = "length:"
+"""``length:<budget>[:<per_word>]``: the word-count length penalty as a reward."""
+
+
+def parse_length_spec(spec: str) -> tuple[int, float]:
+    """``length:<budget>[:<per_word>]`` as (budget words, penalty per word; default 0.01).
+
+    Raises:
+        ValueError: Not of that form, a negative budget, or a negative or non-finite penalty.
+    """
+    parts = spec.removeprefix(LENGTH_PREFIX).split(":")
+    try:
+        budget = int(parts[0])
+        per_word = float(parts[1]) if len(parts) == 2 else 0.01
+    except (ValueError, IndexError):
+        budget, per_word = -1, 0.0
+    if len(parts) > 2 or budget < 0 or not 0.0 <= per_word < float("inf"):
+        raise ValueError(
+            f"reward {spec!r}: expected length:<budget words >= 0>[:<penalty per word >= 0>]"
+        )
+    return budget, per_word
+
+
+def length_reward(spec: str) -> Callable[[str], float]:
+    """The reward ``length:<budget>[:<per_word>]``: -per_word * max(0, words - budget).
+
+    A length penalty for any command that takes ``--rewards`` (``bon``, ``rs``, ``eval``,
+    ``rl``): weighted beside a reward model it removes the easiest exploit of a proxy that
+    likes long answers. Words are whitespace-separated, so the reward needs no tokenizer.
+    """
+    budget, per_word = parse_length_spec(spec)
+
+    def reward(completion: str) -> float:
+        return length_penalty(len(completion.split()), budget, per_word)
+
+    return reward
