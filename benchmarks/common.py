@@ -332,6 +332,14 @@ class Reporter:
     figures: dict[str, float] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
 
+    @classmethod
+    def for_run(cls, benchmark: str, args: Any) -> Reporter:
+        """A reporter whose details hold the environment and the parsed ``args``."""
+        report = cls(benchmark)
+        report.details["environment"] = environment()
+        report.details["args"] = {k: str(v) for k, v in vars(args).items()}
+        return report
+
     def figure(self, name: str, value: float) -> None:
         """Record a figure and print its machine-readable line."""
         key = f"{self.benchmark}.{name}"

@@ -142,9 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     runs = args.run_dir.resolve()
     runs.mkdir(parents=True, exist_ok=True)
-    report = common.Reporter("overopt")
-    report.details["environment"] = common.environment()
-    report.details["args"] = {k: str(v) for k, v in vars(args).items()}
+    report = common.Reporter.for_run("overopt", args)
     default_study(report, runs)  # a finished one is read back
     if not args.skip_mitigations:
         mitigation_study(report, runs, args.seeds, str(runs / "default" / "sft" / "final"))

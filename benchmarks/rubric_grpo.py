@@ -74,9 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     runs = args.run_dir.resolve()
     runs.mkdir(parents=True, exist_ok=True)
-    report = common.Reporter("rubric_grpo")
-    report.details["environment"] = common.environment()
-    report.details["args"] = {k: str(v) for k, v in vars(args).items()}
+    report = common.Reporter.for_run("rubric_grpo", args)
     sft_dir, rl_dir = runs / "sft", runs / "rl"
     sft = train(rlhfkit(
         "sft", "--data.train", "builtin:instructions", "--data.eval", "None",

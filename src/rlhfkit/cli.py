@@ -154,6 +154,24 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
         "main",
         "SFT -> candidates -> labels -> reward model -> PPO/DPO -> eval -> report.html.",
     ),
+    "persona extract": (
+        "rlhfkit.recipes.persona",
+        "PersonaExtractConfig",
+        "extract",
+        "A trait's persona vector at every layer, from contrastive system prompts.",
+    ),
+    "persona monitor": (
+        "rlhfkit.recipes.persona_steer",
+        "PersonaMonitorConfig",
+        "monitor",
+        "Project rows' activations on a persona vector (which rows carry the trait).",
+    ),
+    "persona steer": (
+        "rlhfkit.recipes.persona_steer",
+        "PersonaSteerConfig",
+        "steer",
+        "Answer with a persona vector added (and optionally capped) over a grid of strengths.",
+    ),
     "overopt": (
         "rlhfkit.pipeline.overopt",
         "OveroptConfig",

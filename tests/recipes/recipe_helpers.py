@@ -210,3 +210,17 @@ class EchoEnv:
         if self.n >= self.turns:
             return StepResult([], float(message.count("a")), True, {"echoes": 0.0})
         return StepResult([{"role": "user", "content": self.answer}], 0.0, False, {"echoes": 1.0})
+
+
+def tiny_sft(base: Any, limit: int, steps: int) -> Any:
+    """``base`` (an SFTConfig) on the first ``limit`` rows for ``steps`` tiny steps, no eval."""
+    from dataclasses import replace
+
+    from rlhfkit.config import LoopConfig, OptimConfig
+
+    return replace(
+        base,
+        data=replace(base.data, limit=limit, eval=None),
+        optim=OptimConfig(lr=1e-3, warmup_ratio=0.0),
+        loop=LoopConfig(max_steps=steps, batch_size=4, micro_batch_tokens=512),
+    )

@@ -8,10 +8,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from recipe_helpers import tiny_sft
 from safetensors.torch import load_file
 
 from rlhfkit.cli import main as cli_main
-from rlhfkit.config import LogConfig, LoopConfig, ModelConfig, OptimConfig
+from rlhfkit.config import LogConfig, LoopConfig, ModelConfig
 from rlhfkit.eval.overopt import bon_unbiased
 from rlhfkit.ops.ensemble import rm_ensemble
 from rlhfkit.pipeline import overopt
@@ -24,12 +25,7 @@ def _cfg(model_dir: Path, run_dir: Path, **over) -> overopt.OveroptConfig:
     cfg = replace(
         base,
         model=ModelConfig(name=str(model_dir), precision="fp32"),
-        sft=replace(
-            base.sft,
-            data=replace(base.sft.data, limit=16, eval=None),
-            optim=OptimConfig(lr=1e-3, warmup_ratio=0.0),
-            loop=LoopConfig(max_steps=1, **tiny_loop),
-        ),
+        sft=tiny_sft(base.sft, limit=16, steps=1),
         candidates=replace(
             base.candidates,
             limit=6,

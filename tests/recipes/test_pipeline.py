@@ -8,8 +8,9 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from recipe_helpers import tiny_sft
 
-from rlhfkit.config import LogConfig, LoopConfig, ModelConfig, OptimConfig
+from rlhfkit.config import LogConfig, LoopConfig, ModelConfig
 from rlhfkit.pipeline import run as pipeline
 from rlhfkit.pipeline.evaluation import EvalStageConfig
 from rlhfkit.rollout.hf import SamplingConfig
@@ -23,12 +24,7 @@ def _cfg(model_dir: Path, run_dir: Path, **over) -> pipeline.PipelineConfig:
     cfg = replace(
         base,
         model=ModelConfig(name=str(model_dir), precision="fp32"),
-        sft=replace(
-            base.sft,
-            data=replace(base.sft.data, limit=24, eval=None),
-            optim=OptimConfig(lr=1e-3, warmup_ratio=0.0),
-            loop=LoopConfig(max_steps=2, **tiny_loop),
-        ),
+        sft=tiny_sft(base.sft, limit=24, steps=2),
         candidates=pipeline.CandidatesConfig(
             limit=12, sampling=SamplingConfig(max_new_tokens=8, temperature=1.0, num_samples=2)
         ),

@@ -81,6 +81,33 @@ def pearson(x: Values, y: Values) -> float:
     return float((da * db).sum() / denom) if float(denom) > 0 else math.nan
 
 
+def ranks(values: Values) -> torch.Tensor:
+    """1-based ranks, ties sharing the mean of their positions (fp64).
+
+    Shapes:
+        values: (N,); returns (N,).
+    """
+    v = torch.as_tensor(values, dtype=torch.float64).flatten()
+    order = torch.argsort(v, stable=True)
+    out = torch.empty_like(v)
+    sorted_v = v[order]
+    start = 0
+    for end in range(1, v.numel() + 1):
+        if end == v.numel() or sorted_v[end] != sorted_v[start]:
+            out[order[start:end]] = (start + end + 1) / 2  # mean of ranks start+1 .. end
+            start = end
+    return out
+
+
+def spearman(x: Values, y: Values) -> float:
+    """Spearman rank correlation: Pearson's of the (tie-averaged) ranks; nan like ``pearson``.
+
+    Shapes:
+        x, y: (N,).
+    """
+    return pearson(ranks(x), ranks(y))
+
+
 def reward_distribution(rewards: Values, bins: int = 10) -> dict[str, object]:
     """Summary of a reward distribution.
 

@@ -1,0 +1,121 @@
+"""rlhfkit persona extract | monitor | steer on the tiny model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from rlhfkit.cli import main as cli_main
+from rlhfkit.config import ModelConfig
+from rlhfkit.data.traits import load_trait
+from rlhfkit.eval.run import load_sampler
+from rlhfkit.recipes import persona, persona_steer
+from rlhfkit.rollout.hf import SamplingConfig
+
+QUESTIONS = ["What is rain?", "Name a fruit.", "How do boats float?", "Why sleep?",
+             "What is a map?", "Name a colour."]  # fmt: skip
+GREEDY = SamplingConfig(max_new_tokens=6, temperature=0.0, num_samples=1)
+
+
+def _trait(tmp_path: Path, positive: str, negative: str) -> Path:
+    path = tmp_path / "trait.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "cheer", "positive": positive, "negative": negative, "questions": QUESTIONS,
+        "heldout": 2, "markers": ["!", "yay"],
+    }))  # fmt: skip
+    return path
+
+
+def _extract(model_dir, tmp_path, trait, name="vec") -> Path:
+    out = tmp_path / name
+    persona.extract(persona.PersonaExtractConfig(
+        model=ModelConfig(name=str(model_dir), precision="fp32"), trait=str(trait),
+        sampling=GREEDY, filter="none", batch_size=3, output=str(out),
+    ))  # fmt: skip
+    return out
+
+
+def test_the_vector_is_exactly_zero_when_the_two_prompts_are_the_same(tiny_model_dir, tmp_path):
+    out = _extract(tiny_model_dir, tmp_path, _trait(tmp_path, "Be brief.", "Be brief."))
+    for name, tensor in load_file(out / "vectors.safetensors").items():
+        assert not tensor.any(), name
+    meta = json.loads((out / "persona.json").read_text())
+    assert meta["heldout_auroc"] == [0.5] * meta["layers"]
+
+
+def test_extract_monitor_and_steer(tiny_model_dir, tmp_path):
+    trait = _trait(tmp_path, "Shout with joy! Yay!", "Speak flatly.")
+    out = _extract(tiny_model_dir, tmp_path, trait)
+    meta = json.loads((out / "persona.json").read_text())
+    vectors = load_file(out / "vectors.safetensors")
+    assert set(vectors) == {"response", "prompt_avg", "last_prompt"}
+    assert vectors["response"].shape == (meta["layers"], meta["hidden_size"])
+    assert meta["kept"] == {"positive": 4, "negative": 4, "answers": 8}
+    assert 0 <= meta["layer"] < meta["layers"] and len(meta["heldout_auroc"]) == meta["layers"]
+    assert meta["train_separation"][meta["layer"]] == max(meta["train_separation"])
+    samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    assert {(s["split"], s["side"]) for s in samples} == {
+        (split, side) for split in ("train", "heldout") for side in ("positive", "negative")
+    }
+    # monitor: one projection per row, prompts alone with last_prompt
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("\n".join(json.dumps(r) for r in [
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yay!"}]},
+        {"prompt": "Hello", "completion": "Fine."},
+    ]) + "\n")  # fmt: skip
+    model = ModelConfig(name=str(tiny_model_dir), precision="fp32")
+    scores = persona_steer.monitor(persona_steer.PersonaMonitorConfig(
+        model=model, vector=str(out), data=str(rows), output=str(tmp_path / "m.jsonl"),
+    ))  # fmt: skip
+    written = [json.loads(x) for x in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert [w["projection"] for w in written] == scores and len(scores) == 2
+    # steer: alpha 0 answers as the unsteered model does; the report has every alpha
+    report = persona_steer.steer(persona_steer.PersonaSteerConfig(
+        model=model, vector=str(out), alphas=(0.0, 8.0), cap_quantile=0.5, sampling=GREEDY,
+        output=str(tmp_path / "steer"),
+    ))  # fmt: skip
+    assert [r["alpha"] for r in report["results"]] == [0.0, 8.0]
+    assert report["cap_tau"] is not None and report["layer"] == meta["layer"]
+    assert all(r["perplexity"] > 0 for r in report["results"])
+    persona_steer.steer(persona_steer.PersonaSteerConfig(
+        model=model, vector=str(out), alphas=(0.0,), sampling=GREEDY,
+        output=str(tmp_path / "plain"),
+    ))  # fmt: skip
+    texts = [
+        json.loads(x)["text"] for x in (tmp_path / "plain/samples.jsonl").read_text().splitlines()
+    ]
+    _, tokenizer, generator = load_sampler(model)
+    cheer = load_trait(str(trait))
+    unsteered = persona.answer(generator, tokenizer, cheer, cheer.heldout_questions, None, GREEDY)
+    assert texts == [a.text for a in unsteered]  # alpha 0: exactly the unsteered answers
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["persona", "extract", "--trait", "nosuch.yaml"], "no such file"),
+        (["persona", "steer", "--vector", "/nonexistent"], "not a persona vector directory"),
+        (["persona", "monitor", "--vector", "/nonexistent"], "not a persona vector directory"),
+        (["persona", "steer", "--vector", "/nonexistent", "--cap-quantile", "2"], "--cap-quantile"),
+    ],
+)
+def test_user_errors_are_one_line(args, needle, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(args)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
+
+
+def test_a_malformed_trait_file_names_its_field(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"name": "x", "positive": "p", "negative": "n",
+                                   "questions": ["a", "b", "c"], "markers": "!"}))  # fmt: skip
+    with pytest.raises(SystemExit):
+        cli_main(["persona", "extract", "--trait", str(bad)])
+    err = capsys.readouterr().err
+    assert "markers" in err and "Traceback" not in err
