@@ -70,9 +70,20 @@ class ModelConfig:
     shard_frozen: bool = True
     """fsdp2: shard the frozen models the run loads (the KL reference) too; false holds a full
     copy in the compute dtype on every rank."""
+    steer: str | None = None
+    """A persona vector (a directory written by rlhfkit persona extract): add steer_alpha * v
+    to its layer's output on every forward pass of this model. In generate, eval, bon, rs and
+    the rollout engine it steers the answers; in sft, dpo and rl it is preventative steering
+    (the saved model carries no hook)."""
+    steer_alpha: float = 0.0
+    """Steering strength alpha (negative: away from the trait)."""
+    steer_layer: int | None = None
+    """Layer to steer (None: the layer persona extract chose)."""
+    steer_positions: Literal["all", "prompt", "response"] = "all"
+    """Positions steered while generating: the prompt, the response tokens, or both."""
 
     def problems(self) -> Problems:
-        """Invalid values: an empty or mistyped local model path, LoRA settings."""
+        """Invalid values: an empty or mistyped local model path, LoRA settings, a steer dir."""
         out = [("name", text) for text in [model_path_problem(self.name)] if text]
         if self.lora_r < 1:
             out.append(("lora_r", f"must be at least 1, got {self.lora_r}"))
@@ -85,6 +96,10 @@ class ModelConfig:
             out.append(("keep_layers", f"need distinct layer indices >= 0, got {layers}"))
         if self.offload and self.parallel != "fsdp2":
             out.append(("offload", "needs --model.parallel fsdp2 (replicate keeps no shards)"))
+        steer = Path(self.steer).expanduser() if self.steer is not None else None
+        if steer is not None and not (steer / "persona.json").is_file():
+            out.append(("steer", f"{self.steer}: not a persona vector directory (no persona.json;"
+                        " make one with rlhfkit persona extract)"))  # fmt: skip
         return out
 
 

@@ -119,3 +119,50 @@ def test_a_malformed_trait_file_names_its_field(tmp_path, capsys):
         cli_main(["persona", "extract", "--trait", str(bad)])
     err = capsys.readouterr().err
     assert "markers" in err and "Traceback" not in err
+
+
+def test_model_steer_steers_samplers_and_trains_preventatively(tiny_model_dir, tmp_path):
+    from dataclasses import replace
+
+    from safetensors.torch import load_file as load_weights
+
+    from rlhfkit.config import LogConfig, LoopConfig, OptimConfig
+    from rlhfkit.recipes import sft
+
+    out = _extract(tiny_model_dir, tmp_path, _trait(tmp_path, "Shout! Yay!", "Be flat."))
+    base = ModelConfig(name=str(tiny_model_dir), precision="fp32")
+    cheer = load_trait(str(tmp_path / "trait.yaml"))
+
+    def texts(model_cfg: ModelConfig) -> list[str]:
+        _, tokenizer, generator = load_sampler(model_cfg)
+        answers = persona.answer(generator, tokenizer, cheer, cheer.questions, None, GREEDY)
+        return [a.text for a in answers]
+
+    plain = texts(base)
+    assert texts(replace(base, steer=str(out), steer_alpha=0.0)) == plain
+    assert texts(replace(base, steer=str(out), steer_alpha=1e4)) != plain
+    # preventative steering: the run trains with the hook, the saved model carries none
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": q}, {"role": "assistant", "content": f"Yay! {q}"},
+    ]}) + "\n" for q in QUESTIONS))  # fmt: skip
+    finals = {}
+    for name, model_cfg in (("plain", base), ("steered", replace(base, steer=str(out),
+                                                                  steer_alpha=50.0))):  # fmt: skip
+        run = tmp_path / name
+        sft.main(sft.SFTConfig(
+            model=model_cfg, data=sft.SFTDataConfig(train=str(data), eval=None),
+            optim=OptimConfig(lr=1e-2, warmup_ratio=0.0),
+            loop=LoopConfig(max_steps=1, batch_size=4, micro_batch_tokens=512),
+            log=LogConfig(run_dir=str(run), tensorboard=False, progress=False),
+        ))  # fmt: skip
+        finals[name] = load_weights(run / "final" / "model.safetensors")
+    assert any(not (finals["plain"][k] == finals["steered"][k]).all() for k in finals["plain"])
+
+
+def test_a_missing_steer_vector_is_a_user_error(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["generate", "--model.steer", "/nonexistent/vec", "--prompts", "hi"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "--model.steer" in err and "persona.json" in err and "Traceback" not in err

@@ -40,6 +40,7 @@ from rlhfkit.data.prompts import PromptRow
 from rlhfkit.errors import ConfigError
 from rlhfkit.models.load import load_model, load_tokenizer
 from rlhfkit.models.precision import default_device, resolve_precision
+from rlhfkit.models.steering import attach_steering
 from rlhfkit.rewards import load_reward_fn, score_completions
 from rlhfkit.rewards.shaping import weighted_sum
 from rlhfkit.rollout.hf import SamplingConfig
@@ -65,6 +66,7 @@ def load_sampler(
         cfg.name, dtype=precision.compute, attn_implementation=cfg.attn_implementation,
         trust_remote_code=cfg.trust_remote_code, device=device, keep_layers=cfg.keep_layers,
     ).eval()  # fmt: skip
+    attach_steering(model, cfg)  # --model.steer: the answers are steered
     return model, tokenizer, chat_generator(model, tokenizer)
 
 

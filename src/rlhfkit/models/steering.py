@@ -13,14 +13,20 @@ The math lives in :mod:`rlhfkit.ops.steering`.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
+from rlhfkit.config import ModelConfig
+from rlhfkit.errors import ConfigError, MissingFileError
 from rlhfkit.ops.steering import Side, cap_hidden, steer_hidden
 
 Positions = Literal["all", "prompt", "response"]
@@ -104,11 +110,10 @@ def _apply(edit: Steer | Cap, hidden: torch.Tensor) -> torch.Tensor:
     return cap_hidden(hidden, edit.axis.to(hidden.device), edit.tau, edit.side)
 
 
-@contextmanager
-def edited(model: nn.Module, edits: Sequence[Steer | Cap]) -> Iterator[None]:
-    """Apply the edits to the layers' outputs on every forward pass inside the block.
+def attach(model: nn.Module, edits: Sequence[Steer | Cap]) -> list[RemovableHandle]:
+    """Register the edits as forward hooks on the layers; returns the handles (to remove them).
 
-    Edits of one layer apply in the order given. The hooks are removed on exit.
+    Edits of one layer apply in the order given.
 
     Raises:
         ValueError: A layer out of range, or a vector whose size is not the hidden size.
@@ -122,17 +127,60 @@ def edited(model: nn.Module, edits: Sequence[Steer | Cap]) -> Iterator[None]:
         if size is not None and vec.shape != (size,):
             raise ValueError(f"vector of shape {tuple(vec.shape)} for hidden size {size}")
     handles = []
+    for e in edits:
+
+        def hook(_m: nn.Module, _a: Any, output: Any, e: Steer | Cap = e) -> Any:
+            hidden = _hidden(output)
+            if not _active(e.positions, hidden):
+                return None
+            return _replace(output, _apply(e, hidden))
+
+        handles.append(modules[e.layer].register_forward_hook(hook))
+    return handles
+
+
+@contextmanager
+def edited(model: nn.Module, edits: Sequence[Steer | Cap]) -> Iterator[None]:
+    """Apply the edits on every forward pass inside the block; the hooks are removed on exit.
+
+    Raises:
+        ValueError: As :func:`attach`.
+    """
+    handles = attach(model, edits)
     try:
-        for e in edits:
-
-            def hook(_m: nn.Module, _a: Any, output: Any, e: Steer | Cap = e) -> Any:
-                hidden = _hidden(output)
-                if not _active(e.positions, hidden):
-                    return None
-                return _replace(output, _apply(e, hidden))
-
-            handles.append(modules[e.layer].register_forward_hook(hook))
         yield
     finally:
         for handle in handles:
             handle.remove()
+
+
+def load_persona_vector(
+    directory: str, layer: int | None = None, variant: str = "response"
+) -> tuple[torch.Tensor, int, dict[str, Any]]:
+    """A vector saved by ``rlhfkit persona extract``: (vector (D,), its layer, persona.json).
+
+    Raises:
+        MissingFileError: Not a persona vector directory.
+        ConfigError: A layer out of range.
+    """
+    path = Path(directory).expanduser()
+    if not (path / "persona.json").is_file():
+        raise MissingFileError(f"{directory}: no persona.json (make one: rlhfkit persona extract)")
+    meta = json.loads((path / "persona.json").read_text())
+    tensors = load_file(str(path / "vectors.safetensors"))
+    chosen = meta["layer"] if layer is None else layer
+    if not 0 <= chosen < meta["layers"]:
+        raise ConfigError(f"layer {layer}: the vector has layers 0..{meta['layers'] - 1}")
+    return tensors[variant][chosen], chosen, meta
+
+
+def attach_steering(model: nn.Module, cfg: ModelConfig) -> list[RemovableHandle]:
+    """``--model.steer``: hook ``steer_alpha * v`` onto the vector's layer for the model's life.
+
+    Nothing is attached without ``cfg.steer``. The hooks are not part of the weights, so a model
+    trained with them (preventative steering) is saved unsteered.
+    """
+    if cfg.steer is None:
+        return []
+    vector, layer, _ = load_persona_vector(cfg.steer, cfg.steer_layer)
+    return attach(model, [Steer(layer, vector, cfg.steer_alpha, cfg.steer_positions)])

@@ -31,13 +31,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from rlhfkit.atomic import atomic_write_text
 from rlhfkit.config import ModelConfig, Problems
 from rlhfkit.data.templates import render_prompt
 from rlhfkit.data.traits import Trait, load_trait
-from rlhfkit.errors import ConfigError, MissingFileError, UserError
+from rlhfkit.errors import ConfigError, UserError
 from rlhfkit.eval.run import load_sampler
 from rlhfkit.models.steering import decoder_layers, recording
 from rlhfkit.ops.steering import auroc, masked_mean, mean_difference, project
@@ -239,23 +239,3 @@ def extract(cfg: PersonaExtractConfig) -> dict[str, Any]:
     print(f"persona vector of {trait.name}: {out} (layer {layer}, held-out AUROC "
           f"{aurocs[layer]:.3f}, kept {len(pos)}/{len(neg)} answers)")  # fmt: skip
     return summary
-
-
-def load_vector(
-    directory: str, layer: int | None = None, variant: Variant = "response"
-) -> tuple[torch.Tensor, int, dict[str, Any]]:
-    """A saved persona vector: (vector (D,), its layer, the persona.json summary).
-
-    Raises:
-        MissingFileError: Not a persona vector directory.
-        ConfigError: A layer out of range.
-    """
-    path = Path(directory).expanduser()
-    if not (path / "persona.json").is_file():
-        raise MissingFileError(f"--vector: {directory}: no persona.json (rlhfkit persona extract)")
-    meta = json.loads((path / "persona.json").read_text())
-    tensors = load_file(str(path / "vectors.safetensors"))
-    chosen = meta["layer"] if layer is None else layer
-    if not 0 <= chosen < meta["layers"]:
-        raise ConfigError(f"--layer {layer}: the vector has layers 0..{meta['layers'] - 1}")
-    return tensors[variant][chosen], chosen, meta

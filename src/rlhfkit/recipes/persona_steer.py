@@ -35,7 +35,7 @@ from rlhfkit.data.templates import render_prompt
 from rlhfkit.data.traits import load_trait
 from rlhfkit.eval.metrics import spearman
 from rlhfkit.eval.run import load_sampler
-from rlhfkit.models.steering import Cap, Steer, edited, recording
+from rlhfkit.models.steering import Cap, Steer, edited, load_persona_vector, recording
 from rlhfkit.ops.steering import project
 from rlhfkit.recipes.persona import (
     Answer,
@@ -43,7 +43,6 @@ from rlhfkit.recipes.persona import (
     _vector_problem,
     activations,
     answer,
-    load_vector,
     padded,
 )
 from rlhfkit.rollout.hf import SamplingConfig
@@ -95,7 +94,7 @@ def _row_answer(tokenizer: Any, row: dict[str, Any], where: str) -> Answer:
 
 def monitor(cfg: PersonaMonitorConfig) -> list[float]:
     """Write every row with its projection; returns the projections."""
-    vector, layer, meta = load_vector(cfg.vector, cfg.layer, cfg.variant)
+    vector, layer, meta = load_persona_vector(cfg.vector, cfg.layer, cfg.variant)
     rows = [r for r in load_rows(cfg.data, split="train")]
     model, tokenizer, _ = load_sampler(cfg.model)
     items = [_row_answer(tokenizer, r.data, r.location) for r in rows]
@@ -198,7 +197,7 @@ def cap_threshold(
 
 def steer(cfg: PersonaSteerConfig) -> dict[str, Any]:
     """Answer under each alpha; returns (and writes) the trait score and perplexity per alpha."""
-    vector, layer, meta = load_vector(cfg.vector, cfg.layer)
+    vector, layer, meta = load_persona_vector(cfg.vector, cfg.layer)
     trait = load_trait(cfg.trait or meta["trait_source"])
     questions = {"heldout": trait.heldout_questions, "train": trait.train_questions,
                  "all": trait.questions}[cfg.questions]  # fmt: skip

@@ -27,6 +27,7 @@ from rlhfkit.models.load import (
 )
 from rlhfkit.models.precision import resolve_precision
 from rlhfkit.models.sharding import local_numel
+from rlhfkit.models.steering import attach_steering
 from rlhfkit.training.checkpoint import update_checkpoint_info
 from rlhfkit.training.companion import Companion
 from rlhfkit.training.context import NonFiniteLossError, RunContext
@@ -107,6 +108,7 @@ def build_run(
             list(model_cfg.lora_target_modules),
         )
         model = apply_lora(model, spec)
+    attach_steering(model, model_cfg)  # --model.steer while training: preventative steering
     placement = Placement.of(model_cfg, dist_info, precision)
     master = placement.trained(model)
     if placement.sharded:
