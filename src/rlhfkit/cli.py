@@ -166,6 +166,12 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
         "monitor",
         "Project rows' activations on a persona vector (which rows carry the trait).",
     ),
+    "persona pairs": (
+        "rlhfkit.recipes.character",
+        "PersonaPairsConfig",
+        "pairs",
+        "Character training pairs: replies with a constitution in context (chosen) and without.",
+    ),
     "persona steer": (
         "rlhfkit.recipes.persona_steer",
         "PersonaSteerConfig",

@@ -166,3 +166,37 @@ def test_a_missing_steer_vector_is_a_user_error(capsys):
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert "--model.steer" in err and "persona.json" in err and "Traceback" not in err
+
+
+def test_persona_pairs_chosen_with_the_constitution_rejected_without(tiny_model_dir, tmp_path):
+    from rlhfkit.data.templates import render_prompt
+    from rlhfkit.recipes import character
+
+    trait = _trait(tmp_path, "Shout! Yay!", "Be flat.")
+    text = tmp_path / "character.md"
+    text.write_text("I am a cheerful robot who says yay a lot.")
+    sampling = SamplingConfig(max_new_tokens=6, temperature=1.0, num_samples=1, seed=7)
+    cfg = character.PersonaPairsConfig(
+        model=ModelConfig(name=str(tiny_model_dir), precision="fp32"), trait=str(trait),
+        constitution=str(text), questions="all", sampling=sampling,
+        output=str(tmp_path / "pairs.jsonl"),
+    )  # fmt: skip
+    rows = character.pairs(cfg)
+    written = [json.loads(x) for x in (tmp_path / "pairs.jsonl").read_text().splitlines()]
+    assert rows and written == rows
+    _, tokenizer, generator = load_sampler(cfg.model)
+
+    def replies(system: str | None) -> dict[str, str]:
+        head = [{"role": "system", "content": system}] if system else []
+        ids = [render_prompt(tokenizer, [*head, {"role": "user", "content": q}]) for q in QUESTIONS]
+        out = generator.generate(ids, sampling).completion_ids
+        texts = tokenizer.batch_decode(out, skip_special_tokens=True)
+        return dict(zip(QUESTIONS, texts, strict=True))
+
+    chosen, rejected = replies(text.read_text()), replies(None)
+    for r in rows:  # the prompt is the bare question; chosen saw the constitution, rejected not
+        question = r["prompt"][0]["content"]
+        assert r["prompt"] == [{"role": "user", "content": question}]
+        assert (r["chosen"], r["rejected"]) == (chosen[question], rejected[question])
+    with pytest.raises(SystemExit):
+        cli_main(["persona", "pairs", "--constitution", str(tmp_path / "missing.md")])

@@ -6,6 +6,7 @@ A trait file (YAML or JSON) holds::
     description: ...
     positive: <system prompt that elicits the trait>
     negative: <system prompt that suppresses it>
+    constitution: <the character, described in the first person>   # optional
     questions: [<question>, ...]      # or a file next to it (questions.yaml)
     heldout: 10                        # the last N questions are held out
     markers: ["!", "amazing", ...]     # counted in a response: the trait scorer
@@ -46,6 +47,7 @@ class Trait:
     heldout: int
     markers: tuple[str, ...]
     negative_markers: tuple[str, ...] = ()
+    constitution: str = ""
     source: str = ""
 
     @property
@@ -131,5 +133,6 @@ def load_trait(spec: str) -> Trait:
         questions=questions, heldout=heldout,
         markers=_strings(data.get("markers"), source, "markers"),
         negative_markers=_strings(negative, source, "negative_markers") if negative else (),
+        constitution=str(data.get("constitution") or data["positive"]).strip(),
         source=spec,
     )  # fmt: skip
