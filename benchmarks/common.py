@@ -333,6 +333,20 @@ class Reporter:
     details: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
+    def start(
+        cls, benchmark: str, parser: Any, argv: list[str] | None, run_dir: str
+    ) -> tuple[Any, Path, Reporter]:
+        """Parse ``argv`` (adding ``--run-dir``, default ``runs/<run_dir>`` in the checkout),
+        create the run directory and a reporter: (args, the resolved directory, the reporter).
+        """
+        root = Path(__file__).resolve().parent.parent
+        parser.add_argument("--run-dir", type=Path, default=root / "runs" / run_dir)
+        args = parser.parse_args(argv)
+        runs = args.run_dir.resolve()
+        runs.mkdir(parents=True, exist_ok=True)
+        return args, runs, cls.for_run(benchmark, args)
+
+    @classmethod
     def for_run(cls, benchmark: str, args: Any) -> Reporter:
         """A reporter whose details hold the environment and the parsed ``args``."""
         report = cls(benchmark)

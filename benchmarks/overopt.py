@@ -31,7 +31,6 @@ import common
 from grpo_arithmetic import run_command
 from rlhfkit.eval.intervals import mean_interval
 
-ROOT = Path(__file__).resolve().parent.parent
 BUDGET_S = 20 * 60.0
 MITIGATIONS = ("min", "uwo", "warm")
 
@@ -138,11 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--skip-mitigations", action="store_true")
-    parser.add_argument("--run-dir", type=Path, default=ROOT / "runs" / "bench_overopt")
-    args = parser.parse_args(argv)
-    runs = args.run_dir.resolve()
-    runs.mkdir(parents=True, exist_ok=True)
-    report = common.Reporter.for_run("overopt", args)
+    args, runs, report = common.Reporter.start("overopt", parser, argv, "bench_overopt")
     default_study(report, runs)  # a finished one is read back
     if not args.skip_mitigations:
         mitigation_study(report, runs, args.seeds, str(runs / "default" / "sft" / "final"))

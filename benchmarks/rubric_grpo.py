@@ -70,11 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rl-steps", type=int, default=30)
     parser.add_argument("--lr", type=float, default=1e-5, help="GRPO learning rate")
     parser.add_argument("--samples", type=int, default=4, help="held-out samples per prompt")
-    parser.add_argument("--run-dir", type=Path, default=ROOT / "runs" / "rubric_grpo")
-    args = parser.parse_args(argv)
-    runs = args.run_dir.resolve()
-    runs.mkdir(parents=True, exist_ok=True)
-    report = common.Reporter.for_run("rubric_grpo", args)
+    args, runs, report = common.Reporter.start("rubric_grpo", parser, argv, "rubric_grpo")
     sft_dir, rl_dir = runs / "sft", runs / "rl"
     sft = train(rlhfkit(
         "sft", "--data.train", "builtin:instructions", "--data.eval", "None",
