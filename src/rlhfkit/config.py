@@ -155,6 +155,10 @@ class LoopConfig:
     """Stop after this many optimiser steps."""
     seed: int = 0
     """Seed for data order, initialisation and sampling."""
+    data_seed: int | None = None
+    """Seed of the data order alone (None: seed). Runs that share seed but not data_seed start
+    from the same initialisation (a reward model's new head too) and see the data in different
+    orders, as the members of a weight average (WARM) should."""
     eval_every: int = 0
     """Evaluate every N steps (0: only before and after training)."""
     save_every: int = 20

@@ -153,3 +153,12 @@ def test_rl_points_average_blocks_of_steps_after_the_start():
     assert points[2]["proxy"] == pytest.approx(5.0) and points[2]["gold"] == pytest.approx(0.5)
     summary = overopt.rl_summary(points)
     assert summary["gold_peak_step"] == 6 and summary["final_d"] == pytest.approx(5**0.5)
+
+
+def test_warm_members_share_their_initialisation_and_differ_in_data_order():
+    warm = overopt.OveroptConfig(proxies=overopt.ProxiesConfig(ensemble=3, warm=True), seed=2)
+    assert [overopt.member_seeds(warm, k) for k in range(3)] == [
+        {"seed": 2, "data_seed": 2 + k} for k in range(3)
+    ]
+    plain = replace(warm, proxies=overopt.ProxiesConfig(ensemble=3, warm=False))
+    assert [overopt.member_seeds(plain, k) for k in range(3)] == [{"seed": 2 + k} for k in range(3)]

@@ -47,6 +47,15 @@ def member_finals(cfg: PipelineConfig, run: Path) -> list[Path]:
     return [member_dir(run, k) / "final" for k in range(cfg.rm_ensemble)]
 
 
+def warm_members(cfg: PipelineConfig) -> bool:
+    """Whether the members share one initialisation (rm_combine warm).
+
+    Weight averaging needs members fine-tuned from one start: they share seed and differ in
+    data order (data_seed); otherwise each member has its own seed.
+    """
+    return cfg.rm_combine == "warm"
+
+
 def uses_ensemble_spec(cfg: PipelineConfig) -> bool:
     """Whether RL scores with the members themselves (K > 1 and a mode other than warm)."""
     return cfg.rm_ensemble > 1 and cfg.rm_combine != "warm"
@@ -85,8 +94,9 @@ def train_members(cfg: PipelineConfig, run: Path, sub: reward_model.RMConfig) ->
         out = member_dir(run, k)
         if (out / "final").exists():
             continue
-        loop = replace(sub.loop, seed=sub.loop.seed + k,
-                       resume=(out / "checkpoints" / "latest").exists())  # fmt: skip
+        key = "data_seed" if warm_members(cfg) else "seed"
+        seeds = {key: sub.loop.seed + k}
+        loop = replace(sub.loop, **seeds, resume=(out / "checkpoints" / "latest").exists())
         reward_model.main(replace(sub, loop=loop, log=replace(sub.log, run_dir=str(out))))
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
     final = run / "rm" / "final"

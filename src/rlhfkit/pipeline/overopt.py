@@ -76,7 +76,8 @@ class ProxiesConfig:
     label_noise: float = 0.0
     """Share of a budget's pairs whose labels are flipped (seeded)."""
     ensemble: int = 1
-    """Reward models per budget, with seeds 0..K-1 (K > 1: the ensemble curves too)."""
+    """Reward models per budget, member k with seed + k (K > 1: the ensemble curves too; with
+    warm, one initialisation and data order seed + k)."""
     modes: tuple[str, ...] = ("mean", "min", "uwo")
     """Ensemble modes compared (K > 1): mean, min (worst case), uwo (mean - uwo_lambda * std)."""
     uwo_lambda: float = 1.0
@@ -295,6 +296,18 @@ def budget_pairs(pool: list[dict[str, Any]], budget: int, noise: float, seed: in
     return pairs
 
 
+def member_seeds(cfg: OveroptConfig, k: int) -> dict[str, int]:
+    """Member k's loop seeds.
+
+    With WARM the members share one initialisation (seed) and each has its own data order
+    (data_seed), as weight averaging needs; otherwise member k has its own seed for both.
+    """
+    seed = cfg.rm.loop.seed + cfg.seed
+    if cfg.proxies.warm:
+        return {"seed": seed, "data_seed": seed + k}
+    return {"seed": seed + k}
+
+
 def run_proxies(cfg: OveroptConfig, run: Path) -> None:
     """Step 3: every budget's reward models (and their WARM average)."""
     pool = [json.loads(line) for line in (run / "pool.jsonl").read_text().splitlines()]
@@ -309,7 +322,7 @@ def run_proxies(cfg: OveroptConfig, run: Path) -> None:
             out = run / "rm" / name
             if (out / "final").exists():
                 continue
-            loop = replace(cfg.rm.loop, max_steps=steps, seed=cfg.rm.loop.seed + cfg.seed + k,
+            loop = replace(cfg.rm.loop, max_steps=steps, **member_seeds(cfg, k),
                            resume=(out / "checkpoints" / "latest").exists())  # fmt: skip
             data = replace(cfg.rm.data, train=str(path), train_split="train")
             sub = replace(cfg.rm, model=cfg.model, data=data, loop=loop,

@@ -363,9 +363,10 @@ def main(cfg: RMConfig) -> Path:
         ctx.logger.log(0, evaluate(ctx, task, held_out, cfg)[0])
     step_loss = task.step_loss(ctx.model)
     batch_limit = None if cfg.loop.max_steps else total
+    data_seed = cfg.loop.seed if cfg.loop.data_seed is None else cfg.loop.data_seed
     with ctx.progress(total) as bar:
         while ctx.step < total and (batch_limit is None or ctx.batches_done < batch_limit):
-            order = batch_order(len(train), cfg.loop.batch_size, cfg.loop.seed, ctx.batches_done)
+            order = batch_order(len(train), cfg.loop.batch_size, data_seed, ctx.batches_done)
             batch = ctx.dist.shard([train[i] for i in order])
             parts = task.micro_batches(
                 batch,
