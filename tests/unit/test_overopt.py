@@ -298,3 +298,22 @@ def test_pairwise_agreement_counts_gold_ordered_pairs():
     assert pairwise_agreement(reversed_proxy, gold) == pytest.approx(0.5 / 3)
     assert pairwise_agreement(gold, gold) == 1.0
     assert math.isnan(pairwise_agreement([[0.1, 0.2]], [[1.0, 1.0]]))
+
+
+def test_reward_fingerprints_change_when_a_reward_model_is_retrained(tmp_path):
+    import os
+
+    from rlhfkit.eval.run import reward_fingerprints
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d in (a, b):
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"weights")
+    specs = [f"rm:{a}", f"rm-ensemble:min:{a},{b}", "verifier:auto"]
+    before = reward_fingerprints(specs)
+    assert before[2] == "verifier:auto" and reward_fingerprints(specs) == before
+    (b / "model.safetensors").write_bytes(b"retrained weights")
+    os.utime(b / "model.safetensors", ns=(1, 1))
+    after = reward_fingerprints(specs)
+    assert after[0] == before[0]  # a is untouched
+    assert after[1] != before[1]  # the ensemble names b: its cached scores no longer match

@@ -221,6 +221,22 @@ def score_grid(
     return grid
 
 
+def reward_fingerprints(rewards: Sequence[str]) -> list[str]:
+    """What identifies each reward: its spec, plus the weights of the reward models it names.
+
+    A retrained reward model at the same path must not find the old model's cached scores.
+    """
+    out = []
+    for spec in rewards:
+        dirs = []
+        if spec.startswith("rm:"):
+            dirs = [spec.removeprefix("rm:")]
+        elif spec.startswith("rm-ensemble:"):
+            dirs = spec.removeprefix("rm-ensemble:").partition(":")[2].split(",")
+        out.append("|".join([spec, *(model_fingerprint(d) for d in dirs)]))
+    return out
+
+
 def model_fingerprint(name: str) -> str:
     """What identifies a model's weights: the name, plus file sizes and times for a local dir."""
     path = Path(name)

@@ -55,6 +55,7 @@ from rlhfkit.eval.run import (
     load_rewards,
     model_fingerprint,
     open_sampler,
+    reward_fingerprints,
     sample_grid,
     score_grid,
 )
@@ -170,7 +171,8 @@ def evaluate_prompts(
             )  # fmt: skip
         if cache:
             cache.save_samples(sample_key, grid)
-    score_key = cache_key(samples=sample_key, rewards=list(rewards), weights=list(weights))
+    score_key = cache_key(samples=sample_key, rewards=reward_fingerprints(rewards),
+                          weights=list(weights))  # fmt: skip
     if not (cache and cache.load_scores(score_key, grid)):
         score_grid(grid, prompts, rewards, load_rewards(rewards), weights)
         if cache:
