@@ -98,7 +98,8 @@ window.addEventListener("load", function () {
 NOT_AVAILABLE = "Not available: this run recorded no data for this section."
 
 
-def _esc(x: Any) -> str:
+def esc(x: Any) -> str:
+    """``x`` as text, HTML-escaped (quotes too)."""
     return html.escape(str(x), quote=True)
 
 
@@ -120,41 +121,41 @@ def _fmt(x: Any, pct: bool = False) -> str:
     return str(x)
 
 
-def _table(head: Sequence[str], rows: Sequence[Sequence[Any]], text_cols: int = 0) -> str:
+def table_html(head: Sequence[str], rows: Sequence[Sequence[Any]], text_cols: int = 0) -> str:
     """An escaped table; the first ``text_cols`` columns hold long texts (pre-wrapped)."""
-    out = ["<table><thead><tr>", *(f"<th>{_esc(h)}</th>" for h in head), "</tr></thead><tbody>"]
+    out = ["<table><thead><tr>", *(f"<th>{esc(h)}</th>" for h in head), "</tr></thead><tbody>"]
     for row in rows:
         out.append("<tr>")
         for i, cell in enumerate(row):
             cls = "text" if i < text_cols else "num" if isinstance(cell, numbers.Real) else ""
-            out.append(f'<td class="{cls}">{_esc(cell if i < text_cols else _fmt(cell))}</td>')
+            out.append(f'<td class="{cls}">{esc(cell if i < text_cols else _fmt(cell))}</td>')
         out.append("</tr>")
     out.append("</tbody></table>")
     return "".join(out)
 
 
 @cache
-def _matplotlib() -> tuple[Any, Any]:
+def matplotlib_classes() -> tuple[Any, Any]:
     """Matplotlib's ``Figure`` and Agg canvas classes (the ``plot`` extra)."""
     figure = import_optional("matplotlib.figure", "plot", "the HTML report")
     agg = import_optional("matplotlib.backends.backend_agg", "plot", "the HTML report")
     return figure.Figure, agg.FigureCanvasAgg
 
 
-def _figure(draw: Callable[[Figure], None], alt: str, size: tuple[float, float]) -> str:
+def figure_html(draw: Callable[[Figure], None], alt: str, size: tuple[float, float]) -> str:
     """Draw onto a fresh figure and return it as an ``<img>`` with a base64 PNG data URI."""
-    figure_class, canvas_class = _matplotlib()
+    figure_class, canvas_class = matplotlib_classes()
     fig = figure_class(figsize=size, dpi=100, layout="constrained")
     canvas_class(fig)
     draw(fig)
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     data = base64.b64encode(buf.getvalue()).decode("ascii")
-    return f'<img alt="{_esc(alt)}" src="data:image/png;base64,{data}">'
+    return f'<img alt="{esc(alt)}" src="data:image/png;base64,{data}">'
 
 
 def _na(what: str = "") -> str:
-    return f'<p class="na">{_esc(what or NOT_AVAILABLE)}</p>'
+    return f'<p class="na">{esc(what or NOT_AVAILABLE)}</p>'
 
 
 def _ci(x: dict[str, Any] | None, pct: bool = False) -> str:
@@ -177,8 +178,8 @@ GROUPS = {
 def _headline(headline: dict[str, Any]) -> str:
     """The sentences and a table of gold reward, gain and win/tie/loss with 95% intervals."""
     sentences = [
-        f"<p><b>{_esc(GROUPS.get(name, name)[:1].upper() + GROUPS.get(name, name)[1:])}:</b> "
-        f"{_esc(g.get('sentence', ''))}</p>"
+        f"<p><b>{esc(GROUPS.get(name, name)[:1].upper() + GROUPS.get(name, name)[1:])}:</b> "
+        f"{esc(g.get('sentence', ''))}</p>"
         for name, g in headline.items()
     ]
     rows = []
@@ -191,7 +192,7 @@ def _headline(headline: dict[str, Any]) -> str:
         )  # fmt: skip
     head = ["prompts", "n", "gold SFT", "gold final", "gain", "win", "tie", "loss", "wins/loss"]
     note = "<p>Brackets: 95% intervals over prompts (each prompt's mean over its samples).</p>"
-    return "".join(sentences) + _table(head, rows) + note
+    return "".join(sentences) + table_html(head, rows) + note
 
 
 def _summary(data: dict[str, Any]) -> str:
@@ -200,16 +201,16 @@ def _summary(data: dict[str, Any]) -> str:
         parts.append(_headline(data["headline"]))
     summary = data.get("summary") or {}
     if summary:
-        parts.append(_table(["figure", "value"], [[k, v] for k, v in summary.items()]))
+        parts.append(table_html(["figure", "value"], [[k, v] for k, v in summary.items()]))
     stages = data.get("stages") or {}
     if stages:
         rows = [
             [name, s.get("status", "n/a"), _num(s.get("seconds"))] for name, s in stages.items()
         ]
-        parts.append("<h3>Stages</h3>" + _table(["stage", "status", "seconds"], rows))
+        parts.append("<h3>Stages</h3>" + table_html(["stage", "status", "seconds"], rows))
     if data.get("config"):
         cfg = json.dumps(data["config"], indent=2, sort_keys=True, default=str)
-        parts.append(f"<details><summary>Configuration</summary><pre>{_esc(cfg)}</pre></details>")
+        parts.append(f"<details><summary>Configuration</summary><pre>{esc(cfg)}</pre></details>")
     return "".join(parts) or _na()
 
 
@@ -237,7 +238,7 @@ def _curves(data: dict[str, Any]) -> str:
             ax_k.plot(*lines["kl"], marker=".", color="tab:red")
         ax_k.set(xlabel="step", ylabel="KL(policy || reference)", title="KL")
 
-    return _figure(draw, "RL reward and KL against step", (10, 3.6))
+    return figure_html(draw, "RL reward and KL against step", (10, 3.6))
 
 
 def _reward_model(data: dict[str, Any]) -> str:
@@ -247,7 +248,8 @@ def _reward_model(data: dict[str, Any]) -> str:
         return _na()
     cats = {str(k): v for k, v in (rm.get("by_category") or {}).items() if _num(v) is not None}
     rows = [["overall", overall, rm.get("pairs")]] + [[k, v, None] for k, v in cats.items()]
-    table = _table(["category", "accuracy", "pairs"], [[a, _fmt(b, True), c] for a, b, c in rows])
+    cells = [[a, _fmt(b, True), c] for a, b, c in rows]
+    table = table_html(["category", "accuracy", "pairs"], cells)
     names, accs = [r[0] for r in rows], [float(r[1]) for r in rows]
     live = rm.get("on_policy") or {}
     if live:
@@ -267,7 +269,7 @@ def _reward_model(data: dict[str, Any]) -> str:
         ax.set(ylim=(0, 1), ylabel="held-out accuracy", title="Reward-model accuracy")
         ax.tick_params(axis="x", labelrotation=30)
 
-    figure = _figure(draw, "reward-model accuracy per category", (7, 3.4))
+    figure = figure_html(draw, "reward-model accuracy per category", (7, 3.4))
     return table + figure + (_ensemble(rm["ensemble"]) if rm.get("ensemble") else "")
 
 
@@ -290,11 +292,11 @@ def _ensemble(ens: dict[str, Any]) -> str:
         for name, m, is_used in rows
     ]  # fmt: skip
     head = ["reward model", "accuracy", "on wrong_answer", "pairs", "used"]
-    proxy = f" RL optimised <code>{_esc(ens['proxy'])}</code>." if ens.get("proxy") else ""
+    proxy = f" RL optimised <code>{esc(ens['proxy'])}</code>." if ens.get("proxy") else ""
     return (
         "<h3>Reward-model ensemble</h3><p>Held-out pairwise accuracy of each reward model trained"
         " (one per seed), of their scores combined (mean, min, or uwo: mean - lambda * std) and"
-        f" of the average of their weights (WARM).{proxy}</p>" + _table(head, cells)
+        f" of the average of their weights (WARM).{proxy}</p>" + table_html(head, cells)
     )
 
 
@@ -310,7 +312,7 @@ def _win_rates(data: dict[str, Any]) -> str:
     cols = ("win", "tie", "loss")
     vals = {name: [_num(r.get(c)) or 0.0 for c in cols] for name, r in judges}
     rows = [[name, *(_fmt(r.get(c), True) for c in cols), r.get("n")] for name, r in judges]
-    table = _table(["judge (final vs SFT)", *cols, "n"], rows)
+    table = table_html(["judge (final vs SFT)", *cols, "n"], rows)
 
     def draw(fig: Figure) -> None:
         ax = fig.subplots()
@@ -325,7 +327,7 @@ def _win_rates(data: dict[str, Any]) -> str:
         ax.invert_yaxis()  # first judge on top, as in the table
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
 
-    return table + _figure(draw, "win/tie/loss of final vs SFT", (7, 1.2 + 0.6 * len(judges)))
+    return table + figure_html(draw, "win/tie/loss of final vs SFT", (7, 1.2 + 0.6 * len(judges)))
 
 
 def _gao(points: tuple[list[float], list[float]], rl: bool) -> tuple[float, float] | None:
@@ -386,10 +388,10 @@ def _overoptimisation(data: dict[str, Any]) -> str:
         if fit is not None:
             peak = gao_peaks(*fit)[1 if kind == "rl" else 0]
             rows.append([f"{marks[kind][2]} {key}", fit[0], fit[1], peak])
-    table = _table(["curve", "alpha", "beta", "peak d*"], rows) if rows else ""
+    table = table_html(["curve", "alpha", "beta", "peak d*"], rows) if rows else ""
     fit = fits[("rl", "gold")]
     peak = rl_gold_peak(oo.get("rl") or [], gao_peaks(*fit)[1] if fit is not None else None)
-    figure = _figure(draw, "proxy and gold reward against sqrt(KL)", (8, 4.5))
+    figure = figure_html(draw, "proxy and gold reward against sqrt(KL)", (8, 4.5))
     return figure + table + (_peak_html(peak) if peak else "")
 
 
@@ -466,7 +468,7 @@ def _peak_html(peak: dict[str, Any]) -> str:
     past = peak["past"] if peak["reached"] else "no peak" if peak["flat"] else "not reached"
     rows.append(["final d - peak d", None, past, None])
     head = ["RL gold reward", "step", "d", "gold"]
-    return f'<p class="peak">{_esc(peak["sentence"])}</p>' + _table(head, rows)
+    return f'<p class="peak">{esc(peak["sentence"])}</p>' + table_html(head, rows)
 
 
 def _samples(data: dict[str, Any]) -> str:
@@ -483,7 +485,7 @@ def _samples(data: dict[str, Any]) -> str:
         ]
         for s in samples
     ]
-    return _table(["prompt", "SFT", "final", "SFT gold", "final gold"], rows, text_cols=3)
+    return table_html(["prompt", "SFT", "final", "SFT gold", "final gold"], rows, text_cols=3)
 
 
 BUILDERS: dict[str, Callable[[dict[str, Any]], str]] = {
@@ -509,96 +511,25 @@ def render_report(data: dict[str, Any], path: str | Path) -> Path:
     Raises:
         MissingExtraError: When matplotlib (the ``plot`` extra) is not installed.
     """
-    _matplotlib()  # fail before any work, whether or not this data has a figure to draw
+    matplotlib_classes()  # fail before any work, whether or not this data has a figure to draw
     title = str(data.get("title") or "rlhfkit report")
     created = data.get("created")
-    body = [f"<h1>{_esc(title)}</h1>"]
+    body = [f"<h1>{esc(title)}</h1>"]
     if created:
-        body.append(f"<p>Created {_esc(created)}</p>")
+        body.append(f"<p>Created {esc(created)}</p>")
     for sid, heading in SECTIONS:
-        body.append(f'<section id="{sid}"><h2>{_esc(heading)}</h2>{BUILDERS[sid](data)}</section>')
-    return _write_page(title, body, path)
+        body.append(f'<section id="{sid}"><h2>{esc(heading)}</h2>{BUILDERS[sid](data)}</section>')
+    return write_page(title, body, path)
 
 
-def _write_page(title: str, body: list[str], path: str | Path) -> Path:
+def write_page(title: str, body: list[str], path: str | Path) -> Path:
+    """Write a self-contained page of ``body`` sections under ``title`` (atomically)."""
     page = (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        f"<title>{_esc(title)}</title><style>{CSS}</style>"
+        f"<title>{esc(title)}</title><style>{CSS}</style>"
         f"<script>{CHECK_SCRIPT}</script></head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n"
     )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, page)
     return path
-
-
-def _budget_figure(curves: list[dict[str, Any]], rl: bool) -> str:
-    """Proxy (dotted) and gold (solid) reward against d, one colour per budget and proxy."""
-
-    def draw(fig: Figure) -> None:
-        ax_gold, ax_proxy = fig.subplots(1, 2)
-        for c in curves:
-            pts = c["points"]
-            d = [p["d"] for p in pts]
-            label = f"{c['budget']} pairs, {c['proxy']}"
-            ax_gold.plot(d, [p["gold"] for p in pts], marker=".", label=label)
-            ax_proxy.plot(d, [p["proxy"] for p in pts], marker=".", linestyle=":", label=label)
-        for ax, what in ((ax_gold, "gold reward"), (ax_proxy, "proxy reward")):
-            ax.set(xlabel="d = sqrt(KL(policy || start))", ylabel=what)
-        ax_gold.set_title(("RL" if rl else "best-of-n") + ": gold")
-        ax_proxy.set_title(("RL" if rl else "best-of-n") + ": proxy")
-        ax_gold.legend(loc="best", fontsize="small")
-
-    return _figure(draw, "proxy and gold reward against sqrt(KL)", (10, 4.2))
-
-
-def render_overopt_report(data: dict[str, Any], path: str | Path) -> Path:
-    """Write ``rlhfkit overopt``'s page: the curves per budget, Gao's fits and a table.
-
-    ``data`` holds ``bon`` (``{"ns", "curves": [{"budget", "proxy", "points": [{"n", "d",
-    "proxy", "gold", "gold_low", "gold_high"}], "gold_fit", "gold_peak_n", "gold_peak",
-    "on_policy_accuracy", "heldout_accuracy"}]}``; the accuracies are the proxy's agreement with
-    gold on the policy's own samples and its accuracy on the task's held-out pairs),
-    ``rl`` (``{"runs": [{"budget", "proxy", "points": [{"step", "d", "proxy", "gold"}],
-    "gold_fit", "gold_peak_step", "gold_peak_d", "final_d"}]}``) and ``config``.
-
-    Raises:
-        MissingExtraError: When matplotlib (the ``plot`` extra) is not installed.
-    """
-    _matplotlib()
-    bon, runs = data["bon"]["curves"], data.get("rl", {}).get("runs", [])
-    body = [
-        "<h1>Reward over-optimisation</h1>",
-        "<p>Proxy reward models trained on gold-labelled pairs at several label budgets; the policy"
-        " optimised against each by best-of-n (unbiased estimator over all samples) and by RL."
-        " Every point is scored by the proxy and by the gold judge. Over-optimisation shows as a"
-        " gold curve that peaks and falls while the proxy keeps rising.</p>",
-        '<section id="bon"><h2>Best-of-n</h2>' + _budget_figure(bon, rl=False),
-    ]
-    rows = []
-    for c in bon:
-        pts, fit = c["points"], c["gold_fit"] or {}
-        held_out = (c.get("heldout_accuracy") or {}).get("all")
-        rows.append([c["budget"], c["proxy"], held_out, c.get("on_policy_accuracy"),
-                     pts[0]["gold"], c["gold_peak"], c["gold_peak_n"], pts[-1]["gold"],
-                     pts[-1]["proxy"] - pts[0]["proxy"], fit.get("alpha"), fit.get("beta"),
-                     fit.get("r2"), fit.get("d_star")])  # fmt: skip
-    head = ["budget", "proxy", "held-out acc.", "on-policy acc.", "gold n=1", "gold peak",
-            "peak n", "gold n=max", "proxy gain", "alpha", "beta", "R^2", "d*"]  # fmt: skip
-    body.append(_table(head, rows, text_cols=2) + "</section>")
-    if runs:
-        body.append('<section id="rl"><h2>RL</h2>' + _budget_figure(runs, rl=True))
-        rows = []
-        for r in runs:
-            pts, fit = r["points"], r["gold_fit"] or {}
-            past = (r["final_d"] - fit["d_star"]) if fit.get("d_star") is not None else None
-            rows.append([r["budget"], r["proxy"], pts[0]["gold"] if pts else None,
-                         max((p["gold"] for p in pts if p["gold"] is not None), default=None),
-                         r.get("gold_peak_step"), r.get("final_d"), fit.get("alpha"),
-                         fit.get("beta"), fit.get("r2"), fit.get("d_star"), past])  # fmt: skip
-        head = ["budget", "proxy", "gold start", "gold peak", "peak step", "final d", "alpha",
-                "beta", "R^2", "d*", "final d - d*"]  # fmt: skip
-        body.append(_table(head, rows, text_cols=2) + "</section>")
-    config = json.dumps(data.get("config", {}), indent=1, default=str)
-    body.append(f"<section id='config'><h2>Configuration</h2><pre>{_esc(config)}</pre></section>")
-    return _write_page("rlhfkit over-optimisation", body, path)

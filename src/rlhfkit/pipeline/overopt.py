@@ -473,7 +473,7 @@ def rl_summary(points: list[dict[str, Any]]) -> dict[str, Any]:
 
 def run_report(cfg: OveroptConfig, run: Path) -> None:
     """Step 7: ``overopt.html``."""
-    from rlhfkit.eval.report import render_overopt_report
+    from rlhfkit.eval.overopt_report import render_overopt_report
 
     bon = json.loads((run / "bon.json").read_text())
     rl = json.loads((run / "rl.json").read_text()) if (run / "rl.json").exists() else {"runs": []}
