@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import os
-import random
 import shutil
 import time
 from dataclasses import replace
@@ -26,15 +25,12 @@ from typing import Any
 
 import torch
 
-from rlhfkit.data.groups import tokenize_groups
-from rlhfkit.data.preferences import to_groups
-from rlhfkit.data.schemas import load_examples
-from rlhfkit.eval.reward_model import ScoredPair, rm_report, score_pairs
+from rlhfkit.eval.reward_model import ScoredPair, rm_report
 from rlhfkit.models.merge import average_model_dirs
 from rlhfkit.ops.ensemble import ENSEMBLE_MODES, rm_ensemble
 from rlhfkit.pipeline.config import PipelineConfig
 from rlhfkit.recipes import reward_model
-from rlhfkit.recipes.reward_model_eval import RMEvalConfig, load_scorer
+from rlhfkit.recipes.reward_model_eval import RMEvalConfig, score_models
 
 
 def member_dir(run: Path, k: int) -> Path:
@@ -106,28 +102,6 @@ def train_members(cfg: PipelineConfig, run: Path, sub: reward_model.RMConfig) ->
         _wait_for(final)
 
 
-def _scored_pairs(cfg: RMEvalConfig, dirs: list[Path]) -> list[list[ScoredPair]]:
-    """Every model's scored held-out pairs, as ``rlhfkit rm eval`` forms them (same order).
-
-    The data is read and tokenized once (the members share the tokenizer of their start) and
-    the models are loaded one at a time.
-    """
-    examples = load_examples(cfg.data, cfg.schema, split=cfg.split, limit=cfg.limit).examples
-    groups, _ = to_groups(examples, pairing="groups", rng=random.Random(0))
-    tokenized = None
-    out = []
-    for path in dirs:
-        model, tokenizer, packing = load_scorer(replace(cfg.model, name=str(path)))
-        if tokenized is None:
-            tokenized, _ = tokenize_groups(tokenizer, groups, max_len=cfg.max_len)
-        out.append(
-            score_pairs(model, tokenized, packing=packing, pad_id=tokenizer.pad_token_id,
-                        max_tokens=cfg.max_tokens, category_key=cfg.category_key)
-        )  # fmt: skip
-        del model
-    return out
-
-
 def combine_pairs(members: list[list[ScoredPair]], mode: str, lam: float) -> list[ScoredPair]:
     """The ensemble's scored pairs: each side's K member scores combined by ``rm_ensemble``.
 
@@ -177,7 +151,7 @@ def ensemble_accuracy(
         DPO)}``.
     """
     dirs = member_finals(cfg, run)
-    scored = _scored_pairs(rm_eval, dirs)
+    scored, _ = score_models(rm_eval, [str(d) for d in dirs])
     members = [
         {"seed": cfg.rm.loop.seed + k, "dir": str(path), **accuracy_summary(rm_report(pairs))}
         for k, (path, pairs) in enumerate(zip(dirs, scored, strict=True))

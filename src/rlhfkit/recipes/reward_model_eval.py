@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,7 +26,7 @@ from rlhfkit.data.preferences import to_groups
 from rlhfkit.data.schemas import load_examples, validate_rows
 from rlhfkit.data.sources import load_rows
 from rlhfkit.data.templates import render_messages
-from rlhfkit.eval.reward_model import print_report, rm_report, score_pairs
+from rlhfkit.eval.reward_model import ScoredPair, print_report, rm_report, score_pairs
 from rlhfkit.models.heads import score_examples
 from rlhfkit.rewards.model import RewardModelScorer
 
@@ -85,23 +85,40 @@ def load_scorer(cfg: ModelConfig) -> tuple[torch.nn.Module, Any, bool]:
     return scorer.model, scorer.tokenizer, scorer.packing
 
 
-def eval_main(cfg: RMEvalConfig) -> dict[str, Any]:
-    """Score preference data with a reward model; print and return the report."""
-    model, tokenizer, packing = load_scorer(cfg.model)
+def score_models(
+    cfg: RMEvalConfig, names: list[str]
+) -> tuple[list[list[ScoredPair]], dict[str, Any]]:
+    """Every reward model's scored pairs of ``cfg``'s data, and the data's counts.
+
+    The data is read and tokenized once (the models must share a tokenizer, as the members of
+    an ensemble or the proxies of one start do); the models are loaded one at a time.
+
+    Returns:
+        One list of pairs per model (the same pairs in the same order), and the counts of
+        rows, groups and dropped sequences.
+    """
     result = load_examples(cfg.data, cfg.schema, split=cfg.split, limit=cfg.limit)
     groups, counts = to_groups(result.examples, pairing="groups", rng=random.Random(0))
-    tokenized, dropped = tokenize_groups(tokenizer, groups, max_len=cfg.max_len)
-    log.info("data: %s %s", counts, dropped)
-    pairs = score_pairs(
-        model,
-        tokenized,
-        packing=packing,
-        pad_id=tokenizer.pad_token_id,
-        max_tokens=cfg.max_tokens,
-        category_key=cfg.category_key,
-    )
+    tokenized, dropped = None, {}
+    out = []
+    for name in names:
+        model, tokenizer, packing = load_scorer(replace(cfg.model, name=str(name)))
+        if tokenized is None:
+            tokenized, dropped = tokenize_groups(tokenizer, groups, max_len=cfg.max_len)
+            log.info("data: %s %s", counts, dropped)
+        out.append(
+            score_pairs(model, tokenized, packing=packing, pad_id=tokenizer.pad_token_id,
+                        max_tokens=cfg.max_tokens, category_key=cfg.category_key)
+        )  # fmt: skip
+        del model
+    return out, {**counts, **dropped}
+
+
+def eval_main(cfg: RMEvalConfig) -> dict[str, Any]:
+    """Score preference data with a reward model; print and return the report."""
+    (pairs,), counts = score_models(cfg, [cfg.model.name])
     report = rm_report(pairs)
-    report["data"] = {"source": cfg.data, "split": cfg.split, **counts, **dropped}
+    report["data"] = {"source": cfg.data, "split": cfg.split, **counts}
     print_report(report, title=f"{cfg.model.name} on {cfg.data} [{cfg.split}]")
     if cfg.output:
         atomic_write_text(cfg.output, json.dumps(report, indent=2) + "\n")
