@@ -79,11 +79,15 @@ def test_pipeline_runs_every_stage_and_skips_them_on_rerun(tiny_model_dir, tmp_p
         assert f'id="{section}"' in html
     pairs = [json.loads(x) for x in (run / "pairs.jsonl").read_text().splitlines()]
     assert all(p["chosen"] != p["rejected"] for p in pairs)
+    peaks = {k: s["peak_rss_gib"] for k, s in json.loads((run / "stages.json").read_text()).items()}
+    assert all(0.05 < peak < 64 for peak in peaks.values())  # each stage's own process, in GiB
+    assert "peak memory" in html
     stamps = {p: _stamp(run / p) for p in ("sft/final", "rm/final", "policy/final", "eval.json")}
     pipeline.main(_cfg(tiny_model_dir, run))
     assert {p: _stamp(run / p) for p in stamps} == stamps
     stages = json.loads((run / "stages.json").read_text())
     assert all(s["status"] == "skipped" for s in stages.values())
+    assert {k: s["peak_rss_gib"] for k, s in stages.items()} == peaks  # kept when skipped
 
 
 def test_killed_during_rl_resumes_from_the_last_checkpoint(tiny_model_dir, tmp_path, monkeypatch):

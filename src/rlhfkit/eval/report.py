@@ -205,9 +205,11 @@ def _summary(data: dict[str, Any]) -> str:
     stages = data.get("stages") or {}
     if stages:
         rows = [
-            [name, s.get("status", "n/a"), _num(s.get("seconds"))] for name, s in stages.items()
+            [name, s.get("status", "n/a"), _num(s.get("seconds")), _num(s.get("peak_rss_gib"))]
+            for name, s in stages.items()
         ]
-        parts.append("<h3>Stages</h3>" + table_html(["stage", "status", "seconds"], rows))
+        head = ["stage", "status", "seconds", "peak memory (GiB)"]
+        parts.append("<h3>Stages</h3>" + table_html(head, rows))
     if data.get("config"):
         cfg = json.dumps(data["config"], indent=2, sort_keys=True, default=str)
         parts.append(f"<details><summary>Configuration</summary><pre>{esc(cfg)}</pre></details>")

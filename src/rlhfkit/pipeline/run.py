@@ -27,8 +27,8 @@
 Every stage is skipped when its output exists (each is written atomically), and the training
 stages resume from their last checkpoint, so re-running the same command after a crash or
 Ctrl-C continues where it stopped. A training stage's checkpoints are deleted once its final
-model is written (they are only needed to resume it). ``<run>/stages.json`` records what ran
-and how long it took.
+model is written (they are only needed to resume it). ``<run>/stages.json`` records what ran,
+how long it took and its peak resident memory.
 """
 
 from __future__ import annotations
@@ -38,7 +38,9 @@ import json
 import logging
 import multiprocessing
 import os
+import resource
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -256,10 +258,13 @@ def _stages(run: Path) -> dict[str, Any]:
 def print_summary(run: Path) -> None:
     """The one-screen summary: stage times and headline figures, and the report's path."""
     table = Table(title=f"rlhfkit pipeline: {run}")
-    for name in ("stage", "status", "seconds"):
-        table.add_column(name, justify="left" if name != "seconds" else "right")
+    for name in ("stage", "status", "seconds", "peak GiB"):
+        table.add_column(name, justify="left" if name in ("stage", "status") else "right")
     for name, s in _stages(run).items():
-        table.add_row(name, s["status"], f"{s['seconds']:.0f}")
+        peak = s.get("peak_rss_gib")
+        table.add_row(
+            name, s["status"], f"{s['seconds']:.0f}", "" if peak is None else f"{peak:.2f}"
+        )
     console.print(table)
     if (run / "eval.json").exists():
         ev = json.loads((run / "eval.json").read_text())
@@ -311,9 +316,21 @@ def _seeded(cfg: PipelineConfig) -> PipelineConfig:
     )
 
 
-def _stage_in_child(name: str, cfg: PipelineConfig, run: Path) -> bool | None:
-    """Run one stage (by name: the table's lambdas do not pickle) in a worker process."""
-    return next(s for s in STAGES if s.name == name).run(cfg, run)
+def _stage_in_child(name: str, cfg: PipelineConfig, run: Path) -> tuple[bool | None, float]:
+    """Run one stage (by name: the table's lambdas do not pickle) in a worker process.
+
+    Returns:
+        The stage's result and the peak resident memory of this process so far, in GiB (the
+        stage's own peak when it ran in a fresh process).
+    """
+    result = next(s for s in STAGES if s.name == name).run(cfg, run)
+    return result, peak_rss_gib()
+
+
+def peak_rss_gib() -> float:
+    """This process's peak resident memory in GiB (``ru_maxrss``: KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (2**30 if sys.platform == "darwin" else 2**20)
 
 
 def _wait_for(stage: Stage, run: Path, poll: float = 1.0) -> bool:
@@ -349,8 +366,12 @@ def run_in_child(fn: Callable[..., Any], *args: Any, isolate: bool = True) -> An
         return pool.submit(_logged, fn, *args).result()
 
 
-def _run_stage(stage: Stage, cfg: PipelineConfig, run: Path) -> bool | None:
-    """Run a stage, in a fresh process when it loads models and ``cfg.isolate_stages`` is set."""
+def _run_stage(stage: Stage, cfg: PipelineConfig, run: Path) -> tuple[bool | None, float]:
+    """Run a stage, in a fresh process when it loads models and ``cfg.isolate_stages`` is set.
+
+    Returns:
+        The stage's result and its peak resident memory in GiB (:func:`_stage_in_child`).
+    """
     return run_in_child(
         _stage_in_child, stage.name, cfg, run, isolate=cfg.isolate_stages and stage.loads_models
     )
@@ -375,17 +396,18 @@ def main(cfg: PipelineConfig) -> Path:
     status = _stages(run)
     for k, stage in enumerate(STAGES, 1):
         if (run / stage.output).exists():
-            seconds = status.get(stage.name, {}).get("seconds", 0.0)
-            status[stage.name] = {"status": "skipped", "seconds": seconds}
+            status[stage.name] = {"seconds": 0.0, **status.get(stage.name, {}), "status": "skipped"}
             console.print(f"[{k}/{len(STAGES)}] {stage.name}: done, skipped")
             continue
         console.rule(f"[{k}/{len(STAGES)}] {stage.name}")
         start = time.perf_counter()
-        if _run_stage(stage, cfg, run) is False:  # waiting for human labels
+        result, peak = _run_stage(stage, cfg, run)
+        if result is False:  # waiting for human labels
             status[stage.name] = {"status": WAITING}
             atomic_write_text(run / "stages.json", json.dumps(status, indent=2))
             return run
-        status[stage.name] = {"status": "done", "seconds": time.perf_counter() - start}
+        seconds = time.perf_counter() - start
+        status[stage.name] = {"status": "done", "seconds": seconds, "peak_rss_gib": peak}
         atomic_write_text(run / "stages.json", json.dumps(status, indent=2))
         if stage.checkpoints and (run / stage.output).exists():
             shutil.rmtree(run / stage.checkpoints, ignore_errors=True)
