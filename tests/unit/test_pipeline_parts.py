@@ -34,6 +34,49 @@ def test_pairs_are_every_two_distinct_non_blank_completions():
     assert pairs[0]["reference"] == "w\nAnswer: 1" and pairs[0]["task"] == "arithmetic"
 
 
+def test_gold_groups_rate_each_distinct_completion_by_the_gold_judge():
+    good, formatted, bare = "w\nAnswer: 1", "w\nAnswer: 2", "no answer"
+    rows = [_row(0, [formatted, good, formatted, " ", bare]), _row(1, [formatted, formatted])]
+    (group,) = pipeline_labels.gold_groups(rows)  # row 1: one distinct completion, no comparison
+    assert group["completions"] == [formatted, good, bare]
+    assert group["ratings"] == [
+        gold_score(t, "w\nAnswer: 1", "arithmetic") for t in group["completions"]
+    ]
+    assert group["ratings"] == [0.3, 1.3, 0.0] and group["prompt"] == rows[0]["prompt"]
+    assert pipeline_labels.gold_groups([_row(2, [formatted, "w\nAnswer: 3"])]) == []  # all tie
+
+
+def test_pairs_become_two_completion_ratings_rows_keeping_their_fields():
+    pair = {"prompt": "q", "chosen": "c", "rejected": "r", "category": "verbose"}
+    assert pipeline_labels.pair_groups([pair]) == [
+        {"prompt": "q", "category": "verbose", "completions": ["c", "r"], "ratings": [1.0, 0.0]}
+    ]
+
+
+def test_rm_rows_are_ratings_groups_plus_the_builtin_pairs(tmp_path):
+    cfg = replace(pipeline.PipelineConfig(), unseen_tasks=())
+    group = {"prompt": "q", "completions": ["a", "b", "c"], "ratings": [1.3, 0.3, 0.0]}
+    (tmp_path / "groups.jsonl").write_text(json.dumps(group) + "\n")
+    (tmp_path / "pairs.jsonl").write_text(
+        json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"}) + "\n"
+    )
+    rows = [json.loads(x) for x in pipeline._rm_train_file(cfg, tmp_path).read_text().splitlines()]
+    builtin = pipeline.load_rows("builtin:preferences", split="train")
+    assert rows[0] == group and len(rows) == 1 + len(builtin)
+    assert rows[1]["completions"] == [builtin[0].data["chosen"], builtin[0].data["rejected"]]
+    assert all(r["ratings"] == [1.0, 0.0] for r in rows[1:])
+    pairs_cfg = replace(cfg, rm=replace(cfg.rm, data=replace(cfg.rm.data, schema="preference")))
+    rows = [
+        json.loads(x) for x in pipeline._rm_train_file(pairs_cfg, tmp_path).read_text().splitlines()
+    ]
+    assert rows[0] == {"prompt": "q", "chosen": "a", "rejected": "b"} and "chosen" in rows[1]
+    (tmp_path / "groups.jsonl").unlink()  # a run labelled before groups.jsonl existed
+    rows = [json.loads(x) for x in pipeline._rm_train_file(cfg, tmp_path).read_text().splitlines()]
+    assert rows[0] == {"prompt": "q", "completions": ["a", "b"], "ratings": [1.0, 0.0]}
+    bad = replace(cfg, rm=replace(cfg.rm, data=replace(cfg.rm.data, schema="rankings")))
+    assert [k for k, _ in bad.problems()] == ["rm.data.schema"]
+
+
 def test_seen_rows_leave_out_the_unseen_task_types(tmp_path):
     cfg = replace(pipeline.PipelineConfig(), unseen_tasks=("capitals", "antonyms"))
     path, split = pipeline._seen(cfg, tmp_path, "builtin:preferences", "train")

@@ -9,6 +9,13 @@
   ``<run>/human_labels.jsonl`` holds a ``{"id", "choice": "a"|"b"|"tie"}`` row per pair, then
   continues.
 
+Besides the pairs, every mode writes ``<run>/groups.jsonl`` (ratings schema), what the reward
+model trains on with its default ``all_pairs`` loss: in the gold mode one row per prompt with
+all its distinct completions and their gold scores, so that a prompt's C(K, 2) comparisons cost
+one forward of its K completions (InstructGPT's K-wise batches); in the other modes (and with
+``candidates.pairs_per_prompt`` set) one K = 2 row per labelled pair, on which ``all_pairs``
+is the Bradley-Terry loss.
+
 Every mode writes ``<run>/labels_quality.json``: how many pairs got a preference and how often
 it agrees with the gold judge (plus the judge's consistency and position bias in the ai mode).
 """
@@ -25,7 +32,7 @@ from typing import Any
 from rich.console import Console
 
 from rlhfkit.atomic import atomic_write_text
-from rlhfkit.data.tasks.preferences import gold_prefers
+from rlhfkit.data.tasks.preferences import gold_prefers, gold_score
 from rlhfkit.pipeline.config import PipelineConfig
 
 log = logging.getLogger(__name__)
@@ -60,6 +67,38 @@ def pairs_of(rows: list[dict[str, Any]], per_prompt: int | None) -> list[dict[st
                 }
             )
     return pairs
+
+
+def pair_groups(pairs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Labelled preference pairs as K = 2 ratings rows (chosen 1.0, rejected 0.0).
+
+    Fields other than ``chosen`` and ``rejected`` are kept (``category``, ``source``, ...).
+    """
+    return [
+        {
+            **{k: v for k, v in p.items() if k not in ("chosen", "rejected")},
+            "completions": [p["chosen"], p["rejected"]],
+            "ratings": [1.0, 0.0],
+        }
+        for p in pairs
+    ]
+
+
+def gold_groups(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each candidate row's distinct non-blank completions with their gold scores (ratings rows).
+
+    Rows whose completions all score alike carry no comparison and are left out.
+    """
+    groups = []
+    for r in rows:
+        texts = [
+            t for i, t in enumerate(r["completions"]) if t.strip() and t not in r["completions"][:i]
+        ]
+        scores = [gold_score(t, r["reference"], r["task"]) for t in texts]
+        if len(set(scores)) > 1:
+            groups.append({"prompt": r["prompt"], "completions": texts, "ratings": scores,
+                           "category": "sampled", "source": "gold"})  # fmt: skip
+    return groups
 
 
 def _human_choices(cfg: PipelineConfig, run: Path, pairs: list[dict[str, Any]]) -> list | None:
@@ -221,6 +260,9 @@ def run_labels(cfg: PipelineConfig, run: Path) -> bool:
     quality.update(_label_quality(pairs, choices))
     atomic_write_text(run / "labels_quality.json", json.dumps(quality, indent=2))
     log.info("labels: %s", quality)
+    whole = cfg.labels.mode == "gold" and cfg.candidates.pairs_per_prompt is None
+    groups = gold_groups(rows) if whole else pair_groups(out)
+    atomic_write_text(run / "groups.jsonl", jsonl_text(groups))  # before the stage's output
     atomic_write_text(run / "pairs.jsonl", jsonl_text(out))
     log.info("labels: %d pairs, %d with a preference", len(pairs), len(out))
     return True
