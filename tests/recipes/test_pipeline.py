@@ -319,3 +319,25 @@ def test_a_reward_model_ensemble_trains_members_averages_them_and_reports_each(
     stamps = {p: _stamp(run / p) for p in ("rm/final", "rm/members/s0/final", "policy/final")}
     pipeline.main(_cfg(tiny_model_dir, run, rm_ensemble=2, rm_combine="min"))
     assert {p: _stamp(run / p) for p in stamps} == stamps
+
+
+def test_reward_model_trains_on_gold_ranked_candidate_groups(tiny_model_dir, tmp_path):
+    run = tmp_path / "run"
+    cfg = _cfg(tiny_model_dir, run)
+    rm = replace(cfg.rm, data=replace(cfg.rm.data, schema="ratings"))
+    cfg = replace(cfg, rm=replace(rm, algo=replace(rm.algo, loss="all_pairs")))
+    rows = [r.data for r in pipeline.load_rows("builtin:preferences", split="train")][:6]
+    candidates = [  # the tiny model's own replies all score 0: give the stage scored ones
+        {"id": i, "prompt": r["prompt"], "reference": r["reference"], "task": r["task"],
+         "completions": [r["chosen"], r["rejected"], "no answer"]}
+        for i, r in enumerate(rows)
+    ]  # fmt: skip
+    run.mkdir()
+    (run / "candidates.jsonl").write_text("".join(json.dumps(c) + "\n" for c in candidates))
+    pipeline.main(cfg)
+    groups = [json.loads(x) for x in (run / "groups.jsonl").read_text().splitlines()]
+    assert [len(g["completions"]) for g in groups] == [3] * 6  # K-wise, not pairs
+    assert all(g["ratings"][0] == max(g["ratings"]) for g in groups)  # the reference scores best
+    rm_rows = [json.loads(x) for x in (run / "rm_train.jsonl").read_text().splitlines()]
+    assert all("ratings" in r for r in rm_rows) and rm_rows[:6] == groups
+    assert (run / "rm" / "final").exists() and (run / "eval.json").exists()

@@ -54,7 +54,10 @@ def test_pairs_become_two_completion_ratings_rows_keeping_their_fields():
 
 
 def test_rm_rows_are_ratings_groups_plus_the_builtin_pairs(tmp_path):
-    cfg = replace(pipeline.PipelineConfig(), unseen_tasks=())
+    pairs_cfg = replace(pipeline.PipelineConfig(), unseen_tasks=())  # the default: pairs
+    cfg = replace(
+        pairs_cfg, rm=replace(pairs_cfg.rm, data=replace(pairs_cfg.rm.data, schema="ratings"))
+    )
     group = {"prompt": "q", "completions": ["a", "b", "c"], "ratings": [1.3, 0.3, 0.0]}
     (tmp_path / "groups.jsonl").write_text(json.dumps(group) + "\n")
     (tmp_path / "pairs.jsonl").write_text(
@@ -65,7 +68,6 @@ def test_rm_rows_are_ratings_groups_plus_the_builtin_pairs(tmp_path):
     assert rows[0] == group and len(rows) == 1 + len(builtin)
     assert rows[1]["completions"] == [builtin[0].data["chosen"], builtin[0].data["rejected"]]
     assert all(r["ratings"] == [1.0, 0.0] for r in rows[1:])
-    pairs_cfg = replace(cfg, rm=replace(cfg.rm, data=replace(cfg.rm.data, schema="preference")))
     rows = [
         json.loads(x) for x in pipeline._rm_train_file(pairs_cfg, tmp_path).read_text().splitlines()
     ]

@@ -134,17 +134,16 @@ class PipelineConfig:
     labels: LabelsConfig = field(default_factory=LabelsConfig)
     rm: reward_model.RMConfig = field(
         default_factory=lambda: reward_model.RMConfig(
-            data=reward_model.RMDataConfig(eval=None, schema="ratings"),  # eval: the eval stage
-            algo=reward_model.RMAlgoConfig(loss="all_pairs"),
+            data=reward_model.RMDataConfig(eval=None),  # the eval stage measures it
             optim=OptimConfig(lr=1e-4, warmup_ratio=0.1),
             loop=LoopConfig(batch_size=16, max_steps=80, micro_batch_tokens=1024),
         )
     )
-    """The reward model's settings. Its rows are made by the pipeline: with data.schema ratings
-    (default) each prompt's candidates with their gold scores (K-wise, trained with algo.loss
-    all_pairs: all C(K, 2) comparisons of a prompt from one forward of its K completions) or,
-    for pairwise label modes, one K = 2 row per labelled pair; with data.schema preference the
-    labelled pairs."""
+    """The reward model's settings. Its rows are made by the pipeline: with data.schema
+    preference (default) the labelled pairs; with data.schema ratings (and algo.loss
+    all_pairs) each prompt's candidates with their gold scores, all C(K, 2) comparisons of a
+    prompt from one forward of its K completions (InstructGPT's K-wise batches), or, for the
+    pairwise label modes, one K = 2 row per labelled pair."""
     rm_ensemble: int = 1
     """Reward models trained in the rm stage, with seeds rm.loop.seed + k for k = 0..K-1 (each
     its own data order and head), in <run>/rm/members/s<k>/final; with K > 1 <run>/rm/final is
@@ -162,7 +161,7 @@ class PipelineConfig:
             critic=pg.CriticConfig(lr=1e-5),
             sampling=SamplingConfig(max_new_tokens=64, temperature=0.7, num_samples=8),
             optim=OptimConfig(lr=1e-5, schedule="constant", warmup_ratio=0.0),
-            loop=LoopConfig(batch_size=8, max_steps=20, save_every=5, micro_batch_tokens=768),
+            loop=LoopConfig(batch_size=8, max_steps=10, save_every=4, micro_batch_tokens=768),
             sample_every=4,
         )
     )
