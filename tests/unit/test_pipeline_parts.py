@@ -53,28 +53,32 @@ def test_pairs_become_two_completion_ratings_rows_keeping_their_fields():
     ]
 
 
+def _rows(path):
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
 def test_rm_rows_are_ratings_groups_plus_the_builtin_pairs(tmp_path):
     pairs_cfg = replace(pipeline.PipelineConfig(), unseen_tasks=())  # the default: pairs
-    cfg = replace(
-        pairs_cfg, rm=replace(pairs_cfg.rm, data=replace(pairs_cfg.rm.data, schema="ratings"))
-    )
-    group = {"prompt": "q", "completions": ["a", "b", "c"], "ratings": [1.3, 0.3, 0.0]}
-    (tmp_path / "groups.jsonl").write_text(json.dumps(group) + "\n")
-    (tmp_path / "pairs.jsonl").write_text(
-        json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"}) + "\n"
-    )
-    rows = [json.loads(x) for x in pipeline._rm_train_file(cfg, tmp_path).read_text().splitlines()]
+    data = replace(pairs_cfg.rm.data, schema="ratings")
+    cfg = replace(pairs_cfg, rm=replace(pairs_cfg.rm, data=data))
+    good, formatted = "w\nAnswer: 1", "w\nAnswer: 2"
+    (tmp_path / "candidates.jsonl").write_text(json.dumps(_row(0, [formatted, good])) + "\n")
+    pair = {"prompt": "q", "chosen": "a", "rejected": "b"}
+    (tmp_path / "pairs.jsonl").write_text(json.dumps(pair) + "\n")
     builtin = pipeline.load_rows("builtin:preferences", split="train")
-    assert rows[0] == group and len(rows) == 1 + len(builtin)
+    rows = _rows(pipeline._rm_train_file(cfg, tmp_path))
+    assert rows[0]["completions"] == [formatted, good] and rows[0]["ratings"] == [0.3, 1.3]
+    assert len(rows) == 1 + len(builtin)
     assert rows[1]["completions"] == [builtin[0].data["chosen"], builtin[0].data["rejected"]]
     assert all(r["ratings"] == [1.0, 0.0] for r in rows[1:])
-    rows = [
-        json.loads(x) for x in pipeline._rm_train_file(pairs_cfg, tmp_path).read_text().splitlines()
-    ]
-    assert rows[0] == {"prompt": "q", "chosen": "a", "rejected": "b"} and "chosen" in rows[1]
-    (tmp_path / "groups.jsonl").unlink()  # a run labelled before groups.jsonl existed
-    rows = [json.loads(x) for x in pipeline._rm_train_file(cfg, tmp_path).read_text().splitlines()]
-    assert rows[0] == {"prompt": "q", "completions": ["a", "b"], "ratings": [1.0, 0.0]}
+    judged = replace(cfg, labels=replace(cfg.labels, mode="judge"))  # pairwise labels: K = 2 rows
+    assert _rows(pipeline._rm_train_file(judged, tmp_path))[0] == {
+        "prompt": "q", "completions": ["a", "b"], "ratings": [1.0, 0.0]
+    }  # fmt: skip
+    rows = _rows(pipeline._rm_train_file(pairs_cfg, tmp_path))
+    assert rows[0] == pair and "chosen" in rows[1] and len(rows) == 1 + len(builtin)
+    alone = replace(pairs_cfg, labels=replace(pairs_cfg.labels, mix_builtin=False))
+    assert pipeline._rm_train_file(alone, tmp_path) == tmp_path / "pairs.jsonl"
     bad = replace(cfg, rm=replace(cfg.rm, data=replace(cfg.rm.data, schema="rankings")))
     assert [k for k, _ in bad.problems()] == ["rm.data.schema"]
 

@@ -9,13 +9,6 @@
   ``<run>/human_labels.jsonl`` holds a ``{"id", "choice": "a"|"b"|"tie"}`` row per pair, then
   continues.
 
-Besides the pairs, every mode writes ``<run>/groups.jsonl`` (ratings schema), what the reward
-model trains on with its default ``all_pairs`` loss: in the gold mode one row per prompt with
-all its distinct completions and their gold scores, so that a prompt's C(K, 2) comparisons cost
-one forward of its K completions (InstructGPT's K-wise batches); in the other modes (and with
-``candidates.pairs_per_prompt`` set) one K = 2 row per labelled pair, on which ``all_pairs``
-is the Bradley-Terry loss.
-
 Every mode writes ``<run>/labels_quality.json``: how many pairs got a preference and how often
 it agrees with the gold judge (plus the judge's consistency and position bias in the ai mode).
 """
@@ -87,7 +80,9 @@ def pair_groups(pairs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def gold_groups(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Each candidate row's distinct non-blank completions with their gold scores (ratings rows).
 
-    Rows whose completions all score alike carry no comparison and are left out.
+    A reward model trained on them with the ``all_pairs`` loss learns all C(K, 2) comparisons
+    of a prompt from one forward of its K completions (InstructGPT's K-wise batches). Rows
+    whose completions all score alike carry no comparison and are left out.
     """
     groups = []
     for r in rows:
@@ -260,9 +255,6 @@ def run_labels(cfg: PipelineConfig, run: Path) -> bool:
     quality.update(_label_quality(pairs, choices))
     atomic_write_text(run / "labels_quality.json", json.dumps(quality, indent=2))
     log.info("labels: %s", quality)
-    whole = cfg.labels.mode == "gold" and cfg.candidates.pairs_per_prompt is None
-    groups = gold_groups(rows) if whole else pair_groups(out)
-    atomic_write_text(run / "groups.jsonl", jsonl_text(groups))  # before the stage's output
     atomic_write_text(run / "pairs.jsonl", jsonl_text(out))
     log.info("labels: %d pairs, %d with a preference", len(pairs), len(out))
     return True

@@ -62,7 +62,7 @@ from rlhfkit.pipeline.config import OptimiseConfig as OptimiseConfig
 from rlhfkit.pipeline.config import PipelineConfig
 from rlhfkit.pipeline.ensemble import rl_reward_spec, train_members
 from rlhfkit.pipeline.evaluation import evaluate_stage, report_data
-from rlhfkit.pipeline.labels import jsonl_text, pair_groups, run_labels
+from rlhfkit.pipeline.labels import gold_groups, jsonl_text, pair_groups, run_labels
 from rlhfkit.recipes import distill, dpo, reward_model, sft
 from rlhfkit.recipes import policy_gradient as pg
 from rlhfkit.rollout.vllm_server import require_engine
@@ -163,23 +163,29 @@ def run_candidates(cfg: PipelineConfig, run: Path) -> None:
 def _rm_train_file(cfg: PipelineConfig, run: Path) -> Path:
     """The reward model's rows: the labels, plus the task's own gold pairs with mix_builtin.
 
-    With ``rm.data.schema`` ``ratings`` (the default) the labels are ``groups.jsonl`` (a
-    prompt's candidates with their scores, or K = 2 rows per labelled pair) and the built-in
-    pairs become K = 2 ratings rows; with ``preference``, the pairs as they are.
+    With ``rm.data.schema`` ``preference`` (the default), the labelled pairs as they are. With
+    ``ratings``, ratings rows: with gold labels of every candidate pair, each prompt's
+    candidates ranked by gold (:func:`gold_groups`); otherwise one K = 2 row per labelled pair,
+    the task's pairs likewise (:func:`pair_groups`).
     """
-    ratings = cfg.rm.data.schema == "ratings"
-    labelled = run / ("groups.jsonl" if ratings else "pairs.jsonl")
-    if ratings and not labelled.exists():  # labelled before groups.jsonl was written
-        pairs = [json.loads(line) for line in (run / "pairs.jsonl").read_text().splitlines()]
-        atomic_write_text(labelled, jsonl_text(pair_groups(pairs)))
-    if not cfg.labels.mix_builtin:
-        return labelled
-    source, split = _seen(cfg, run, cfg.rm.data.train, cfg.rm.data.train_split)
-    builtin = [r.data for r in load_rows(source, split=split)]
+    pairs = run / "pairs.jsonl"
+    builtin: list[dict[str, Any]] = []
+    if cfg.labels.mix_builtin:
+        source, split = _seen(cfg, run, cfg.rm.data.train, cfg.rm.data.train_split)
+        builtin = [r.data for r in load_rows(source, split=split)]
+    if cfg.rm.data.schema != "ratings":
+        if not builtin:
+            return pairs
+        text = pairs.read_text() + jsonl_text(builtin)
+    else:
+        if cfg.labels.mode == "gold" and cfg.candidates.pairs_per_prompt is None:
+            lines = (run / "candidates.jsonl").read_text().splitlines()
+            labelled = gold_groups([json.loads(line) for line in lines])
+        else:
+            labelled = pair_groups([json.loads(line) for line in pairs.read_text().splitlines()])
+        text = jsonl_text(labelled + pair_groups(builtin))
     mixed = run / "rm_train.jsonl"
-    atomic_write_text(
-        mixed, labelled.read_text() + jsonl_text(pair_groups(builtin) if ratings else builtin)
-    )
+    atomic_write_text(mixed, text)
     return mixed
 
 
