@@ -172,6 +172,12 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
         "pairs",
         "Character training pairs: replies with a constitution in context (chosen) and without.",
     ),
+    "persona reflect": (
+        "rlhfkit.recipes.character",
+        "PersonaReflectConfig",
+        "reflect",
+        "Self-reflection SFT rows: the model writes about itself with a constitution in context.",
+    ),
     "persona steer": (
         "rlhfkit.recipes.persona_steer",
         "PersonaSteerConfig",

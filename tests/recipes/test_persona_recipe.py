@@ -57,6 +57,7 @@ def test_extract_monitor_and_steer(tiny_model_dir, tmp_path):
     assert meta["kept"] == {"positive": 4, "negative": 4, "answers": 8}
     assert 0 <= meta["layer"] < meta["layers"] and len(meta["heldout_auroc"]) == meta["layers"]
     assert meta["train_separation"][meta["layer"]] == max(meta["train_separation"])
+    assert meta["heldout_auroc_unfiltered"] == meta["heldout_auroc"]  # filter none: the same
     samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
     assert {(s["split"], s["side"]) for s in samples} == {
         (split, side) for split in ("train", "heldout") for side in ("positive", "negative")
@@ -92,6 +93,23 @@ def test_extract_monitor_and_steer(tiny_model_dir, tmp_path):
     cheer = load_trait(str(trait))
     unsteered = persona.answer(generator, tokenizer, cheer, cheer.heldout_questions, None, GREEDY)
     assert texts == [a.text for a in unsteered]  # alpha 0: exactly the unsteered answers
+
+
+def test_the_filtered_heldout_auroc_uses_only_the_answers_the_filter_keeps():
+    import torch
+
+    def ans(side: str, score: float) -> persona.Answer:
+        return persona.Answer("q", side, [1], [2], "", score)
+
+    # one layer, D = 1, vector (1,): the projection is the activation itself
+    answers = [ans("positive", 2.0), ans("positive", 0.0), ans("negative", 0.0),
+               ans("negative", 1.0)]  # fmt: skip
+    acts = torch.tensor([3.0, -1.0, 0.0, 5.0]).view(4, 1, 1)
+    vectors = torch.ones(1, 1)
+    # kept: the eliciting answer with the trait (3.0) against the suppressing one without (0.0)
+    assert persona.heldout_aurocs(acts, vectors, answers, "markers") == [1.0]
+    # all answers by system prompt: {3, -1} against {0, 5}: 1 of 4 pairs ordered right
+    assert persona.heldout_aurocs(acts, vectors, answers, "none") == [0.25]
 
 
 @pytest.mark.parametrize(
@@ -200,3 +218,57 @@ def test_persona_pairs_chosen_with_the_constitution_rejected_without(tiny_model_
         assert (r["chosen"], r["rejected"]) == (chosen[question], rejected[question])
     with pytest.raises(SystemExit):
         cli_main(["persona", "pairs", "--constitution", str(tmp_path / "missing.md")])
+
+
+def test_persona_reflect_writes_sft_rows_answered_with_the_constitution(tiny_model_dir, tmp_path):
+    from rlhfkit.data.templates import render_prompt
+    from rlhfkit.recipes import character
+
+    trait = _trait(tmp_path, "Shout! Yay!", "Be flat.")
+    text = tmp_path / "character.md"
+    text.write_text("I am a cheerful robot who says yay a lot.")
+    prompts = tmp_path / "reflect.yaml"
+    prompts.write_text(yaml.safe_dump(["Who are you?", "What do you value?"]))
+    sampling = SamplingConfig(max_new_tokens=6, temperature=1.0, num_samples=2, seed=3)
+    cfg = character.PersonaReflectConfig(
+        model=ModelConfig(name=str(tiny_model_dir), precision="fp32"), trait=str(trait),
+        constitution=str(text), prompts=str(prompts), sampling=sampling,
+        output=str(tmp_path / "reflection.jsonl"),
+    )  # fmt: skip
+    rows = character.reflect(cfg)
+    written = [json.loads(x) for x in (tmp_path / "reflection.jsonl").read_text().splitlines()]
+    assert rows and written == rows
+    _, tokenizer, generator = load_sampler(cfg.model)
+    system = {"role": "system", "content": text.read_text()}
+    ids = [render_prompt(tokenizer, [system, {"role": "user", "content": q}])
+           for q in ("Who are you?", "What do you value?")]  # fmt: skip
+    rollout = generator.generate(ids, sampling)
+    expected = [
+        ("Who are you?", "What do you value?")[rollout.prompt_index[i]]
+        + "\x00" + tokenizer.decode(c, skip_special_tokens=True)
+        for i, c in enumerate(rollout.completion_ids)
+    ]
+    got = []
+    for r in rows:  # no system prompt in the row: SFT distils the constitution away
+        user, reply = r["messages"]
+        assert user["role"] == "user" and reply["role"] == "assistant"
+        assert r["score"] == load_trait(str(trait)).score(reply["content"])
+        got.append(user["content"] + "\x00" + reply["content"])
+    assert got == [e for e in expected if e.split("\x00", 1)[1].strip()]
+    assert len(character.reflection_prompts(None)) >= 20  # the shipped prompts load
+
+
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [("[]", "non-empty list"), ("- ok\n- 3\n", "non-empty list"), (None, "no such file")],
+)
+def test_bad_reflection_prompts_are_one_line(tmp_path, capsys, content, needle):
+    path = tmp_path / "p.yaml"
+    if content is not None:
+        path.write_text(content)
+    cfg = ["persona", "reflect", "--prompts", str(path), "--output", str(tmp_path / "o.jsonl")]
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(cfg)
+    assert exit_.value.code != 0
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err

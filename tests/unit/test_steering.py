@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rlhfkit.data.traits import load_trait
-from rlhfkit.eval.metrics import ranks, spearman
+from rlhfkit.eval.metrics import distinct_ngrams, ranks, spearman
 from rlhfkit.models.steering import Cap, Steer, decoder_layers, edited, recording
 from rlhfkit.models.tiny import tiny_model
 from rlhfkit.ops.steering import (
@@ -137,6 +137,8 @@ def test_shipped_traits_load_and_score_their_markers():
     formality = load_trait("builtin:formality")
     assert formality.score("Furthermore, kindly note") == 2.0
     assert formality.score("hey, gonna be cool") == -3.0
+    # contractions count against formality, a possessive does not
+    assert formality.score("It's fine, isn't it? The cat's bowl.") == -2.0
     sycophancy = load_trait("sycophancy")
     # "what a", "great question", "you are so", "so smart"
     assert sycophancy.score("What a great question! You are so smart.") == 4.0
@@ -148,3 +150,11 @@ def test_ranks_and_spearman():
     assert ranks([10, 30, 20, 20]).tolist() == [1.0, 4.0, 2.5, 2.5]
     assert spearman([0, 2, 4, 6], [0.1, 0.5, 0.4, 3.0]) == pytest.approx(0.8)
     assert spearman([0, 1, 2], [5, 5, 5]) != spearman([0, 1, 2], [5, 5, 5])  # nan: constant
+
+
+def test_distinct_ngrams_by_hand():
+    assert distinct_ngrams([1, 2, 3, 4]) == 1.0
+    assert distinct_ngrams([7, 7, 7, 7, 7]) == 0.25  # four bigrams, one distinct
+    assert distinct_ngrams(["a", "b", "a", "b"]) == pytest.approx(2 / 3)
+    assert distinct_ngrams([1, 2, 1, 2], n=1) == 0.5
+    assert distinct_ngrams([1]) == 1.0  # no bigram: nothing repeats

@@ -108,6 +108,20 @@ def spearman(x: Values, y: Values) -> float:
     return pearson(ranks(x), ranks(y))
 
 
+def distinct_ngrams(tokens: Sequence[Hashable], n: int = 2) -> float:
+    """The fraction of a sequence's n-grams that are distinct: 1 for no repetition.
+
+    distinct-n = |set of n-grams| / (number of n-grams); a text looping on one phrase tends to
+    0. A sequence shorter than n has no n-gram and scores 1.
+
+    Args:
+        tokens: the sequence (token ids or words).
+        n: the n-gram length.
+    """
+    grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 1.0
+
+
 def reward_distribution(rewards: Values, bins: int = 10) -> dict[str, object]:
     """Summary of a reward distribution.
 

@@ -11,17 +11,28 @@ distillation.
 The constitution is a trait's (``constitution`` in a trait file; its eliciting system prompt when
 the file has none) or a text file. The rows are in the preference schema, ready for
 ``rlhfkit dpo --data.train <output>``; pairs whose two replies are equal are dropped.
+
+``rlhfkit persona reflect`` writes the optional second stage of Maiya et al.: self-reflection
+data. The model (usually the one DPO just trained) answers prompts about itself (who it is, what
+it values, how it talks; ``data/traits/reflection.yaml`` or a file of your own) with the
+constitution as its system prompt; the rows keep only the prompt and the reply, in the messages
+schema, so ``rlhfkit sft --data.train <output>`` teaches the model to describe and voice its
+character with no constitution in context.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
+
+import yaml
 
 from rlhfkit.atomic import atomic_write_text
 from rlhfkit.config import ModelConfig, Problems
+from rlhfkit.data.rows import DataError
 from rlhfkit.data.templates import render_prompt
 from rlhfkit.data.traits import Trait, load_trait
 from rlhfkit.errors import MissingFileError
@@ -70,27 +81,33 @@ def constitution_text(cfg: PersonaPairsConfig, trait: Trait) -> str:
     return path.read_text(encoding="utf-8").strip()
 
 
+def replies(generator: Any, tokenizer: Any, questions: Sequence[str], system: str | None,
+            sampling: SamplingConfig) -> list[list[str]]:  # fmt: skip
+    """``sampling.num_samples`` replies to each question, in order.
+
+    Each question is the user turn, under ``system`` as the system prompt (None: none).
+    """
+    prompts = []
+    for q in questions:
+        messages = [{"role": "user", "content": q}]
+        if system:
+            messages.insert(0, {"role": "system", "content": system})
+        prompts.append(render_prompt(tokenizer, messages))
+    rollout = generator.generate(prompts, sampling)
+    out: list[list[str]] = [[] for _ in questions]
+    for i, ids in enumerate(rollout.completion_ids):
+        out[rollout.prompt_index[i]].append(tokenizer.decode(ids, skip_special_tokens=True))
+    return out
+
+
 def pairs(cfg: PersonaPairsConfig) -> list[dict]:
     """Write the pairs; returns them."""
     trait = load_trait(cfg.trait)
     character = constitution_text(cfg, trait)
     questions = trait.train_questions if cfg.questions == "train" else trait.questions
     _, tokenizer, generator = load_sampler(cfg.model)
-
-    def replies(system: str | None) -> list[list[str]]:
-        prompts = []
-        for q in questions:
-            messages = [{"role": "user", "content": q}]
-            if system:
-                messages.insert(0, {"role": "system", "content": system})
-            prompts.append(render_prompt(tokenizer, messages))
-        rollout = generator.generate(prompts, cfg.sampling)
-        out: list[list[str]] = [[] for _ in questions]
-        for i, ids in enumerate(rollout.completion_ids):
-            out[rollout.prompt_index[i]].append(tokenizer.decode(ids, skip_special_tokens=True))
-        return out
-
-    chosen, rejected = replies(character), replies(None)
+    chosen = replies(generator, tokenizer, questions, character, cfg.sampling)
+    rejected = replies(generator, tokenizer, questions, None, cfg.sampling)
     rows = [
         {"prompt": [{"role": "user", "content": q}], "chosen": c, "rejected": r,
          "category": "character", "trait": trait.name,
@@ -104,4 +121,79 @@ def pairs(cfg: PersonaPairsConfig) -> list[dict]:
     mean = sum(r["score_chosen"] - r["score_rejected"] for r in rows) / max(1, len(rows))
     print(f"{len(rows)} pairs written to {cfg.output}; the chosen replies score {mean:+.2f} "
           f"{trait.name} markers above the rejected on average")  # fmt: skip
+    return rows
+
+
+REFLECTION = Path(__file__).resolve().parent.parent / "data" / "traits" / "reflection.yaml"
+"""The shipped self-reflection prompts."""
+
+
+@dataclass
+class PersonaReflectConfig:
+    """rlhfkit persona reflect: self-reflection rows written with the constitution in context."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    trait: str = "enthusiasm"
+    """The trait whose constitution is used (and scores the replies)."""
+    constitution: str | None = None
+    """A text file describing the character (None: the trait's constitution)."""
+    prompts: str | None = None
+    """A YAML/JSON list of self-reflection prompts (None: the shipped ones)."""
+    sampling: SamplingConfig = field(
+        default_factory=lambda: SamplingConfig(max_new_tokens=96, temperature=0.7, num_samples=4)
+    )
+    """How replies are sampled (num_samples rows per prompt)."""
+    output: str = "runs/persona/reflection.jsonl"
+    """The SFT rows (messages: the prompt and the reply, no system prompt)."""
+
+    def problems(self) -> Problems:
+        """The trait, the constitution and the prompts file."""
+        out = _trait_problem(self.trait)
+        for name in ("constitution", "prompts"):
+            value = getattr(self, name)
+            if value is not None and not Path(value).expanduser().is_file():
+                out.append((name, f"{value}: no such file"))
+        return out
+
+
+def reflection_prompts(path: str | None) -> list[str]:
+    """The self-reflection prompts of ``path`` (a YAML or JSON list of strings; None: shipped).
+
+    Raises:
+        MissingFileError: No such file.
+        DataError: The file is not a non-empty list of non-empty strings.
+    """
+    source = Path(path).expanduser() if path else REFLECTION
+    if not source.is_file():
+        raise MissingFileError(f"--prompts: {path}: no such file")
+    try:
+        data = yaml.safe_load(source.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise DataError(str(source), None, f"cannot be parsed ({err})") from err
+    if not isinstance(data, list) or not data or not all(isinstance(x, str) and x.strip()
+                                                          for x in data):  # fmt: skip
+        raise DataError(str(source), None, "must be a non-empty list of non-empty strings")
+    return [x.strip() for x in data]
+
+
+def reflect(cfg: PersonaReflectConfig) -> list[dict]:
+    """Write the self-reflection rows; returns them."""
+    trait = load_trait(cfg.trait)
+    character = constitution_text(cfg, trait)
+    prompts = reflection_prompts(cfg.prompts)
+    _, tokenizer, generator = load_sampler(cfg.model)
+    answers = replies(generator, tokenizer, prompts, character, cfg.sampling)
+    rows = [
+        {"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": a}],
+         "category": "self-reflection", "trait": trait.name, "score": trait.score(a)}
+        for p, texts in zip(prompts, answers, strict=True)
+        for a in texts
+        if a.strip()
+    ]  # fmt: skip
+    Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(cfg.output, "".join(json.dumps(r) + "\n" for r in rows))
+    mean = sum(r["score"] for r in rows) / max(1, len(rows))
+    print(f"{len(rows)} self-reflection rows written to {cfg.output} ({len(prompts)} prompts; "
+          f"{trait.name} markers {mean:.2f} per reply); train on them with rlhfkit sft "
+          f"--data.train {cfg.output}")  # fmt: skip
     return rows

@@ -8,7 +8,10 @@ model once more and, per decoder layer, its hidden states are averaged over the 
 (variant ``response``), over the prompt tokens (``prompt_avg``) or read at the last prompt token
 (``last_prompt``). The vector of a layer is mean(eliciting) - mean(suppressing). The chosen
 layer is the one whose projections separate the two sides best on the training questions (the
-gap of the means over their pooled std); the held-out questions give each layer's AUROC.
+gap of the means over their pooled std). The held-out questions are answered the same way and
+give each layer's AUROC: over the answers the filter keeps (eliciting answers that show the
+trait against suppressing ones that do not) and, beside it, over every answer labelled only by
+its system prompt. A small model often ignores its system prompt, so the second is lower.
 
 Writes ``<output>/vectors.safetensors`` (one (L, D) tensor per variant), ``persona.json`` (trait,
 model, chosen layer, per-layer separation and held-out AUROC, provenance) and ``samples.jsonl``.
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -175,6 +179,31 @@ def _kept(answers: list[Answer], side: str, filter_: str) -> list[int]:
             if a.side == side and (filter_ == "none" or keep(a.score))]  # fmt: skip
 
 
+def heldout_aurocs(acts: torch.Tensor, vectors: torch.Tensor, answers: list[Answer],
+                   filter_: str) -> list[float]:  # fmt: skip
+    """Per layer, the AUROC of the projections separating eliciting from suppressing answers.
+
+    The answers of each side are the ones the extraction's filter keeps (with ``filter_``
+    "markers": eliciting answers that show the trait against suppressing ones that do not, as
+    the trait's scorer judges them; with "none": every answer, labelled by its system prompt).
+
+    Args:
+        acts: (N, L, D) response-averaged activations of ``answers``.
+        vectors: (L, D) the vector of each layer.
+        answers: the N answers.
+        filter_: "markers" or "none".
+
+    Returns:
+        L AUROCs (nan where a side kept no answer).
+    """
+    pos, neg = _kept(answers, "positive", filter_), _kept(answers, "negative", filter_)
+    out = []
+    for i in range(vectors.shape[0]):
+        proj = project(acts[:, i], vectors[i])
+        out.append(auroc(proj[pos].tolist(), proj[neg].tolist()) if pos and neg else math.nan)
+    return out
+
+
 def _rows(answers: list[Answer], split: str) -> list[str]:
     return [json.dumps({"split": split, "question": a.question, "side": a.side, "text": a.text,
                         "score": a.score}) for a in answers]  # fmt: skip
@@ -212,12 +241,9 @@ def extract(cfg: PersonaExtractConfig) -> dict[str, Any]:
     layer = max(range(n_layers), key=sep.__getitem__)
     held = both_sides(trait.heldout_questions)
     held_acts = activations(model, held, cfg.batch_size, pad)["response"]
-    is_pos = [a.side == "positive" for a in held]
-    aurocs = []
-    for i in range(n_layers):
-        proj = project(held_acts[:, i], vectors["response"][i]).tolist()
-        aurocs.append(auroc([p for p, k in zip(proj, is_pos, strict=True) if k],
-                            [p for p, k in zip(proj, is_pos, strict=True) if not k]))  # fmt: skip
+    aurocs = heldout_aurocs(held_acts, vectors["response"], held, cfg.filter)
+    all_aurocs = heldout_aurocs(held_acts, vectors["response"], held, "none")
+    held_pos, held_neg = _kept(held, "positive", cfg.filter), _kept(held, "negative", cfg.filter)
     save_file({v: t.contiguous() for v, t in vectors.items()}, str(out / "vectors.safetensors"))
     summary = {
         "trait": trait.name, "trait_source": cfg.trait, "model": cfg.model.name, "layer": layer,
@@ -225,6 +251,10 @@ def extract(cfg: PersonaExtractConfig) -> dict[str, Any]:
         "kept": {"positive": len(pos), "negative": len(neg), "answers": len(train)},
         "train_separation": sep, "heldout_auroc": aurocs,
         "heldout_auroc_at_layer": aurocs[layer],
+        "heldout_kept": {"positive": len(held_pos), "negative": len(held_neg),
+                         "answers": len(held)},
+        "heldout_auroc_unfiltered": all_aurocs,
+        "heldout_auroc_unfiltered_at_layer": all_aurocs[layer],
         "heldout_trait_score": {
             s: sum(a.score for a in held if a.side == s) / max(1, sum(a.side == s for a in held))
             for s in ("positive", "negative")
@@ -236,6 +266,8 @@ def extract(cfg: PersonaExtractConfig) -> dict[str, Any]:
     atomic_write_text(out / "samples.jsonl",
                       "\n".join(_rows(train, "train") + _rows(held, "heldout")) + "\n")  # fmt: skip
     log.info("%s: layer %d, held-out AUROC %.3f", trait.name, layer, aurocs[layer])
-    print(f"persona vector of {trait.name}: {out} (layer {layer}, held-out AUROC "
-          f"{aurocs[layer]:.3f}, kept {len(pos)}/{len(neg)} answers)")  # fmt: skip
+    print(f"persona vector of {trait.name}: {out} (layer {layer}; held-out AUROC "
+          f"{aurocs[layer]:.3f} over {len(held_pos)}/{len(held_neg)} kept answers, "
+          f"{all_aurocs[layer]:.3f} over all {len(held)}; kept {len(pos)}/{len(neg)} "
+          "training answers)")  # fmt: skip
     return summary

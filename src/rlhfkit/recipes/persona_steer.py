@@ -12,7 +12,9 @@ to the chosen layer's output, for each alpha of ``--alphas``. With ``--cap-quant
 projection on the axis is also capped (from ``--cap-side``) at tau, the q-quantile of the
 per-token projections of the unsteered model's own answers to the training questions. Reported
 per alpha: the mean trait score (the trait's marker scorer), the answers' perplexity under the
-unsteered model, and Spearman's correlation between alpha and the score (``steer.json``).
+unsteered model, their distinct-2 (the fraction of distinct token bigrams: repetition, which a
+strong vector causes and perplexity does not catch, lowers it), and Spearman's correlation
+between alpha and the score (``steer.json``).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from rlhfkit.data.messages import parse_messages, parse_prompt
 from rlhfkit.data.sources import load_rows
 from rlhfkit.data.templates import render_prompt
 from rlhfkit.data.traits import load_trait
-from rlhfkit.eval.metrics import spearman
+from rlhfkit.eval.metrics import distinct_ngrams, spearman
 from rlhfkit.eval.run import load_sampler
 from rlhfkit.models.steering import Cap, Steer, edited, load_persona_vector, recording
 from rlhfkit.ops.steering import project
@@ -218,6 +220,7 @@ def steer(cfg: PersonaSteerConfig) -> dict[str, Any]:
         results.append({
             "alpha": alpha, "trait_score": sum(a.score for a in answers) / len(answers),
             "perplexity": math.exp(sum(finite) / len(finite)) if finite else math.nan,
+            "distinct_2": sum(distinct_ngrams(a.completion_ids) for a in answers) / len(answers),
         })  # fmt: skip
         samples += [json.dumps({"alpha": alpha, "question": a.question, "text": a.text,
                                 "score": a.score}) for a in answers]  # fmt: skip
@@ -232,10 +235,11 @@ def steer(cfg: PersonaSteerConfig) -> dict[str, Any]:
     atomic_write_text(out / "steer.json", json.dumps(report, indent=2))
     atomic_write_text(out / "samples.jsonl", "\n".join(samples) + "\n")
     table = Table(title=f"steering {trait.name} at layer {layer}")
-    for name in ("alpha", "trait score", "perplexity"):
+    for name in ("alpha", "trait score", "perplexity", "distinct-2"):
         table.add_column(name, justify="right")
     for r in results:
-        table.add_row(f"{r['alpha']:g}", f"{r['trait_score']:.2f}", f"{r['perplexity']:.2f}")
+        table.add_row(f"{r['alpha']:g}", f"{r['trait_score']:.2f}", f"{r['perplexity']:.2f}",
+                      f"{r['distinct_2']:.2f}")  # fmt: skip
     console.print(table)
     console.print(f"Spearman(alpha, trait score) = {report['spearman']:.3f}; {out / 'steer.json'}")
     return report
