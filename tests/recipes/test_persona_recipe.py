@@ -82,10 +82,14 @@ def test_extract_monitor_and_steer(tiny_model_dir, tmp_path):
     assert [r["alpha"] for r in report["results"]] == [0.0, 8.0]
     assert report["cap_tau"] is not None and report["layer"] == meta["layer"]
     assert all(r["perplexity"] > 0 for r in report["results"])
-    persona_steer.steer(persona_steer.PersonaSteerConfig(
+    assert report["unsteered"]["perplexity"] > 0  # capped alpha 0 is not the reference
+    plain = persona_steer.steer(persona_steer.PersonaSteerConfig(
         model=model, vector=str(out), alphas=(0.0,), sampling=GREEDY,
         output=str(tmp_path / "plain"),
     ))  # fmt: skip
+    assert plain["results"][0]["coherent"] and plain["coherent_alphas"] == [0.0]
+    assert plain["unsteered"] == {k: plain["results"][0][k]
+                                  for k in ("trait_score", "perplexity", "distinct_2")}  # fmt: skip
     texts = [
         json.loads(x)["text"] for x in (tmp_path / "plain/samples.jsonl").read_text().splitlines()
     ]
@@ -93,6 +97,13 @@ def test_extract_monitor_and_steer(tiny_model_dir, tmp_path):
     cheer = load_trait(str(trait))
     unsteered = persona.answer(generator, tokenizer, cheer, cheer.heldout_questions, None, GREEDY)
     assert texts == [a.text for a in unsteered]  # alpha 0: exactly the unsteered answers
+
+
+def test_the_coherence_bound_by_hand():
+    ref = {"perplexity": 2.0, "distinct_2": 0.9}
+    assert persona_steer.coherent({"perplexity": 4.0, "distinct_2": 0.81}, ref, 2.0, 0.9)
+    assert not persona_steer.coherent({"perplexity": 4.01, "distinct_2": 0.9}, ref, 2.0, 0.9)
+    assert not persona_steer.coherent({"perplexity": 2.0, "distinct_2": 0.8}, ref, 2.0, 0.9)
 
 
 def test_the_filtered_heldout_auroc_uses_only_the_answers_the_filter_keeps():
@@ -245,7 +256,8 @@ def test_persona_reflect_writes_sft_rows_answered_with_the_constitution(tiny_mod
     rollout = generator.generate(ids, sampling)
     expected = [
         ("Who are you?", "What do you value?")[rollout.prompt_index[i]]
-        + "\x00" + tokenizer.decode(c, skip_special_tokens=True)
+        + "\x00"
+        + tokenizer.decode(c, skip_special_tokens=True)
         for i, c in enumerate(rollout.completion_ids)
     ]
     got = []

@@ -53,7 +53,7 @@ class PersonaPairsConfig:
     questions: Literal["train", "all"] = "train"
     """The trait's training questions, or all of them (the held-out ones too)."""
     sampling: SamplingConfig = field(
-        default_factory=lambda: SamplingConfig(max_new_tokens=64, temperature=0.7, num_samples=2)
+        default_factory=lambda: SamplingConfig(max_new_tokens=64, temperature=0.7, num_samples=4)
     )
     """How replies are sampled (num_samples pairs per question)."""
     output: str = "runs/persona/pairs.jsonl"

@@ -79,7 +79,7 @@ class PersonaExtractConfig:
     trait: str = "enthusiasm"
     """A shipped trait (enthusiasm, formality, sycophancy) or a trait file (.yaml/.json)."""
     sampling: SamplingConfig = field(
-        default_factory=lambda: SamplingConfig(max_new_tokens=64, temperature=0.7, num_samples=2)
+        default_factory=lambda: SamplingConfig(max_new_tokens=64, temperature=0.7, num_samples=4)
     )
     """How the answers are sampled (num_samples answers per question and side)."""
     filter: Literal["markers", "none"] = "markers"

@@ -14,7 +14,10 @@ per-token projections of the unsteered model's own answers to the training quest
 per alpha: the mean trait score (the trait's marker scorer), the answers' perplexity under the
 unsteered model, their distinct-2 (the fraction of distinct token bigrams: repetition, which a
 strong vector causes and perplexity does not catch, lowers it), and Spearman's correlation
-between alpha and the score (``steer.json``).
+between alpha and the score (``steer.json``). An alpha is *coherent* while its perplexity is at
+most ``--max-perplexity-ratio`` times the unsteered answers' and its distinct-2 at least
+``--min-distinct-ratio`` times theirs; Spearman is reported over the coherent alphas too, the
+range where steering changes the trait rather than breaking the text.
 """
 
 from __future__ import annotations
@@ -128,7 +131,7 @@ class PersonaSteerConfig:
     """The trait whose questions and scorer are used (None: the vector's)."""
     layer: int | None = None
     """Layer to steer (None: the one extract chose)."""
-    alphas: tuple[float, ...] = (0.0, 2.0, 4.0, 6.0, 8.0)
+    alphas: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5, 2.0)
     """Steering strengths: h <- h + alpha * v."""
     positions: Literal["all", "prompt", "response"] = "all"
     """Positions steered: the prompt (prefill), the response (decode steps) or both."""
@@ -142,6 +145,12 @@ class PersonaSteerConfig:
         default_factory=lambda: SamplingConfig(max_new_tokens=64, temperature=0.0)
     )
     """How answers are sampled (greedy by default)."""
+    max_perplexity_ratio: float = 2.0
+    """Coherence bound: an alpha is coherent while its answers' perplexity under the unsteered
+    model is at most this multiple of the unsteered answers' own."""
+    min_distinct_ratio: float = 0.9
+    """Coherence bound: ... and their distinct-2 at least this fraction of the unsteered
+    answers' (a steered model that loops on one phrase keeps a low perplexity)."""
     batch_size: int = 8
     """Sequences per forward pass for perplexity and the cap's threshold."""
     output: str = "runs/persona/steer"
@@ -155,6 +164,8 @@ class PersonaSteerConfig:
             out.append(("cap_quantile", f"must be in [0, 1], got {self.cap_quantile}"))
         if not self.alphas:
             out.append(("alphas", "need at least one alpha"))
+        if self.max_perplexity_ratio <= 0:
+            out.append(("max_perplexity_ratio", f"must be > 0, got {self.max_perplexity_ratio}"))
         return out
 
 
@@ -197,6 +208,24 @@ def cap_threshold(
     return float(torch.quantile(torch.cat(values), quantile))
 
 
+def coherent(figures: dict[str, float], unsteered: dict[str, float], max_perplexity_ratio: float,
+             min_distinct_ratio: float) -> bool:  # fmt: skip
+    """Whether steered answers stay within the coherence bound of the unsteered ones.
+
+    perplexity <= max_perplexity_ratio * perplexity_0 and
+    distinct_2 >= min_distinct_ratio * distinct_2_0, both perplexities under the unsteered model.
+    """
+    return bool(
+        figures["perplexity"] <= max_perplexity_ratio * unsteered["perplexity"]
+        and figures["distinct_2"] >= min_distinct_ratio * unsteered["distinct_2"]
+    )
+
+
+def _spearman(results: list[dict[str, Any]]) -> float:
+    alphas = [r["alpha"] for r in results]
+    return spearman(alphas, [r["trait_score"] for r in results]) if len(results) > 1 else math.nan
+
+
 def steer(cfg: PersonaSteerConfig) -> dict[str, Any]:
     """Answer under each alpha; returns (and writes) the trait score and perplexity per alpha."""
     vector, layer, meta = load_persona_vector(cfg.vector, cfg.layer)
@@ -211,35 +240,50 @@ def steer(cfg: PersonaSteerConfig) -> dict[str, Any]:
         own = answer(generator, tokenizer, trait, trait.train_questions, None, cfg.sampling)
         tau = cap_threshold(model, own, layer, vector, cfg.cap_quantile, cfg.batch_size, pad)
         caps = [Cap(layer, vector, tau, cfg.cap_side, cfg.positions)]
-    results, samples = [], []
-    for alpha in cfg.alphas:
-        with edited(model, [Steer(layer, vector, alpha, cfg.positions), *caps]):
+
+    def measure(edits: list[Steer | Cap]) -> tuple[dict[str, float], list[Answer]]:
+        with edited(model, edits):
             answers = answer(generator, tokenizer, trait, questions, None, cfg.sampling)
         nll = mean_nll(model, answers, cfg.batch_size, pad)  # the unsteered model
         finite = [x for x in nll if not math.isnan(x)]
-        results.append({
-            "alpha": alpha, "trait_score": sum(a.score for a in answers) / len(answers),
+        return {
+            "trait_score": sum(a.score for a in answers) / len(answers),
             "perplexity": math.exp(sum(finite) / len(finite)) if finite else math.nan,
             "distinct_2": sum(distinct_ngrams(a.completion_ids) for a in answers) / len(answers),
-        })  # fmt: skip
+        }, answers  # fmt: skip
+
+    results, samples = [], []
+    for alpha in cfg.alphas:
+        figures, answers = measure([Steer(layer, vector, alpha, cfg.positions), *caps])
+        results.append({"alpha": alpha, **figures})
         samples += [json.dumps({"alpha": alpha, "question": a.question, "text": a.text,
                                 "score": a.score}) for a in answers]  # fmt: skip
+    plain = next((r for r in results if r["alpha"] == 0.0 and not caps), None)
+    reference = plain or measure([])[0]  # the unsteered model's own answers
+    for r in results:
+        r["coherent"] = coherent(r, reference, cfg.max_perplexity_ratio, cfg.min_distinct_ratio)
+    inside = [r for r in results if r["coherent"]]
     report = {
         "trait": trait.name, "layer": layer, "positions": cfg.positions, "cap_tau": tau,
         "cap_side": cfg.cap_side if caps else None, "results": results,
-        "spearman": spearman([r["alpha"] for r in results], [r["trait_score"] for r in results])
-        if len(results) > 1 else math.nan,
+        "spearman": _spearman(results),
+        "unsteered": {k: reference[k] for k in ("trait_score", "perplexity", "distinct_2")},
+        "coherence_bound": {"max_perplexity_ratio": cfg.max_perplexity_ratio,
+                            "min_distinct_ratio": cfg.min_distinct_ratio},
+        "coherent_alphas": [r["alpha"] for r in inside],
+        "spearman_coherent": _spearman(inside),
     }  # fmt: skip
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "steer.json", json.dumps(report, indent=2))
     atomic_write_text(out / "samples.jsonl", "\n".join(samples) + "\n")
     table = Table(title=f"steering {trait.name} at layer {layer}")
-    for name in ("alpha", "trait score", "perplexity", "distinct-2"):
+    for name in ("alpha", "trait score", "perplexity", "distinct-2", "coherent"):
         table.add_column(name, justify="right")
     for r in results:
         table.add_row(f"{r['alpha']:g}", f"{r['trait_score']:.2f}", f"{r['perplexity']:.2f}",
-                      f"{r['distinct_2']:.2f}")  # fmt: skip
+                      f"{r['distinct_2']:.2f}", "yes" if r["coherent"] else "no")  # fmt: skip
     console.print(table)
-    console.print(f"Spearman(alpha, trait score) = {report['spearman']:.3f}; {out / 'steer.json'}")
+    console.print(f"Spearman(alpha, trait score) = {report['spearman']:.3f}, over the coherent "
+                  f"alphas {report['spearman_coherent']:.3f}; {out / 'steer.json'}")  # fmt: skip
     return report
