@@ -284,3 +284,29 @@ def test_bad_reflection_prompts_are_one_line(tmp_path, capsys, content, needle):
     assert exit_.value.code != 0
     err = capsys.readouterr().err
     assert needle in err and "Traceback" not in err
+
+
+def test_the_async_engine_copy_is_steered_and_vllm_with_steer_is_refused(tiny_model_dir, tmp_path):
+    from dataclasses import replace
+
+    from rlhfkit.config import EngineConfig
+    from rlhfkit.errors import ConfigError
+    from rlhfkit.rollout.engine import LocalEngine
+    from rlhfkit.rollout.vllm_server import require_engine
+
+    out = _extract(tiny_model_dir, tmp_path, _trait(tmp_path, "Shout! Yay!", "Be flat."))
+    base = ModelConfig(name=str(tiny_model_dir), precision="fp32")
+    steered = replace(base, steer=str(out), steer_alpha=1e4)
+    model, tokenizer, generator = load_sampler(steered)
+    ids = [tokenizer("Why sleep?")["input_ids"], tokenizer("Name a fruit.")["input_ids"]]
+    eos = [tokenizer.eos_token_id]
+    # the asynchronous engine's private copy carries the policy's steering hook
+    engine = LocalEngine(model, pad_id=int(tokenizer.pad_token_id), eos_ids=eos, version=0)
+    copy_ids = engine.generator.generate(ids, GREEDY).completion_ids
+    assert copy_ids == generator.generate(ids, GREEDY).completion_ids
+    _, _, plain = load_sampler(base)
+    assert copy_ids != plain.generate(ids, GREEDY).completion_ids
+    # the vLLM engine cannot run the hooks: refused before anything loads
+    with pytest.raises(ConfigError, match=r"--model\.steer: the vLLM engine"):
+        require_engine(EngineConfig(backend="vllm"), steered)
+    require_engine(EngineConfig(backend="hf"), steered)  # the own sampler steers: fine

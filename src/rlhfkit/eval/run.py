@@ -37,7 +37,6 @@ import torch
 from rlhfkit.atomic import atomic_write_text
 from rlhfkit.config import EngineConfig, ModelConfig
 from rlhfkit.data.prompts import PromptRow
-from rlhfkit.errors import ConfigError
 from rlhfkit.models.load import load_model, load_tokenizer
 from rlhfkit.models.precision import default_device, resolve_precision
 from rlhfkit.models.steering import attach_steering
@@ -46,7 +45,7 @@ from rlhfkit.rewards.shaping import weighted_sum
 from rlhfkit.rollout.hf import SamplingConfig
 from rlhfkit.rollout.sampler import Generator, HFGenerator, chat_generator
 from rlhfkit.rollout.vllm import VLLMGenerator
-from rlhfkit.rollout.vllm_server import vllm_server
+from rlhfkit.rollout.vllm_server import require_engine, vllm_server
 
 
 def load_sampler(
@@ -99,8 +98,7 @@ def open_sampler(
         finally:
             del model, generator
         return
-    if cfg.keep_layers is not None:
-        raise ConfigError("--model.keep-layers: the vLLM engine loads the whole model")
+    require_engine(engine, cfg)  # a model the engine cannot serve as asked
     compute = resolve_precision(cfg.precision, default_device()).compute
     with vllm_server(engine, cfg.name, compute, seed=seed, log_dir=log_dir) as server:
         yield VLLMGenerator(server, eos_ids=[tokenizer.eos_token_id])

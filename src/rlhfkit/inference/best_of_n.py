@@ -86,7 +86,7 @@ def bon_report(rewards: list[list[float]], threshold: float) -> dict[str, Any]:
 
 def main(cfg: BoNConfig) -> dict[str, Any]:
     """Steps 1-4; returns the report."""
-    require_engine(cfg.engine)
+    require_engine(cfg.engine, cfg.model)
     prompts, grid = evaluate_prompts(
         cfg.model, None, cfg.data, cfg.sampling, cfg.rewards, cfg.weights,
         chunk=cfg.chunk, cache_dir=cfg.cache_dir, engine=cfg.engine,

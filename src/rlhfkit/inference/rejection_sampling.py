@@ -224,7 +224,7 @@ def print_summary(summary: dict[str, Any]) -> None:
 
 def main(cfg: RSConfig) -> dict[str, Any]:
     """Steps 1-6; returns the summary (also written to ``<run_dir>/summary.json``)."""
-    require_engine(cfg.engine)
+    require_engine(cfg.engine, cfg.model)
     if cfg.heldout.source:  # the trained models' evaluation starts servers of its own
         require_engine(replace(cfg.engine, vllm_url=None))
     run_dir = Path(cfg.log.run_dir)

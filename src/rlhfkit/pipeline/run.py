@@ -406,8 +406,8 @@ def main(cfg: PipelineConfig) -> Path:
     cfg = _seeded(cfg)
     if not (run / "report.html").exists():
         require_extra("plot", "the pipeline's report (report.html)")
-    require_engine(cfg.engine)
-    require_engine(cfg.rl.engine)
+    require_engine(cfg.engine, cfg.model)
+    require_engine(cfg.rl.engine, cfg.model)
     run.mkdir(parents=True, exist_ok=True)
     if launch_rank() != 0:  # under torchrun: take part in the training stages only
         return _follow(cfg, run)

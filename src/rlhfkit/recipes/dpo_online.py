@@ -379,11 +379,7 @@ def main(cfg: OnlineDPOConfig) -> Path:
         )
     if cfg.engine.backend == "vllm" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("--engine.backend vllm runs with one process; under torchrun use hf")
-    require_engine(cfg.engine)  # not installed: say how, before loading anything
-    if cfg.engine.backend == "vllm" and cfg.model.keep_layers is not None:
-        raise ConfigError(
-            "--model.keep-layers: the vLLM engine loads the whole model; use --engine.backend hf"
-        )
+    require_engine(cfg.engine, cfg.model)  # not installed: say how, before loading anything
     ctx = build_run(
         cfg.model, cfg.log, cfg.loop.seed, to_dict(cfg), resume=cfg.loop.resume,
         batch_size=cfg.loop.batch_size,

@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
-from rlhfkit.config import EngineConfig
-from rlhfkit.errors import UserError
+from rlhfkit.config import EngineConfig, ModelConfig
+from rlhfkit.errors import ConfigError, UserError
 from rlhfkit.models.load import resolve_model_path
 
 SERVED_NAME = "policy"
@@ -249,14 +249,28 @@ ENGINE_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.flo
 """The engine's name of each compute dtype."""
 
 
-def require_engine(engine: EngineConfig) -> None:
-    """Check, before any model is loaded, that a vLLM backend can start.
+def require_engine(engine: EngineConfig, model: ModelConfig | None = None) -> None:
+    """Check, before any model is loaded, that a vLLM backend can start and serve ``model``.
 
     Raises:
         EngineError: ``backend vllm`` without a URL and no engine environment (with the command
             that builds it).
+        ConfigError: ``model`` asks for what the engine cannot do: a model cut to a subset of
+            its layers (the engine loads the whole model) or a persona vector hooked on (the
+            engine's forward does not run rlhfkit's hooks, so its samples would be unsteered).
     """
-    if engine.backend == "vllm" and not engine.vllm_url:
+    if engine.backend != "vllm":
+        return
+    if model is not None and model.keep_layers is not None:
+        raise ConfigError(
+            "--model.keep-layers: the vLLM engine loads the whole model; use --engine.backend hf"
+        )
+    if model is not None and model.steer is not None:
+        raise ConfigError(
+            "--model.steer: the vLLM engine does not run rlhfkit's steering hooks, so its "
+            "samples would be unsteered; use --engine.backend hf"
+        )
+    if not engine.vllm_url:
         engine_python(engine.vllm_python)
 
 

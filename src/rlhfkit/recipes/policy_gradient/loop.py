@@ -185,11 +185,7 @@ def check_before_loading(cfg: PGConfig) -> PGPreset:
             "--engine: a separate rollout engine (vllm, or max_staleness) runs with one learner "
             "process; under torchrun use the hf backend without max_staleness"
         )
-    require_engine(engine)  # not installed: say how, before loading anything
-    if engine.backend == "vllm" and cfg.model.keep_layers is not None:
-        raise ConfigError(
-            "--model.keep-layers: the vLLM engine loads the whole model; use --engine.backend hf"
-        )
+    require_engine(engine, cfg.model)  # not installed: say how, before loading anything
     if preset.teacher and cfg.algo.teacher is None:
         raise ConfigError(
             f"--algo.teacher: the {cfg.algo.preset} preset distils a teacher; name it"
