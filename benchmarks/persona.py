@@ -6,7 +6,7 @@ For each trait of ``--traits``:
    separating eliciting from suppressing answers (over the answers the marker filter keeps, and
    over all answers labelled by their system prompt).
 2. ``rlhfkit persona steer`` over ``--alphas`` on the held-out questions (no system prompt,
-   ``--samples`` sampled answers per question): the trait scorer per alpha, the answers'
+   ``--steer-samples`` sampled answers per question): the trait scorer per alpha, the answers'
    perplexity under the unsteered model and their distinct-2, which alphas stay within the
    coherence bound (perplexity at most 2x, distinct-2 at least 0.9x the unsteered answers'), and
    Spearman(alpha, score) over all alphas and over the coherent ones.
@@ -22,10 +22,9 @@ For the first trait also:
 4. Character training: ``rlhfkit persona pairs`` from the trait's shipped constitution, ``rlhfkit
    dpo`` on them, then ``rlhfkit persona reflect`` (self-reflection rows written by the DPO model
    with the constitution in context) and ``rlhfkit sft`` on those. The trait score of
-   ``--samples`` sampled answers per held-out question before, after DPO and after the
-   reflection SFT (``--character-samples`` per question), with paired 95% intervals over
-   questions; samples before and after go to
-   ``<run dir>/<trait>/character.md``.
+   ``--character-samples`` sampled answers per held-out question before, after DPO and after
+   the reflection SFT, with paired 95% intervals over questions; samples before and after go
+   to ``<run dir>/<trait>/character.md``.
 
 Figures print as ``BENCH persona.<name> <value>`` and go to
 ``benchmarks/results/persona-<UTC time>.json``.
@@ -226,12 +225,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--alphas", nargs="+", default=grid)
     parser.add_argument("--prevent-alphas", nargs="+", default=["0.5", "1", "2"])
     parser.add_argument("--samples", type=int, default=4, help="answers per held-out question")
+    parser.add_argument("--steer-samples", type=int, default=8,
+                        help="answers per held-out question and alpha when steering")  # fmt: skip
     parser.add_argument("--character-samples", type=int, default=8,
                         help="answers per held-out question in the character study")  # fmt: skip
     args, runs, report = common.Reporter.start("persona", parser, argv, "bench_persona")
     vectors: dict[str, Any] = {}
     for trait in args.traits:
-        vectors[trait] = trait_study(report, runs, trait, args.alphas, args.samples)
+        vectors[trait] = trait_study(report, runs, trait, args.alphas, args.steer_samples)
     first = args.traits[0]
     drift_study(report, runs, first, vectors[first], args.prevent_alphas, args.samples)
     character_study(report, runs, first, vectors[first], args.character_samples)
