@@ -197,13 +197,35 @@ def test_a_missing_steer_vector_is_a_user_error(capsys):
     assert "--model.steer" in err and "persona.json" in err and "Traceback" not in err
 
 
-def test_persona_pairs_chosen_with_the_constitution_rejected_without(tiny_model_dir, tmp_path):
-    from rlhfkit.data.templates import render_prompt
-    from rlhfkit.recipes import character
-
-    trait = _trait(tmp_path, "Shout! Yay!", "Be flat.")
+def _character(tmp_path: Path) -> tuple[Path, Path]:
+    """A trait file and a constitution file for the character-training commands."""
     text = tmp_path / "character.md"
     text.write_text("I am a cheerful robot who says yay a lot.")
+    return _trait(tmp_path, "Shout! Yay!", "Be flat."), text
+
+
+def _replies(model: ModelConfig, questions: list[str], system: str | None,
+             sampling: SamplingConfig) -> dict[str, list[str]]:  # fmt: skip
+    """Each question's sampled replies, under ``system`` (None: no system prompt)."""
+    from rlhfkit.data.templates import render_prompt
+
+    _, tokenizer, generator = load_sampler(model)
+    head = [{"role": "system", "content": system}] if system else []
+    ids = [render_prompt(tokenizer, [*head, {"role": "user", "content": q}]) for q in questions]
+    rollout = generator.generate(ids, sampling)
+    out: dict[str, list[str]] = {q: [] for q in questions}
+    for i, c in enumerate(rollout.completion_ids):
+        text = tokenizer.decode(c, skip_special_tokens=True)
+        out[questions[rollout.prompt_index[i]]].append(text)
+            tokenizer.decode(c, skip_special_tokens=True)
+        )
+    return out
+
+
+def test_persona_pairs_chosen_with_the_constitution_rejected_without(tiny_model_dir, tmp_path):
+    from rlhfkit.recipes import character
+
+    trait, text = _character(tmp_path)
     sampling = SamplingConfig(max_new_tokens=6, temperature=1.0, num_samples=1, seed=7)
     cfg = character.PersonaPairsConfig(
         model=ModelConfig(name=str(tiny_model_dir), precision="fp32"), trait=str(trait),
@@ -213,33 +235,23 @@ def test_persona_pairs_chosen_with_the_constitution_rejected_without(tiny_model_
     rows = character.pairs(cfg)
     written = [json.loads(x) for x in (tmp_path / "pairs.jsonl").read_text().splitlines()]
     assert rows and written == rows
-    _, tokenizer, generator = load_sampler(cfg.model)
-
-    def replies(system: str | None) -> dict[str, str]:
-        head = [{"role": "system", "content": system}] if system else []
-        ids = [render_prompt(tokenizer, [*head, {"role": "user", "content": q}]) for q in QUESTIONS]
-        out = generator.generate(ids, sampling).completion_ids
-        texts = tokenizer.batch_decode(out, skip_special_tokens=True)
-        return dict(zip(QUESTIONS, texts, strict=True))
-
-    chosen, rejected = replies(text.read_text()), replies(None)
+    chosen = _replies(cfg.model, QUESTIONS, text.read_text(), sampling)
+    rejected = _replies(cfg.model, QUESTIONS, None, sampling)
     for r in rows:  # the prompt is the bare question; chosen saw the constitution, rejected not
         question = r["prompt"][0]["content"]
         assert r["prompt"] == [{"role": "user", "content": question}]
-        assert (r["chosen"], r["rejected"]) == (chosen[question], rejected[question])
+        assert (r["chosen"], r["rejected"]) == (chosen[question][0], rejected[question][0])
     with pytest.raises(SystemExit):
         cli_main(["persona", "pairs", "--constitution", str(tmp_path / "missing.md")])
 
 
 def test_persona_reflect_writes_sft_rows_answered_with_the_constitution(tiny_model_dir, tmp_path):
-    from rlhfkit.data.templates import render_prompt
     from rlhfkit.recipes import character
 
-    trait = _trait(tmp_path, "Shout! Yay!", "Be flat.")
-    text = tmp_path / "character.md"
-    text.write_text("I am a cheerful robot who says yay a lot.")
+    trait, text = _character(tmp_path)
+    questions = ["Who are you?", "What do you value?"]
     prompts = tmp_path / "reflect.yaml"
-    prompts.write_text(yaml.safe_dump(["Who are you?", "What do you value?"]))
+    prompts.write_text(yaml.safe_dump(questions))
     sampling = SamplingConfig(max_new_tokens=6, temperature=1.0, num_samples=2, seed=3)
     cfg = character.PersonaReflectConfig(
         model=ModelConfig(name=str(tiny_model_dir), precision="fp32"), trait=str(trait),
@@ -249,24 +261,14 @@ def test_persona_reflect_writes_sft_rows_answered_with_the_constitution(tiny_mod
     rows = character.reflect(cfg)
     written = [json.loads(x) for x in (tmp_path / "reflection.jsonl").read_text().splitlines()]
     assert rows and written == rows
-    _, tokenizer, generator = load_sampler(cfg.model)
-    system = {"role": "system", "content": text.read_text()}
-    ids = [render_prompt(tokenizer, [system, {"role": "user", "content": q}])
-           for q in ("Who are you?", "What do you value?")]  # fmt: skip
-    rollout = generator.generate(ids, sampling)
-    expected = [
-        ("Who are you?", "What do you value?")[rollout.prompt_index[i]]
-        + "\x00"
-        + tokenizer.decode(c, skip_special_tokens=True)
-        for i, c in enumerate(rollout.completion_ids)
-    ]
-    got = []
+    expected = _replies(cfg.model, questions, text.read_text(), sampling)
+    got: dict[str, list[str]] = {q: [] for q in questions}
     for r in rows:  # no system prompt in the row: SFT distils the constitution away
         user, reply = r["messages"]
         assert user["role"] == "user" and reply["role"] == "assistant"
         assert r["score"] == load_trait(str(trait)).score(reply["content"])
-        got.append(user["content"] + "\x00" + reply["content"])
-    assert got == [e for e in expected if e.split("\x00", 1)[1].strip()]
+        got[user["content"]].append(reply["content"])
+    assert got == {q: [t for t in texts if t.strip()] for q, texts in expected.items()}
     assert len(character.reflection_prompts(None)) >= 20  # the shipped prompts load
 
 
