@@ -217,8 +217,6 @@ def _replies(model: ModelConfig, questions: list[str], system: str | None,
     for i, c in enumerate(rollout.completion_ids):
         text = tokenizer.decode(c, skip_special_tokens=True)
         out[questions[rollout.prompt_index[i]]].append(text)
-            tokenizer.decode(c, skip_special_tokens=True)
-        )
     return out
 
 
