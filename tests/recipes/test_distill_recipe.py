@@ -103,7 +103,7 @@ def test_the_loss_is_the_token_mean_of_the_divergence(tiny_model_dir, teacher_di
             start = e.loss_mask.index(True)
             s = student(ids).logits[0, start - 1 : -1]
             t = teacher(ids).logits[0, start - 1 : -1]
-            expected.append(loss.from_logits(s, t))
+            expected.append(loss.from_logits(s.double(), t.double()))  # the fp64 truth
     expected_mean = torch.cat(expected).mean().item()
     parts = micro_batches(examples, packing=True, budget=1024, pad_id=0)
     stats = accumulate(

@@ -16,9 +16,14 @@ import torch
 
 from rlhfkit.losses.distill import (
     DistillLoss,
+    _jsd_logit_grad,
+    _jsd_value_and_grad,
     distill_divergence,
+    distill_divergence_sum,
     forward_kl,
     generalized_jsd,
+    jsd_chunk,
+    jsd_chunk_compiled,
     reverse_kl,
     sampled_reverse_kl,
     top_k_buckets,
@@ -146,6 +151,77 @@ def test_fused_chunked_head_equals_the_plain_computation(top_k, beta):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     fused.sum().backward()
     assert t_hidden.grad is None and t_weight.grad is None
+
+
+@pytest.mark.parametrize(("top_k", "beta"), [(None, 0.0), (None, 0.3), (None, 1.0), (4, 0.3)])
+def test_the_summed_divergence_has_the_sum_of_the_per_position_values_and_gradients(top_k, beta):
+    """The training path (gradient computed in the forward pass, scaled in the backward) gives
+    the same sum, per-position values and student gradients as the per-position path, for any
+    upstream scale; the teacher gets no gradient."""
+    gen = torch.Generator().manual_seed(18)
+    hidden = torch.randn(10, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(12, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    t_hidden = torch.randn(10, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    t_weight = torch.randn(12, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    loss = DistillLoss(beta=beta, temperature=1.7, top_k=top_k)
+    total, per = distill_divergence_sum(hidden, weight, t_hidden, t_weight, loss, chunk_rows=3)
+    grads = torch.autograd.grad(total * 0.37, (hidden, weight), retain_graph=True)
+    per_position = distill_divergence(hidden, weight, t_hidden, t_weight, loss, chunk_rows=4)
+    expected = torch.autograd.grad(per_position.sum() * 0.37, (hidden, weight))
+    torch.testing.assert_close(per, per_position.detach(), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(total, per_position.sum(), atol=1e-6, rtol=1e-6)
+    assert not per.requires_grad
+    for a, b in zip(grads, expected, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    total.backward()
+    assert t_hidden.grad is None and t_weight.grad is None
+
+
+def test_value_and_gradient_in_one_pass_equal_the_two_separate_ones():
+    logits = _random_logits(2, 7, seed=19)
+    student, teacher = torch.log_softmax(logits[0], -1), torch.log_softmax(logits[1], -1)
+    for beta in (0.0, 0.25, 0.5, 1.0):  # from logits: log-softmax, softmax and M in one go
+        value, grad = _jsd_value_and_grad(logits[0] + 3.0, logits[1], beta)
+        torch.testing.assert_close(value, generalized_jsd(student, teacher, beta))
+        torch.testing.assert_close(grad, _jsd_logit_grad(student, teacher, beta))
+        hot = torch.log_softmax(logits / 2.0, -1)  # temperature 2
+        value, grad = _jsd_value_and_grad(logits[0], logits[1], beta, temperature=2.0)
+        torch.testing.assert_close(value, generalized_jsd(hot[0], hot[1], beta))
+        torch.testing.assert_close(grad, _jsd_logit_grad(hot[0], hot[1], beta))
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_the_compiled_chunk_equals_its_eager_twin(beta):
+    """torch.compile's fused chunk gives the eager values and gradients (fp32, a few rows of a
+    small vocabulary, temperature 1.5, bf16 gradients as in training)."""
+    gen = torch.Generator().manual_seed(20)
+    student, teacher = torch.randn(2, 5, 37, generator=gen)
+    for rows in (5, 3):  # one compilation serves both row counts
+        args = (student[:rows], teacher[:rows], beta, 1.5, torch.bfloat16)
+        value, grad = jsd_chunk_compiled(*args)
+        eager_value, eager_grad = jsd_chunk(*args)
+        torch.testing.assert_close(value, eager_value, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(grad.float(), eager_grad.float(), atol=1e-2, rtol=1e-2)
+        assert grad.dtype == torch.bfloat16
+
+
+def test_a_failed_compilation_falls_back_to_eager(monkeypatch, caplog):
+    from rlhfkit.ops import compiled as compiled_module
+
+    def broken(fn, **_):
+        def call(*a, **k):
+            raise RuntimeError("no C++ compiler")
+
+        return call
+
+    monkeypatch.setattr(compiled_module.torch, "compile", broken)
+    twin = compiled_module.compiled(jsd_chunk)
+    args = (STUDENT[None], TEACHER[None], 0.5, 1.0, torch.float32)
+    with caplog.at_level("WARNING"):
+        value, _ = twin(*args)
+        twin(*args)
+    torch.testing.assert_close(value, jsd_chunk(*args)[0])
+    assert sum("running it eagerly" in r.message for r in caplog.records) == 1
 
 
 def test_beta_outside_the_unit_interval_is_refused():

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from rlhfkit.ops.compiled import compiled
 from rlhfkit.ops.kl import linear_divergence
 from rlhfkit.ops.logprobs import sum_in_fp32
 
@@ -145,11 +146,14 @@ class DistillLoss:
         temperature: tau dividing both models' logits (the divergence is scaled by tau^2).
         top_k: Compare over the student's top-k ids plus a tail bucket (None: the whole
             vocabulary).
+        compile: In :func:`distill_divergence_sum` over the whole vocabulary, run each chunk's
+            elementwise work compiled (:data:`jsd_chunk_compiled`) instead of eagerly.
     """
 
     beta: float = 0.5
     temperature: float = 1.0
     top_k: int | None = None
+    compile: bool = False
 
     def __call__(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
         """The divergence at each position, from logits already divided by the temperature.
@@ -195,6 +199,132 @@ def _jsd_logit_grad(student: torch.Tensor, teacher: torch.Tensor, beta: float) -
         r = student - torch.logaddexp(teacher + math.log(beta), student + math.log1p(-beta))
         r.mul_(1.0 - beta)
     return q * (r - (q * r).sum(-1, keepdim=True))
+
+
+def _log_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Log softmax(logits / temperature) in at least fp32, upcast inside the softmax kernel.
+
+    Shapes:
+        logits: (n, V) in any float dtype; returns (n, V) fp32 (fp64 for fp64 logits).
+    """
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    if temperature == 1.0:
+        return F.log_softmax(logits, dim=-1, dtype=dtype)
+    return F.log_softmax(logits.to(dtype) / temperature, dim=-1)
+
+
+def _jsd_value_and_grad(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """JSD_beta at temperature tau and its gradient with respect to z / tau, sharing their terms.
+
+    With s, t the log-probabilities and Q = exp(s), P = exp(t) the probabilities of the student
+    and the teacher, M = beta P + (1 - beta) Q is formed in probability space (one logarithm
+    where logaddexp of the log-probabilities takes two transcendental passes) and
+    r = (1 - beta)(s - log M). Then JSD_beta = beta sum_v P (t - log M) + sum_v Q r and the
+    gradient is Q (r - sum_v Q r) (:func:`_jsd_logit_grad`). beta = 0 is the forward KL
+    (gradient Q - P), beta = 1 the reverse KL (r = s - t). The values equal
+    :func:`generalized_jsd`'s; log M is floored at ``LOG_FLOOR`` where both distributions
+    underflow (those terms carry no mass).
+
+    Shapes:
+        student_logits, teacher_logits: (n, V), any float dtype; returns (n,) and (n, V) in
+        at least fp32.
+    """
+    s, t = _log_probs(student_logits, temperature), _log_probs(teacher_logits, temperature)
+    q, p = s.exp(), t.exp()
+    if beta == 0.0:
+        return (p * t.sub_(s)).sum(-1), q.sub_(p)
+    if beta == 1.0:
+        r = s.sub_(t)
+        value = None
+    else:
+        log_m = torch.lerp(q, p, beta).log_().clamp_(min=LOG_FLOOR)
+        value = beta * (p * t.sub_(log_m)).sum(-1)
+        r = s.sub_(log_m).mul_(1.0 - beta)
+    qr = (q * r).sum(-1, keepdim=True)
+    value = qr[..., 0] if value is None else value.add_(qr[..., 0])
+    return value, q.mul_(r.sub_(qr))
+
+
+def jsd_chunk(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float, temperature: float,
+    grad_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """One chunk of the training divergence: tau^2 JSD_beta(z / tau) and its gradient in z.
+
+    d (tau^2 D(z / tau)) / d z = tau dD / d(z / tau). The eager reference of
+    :data:`jsd_chunk_compiled`.
+
+    Shapes:
+        student_logits, teacher_logits: (n, V); returns (n,) fp32 and (n, V) ``grad_dtype``.
+    """
+    value, grad = _jsd_value_and_grad(student_logits, teacher_logits, beta, temperature)
+    if temperature != 1.0:
+        grad = grad.mul_(temperature)
+    return value * temperature**2, grad.to(grad_dtype)
+
+
+jsd_chunk_compiled = compiled(jsd_chunk)
+""":func:`jsd_chunk` fused by ``torch.compile`` (eager where compilation fails)."""
+
+
+class _FusedJSDSum(torch.autograd.Function):
+    """The summed divergence over rows, its gradient computed in the forward pass.
+
+    A loss that is a sum (here, the per-token divergence summed, then scaled by the caller)
+    has a gradient known up to one scalar before the backward starts. So each chunk's two logit
+    blocks are computed once: the value and the closed-form gradient come from the same
+    log-probabilities, and the gradients of the student's hidden states and head go straight
+    into (N, H) and (V, H) buffers. The backward only scales them by the upstream scalar. Half
+    the head matmuls and elementwise passes of :class:`_FusedJSD`, which must recompute the
+    logits in its backward.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        teacher_hidden: torch.Tensor,
+        teacher_weight: torch.Tensor,
+        beta: float,
+        temperature: float,
+        chunk_rows: int,
+        compile_: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        chunk = jsd_chunk_compiled if compile_ else jsd_chunk
+        n, t = hidden.shape[0], temperature
+        per = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        grad_h = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        for start in range(0, n, chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            per[rows], grad = chunk(
+                hidden[rows] @ weight.T, teacher_hidden[rows] @ teacher_weight.T, beta, t,
+                hidden.dtype,
+            )  # fmt: skip
+            if need_h:
+                grad_h[rows] = grad @ weight
+            if need_w:
+                grad_w.add_(grad.T @ hidden[rows])  # accumulated in fp32
+        ctx.save_for_backward(grad_h if need_h else None, grad_w if need_w else None)
+        ctx.dtypes = hidden.dtype, weight.dtype
+        ctx.mark_non_differentiable(per)
+        return per.sum(), per
+
+    @staticmethod
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, grad_total: torch.Tensor, _grad_per: torch.Tensor
+    ) -> tuple[torch.Tensor | None, ...]:
+        grad_h, grad_w = ctx.saved_tensors
+        scale = grad_total.float()
+        h_dtype, w_dtype = ctx.dtypes
+        out_h = (grad_h * scale).to(h_dtype) if grad_h is not None else None
+        out_w = (grad_w * scale).to(w_dtype) if grad_w is not None else None
+        return out_h, out_w, None, None, None, None, None, None
 
 
 class _FusedJSD(torch.autograd.Function):
@@ -297,6 +427,37 @@ def distill_divergence(
         hidden, weight, teacher_hidden, teacher_weight, loss,
         temperature=loss.temperature, chunk_rows=chunk_rows,
     )  # fmt: skip
+
+
+def distill_divergence_sum(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    loss: DistillLoss,
+    *,
+    chunk_rows: int = 512,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The divergence summed over positions (differentiable) and per position (detached).
+
+    The training loss of distillation is this sum over a normaliser, so over the whole
+    vocabulary it is computed by :class:`_FusedJSDSum`: one pass over each chunk's logits gives
+    the value and the gradient, which the backward only scales. With ``top_k`` it is
+    :func:`distill_divergence` summed.
+
+    Shapes:
+        as :func:`distill_divergence`; returns () and (N,) fp32.
+    """
+    teacher_hidden, teacher_weight = teacher_hidden.detach(), teacher_weight.detach()
+    if loss.top_k is None:
+        return _FusedJSDSum.apply(
+            hidden, weight, teacher_hidden, teacher_weight, loss.beta, loss.temperature,
+            chunk_rows, loss.compile,
+        )  # fmt: skip
+    per = distill_divergence(
+        hidden, weight, teacher_hidden, teacher_weight, loss, chunk_rows=chunk_rows
+    )
+    return per.sum(), per.detach()
 
 
 def sampled_reverse_kl(

@@ -46,7 +46,7 @@ from rlhfkit.data.collate import supports_padding_free
 from rlhfkit.data.prompts import PromptRow, load_prompt_rows
 from rlhfkit.data.sources import data_section_problems
 from rlhfkit.errors import ConfigError
-from rlhfkit.losses.distill import DistillLoss, distill_divergence
+from rlhfkit.losses.distill import DistillLoss, distill_divergence_sum
 from rlhfkit.models.forward import label_hidden
 from rlhfkit.models.load import load_model, load_tokenizer
 from rlhfkit.models.sharding import gathered
@@ -121,6 +121,9 @@ class DistillAlgoConfig:
     """Compare over the student's top-k ids plus a tail bucket (None: the whole vocabulary)."""
     off_policy: Literal["teacher", "dataset"] = "teacher"
     """Off-policy batches: the teacher's samples, or each row's 'completion' field."""
+    compile: bool = True
+    """Fuse the divergence's elementwise work over the vocabulary with torch.compile (about 3x
+    faster on CPU; compiled once per machine, with a C++ compiler; eager if it fails)."""
 
     def problems(self) -> Problems:
         """Values outside their ranges."""
@@ -259,12 +262,12 @@ def make_step_loss(
         with torch.no_grad():
             t_hidden, t_weight = label_hidden(teacher, batch)  # (N, H'), (V', H')
         rows = vocab or min(weight.shape[0], t_weight.shape[0])
-        per_token = distill_divergence(
+        total, per_token = distill_divergence_sum(
             hidden, weight[:rows], t_hidden, t_weight[:rows], loss
-        )  # (N,)
+        )  # (), (N,)
         return LossOutput(
-            loss=per_token.sum() / normaliser,
-            metrics={"divergence_sum": per_token.detach().sum(), "tokens": float(len(per_token))},
+            loss=total / normaliser,
+            metrics={"divergence_sum": total.detach(), "tokens": float(len(per_token))},
         )
 
     return step_loss
@@ -379,7 +382,10 @@ def main(cfg: DistillConfig) -> Path:
     ctx.start_training(cfg.optim, total)
     if ctx.step == 0 and held:
         ctx.logger.log(0, heldout_metrics(ctx, teacher, held, cfg))
-    loss = DistillLoss(beta=cfg.algo.beta, temperature=cfg.algo.temperature, top_k=cfg.algo.top_k)
+    loss = DistillLoss(
+        beta=cfg.algo.beta, temperature=cfg.algo.temperature, top_k=cfg.algo.top_k,
+        compile=cfg.algo.compile,
+    )  # fmt: skip
     step_loss = make_step_loss(ctx.model, teacher, loss, vocab=len(ctx.tokenizer))
     with ctx.progress(total) as bar:
         while ctx.step < total:
