@@ -48,6 +48,9 @@ Divergence = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """(student log-probs, teacher log-probs) over the same buckets -> per-position divergence."""
 
 
+CHUNK_ELEMENTS = 2**26
+"""Logits per model in one chunk of the summed training divergence (rows = this // V)."""
+
 LOG_FLOOR = -1e4
 """Log-probabilities are clamped from below here, so that buckets of zero mass (log 0) add 0,
 with a zero gradient, instead of 0 * inf."""
@@ -153,7 +156,7 @@ class DistillLoss:
     beta: float = 0.5
     temperature: float = 1.0
     top_k: int | None = None
-    compile: bool = False
+    compile: bool = True
 
     def __call__(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
         """The divergence at each position, from logits already divided by the temperature.
@@ -299,7 +302,7 @@ class _FusedJSDSum(torch.autograd.Function):
         n, t = hidden.shape[0], temperature
         per = torch.empty(n, dtype=torch.float32, device=hidden.device)
         grad_h = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device)
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        parts_w: list[torch.Tensor] = []
         for start in range(0, n, chunk_rows):
             rows = slice(start, start + chunk_rows)
             per[rows], grad = chunk(
@@ -309,8 +312,9 @@ class _FusedJSDSum(torch.autograd.Function):
             if need_h:
                 grad_h[rows] = grad @ weight
             if need_w:
-                grad_w.add_(grad.T @ hidden[rows])  # accumulated in fp32
-        ctx.save_for_backward(grad_h if need_h else None, grad_w if need_w else None)
+                parts_w.append(grad.T @ hidden[rows])
+        grad_w = sum_in_fp32(parts_w, weight.dtype) if need_w else None
+        ctx.save_for_backward(grad_h if need_h else None, grad_w)
         ctx.dtypes = hidden.dtype, weight.dtype
         ctx.mark_non_differentiable(per)
         return per.sum(), per
@@ -323,7 +327,7 @@ class _FusedJSDSum(torch.autograd.Function):
         scale = grad_total.float()
         h_dtype, w_dtype = ctx.dtypes
         out_h = (grad_h * scale).to(h_dtype) if grad_h is not None else None
-        out_w = (grad_w * scale).to(w_dtype) if grad_w is not None else None
+        out_w = grad_w * scale.to(w_dtype) if grad_w is not None else None
         return out_h, out_w, None, None, None, None, None, None
 
 
@@ -436,19 +440,24 @@ def distill_divergence_sum(
     teacher_weight: torch.Tensor,
     loss: DistillLoss,
     *,
-    chunk_rows: int = 512,
+    chunk_rows: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The divergence summed over positions (differentiable) and per position (detached).
 
     The training loss of distillation is this sum over a normaliser, so over the whole
     vocabulary it is computed by :class:`_FusedJSDSum`: one pass over each chunk's logits gives
     the value and the gradient, which the backward only scales. With ``top_k`` it is
-    :func:`distill_divergence` summed.
+    :func:`distill_divergence` summed. ``chunk_rows`` None sizes the chunks to
+    ``CHUNK_ELEMENTS`` logits per model (1,365 rows of a 49,152-word vocabulary): compiled, a
+    chunk holds its two logit blocks and its gradient in the compute dtype, and fewer, larger
+    chunks mean fewer partial head gradients to add up.
 
     Shapes:
         as :func:`distill_divergence`; returns () and (N,) fp32.
     """
     teacher_hidden, teacher_weight = teacher_hidden.detach(), teacher_weight.detach()
+    if chunk_rows is None:
+        chunk_rows = max(1, CHUNK_ELEMENTS // weight.shape[0])
     if loss.top_k is None:
         return _FusedJSDSum.apply(
             hidden, weight, teacher_hidden, teacher_weight, loss.beta, loss.temperature,
