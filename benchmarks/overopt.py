@@ -15,7 +15,7 @@
 Figures print as ``BENCH overopt.<name> <value>`` and go with the commands to
 ``benchmarks/results/overopt-<UTC time>.json``.
 
-    python benchmarks/overopt.py [--seeds 0 1 2] [--skip-mitigations]
+    python benchmarks/overopt.py [--seeds 0 1 2] [--skip-mitigations] [--bon-prompts 48]
 """
 
 from __future__ import annotations
@@ -57,11 +57,13 @@ def rl_final_gold(rl: dict[str, Any], budget: int, proxy: str, last: int = 2) ->
     return sum(golds) / len(golds)
 
 
-def default_study(report: common.Reporter, runs: Path) -> Path:
-    """Step 1: the defaults, timed; the shapes of the curves per budget."""
-    run = runs / "default"
+def default_study(report: common.Reporter, runs: Path, prompts: int | None = None) -> Path:
+    """Step 1: the defaults (or ``prompts`` held-out prompts), timed; the curves per budget."""
+    name = "default" if prompts is None else f"prompts{prompts}"
+    run = runs / name
     finished = (run / "overopt.html").exists()  # then the command only reads it back
-    timing = run_command(overopt("--log.run-dir", str(run)), runs / "default.log")
+    extra = [] if prompts is None else ["--bon.prompts", str(prompts)]
+    timing = run_command(overopt("--log.run-dir", str(run), *extra), runs / f"{name}.log")
     stages = json.loads((run / "stages.json").read_text())
     report.details["default_stages_s"] = stages
     wall = sum(stages.values()) if finished else timing["wall_s"]
@@ -137,8 +139,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--skip-mitigations", action="store_true")
+    parser.add_argument("--bon-prompts", type=int, default=None,
+                        help="held-out prompts of best-of-n (default: 24)")  # fmt: skip
     args, runs, report = common.Reporter.start("overopt", parser, argv, "bench_overopt")
-    default_study(report, runs)  # a finished one is read back
+    default_study(report, runs, args.bon_prompts)  # a finished one is read back
     if not args.skip_mitigations:
         mitigation_study(report, runs, args.seeds, str(runs / "default" / "sft" / "final"))
     print("written:", report.write(), flush=True)
