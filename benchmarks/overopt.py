@@ -92,24 +92,32 @@ def default_study(report: common.Reporter, runs: Path, prompts: int | None = Non
     return run
 
 
-def mitigation_study(report: common.Reporter, runs: Path, seeds: list[int], policy: str) -> None:
-    """Step 2: ensembles and WARM against the single proxy, over seeds."""
-    diffs: dict[str, dict[str, list[float]]] = {m: {"bon": [], "rl": []} for m in MITIGATIONS}
+def mitigation_study(
+    report: common.Reporter, runs: Path, seeds: list[int], policy: str, cache: Path,
+    prompts: int | None = None, independent: bool = False,
+) -> None:  # fmt: skip
+    """Step 2: ensembles and WARM against the single proxy, over seeds.
+
+    ``independent``: the members are initialised with their own seeds (no WARM, which needs one
+    initialisation), in ``mitigations-independent-s<seed>``.
+    """
+    mitigations = tuple(m for m in MITIGATIONS if not (independent and m == "warm"))
+    diffs: dict[str, dict[str, list[float]]] = {m: {"bon": [], "rl": []} for m in mitigations}
     warm_minus_members: list[float] = []
+    extra = [] if prompts is None else ["--bon.prompts", str(prompts)]
     for seed in seeds:
-        run = runs / f"mitigations-s{seed}"
+        run = runs / f"mitigations{'-independent' if independent else ''}-s{seed}"
         command = overopt(
             "--policy", policy, "--seed", str(seed), "--proxies.budgets", "64",
-            "--proxies.ensemble", "3", "--proxies.warm", "True", "--rl-on", "single",
-            *MITIGATIONS, "--cache-dir", str(runs / "default" / "cache"),
-            "--log.run-dir", str(run),
+            "--proxies.ensemble", "3", "--proxies.warm", str(not independent), "--rl-on",
+            "single", *mitigations, "--cache-dir", str(cache), "--log.run-dir", str(run), *extra,
         )  # fmt: skip
-        timing = run_command(command, runs / f"mitigations-s{seed}.log")
+        timing = run_command(command, run.with_suffix(".log"))
         report.figure(f"mitigations.s{seed}.wall_s", timing["wall_s"])
         bon, rl = read(run)
         single_bon = curve(bon, 64, "single")["points"][-1]["gold"]
         single_rl = rl_final_gold(rl, 64, "single")
-        for m in MITIGATIONS:
+        for m in mitigations:
             diffs[m]["bon"].append(curve(bon, 64, m)["points"][-1]["gold"] - single_bon)
             diffs[m]["rl"].append(rl_final_gold(rl, 64, m) - single_rl)
             name = f"mitigations.s{seed}.{m}"
@@ -118,11 +126,12 @@ def mitigation_study(report: common.Reporter, runs: Path, seeds: list[int], poli
         report.figure(f"mitigations.s{seed}.single.bon_gold_nmax", single_bon)
         report.figure(f"mitigations.s{seed}.single.rl_gold_final", single_rl)
         accuracy = bon["heldout_accuracy"]
-        members = [accuracy[f"b64-s{k}"]["all"] for k in range(3)]
-        report.figure(f"mitigations.s{seed}.warm_accuracy", accuracy["b64-warm"]["all"])
-        report.figure(f"mitigations.s{seed}.members_mean_accuracy", sum(members) / 3)
-        warm_minus_members.append(accuracy["b64-warm"]["all"] - sum(members) / 3)
-    for m in MITIGATIONS:
+        members = [accuracy[name]["all"] for name in accuracy if name != "b64-warm"]
+        report.figure(f"mitigations.s{seed}.members_mean_accuracy", sum(members) / len(members))
+        if "b64-warm" in accuracy:
+            report.figure(f"mitigations.s{seed}.warm_accuracy", accuracy["b64-warm"]["all"])
+            warm_minus_members.append(accuracy["b64-warm"]["all"] - sum(members) / len(members))
+    for m in mitigations:
         for kind in ("bon", "rl"):
             values = diffs[m][kind]
             if len(values) > 1:
@@ -131,7 +140,8 @@ def mitigation_study(report: common.Reporter, runs: Path, seeds: list[int], poli
                     report.figure(f"{m}_minus_single.{kind}.{key}", interval[key])
             else:
                 report.figure(f"{m}_minus_single.{kind}.mean", values[0])
-    report.figure("warm_minus_members_mean", sum(warm_minus_members) / len(warm_minus_members))
+    if warm_minus_members:
+        report.figure("warm_minus_members_mean", sum(warm_minus_members) / len(warm_minus_members))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -139,12 +149,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--skip-mitigations", action="store_true")
+    parser.add_argument("--independent", action="store_true",
+                        help="ensemble members of their own initialisations")  # fmt: skip
     parser.add_argument("--bon-prompts", type=int, default=None,
                         help="held-out prompts of best-of-n (default: 24)")  # fmt: skip
     args, runs, report = common.Reporter.start("overopt", parser, argv, "bench_overopt")
-    default_study(report, runs, args.bon_prompts)  # a finished one is read back
+    run = default_study(report, runs, args.bon_prompts)  # a finished one is read back
     if not args.skip_mitigations:
-        mitigation_study(report, runs, args.seeds, str(runs / "default" / "sft" / "final"))
+        mitigation_study(report, runs, args.seeds, str(run / "sft" / "final"), run / "cache",
+                         args.bon_prompts, args.independent)  # fmt: skip
     print("written:", report.write(), flush=True)
 
 
