@@ -182,28 +182,6 @@ class DistillLoss:
         return self(_at_least_fp32(student_logits) / t, _at_least_fp32(teacher_logits.detach()) / t)
 
 
-def _jsd_logit_grad(student: torch.Tensor, teacher: torch.Tensor, beta: float) -> torch.Tensor:
-    """The gradient of JSD_beta with respect to the student's logits z.
-
-    With Q = softmax(z), P the teacher and M the mixture, d JSD / d Q_v = (1 - beta)
-    (log Q_v - log M_v) (the other terms cancel), and through the softmax d / d z =
-    Q (g - sum_v Q_v g_v). beta = 1 (M = P) gives the reverse KL's gradient; beta = 0 is
-    defined as the forward KL, whose gradient is Q - P.
-
-    Shapes:
-        student, teacher: (n, V) log-probs; returns (n, V) fp32.
-    """
-    q = student.exp()
-    if beta == 0.0:
-        return q - teacher.exp()
-    if beta == 1.0:
-        r = student - teacher
-    else:
-        r = student - torch.logaddexp(teacher + math.log(beta), student + math.log1p(-beta))
-        r.mul_(1.0 - beta)
-    return q * (r - (q * r).sum(-1, keepdim=True))
-
-
 def _log_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """Log softmax(logits / temperature) in at least fp32, upcast inside the softmax kernel.
 
@@ -225,11 +203,11 @@ def _jsd_value_and_grad(
     With s, t the log-probabilities and Q = exp(s), P = exp(t) the probabilities of the student
     and the teacher, M = beta P + (1 - beta) Q is formed in probability space (one logarithm
     where logaddexp of the log-probabilities takes two transcendental passes) and
-    r = (1 - beta)(s - log M). Then JSD_beta = beta sum_v P (t - log M) + sum_v Q r and the
-    gradient is Q (r - sum_v Q r) (:func:`_jsd_logit_grad`). beta = 0 is the forward KL
-    (gradient Q - P), beta = 1 the reverse KL (r = s - t). The values equal
-    :func:`generalized_jsd`'s; log M is floored at ``LOG_FLOOR`` where both distributions
-    underflow (those terms carry no mass).
+    r = (1 - beta)(s - log M). Then JSD_beta = beta sum_v P (t - log M) + sum_v Q r, and since
+    d JSD / d Q_v = r_v (the other terms cancel), through the softmax the gradient is
+    Q (r - sum_v Q r). beta = 0 is the forward KL (gradient Q - P), beta = 1 the reverse KL
+    (r = s - t). The values equal :func:`generalized_jsd`'s; log M is floored at ``LOG_FLOOR``
+    where both distributions underflow (those terms carry no mass).
 
     Shapes:
         student_logits, teacher_logits: (n, V), any float dtype; returns (n,) and (n, V) in
@@ -280,9 +258,8 @@ class _FusedJSDSum(torch.autograd.Function):
     has a gradient known up to one scalar before the backward starts. So each chunk's two logit
     blocks are computed once: the value and the closed-form gradient come from the same
     log-probabilities, and the gradients of the student's hidden states and head go straight
-    into (N, H) and (V, H) buffers. The backward only scales them by the upstream scalar. Half
-    the head matmuls and elementwise passes of :class:`_FusedJSD`, which must recompute the
-    logits in its backward.
+    into (N, H) and (V, H) buffers. The backward only scales them by the upstream scalar: half
+    the head matmuls of a checkpointed chunk, which recomputes its logits in the backward.
     """
 
     @staticmethod
@@ -301,7 +278,7 @@ class _FusedJSDSum(torch.autograd.Function):
         chunk = jsd_chunk_compiled if compile_ else jsd_chunk
         n, t = hidden.shape[0], temperature
         per = torch.empty(n, dtype=torch.float32, device=hidden.device)
-        grad_h = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device)
+        grad_h = hidden.new_empty(hidden.shape, dtype=torch.float32) if need_h else None
         parts_w: list[torch.Tensor] = []
         for start in range(0, n, chunk_rows):
             rows = slice(start, start + chunk_rows)
@@ -314,7 +291,7 @@ class _FusedJSDSum(torch.autograd.Function):
             if need_w:
                 parts_w.append(grad.T @ hidden[rows])
         grad_w = sum_in_fp32(parts_w, weight.dtype) if need_w else None
-        ctx.save_for_backward(grad_h if need_h else None, grad_w)
+        ctx.save_for_backward(grad_h, grad_w)
         ctx.dtypes = hidden.dtype, weight.dtype
         ctx.mark_non_differentiable(per)
         return per.sum(), per
@@ -331,75 +308,6 @@ class _FusedJSDSum(torch.autograd.Function):
         return out_h, out_w, None, None, None, None, None, None
 
 
-class _FusedJSD(torch.autograd.Function):
-    """Chunked head matmuls + fp32 divergence, with the gradient in closed form.
-
-    The forward keeps no (tokens x vocabulary) block; the backward recomputes each chunk's two
-    logit blocks and applies :func:`_jsd_logit_grad` (no autograd graph of the elementwise
-    work, which a checkpointed chunk would rebuild and run).
-    """
-
-    @staticmethod
-    def forward(
-        ctx: torch.autograd.function.FunctionCtx,
-        hidden: torch.Tensor,
-        weight: torch.Tensor,
-        teacher_hidden: torch.Tensor,
-        teacher_weight: torch.Tensor,
-        beta: float,
-        temperature: float,
-        chunk_rows: int,
-    ) -> torch.Tensor:
-        n = hidden.shape[0]
-        out = torch.empty(n, dtype=torch.float32, device=hidden.device)
-        for start in range(0, n, chunk_rows):
-            rows = slice(start, start + chunk_rows)
-            student, teacher = _chunk_logprobs(
-                hidden[rows], weight, teacher_hidden[rows], teacher_weight, temperature
-            )
-            out[rows] = generalized_jsd(student, teacher, beta) * temperature**2
-        ctx.save_for_backward(hidden, weight, teacher_hidden, teacher_weight)
-        ctx.beta, ctx.temperature, ctx.chunk_rows = beta, temperature, chunk_rows
-        return out
-
-    @staticmethod
-    def backward(
-        ctx: torch.autograd.function.FunctionCtx, grad_out: torch.Tensor
-    ) -> tuple[torch.Tensor | None, ...]:
-        hidden, weight, teacher_hidden, teacher_weight = ctx.saved_tensors
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_h = torch.empty_like(hidden) if need_h else None
-        parts_w: list[torch.Tensor] = []
-        t = ctx.temperature
-        for start in range(0, hidden.shape[0], ctx.chunk_rows):
-            rows = slice(start, start + ctx.chunk_rows)
-            student, teacher = _chunk_logprobs(
-                hidden[rows], weight, teacher_hidden[rows], teacher_weight, t
-            )
-            # d (t^2 D(z / t)) / d z = t * dD/d(z / t), times the upstream gradient
-            grad = _jsd_logit_grad(student, teacher, ctx.beta)
-            grad = grad.mul_(grad_out[rows, None].float() * t).to(hidden.dtype)
-            if need_h:
-                grad_h[rows] = grad @ weight
-            if need_w:
-                parts_w.append(grad.T @ hidden[rows])
-        grad_w = sum_in_fp32(parts_w, weight.dtype) if need_w else None
-        return grad_h, grad_w, None, None, None, None, None
-
-
-def _chunk_logprobs(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    teacher_hidden: torch.Tensor,
-    teacher_weight: torch.Tensor,
-    temperature: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 log-softmax of both models' logits / temperature for one chunk of rows."""
-    student = (hidden @ weight.T).float().div_(temperature)
-    teacher = (teacher_hidden @ teacher_weight.T).float().div_(temperature)
-    return F.log_softmax(student, dim=-1), F.log_softmax(teacher, dim=-1)
-
-
 def distill_divergence(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -411,22 +319,17 @@ def distill_divergence(
 ) -> torch.Tensor:
     """Per-position divergence from both models' final hidden states and output heads.
 
-    Fused with the heads: each chunk of rows gets its two (rows, V) logit blocks and its
-    divergence; the backward recomputes them, so memory holds one chunk of logits per model.
-    Over the whole vocabulary the gradient is in closed form (:func:`_jsd_logit_grad`); with
-    ``top_k`` each chunk is checkpointed and differentiated by autograd. Gradients reach the
-    student's ``hidden`` and ``weight`` only.
+    Each chunk of rows gets its two (rows, V) logit blocks and its divergence, checkpointed
+    (the backward recomputes them and differentiates by autograd), so memory holds one chunk of
+    logits per model. Gradients reach the student's ``hidden`` and ``weight`` only. For a
+    per-token value with its own gradient (weights per position, say); the training loss, a sum,
+    is :func:`distill_divergence_sum`, which this function is the autograd reference of.
 
     Shapes:
         hidden: (N, H); weight: (V, H); teacher_hidden: (N, H'); teacher_weight: (V, H');
         returns (N,) fp32.
     """
     teacher_hidden, teacher_weight = teacher_hidden.detach(), teacher_weight.detach()
-    if loss.top_k is None:
-        return _FusedJSD.apply(
-            hidden, weight, teacher_hidden, teacher_weight, loss.beta, loss.temperature,
-            chunk_rows,
-        )  # fmt: skip
     return linear_divergence(
         hidden, weight, teacher_hidden, teacher_weight, loss,
         temperature=loss.temperature, chunk_rows=chunk_rows,
