@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -117,10 +118,16 @@ def test_the_filtered_heldout_auroc_uses_only_the_answers_the_filter_keeps():
                ans("negative", 1.0)]  # fmt: skip
     acts = torch.tensor([3.0, -1.0, 0.0, 5.0]).view(4, 1, 1)
     vectors = torch.ones(1, 1)
+
+    def aurocs(filter_: str) -> list[float]:
+        kept = [persona._kept(answers, side, filter_) for side in ("positive", "negative")]
+        return persona.heldout_aurocs(acts, vectors, *kept)
+
     # kept: the eliciting answer with the trait (3.0) against the suppressing one without (0.0)
-    assert persona.heldout_aurocs(acts, vectors, answers, "markers") == [1.0]
+    assert aurocs("markers") == [1.0]
     # all answers by system prompt: {3, -1} against {0, 5}: 1 of 4 pairs ordered right
-    assert persona.heldout_aurocs(acts, vectors, answers, "none") == [0.25]
+    assert aurocs("none") == [0.25]
+    assert math.isnan(persona.heldout_aurocs(acts, vectors, [0], [])[0])  # an empty side
 
 
 @pytest.mark.parametrize(

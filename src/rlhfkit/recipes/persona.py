@@ -179,28 +179,25 @@ def _kept(answers: list[Answer], side: str, filter_: str) -> list[int]:
             if a.side == side and (filter_ == "none" or keep(a.score))]  # fmt: skip
 
 
-def heldout_aurocs(acts: torch.Tensor, vectors: torch.Tensor, answers: list[Answer],
-                   filter_: str) -> list[float]:  # fmt: skip
-    """Per layer, the AUROC of the projections separating eliciting from suppressing answers.
-
-    The answers of each side are the ones the extraction's filter keeps (with ``filter_``
-    "markers": eliciting answers that show the trait against suppressing ones that do not, as
-    the trait's scorer judges them; with "none": every answer, labelled by its system prompt).
+def heldout_aurocs(acts: torch.Tensor, vectors: torch.Tensor, positive: list[int],
+                   negative: list[int]) -> list[float]:  # fmt: skip
+    """Per layer, the AUROC of the projections separating two sets of answers.
 
     Args:
-        acts: (N, L, D) response-averaged activations of ``answers``.
+        acts: (N, L, D) response-averaged activations.
         vectors: (L, D) the vector of each layer.
-        answers: the N answers.
-        filter_: "markers" or "none".
+        positive: indices into ``acts`` of the eliciting answers compared (those the filter
+            kept, or all of that side).
+        negative: the same for the suppressing answers.
 
     Returns:
-        L AUROCs (nan where a side kept no answer).
+        L AUROCs (nan where a side is empty).
     """
-    pos, neg = _kept(answers, "positive", filter_), _kept(answers, "negative", filter_)
     out = []
     for i in range(vectors.shape[0]):
         proj = project(acts[:, i], vectors[i])
-        out.append(auroc(proj[pos].tolist(), proj[neg].tolist()) if pos and neg else math.nan)
+        out.append(auroc(proj[positive].tolist(), proj[negative].tolist())
+                   if positive and negative else math.nan)  # fmt: skip
     return out
 
 
@@ -241,9 +238,10 @@ def extract(cfg: PersonaExtractConfig) -> dict[str, Any]:
     layer = max(range(n_layers), key=sep.__getitem__)
     held = both_sides(trait.heldout_questions)
     held_acts = activations(model, held, cfg.batch_size, pad)["response"]
-    aurocs = heldout_aurocs(held_acts, vectors["response"], held, cfg.filter)
-    all_aurocs = heldout_aurocs(held_acts, vectors["response"], held, "none")
     held_pos, held_neg = _kept(held, "positive", cfg.filter), _kept(held, "negative", cfg.filter)
+    aurocs = heldout_aurocs(held_acts, vectors["response"], held_pos, held_neg)
+    all_aurocs = heldout_aurocs(held_acts, vectors["response"], _kept(held, "positive", "none"),
+                                _kept(held, "negative", "none"))  # fmt: skip
     save_file({v: t.contiguous() for v, t in vectors.items()}, str(out / "vectors.safetensors"))
     summary = {
         "trait": trait.name, "trait_source": cfg.trait, "model": cfg.model.name, "layer": layer,
