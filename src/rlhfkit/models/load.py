@@ -31,6 +31,7 @@ from rlhfkit.data.templates import CHATML_TEMPLATE
 from rlhfkit.errors import ConfigError
 from rlhfkit.models.attention import VARLEN_SDPA
 from rlhfkit.models.embedded import EMBEDDED_NAME, embedded_model_dir
+from rlhfkit.models.fused import FuseMode, fuse_norms
 from rlhfkit.validation import model_path_problem
 
 log = logging.getLogger(__name__)
@@ -182,6 +183,7 @@ def load_model(
     num_labels: int = 1,
     pad_token_id: int | None = None,
     keep_layers: Sequence[int] | None = None,
+    fuse: FuseMode = "auto",
 ) -> PreTrainedModel:
     """Load a causal LM (or a scalar-head model on its backbone) by id, directory or name.
 
@@ -199,6 +201,8 @@ def load_model(
             non-pad token).
         keep_layers: Keep only these decoder layers, in this order (:func:`keep_layers`;
             None: all).
+        fuse: Compile the RMSNorm layers into fused kernels (:func:`fuse_norms`): ``auto``
+            (hidden sizes of at least 256), ``on`` or ``off``.
     """
     if task not in TASKS:
         raise ValueError(f"unknown model task {task!r}; use one of {', '.join(TASKS)}")
@@ -211,12 +215,14 @@ def load_model(
         attn_implementation=attn_implementation,
         trust_remote_code=trust_remote_code,
         local_files_only=local_only,
+        use_kernels=False,  # transformers' hub kernels: downloaded code, re-applied on train()
         **extra,
     )
     if task == "score" and pad_token_id is not None:
         model.config.pad_token_id = pad_token_id
     if keep_layers is not None:
         keep_layers_of(model, keep_layers)
+    fuse_norms(model, fuse)
     return model.to(device)
 
 

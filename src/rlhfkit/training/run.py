@@ -96,6 +96,7 @@ def build_run(
         "num_labels": num_labels,
         "pad_token_id": tokenizer.pad_token_id if task == "score" else None,
         "keep_layers": model_cfg.keep_layers,
+        "fuse": model_cfg.fuse,
     }
     model = load_model(model_cfg.name, dtype=torch.float32, **load_kwargs)
     if model_cfg.gradient_checkpointing:
