@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
+from rlhfkit.models import fused as fused_module
 from rlhfkit.models.fused import FUSE_MIN_HIDDEN, fuse_norms
 from rlhfkit.models.load import load_model
 from rlhfkit.models.tiny import save_tiny_model
@@ -61,7 +62,8 @@ def _patched(model: nn.Module) -> int:
     return sum("forward" in vars(m) for m in model.modules())
 
 
-def test_fused_model_computes_the_same_logits_and_stays_fused(tiny_dir):
+def test_fused_model_computes_the_same_logits_and_stays_fused(tiny_dir, monkeypatch):
+    monkeypatch.setattr(fused_module, "FUSE_MIN_ELEMENTS", 0)  # compiled even at this size
     ids = torch.tensor([[5, 17, 99, 3, 42, 8]])
     plain = load_model(str(tiny_dir), fuse="off").eval()
     fused = load_model(str(tiny_dir), fuse="on")

@@ -29,9 +29,16 @@ FUSE_MIN_HIDDEN = 256
 models are 32-64, where compiling would cost more than it saves)."""
 
 
+FUSE_MIN_ELEMENTS = 1 << 17
+"""Inputs with fewer elements run the eager formula: for a decode step (64 rows x 576) the
+compiled call's fixed cost exceeds the eight small operators it replaces (490 against 512
+tokens/s sampling 64 x 64 tokens on the embedded model, Intel Xeon with AMX)."""
+
+
 def _fused_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
     """The patched forward of an RMSNorm module (bound to it with ``types.MethodType``)."""
-    return rms_norm_compiled(hidden_states, self.weight, self.variance_epsilon)
+    norm = rms_norm_compiled if hidden_states.numel() >= FUSE_MIN_ELEMENTS else rms_norm
+    return norm(hidden_states, self.weight, self.variance_epsilon)
 
 
 def _is_plain_rms_norm(module: nn.Module) -> bool:
