@@ -134,7 +134,9 @@ def test_ppo_raises_a_reward_models_score_at_a_bounded_kl(
     rewards = [m["rollout/reward"] for m in metrics]
     assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.1
     kl = [m["train/kl_per_token"] for m in metrics]
-    assert all(0 <= k < 5 for k in kl)
+    # the logged KL is the sampled-token estimate mean(log pi - log ref) (k1): its expectation
+    # is >= 0, but one batch's mean may dip just below 0 while the policy is near the reference
+    assert all(-0.05 < k < 5 for k in kl)
 
 
 def test_dapo_dynamic_sampling_refills_with_informative_groups(tiny_model_dir, task, tmp_path):
