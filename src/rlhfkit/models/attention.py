@@ -36,7 +36,10 @@ layer), and the explicit form beats the math kernel by about 28% forward + backw
 120-token document with a 24-token context, 9 query / 3 key-value heads: 1.07 ms against
 1.49 ms): no key/value repeat for grouped-query heads and no fully-masked-row guard, which
 cannot fire here (every query sees at least itself). Memory is O(L^2) per head, small at these
-lengths."""
+lengths. Forwards without gradients take the same path, although the flash kernel would be
+faster there (2.3 against 5.8 ms per layer for 16 documents of 50-135 tokens): reference and
+old-policy log-probabilities must be computed exactly as the trained policy's are, so that a
+policy equal to its reference has a KL of exactly 0 and importance ratios of exactly 1."""
 
 
 def doc_attention(
