@@ -11,6 +11,11 @@ the test does not depend on where the recipe modules live nor on the name of the
 GRPO keeps its KL in the loss (k3, coefficient 0.04). Each GRPO step is logged; PPO (4 epochs
 per rollout, critic from the policy's weights) logs once per rollout batch, so its three
 records are optimiser steps 4, 8 and 12. The first DPO step is log 2 (policy = reference).
+
+The PPO values were recorded again when the head's weight gradient became D^T (g h) instead of
+(g D)^T h (the same sum, rounded in another order; ``rlhfkit.ops.logprobs``): rewards and clip
+fractions are unchanged, losses and norms moved by at most 3e-5 relative (the first record
+already follows three updates). GRPO and DPO kept their values.
 """
 
 from __future__ import annotations
@@ -37,13 +42,13 @@ GOLDEN: dict[str, dict[str, list[float]]] = {
         "rollout/advantage_std": [0.8912001107303946, 0.7722966519875731, 0.8910766365570825],
     },
     "ppo": {
-        "train/loss": [-0.04605093598365784, -0.12403810769319534, -0.10958196222782135],
-        "critic/value_loss": [0.01325333739320437, 0.014138270169496536, 0.015899331619342167],
-        "train/grad_norm": [0.7361119389533997, 0.1313067376613617, 0.12740401923656464],
-        "train/grad_norm/critic": [0.2837117314338684, 0.19185230135917664, 0.3145495355129242],
+        "train/loss": [-0.04605234041810036, -0.12403789907693863, -0.10958211869001389],
+        "critic/value_loss": [0.01325333739320437, 0.014138291279474894, 0.01589932789405187],
+        "train/grad_norm": [0.7361106872558594, 0.1313076764345169, 0.12740348279476166],
+        "train/grad_norm/critic": [0.2837117314338684, 0.19185307621955872, 0.3145498037338257],
         "train/clip_frac": [0.4635416666666667, 0.8125, 0.7760416666666666],
         "rollout/reward": [0.023149793292456335, 0.04471238186263341, 0.049781199246659774],
-        "rollout/advantage_std": [0.17852021406685653, 0.30355729731806685, 0.4537743960514864],
+        "rollout/advantage_std": [0.17852021406685653, 0.3035574524509292, 0.45377400066391227],
     },
     "dpo": {
         "train/loss": [0.6931471824645996, 0.439889132976532, 0.34544259309768677],
