@@ -50,7 +50,7 @@ PACK_BUCKET = 64
 """Packed rows run padded to a multiple of this many tokens (:func:`bucketed`)."""
 
 
-def bucketed(inputs: dict[str, Any]) -> tuple[dict[str, Any], int]:
+def bucketed(inputs: dict[str, Any]) -> tuple[dict[str, Any], int | None]:
     """A packed row's model inputs padded with one dummy document to a multiple of PACK_BUCKET.
 
     On CPU, oneDNN generates a matmul kernel for every new shape, and a packed row's length
@@ -63,15 +63,15 @@ def bucketed(inputs: dict[str, Any]) -> tuple[dict[str, Any], int]:
 
     Returns:
         The inputs (unchanged for padded batches, or when the row is already a multiple) and
-        the row's own length.
+        the row's own length (None when the inputs are not token ids).
 
     Shapes:
         input_ids, position_ids: (1, N) -> (1, N + P).
     """
-    ids, n = inputs.get("input_ids"), int(inputs["position_ids"].shape[-1])
-    cu = inputs.get("cu_seq_lens_q")
-    pad = -n % PACK_BUCKET
-    if cu is None or ids is None or "attention_mask" in inputs or not pad:
+    ids, cu = inputs.get("input_ids"), inputs.get("cu_seq_lens_q")
+    n = None if ids is None else int(ids.shape[-1])
+    pad = 0 if n is None else -n % PACK_BUCKET
+    if cu is None or "position_ids" not in inputs or "attention_mask" in inputs or not pad:
         return inputs, n
     filler = torch.arange(pad, device=ids.device)[None]  # (1, P)
     out = dict(inputs)
@@ -79,7 +79,7 @@ def bucketed(inputs: dict[str, Any]) -> tuple[dict[str, Any], int]:
     positions = inputs["position_ids"]
     out["position_ids"] = torch.cat([positions, filler.to(positions.dtype)], dim=1)
     out["cu_seq_lens_q"] = out["cu_seq_lens_k"] = torch.cat([cu, cu.new_tensor([n + pad])])
-    out["max_length_q"] = out["max_length_k"] = max(int(inputs["max_length_q"]), pad)
+    out["max_length_q"] = out["max_length_k"] = max(int(inputs.get("max_length_q", 0)), pad)
     if "doc_masks" in inputs:
         out["doc_masks"] = [*inputs["doc_masks"], None]
     return out, n
