@@ -5,12 +5,30 @@ from __future__ import annotations
 import json
 import os
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
 from rlhfkit.models.tiny import tiny_model, tiny_tokenizer
+
+# torch.compile is off for the suite (here and, through the environment, in the processes tests
+# spawn): every compiled kernel (fused RMSNorm, the log-softmax and JSD chunks) is tested against
+# its eager twin by the tests that take the ``compiled_kernels`` fixture; elsewhere compiling
+# would add seconds per process and dtype and test nothing more.
+os.environ["TORCH_COMPILE_DISABLE"] = "1"
+import torch._dynamo
+
+torch._dynamo.config.disable = True
+
+
+@pytest.fixture
+def compiled_kernels() -> Iterator[None]:
+    """torch.compile on for this test (the suite runs with it off)."""
+    with torch._dynamo.config.patch(disable=False):
+        yield
+
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # One intra-op thread per xdist worker: two workers x two OpenMP threads on two cores make

@@ -193,7 +193,7 @@ def test_value_and_gradient_in_one_pass_equal_the_divergence_and_its_autograd_gr
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
-def test_the_compiled_chunk_equals_its_eager_twin(beta):
+def test_the_compiled_chunk_equals_its_eager_twin(beta, compiled_kernels):
     """torch.compile's fused chunk gives the eager values and gradients (fp32, a few rows of a
     small vocabulary, temperature 1.5, bf16 gradients as in training)."""
     gen = torch.Generator().manual_seed(20)

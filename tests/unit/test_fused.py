@@ -38,7 +38,7 @@ def test_rms_norm_closed_form():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_compiled_twin_equals_eager_in_value_and_gradient(dtype):
+def test_compiled_twin_equals_eager_in_value_and_gradient(dtype, compiled_kernels):
     x, w = _inputs(dtype)
     upstream = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
     results = []
@@ -62,7 +62,9 @@ def _patched(model: nn.Module) -> int:
     return sum("forward" in vars(m) for m in model.modules())
 
 
-def test_fused_model_computes_the_same_logits_and_stays_fused(tiny_dir, monkeypatch):
+def test_fused_model_computes_the_same_logits_and_stays_fused(
+    tiny_dir, monkeypatch, compiled_kernels
+):
     monkeypatch.setattr(fused_module, "FUSE_MIN_ELEMENTS", 0)  # compiled even at this size
     ids = torch.tensor([[5, 17, 99, 3, 42, 8]])
     plain = load_model(str(tiny_dir), fuse="off").eval()

@@ -265,7 +265,7 @@ def test_chunk_gradient_is_the_derivative_of_the_chunk_value(temperature):
 
 @pytest.mark.parametrize("store_bytes", [0, 1 << 28], ids=["recompute", "keep"])
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
-def test_compiled_chunks_equal_reference_fp32(store_bytes, temperature):
+def test_compiled_chunks_equal_reference_fp32(store_bytes, temperature, compiled_kernels):
     """The compiled twins (forced on a small vocabulary) against the fp64 reference."""
     hidden, weight, targets, upstream = make_inputs(seed=5, scale=3.0)
     ref_lp, ref_gh, ref_gw = reference(hidden, weight, targets, upstream, temperature)
@@ -282,7 +282,7 @@ def test_compiled_chunks_equal_reference_fp32(store_bytes, temperature):
     torch.testing.assert_close(nograd.double(), ref_lp, atol=1e-5, rtol=1e-5)
 
 
-def test_compiled_and_eager_chunks_agree_in_bf16():
+def test_compiled_and_eager_chunks_agree_in_bf16(compiled_kernels):
     hidden, weight, targets, upstream = make_inputs(seed=6, scale=3.0)
     bf = hidden.bfloat16(), weight.bfloat16(), targets, upstream.float()
     eager = run_op(*bf, chunk_rows=4, compile=False)
