@@ -25,6 +25,8 @@ backward recomputes each chunk's logits and D instead.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -123,6 +125,17 @@ def _chunk_fns(
     )
 
 
+def _chunk_values(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, rows: int, value_fn: Any
+) -> torch.Tensor:
+    """Log-probabilities only, ``rows`` positions at a time. Shapes: returns (N,) fp32."""
+    out = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
+    for start in range(0, hidden.shape[0], rows):
+        part = slice(start, start + rows)
+        out[part] = value_fn(hidden[part] @ weight.T, targets[part])
+    return out
+
+
 class _LinearLogprobs(torch.autograd.Function):
     """Chunked head matmul + fp32 log-softmax + gather.
 
@@ -147,16 +160,15 @@ class _LinearLogprobs(torch.autograd.Function):
             min(n, chunk_rows) * vocab, compile_, temperature, hidden.device
         )
         keep = (need_h or need_w) and n * vocab * hidden.element_size() <= store_bytes
-        logprobs = torch.empty(n, dtype=torch.float32, device=hidden.device)
         dh = hidden.new_empty(hidden.shape, dtype=torch.float32) if keep and need_h else None
         ctx.kept = []  # D per chunk, (n_c, V) in the hidden states' dtype
-        for start in range(0, n, chunk_rows):
+        if not keep:  # the backward recomputes each chunk
+            logprobs = _chunk_values(hidden, weight, targets, chunk_rows, value_fn)
+        else:
+            logprobs = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        for start in range(0, n if keep else 0, chunk_rows):
             rows = slice(start, start + chunk_rows)
-            logits = hidden[rows] @ weight.T  # (n_c, V)
-            if not keep:
-                logprobs[rows] = value_fn(logits, targets[rows])
-                continue
-            logprobs[rows], d = grad_fn(logits, targets[rows], hidden.dtype)
+            logprobs[rows], d = grad_fn(hidden[rows] @ weight.T, targets[rows], hidden.dtype)
             if need_h:
                 dh[rows] = d @ weight  # W^T D_i, (n_c, H)
             if need_w:
@@ -245,11 +257,7 @@ def linear_logprobs(
         )
     elements = min(hidden.shape[0], rows) * weight.shape[0]
     value_fn, _ = _chunk_fns(elements, compile, temperature, hidden.device)
-    out = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
-    for start in range(0, hidden.shape[0], rows):
-        part = slice(start, start + rows)
-        out[part] = value_fn(hidden[part] @ weight.T, targets[part])
-    return out
+    return _chunk_values(hidden, weight, targets, rows, value_fn)
 
 
 def naive_linear_logprobs(
