@@ -181,9 +181,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--half-prompts", type=int, default=2000, help="teacher answers for half")
     parser.add_argument("--half-epochs", type=float, default=3.0, help="SFT epochs of half")
     parser.add_argument("--half-lr", type=float, default=2e-4, help="SFT learning rate of half")
-    parser.add_argument(
-        "--methods", nargs="+", default=["opd", "grpo", "grpo_wall", "seqkd", "opd_half", "half"]
-    )
+    methods = ["opd", "grpo", "grpo_wall", "seqkd", "opd_half", "half"]
+    parser.add_argument("--methods", nargs="+", choices=methods, default=methods)
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--run-dir", type=Path, default=ROOT / "runs" / "distill_arithmetic")
     args = parser.parse_args(argv)
