@@ -87,11 +87,8 @@ def doc_attention(
     return out.view(b, heads, lq, d)
 
 
-def _backends(query: torch.Tensor, longest: int) -> list[SDPBackend]:
-    """Kernel preference for one packed row (every kernel computes the same function)."""
-    if query.device.type == "cpu" and longest <= MATH_MAX_LEN:
-        return [SDPBackend.MATH]
-    return [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+"""sdpa's kernels in order of preference (every kernel computes the same function)."""
 
 
 def varlen_sdpa_attention(
@@ -159,7 +156,7 @@ def varlen_sdpa_attention(
             for (q, k, v), m in zip(pieces, masks, strict=True)
         ]  # each (1, H, L_d, D)
     else:
-        with sdpa_kernel(_backends(query, longest)):
+        with sdpa_kernel(BACKENDS):
             outputs = [
                 F.scaled_dot_product_attention(
                     q,

@@ -166,13 +166,13 @@ class _LinearLogprobs(torch.autograd.Function):
             logprobs = _chunk_values(hidden, weight, targets, chunk_rows, value_fn)
         else:
             logprobs = torch.empty(n, dtype=torch.float32, device=hidden.device)
-        for start in range(0, n if keep else 0, chunk_rows):
-            rows = slice(start, start + chunk_rows)
-            logprobs[rows], d = grad_fn(hidden[rows] @ weight.T, targets[rows], hidden.dtype)
-            if need_h:
-                dh[rows] = d @ weight  # W^T D_i, (n_c, H)
-            if need_w:
-                ctx.kept.append(d)
+            for start in range(0, n, chunk_rows):
+                rows = slice(start, start + chunk_rows)
+                logprobs[rows], d = grad_fn(hidden[rows] @ weight.T, targets[rows], hidden.dtype)
+                if need_h:
+                    dh[rows] = d @ weight  # W^T D_i, (n_c, H)
+                if need_w:
+                    ctx.kept.append(d)
         ctx.save_for_backward(hidden, weight, targets, dh)
         ctx.settings = chunk_rows, keep, grad_fn
         return logprobs
