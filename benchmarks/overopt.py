@@ -10,7 +10,9 @@
    uncertainty-weighted mean (``uwo``) and their WARM average, with best-of-n and GRPO against
    the single proxy and against each mitigation. Reported per mitigation: the gold reward at
    n = 64 and at the end of RL minus the single proxy's, with a 95% interval over seeds, and
-   WARM's held-out accuracy against the mean of its members'.
+   WARM's held-out accuracy against the mean of its members'. The end of RL is read two ways:
+   the rollouts of the last 8 steps (training prompts) and the final policy's samples of the
+   held-out best-of-n prompts (``rl_heldout``, the same test set for every run).
 
 Figures print as ``BENCH overopt.<name> <value>`` and go with the commands to
 ``benchmarks/results/overopt-<UTC time>.json``.
@@ -30,6 +32,7 @@ from typing import Any
 import common
 from grpo_arithmetic import run_command
 from rlhfkit.eval.intervals import mean_interval
+from rlhfkit.eval.overopt import pairwise_agreement
 
 BUDGET_S = 20 * 60.0
 MITIGATIONS = ("min", "uwo", "warm")
@@ -42,7 +45,12 @@ def overopt(*args: str) -> list[str]:
 
 def read(run: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """The run's best-of-n and RL results."""
-    return json.loads((run / "bon.json").read_text()), json.loads((run / "rl.json").read_text())
+    return read_bon(run), json.loads((run / "rl.json").read_text())
+
+
+def read_bon(run: Path) -> dict[str, Any]:
+    """The run's best-of-n results."""
+    return json.loads((run / "bon.json").read_text())
 
 
 def curve(bon: dict[str, Any], budget: int, proxy: str) -> dict[str, Any]:
@@ -50,11 +58,21 @@ def curve(bon: dict[str, Any], budget: int, proxy: str) -> dict[str, Any]:
     return next(c for c in bon["curves"] if c["budget"] == budget and c["proxy"] == proxy)
 
 
+def rl_run(rl: dict[str, Any], budget: int, proxy: str) -> dict[str, Any]:
+    """One RL run of ``rl.json``."""
+    return next(r for r in rl["runs"] if r["budget"] == budget and r["proxy"] == proxy)
+
+
 def rl_final_gold(rl: dict[str, Any], budget: int, proxy: str, last: int = 2) -> float:
     """Mean gold reward of the last ``last`` points of the RL curve (each averages 4 steps)."""
-    run = next(r for r in rl["runs"] if r["budget"] == budget and r["proxy"] == proxy)
-    golds = [p["gold"] for p in run["points"][-last:] if p["gold"] is not None]
+    points = rl_run(rl, budget, proxy)["points"][-last:]
+    golds = [p["gold"] for p in points if p["gold"] is not None]
     return sum(golds) / len(golds)
+
+
+def rl_heldout_gold(rl: dict[str, Any], budget: int, proxy: str) -> float:
+    """Gold of the RL run's final policy on the held-out best-of-n prompts."""
+    return rl_run(rl, budget, proxy)["heldout"]["gold"]
 
 
 def default_study(report: common.Reporter, runs: Path, prompts: int | None = None) -> Path:
@@ -94,54 +112,96 @@ def default_study(report: common.Reporter, runs: Path, prompts: int | None = Non
 
 def mitigation_study(
     report: common.Reporter, runs: Path, seeds: list[int], policy: str, cache: Path,
-    prompts: int | None = None, independent: bool = False,
+    prompts: int | None = None, independent: bool = False, rl_on: tuple[str, ...] | None = None,
 ) -> None:  # fmt: skip
     """Step 2: ensembles and WARM against the single proxy, over seeds.
 
     ``independent``: the members are initialised with their own seeds (no WARM, which needs one
-    initialisation), in ``mitigations-independent-s<seed>``.
+    initialisation), in ``mitigations-independent-s<seed>``. ``rl_on``: the proxies RL runs
+    against (default: the single proxy and every mitigation; empty: no RL).
     """
     mitigations = tuple(m for m in MITIGATIONS if not (independent and m == "warm"))
-    diffs: dict[str, dict[str, list[float]]] = {m: {"bon": [], "rl": []} for m in mitigations}
-    warm_minus_members: list[float] = []
+    rl_on = ("single", *mitigations) if rl_on is None else rl_on
+    if rl_on and "single" not in rl_on:
+        rl_on = ("single", *rl_on)
+    diffs: dict[str, list[float]] = {}
     extra = [] if prompts is None else ["--bon.prompts", str(prompts)]
     for seed in seeds:
         run = runs / f"mitigations{'-independent' if independent else ''}-s{seed}"
         command = overopt(
             "--policy", policy, "--seed", str(seed), "--proxies.budgets", "64",
             "--proxies.ensemble", "3", "--proxies.warm", str(not independent), "--rl-on",
-            "single", *mitigations, "--cache-dir", str(cache), "--log.run-dir", str(run), *extra,
+            *rl_on, "--cache-dir", str(cache), "--log.run-dir", str(run), *extra,
         )  # fmt: skip
         timing = run_command(command, run.with_suffix(".log"))
         report.figure(f"mitigations.s{seed}.wall_s", timing["wall_s"])
-        bon, rl = read(run)
-        single_bon = curve(bon, 64, "single")["points"][-1]["gold"]
-        single_rl = rl_final_gold(rl, 64, "single")
-        for m in mitigations:
-            diffs[m]["bon"].append(curve(bon, 64, m)["points"][-1]["gold"] - single_bon)
-            diffs[m]["rl"].append(rl_final_gold(rl, 64, m) - single_rl)
-            name = f"mitigations.s{seed}.{m}"
-            report.figure(f"{name}.bon_gold_nmax", diffs[m]["bon"][-1] + single_bon)
-            report.figure(f"{name}.rl_gold_final", diffs[m]["rl"][-1] + single_rl)
-        report.figure(f"mitigations.s{seed}.single.bon_gold_nmax", single_bon)
-        report.figure(f"mitigations.s{seed}.single.rl_gold_final", single_rl)
-        accuracy = bon["heldout_accuracy"]
-        members = [accuracy[name]["all"] for name in accuracy if name != "b64-warm"]
-        report.figure(f"mitigations.s{seed}.members_mean_accuracy", sum(members) / len(members))
-        if "b64-warm" in accuracy:
-            report.figure(f"mitigations.s{seed}.warm_accuracy", accuracy["b64-warm"]["all"])
-            warm_minus_members.append(accuracy["b64-warm"]["all"] - sum(members) / len(members))
+        bon, rl = read(run) if rl_on else (read_bon(run), {"runs": []})
+        figures = seed_figures(bon, rl, mitigations, rl_on)
+        figures.update(warm_figures(run, bon))
+        for name, value in figures.items():
+            report.figure(f"mitigations.s{seed}.{name}", value)
+            if "_minus_" in name:
+                diffs.setdefault(name, []).append(value)
+    for name, values in diffs.items():
+        interval(report, name, values)
+
+
+def seed_figures(
+    bon: dict[str, Any], rl: dict[str, Any], mitigations: tuple[str, ...], rl_on: tuple[str, ...]
+) -> dict[str, float]:
+    """One seed's gold at n = 64 and at the end of RL per proxy, and each mitigation's margin.
+
+    Names: ``<proxy>.bon_gold_nmax``, ``<proxy>.rl_gold_final`` (rollouts of the last 8
+    steps), ``<proxy>.rl_heldout_gold`` (final policy on the best-of-n prompts), and
+    ``<mitigation>_minus_single.{bon,rl,rl_heldout}``.
+    """
+    out = {"start_gold": curve(bon, 64, "single")["points"][0]["gold"]}
+    for m in ("single", *mitigations):
+        out[f"{m}.bon_gold_nmax"] = curve(bon, 64, m)["points"][-1]["gold"]
+        out[f"{m}.on_policy_accuracy"] = curve(bon, 64, m)["on_policy_accuracy"]
+        if m in rl_on:
+            out[f"{m}.rl_gold_final"] = rl_final_gold(rl, 64, m)
+            out[f"{m}.rl_heldout_gold"] = rl_heldout_gold(rl, 64, m)
     for m in mitigations:
-        for kind in ("bon", "rl"):
-            values = diffs[m][kind]
-            if len(values) > 1:
-                interval = mean_interval(values)
-                for key in ("mean", "low", "high"):
-                    report.figure(f"{m}_minus_single.{kind}.{key}", interval[key])
-            else:
-                report.figure(f"{m}_minus_single.{kind}.mean", values[0])
-    if warm_minus_members:
-        report.figure("warm_minus_members_mean", sum(warm_minus_members) / len(warm_minus_members))
+        for kind, key in (("bon", "bon_gold_nmax"), ("rl", "rl_gold_final"),
+                          ("rl_heldout", "rl_heldout_gold")):  # fmt: skip
+            if f"{m}.{key}" in out:
+                out[f"{m}_minus_single.{kind}"] = out[f"{m}.{key}"] - out[f"single.{key}"]
+    return out
+
+
+def warm_figures(run: Path, bon: dict[str, Any]) -> dict[str, float]:
+    """Members' mean accuracy and, with WARM, its accuracy and margin over that mean.
+
+    Two accuracies: on the task's held-out pairs (``heldout``) and the agreement with gold on
+    every pair of the policy's held-out samples with different gold scores (``on_policy``).
+    """
+    accuracy = bon["heldout_accuracy"]
+    members = [accuracy[name]["all"] for name in accuracy if name != "b64-warm"]
+    out = {"members_mean_accuracy": sum(members) / len(members)}
+    if "b64-warm" not in accuracy:
+        return out
+    scores = json.loads((run / "samples.json").read_text())["scores"]
+    names = [name for name in accuracy if name != "b64-warm"]
+    on_policy = [pairwise_agreement(scores[name], scores["gold"]) for name in names]
+    out.update({
+        "warm_accuracy": accuracy["b64-warm"]["all"],
+        "members_mean_on_policy": sum(on_policy) / len(on_policy),
+        "warm_on_policy": pairwise_agreement(scores["b64-warm"], scores["gold"]),
+    })  # fmt: skip
+    out["warm_minus_members_mean.heldout"] = out["warm_accuracy"] - out["members_mean_accuracy"]
+    out["warm_minus_members_mean.on_policy"] = out["warm_on_policy"] - out["members_mean_on_policy"]
+    return out
+
+
+def interval(report: common.Reporter, name: str, values: list[float]) -> None:
+    """The mean of ``values`` and, with two or more, its 95% interval (figures ``name.*``)."""
+    if len(values) > 1:
+        for key, value in mean_interval(values).items():
+            if key in ("mean", "low", "high"):
+                report.figure(f"{name}.{key}", value)
+    elif values:
+        report.figure(f"{name}.mean", values[0])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -153,11 +213,29 @@ def main(argv: list[str] | None = None) -> None:
                         help="ensemble members of their own initialisations")  # fmt: skip
     parser.add_argument("--bon-prompts", type=int, default=None,
                         help="held-out prompts of best-of-n (default: 24)")  # fmt: skip
+    parser.add_argument(
+        "--rl-on",
+        nargs="*",
+        default=None,
+        choices=["single", *MITIGATIONS],
+        help="proxies of the mitigation runs' RL (default: all; none: no RL)",
+    )
+    parser.add_argument(
+        "--policy",
+        default=None,
+        help="skip the default study: the mitigations start from this policy "
+        "(the default study's sft/final), with its samples cached beside it",
+    )
     args, runs, report = common.Reporter.start("overopt", parser, argv, "bench_overopt")
-    run = default_study(report, runs, args.bon_prompts)  # a finished one is read back
+    if args.policy is None:
+        run = default_study(report, runs, args.bon_prompts)  # a finished one is read back
+        policy, cache = run / "sft" / "final", run / "cache"
+    else:
+        policy, cache = Path(args.policy), runs / "policy-cache"
     if not args.skip_mitigations:
-        mitigation_study(report, runs, args.seeds, str(run / "sft" / "final"), run / "cache",
-                         args.bon_prompts, args.independent)  # fmt: skip
+        rl_on = None if args.rl_on is None else tuple(args.rl_on)
+        mitigation_study(report, runs, args.seeds, str(policy), cache, args.bon_prompts,
+                         args.independent, rl_on)  # fmt: skip
     print("written:", report.write(), flush=True)
 
 

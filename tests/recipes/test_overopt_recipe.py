@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from rlhfkit.cli import main as cli_main
 from rlhfkit.config import LogConfig, LoopConfig, ModelConfig
+from rlhfkit.data.tasks.preferences import gold_score
 from rlhfkit.eval.overopt import bon_unbiased
 from rlhfkit.ops.ensemble import rm_ensemble
 from rlhfkit.pipeline import overopt
@@ -38,6 +39,7 @@ def _cfg(model_dir: Path, run_dir: Path, **over) -> overopt.OveroptConfig:
         bon=overopt.BonConfig(prompts=3, samples=4, max_n=4, max_new_tokens=6),
         rl_on=("single", "min"),
         rl_block=1,
+        rl_eval_samples=2,
         rl=replace(
             base.rl,
             data=replace(base.rl.data, limit=4),
@@ -102,6 +104,15 @@ def test_overopt_runs_every_step_and_its_figures_follow_the_formulas(tiny_model_
                      and c["proxy"] == r["proxy"])["points"][0]  # fmt: skip
         assert len(r["points"]) == 4 and r["points"][0]["d"] == 0.0
         assert r["points"][0]["gold"] == start["gold"] and r["points"][0]["proxy"] == start["proxy"]
+        # the final policy on best-of-n's prompts: gold per prompt is the judge's mean there
+        held = r["heldout"]
+        assert held["samples"] == 2 and len(held["gold_per_prompt"]) == 3
+        for texts, ref, gold in zip(held["completions"], held["references"],
+                                    held["gold_per_prompt"], strict=True):  # fmt: skip
+            assert len(texts) == 2
+            judged = [gold_score(t, ref["reference"], ref["task"]) for t in texts]
+            assert gold == pytest.approx(sum(judged) / 2)
+        assert held["gold"] == pytest.approx(sum(held["gold_per_prompt"]) / 3)
     html = (run / "overopt.html").read_text()
     assert "Best-of-n" in html and "RL" in html and "<img" in html
     # a second run skips every step

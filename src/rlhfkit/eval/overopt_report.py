@@ -44,7 +44,8 @@ def render_overopt_report(data: dict[str, Any], path: str | Path) -> Path:
     "on_policy_accuracy", "heldout_accuracy"}]}``; the accuracies are the proxy's agreement with
     gold on the policy's own samples and its accuracy on the task's held-out pairs),
     ``rl`` (``{"runs": [{"budget", "proxy", "points": [{"step", "d", "proxy", "gold"}],
-    "gold_fit", "gold_peak_step", "gold_peak_d", "final_d"}]}``) and ``config``.
+    "gold_fit", "gold_peak_step", "gold_peak_d", "final_d", "heldout": {"gold", "proxy"} or
+    None}]}``; ``heldout`` is the final policy on the best-of-n prompts) and ``config``.
 
     Raises:
         MissingExtraError: When matplotlib (the ``plot`` extra) is not installed.
@@ -79,9 +80,10 @@ def render_overopt_report(data: dict[str, Any], path: str | Path) -> Path:
             rows.append([r["budget"], r["proxy"], pts[0]["gold"] if pts else None,
                          max((p["gold"] for p in pts if p["gold"] is not None), default=None),
                          r.get("gold_peak_step"), r.get("final_d"), fit.get("alpha"),
-                         fit.get("beta"), fit.get("r2"), fit.get("d_star"), past])  # fmt: skip
+                         fit.get("beta"), fit.get("r2"), fit.get("d_star"), past,
+                         (r.get("heldout") or {}).get("gold")])  # fmt: skip
         head = ["budget", "proxy", "gold start", "gold peak", "peak step", "final d", "alpha",
-                "beta", "R^2", "d*", "final d - d*"]  # fmt: skip
+                "beta", "R^2", "d*", "final d - d*", "held-out gold at the end"]  # fmt: skip
         body.append(table_html(head, rows, text_cols=2) + "</section>")
     config = json.dumps(data.get("config", {}), indent=1, default=str)
     body.append(f"<section id='config'><h2>Configuration</h2><pre>{esc(config)}</pre></section>")

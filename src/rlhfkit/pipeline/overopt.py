@@ -284,11 +284,47 @@ def run_rl(cfg: OveroptConfig, run: Path) -> None:
                               log=replace(cfg.log, run_dir=str(out)))  # fmt: skip
                 run_in_child(pg.main, sub, isolate=cfg.isolate_stages)
                 shutil.rmtree(out / "checkpoints", ignore_errors=True)
+            if cfg.rl_eval_samples and not (out / "heldout.json").exists():
+                spec = _reward_spec(cfg, run, budget, proxy)
+                run_in_child(rl_heldout, cfg, run, out, spec, isolate=cfg.isolate_stages)
             curve = next(c for c in bon["curves"] if c["budget"] == budget and c["proxy"] == proxy)
             rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x]
             points = rl_points(rows, curve["points"][0], cfg.rl_block)
-            results.append({"budget": budget, "proxy": proxy, **rl_summary(points)})
+            held = out / "heldout.json"
+            heldout = json.loads(held.read_text()) if held.exists() else None
+            results.append({"budget": budget, "proxy": proxy, **rl_summary(points),
+                            "heldout": heldout})  # fmt: skip
     atomic_write_text(run / "rl.json", json.dumps({"runs": results}, indent=2))
+
+
+def rl_heldout(cfg: OveroptConfig, run: Path, out: Path, spec: str) -> None:
+    """An RL run's final policy on the held-out best-of-n prompts (``<out>/heldout.json``).
+
+    ``rl_eval_samples`` samples of each of best-of-n's prompts at its temperature and length,
+    scored by gold and by the run's proxy: the same test set as the best-of-n curves, so the
+    start (their n = 1 point) and every RL run are compared on the same prompts. The per-prompt
+    gold means (M,) allow paired intervals between runs.
+    """
+    b = cfg.bon
+    data = EvalDataConfig(source=b.source, split=b.split, schema="preference", distinct=True,
+                          max_prompts=b.prompts)  # fmt: skip
+    sampling = SamplingConfig(max_new_tokens=b.max_new_tokens, temperature=b.temperature,
+                              num_samples=cfg.rl_eval_samples, seed=4321)  # fmt: skip
+    model = replace(cfg.model, name=str(out / "final"))
+    means: dict[str, list[float]] = {}
+    for name, reward in (("gold", GOLD), ("proxy", spec)):
+        prompts, grid = evaluate_prompts(model, None, data, sampling, (reward,),
+                                         cache_dir=_cache(cfg, run))  # fmt: skip
+        means[name] = [sum(map(float, row)) / len(row) for row in grid.rewards]
+    result = {
+        "samples": cfg.rl_eval_samples,
+        "gold": sum(means["gold"]) / len(means["gold"]),
+        "proxy": sum(means["proxy"]) / len(means["proxy"]),
+        "gold_per_prompt": means["gold"],
+        "completions": grid.texts,
+        "references": [{k: p.fields.get(k) for k in ("reference", "task")} for p in prompts],
+    }
+    atomic_write_text(out / "heldout.json", json.dumps(result))
 
 
 def rl_points(rows: list[dict[str, Any]], start: dict[str, Any], block: int) -> list[dict]:
@@ -370,7 +406,7 @@ def print_summary(run: Path) -> None:
     """Per budget and proxy: gold under best-of-n (start, peak, n = max, R^2) and under RL."""
     table = Table(title=f"rlhfkit overopt: {run} (gold reward)")
     for name in ("proxy", "acc.", "BoN n=1", "peak (n)", "n=max", "R^2", "RL peak (step)",
-                 "RL end"):  # fmt: skip
+                 "RL end", "RL end, held-out"):  # fmt: skip
         table.add_column(name, justify="right")
     rl = json.loads((run / "rl.json").read_text())["runs"] if (run / "rl.json").exists() else []
     for c in json.loads((run / "bon.json").read_text())["curves"]:
@@ -384,6 +420,7 @@ def print_summary(run: Path) -> None:
             f"{fit['r2']:.2f}" if fit else "",
             f"{max(golds):.3f} ({r['gold_peak_step']})" if golds else "",
             f"{golds[-1]:.3f}" if golds else "",
+            f"{r['heldout']['gold']:.3f}" if r and r.get("heldout") else "",
         )  # fmt: skip
     console.print(table)
     console.print("proxy: label budget and proxy; acc.: its agreement with gold on the policy's "

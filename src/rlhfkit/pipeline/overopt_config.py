@@ -106,6 +106,9 @@ class OveroptConfig:
     needs proxies.ensemble > 1) or warm. Empty: no RL stage."""
     rl: pg.PGConfig = field(default_factory=_default_rl)
     """The RL runs' settings (GRPO; the rewards are the proxy and, at weight 0, the gold judge)."""
+    rl_eval_samples: int = 8
+    """Samples of each best-of-n prompt drawn from every RL run's final policy and scored by
+    gold and its proxy (the RL end point on the held-out test set); 0: none."""
     rl_block: int = 4
     """RL steps averaged per point of the RL curve (one step's rollouts cover few prompts)."""
     seed: int = 0
@@ -134,6 +137,8 @@ class OveroptConfig:
         if not 1 <= self.bon.max_n <= self.bon.samples:
             out.append(("bon.max_n", f"must be in 1..bon.samples = {self.bon.samples}, got "
                         f"{self.bon.max_n}"))  # fmt: skip
+        if self.rl_eval_samples < 0:
+            out.append(("rl_eval_samples", f"must be >= 0, got {self.rl_eval_samples}"))
         if self.rl_block < 1:
             out.append(("rl_block", f"must be >= 1, got {self.rl_block}"))
         if self.bon.prompts < 2:
