@@ -32,7 +32,7 @@ from typing import Any
 import common
 from grpo_arithmetic import run_command
 from rlhfkit.eval.intervals import mean_interval
-from rlhfkit.eval.overopt import pairwise_agreement
+from rlhfkit.eval.overopt import bon_curve_unbiased, pairwise_agreement
 
 BUDGET_S = 20 * 60.0
 MITIGATIONS = ("min", "uwo", "warm")
@@ -137,6 +137,7 @@ def mitigation_study(
         report.figure(f"mitigations.s{seed}.wall_s", timing["wall_s"])
         bon, rl = read(run) if rl_on else (read_bon(run), {"runs": []})
         figures = seed_figures(bon, rl, mitigations, rl_on)
+        figures.update(members_figures(run, figures, mitigations))
         figures.update(warm_figures(run, bon))
         for name, value in figures.items():
             report.figure(f"mitigations.s{seed}.{name}", value)
@@ -156,7 +157,7 @@ def seed_figures(
     ``<mitigation>_minus_single.{bon,rl,rl_heldout}``.
     """
     out = {"start_gold": curve(bon, 64, "single")["points"][0]["gold"]}
-    for m in ("single", *mitigations):
+    for m in ("single", "mean", *mitigations):
         out[f"{m}.bon_gold_nmax"] = curve(bon, 64, m)["points"][-1]["gold"]
         out[f"{m}.on_policy_accuracy"] = curve(bon, 64, m)["on_policy_accuracy"]
         if m in rl_on:
@@ -167,6 +168,28 @@ def seed_figures(
                           ("rl_heldout", "rl_heldout_gold")):  # fmt: skip
             if f"{m}.{key}" in out:
                 out[f"{m}_minus_single.{kind}"] = out[f"{m}.{key}"] - out[f"single.{key}"]
+    return out
+
+
+def members_figures(
+    run: Path, figures: dict[str, float], mitigations: tuple[str, ...]
+) -> dict[str, float]:
+    """Each member's own best-of-64 gold, their mean, and each mitigation's margin over it.
+
+    Member 0 is the single proxy of the RL runs; any member could have been, so the mean of
+    the members' best-of-n curves is the less noisy baseline for best-of-n.
+    """
+    scores = json.loads((run / "samples.json").read_text())["scores"]
+    names = sorted(name for name in scores if name.startswith("b64-s"))
+    out = {}
+    for name in names:
+        points = bon_curve_unbiased(scores[name], scores["gold"], [64])
+        out[f"{name}.bon_gold_nmax"] = points[0]["gold"]
+    out["members_mean.bon_gold_nmax"] = sum(out.values()) / len(names)
+    for m in ("mean", *mitigations):
+        if m != "warm" and f"{m}.bon_gold_nmax" in figures:
+            margin = figures[f"{m}.bon_gold_nmax"] - out["members_mean.bon_gold_nmax"]
+            out[f"{m}_minus_members_mean.bon"] = margin
     return out
 
 

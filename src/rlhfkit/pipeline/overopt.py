@@ -275,18 +275,12 @@ def run_rl(cfg: OveroptConfig, run: Path) -> None:
         for proxy in cfg.rl_on:
             name = f"b{budget}-{proxy}"
             out = run / "rl" / name
-            if not (out / "final").exists():
-                spec = _reward_spec(cfg, run, budget, proxy)
-                loop = replace(cfg.rl.loop, seed=cfg.rl.loop.seed + cfg.seed,
-                               resume=(out / "checkpoints" / "latest").exists())  # fmt: skip
-                sub = replace(cfg.rl, model=replace(cfg.model, name=_policy(cfg, run)),
-                              rewards=(spec, GOLD), weights=(1.0, 0.0), loop=loop,
-                              log=replace(cfg.log, run_dir=str(out)))  # fmt: skip
-                run_in_child(pg.main, sub, isolate=cfg.isolate_stages)
-                shutil.rmtree(out / "checkpoints", ignore_errors=True)
-            if cfg.rl_eval_samples and not (out / "heldout.json").exists():
-                spec = _reward_spec(cfg, run, budget, proxy)
-                run_in_child(rl_heldout, cfg, run, out, spec, isolate=cfg.isolate_stages)
+            spec = _reward_spec(cfg, run, budget, proxy)
+            if not (out / "final").exists() or (
+                cfg.rl_eval_samples and not (out / "heldout.json").exists()
+            ):
+                run_in_child(rl_train_and_evaluate, cfg, run, out, spec,
+                             isolate=cfg.isolate_stages)  # fmt: skip
             curve = next(c for c in bon["curves"] if c["budget"] == budget and c["proxy"] == proxy)
             rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x]
             points = rl_points(rows, curve["points"][0], cfg.rl_block)
@@ -295,6 +289,23 @@ def run_rl(cfg: OveroptConfig, run: Path) -> None:
             results.append({"budget": budget, "proxy": proxy, **rl_summary(points),
                             "heldout": heldout})  # fmt: skip
     atomic_write_text(run / "rl.json", json.dumps({"runs": results}, indent=2))
+
+
+def rl_train_and_evaluate(cfg: OveroptConfig, run: Path, out: Path, spec: str) -> None:
+    """One RL run against ``spec`` (resumed if interrupted), then its held-out evaluation.
+
+    One process for both: the evaluation does not pay a second start-up and import.
+    """
+    if not (out / "final").exists():
+        loop = replace(cfg.rl.loop, seed=cfg.rl.loop.seed + cfg.seed,
+                       resume=(out / "checkpoints" / "latest").exists())  # fmt: skip
+        sub = replace(cfg.rl, model=replace(cfg.model, name=_policy(cfg, run)),
+                      rewards=(spec, GOLD), weights=(1.0, 0.0), loop=loop,
+                      log=replace(cfg.log, run_dir=str(out)))  # fmt: skip
+        pg.main(sub)
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    if cfg.rl_eval_samples and not (out / "heldout.json").exists():
+        rl_heldout(cfg, run, out, spec)
 
 
 def rl_heldout(cfg: OveroptConfig, run: Path, out: Path, spec: str) -> None:
