@@ -138,6 +138,7 @@ def test_label_noise_flips_the_stated_share_and_keeps_the_rest():
         (["--bon.max-n", "128"], "--bon.max-n"),
         (["--rl-on", "min"], "proxies.ensemble >= 2"),
         (["--rl-on", "best"], "unknown proxy"),
+        (["--rl-eval-samples", "-1"], "--rl-eval-samples"),
         (["--policy", "/nonexistent/model"], "policy"),
     ],
 )
