@@ -137,8 +137,9 @@ def mitigation_study(
         report.figure(f"mitigations.s{seed}.wall_s", timing["wall_s"])
         bon, rl = read(run) if rl_on else (read_bon(run), {"runs": []})
         figures = seed_figures(bon, rl, mitigations, rl_on)
-        figures.update(members_figures(run, figures, mitigations))
-        figures.update(warm_figures(run, bon))
+        scores = json.loads((run / "samples.json").read_text())["scores"]  # read once
+        figures.update(members_figures(scores, figures, mitigations))
+        figures.update(warm_figures(scores, bon))
         for name, value in figures.items():
             report.figure(f"mitigations.s{seed}.{name}", value)
             if "_minus_" in name:
@@ -172,14 +173,13 @@ def seed_figures(
 
 
 def members_figures(
-    run: Path, figures: dict[str, float], mitigations: tuple[str, ...]
+    scores: dict[str, Any], figures: dict[str, float], mitigations: tuple[str, ...]
 ) -> dict[str, float]:
     """Each member's own best-of-64 gold, their mean, and each mitigation's margin over it.
 
     Member 0 is the single proxy of the RL runs; any member could have been, so the mean of
     the members' best-of-n curves is the less noisy baseline for best-of-n.
     """
-    scores = json.loads((run / "samples.json").read_text())["scores"]
     names = sorted(name for name in scores if name.startswith("b64-s"))
     out = {}
     for name in names:
@@ -193,7 +193,7 @@ def members_figures(
     return out
 
 
-def warm_figures(run: Path, bon: dict[str, Any]) -> dict[str, float]:
+def warm_figures(scores: dict[str, Any], bon: dict[str, Any]) -> dict[str, float]:
     """Members' mean accuracy and, with WARM, its accuracy and margin over that mean.
 
     Two accuracies: on the task's held-out pairs (``heldout``) and the agreement with gold on
@@ -204,7 +204,6 @@ def warm_figures(run: Path, bon: dict[str, Any]) -> dict[str, float]:
     out = {"members_mean_accuracy": sum(members) / len(members)}
     if "b64-warm" not in accuracy:
         return out
-    scores = json.loads((run / "samples.json").read_text())["scores"]
     names = [name for name in accuracy if name != "b64-warm"]
     on_policy = [pairwise_agreement(scores[name], scores["gold"]) for name in names]
     out.update({
