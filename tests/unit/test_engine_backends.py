@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 from pathlib import Path
 from typing import ClassVar
 
@@ -55,6 +56,8 @@ class RecordedServer:
 def recorded(monkeypatch):
     RecordedServer.made = []
     monkeypatch.setattr(vllm_server, "VLLMServer", RecordedServer)
+    # no engine environment is needed to record: these tests also run where it cannot be built
+    monkeypatch.setattr(vllm_server, "engine_python", lambda python: Path(sys.executable))
     return RecordedServer.made
 
 
