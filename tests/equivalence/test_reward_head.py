@@ -12,6 +12,7 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from rlhfkit.data.collate import packed_batch, pad_batch
+from rlhfkit.data.groups import tree_batch
 from rlhfkit.models.heads import score_examples, sequence_scores, token_scores
 from rlhfkit.models.load import load_model
 from rlhfkit.ops.masking import last_token_index, unpack_rows
@@ -71,6 +72,50 @@ def test_score_examples_restores_order(reward_model):
     for packing in (True, False):
         got = score_examples(reward_model, examples, packing=packing, pad_id=0, max_tokens=16)
         torch.testing.assert_close(got, expected, atol=1e-9, rtol=0)
+
+
+@torch.no_grad()
+def test_score_examples_as_prefix_trees_equals_one_at_a_time(tiny_model_dir, monkeypatch):
+    """Completions of a prompt scored as prefix trees get exactly their scores one at a time.
+
+    Three prompts share a 4-token "system prompt" (the cross-tree context); one has more
+    completions than a tree holds, one completion equals another's first tokens, and the token
+    budget forces several forward passes.
+    """
+    from rlhfkit.models import heads
+
+    torch.manual_seed(0)
+    model = load_model(
+        str(tiny_model_dir), dtype=torch.float64, attn_implementation="varlen_sdpa",
+        task="score", pad_token_id=0,
+    ).eval()  # fmt: skip
+    monkeypatch.setattr(heads, "TREE_BRANCHES", 3)
+    gen = torch.Generator().manual_seed(2)
+    system = [11, 12, 13, 14]
+    prompts = [system + torch.randint(5, 200, (n,), generator=gen).tolist() for n in (6, 3, 9)]
+    examples, keys = [], []
+    for key, count in ((0, 7), (1, 2), (2, 1), (0, 1)):
+        for _ in range(count):
+            completion = torch.randint(5, 200, (int(torch.randint(1, 6, (1,))),)).tolist()
+            ids = prompts[key] + completion
+            mask = [False] * len(prompts[key]) + [True] * len(completion)
+            examples.append(TokenizedExample(ids, mask))
+            keys.append(key)
+    cut = examples[0].input_ids[:-1]  # a prefix of another sequence of its tree
+    examples.append(TokenizedExample(cut, [False] * (len(cut) - 1) + [True]))
+    keys.append(0)
+    expected = torch.cat([sequence_scores(model, packed_batch([e])) for e in examples])
+    trees = []
+    monkeypatch.setattr(
+        heads, "tree_batch", lambda groups: trees.append(groups) or tree_batch(groups)
+    )
+    for budget in (40, 8192):
+        got = score_examples(model, examples, packing=True, pad_id=0, max_tokens=budget,
+                             prefix_keys=keys)  # fmt: skip
+        torch.testing.assert_close(got, expected, atol=1e-9, rtol=0)
+    assert max(len(g.sequences) for groups in trees for g in groups) == 3  # trees were scored
+    with pytest.raises(ValueError, match="prefix_keys"):
+        score_examples(model, examples, packing=True, pad_id=0, prefix_keys=keys[:-1])
 
 
 @torch.no_grad()

@@ -20,12 +20,13 @@ ChatML renders ``<|im_end|>\n``, so a pad of ``<|im_end|>`` (SmolLM2) is fine, a
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 
 import torch
 from torch import nn
 
 from rlhfkit.data.collate import packed_batch, pad_batch
+from rlhfkit.data.groups import TokenizedGroup, group_bins, tree_batch
 from rlhfkit.models.attention import VARLEN_SDPA
 from rlhfkit.models.forward import (
     _model_inputs,
@@ -190,8 +191,16 @@ def score_examples(
     packing: bool,
     pad_id: int,
     max_tokens: int = 8192,
+    prefix_keys: Sequence[Hashable] | None = None,
 ) -> torch.Tensor:
     """Score many sequences: sorted by length, batched by a token budget, order restored.
+
+    With ``prefix_keys`` (packed rows on ``varlen_sdpa`` only; ignored elsewhere) sequences
+    with the same key are scored as prefix trees (:func:`rlhfkit.data.groups.tree_batch`): the
+    prefix they share, typically the prompt of several sampled completions, is computed once.
+    The scores are the same either way (every token sees the same context at the same
+    position); only the work differs. With 64 samples of a 52-token prompt and 20-token
+    completions, trees compute about a third of the tokens.
 
     Args:
         model: A sequence-classification model in eval mode.
@@ -199,6 +208,7 @@ def score_examples(
         packing: Pack each batch into one padding-free row (else pad similar lengths).
         pad_id: Padding id for the padded path.
         max_tokens: Tokens per forward pass.
+        prefix_keys: One key per example (for instance its prompt); any grouping is exact.
 
     Returns:
         Head outputs in the order of ``examples``.
@@ -208,6 +218,8 @@ def score_examples(
     """
     if not examples:
         return torch.zeros(0, _unwrap(model).config.num_labels)
+    if prefix_keys is not None and packing and supports_prefix_trees(model):
+        return _score_trees(model, examples, prefix_keys, max_tokens)
     device = next(model.parameters()).device
     lengths = [len(e.input_ids) for e in examples]
     order = sorted(range(len(examples)), key=lambda i: lengths[i])
@@ -218,6 +230,47 @@ def score_examples(
         if out is None:
             out = scores.new_zeros(len(examples), scores.shape[-1])
         out[torch.tensor(chunk)] = scores
+    return out
+
+
+TREE_BRANCHES = 16
+"""Most sequences per prefix tree when scoring. A tree is one document whose attention is
+computed densely over all its branches (masked to each branch and the prefix), so its cost
+grows with the square of its length: 16 completions of about 20 tokens after a 52-token prompt
+keep a tree near 400 tokens, where the shared prompt already saves most of the work."""
+
+
+def _score_trees(
+    model: nn.Module,
+    examples: Sequence[TokenizedExample],
+    keys: Sequence[Hashable],
+    max_tokens: int,
+) -> torch.Tensor:
+    """:func:`score_examples` with the sequences of each key packed as prefix trees.
+
+    Shapes:
+        returns (D, C) fp32 (fp64 for an fp64 model) on the CPU.
+    """
+    if len(keys) != len(examples):
+        raise ValueError(f"prefix_keys: {len(keys)} keys for {len(examples)} examples")
+    device = next(model.parameters()).device
+    members: dict[Hashable, list[int]] = {}
+    for i, key in enumerate(keys):
+        members.setdefault(key, []).append(i)
+    parts = [
+        ix[start : start + TREE_BRANCHES]
+        for ix in members.values()
+        for start in range(0, len(ix), TREE_BRANCHES)
+    ]
+    trees = [TokenizedGroup([examples[i] for i in part], [0.0] * len(part)) for part in parts]
+    out: torch.Tensor | None = None
+    for chosen in group_bins(trees, max_tokens=max_tokens, share_prefix=True):
+        batch = tree_batch([trees[t] for t in chosen])
+        scores = sequence_scores(model, {k: v.to(device) for k, v in batch.items()}).cpu()
+        if out is None:
+            out = scores.new_zeros(len(examples), scores.shape[-1])
+        out[torch.tensor([i for t in chosen for i in parts[t]])] = scores
+    assert out is not None
     return out
 
 

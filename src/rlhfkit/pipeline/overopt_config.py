@@ -58,12 +58,19 @@ class BonConfig:
 
 
 def _default_rl() -> pg.PGConfig:
+    """GRPO, 8 steps of 16 prompts x 4 samples.
+
+    Sampling is most of a step, and a decode step costs about as much for 64 rows as for 32:
+    on the AMX CPU 16 prompts per step took 17 s against 11.4 s for 8, a quarter less per
+    rollout, so the default takes fewer, larger steps at twice the learning rate. In 8 steps
+    the policy moves about as far (KL 4-6 nats) as in 20 steps of 8 prompts at 3e-5.
+    """
     return pg.PGConfig(
         data=pg.PGDataConfig(train="builtin:preferences", schema="preference"),
         algo=pg.PGAlgoConfig(preset="grpo"),
         sampling=SamplingConfig(max_new_tokens=64, temperature=1.0, num_samples=4),
-        optim=OptimConfig(lr=3e-5, schedule="constant", warmup_ratio=0.0),
-        loop=LoopConfig(batch_size=8, max_steps=20, save_every=10, micro_batch_tokens=768),
+        optim=OptimConfig(lr=6e-5, schedule="constant", warmup_ratio=0.0),
+        loop=LoopConfig(batch_size=16, max_steps=8, save_every=4, micro_batch_tokens=768),
     )
 
 
@@ -96,7 +103,7 @@ class OveroptConfig:
         default_factory=lambda: reward_model.RMConfig(
             data=reward_model.RMDataConfig(eval=None),
             optim=OptimConfig(lr=1e-4, warmup_ratio=0.1),
-            loop=LoopConfig(batch_size=16, micro_batch_tokens=1024, save_every=32),
+            loop=LoopConfig(batch_size=16, micro_batch_tokens=2048, save_every=32),
         )
     )
     """Reward-model training (its steps come from proxies.epochs and the budget)."""
@@ -109,7 +116,7 @@ class OveroptConfig:
     rl_eval_samples: int = 8
     """Samples of each best-of-n prompt drawn from every RL run's final policy and scored by
     gold and its proxy (the RL end point on the held-out test set); 0: none."""
-    rl_block: int = 4
+    rl_block: int = 2
     """RL steps averaged per point of the RL curve (one step's rollouts cover few prompts)."""
     seed: int = 0
     """Added to the seeds of the candidates, the proxies and the RL runs, to repeat the

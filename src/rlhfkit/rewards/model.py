@@ -3,7 +3,8 @@
 The checkpoint is what ``rlhfkit rm train`` writes (a Hugging Face sequence-classification model
 with one label). Each completion is rendered after its example's ``prompt`` with the reward
 model's own chat template (the prompt cut from the left to ``max_len``), and scored in
-length-sorted, token-budget batches (padding-free where the model allows).
+length-sorted, token-budget batches (padding-free where the model allows; the completions of
+one prompt as a prefix tree, so the prompt is computed once).
 
 A training run places the reward model as it places its other frozen models (``place``): under
 ``--model.parallel fsdp2`` each rank stores its shard, and the run gathers the whole model around
@@ -70,7 +71,7 @@ class RewardModelScorer:
         self, completions: Sequence[str], fields: Sequence[dict[str, Any]]
     ) -> list[float | None]:
         """Rewards of every completion; None where nothing scorable is left after rendering."""
-        rendered, where = [], []
+        rendered, where, prompts = [], [], []
         for i, (completion, f) in enumerate(zip(completions, fields, strict=True)):
             prompt = f.get("prompt")
             if prompt is None:
@@ -86,12 +87,14 @@ class RewardModelScorer:
             if example is not None:
                 rendered.append(example)
                 where.append(i)
+                prompts.append(repr(prompt))
         scores = score_examples(
             self.model,
             rendered,
             packing=self.packing,
             pad_id=self.tokenizer.pad_token_id,
             max_tokens=self.max_tokens,
+            prefix_keys=prompts,  # the samples of one prompt share its tokens
         )[:, 0].tolist()
         out: list[float | None] = [None] * len(completions)
         for i, s in zip(where, scores, strict=True):
