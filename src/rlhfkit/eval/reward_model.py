@@ -57,10 +57,14 @@ def score_pairs(
     max_tokens: int = 8192,
     category_key: str = "category",
 ) -> list[ScoredPair]:
-    """Score every sequence once, then form all pairs (i, j) with score_i > score_j per group."""
+    """Score every sequence once, then form all pairs (i, j) with score_i > score_j per group.
+
+    A group's sequences share their prompt: they are scored as one prefix tree.
+    """
     sequences = [s for g in groups for s in g.sequences]
+    keys = [gi for gi, g in enumerate(groups) for _ in g.sequences]
     rewards = score_examples(
-        model, sequences, packing=packing, pad_id=pad_id, max_tokens=max_tokens
+        model, sequences, packing=packing, pad_id=pad_id, max_tokens=max_tokens, prefix_keys=keys
     )[:, 0].tolist()
     pairs: list[ScoredPair] = []
     start = 0
