@@ -51,7 +51,6 @@ from rlhfkit.data.sources import load_rows
 from rlhfkit.data.tasks.preferences import gold_prefers
 from rlhfkit.eval.overopt import bon_curve_unbiased, gao_fit, pairwise_agreement
 from rlhfkit.eval.reward_model import rm_report
-from rlhfkit.eval.run import MAX_ROWS
 from rlhfkit.extras import require_extra
 from rlhfkit.inference.evaluate import EvalDataConfig, evaluate_prompts
 from rlhfkit.models.merge import average_model_dirs
@@ -127,10 +126,7 @@ def run_candidates(cfg: OveroptConfig, run: Path) -> None:
                           distinct=True, max_prompts=cfg.candidates.limit)  # fmt: skip
     model = replace(cfg.model, name=_policy(cfg, run))
     cache = _cache(cfg, run)
-    # chunk: as many prompts per sampler call as MAX_ROWS rows hold
-    prompts, grid = evaluate_prompts(
-        model, None, data, sampling, (GOLD,), cache_dir=cache, chunk=MAX_ROWS
-    )
+    prompts, grid = evaluate_prompts(model, None, data, sampling, (GOLD,), cache_dir=cache)
     rows = [
         {"id": i, "prompt": p.fields["prompt"], "completions": grid.texts[i],
          "reference": p.fields.get("reference"), "task": p.fields.get("task")}
