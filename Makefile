@@ -44,13 +44,13 @@ $(BROWSER_STAMP): | $(PY)
 
 # The vLLM engine's tests run where its environment can be built (1-5 minutes, once, 3.5 GiB)
 # and are skipped, saying why, where it cannot. The suite itself writes checkpoints of the
-# embedded model, so the engine is not installed where the disk is short; a build that fails
-# leaves nothing behind.
+# embedded model, so the engine is not installed where the disk is short; a first build that
+# fails leaves nothing behind (an environment that was complete once is kept).
 VLLM_MIN_FREE_GIB ?= 10
 test: $(STAMP) $(BROWSER_STAMP)
 	@free=$$(df -Pk . | awk 'NR == 2 {print int($$4 / 1048576)}'); \
 	if [ -f $(VLLM_STAMP) ] || [ "$$free" -ge $(VLLM_MIN_FREE_GIB) ]; then \
-	  $(MAKE) --no-print-directory vllm || { rm -rf $(VLLM_VENV); \
+	  $(MAKE) --no-print-directory vllm || { [ -f $(VLLM_STAMP) ] || rm -rf $(VLLM_VENV); \
 	    echo "the vLLM engine could not be installed: its tests will be skipped"; }; \
 	else \
 	  echo "$$free GiB free here, under $(VLLM_MIN_FREE_GIB): the vLLM engine is not installed and its tests will be skipped"; \
