@@ -263,14 +263,15 @@ def _score_trees(
         for start in range(0, len(ix), TREE_BRANCHES)
     ]
     trees = [TokenizedGroup([examples[i] for i in part], [0.0] * len(part)) for part in parts]
-    out: torch.Tensor | None = None
+    rows: list[int] = []
+    scores: list[torch.Tensor] = []
     for chosen in group_bins(trees, max_tokens=max_tokens, share_prefix=True):
         batch = tree_batch([trees[t] for t in chosen])
-        scores = sequence_scores(model, {k: v.to(device) for k, v in batch.items()}).cpu()
-        if out is None:
-            out = scores.new_zeros(len(examples), scores.shape[-1])
-        out[torch.tensor([i for t in chosen for i in parts[t]])] = scores
-    assert out is not None
+        scores.append(sequence_scores(model, {k: v.to(device) for k, v in batch.items()}).cpu())
+        rows += [i for t in chosen for i in parts[t]]
+    flat = torch.cat(scores)  # (D, C) in the order of the trees
+    out = flat.new_zeros(flat.shape)
+    out[torch.tensor(rows)] = flat
     return out
 
 
