@@ -99,6 +99,39 @@ def test_samples_share_one_prefill_and_finished_rows_leave_the_batch(model, toke
         )
 
 
+def test_at_most_max_rows_decode_together(model, tokenizer, monkeypatch):
+    """Beyond MAX_ROWS rows, whole prompts are sampled in turn; greedy results do not change,
+    samples keep their prompt order and log-probabilities."""
+    from rlhfkit.rollout import sampler
+
+    def run(sampling):
+        prefills = []
+        handle = model.register_forward_pre_hook(
+            lambda m, args, kwargs: prefills.append(kwargs["input_ids"].shape[0])
+            if kwargs["input_ids"].shape[1] > 1 else None,
+            with_kwargs=True,
+        )  # fmt: skip
+        try:
+            return _generator(model, tokenizer).generate(PROMPTS, sampling), prefills
+        finally:
+            handle.remove()
+
+    greedy = SamplingConfig(max_new_tokens=8, temperature=0.0)
+    whole, prefills = run(greedy)
+    assert prefills == [3]
+    monkeypatch.setattr(sampler, "MAX_ROWS", 1)
+    split, prefills = run(greedy)
+    assert prefills == [1, 1, 1]  # one prompt per batch
+    assert split.completion_ids == whole.completion_ids
+    assert split.finish_reasons == whole.finish_reasons
+    monkeypatch.setattr(sampler, "MAX_ROWS", 5)  # two prompts x 2 samples fit, not three
+    sampled, prefills = run(SamplingConfig(max_new_tokens=6, num_samples=2, seed=4))
+    assert prefills == [2, 1]
+    assert sampled.prompt_index == [0, 0, 1, 1, 2, 2]
+    assert [len(lp) for lp in sampled.logprobs] == [len(c) for c in sampled.completion_ids]
+    assert all(p == PROMPTS[i // 2] for i, p in enumerate(sampled.prompt_ids))
+
+
 def test_stop_strings_end_at_the_completing_token(model, tokenizer):
     greedy = _generator(model, tokenizer).generate(
         PROMPTS[:1], SamplingConfig(max_new_tokens=8, temperature=0.0)

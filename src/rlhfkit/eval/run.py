@@ -138,14 +138,6 @@ def _rows(flat: Sequence[Any], n: int) -> list[list[Any]]:
     return [list(flat[i : i + n]) for i in range(0, len(flat), n)]
 
 
-MAX_ROWS = 512
-"""Most rows (prompts x samples) per generator call. The sampler's key/value cache grows by
-concatenation, so each decode step copies it whole: on the AMX CPU, 8 prompts x 64 samples
-took 25-30 s and 24 x 64 in one call 131 s for three times the samples; 2 x 64 and 1 x 64 per
-call were slower again (38 and 53 s for the same 512 samples), as small batches leave the
-matmuls idle."""
-
-
 def sample_grid(
     generator: Any,
     tokenizer: Any,
@@ -157,7 +149,6 @@ def sample_grid(
 ) -> Grid:
     """``sampling.num_samples`` completions of every prompt, ``chunk`` prompts at a time.
 
-    A call holds at most :data:`MAX_ROWS` rows (fewer prompts when ``num_samples`` is large).
     Each chunk is sampled with the seed ``sampling.seed + first prompt index``, so the result
     does not depend on the chunk size's effect on the random stream of other chunks.
 
@@ -170,7 +161,6 @@ def sample_grid(
         progress: Called with the number of prompts done after each chunk.
     """
     n = sampling.num_samples
-    chunk = max(1, min(chunk, MAX_ROWS // n))
     texts, lengths, finish = [], [], []
     for start in range(0, len(prompts), chunk):
         part = prompts[start : start + chunk]

@@ -52,7 +52,7 @@ class BoNConfig:
     threshold: float = 1.0
     """A completion is correct when its reward is at least this (for the accuracy figures)."""
     chunk: int = 32
-    """Prompts per generator call (fewer when they would make more than 512 rows)."""
+    """Prompts per generator call."""
     cache_dir: str | None = "~/.cache/rlhfkit/samples"
     """Where samples and scores are cached (None: no cache)."""
     output: str | None = None

@@ -55,7 +55,7 @@ class FilterConfig:
     high: float = 0.8
     """Largest kept pass rate."""
     chunk: int = 32
-    """Prompts per generator call (fewer when they would make more than 512 rows)."""
+    """Prompts per generator call."""
     cache_dir: str | None = "~/.cache/rlhfkit/samples"
     """Where samples and scores are cached (None: no cache)."""
     output: str = "filtered.jsonl"

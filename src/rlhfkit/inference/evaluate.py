@@ -112,7 +112,7 @@ class EvalConfig:
     ks: tuple[int, ...] = (1,)
     """The k of pass@k, pass^k and maj@k (those above N are left out)."""
     chunk: int = 32
-    """Prompts per generator call (fewer when they would make more than 512 rows)."""
+    """Prompts per generator call."""
     cache_dir: str | None = "~/.cache/rlhfkit/samples"
     """Where samples and scores are cached (None: no cache)."""
     output: str | None = None

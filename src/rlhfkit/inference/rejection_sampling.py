@@ -113,7 +113,7 @@ class RSConfig:
     """SFT batching and length."""
     heldout: HeldoutConfig = field(default_factory=HeldoutConfig)
     chunk: int = 32
-    """Prompts per generator call (fewer when they would make more than 512 rows)."""
+    """Prompts per generator call."""
     log: LogConfig = field(default_factory=lambda: LogConfig(run_dir="runs/rs"))
 
     def problems(self) -> list[tuple[str, str]]:
