@@ -44,6 +44,7 @@ def _cfg(model_dir: Path, run_dir: Path, **over) -> pipeline.PipelineConfig:
         dpo=replace(base.dpo, loop=LoopConfig(max_steps=2, **tiny_loop)),
         eval=EvalStageConfig(max_prompts=4, samples=2, bon_n=4, max_new_tokens=8, show=3),
         log=log,
+        optimise=pipeline.OptimiseConfig(method="grpo"),  # RL: the gold rides along per step
         isolate_stages=False,  # in-process, so tests can patch and count what runs
     )
     return replace(cfg, **over)
@@ -155,7 +156,8 @@ def test_human_labels_come_from_the_labelling_app(tiny_model_dir, tmp_path):
     assert sorted((p["chosen"], p["rejected"]) for p in pairs) == sorted(
         (r["a"], r["b"]) for r in requests
     )
-    assert (run / "report.html").exists()
+    curves = (run / "report.html").read_text().split('id="curves"', 1)[1].split("</section>")[0]
+    assert "<img" in curves  # the DPO stage's loss and log-prob curves
 
 
 def test_human_labels_file_is_validated(tiny_model_dir, tmp_path):

@@ -251,11 +251,11 @@ def test_rl_reward_spec_names_the_ensemble_or_the_warm_model(tmp_path):
 def test_rm_ensemble_options_are_checked():
     from rlhfkit.validation import config_problems
 
-    base = pipeline.PipelineConfig()
+    base = pipeline.PipelineConfig(optimise=pipeline.OptimiseConfig(method="grpo"))
     assert not config_problems(replace(base, rm_ensemble=3))
     none = config_problems(replace(base, rm_ensemble=0))
     assert any(p.startswith("--rm-ensemble: must be >= 1") for p in none), none
-    dpo = replace(base, rm_ensemble=2, optimise=pipeline.OptimiseConfig(method="dpo"))
+    dpo = pipeline.PipelineConfig(rm_ensemble=2)  # the default optimiser trains on the pairs
     assert any(p.startswith("--rm-ensemble: optimise.method dpo") for p in config_problems(dpo))
     assert any(
         p.startswith("--rm-uwo-lambda") for p in config_problems(replace(base, rm_uwo_lambda=-1.0))

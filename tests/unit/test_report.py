@@ -309,3 +309,17 @@ def test_missing_browser_fails_with_install_hint(monkeypatch):
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(pytest.fail.Exception, match="make test` installs Debian's chromium"):
         find_browser()
+
+
+def test_direct_alignment_curves_when_there_is_no_rl_curve(tmp_path):
+    dpo = [
+        {"step": s, "loss": 0.7 - 0.01 * s, "accuracy": 0.5 + 0.01 * s, "margin": 0.02 * s,
+         "chosen": -20.0 + 0.1 * s, "rejected": -30.0 - 0.5 * s}
+        for s in range(1, 6)
+    ]  # fmt: skip
+    page = parse(render_report({"curves": {"rl": [], "dpo": dpo}}, tmp_path / "r.html"))
+    curves = page.sections["curves"]
+    assert len(curves["imgs"]) == 1 and not curves["na"]
+    assert base64.b64decode(curves["imgs"][0].split(",", 1)[1]).startswith(PNG_SIGNATURE)
+    empty = parse(render_report({"curves": {"rl": [], "dpo": []}}, tmp_path / "e.html"))
+    assert empty.sections["curves"]["na"]

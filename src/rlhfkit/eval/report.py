@@ -20,7 +20,9 @@ Input schema (every key optional except where a section needs it; ``None`` = not
      "headline": {group: {"prompts": int, "sft": CI, "final": CI, "gain": CI, "sentence": str,
                   "win_tie_loss": {"win": CI, "tie": CI, "loss": CI, "wins_per_loss": float, "n": int}}},
      "summary": {name: number or str},
-     "curves": {"rl": [{"step": int, "reward": float, "proxy": float|None, "gold": float|None, "kl": float|None}]},
+     "curves": {"rl": [{"step": int, "reward": float, "proxy": float|None, "gold": float|None, "kl": float|None}],
+                "dpo": [{"step": int, "loss": float, "accuracy": float|None, "margin": float|None,
+                         "chosen": float|None, "rejected": float|None}]},
      "reward_model": {"accuracy": float, "pairs": int, "by_category": {name: accuracy},
                       "on_policy": {"pairs", "accuracy", "correctness_pairs", "correctness_accuracy"},
                       "ensemble": {"members": [{"seed", "dir", "accuracy", "pairs", "by_category"}],
@@ -33,7 +35,9 @@ Input schema (every key optional except where a section needs it; ``None`` = not
 
 A CI is ``{"mean", "low", "high"}`` (:mod:`rlhfkit.eval.intervals`); the headline's groups are
 ``all``, ``seen`` and ``unseen`` (task types), shown first in the summary with their sentences.
-Win, tie and loss are fractions of ``n`` (final model vs SFT). In ``overoptimisation`` a point
+The curves section draws the RL curves, or, when there are none, the direct-alignment ones
+(loss and pair accuracy; the log-probs of the chosen and rejected replies, whose fall shows
+likelihood displacement). Win, tie and loss are fractions of ``n`` (final model vs SFT). In ``overoptimisation`` a point
 without ``d`` gets d = sqrt(kl). When a curve has a point at d = 0 (best-of-1; the RL start) and
 at least three with d > 0, Gao's form (best-of-n: d (alpha - beta d); RL: d (alpha - beta log d))
 is fitted to its reward gain over the d = 0 point (:mod:`rlhfkit.eval.overopt`) and drawn dashed,
@@ -227,7 +231,7 @@ def _curves(data: dict[str, Any]) -> str:
     rows = (data.get("curves") or {}).get("rl") or []
     lines = {k: _series(rows, "step", k) for k in ("reward", "proxy", "gold", "kl")}
     if not any(xs for xs, _ in lines.values()):
-        return _na()
+        return _dpo_curves((data.get("curves") or {}).get("dpo") or [])
 
     def draw(fig: Figure) -> None:
         ax_r, ax_k = fig.subplots(1, 2)
@@ -241,6 +245,29 @@ def _curves(data: dict[str, Any]) -> str:
         ax_k.set(xlabel="step", ylabel="KL(policy || reference)", title="KL")
 
     return figure_html(draw, "RL reward and KL against step", (10, 3.6))
+
+
+def _dpo_curves(rows: list[dict[str, Any]]) -> str:
+    """Direct alignment: loss and pair accuracy, and the replies' log-probs, against step."""
+    keys = ("loss", "accuracy", "chosen", "rejected")
+    lines = {k: _series(rows, "step", k) for k in keys}
+    if not any(xs for xs, _ in lines.values()):
+        return _na()
+
+    def draw(fig: Figure) -> None:
+        ax_l, ax_p = fig.subplots(1, 2)
+        for key, label in [("loss", "loss"), ("accuracy", "pair accuracy")]:
+            if lines[key][0]:
+                ax_l.plot(*lines[key], marker=".", label=label)
+        ax_l.set(xlabel="step", title="Preference loss and accuracy")
+        ax_l.legend(loc="best")
+        for key, label in [("chosen", "chosen"), ("rejected", "rejected")]:
+            if lines[key][0]:
+                ax_p.plot(*lines[key], marker=".", label=label)
+        ax_p.set(xlabel="step", ylabel="log-prob of the reply", title="Chosen and rejected")
+        ax_p.legend(loc="best")
+
+    return figure_html(draw, "preference loss, accuracy and log-probs against step", (10, 3.6))
 
 
 def _reward_model(data: dict[str, Any]) -> str:

@@ -77,8 +77,11 @@ class LabelsConfig:
 class OptimiseConfig:
     """Step 5: how the SFT model is optimised."""
 
-    method: str = "grpo"
-    """A policy-gradient preset (ppo, grpo, rloo, ...) against the reward model, or dpo."""
+    method: str = "dpo"
+    """dpo: the --dpo settings (default RPO, DPO plus the chosen reply's NLL) on the labelled
+    on-policy pairs; or a policy-gradient preset (grpo, ppo, rloo, ...) against the reward
+    model. On the embedded model the default gained more gold reward than GRPO against the
+    reward model on both seeds measured, and won about twice as often against the SFT model."""
 
 
 @dataclass
@@ -170,13 +173,16 @@ class PipelineConfig:
     dpo: dpo.DPOConfig = field(
         default_factory=lambda: dpo.DPOConfig(
             data=dpo.DPODataConfig(eval=None),
-            optim=OptimConfig(lr=3e-5, warmup_ratio=0.1),
-            loop=LoopConfig(batch_size=16, epochs=1.0, save_every=8),
+            algo=dpo.DPOAlgoConfig(loss="rpo"),
+            optim=OptimConfig(lr=2e-5, warmup_ratio=0.1),
+            loop=LoopConfig(batch_size=16, epochs=1.0, save_every=16, micro_batch_tokens=1024),
             eval=dpo.DPOEvalConfig(win_rate=False),
         )
     )
-    """DPO settings (algo, optim, loop) for optimise.method dpo (the pipeline's eval stage does
-    the evaluation, so DPO's own win-rate pass is off)."""
+    """DPO settings (algo, optim, loop) for optimise.method dpo: one epoch of RPO over the
+    labelled pairs (the NLL of each chosen reply, the SFT model's own better sample, keeps its
+    likelihood from falling as plain DPO lets it; plain DPO at lr 3e-5 lost gold reward). The
+    pipeline's eval stage does the evaluation, so DPO's own win-rate pass is off."""
     eval: EvalStageConfig = field(default_factory=EvalStageConfig)
     unseen_tasks: tuple[str, ...] = UNSEEN_TASKS
     """Task types (a row's ``task`` field) kept out of every preference stage: no candidates,
@@ -199,8 +205,9 @@ class PipelineConfig:
         if self.rm_ensemble < 1:
             out.append(("rm_ensemble", f"must be >= 1, got {self.rm_ensemble}"))
         elif self.rm_ensemble > 1 and self.optimise.method == "dpo":
-            unused = "optimise.method dpo trains on the pairs, not against a reward model: "
-            out.append(("rm_ensemble", unused + "the ensemble would go unused; leave it at 1"))
+            unused = "optimise.method dpo (the default) trains on the pairs, not against a "
+            hint = "reward model: pick an RL method (--optimise.method grpo) or leave it at 1"
+            out.append(("rm_ensemble", unused + hint))
         if self.rm.data.schema not in ("ratings", "preference"):
             out.append(("rm.data.schema", "the pipeline writes the reward model's rows itself: "
                         f"use ratings or preference, not {self.rm.data.schema}"))  # fmt: skip

@@ -334,16 +334,41 @@ def evaluate_stage(cfg: PipelineConfig, run: Path, gold: str) -> None:
     atomic_write_text(run / "eval.json", json.dumps(result, indent=2))
 
 
-def _rl_curve(run: Path, gold: str) -> list[dict[str, Any]]:
+def _policy_metrics(run: Path) -> list[dict[str, Any]]:
+    """The rows of the optimise stage's ``metrics.jsonl`` (none when it wrote none)."""
+    path = run / "policy" / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+DPO_CURVE = {
+    "loss": "train/loss",
+    "accuracy": "train/accuracy",
+    "margin": "train/rewards/margin",
+    "chosen": "train/logprobs/chosen",
+    "rejected": "train/logprobs/rejected",
+}
+"""Report key -> the direct-alignment trainer's metric: the loss, the share of pairs whose
+implicit reward ranks chosen above rejected, the implicit reward margin
+``beta * (log-ratio(chosen) - log-ratio(rejected))`` and the two replies' log-probs."""
+
+
+def _dpo_curve(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Loss, pair accuracy, reward margin and log-probs per step (direct alignment only)."""
+    return [
+        {"step": r["step"], **{key: r.get(metric) for key, metric in DPO_CURVE.items()}}
+        for r in rows
+        if "train/loss" in r and "rollout/reward" not in r
+    ]
+
+
+def _rl_curve(rows: list[dict[str, Any]], gold: str) -> list[dict[str, Any]]:
     """Proxy and gold reward and KL per step, from the policy run's metrics (RL only).
 
     The proxy is the reward component whose metric starts with ``rollout/reward/rm``: the
     reward model's (``rm:``) or the ensemble's (``rm-ensemble:``), whichever RL optimised.
     """
-    path = run / "policy" / "metrics.jsonl"
-    if not path.exists():
-        return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     keys = (k for r in rows for k in r if k.startswith("rollout/reward/rm"))
     proxy = next(keys, None)
     return [
@@ -364,7 +389,8 @@ def report_data(
 ) -> dict[str, Any]:
     """The input of :func:`rlhfkit.eval.report.render_report` (its schema is documented there)."""
     ev = json.loads((run / "eval.json").read_text())
-    curve = _rl_curve(run, gold)
+    metrics = _policy_metrics(run)
+    curve = _rl_curve(metrics, gold)
     rl_points = [
         {
             "step": c["step"],
@@ -418,7 +444,7 @@ def report_data(
         "stages": stages,
         "headline": ev.get("headline"),
         "summary": summary,
-        "curves": {"rl": curve},
+        "curves": {"rl": curve, "dpo": _dpo_curve(metrics)},
         "reward_model": ev["reward_model"],
         "win_rates": ev["win_rates"],
         "overoptimisation": {"bon": ev["bon"], "rl": rl_points},

@@ -12,12 +12,13 @@
    against the gold preference is measured on the task's held-out pairs. With ``rm_ensemble``
    K > 1, K reward models with K seeds (``<run>/rm/members/s<k>/final``) and their WARM weight
    average as ``<run>/rm/final`` (:mod:`rlhfkit.pipeline.ensemble`).
-5. **optimise**: the SFT model is optimised against the reward model with PPO (default, as in
-   InstructGPT) or any policy-gradient preset (``optimise.method``), under the KL penalty of the
-   preset, or with DPO on the pairs (``optimise.method dpo``) (``<run>/policy/final``). With
+5. **optimise**: the SFT model is optimised on the labelled pairs with a direct-alignment loss
+   (``optimise.method dpo``, default; the loss is ``dpo.algo.loss``, default RPO), or against
+   the reward model with any policy-gradient preset (``optimise.method grpo``, ``ppo`` as in
+   InstructGPT, ...) under the preset's KL penalty (``<run>/policy/final``). Under RL with
    K > 1 the reward is the members' scores combined (``rm_combine`` mean, min or uwo) or the
-   WARM model (warm). The gold score rides along as a zero-weight reward component, so proxy
-   and gold reward are logged at every step.
+   WARM model (warm), and the gold score rides along as a zero-weight reward component, so
+   proxy and gold reward are logged at every step.
 6. **eval**: gold reward, reward-model reward, win rate against the SFT model by the gold
    judge, KL to the SFT model, lengths, and the best-of-N curve of the SFT model
    (``<run>/eval.json``; :mod:`rlhfkit.pipeline.evaluation`).
