@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from rlhfkit import cli
@@ -53,6 +55,15 @@ def test_yaml_preset_then_flag_override(tmp_path):
 def test_shipped_preset_loads():
     cfg = load_yaml(SFTConfig, "configs/sft.yaml")
     assert cfg.loop.max_steps == 30 and cfg.data.train == "builtin:instructions"
+
+
+def test_pipeline_preset_is_the_demo():
+    """configs/pipeline.yaml says it is what `make demo` runs: it must equal the defaults."""
+    from rlhfkit.pipeline.config import PipelineConfig
+
+    cfg = load_yaml(PipelineConfig, "configs/pipeline.yaml")
+    defaults = PipelineConfig()
+    assert replace(cfg, log=defaults.log) == defaults
 
 
 def test_unknown_yaml_key_names_its_path(tmp_path):
