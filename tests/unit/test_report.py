@@ -313,8 +313,8 @@ def test_missing_browser_fails_with_install_hint(monkeypatch):
 
 def test_direct_alignment_curves_when_there_is_no_rl_curve(tmp_path):
     dpo = [
-        {"step": s, "loss": 0.7 - 0.01 * s, "accuracy": 0.5 + 0.01 * s, "margin": 0.02 * s,
-         "chosen": -20.0 + 0.1 * s, "rejected": -30.0 - 0.5 * s}
+        {"step": s, "loss": 0.7 - 0.01 * s, "accuracy": 0.5 + 0.01 * s, "chosen": -20.0 + 0.1 * s,
+         "rejected": -30.0 - 0.5 * s}
         for s in range(1, 6)
     ]  # fmt: skip
     page = parse(render_report({"curves": {"rl": [], "dpo": dpo}}, tmp_path / "r.html"))

@@ -21,8 +21,8 @@ Input schema (every key optional except where a section needs it; ``None`` = not
                   "win_tie_loss": {"win": CI, "tie": CI, "loss": CI, "wins_per_loss": float, "n": int}}},
      "summary": {name: number or str},
      "curves": {"rl": [{"step": int, "reward": float, "proxy": float|None, "gold": float|None, "kl": float|None}],
-                "dpo": [{"step": int, "loss": float, "accuracy": float|None, "margin": float|None,
-                         "chosen": float|None, "rejected": float|None}]},
+                "dpo": [{"step": int, "loss": float, "accuracy": float|None, "chosen": float|None,
+                         "rejected": float|None}]},
      "reward_model": {"accuracy": float, "pairs": int, "by_category": {name: accuracy},
                       "on_policy": {"pairs", "accuracy", "correctness_pairs", "correctness_accuracy"},
                       "ensemble": {"members": [{"seed", "dir", "accuracy", "pairs", "by_category"}],
@@ -227,47 +227,44 @@ def _series(rows: Sequence[dict[str, Any]], x: str, y: str) -> tuple[list[float]
     return [a for a, _ in kept], [b for _, b in kept]
 
 
+Panel = tuple[str, str, Sequence[tuple[str, str]]]
+"""One axes of a curves figure: title, y label, and the (key, legend label) series it draws."""
+
+CURVE_PANELS: dict[str, tuple[Panel, Panel]] = {
+    "rl": (
+        ("RL reward", "reward", [("reward", "reward"), ("proxy", "proxy (RM)"), ("gold", "gold")]),
+        ("KL", "KL(policy || reference)", [("kl", "KL")]),
+    ),
+    "dpo": (
+        ("Preference loss and accuracy", "", [("loss", "loss"), ("accuracy", "pair accuracy")]),
+        ("Chosen and rejected", "log-prob of the reply",
+         [("chosen", "chosen"), ("rejected", "rejected")]),
+    ),
+}  # fmt: skip
+"""The curves section's figures, by kind: RL first, else direct alignment."""
+
+
 def _curves(data: dict[str, Any]) -> str:
-    rows = (data.get("curves") or {}).get("rl") or []
-    lines = {k: _series(rows, "step", k) for k in ("reward", "proxy", "gold", "kl")}
-    if not any(xs for xs, _ in lines.values()):
-        return _dpo_curves((data.get("curves") or {}).get("dpo") or [])
-
-    def draw(fig: Figure) -> None:
-        ax_r, ax_k = fig.subplots(1, 2)
-        for key, label in [("reward", "reward"), ("proxy", "proxy (RM)"), ("gold", "gold")]:
-            if lines[key][0]:
-                ax_r.plot(*lines[key], marker=".", label=label)
-        ax_r.set(xlabel="step", ylabel="reward", title="RL reward")
-        ax_r.legend(loc="best")
-        if lines["kl"][0]:
-            ax_k.plot(*lines["kl"], marker=".", color="tab:red")
-        ax_k.set(xlabel="step", ylabel="KL(policy || reference)", title="KL")
-
-    return figure_html(draw, "RL reward and KL against step", (10, 3.6))
-
-
-def _dpo_curves(rows: list[dict[str, Any]]) -> str:
-    """Direct alignment: loss and pair accuracy, and the replies' log-probs, against step."""
-    keys = ("loss", "accuracy", "chosen", "rejected")
-    lines = {k: _series(rows, "step", k) for k in keys}
-    if not any(xs for xs, _ in lines.values()):
+    curves = data.get("curves") or {}
+    for kind, panels in CURVE_PANELS.items():
+        rows = curves.get(kind) or []
+        lines = {k: _series(rows, "step", k) for _, _, series in panels for k, _ in series}
+        if any(xs for xs, _ in lines.values()):
+            break
+    else:
         return _na()
 
     def draw(fig: Figure) -> None:
-        ax_l, ax_p = fig.subplots(1, 2)
-        for key, label in [("loss", "loss"), ("accuracy", "pair accuracy")]:
-            if lines[key][0]:
-                ax_l.plot(*lines[key], marker=".", label=label)
-        ax_l.set(xlabel="step", title="Preference loss and accuracy")
-        ax_l.legend(loc="best")
-        for key, label in [("chosen", "chosen"), ("rejected", "rejected")]:
-            if lines[key][0]:
-                ax_p.plot(*lines[key], marker=".", label=label)
-        ax_p.set(xlabel="step", ylabel="log-prob of the reply", title="Chosen and rejected")
-        ax_p.legend(loc="best")
+        for ax, (title, ylabel, series) in zip(fig.subplots(1, 2), panels, strict=True):
+            for key, label in series:
+                if lines[key][0]:
+                    ax.plot(*lines[key], marker=".", label=label)
+            ax.set(xlabel="step", ylabel=ylabel, title=title)
+            if len(series) > 1:
+                ax.legend(loc="best")
 
-    return figure_html(draw, "preference loss, accuracy and log-probs against step", (10, 3.6))
+    titles = " and ".join(title for title, _, _ in panels)
+    return figure_html(draw, f"{titles} against step", (10, 3.6))
 
 
 def _reward_model(data: dict[str, Any]) -> str:

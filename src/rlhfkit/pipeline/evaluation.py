@@ -345,17 +345,15 @@ def _policy_metrics(run: Path) -> list[dict[str, Any]]:
 DPO_CURVE = {
     "loss": "train/loss",
     "accuracy": "train/accuracy",
-    "margin": "train/rewards/margin",
     "chosen": "train/logprobs/chosen",
     "rejected": "train/logprobs/rejected",
 }
 """Report key -> the direct-alignment trainer's metric: the loss, the share of pairs whose
-implicit reward ranks chosen above rejected, the implicit reward margin
-``beta * (log-ratio(chosen) - log-ratio(rejected))`` and the two replies' log-probs."""
+implicit reward ranks chosen above rejected, and the two replies' log-probs."""
 
 
 def _dpo_curve(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Loss, pair accuracy, reward margin and log-probs per step (direct alignment only)."""
+    """Loss, pair accuracy and log-probs per step (direct alignment only)."""
     return [
         {"step": r["step"], **{key: r.get(metric) for key, metric in DPO_CURVE.items()}}
         for r in rows
