@@ -139,7 +139,7 @@ class PipelineConfig:
         default_factory=lambda: reward_model.RMConfig(
             data=reward_model.RMDataConfig(eval=None),  # the eval stage measures it
             optim=OptimConfig(lr=1e-4, warmup_ratio=0.1),
-            loop=LoopConfig(batch_size=16, max_steps=80, micro_batch_tokens=1024),
+            loop=LoopConfig(batch_size=16, max_steps=64, micro_batch_tokens=1024),
         )
     )
     """The reward model's settings. Its rows are made by the pipeline: with data.schema
