@@ -4,9 +4,10 @@ Runs ``rlhfkit demo`` (the pipeline's defaults on the embedded model) once per s
 its own run directory (``runs/gain-seed<N>``; a finished run is only read again), and prints one
 row per seed: gold reward of the SFT and the final model on the held-out prompts, the gain with
 its 95% interval over prompts, win/tie/loss against the SFT model (gold judge), the same gain on
-the task types the preference stages never saw, the reward model's held-out accuracy on
-wrong-answer pairs and on the SFT model's own samples, the wall time and the peak resident
-memory of the whole process tree (sampled every second).
+the held-out prompts of the task types the preference stages saw and on those of the types they
+never saw, the reward model's held-out accuracy on wrong-answer pairs and on the SFT model's own
+samples, the wall time and the peak resident memory of the whole process tree (sampled every
+second).
 
     python benchmarks/pipeline_gain.py --seeds 0 1 [-- extra rlhfkit flags]
 """
@@ -82,21 +83,22 @@ def main(argv: list[str] | None = None) -> None:
     print(f"CPU: {common.cpu_model()}")
     rows = [run_seed(seed, args.extra) for seed in args.seeds]
     head = ["seed", "gold SFT", "gold final", "gain [95%]", "win/tie/loss", "wins per loss",
-            "unseen gain [95%]", "RM wrong_answer", "RM on own samples (right vs wrong)",
-            "wall", "peak RSS"]  # fmt: skip
+            "seen-task gain [95%]", "unseen gain [95%]", "RM wrong_answer",
+            "RM on own samples (right vs wrong)", "wall", "peak RSS"]  # fmt: skip
     print("| " + " | ".join(head) + " |")
     print("|" + " --- |" * len(head))
     for r in rows:
         ev, all_ = r["eval"], r["eval"]["headline"]["all"]
         wtl = all_["win_tie_loss"]
-        unseen = ev["headline"].get("unseen")
+        seen, unseen = ev["headline"].get("seen"), ev["headline"].get("unseen")
         rm = ev["reward_model"]
         live = rm.get("on_policy", {})
         cells = [
             r["seed"], f"{all_['sft']['mean']:.3f}", f"{all_['final']['mean']:.3f}",
             _ci(all_["gain"]),
             f"{wtl['win']['mean']:.2f}/{wtl['tie']['mean']:.2f}/{wtl['loss']['mean']:.2f}",
-            f"{wtl['wins_per_loss']:.2f}", _ci(unseen["gain"]) if unseen else "n/a",
+            f"{wtl['wins_per_loss']:.2f}", _ci(seen["gain"]) if seen else "n/a",
+            _ci(unseen["gain"]) if unseen else "n/a",
             f"{rm['by_category'].get('wrong_answer', float('nan')):.3f}",
             f"{live.get('accuracy', float('nan')):.3f} "
             f"({live.get('correctness_accuracy', float('nan')):.3f})",

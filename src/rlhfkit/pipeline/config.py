@@ -173,7 +173,7 @@ class PipelineConfig:
     dpo: dpo.DPOConfig = field(
         default_factory=lambda: dpo.DPOConfig(
             data=dpo.DPODataConfig(eval=None),
-            algo=dpo.DPOAlgoConfig(loss="rpo"),
+            algo=dpo.DPOAlgoConfig(loss="rpo", rpo_alpha=3.0),
             optim=OptimConfig(lr=2e-5, warmup_ratio=0.1),
             loop=LoopConfig(batch_size=16, epochs=1.0, save_every=16, micro_batch_tokens=1024),
             eval=dpo.DPOEvalConfig(win_rate=False),
@@ -182,7 +182,9 @@ class PipelineConfig:
     """DPO settings (algo, optim, loop) for optimise.method dpo: one epoch of RPO over the
     labelled pairs (the NLL of each chosen reply, the SFT model's own better sample, keeps its
     likelihood from falling as plain DPO lets it; plain DPO at lr 3e-5 lost gold reward). The
-    pipeline's eval stage does the evaluation, so DPO's own win-rate pass is off."""
+    NLL's weight rpo_alpha is 3: on the embedded model it gained more gold reward than 1 or 8,
+    at a smaller KL than 1. The pipeline's eval stage does the evaluation, so DPO's own
+    win-rate pass is off."""
     eval: EvalStageConfig = field(default_factory=EvalStageConfig)
     unseen_tasks: tuple[str, ...] = UNSEEN_TASKS
     """Task types (a row's ``task`` field) kept out of every preference stage: no candidates,
