@@ -1,7 +1,8 @@
 """What RLHF buys in the demo: the pipeline's headline over several seeds, with time and memory.
 
 Runs ``rlhfkit demo`` (the pipeline's defaults on the embedded model) once per seed, each in
-its own run directory (``runs/gain-seed<N>``; a finished run is only read again), and prints one
+its own run directory (``runs/gain-seed<N>``; a finished run is only read again, unless
+``--fresh`` removes it first: after a change of defaults), and prints one
 row per seed: gold reward of the SFT and the final model on the held-out prompts, the gain with
 its 95% interval over prompts, win/tie/loss against the SFT model (gold judge), the same gain on
 the held-out prompts of the task types the preference stages saw and on those of the types they
@@ -9,13 +10,14 @@ never saw, the reward model's held-out accuracy on wrong-answer pairs and on the
 samples, the wall time and the peak resident memory of the whole process tree (sampled every
 second).
 
-    python benchmarks/pipeline_gain.py --seeds 0 1 [-- extra rlhfkit flags]
+    python benchmarks/pipeline_gain.py --seeds 0 1 [--fresh] [-- extra rlhfkit flags]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -46,9 +48,15 @@ def tree_rss(pid: int) -> int:
     return total
 
 
-def run_seed(seed: int, extra: list[str]) -> dict:
-    """Run (or read) the demo for one seed; wall seconds and peak bytes of a fresh run."""
+def run_seed(seed: int, extra: list[str], fresh: bool = False) -> dict:
+    """Run (or read) the demo for one seed; wall seconds and peak bytes of a fresh run.
+
+    ``fresh`` removes the seed's run directory first, so that nothing of an earlier run (with
+    other defaults) is read or resumed.
+    """
     run_dir = ROOT / "runs" / f"gain-seed{seed}"
+    if fresh:
+        shutil.rmtree(run_dir, ignore_errors=True)
     command = [
         sys.executable, "-m", "rlhfkit", "demo", "--seed", str(seed),
         "--log.run-dir", str(run_dir), *extra,
@@ -78,10 +86,13 @@ def main(argv: list[str] | None = None) -> None:
     """Run every seed and print the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument(
+        "--fresh", action="store_true", help="remove each seed's run directory and run it again"
+    )
     parser.add_argument("extra", nargs="*", help="extra flags for rlhfkit demo")
     args = parser.parse_args(argv)
     print(f"CPU: {common.cpu_model()}")
-    rows = [run_seed(seed, args.extra) for seed in args.seeds]
+    rows = [run_seed(seed, args.extra, args.fresh) for seed in args.seeds]
     head = ["seed", "gold SFT", "gold final", "gain [95%]", "win/tie/loss", "wins per loss",
             "seen-task gain [95%]", "unseen gain [95%]", "RM wrong_answer",
             "RM on own samples (right vs wrong)", "wall", "peak RSS"]  # fmt: skip

@@ -37,9 +37,9 @@ A CI is ``{"mean", "low", "high"}`` (:mod:`rlhfkit.eval.intervals`); the headlin
 ``all``, ``seen`` and ``unseen`` (task types), shown first in the summary with their sentences.
 The curves section draws the RL curves, or, when there are none, the direct-alignment ones
 (loss and pair accuracy; the log-probs of the chosen and rejected replies, whose fall shows
-likelihood displacement). Win, tie and loss are fractions of ``n`` (final model vs SFT). In
-``overoptimisation`` a point without ``d`` gets d = sqrt(kl). When a curve has a point at d = 0 (best-of-1; the RL start) and
-at least three with d > 0, Gao's form (best-of-n: d (alpha - beta d); RL: d (alpha - beta log d))
+likelihood displacement). Win, tie and loss are fractions of ``n`` (final model vs SFT).
+In ``overoptimisation`` a point without ``d`` gets d = sqrt(kl). When a curve has a point at
+d = 0 (best-of-1; the RL start) and at least three with d > 0, Gao's form (best-of-n: d (alpha - beta d); RL: d (alpha - beta log d))
 is fitted to its reward gain over the d = 0 point (:mod:`rlhfkit.eval.overopt`) and drawn dashed,
 and a table gives alpha, beta and the peak d*. For the RL curve a sentence and a table
 (:func:`rl_gold_peak`) say where the gold reward peaked (the step and d of the highest gold point,
