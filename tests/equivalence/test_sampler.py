@@ -257,3 +257,47 @@ def test_sampled_logprobs_and_entropy_are_unfiltered_at_every_filter():
         assert entropies == pytest.approx(ent.tolist(), abs=1e-5)
         kept = ~filter_logits(z.float(), **kw).isinf()
         assert kept.gather(1, tokens[:, None]).all()
+
+
+@pytest.mark.parametrize("fraction", [1e-9, 0.25, 1.0])
+def test_finished_rows_leave_in_bulk_without_changing_a_sample(
+    model, tokenizer, monkeypatch, fraction
+):
+    """Dropping finished rows at once (1e-9), in bulk (0.25) or never (1.0) gives the same
+    completions, finish reasons and log-probs, and the log-probs are a full forward's."""
+    from rlhfkit.rollout import sampler
+
+    sampling = SamplingConfig(max_new_tokens=9, num_samples=4, seed=2)
+    stop = list(range(1, len(tokenizer), 6))  # a sixth of the ids: rows end at many steps
+    monkeypatch.setattr(sampler, "COMPACT_FRACTION", 1e-9)
+    at_once = _generator(model, tokenizer, stop_ids=stop).generate(PROMPTS, sampling)
+    ends = {
+        len(ids)
+        for ids, r in zip(at_once.completion_ids, at_once.finish_reasons, strict=True)
+        if r == "stop"
+    }
+    assert len(ends) >= 3  # the rows finished at different steps
+    monkeypatch.setattr(sampler, "COMPACT_FRACTION", fraction)
+    rows = []
+    handle = model.register_forward_pre_hook(
+        lambda m, args, kwargs: rows.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+    )
+    try:
+        rollout = _generator(model, tokenizer, stop_ids=stop).generate(PROMPTS, sampling)
+    finally:
+        handle.remove()
+    if fraction == 1.0:
+        assert rows[1:] == [12] * (len(rows) - 1)  # every decode step carries all 12 rows
+    assert rollout.completion_ids == at_once.completion_ids
+    assert rollout.finish_reasons == at_once.finish_reasons
+    for got, want in zip(rollout.logprobs, at_once.logprobs, strict=True):
+        assert got == pytest.approx(want, abs=1e-5)
+    for prompt, completion, logprobs in zip(
+        rollout.prompt_ids, rollout.completion_ids, rollout.logprobs, strict=True
+    ):
+        full = completion_logprobs(
+            model, torch.tensor([prompt]), torch.ones(1, len(prompt), dtype=torch.long),
+            torch.tensor([completion]), torch.ones(1, len(completion), dtype=torch.long),
+            temperature=sampling.temperature,
+        )[0]  # fmt: skip
+        assert logprobs == pytest.approx(full.tolist(), abs=1e-4)

@@ -2,7 +2,8 @@
 
 :class:`Generator` is the protocol every rollout backend implements (a vLLM backend comes later:
 it returns the same :class:`rlhfkit.types.Rollout` from token ids). :class:`HFGenerator` runs the
-model's own forward with a transformers ``DynamicCache``:
+model's own forward with a key/value cache written in place
+(:class:`rlhfkit.rollout.kv_cache.PreallocatedCache`):
 
 1. Each distinct prompt is prefilled once (left-padded batch); the cache and the last logits are
    then repeated ``num_samples`` times, so the G samples of a prompt share one prefill.
@@ -11,9 +12,10 @@ model's own forward with a transformers ``DynamicCache``:
    of logits / T before filtering (that is what a learner's forward at the same temperature
    computes, and what truncated importance sampling compares against).
 3. A row ends at the end-of-sequence id ("eos"), a stop id or stop string ("stop", the token that
-   completed it kept), or after ``max_new_tokens`` ("length"). Finished rows are dropped from the
-   cache and the batch at once, and decoding stops when no row is left. The entropy of each
-   step's tempered distribution is recorded too (the policy-entropy metric at no extra forward).
+   completed it kept), or after ``max_new_tokens`` ("length"). Finished rows leave the batch and
+   the cache in bulk (:data:`COMPACT_FRACTION`), and decoding stops when no row is left. The
+   entropy of each step's tempered distribution is recorded too (the policy-entropy metric at no
+   extra forward).
 
 The per-step work over the vocabulary is one exp pass (:func:`vocab_weights`, weights below
 e^-87 of the largest flushed to 0 so that no denormal is ever computed) and a two-level
@@ -29,9 +31,9 @@ from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import torch
-from transformers import DynamicCache
 
 from rlhfkit.rollout.hf import SamplingConfig
+from rlhfkit.rollout.kv_cache import PreallocatedCache
 from rlhfkit.types import FinishReason, Rollout
 
 
@@ -182,6 +184,14 @@ so each decode step copies it whole: on the AMX CPU, 8 prompts x 64 samples per 
 slower again (38 and 53 s per 512), as small batches leave the matmuls idle."""
 
 
+COMPACT_FRACTION = 0.25
+"""Finished rows are dropped from the batch and its cache once they are this fraction of it.
+
+Until then they are decoded along (fed padding, their outputs never read): dropping rows copies
+the whole cache, so doing it at every step that ends a row cost more than the extra rows'
+forward. The live rows' logits, draws and random stream are those of a batch without them."""
+
+
 class HFGenerator:
     """The batched KV-cache sampler on a Hugging Face model (see the module docstring).
 
@@ -216,9 +226,11 @@ class HFGenerator:
         return any(s in text for s in stops)
 
     def _prefill(
-        self, prompts: Sequence[Sequence[int]], g: int
-    ) -> tuple[DynamicCache, torch.Tensor, torch.Tensor, torch.Tensor]:
+        self, prompts: Sequence[Sequence[int]], g: int, new_tokens: int
+    ) -> tuple[PreallocatedCache, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Prefill each prompt once, then repeat cache and state ``g`` times.
+
+        The cache has room for the prompts and ``new_tokens`` more positions.
 
         Shapes:
             returns the cache, last logits (P*G, V) in the model's dtype, attention (P*G, W)
@@ -233,7 +245,7 @@ class HFGenerator:
             attention[row, width - len(prompt) :] = 1
         ids, attention = ids.to(device), attention.to(device)
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache()
+        cache = PreallocatedCache(width + new_tokens)
         out = self.model(
             input_ids=ids, attention_mask=attention, position_ids=positions,
             **{self._cache_kw: cache}, **self._keep_last, use_cache=True,
@@ -317,15 +329,19 @@ class HFGenerator:
     ) -> tuple[list[list[int]], list[list[float]], list[FinishReason], list[list[float]]]:
         """One batch: completions, their log-probabilities, finish reasons and entropies."""
         stops, g = tuple(sampling.stop), sampling.num_samples
-        cache, logits, attention, next_pos = self._prefill(prompts, g)
+        cache, logits, attention, next_pos = self._prefill(prompts, g, sampling.max_new_tokens)
         n = len(prompts) * g
         buffers = VocabBuffers(n, logits.shape[-1], logits.device)
-        live = torch.arange(n)  # global row of each batch row
+        batch = n  # rows in the batch, finished ones included
+        live = torch.arange(n)  # global rows still decoding
+        alive = torch.arange(n, device=logits.device)  # their positions in the batch
         completions: list[list[int]] = [[] for _ in range(n)]
         logprobs: list[list[float]] = [[] for _ in range(n)]
         entropies: list[list[float]] = [[] for _ in range(n)]
         reasons: list[FinishReason] = ["length"] * n
         for step in range(sampling.max_new_tokens):
+            if len(alive) < batch:  # finished rows stay in the batch until the next compaction
+                logits = logits.index_select(0, alive)
             tokens, chosen, entropy = self._sample(logits, sampling, gen, buffers)
             keep = []
             for b, (row, token, lp, h) in enumerate(
@@ -341,14 +357,20 @@ class HFGenerator:
                     reasons[row] = reason
             if not keep or step == sampling.max_new_tokens - 1:
                 break
-            if len(keep) < len(live):  # drop finished rows from the batch and the cache
-                index = torch.tensor(keep, device=tokens.device)
-                cache.batch_select_indices(index)
-                live, tokens = live[torch.tensor(keep)], tokens[index]
-                attention, next_pos = attention[index], next_pos[index]
-            attention = torch.cat([attention, attention.new_ones(len(keep), 1)], dim=1)
+            if len(keep) < len(live):
+                index = torch.tensor(keep)
+                live, tokens = live[index], tokens[index.to(tokens.device)]
+                alive = alive[index.to(alive.device)]
+            if len(alive) <= (1 - COMPACT_FRACTION) * batch:  # drop finished rows at last
+                cache.batch_select_indices(alive)
+                attention, next_pos = attention[alive], next_pos[alive]
+                batch, alive = len(live), torch.arange(len(live), device=alive.device)
+            step_tokens = tokens
+            if len(alive) < batch:  # finished rows are fed padding, their outputs ignored
+                step_tokens = tokens.new_full((batch,), self.pad_id).index_copy_(0, alive, tokens)
+            attention = torch.cat([attention, attention.new_ones(batch, 1)], dim=1)
             out = self.model(
-                input_ids=tokens[:, None], attention_mask=attention,
+                input_ids=step_tokens[:, None], attention_mask=attention,
                 position_ids=next_pos[:, None], **{self._cache_kw: cache}, use_cache=True,
             )  # fmt: skip
             logits, next_pos = out.logits[:, -1], next_pos + 1
