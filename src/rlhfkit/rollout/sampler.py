@@ -178,10 +178,12 @@ def sample_from(weights: torch.Tensor, generator: torch.Generator) -> torch.Tens
 
 
 MAX_ROWS = 512
-"""Most rows (prompts x samples) decoded together. The key/value cache grows by concatenation,
-so each decode step copies it whole: on the AMX CPU, 8 prompts x 64 samples per batch took
-25-30 s per 512 samples and 24 x 64 in one batch 131 s (44 s per 512); 2 x 64 and 1 x 64 were
-slower again (38 and 53 s per 512), as small batches leave the matmuls idle."""
+"""Most rows (prompts x samples) decoded together; it bounds the key/value cache, which holds
+every row's prompt and new tokens (for the embedded model 23 KB per position: 512 rows of 250
+positions take 2.9 GB). Measured on the AMX CPU when the cache still grew by concatenation: 8
+prompts x 64 samples per batch took 25-30 s per 512 samples and 24 x 64 in one batch 131 s (44 s
+per 512); 2 x 64 and 1 x 64 were slower again (38 and 53 s per 512), as small batches leave the
+matmuls idle."""
 
 
 COMPACT_FRACTION = 0.25
