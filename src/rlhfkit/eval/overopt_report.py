@@ -1,6 +1,6 @@
 """The page of ``rlhfkit overopt``: proxy and gold reward against sqrt(KL), per label budget.
 
-Built with the report's helpers (:mod:`rlhfkit.eval.report`); its data is documented in
+Built from :mod:`rlhfkit.eval.html`; its data is documented in
 :func:`render_overopt_report`.
 """
 
@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rlhfkit.eval.report import esc, figure_html, matplotlib_classes, table_html, write_page
+from rlhfkit.eval.html import esc, figure_html, matplotlib_classes, table_html, write_page
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -1,17 +1,9 @@
 """The pipeline's HTML report: one self-contained ``report.html``.
 
-The file needs no network: CSS is inline, every figure is a matplotlib PNG (Agg canvas, no pyplot
-state) embedded as a base64 ``data:`` URI, and there are no external scripts or fonts. matplotlib
-comes with the ``plot`` extra (``pip install 'rlhfkit[plot]'``) and is imported on first use. Every
-text taken from the data (model output may contain ``<script>``) is HTML-escaped, so it renders
-as text. Sections, each a ``<section id=...>`` with an ``<h2>``: ``summary``, ``curves``,
+Sections, each a ``<section id=...>`` with an ``<h2>``: ``summary``, ``curves``,
 ``reward-model``, ``win-rates``, ``overoptimisation``, ``samples``. A section whose data is
-missing or empty shows a short "not available" note instead.
-
-The report carries one small inline script, a self-check: on ``load`` it counts the images that
-decoded (``naturalWidth > 0``) and stores the count in ``document.body.dataset.images`` (the
-total in ``dataset.imagesTotal``). It reads nothing and loads nothing; it lets a headless browser
-(the tests) confirm that every embedded figure decodes.
+missing or empty shows a short "not available" note instead. The page is built from
+:mod:`rlhfkit.eval.html` (no network, figures embedded, every text escaped, an image self-check).
 
 Input schema (every key optional except where a section needs it; ``None`` = not measured)::
 
@@ -39,8 +31,8 @@ The curves section draws the RL curves, or, when there are none, the direct-alig
 (loss and pair accuracy; the log-probs of the chosen and rejected replies, whose fall shows
 likelihood displacement). Win, tie and loss are fractions of ``n`` (final model vs SFT).
 In ``overoptimisation`` a point without ``d`` gets d = sqrt(kl). When a curve has a point at
-d = 0 (best-of-1; the RL start) and at least three with d > 0, Gao's form (best-of-n: d (alpha - beta d); RL: d (alpha - beta log d))
-is fitted to its reward gain over the d = 0 point (:mod:`rlhfkit.eval.overopt`) and drawn dashed,
+d = 0 (best-of-1; the RL start) and at least three with d > 0, Gao's form (best-of-n:
+d (alpha - beta d); RL: d (alpha - beta log d)) is fitted to its reward gain over the d = 0 point (:mod:`rlhfkit.eval.overopt`) and drawn dashed,
 and a table gives alpha, beta and the peak d*. For the RL curve a sentence and a table
 (:func:`rl_gold_peak`) say where the gold reward peaked (the step and d of the highest gold point,
 and the fitted d* where there is a fit) and how far the run went past it (final d minus peak d,
@@ -52,20 +44,24 @@ optimised.
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import json
 import math
-import numbers
 from collections.abc import Callable, Sequence
-from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rlhfkit.atomic import atomic_write_text
+from rlhfkit.eval.html import (
+    cell_text,
+    ci_text,
+    esc,
+    figure_html,
+    finite,
+    matplotlib_classes,
+    not_available,
+    table_html,
+    write_page,
+)
 from rlhfkit.eval.overopt import fit_gao_bon, fit_gao_rl, gao_peaks
-from rlhfkit.extras import import_optional
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -79,97 +75,6 @@ SECTIONS = (
     ("samples", "Samples"),
 )
 """(section id, heading) in page order."""
-
-CSS = """
-body{font-family:system-ui,sans-serif;margin:2rem auto;max-width:1100px;color:#222;padding:0 1rem}
-section{margin:2rem 0;padding-top:.5rem;border-top:1px solid #ddd}
-table{border-collapse:collapse;margin:.5rem 0}
-th,td{border:1px solid #ccc;padding:.3rem .6rem;text-align:left;vertical-align:top}
-th{background:#f3f3f3} td.num{text-align:right;font-variant-numeric:tabular-nums}
-td.text{white-space:pre-wrap;font-family:ui-monospace,monospace;font-size:.85rem;max-width:30rem}
-img{max-width:100%;display:block;margin:.5rem 0} p.na{color:#888;font-style:italic}
-"""
-
-CHECK_SCRIPT = """
-window.addEventListener("load", function () {
-  var imgs = document.images, ok = 0;
-  for (var i = 0; i < imgs.length; i++) { if (imgs[i].complete && imgs[i].naturalWidth > 0) ok++; }
-  document.body.dataset.images = String(ok);
-  document.body.dataset.imagesTotal = String(imgs.length);
-});
-"""
-
-NOT_AVAILABLE = "Not available: this run recorded no data for this section."
-
-
-def esc(x: Any) -> str:
-    """``x`` as text, HTML-escaped (quotes too)."""
-    return html.escape(str(x), quote=True)
-
-
-def _num(x: Any) -> float | None:
-    """``x`` as a finite float, or None (missing, non-numeric, NaN or infinite)."""
-    if isinstance(x, bool) or not isinstance(x, numbers.Real):  # numpy scalars are Real too
-        return None
-    return float(x) if math.isfinite(x) else None
-
-
-def _fmt(x: Any, pct: bool = False) -> str:
-    """A cell's text: numbers to 4 significant digits (or a percentage), None/NaN to n/a."""
-    if x is None or (isinstance(x, numbers.Real) and math.isnan(x)):
-        return "n/a"
-    if isinstance(x, bool) or (isinstance(x, numbers.Integral) and not pct):
-        return str(x)
-    if isinstance(x, numbers.Real):
-        return f"{100 * x:.1f}%" if pct else f"{x:.4g}"
-    return str(x)
-
-
-def table_html(head: Sequence[str], rows: Sequence[Sequence[Any]], text_cols: int = 0) -> str:
-    """An escaped table; the first ``text_cols`` columns hold long texts (pre-wrapped)."""
-    out = ["<table><thead><tr>", *(f"<th>{esc(h)}</th>" for h in head), "</tr></thead><tbody>"]
-    for row in rows:
-        out.append("<tr>")
-        for i, cell in enumerate(row):
-            cls = "text" if i < text_cols else "num" if isinstance(cell, numbers.Real) else ""
-            out.append(f'<td class="{cls}">{esc(cell if i < text_cols else _fmt(cell))}</td>')
-        out.append("</tr>")
-    out.append("</tbody></table>")
-    return "".join(out)
-
-
-@cache
-def matplotlib_classes() -> tuple[Any, Any]:
-    """Matplotlib's ``Figure`` and Agg canvas classes (the ``plot`` extra)."""
-    figure = import_optional("matplotlib.figure", "plot", "the HTML report")
-    agg = import_optional("matplotlib.backends.backend_agg", "plot", "the HTML report")
-    return figure.Figure, agg.FigureCanvasAgg
-
-
-def figure_html(draw: Callable[[Figure], None], alt: str, size: tuple[float, float]) -> str:
-    """Draw onto a fresh figure and return it as an ``<img>`` with a base64 PNG data URI."""
-    figure_class, canvas_class = matplotlib_classes()
-    fig = figure_class(figsize=size, dpi=100, layout="constrained")
-    canvas_class(fig)
-    draw(fig)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    data = base64.b64encode(buf.getvalue()).decode("ascii")
-    return f'<img alt="{esc(alt)}" src="data:image/png;base64,{data}">'
-
-
-def _na(what: str = "") -> str:
-    return f'<p class="na">{esc(what or NOT_AVAILABLE)}</p>'
-
-
-def _ci(x: dict[str, Any] | None, pct: bool = False) -> str:
-    """``mean [low, high]`` of an interval, or n/a."""
-    values = [_num((x or {}).get(k)) for k in ("mean", "low", "high")]
-    if any(v is None for v in values):
-        return "n/a"
-    mean, low, high = (f"{100 * v:.1f}%" if pct else f"{v:.3f}" for v in values)
-    return f"{mean} [{low}, {high}]"
-
 
 GROUPS = {
     "all": "all held-out prompts",
@@ -190,9 +95,10 @@ def _headline(headline: dict[str, Any]) -> str:
     for name, g in headline.items():
         wtl = g.get("win_tie_loss") or {}
         rows.append(
-            [GROUPS.get(name, name), g.get("prompts"), _ci(g.get("sft")), _ci(g.get("final")),
-             _ci(g.get("gain")), _ci(wtl.get("win"), True), _ci(wtl.get("tie"), True),
-             _ci(wtl.get("loss"), True), wtl.get("wins_per_loss")]
+            [GROUPS.get(name, name), g.get("prompts"), ci_text(g.get("sft")),
+             ci_text(g.get("final")), ci_text(g.get("gain")), ci_text(wtl.get("win"), True),
+             ci_text(wtl.get("tie"), True), ci_text(wtl.get("loss"), True),
+             wtl.get("wins_per_loss")]
         )  # fmt: skip
     head = ["prompts", "n", "gold SFT", "gold final", "gain", "win", "tie", "loss", "wins/loss"]
     note = "<p>Brackets: 95% intervals over prompts (each prompt's mean over its samples).</p>"
@@ -209,7 +115,7 @@ def _summary(data: dict[str, Any]) -> str:
     stages = data.get("stages") or {}
     if stages:
         rows = [
-            [name, s.get("status", "n/a"), _num(s.get("seconds")), _num(s.get("peak_rss_gib"))]
+            [name, s.get("status", "n/a"), finite(s.get("seconds")), finite(s.get("peak_rss_gib"))]
             for name, s in stages.items()
         ]
         head = ["stage", "status", "seconds", "peak memory (GiB)"]
@@ -217,12 +123,12 @@ def _summary(data: dict[str, Any]) -> str:
     if data.get("config"):
         cfg = json.dumps(data["config"], indent=2, sort_keys=True, default=str)
         parts.append(f"<details><summary>Configuration</summary><pre>{esc(cfg)}</pre></details>")
-    return "".join(parts) or _na()
+    return "".join(parts) or not_available()
 
 
 def _series(rows: Sequence[dict[str, Any]], x: str, y: str) -> tuple[list[float], list[float]]:
     """The (x, y) points of ``rows`` where both are finite numbers."""
-    pts = [(_num(r.get(x)), _num(r.get(y))) for r in rows]
+    pts = [(finite(r.get(x)), finite(r.get(y))) for r in rows]
     kept = [(a, b) for a, b in pts if a is not None and b is not None]
     return [a for a, _ in kept], [b for _, b in kept]
 
@@ -252,7 +158,7 @@ def _curves(data: dict[str, Any]) -> str:
         if any(xs for xs, _ in lines.values()):
             break
     else:
-        return _na()
+        return not_available()
 
     def draw(fig: Figure) -> None:
         for ax, (title, ylabel, series) in zip(fig.subplots(1, 2), panels, strict=True):
@@ -269,22 +175,22 @@ def _curves(data: dict[str, Any]) -> str:
 
 def _reward_model(data: dict[str, Any]) -> str:
     rm = data.get("reward_model") or {}
-    overall = _num(rm.get("accuracy"))
+    overall = finite(rm.get("accuracy"))
     if overall is None:
-        return _na()
-    cats = {str(k): v for k, v in (rm.get("by_category") or {}).items() if _num(v) is not None}
+        return not_available()
+    cats = {str(k): v for k, v in (rm.get("by_category") or {}).items() if finite(v) is not None}
     rows = [["overall", overall, rm.get("pairs")]] + [[k, v, None] for k, v in cats.items()]
-    cells = [[a, _fmt(b, True), c] for a, b, c in rows]
+    cells = [[a, cell_text(b, True), c] for a, b, c in rows]
     table = table_html(["category", "accuracy", "pairs"], cells)
     names, accs = [r[0] for r in rows], [float(r[1]) for r in rows]
     live = rm.get("on_policy") or {}
     if live:
         table += (
             "<p>On the SFT model's own samples (pairs of one prompt's samples that the gold judge "
-            f"ranks apart, what RL optimises against): {_fmt(live.get('accuracy'), True)} of "
-            f"{_fmt(live.get('pairs'))} pairs ordered as the gold judge orders them; "
-            f"{_fmt(live.get('correctness_accuracy'), True)} of the "
-            f"{_fmt(live.get('correctness_pairs'))} where one sample is right and the other "
+            f"ranks apart, what RL optimises against): {cell_text(live.get('accuracy'), True)} of "
+            f"{cell_text(live.get('pairs'))} pairs ordered as the gold judge orders them; "
+            f"{cell_text(live.get('correctness_accuracy'), True)} of the "
+            f"{cell_text(live.get('correctness_pairs'))} where one sample is right and the other "
             "wrong.</p>"
         )
 
@@ -303,17 +209,17 @@ def _ensemble(ens: dict[str, Any]) -> str:
     """The accuracy of every member, ensemble mode and WARM, marking what RL optimised."""
     used = ens.get("used")
     rows: list[tuple[str, dict[str, Any], bool]] = [
-        (f"member {k} (seed {_fmt(m.get('seed'))})", m, False)
+        (f"member {k} (seed {cell_text(m.get('seed'))})", m, False)
         for k, m in enumerate(ens.get("members") or [])
     ]
     for mode, m in (ens.get("modes") or {}).items():
-        lam = f" (lambda {_fmt(m.get('lambda'))})" if m.get("lambda") is not None else ""
+        lam = f" (lambda {cell_text(m.get('lambda'))})" if m.get("lambda") is not None else ""
         rows.append((f"ensemble {mode}{lam}", m, used == mode))
     if ens.get("warm"):
         rows.append(("WARM (weight average)", ens["warm"], used == "warm"))
     cells = [
-        [name, _fmt(m.get("accuracy"), True),
-         _fmt((m.get("by_category") or {}).get("wrong_answer"), True), m.get("pairs"),
+        [name, cell_text(m.get("accuracy"), True),
+         cell_text((m.get("by_category") or {}).get("wrong_answer"), True), m.get("pairs"),
          "RL reward" if is_used else ""]
         for name, m, is_used in rows
     ]  # fmt: skip
@@ -334,10 +240,10 @@ def _win_rates(data: dict[str, Any]) -> str:
         if isinstance(wr.get(key), dict)
     ]
     if not judges:
-        return _na()
+        return not_available()
     cols = ("win", "tie", "loss")
-    vals = {name: [_num(r.get(c)) or 0.0 for c in cols] for name, r in judges}
-    rows = [[name, *(_fmt(r.get(c), True) for c in cols), r.get("n")] for name, r in judges]
+    vals = {name: [finite(r.get(c)) or 0.0 for c in cols] for name, r in judges}
+    rows = [[name, *(cell_text(r.get(c), True) for c in cols), r.get("n")] for name, r in judges]
     table = table_html(["judge (final vs SFT)", *cols, "n"], rows)
 
     def draw(fig: Figure) -> None:
@@ -371,7 +277,7 @@ def _overopt_points(rows: Sequence[dict[str, Any]], key: str) -> tuple[list[floa
     """The (d, reward) points of one curve, sorted by d; d = sqrt(kl) where ``d`` is missing."""
     filled = []
     for r in rows:
-        d, kl = _num(r.get("d")), _num(r.get("kl"))
+        d, kl = finite(r.get("d")), finite(r.get("kl"))
         if d is None and kl is not None:
             d = math.sqrt(max(kl, 0.0))
         filled.append({**r, "d": d})
@@ -388,7 +294,7 @@ def _overoptimisation(data: dict[str, Any]) -> str:
         for key in ("proxy", "gold")
     }
     if not any(d for d, _ in curves.values()):
-        return _na()
+        return not_available()
     fits = {k: _gao(pts, rl=k[0] == "rl") for k, pts in curves.items()}
     marks = {"bon": ("o", ":", "best-of-n"), "rl": ("s", "-", "RL")}
     colors = {"proxy": "tab:blue", "gold": "tab:orange"}
@@ -440,11 +346,11 @@ def rl_gold_peak(
     """
     points = []
     for r in rows:
-        d, kl, step = _num(r.get("d")), _num(r.get("kl")), _num(r.get("step"))
+        d, kl, step = finite(r.get("d")), finite(r.get("kl")), finite(r.get("step"))
         d = math.sqrt(max(kl, 0.0)) if d is None and kl is not None else d
         if d is not None:
             step = int(step) if step is not None and step.is_integer() else step
-            points.append({"step": step, "d": d, "gold": _num(r.get("gold"))})
+            points.append({"step": step, "d": d, "gold": finite(r.get("gold"))})
     if not any(p["gold"] is not None for p in points):
         return None
     steps = all(p["step"] is not None for p in points)
@@ -455,7 +361,7 @@ def rl_gold_peak(
     reached = best is not scored[-1] and not flat
     past = last["d"] - best["d"] if reached else None
     d_star = None if d_star is None or math.isnan(d_star) else d_star
-    at = f"step {_fmt(best['step'])}, " if best["step"] is not None else ""
+    at = f"step {cell_text(best['step'])}, " if best["step"] is not None else ""
     where = f"({at}d = {best['d']:.3f}, gold {best['gold']:.3f})"
     if d_star is None:
         fit = ""
@@ -464,7 +370,7 @@ def rl_gold_peak(
     else:
         beyond = ", beyond the run's final d" if d_star > last["d"] else ""
         fit = f"; Gao's fit puts the peak at d* = {d_star:.3f}{beyond}"
-    end = f"step {_fmt(last['step'])}, " if last["step"] is not None else ""
+    end = f"step {cell_text(last['step'])}, " if last["step"] is not None else ""
     if flat:
         sentence = (
             f"The RL gold reward did not change over the run ({best['gold']:.3f} at every "
@@ -500,7 +406,7 @@ def _peak_html(peak: dict[str, Any]) -> str:
 def _samples(data: dict[str, Any]) -> str:
     samples = data.get("samples") or []
     if not samples:
-        return _na()
+        return not_available()
     rows = [
         [
             s.get("prompt", ""),
@@ -546,16 +452,3 @@ def render_report(data: dict[str, Any], path: str | Path) -> Path:
     for sid, heading in SECTIONS:
         body.append(f'<section id="{sid}"><h2>{esc(heading)}</h2>{BUILDERS[sid](data)}</section>')
     return write_page(title, body, path)
-
-
-def write_page(title: str, body: list[str], path: str | Path) -> Path:
-    """Write a self-contained page of ``body`` sections under ``title`` (atomically)."""
-    page = (
-        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        f"<title>{esc(title)}</title><style>{CSS}</style>"
-        f"<script>{CHECK_SCRIPT}</script></head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n"
-    )
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, page)
-    return path

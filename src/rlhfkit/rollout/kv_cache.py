@@ -11,6 +11,10 @@ and hands attention views of the filled part: no copy per step. Rows are dropped
 caller asks (:meth:`PreallocatedLayer.batch_select_indices`), which the sampler does in bulk
 (:data:`rlhfkit.rollout.sampler.COMPACT_FRACTION`). The attention it feeds computes exactly what
 it computed on ``DynamicCache``: the same keys and values, in the same order.
+
+transformers' ``StaticLayer`` writes in place too, but hands attention its whole buffer every
+step (a mask hides the unfilled part, so each step attends over the capacity) and cannot drop or
+repeat rows, which the sampler needs.
 """
 
 from __future__ import annotations

@@ -360,9 +360,8 @@ class HFGenerator:
             if not keep or step == sampling.max_new_tokens - 1:
                 break
             if len(keep) < len(live):
-                index = torch.tensor(keep)
-                live, tokens = live[index], tokens[index.to(tokens.device)]
-                alive = alive[index.to(alive.device)]
+                index = torch.tensor(keep, device=alive.device)  # tokens live there too
+                live, tokens, alive = live[index.cpu()], tokens[index], alive[index]
             if len(alive) <= (1 - COMPACT_FRACTION) * batch:  # drop finished rows at last
                 cache.batch_select_indices(alive)
                 attention, next_pos = attention[alive], next_pos[alive]
