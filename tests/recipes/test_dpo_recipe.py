@@ -173,3 +173,31 @@ def test_lora_reference_is_the_base_model(tiny_model_dir, pairs_file, tmp_path, 
                 p.add_(0.5)
     again, _ = compute_reference(ctx.model, pairs, **kw)
     torch.testing.assert_close(again, base, atol=1e-5, rtol=0)
+
+
+def test_rpo_nll_only_on_pairs_with_the_margin(tiny_model_dir, tmp_path, cache):
+    """At policy = reference RPO is log 2 + alpha * mean(w * NLL): with no pair's margin at the
+    threshold only log 2 is left, with every pair's it is plain RPO, and half the pairs give a
+    value in between; a threshold on another loss is a config problem."""
+    rows = [{"prompt": f"What is {i} + {i}?", "chosen": f"It is {2 * i}.",
+             "rejected": f"Maybe {2 * i + 1}.", "margin": 1.0 if i % 2 else 0.25}
+            for i in range(8)]  # fmt: skip
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    losses = {}
+    for gate in (None, 0.1, 0.5, 2.0):
+        cfg = _cfg(tiny_model_dir, data, tmp_path / "run", "rpo")
+        cfg.algo.rpo_nll_min_margin = gate
+        ctx = build_run(cfg.model, cfg.log, 0, {})
+        ctx.packing = True
+        train, _, _ = dpo.prepare(ctx, cfg)
+        batches = train.micro_batches(list(range(8)), 4096)
+        step_loss = dpo.make_step_loss(ctx.model, cfg.algo)
+        losses[gate] = accumulate(batches, step_loss, count_fn=dpo.example_count(cfg.algo),
+                                  backward=False).loss  # fmt: skip
+    assert losses[2.0] == pytest.approx(math.log(2), abs=1e-5)
+    assert losses[0.1] == pytest.approx(losses[None], abs=1e-6)
+    assert losses[2.0] < losses[0.5] < losses[None]
+    assert dpo.DPOAlgoConfig(loss="dpo", rpo_nll_min_margin=0.5).problems() == [
+        ("rpo_nll_min_margin", "applies to loss rpo only, not dpo")
+    ]

@@ -66,6 +66,7 @@ def test_rm_rows_are_ratings_groups_plus_the_builtin_pairs(tmp_path):
     pair = {"prompt": "q", "chosen": "a", "rejected": "b"}
     (tmp_path / "pairs.jsonl").write_text(json.dumps(pair) + "\n")
     builtin = pipeline.load_rows("builtin:preferences", split="train")
+    builtin += pipeline.load_rows("builtin:wrong_answers", split="train")
     rows = _rows(pipeline._rm_train_file(cfg, tmp_path))
     assert rows[0]["completions"] == [formatted, good] and rows[0]["ratings"] == [0.3, 1.3]
     assert len(rows) == 1 + len(builtin)
@@ -77,6 +78,9 @@ def test_rm_rows_are_ratings_groups_plus_the_builtin_pairs(tmp_path):
     }  # fmt: skip
     rows = _rows(pipeline._rm_train_file(pairs_cfg, tmp_path))
     assert rows[0] == pair and "chosen" in rows[1] and len(rows) == 1 + len(builtin)
+    assert rows[-1]["category"] == "wrong_answer"  # the correctness pairs come last
+    no_extra = replace(pairs_cfg, labels=replace(pairs_cfg.labels, mix_wrong_answers=False))
+    assert len(_rows(pipeline._rm_train_file(no_extra, tmp_path))) == 1 + 828
     alone = replace(pairs_cfg, labels=replace(pairs_cfg.labels, mix_builtin=False))
     assert pipeline._rm_train_file(alone, tmp_path) == tmp_path / "pairs.jsonl"
     bad = replace(cfg, rm=replace(cfg.rm, data=replace(cfg.rm.data, schema="rankings")))
@@ -260,3 +264,20 @@ def test_rm_ensemble_options_are_checked():
     assert any(
         p.startswith("--rm-uwo-lambda") for p in config_problems(replace(base, rm_uwo_lambda=-1.0))
     )
+
+
+def test_gold_labels_give_each_pair_its_gold_margin(tmp_path):
+    """chosen/rejected by the gold judge, margin gold(chosen) - gold(rejected); ties dropped."""
+    good, formatted, bare = "w\nAnswer: 1", "w\nAnswer: 2", "no answer"
+    (tmp_path / "candidates.jsonl").write_text(
+        json.dumps(_row(0, [formatted, good, bare, "v\nAnswer: 3"])) + "\n"
+    )
+    cfg = replace(pipeline.PipelineConfig(), unseen_tasks=())
+    assert pipeline_labels.run_labels(cfg, tmp_path)
+    pairs = _rows(tmp_path / "pairs.jsonl")
+    margins = {(p["chosen"], p["rejected"]): p["margin"] for p in pairs}
+    assert margins == {
+        (good, formatted): 1.0, (good, bare): 1.3, (good, "v\nAnswer: 3"): 1.0,
+        (formatted, bare): 0.3, ("v\nAnswer: 3", bare): 0.3,
+    }  # fmt: skip
+    assert set(pipeline_labels.MARGINS) == {"gold"}  # the other modes give a preference only

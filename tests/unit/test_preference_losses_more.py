@@ -240,6 +240,23 @@ def test_rpo_closed_form():
     assert dpo_nll_loss is rpo_loss
 
 
+def test_rpo_nll_weights_pick_the_pairs_whose_chosen_reply_is_imitated():
+    """Two copies of the worked pair (|y_c| = 5), weights (1, 0): the first pays DPO + NLL
+    (2.554355), the second DPO alone (0.554355); the mean is 1.554355 and nll_sum 2. Weights of
+    ones equal no weights; the second pair's chosen log-prob then gets only DPO's gradient."""
+    pair = {k: v.repeat(2) for k, v in worked(chosen_tokens=t(5.0)).items()}
+    out = rpo_loss(**pair, nll_weights=t(1.0, 0.0))
+    close(out.loss, 1.554355)
+    close(out.metrics["nll_sum"], 2.0)
+    close(rpo_loss(**pair, nll_weights=t(1.0, 1.0)).loss, float(rpo_loss(**pair).loss))
+    c = pair["chosen_logprobs"].clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(rpo_loss(**{**pair, "chosen_logprobs": c},
+                                        nll_weights=t(1.0, 0.0)).loss, c)  # fmt: skip
+    dpo_grad = -0.1 * torch.sigmoid(t(-0.3)) / 2  # d/dlogp_c of softplus(-βh), mean of 2
+    close(g[1], float(dpo_grad))
+    close(g[0], float(dpo_grad) - 1 / 5 / 2)
+
+
 @settings(max_examples=40, deadline=None)
 @given(*[st.floats(-50, 0)] * 4, st.floats(0.01, 5), st.floats(0.5, 9), st.integers(1, 30))
 def test_alpha_zero_gives_dpo(c, r, rc, rr, beta, gap, n):

@@ -18,9 +18,11 @@ from rlhfkit.data.tasks.preferences import (
     MIN_GAP,
     WRONG_ANSWERS,
     build,
+    build_wrong_answers,
     builtin_split,
     gold_prefers,
     gold_score,
+    wrong_answers_split,
 )
 
 # 22 whitespace-separated words: "47", "+", "18:", "40", "+", "10", "=", "50", "and", "7", "+",
@@ -283,6 +285,33 @@ def test_build_is_deterministic_and_cache_safe() -> None:
 def test_unknown_split() -> None:
     with pytest.raises(ValueError, match="unknown split"):
         builtin_split("test")
+    with pytest.raises(ValueError, match="unknown split"):
+        wrong_answers_split("test")
+
+
+@pytest.mark.parametrize("split", ["train", "heldout"])
+def test_wrong_answer_pairs_are_one_per_prompt_and_only_the_answer_differs(split: str) -> None:
+    """builtin:wrong_answers: each instruction row's reference against the same working with a
+    wrong answer (format kept: 1.3 against 0.3), in row order; per_row 3 gives distinct ones."""
+    rows = BUILTIN["wrong_answers"](split)
+    source = BUILTIN["instructions"](split)
+    assert [prompt_key(r["prompt"]) for r in rows] == [
+        prompt_key(r["messages"][:-1]) for r in source
+    ]
+    for row in rows:
+        assert row["category"] == "wrong_answer" and row["chosen"] == row["reference"]
+        work, answer = row["chosen"].rsplit("\nAnswer: ", 1)
+        assert row["rejected"].startswith(f"{work}\nAnswer: ") and not row["rejected"].endswith(
+            f"Answer: {answer}"
+        )
+        assert (row["gold_chosen"], row["gold_rejected"]) == (pytest.approx(1.3), 0.3)
+    assert len(load_examples("builtin:wrong_answers", "preference", split=split).examples) == len(
+        rows
+    )
+    three = build_wrong_answers(source[:20], seed=0, per_row=3)
+    by_prompt = Counter(prompt_key(r["prompt"]) for r in three)
+    assert max(by_prompt.values()) == 3 and len({(prompt_key(r["prompt"]), r["rejected"])
+                                                 for r in three}) == len(three)  # fmt: skip
 
 
 def test_pairs_without_a_clear_gap_fall_back_to_another_category() -> None:

@@ -273,6 +273,6 @@ def test_as_sft_rows_validate() -> None:
 
 
 def test_registry() -> None:
-    assert set(BUILTIN) == {"instructions", "arithmetic", "preferences", "countdown", "strings",
-                            "calculator", "calculator_traces", "guess_number",
-                            "guess_number_traces"}  # fmt: skip
+    assert set(BUILTIN) == {"instructions", "arithmetic", "preferences", "wrong_answers",
+                            "countdown", "strings", "calculator", "calculator_traces",
+                            "guess_number", "guess_number_traces"}  # fmt: skip

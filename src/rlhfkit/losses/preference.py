@@ -269,14 +269,18 @@ def rpo_loss(
     rejected_tokens: torch.Tensor | None = None,
     beta: float = 0.1,
     alpha: float = 1.0,
+    nll_weights: torch.Tensor | None = None,
     normaliser: Number | None = None,
 ) -> LossOutput:
-    """DPO + NLL (Pang 2024; alias ``dpo_nll``): l = softplus(−βh) − α·logp_c/|y_c|.
+    """DPO + NLL (Pang 2024; alias ``dpo_nll``): l = softplus(−βh) − α·w·logp_c/|y_c|.
 
-    α = 0 gives DPO. (Not Nemotron-4's reward-aware "RPO".)
+    α = 0 gives DPO. (Not Nemotron-4's reward-aware "RPO".) ``nll_weights`` w (default 1)
+    restricts the NLL to some pairs: Pang et al. imitate only correct chosen replies, so where
+    pairs also differ in lesser ways (format, length) the NLL should skip those whose chosen
+    reply is merely the better of two bad ones.
 
     Returns:
-        LossOutput with the module's metric sums plus ``nll_sum`` (sum of −logp_c/|y_c|).
+        LossOutput with the module's metric sums plus ``nll_sum`` (sum of −w·logp_c/|y_c|).
 
     Shapes:
         every tensor (N,); loss scalar.
@@ -286,6 +290,8 @@ def rpo_loss(
         ref_chosen_logprobs=ref_chosen_logprobs, ref_rejected_logprobs=ref_rejected_logprobs,
     )  # fmt: skip
     nll = -per_token_avg(values=chosen_logprobs, tokens=chosen_tokens, name="chosen_tokens")  # (N,)
+    if nll_weights is not None:
+        nll = nll * nll_weights.to(nll.dtype)
     per_pair = F.softplus(-beta * (d_c - d_r)) + alpha * nll  # (N,)
     logprobs = (chosen_logprobs, rejected_logprobs)
     rewards = (beta * d_c, beta * d_r)

@@ -65,6 +65,12 @@ class LabelsConfig:
     """Keep the judge's answers in <run>/judge_cache.sqlite, so a rerun asks it nothing."""
     mix_builtin: bool = True
     """Also train the reward model on the task's gold-labelled training pairs."""
+    mix_wrong_answers: bool = True
+    """With mix_builtin on the built-in task (rm.data.train builtin:preferences), also train on
+    builtin:wrong_answers: one pair per training prompt of the reference reply against the same
+    reply with a wrong final answer. The task's own pairs hold one such pair per five prompts,
+    and a reward model trained on them ranked some wrong lists and casings above right ones;
+    with these it learns correctness, not only format."""
     likert: Literal["likert5", "likert8"] = "likert5"
     """Human mode: the labelling app's scale (5-point with tie, 8-point without)."""
     overlap: int = 1

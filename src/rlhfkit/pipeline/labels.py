@@ -96,6 +96,17 @@ def gold_groups(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return groups
 
 
+def _gold_margin(chosen: str, rejected: str, pair: dict[str, Any]) -> float:
+    """gold(chosen) - gold(rejected), rounded to 4 decimals."""
+    gold = [gold_score(t, pair["reference"], pair["task"]) for t in (chosen, rejected)]
+    return round(gold[0] - gold[1], 4)
+
+
+MARGINS: dict[str, Callable[[str, str, dict[str, Any]], float]] = {"gold": _gold_margin}
+"""Label modes whose pairs carry a ``margin`` (how much better the chosen reply is), which
+RPO's ``rpo_nll_min_margin`` reads; the other modes give a preference only."""
+
+
 def _human_choices(cfg: PipelineConfig, run: Path, pairs: list[dict[str, Any]]) -> list | None:
     """People's labels: from the labelling app's task, or from ``human_labels.jsonl``.
 
@@ -235,20 +246,16 @@ def run_labels(cfg: PipelineConfig, run: Path) -> bool:
             '(one {"id": ..., "choice": "a" | "b" | "tie"} per line), then run the same command.'
         )
         return False
+    margin = MARGINS.get(cfg.labels.mode)
     out = []
     for p, c in zip(pairs, choices, strict=True):
         if c is None or c == 0.5:  # ties and unparseable verdicts carry no preference
             continue
         chosen, rejected = (p["a"], p["b"]) if c == 1.0 else (p["b"], p["a"])
-        out.append(
-            {
-                "prompt": p["prompt"],
-                "chosen": chosen,
-                "rejected": rejected,
-                "category": "sampled",
-                "source": cfg.labels.mode,
-            }
-        )
+        row = {"prompt": p["prompt"], "chosen": chosen, "rejected": rejected}
+        if margin is not None:
+            row["margin"] = margin(chosen, rejected, p)
+        out.append({**row, "category": "sampled", "source": cfg.labels.mode})
     if not out and not cfg.labels.mix_builtin:
         raise ValueError("labelling left no pair with a preference (every pair was a tie)")
     random.Random(0).shuffle(out)

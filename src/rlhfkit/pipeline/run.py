@@ -73,6 +73,10 @@ console = Console()
 
 GOLD = "rlhfkit.data.tasks.preferences:gold_score"
 """The built-in task's gold judge as a reward (logged beside the proxy, weight 0)."""
+BUILTIN_PAIRS = "builtin:preferences"
+WRONG_ANSWERS = "builtin:wrong_answers"
+"""Correctness pairs of the same prompts as BUILTIN_PAIRS, mixed into the reward model's rows
+with labels.mix_wrong_answers when those are the task's pairs."""
 
 
 def _sub_log(cfg: PipelineConfig, name: str) -> LogConfig:
@@ -164,6 +168,8 @@ def run_candidates(cfg: PipelineConfig, run: Path) -> None:
 def _rm_train_file(cfg: PipelineConfig, run: Path) -> Path:
     """The reward model's rows: the labels, plus the task's own gold pairs with mix_builtin.
 
+    With ``labels.mix_wrong_answers`` and the built-in task's pairs, one more wrong-answer pair
+    per training prompt.
     With ``rm.data.schema`` ``preference`` (the default), the labelled pairs as they are. With
     ``ratings``, ratings rows: with gold labels of every candidate pair, each prompt's
     candidates ranked by gold (:func:`gold_groups`); otherwise one K = 2 row per labelled pair,
@@ -171,9 +177,11 @@ def _rm_train_file(cfg: PipelineConfig, run: Path) -> Path:
     """
     pairs = run / "pairs.jsonl"
     builtin: list[dict[str, Any]] = []
-    if cfg.labels.mix_builtin:
-        source, split = _seen(cfg, run, cfg.rm.data.train, cfg.rm.data.train_split)
-        builtin = [r.data for r in load_rows(source, split=split)]
+    sources = [(cfg.rm.data.train, cfg.rm.data.train_split)] if cfg.labels.mix_builtin else []
+    if sources and cfg.labels.mix_wrong_answers and cfg.rm.data.train == BUILTIN_PAIRS:
+        sources.append((WRONG_ANSWERS, "train"))
+    for source, split in (_seen(cfg, run, *s) for s in sources):
+        builtin += [r.data for r in load_rows(source, split=split)]
     if cfg.rm.data.schema != "ratings":
         if not builtin:
             return pairs

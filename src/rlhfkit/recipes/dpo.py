@@ -53,7 +53,7 @@ from rlhfkit.data.schemas import load_examples
 from rlhfkit.data.sources import data_section_problems
 from rlhfkit.errors import ConfigError
 from rlhfkit.losses.kto import kto_unpaired_from_pairs, kto_z0_batch_rejected
-from rlhfkit.losses.preference import PREFERENCE_LOSSES
+from rlhfkit.losses.preference import PREFERENCE_LOSSES, rpo_loss
 from rlhfkit.models.forward import sequence_logprobs
 from rlhfkit.models.heads import supports_prefix_trees
 from rlhfkit.recipes.dpo_eval import gold_comparison, heldout_metrics, kl_metrics, pair_metrics
@@ -117,6 +117,9 @@ class DPOAlgoConfig:
     """orpo: weight of the odds-ratio term."""
     rpo_alpha: float = 1.0
     """rpo: weight of the chosen reply's length-normalised NLL."""
+    rpo_nll_min_margin: float | None = None
+    """rpo: the NLL only on pairs whose margin (the data's ``margin`` field, 0 where absent) is
+    at least this, so that only clearly better replies are imitated; None: on every pair."""
     odpo_alpha: float = 1.0
     """odpo: offset scale (offset = alpha * log(score_c - score_r), scores from the data)."""
     kto_lambda_d: float = 1.0
@@ -131,6 +134,8 @@ class DPOAlgoConfig:
             out.append(("beta", f"must be positive, got {self.beta}"))
         if not 0.0 <= self.label_smoothing < 0.5:
             out.append(("label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing}"))
+        if self.rpo_nll_min_margin is not None and PREFERENCE_LOSSES[self.loss].fn is not rpo_loss:
+            out.append(("rpo_nll_min_margin", f"applies to loss rpo only, not {self.loss}"))
         return out
 
 
@@ -236,6 +241,8 @@ def make_step_loss(model: torch.nn.Module, cfg: DPOAlgoConfig):
             inputs["ref_chosen_logprobs"], inputs["ref_rejected_logprobs"] = ref[:, 0], ref[:, 1]
         if "score_chosen" in spec.extra_inputs:
             inputs["score_chosen"], inputs["score_rejected"] = batch["scores"].unbind(-1)
+        if cfg.rpo_nll_min_margin is not None:  # rpo only (checked with the config)
+            inputs["nll_weights"] = (batch["margins"] >= cfg.rpo_nll_min_margin).to(sums.dtype)
         if not spec.paired:  # KTO on pairs: chosen desirable, rejected undesirable
             del inputs["chosen_tokens"], inputs["rejected_tokens"]
             inputs = kto_unpaired_from_pairs(**inputs)

@@ -9,6 +9,9 @@
   reply against a perturbation of it), each with its programmatic gold scores
   (``preferences.py``, whose ``gold_score`` judges any completion of these prompts); schema
   ``preference``.
+- ``builtin:wrong_answers``: the same prompts' reference replies against the same working with
+  a wrong final answer, one pair per instruction row (``preferences.py``): what a reward model
+  needs to learn correctness rather than format; schema ``preference``.
 - ``builtin:countdown``: Countdown problems (reach a target with + - * / on 3-4 given numbers,
   each at most once), checked by the ``countdown`` verifier (``countdown.py``); schema
   ``verifiable``.
@@ -50,6 +53,7 @@ BUILTIN: dict[str, Callable[[str], list[dict[str, Any]]]] = {
     "instructions": instructions.builtin_split,
     "arithmetic": arithmetic.builtin_split,
     "preferences": preferences.builtin_split,
+    "wrong_answers": preferences.wrong_answers_split,
     "countdown": countdown.builtin_split,
     "strings": strings.builtin_split,
     "calculator": tool_tasks.calculator_split,

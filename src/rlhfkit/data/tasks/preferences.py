@@ -63,6 +63,8 @@ MAX_LENGTH_PENALTY = 0.5
 MIN_GAP = 0.25
 """Smallest gold difference between the chosen and rejected completion of a kept pair."""
 PAIRS_PER_ROW = 2
+WRONG_ANSWERS_PER_ROW = 1
+"""Pairs per instruction row of ``builtin:wrong_answers`` (:func:`build_wrong_answers`)."""
 CASE_TASKS = frozenset({"uppercase", "lowercase"})
 """Tasks whose answers are compared case-sensitively."""
 
@@ -444,9 +446,55 @@ def _row_pairs(
     return pairs
 
 
+def build_wrong_answers(
+    rows: Sequence[dict[str, Any]], *, seed: int | str, per_row: int = WRONG_ANSWERS_PER_ROW
+) -> list[dict[str, Any]]:
+    """Correctness pairs: each instruction row's reference against distinct wrong answers.
+
+    Args:
+        rows: ``builtin:instructions`` rows of one split.
+        seed: Seed of the ``random.Random`` behind every choice.
+        per_row: Pairs per row, each with another wrong answer (fewer where the row's
+            wrong-answer maker gives fewer distinct ones in ``4 * per_row`` draws).
+
+    Returns:
+        Rows of category ``wrong_answer`` in instruction-row order (the :func:`build` fields).
+    """
+    rng = random.Random(seed)
+    pairs: list[dict[str, Any]] = []
+    for row in rows:
+        ctx, seen = _context(row, ()), set()
+        for _ in range(4 * per_row):
+            pair = _pair(row, ctx, "wrong_answer", rng)
+            if pair is not None and pair["rejected"] not in seen:
+                seen.add(pair["rejected"])
+                pairs.append(pair)
+            if len(seen) == per_row:
+                break
+    return pairs
+
+
 @lru_cache(maxsize=2)
 def _cached_split(split: str) -> tuple[dict[str, Any], ...]:
     return tuple(build(instruction_rows(split), seed=f"{SEED}:{split}"))
+
+
+@lru_cache(maxsize=2)
+def _cached_wrong_answers(split: str) -> tuple[dict[str, Any], ...]:
+    return tuple(build_wrong_answers(instruction_rows(split), seed=f"{SEED}:wrong:{split}"))
+
+
+def wrong_answers_split(split: str) -> list[dict[str, Any]]:
+    """The ``builtin:wrong_answers`` rows of one split (:func:`build_wrong_answers`).
+
+    These pairs teach a reward model whether the final answer is right, not only the format.
+
+    Raises:
+        ValueError: An unknown split.
+    """
+    if split not in ("train", "heldout"):
+        raise ValueError(f"unknown split {split!r}; use 'train' or 'heldout'")
+    return copy.deepcopy(list(_cached_wrong_answers(split)))
 
 
 def builtin_split(split: str) -> list[dict[str, Any]]:
