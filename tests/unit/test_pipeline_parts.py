@@ -281,3 +281,17 @@ def test_gold_labels_give_each_pair_its_gold_margin(tmp_path):
         (formatted, bare): 0.3, ("v\nAnswer: 3", bare): 0.3,
     }  # fmt: skip
     assert set(pipeline_labels.MARGINS) == {"gold"}  # the other modes give a preference only
+
+
+def test_rpo_imitates_only_clearly_better_replies_where_labels_give_margins(tmp_path, monkeypatch):
+    """The default keeps RPO's NLL to pairs 0.5 gold apart; labels without margins (an LLM
+    judge, people) keep it on every pair rather than dropping it."""
+    seen = {}
+    monkeypatch.setattr(pipeline.dpo, "main", lambda cfg: seen.update(algo=cfg.algo))
+    cfg = pipeline.PipelineConfig()
+    assert cfg.dpo.algo.loss == "rpo" and cfg.dpo.algo.rpo_nll_min_margin == 0.5
+    pipeline.run_optimise(cfg, tmp_path)
+    assert seen["algo"].rpo_nll_min_margin == 0.5
+    for mode in ("judge", "human", "ai", "rubric"):
+        pipeline.run_optimise(replace(cfg, labels=replace(cfg.labels, mode=mode)), tmp_path)
+        assert seen["algo"].rpo_nll_min_margin is None and seen["algo"].rpo_alpha == 8.0
