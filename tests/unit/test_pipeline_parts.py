@@ -294,4 +294,4 @@ def test_rpo_imitates_only_clearly_better_replies_where_labels_give_margins(tmp_
     assert seen["algo"].rpo_nll_min_margin == 0.5
     for mode in ("judge", "human", "ai", "rubric"):
         pipeline.run_optimise(replace(cfg, labels=replace(cfg.labels, mode=mode)), tmp_path)
-        assert seen["algo"].rpo_nll_min_margin is None and seen["algo"].rpo_alpha == 8.0
+        assert seen["algo"].rpo_nll_min_margin is None and seen["algo"].rpo_alpha == 12.0

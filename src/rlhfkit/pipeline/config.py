@@ -181,7 +181,7 @@ class PipelineConfig:
     dpo: dpo.DPOConfig = field(
         default_factory=lambda: dpo.DPOConfig(
             data=dpo.DPODataConfig(eval=None),
-            algo=dpo.DPOAlgoConfig(loss="rpo", rpo_alpha=8.0, rpo_nll_min_margin=0.5),
+            algo=dpo.DPOAlgoConfig(loss="rpo", rpo_alpha=12.0, rpo_nll_min_margin=0.5),
             optim=OptimConfig(lr=2e-5, warmup_ratio=0.1),
             loop=LoopConfig(batch_size=16, epochs=1.0, save_every=16, micro_batch_tokens=1024),
             eval=dpo.DPOEvalConfig(win_rate=False),
@@ -192,9 +192,10 @@ class PipelineConfig:
     likelihood from falling as plain DPO lets it; plain DPO at lr 3e-5 lost gold reward). The
     NLL covers only pairs at least 0.5 apart in gold (a right answer against a wrong one: two
     thirds of the pairs only prefer a well-formatted wrong answer to a badly formatted one, and
-    imitating those taught wrong answers), weighted 8: on the embedded model that gained
-    0.082 / 0.090 gold on two seeds where the NLL on every pair at weight 3 gained 0.068 / 0.075
-    (labels without margins keep the NLL on every pair). The pipeline's eval stage does the
+    imitating those taught wrong answers), weighted 12: on the embedded model that gained
+    0.067 / 0.125 gold on two seeds' SFT models and pairs where the NLL on every pair at weight
+    3 gained 0.068 / 0.075, at about the same KL (labels without margins keep the NLL on every
+    pair). The pipeline's eval stage does the
     evaluation, so DPO's own win-rate pass is off."""
     eval: EvalStageConfig = field(default_factory=EvalStageConfig)
     unseen_tasks: tuple[str, ...] = UNSEEN_TASKS
