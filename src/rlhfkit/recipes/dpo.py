@@ -298,6 +298,11 @@ def main(cfg: DPOConfig) -> Path:
     ctx.packing = supports_padding_free(ctx.model)
     train, held_out, counts = prepare(ctx, cfg)
     log.info("data: %s; held-out pairs: %d", counts, len(held_out.pairs) if held_out else 0)
+    if (gate := cfg.algo.rpo_nll_min_margin) is not None:
+        kept = sum(p.margin >= gate for p in train.pairs)
+        log.info("rpo: the NLL covers %d of %d pairs (margin >= %g)", kept, len(train.pairs), gate)
+        if not kept:
+            log.warning("rpo: no pair has a margin >= %g; the NLL term is off", gate)
     if len(train.pairs) < cfg.loop.batch_size:
         raise ConfigError(
             f"{cfg.data.train}: {len(train.pairs)} usable pairs < --loop.batch-size "
