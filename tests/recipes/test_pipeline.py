@@ -266,6 +266,7 @@ def test_rubric_labels_need_no_judge(tiny_model_dir, tmp_path):
         ("It is down.\nAnswer: down", "Answer: up"),
         ("Answer: up", "Sorry, I cannot."),
     }
+    assert not any("margin" in p for p in pairs)  # only gold labels give one
     assert json.loads((run / "labels_quality.json").read_text())["gold_agreement"] == 1.0
 
 

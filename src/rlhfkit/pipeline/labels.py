@@ -25,7 +25,7 @@ from typing import Any
 from rich.console import Console
 
 from rlhfkit.atomic import atomic_write_text
-from rlhfkit.data.tasks.preferences import gold_prefers, gold_score
+from rlhfkit.data.tasks.preferences import gold_margin, gold_score, preference_of
 from rlhfkit.pipeline.config import PipelineConfig
 
 log = logging.getLogger(__name__)
@@ -96,15 +96,9 @@ def gold_groups(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return groups
 
 
-def _gold_margin(chosen: str, rejected: str, pair: dict[str, Any]) -> float:
-    """gold(chosen) - gold(rejected), rounded to 4 decimals."""
-    gold = [gold_score(t, pair["reference"], pair["task"]) for t in (chosen, rejected)]
-    return round(gold[0] - gold[1], 4)
-
-
-MARGINS: dict[str, Callable[[str, str, dict[str, Any]], float]] = {"gold": _gold_margin}
-"""Label modes whose pairs carry a ``margin`` (how much better the chosen reply is), which
-RPO's ``rpo_nll_min_margin`` reads; the other modes give a preference only."""
+MARGIN_MODES = frozenset({"gold"})
+"""Label modes whose pairs carry a ``margin`` (gold(chosen) - gold(rejected)), which RPO's
+``rpo_nll_min_margin`` reads; the other modes give a preference only."""
 
 
 def _human_choices(cfg: PipelineConfig, run: Path, pairs: list[dict[str, Any]]) -> list | None:
@@ -212,10 +206,13 @@ def _rubric_choices(
 
 
 def _label_quality(
-    pairs: list[dict[str, Any]], choices: list[float | None]
+    pairs: list[dict[str, Any]], choices: list[float | None], margins: list[float]
 ) -> dict[str, float | None]:
-    """How many pairs got a preference, and how often it agrees with the gold judge's."""
-    gold = [gold_prefers(p["a"], p["b"], p["reference"], p["task"]) for p in pairs]
+    """How many pairs got a preference, and how often it agrees with the gold judge's.
+
+    ``margins`` holds each pair's gold(a) - gold(b).
+    """
+    gold = [preference_of(m) for m in margins]
     both = [(c, g) for c, g in zip(choices, gold, strict=True)
             if c is not None and c != 0.5 and g != 0.5]  # fmt: skip
     return {
@@ -230,8 +227,9 @@ def run_labels(cfg: PipelineConfig, run: Path) -> bool:
     """Step 3; False when human labels are still missing (the pipeline stops there)."""
     rows = [json.loads(line) for line in (run / "candidates.jsonl").read_text().splitlines()]
     pairs = pairs_of(rows, cfg.candidates.pairs_per_prompt)
+    margins = [gold_margin(p["a"], p["b"], p["reference"], p["task"]) for p in pairs]
     labelers: dict[str, Callable[[], list[float | None] | None]] = {
-        "gold": lambda: [gold_prefers(p["a"], p["b"], p["reference"], p["task"]) for p in pairs],
+        "gold": lambda: [preference_of(m) for m in margins],
         "judge": lambda: _judge_choices(cfg, pairs),
         "ai": lambda: _ai_choices(cfg, run, pairs, quality),
         "rubric": lambda: _rubric_choices(cfg, run, pairs, quality),
@@ -246,20 +244,19 @@ def run_labels(cfg: PipelineConfig, run: Path) -> bool:
             '(one {"id": ..., "choice": "a" | "b" | "tie"} per line), then run the same command.'
         )
         return False
-    margin = MARGINS.get(cfg.labels.mode)
     out = []
-    for p, c in zip(pairs, choices, strict=True):
+    for p, c, m in zip(pairs, choices, margins, strict=True):
         if c is None or c == 0.5:  # ties and unparseable verdicts carry no preference
             continue
         chosen, rejected = (p["a"], p["b"]) if c == 1.0 else (p["b"], p["a"])
         row = {"prompt": p["prompt"], "chosen": chosen, "rejected": rejected}
-        if margin is not None:
-            row["margin"] = margin(chosen, rejected, p)
+        if cfg.labels.mode in MARGIN_MODES:
+            row["margin"] = round(abs(m), 4)
         out.append({**row, "category": "sampled", "source": cfg.labels.mode})
     if not out and not cfg.labels.mix_builtin:
         raise ValueError("labelling left no pair with a preference (every pair was a tie)")
     random.Random(0).shuffle(out)
-    quality.update(_label_quality(pairs, choices))
+    quality.update(_label_quality(pairs, choices, margins))
     atomic_write_text(run / "labels_quality.json", json.dumps(quality, indent=2))
     log.info("labels: %s", quality)
     atomic_write_text(run / "pairs.jsonl", jsonl_text(out))

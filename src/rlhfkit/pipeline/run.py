@@ -63,7 +63,7 @@ from rlhfkit.pipeline.config import OptimiseConfig as OptimiseConfig
 from rlhfkit.pipeline.config import PipelineConfig
 from rlhfkit.pipeline.ensemble import rl_reward_spec, train_members
 from rlhfkit.pipeline.evaluation import evaluate_stage, report_data
-from rlhfkit.pipeline.labels import MARGINS, gold_groups, jsonl_text, pair_groups, run_labels
+from rlhfkit.pipeline.labels import MARGIN_MODES, gold_groups, jsonl_text, pair_groups, run_labels
 from rlhfkit.recipes import distill, dpo, reward_model, sft
 from rlhfkit.recipes import policy_gradient as pg
 from rlhfkit.rollout.vllm_server import require_engine
@@ -216,7 +216,7 @@ def run_optimise(cfg: PipelineConfig, run: Path) -> None:
         data = replace(cfg.dpo.data, train=str(run / "pairs.jsonl"), train_split="train")
         loop = replace(cfg.dpo.loop, resume=_resume(run / "policy"))
         algo = cfg.dpo.algo
-        if algo.rpo_nll_min_margin is not None and cfg.labels.mode not in MARGINS:
+        if algo.rpo_nll_min_margin is not None and cfg.labels.mode not in MARGIN_MODES:
             log.info("optimise: %s labels carry no margin; RPO's NLL covers every pair",
                      cfg.labels.mode)  # fmt: skip
             algo = replace(algo, rpo_nll_min_margin=None)

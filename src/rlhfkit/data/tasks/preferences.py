@@ -182,6 +182,16 @@ def gold_score(completion: str, reference: str, task: str | None = None) -> floa
     return round(score, 10)  # drops float noise such as 0.27999999999999997
 
 
+def gold_margin(a: str, b: str, reference: str, task: str | None = None) -> float:
+    """gold(a) - gold(b) for two completions of the same prompt (see :func:`gold_score`)."""
+    return gold_score(a, reference, task) - gold_score(b, reference, task)
+
+
+def preference_of(margin: float) -> float:
+    """1.0 if ``margin`` > 0, 0.0 if < 0, 0.5 (a tie) if it is within 1e-9 of 0."""
+    return 0.5 if abs(margin) < 1e-9 else float(margin > 0)
+
+
 def gold_prefers(a: str, b: str, reference: str, task: str | None = None) -> float:
     """Gold preference between two completions of the same prompt.
 
@@ -194,8 +204,7 @@ def gold_prefers(a: str, b: str, reference: str, task: str | None = None) -> flo
     Returns:
         1.0 if ``a`` scores higher, 0.0 if ``b`` does, 0.5 if the scores differ by < 1e-9.
     """
-    diff = gold_score(a, reference, task) - gold_score(b, reference, task)
-    return 0.5 if abs(diff) < 1e-9 else float(diff > 0)
+    return preference_of(gold_margin(a, b, reference, task))
 
 
 # --- Wrong answers: (answer, rng) -> a plausible wrong answer ----------------------------------
