@@ -12,6 +12,11 @@ caller asks (:meth:`PreallocatedLayer.batch_select_indices`), which the sampler 
 (:data:`rlhfkit.rollout.sampler.COMPACT_FRACTION`). The attention it feeds computes exactly what
 it computed on ``DynamicCache``: the same keys and values, in the same order.
 
+The buffers are zero-filled when allocated, so every position beyond the filled part holds a
+finite value (zeros, or keys of positions since cropped): a step that attends over a whole
+buffer with the unfilled part masked (:class:`rlhfkit.models.decode.DecodeStep`) multiplies
+them by weights of exactly 0 and adds exact zeros.
+
 transformers' ``StaticLayer`` writes in place too, but hands attention its whole buffer every
 step (a mask hides the unfilled part, so each step attends over the capacity) and cannot drop or
 repeat rows, which the sampler needs.
@@ -46,8 +51,8 @@ class PreallocatedLayer(DynamicLayer):
         self.device = key_states.device
         b, heads, n, d = key_states.shape
         size = max(self.capacity, n)
-        self._keys = key_states.new_empty(b, heads, size, d)
-        self._values = value_states.new_empty(b, heads, size, value_states.shape[-1])
+        self._keys = key_states.new_zeros(b, heads, size, d)
+        self._values = value_states.new_zeros(b, heads, size, value_states.shape[-1])
         self.is_initialized = True
 
     def _views(self) -> None:
@@ -65,8 +70,7 @@ class PreallocatedLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         end = self.length + key_states.shape[-2]
-        if end > self._keys.shape[-2]:
-            self._grow(max(end, 2 * self._keys.shape[-2]))
+        self.reserve(end)
         self._keys[:, :, self.length : end] = key_states
         self._values[:, :, self.length : end] = value_states
         self.length = end
@@ -76,13 +80,23 @@ class PreallocatedLayer(DynamicLayer):
     def _grow(self, size: int) -> None:
         for name in ("_keys", "_values"):
             old = getattr(self, name)
-            new = old.new_empty(*old.shape[:2], size, old.shape[-1])
+            new = old.new_zeros(*old.shape[:2], size, old.shape[-1])
             new[:, :, : self.length] = old[:, :, : self.length]
             setattr(self, name, new)
 
     def get_seq_length(self) -> int:
         """Filled positions."""
         return self.length
+
+    def reserve(self, size: int) -> None:
+        """Make room for ``size`` positions (the buffers double until they hold it)."""
+        if size > self._keys.shape[-2]:
+            self._grow(max(size, 2 * self._keys.shape[-2]))
+
+    def advance(self, n: int) -> None:
+        """Count ``n`` more positions as filled (written into the buffers by the caller)."""
+        self.length += n
+        self._views()
 
     def crop(self, tokens_to_remove: int) -> None:
         """Forget the last ``-tokens_to_remove`` positions (transformers' convention: negative)."""
@@ -109,14 +123,37 @@ class PreallocatedLayer(DynamicLayer):
         if self.is_initialized:
             for name in ("_keys", "_values"):
                 old = getattr(self, name)
-                new = old.new_empty(len(indices), *old.shape[1:])
+                new = old.new_zeros(len(indices), *old.shape[1:])
                 new[:, :, : self.length] = old[indices, :, : self.length]
                 setattr(self, name, new)
             self._views()
 
 
 class PreallocatedCache(DynamicCache):
-    """A ``DynamicCache`` whose layers are :class:`PreallocatedLayer` of ``capacity`` positions."""
+    """A ``DynamicCache`` whose layers are :class:`PreallocatedLayer` of ``capacity`` positions.
+
+    Besides transformers' interface (the model's forward calls ``update``), a caller that
+    computes the step itself (:class:`rlhfkit.models.decode.DecodeStep`) writes into
+    :meth:`buffers` after :meth:`reserve` and then calls :meth:`advance`.
+    """
 
     def __init__(self, capacity: int) -> None:
         Cache.__init__(self, layer_class_to_replicate=partial(PreallocatedLayer, capacity))
+
+    def buffers(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Every layer's whole key and value buffer (filled part, then finite values).
+
+        Shapes:
+            each: (B, H_kv, capacity, D).
+        """
+        return [layer._keys for layer in self.layers], [layer._values for layer in self.layers]
+
+    def reserve(self, size: int) -> None:
+        """Make room for ``size`` positions in every layer."""
+        for layer in self.layers:
+            layer.reserve(size)
+
+    def advance(self, n: int = 1) -> None:
+        """Count ``n`` more positions as filled in every layer."""
+        for layer in self.layers:
+            layer.advance(n)

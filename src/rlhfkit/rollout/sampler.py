@@ -28,13 +28,17 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 
+from rlhfkit.models.decode import DecodeStep, decode_step
 from rlhfkit.rollout.hf import SamplingConfig
 from rlhfkit.rollout.kv_cache import PreallocatedCache
 from rlhfkit.types import FinishReason, Rollout
+
+DecodeMode = Literal["auto", "model"]
+"""How :class:`HFGenerator` runs decode steps (see its ``decode`` argument)."""
 
 
 @runtime_checkable
@@ -203,6 +207,10 @@ class HFGenerator:
         eos_ids: Ids that end a completion with "eos".
         stop_ids: Further ids that end a completion with "stop".
         tokenizer: Needed only for stop strings (to decode completions).
+        decode: ``"auto"`` runs decode steps through :class:`rlhfkit.models.decode.DecodeStep`
+            where :func:`rlhfkit.models.decode.decode_step` accepts the model (Llama-family
+            layers on CPU) and through the model's forward otherwise; ``"model"`` always
+            through the model's forward. The prefill always runs the model's forward.
     """
 
     def __init__(
@@ -213,8 +221,11 @@ class HFGenerator:
         eos_ids: Sequence[int],
         stop_ids: Sequence[int] = (),
         tokenizer: Any = None,
+        decode: DecodeMode = "auto",
     ) -> None:
-        self.model, self.pad_id = model, pad_id
+        if decode not in ("auto", "model"):
+            raise ValueError(f"decode must be 'auto' or 'model', not {decode!r}")
+        self.model, self.pad_id, self.decode = model, pad_id, decode
         self.eos_ids, self.stop_ids = set(eos_ids), set(stop_ids)
         self.tokenizer = tokenizer
         # transformers 5 renamed ``past_key_values`` to ``cache`` (the old name warns)
@@ -332,6 +343,12 @@ class HFGenerator:
         """One batch: completions, their log-probabilities, finish reasons and entropies."""
         stops, g = tuple(sampling.stop), sampling.num_samples
         cache, logits, attention, next_pos = self._prefill(prompts, g, sampling.max_new_tokens)
+        fast = decode_step(self.model) if self.decode == "auto" else None
+        forward = (
+            _ModelSteps(self.model, self._cache_kw, attention)
+            if fast is None
+            else _FusedSteps(fast, attention, cache.get_seq_length() + sampling.max_new_tokens)
+        )
         n = len(prompts) * g
         buffers = VocabBuffers(n, logits.shape[-1], logits.device)
         batch = n  # rows in the batch, finished ones included
@@ -364,18 +381,75 @@ class HFGenerator:
                 live, tokens, alive = live[index.cpu()], tokens[index], alive[index]
             if len(alive) <= (1 - COMPACT_FRACTION) * batch:  # drop finished rows at last
                 cache.batch_select_indices(alive)
-                attention, next_pos = attention[alive], next_pos[alive]
+                forward.select(alive)
+                next_pos = next_pos[alive]
                 batch, alive = len(live), torch.arange(len(live), device=alive.device)
             step_tokens = tokens
             if len(alive) < batch:  # finished rows are fed padding, their outputs ignored
                 step_tokens = tokens.new_full((batch,), self.pad_id).index_copy_(0, alive, tokens)
-            attention = torch.cat([attention, attention.new_ones(batch, 1)], dim=1)
-            out = self.model(
-                input_ids=step_tokens[:, None], attention_mask=attention,
-                position_ids=next_pos[:, None], **{self._cache_kw: cache}, use_cache=True,
-            )  # fmt: skip
-            logits, next_pos = out.logits[:, -1], next_pos + 1
+            logits, next_pos = forward(step_tokens, next_pos, cache), next_pos + 1
         return completions, logprobs, reasons, entropies
+
+
+class _ModelSteps:
+    """Decode steps through the model's own forward; it keeps the attention mask it needs.
+
+    Shapes:
+        attention: (B, W) 0/1, one column more per step.
+    """
+
+    def __init__(self, model: torch.nn.Module, cache_kw: str, attention: torch.Tensor) -> None:
+        self.model, self.cache_kw, self.attention = model, cache_kw, attention
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only ``rows`` of the batch."""
+        self.attention = self.attention[rows]
+
+    def __call__(
+        self, tokens: torch.Tensor, positions: torch.Tensor, cache: PreallocatedCache
+    ) -> torch.Tensor:
+        """Logits (B, V) after feeding ``tokens`` (B,) at ``positions`` (B,)."""
+        attention = self.attention
+        self.attention = torch.cat([attention, attention.new_ones(len(attention), 1)], dim=1)
+        out = self.model(
+            input_ids=tokens[:, None], attention_mask=self.attention,
+            position_ids=positions[:, None], **{self.cache_kw: cache}, use_cache=True,
+        )  # fmt: skip
+        return out.logits[:, -1]
+
+
+class _FusedSteps:
+    """Decode steps through :class:`DecodeStep`, attending over the cache's whole buffers.
+
+    Shapes:
+        mask: (B, C) bool over the buffer positions: the prompt's attention, then True for
+        every position fed since (finished rows too, as the model's path does).
+    """
+
+    def __init__(self, step: DecodeStep, attention: torch.Tensor, capacity: int) -> None:
+        self.step = step
+        self.mask = attention.new_zeros(len(attention), capacity, dtype=torch.bool)
+        self.mask[:, : attention.shape[1]] = attention.bool()
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only ``rows`` of the batch."""
+        self.mask = self.mask[rows]
+
+    def __call__(
+        self, tokens: torch.Tensor, positions: torch.Tensor, cache: PreallocatedCache
+    ) -> torch.Tensor:
+        """Logits (B, V) after feeding ``tokens`` (B,) at ``positions`` (B,)."""
+        length = cache.get_seq_length()
+        cache.reserve(length + 1)
+        keys, values = cache.buffers()
+        if keys[0].shape[2] > self.mask.shape[1]:  # the cache grew: the mask follows
+            grown = self.mask.new_zeros(len(self.mask), keys[0].shape[2])
+            grown[:, : self.mask.shape[1]] = self.mask
+            self.mask = grown
+        self.mask[:, length] = True
+        logits = self.step(tokens, positions, self.mask, keys, values, length)
+        cache.advance(1)
+        return logits
 
 
 def chat_generator(model: torch.nn.Module, tokenizer: Any) -> HFGenerator:

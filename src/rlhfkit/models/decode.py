@@ -1,0 +1,235 @@
+"""One decode step of a Llama-family model in few operators: the sampler's fast path on CPU.
+
+A decode step feeds one token per row through every layer. Through the model's own forward, the
+embedded model (30 layers) runs about 4,700 operators per step, most of them on (64 x 576)
+blocks that take microseconds, plus the Python of the modules around them; its matmuls, the
+only real work, take about half of the step. :class:`DecodeStep` computes the same function
+with the weights of the same modules in about 35 operators per layer:
+
+1. h = embed(token); cos, sin from the model's own rotary module at each row's position.
+2. Per layer: x = RMSNorm(h); [q k v] = x W_qkv^T (one matmul over the three projections'
+   weights stacked); rotary on q and k together; k and v written at column ``length`` of the
+   layer's key/value buffers; attention over the whole buffer with a mask (rows of the buffer
+   beyond the filled part hold zeros and are masked); h += o W_o^T; x = RMSNorm(h);
+   [g u] = x W_gu^T; h += (silu(g) * u) W_down^T.
+3. logits = RMSNorm(h) W_head^T.
+
+Attention reads the whole buffer, not a view of its filled part: on CPU, ``bmm`` copies any
+operand whose batch stride is not packed, and a view of the first L of C positions is not, so
+the view costs a copy of the cache per layer and step (in bf16, 64 rows, 3 key/value heads of
+64: 0.32-0.56 ms per product over 64-192 positions, against 0.07-0.15 ms for the packed
+buffer). Masked positions get weight exactly 0 and their keys and values are zeros, so they add
+exact zeros to every sum.
+
+Only models whose layers are checked to compute exactly these formulas take this path
+(:func:`decode_step`): the Llama, Mistral and Qwen2 decoder layers, plain ``nn.Linear``
+projections (no LoRA wrapper, no quantised weights), SiLU, RMSNorm of transformers' formula,
+full attention, no hooks. Everything else decodes through the model's own forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from rlhfkit.models.fused import _is_plain_rms_norm, _same_formula
+from rlhfkit.ops.fused import rms_norm
+
+DECODE_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
+"""``config.model_type`` values whose decoder layers :class:`DecodeStep` reproduces."""
+
+
+@dataclass(frozen=True)
+class LayerWeights:
+    """One layer's weights as :class:`DecodeStep` uses them.
+
+    Shapes:
+        qkv: ((H + 2 H_kv) D, hidden); qkv_bias: ((H + 2 H_kv) D,) or None; out: (hidden, H D);
+        gate_up: (2 I, hidden); down: (hidden, I); norms: (hidden,).
+    """
+
+    qkv: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    out: torch.Tensor
+    gate_up: torch.Tensor
+    down: torch.Tensor
+    attn_norm: torch.Tensor
+    mlp_norm: torch.Tensor
+
+
+class DecodeStep:
+    """The decode step of a Llama-family model (see the module docstring).
+
+    Build it with :func:`decode_step`, once per sampling call: it stacks the projection weights
+    (W_qkv, W_gu), so a model trained after it was built needs a new one.
+
+    Args:
+        model: The causal LM (checked by :func:`decode_step`).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        inner = model.model
+        attn = inner.layers[0].self_attn
+        self.heads = model.config.num_attention_heads
+        self.kv_heads = model.config.num_key_value_heads
+        self.head_dim = attn.head_dim
+        self.scale = attn.scaling
+        self.intermediate = inner.layers[0].mlp.gate_proj.out_features
+        self.eps = inner.norm.variance_epsilon
+        self.embed = inner.embed_tokens.weight
+        self.final_norm = inner.norm.weight
+        self.head = model.lm_head.weight
+        self.rotary = inner.rotary_emb
+        self.layers = [_layer_weights(layer) for layer in inner.layers]
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor,
+        keys: list[torch.Tensor],
+        values: list[torch.Tensor],
+        length: int,
+    ) -> torch.Tensor:
+        """Feed one token per row; write its keys and values at ``length``; return the logits.
+
+        Args:
+            tokens: The new token of each row.
+            positions: Its position id (rotary).
+            mask: Which buffer positions each row attends to (True = attend); it must already
+                include ``length``.
+            keys: Per layer, the key buffer; positions ``length`` and later are written or
+                zero.
+            values: Per layer, the value buffer, likewise.
+            length: The buffer position the new token's keys and values go to.
+
+        Shapes:
+            tokens, positions: (B,) long; mask: (B, C) bool; keys, values: (B, H_kv, C, D);
+            returns (B, V) in the model's dtype.
+        """
+        b, heads, kv_heads, d = tokens.shape[0], self.heads, self.kv_heads, self.head_dim
+        groups, capacity = heads // kv_heads, mask.shape[1]
+        h = self.embed[tokens]  # (B, hidden)
+        cos, sin = self.rotary(h[:, None], positions[:, None])  # (B, 1, D) each
+        # 0 where a row attends, -inf elsewhere, once per key/value head: (B H_kv, 1, C)
+        bias = torch.zeros(mask.shape, dtype=h.dtype).masked_fill_(~mask, float("-inf"))
+        bias = bias[:, None].expand(b, kv_heads, capacity).reshape(b * kv_heads, 1, capacity)
+        qk_width = (heads + kv_heads) * d
+        for w, k_buf, v_buf in zip(self.layers, keys, values, strict=True):
+            qkv = rms_norm(h, w.attn_norm, self.eps) @ w.qkv.T
+            if w.qkv_bias is not None:
+                qkv = qkv + w.qkv_bias
+            qk = _rotate(qkv[:, :qk_width].view(b, heads + kv_heads, d), cos, sin)
+            k_buf[:, :, length] = qk[:, heads:]
+            v_buf[:, :, length] = qkv[:, qk_width:].view(b, kv_heads, d)
+            q = (qk[:, :heads] * self.scale).view(b * kv_heads, groups, d)
+            keys_t = k_buf.view(b * kv_heads, capacity, d).transpose(1, 2)
+            scores = torch.baddbmm(bias, q, keys_t)  # (B H_kv, G, C)
+            dtype = torch.promote_types(scores.dtype, torch.float32)
+            weights = torch.softmax(scores, dim=-1, dtype=dtype).to(v_buf.dtype)
+            attended = weights @ v_buf.view(b * kv_heads, capacity, d)  # (B H_kv, G, D)
+            h = h + attended.view(b, heads * d) @ w.out.T
+            gate_up = rms_norm(h, w.mlp_norm, self.eps) @ w.gate_up.T
+            act = nn.functional.silu(gate_up[:, : self.intermediate])
+            h = h + (act * gate_up[:, self.intermediate :]) @ w.down.T
+        return rms_norm(h, self.final_norm, self.eps) @ self.head.T
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding: x cos + rotate_half(x) sin, with rotate_half(x) = [-x2, x1].
+
+    Shapes:
+        x: (B, heads, D); cos, sin: (B, 1, D); returns (B, heads, D).
+    """
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+
+
+def _layer_weights(layer: nn.Module) -> LayerWeights:
+    attn, mlp = layer.self_attn, layer.mlp
+    projections = (attn.q_proj, attn.k_proj, attn.v_proj)
+    biases = [p.bias for p in projections]
+    return LayerWeights(
+        qkv=torch.cat([p.weight for p in projections]),
+        qkv_bias=None if biases[0] is None else torch.cat(biases),
+        out=attn.o_proj.weight,
+        gate_up=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
+        down=mlp.down_proj.weight,
+        attn_norm=layer.input_layernorm.weight,
+        mlp_norm=layer.post_attention_layernorm.weight,
+    )
+
+
+def _hooked(model: nn.Module) -> bool:
+    """Does any module run hooks in its forward (steering, recording, sharding)?"""
+    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+@torch.no_grad()
+def _is_silu(act: object) -> bool:
+    """Is ``act`` SiLU (``nn.SiLU`` or transformers' activation), checked on a probe?"""
+    if not isinstance(act, nn.Module) or "silu" not in type(act).__name__.lower():
+        return False
+    probe = torch.linspace(-6.0, 6.0, 97)
+    return torch.equal(act(probe), nn.functional.silu(probe))
+
+
+def _plain_layer(layer: nn.Module) -> bool:
+    """Is this decoder layer exactly the Llama formula :class:`DecodeStep` computes?"""
+    attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+    linears = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    linears += [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
+    if not all(type(m) is nn.Linear for m in linears):
+        return False
+    q, k, v, o, gate, up, down = linears
+    biases = [m.bias is not None for m in (q, k, v)]
+    norms = [getattr(layer, n, None) for n in ("input_layernorm", "post_attention_layernorm")]
+    return (
+        len(set(biases)) == 1
+        and all(m.bias is None for m in (o, gate, up, down))
+        and _is_silu(getattr(mlp, "act_fn", None))
+        and all(n is not None and _is_plain_rms_norm(n) and _same_formula(n) for n in norms)
+        and hasattr(attn, "head_dim")
+        and hasattr(attn, "scaling")
+    )
+
+
+def _full_attention(config: object) -> bool:
+    """Does every layer attend to all earlier positions (no sliding window)?"""
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        return all(t == "full_attention" for t in layer_types)
+    return (
+        getattr(config, "sliding_window", None) is None
+        or getattr(config, "use_sliding_window", True) is False
+    )
+
+
+def decode_step(model: nn.Module) -> DecodeStep | None:
+    """The fast decode step for ``model``, or None where it does not compute the model exactly.
+
+    Taken only on CPU (where operator overhead is what it removes) for the model types of
+    :data:`DECODE_MODEL_TYPES` whose every layer passes the checks of the module docstring.
+    """
+    config = getattr(model, "config", None)
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if (
+        config is None
+        or getattr(config, "model_type", None) not in DECODE_MODEL_TYPES
+        or layers is None
+        or not hasattr(model, "lm_head")
+        or type(model.lm_head) is not nn.Linear
+        or model.lm_head.bias is not None
+        or any(p.device.type != "cpu" for p in model.parameters())
+        or getattr(config, "final_logit_softcapping", None)
+        or not _full_attention(config)
+        or _hooked(model)
+        or not all(_plain_layer(layer) for layer in layers)
+        or not _is_plain_rms_norm(inner.norm)
+    ):
+        return None
+    return DecodeStep(model)
