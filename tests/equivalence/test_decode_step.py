@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from rlhfkit.models.decode import DecodeStep, decode_step
+from rlhfkit.models.decode import DecodeStep, Linear, decode_step
 from rlhfkit.models.tiny import tiny_model
 from rlhfkit.rollout.hf import SamplingConfig
 from rlhfkit.rollout.kv_cache import PreallocatedCache
@@ -153,3 +153,26 @@ def _lora() -> torch.nn.Module:
 )
 def test_models_it_does_not_reproduce_keep_their_forward(build):
     assert decode_step(build()) is None
+
+
+@pytest.mark.parametrize("rows", [1, 7, 64])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_on_prepacked_weights_equals_f_linear(rows, bias):
+    """bf16 weights are prepacked for oneDNN (where the build has it) and give F.linear's
+    result at any number of rows; fp32 weights keep F.linear."""
+    gen = torch.Generator().manual_seed(rows)
+    weight = torch.randn(40, 24, generator=gen).to(torch.bfloat16)
+    b = torch.randn(40, generator=gen).to(torch.bfloat16) if bias else None
+    x = torch.randn(rows, 24, generator=gen).to(torch.bfloat16)
+    linear = Linear(weight, b, rows=16)
+    assert (linear.packed is not None) == torch.backends.mkldnn.is_available()
+    want = torch.nn.functional.linear(x.float(), weight.float(), None if b is None else b.float())
+    torch.testing.assert_close(linear(x).float(), want, atol=0.1, rtol=1e-2)
+    assert Linear(weight.float(), rows=16).packed is None
+
+
+def test_bf16_decode_step_runs_on_prepacked_weights():
+    step = decode_step(tiny_model(dtype=torch.bfloat16).eval(), rows=3)
+    names = ("qkv", "out", "gate_up", "down")
+    linears = [step.head] + [getattr(w, n) for w in step.layers for n in names]
+    assert all((m.packed is not None) == torch.backends.mkldnn.is_available() for m in linears)

@@ -343,7 +343,7 @@ class HFGenerator:
         """One batch: completions, their log-probabilities, finish reasons and entropies."""
         stops, g = tuple(sampling.stop), sampling.num_samples
         cache, logits, attention, next_pos = self._prefill(prompts, g, sampling.max_new_tokens)
-        fast = decode_step(self.model) if self.decode == "auto" else None
+        fast = decode_step(self.model, rows=len(logits)) if self.decode == "auto" else None
         forward = (
             _ModelSteps(self.model, self._cache_kw, attention)
             if fast is None
