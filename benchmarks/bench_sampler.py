@@ -24,7 +24,9 @@ their ratio, and MFU-style figures against the measured matmul peak: 2 * params 
 tokens / seconds / peak, and the same with the prefill positions each side computed; the
 process's peak RSS (both models loaded); and the ceiling of any sampler here: the time of one
 decode step's matmuls alone (every linear layer on the 64-row batch), as tokens/s and as a
-multiple of transformers'. See benchmarks/README.md.
+multiple of transformers', and rlhfkit's share of it; and the same ceiling with the weights
+prepacked as rlhfkit's decode step prepacks them (``packed_ceiling``: the products themselves
+run faster, so it is the higher bound). See benchmarks/README.md.
 
     python benchmarks/bench_sampler.py [--steps 4] [--warmup 1] [--profile]
 """
@@ -183,21 +185,31 @@ class TransformersSide:
         }
 
 
-def matmul_floor(model: Any, rows: int, repeats: int = 5) -> float:
+def matmul_floor(model: Any, rows: int, repeats: int = 5, packed: bool = False) -> float:
     """Seconds of one decode step's matmuls alone: every ``nn.Linear`` of ``model`` (the
     projections, the MLPs and the vocabulary head) applied once to a (rows, 1, in) bf16 input.
 
     Any sampler on this model, batch and CPU needs at least this per decode step (attention,
     norms, rotary, the cache and sampling come on top), so ``rows / floor`` tokens/s bounds
-    what any of them can reach. The median of ``repeats`` timed passes after one warm-up.
+    what any of them can reach with these products. The median of ``repeats`` timed passes
+    after one warm-up. ``packed``: the same products on weights prepacked for oneDNN
+    (``rlhfkit.models.decode.Linear``, each layer separately, on (rows, in) inputs), which
+    rlhfkit's decode step uses: the bound for a sampler that prepacks its weights.
     """
     import torch
 
+    from rlhfkit.models.decode import Linear
+
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    shape = (rows,) if packed else (rows, 1)
     inputs = {
-        width: torch.randn(rows, 1, width, dtype=torch.bfloat16)
+        width: torch.randn(*shape, width, dtype=torch.bfloat16)
         for width in {m.in_features for m in linears}
     }
+    if packed:
+        linears = [
+            _Prepacked(Linear(m.weight.detach(), m.bias, rows), m.in_features) for m in linears
+        ]
     times = []
     with torch.no_grad():
         for k in range(repeats + 1):
@@ -207,6 +219,17 @@ def matmul_floor(model: Any, rows: int, repeats: int = 5) -> float:
             if k:
                 times.append(time.perf_counter() - start)
     return common.median(times)
+
+
+@dataclass
+class _Prepacked:
+    """A prepacked linear layer with the ``in_features`` :func:`matmul_floor` reads."""
+
+    linear: Any
+    in_features: int
+
+    def __call__(self, x: Any) -> Any:
+        return self.linear(x)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,6 +267,7 @@ def figures(
     report.figure("speedup_median_round_ratio", common.median(rounds))
     report.figure("ceiling_tokens_per_s", ceiling)
     report.figure("ceiling_over_transformers", ceiling / common.median(rates["transformers"]))
+    report.figure("rlhfkit.share_of_ceiling", common.median(rates["rlhfkit"]) / ceiling)
 
 
 def run(settings: Settings, profile: bool) -> common.Reporter:
@@ -293,8 +317,13 @@ def run(settings: Settings, profile: bool) -> common.Reporter:
         for name in SIDES:
             profiles[name] = common.profiled(lambda s=sides[name]: s.run(settings.seed))["profile"]
 
+    packed_floor = matmul_floor(sides["rlhfkit"].model, rows, packed=True)
     figures(report, answers, samples, params, rows / floor)
     report.figure("matmul_floor_ms_per_step", floor * 1e3)
+    report.figure("packed_matmul_floor_ms_per_step", packed_floor * 1e3)
+    report.figure("packed_ceiling_tokens_per_s", rows / packed_floor)
+    rate = common.median([s["tokens"] / s["seconds"] for s in answers["rlhfkit"]])
+    report.figure("rlhfkit.share_of_packed_ceiling", rate * packed_floor / rows)
     report.figure("peak_rss_mib", peak_rss)
     tokens = {name: [s["tokens"] for s in warm[name] + answers[name]] for name in SIDES}
     report.details.update(
