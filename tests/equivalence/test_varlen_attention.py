@@ -171,3 +171,21 @@ def test_cached_decoding_equals_sdpa_model(monkeypatch):
     torch.testing.assert_close(logits[0], logits[1], atol=1e-10, rtol=0)
     layers = varlen.config.num_hidden_layers
     assert len(calls) == layers and all(shape[0] == 2 and shape[2] == 1 for shape in calls)
+
+
+def test_doc_attention_scales_and_masks_inside_the_product_exactly():
+    """bf16, head size 64 (scale 1/8, a power of two): the fused product (baddbmm with the
+    scale and a 0/-inf bias) gives the scaled-then-masked formula's values bit for bit."""
+    from rlhfkit.models.attention import doc_attention
+
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (
+        torch.randn(1, heads, 21, 64, generator=gen).to(torch.bfloat16) for heads in (6, 2, 2)
+    )
+    mask = torch.ones(21, 21, dtype=torch.bool).tril()
+    mask[12:, 4:9] = False
+    scores = (q.reshape(1, 2, 63, 64) @ k.transpose(-1, -2)) * 0.125
+    scores = scores.view(1, 2, 3, 21, 21).masked_fill(~mask, float("-inf"))
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(torch.bfloat16)
+    want = (weights.view(1, 2, 63, 21) @ v).view(1, 6, 21, 64)
+    assert torch.equal(doc_attention(q, k, v, mask, 0.125, 0.0), want)

@@ -6,7 +6,10 @@ model's own forward with a key/value cache written in place
 (:class:`rlhfkit.rollout.kv_cache.PreallocatedCache`):
 
 1. Each distinct prompt is prefilled once (left-padded batch); the cache and the last logits are
-   then repeated ``num_samples`` times, so the G samples of a prompt share one prefill.
+   then repeated ``num_samples`` times, so the G samples of a prompt share one prefill. The
+   decode steps that follow run through the model's forward, or, for Llama-family models on
+   CPU, through :class:`rlhfkit.models.decode.DecodeStep`, which computes the same function
+   with far fewer operators (``decode="auto"``, the default).
 2. Each step samples one token per live row from softmax(logits / T) after top-k, top-p and
    min-p filtering (greedy when T = 0), and records log pi_sampler of the token: the log-softmax
    of logits / T before filtering (that is what a learner's forward at the same temperature
