@@ -64,8 +64,10 @@ class Linear:
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, rows: int = 64):
-        self.weight, self.bias = weight, bias
+        self.bias = bias
         self.packed = _pack(weight, rows)
+        # the plain weight only where it is used (a stacked copy would double the memory)
+        self.weight = weight if self.packed is None else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Shapes: x (B, in); returns (B, out)."""
