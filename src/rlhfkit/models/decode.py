@@ -10,8 +10,9 @@ function with the weights of the same modules in about 4,600 (1,800 at the top l
 1. h = embed(token); cos, sin from the model's own rotary module at each row's position.
 2. Per layer: x = RMSNorm(h); [q k v] = x W_qkv^T (one matmul over the three projections'
    weights stacked); rotary on q and k together; k and v written at column ``length`` of the
-   layer's key/value buffers; attention over the whole buffer with a mask (rows of the buffer
-   beyond the filled part hold zeros and are masked); h += o W_o^T; x = RMSNorm(h);
+   layer's key/value buffers; attention over the whole buffer with a mask (positions beyond
+   the filled part hold finite values, zeros where never written, and are masked; the softmax
+   scale is folded into q); h += o W_o^T; x = RMSNorm(h);
    [g u] = x W_gu^T; h += (silu(g) * u) W_down^T.
 3. logits = RMSNorm(h) W_head^T.
 
@@ -19,8 +20,8 @@ Attention reads the whole buffer, not a view of its filled part: on CPU, ``bmm``
 operand whose batch stride is not packed, and a view of the first L of C positions is not, so
 the view costs a copy of the cache per layer and step (in bf16, 64 rows, 3 key/value heads of
 64: 0.32-0.56 ms per product over 64-192 positions, against 0.07-0.15 ms for the packed
-buffer). Masked positions get weight exactly 0 and their keys and values are zeros, so they add
-exact zeros to every sum.
+buffer). Masked positions get weight exactly 0 and their keys and values are finite, so they
+add exact zeros to every sum.
 
 Only models whose layers are checked to compute exactly these formulas take this path
 (:func:`decode_step`): the Llama, Mistral and Qwen2 decoder layers, plain ``nn.Linear``
