@@ -115,6 +115,19 @@ def test_sampler_paths_give_the_same_rollout(monkeypatch):
         torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["model", "auto"])
+def test_sampling_leaves_the_global_random_stream_alone(mode):
+    """Training after a rollout draws the same numbers whichever path sampled it (the checks'
+    probes and the sampler use generators of their own)."""
+    model = tiny_model(seed=6).eval()
+    torch.manual_seed(11)
+    want = torch.rand(3)
+    torch.manual_seed(11)
+    sampling = SamplingConfig(max_new_tokens=3, temperature=1.0, num_samples=2)
+    HFGenerator(model, pad_id=0, eos_ids=[1], decode=mode).generate(PROMPTS, sampling)
+    assert torch.equal(torch.rand(3), want)
+
+
 def test_unknown_decode_mode_is_refused():
     with pytest.raises(ValueError, match="decode"):
         HFGenerator(tiny_model(), pad_id=0, eos_ids=[1], decode="fast")

@@ -59,3 +59,28 @@ def test_cache_makes_preallocated_layers():
     cache.update(k, v, 0), cache.update(k, v, 1)
     assert [type(layer) for layer in cache.layers] == [PreallocatedLayer] * 2
     assert cache.get_seq_length() == 3 and cache.layers[0]._keys.shape[2] == 8
+
+
+def test_buffers_beyond_the_filled_part_are_zero_and_advance_counts_written_positions():
+    """What the fused decode step relies on: whole buffers whose unwritten positions are 0
+    (after allocation, growth and row selection), written in place, then counted by advance."""
+    gen = torch.Generator().manual_seed(3)
+    cache = PreallocatedCache(6)
+    k, v = _kv(3, 4, gen)
+    cache.update(k, v, 0)
+    keys, values = cache.buffers()
+    assert (
+        keys[0].shape[2] == 6
+        and (keys[0][:, :, 4:] == 0).all()
+        and (values[0][:, :, 4:] == 0).all()
+    )
+    cache.batch_select_indices(torch.tensor([2, 0]))
+    keys, values = cache.buffers()
+    assert torch.equal(keys[0][:, :, :4], k[[2, 0]]) and (keys[0][:, :, 4:] == 0).all()
+    cache.reserve(9)  # grows (doubles) and keeps the zeros beyond the filled part
+    keys, values = cache.buffers()
+    assert keys[0].shape[2] == 12 and (keys[0][:, :, 4:] == 0).all()
+    new = torch.randn(2, 3, 4, generator=gen)
+    keys[0][:, :, 4] = new
+    cache.advance(1)
+    assert cache.get_seq_length() == 5 and torch.equal(cache.layers[0].keys[:, :, 4], new)
