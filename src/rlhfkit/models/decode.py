@@ -11,8 +11,9 @@ function with the weights of the same modules in about 4,600 (1,800 at the top l
 2. Per layer: x = RMSNorm(h); [q k v] = x W_qkv^T (one matmul over the three projections'
    weights stacked); rotary on q and k together; k and v written at column ``length`` of the
    layer's key/value buffers; attention over the whole buffer with a mask (positions beyond
-   the filled part hold finite values, zeros where never written, and are masked; the softmax
-   scale is folded into q); h += o W_o^T; x = RMSNorm(h);
+   the filled part hold finite values, zeros where never written, and are masked; a
+   power-of-two softmax scale is applied inside the product, any other after it, as the
+   model's path rounds); h += o W_o^T; x = RMSNorm(h);
    [g u] = x W_gu^T; h += (silu(g) * u) W_down^T.
 3. logits = RMSNorm(h) W_head^T.
 
@@ -31,6 +32,7 @@ full attention, no hooks. Everything else decodes through the model's own forwar
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -85,10 +87,16 @@ def _pack(weight: torch.Tensor, rows: int) -> torch.Tensor | None:
         or not torch.backends.mkldnn.is_available()
     ):
         return None
+    supported = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
     try:
-        return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)
-    except (RuntimeError, AttributeError):  # a build without the operator
+        if supported is None or not supported():
+            return None
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)
+        probe = weight.new_zeros(1, weight.shape[1])
+        torch.ops.mkldnn._linear_pointwise(probe, packed, None, "none", [], "")
+    except (RuntimeError, AttributeError, NotImplementedError):  # a build without it
         return None
+    return packed
 
 
 @dataclass(frozen=True)
@@ -106,6 +114,7 @@ class LayerWeights:
     down: Linear
     attn_norm: torch.Tensor
     mlp_norm: torch.Tensor
+    intermediate: int
 
 
 class DecodeStep:
@@ -127,7 +136,8 @@ class DecodeStep:
         self.kv_heads = model.config.num_key_value_heads
         self.head_dim = attn.head_dim
         self.scale = attn.scaling
-        self.intermediate = inner.layers[0].mlp.gate_proj.out_features
+        # a power-of-two scale commutes with rounding, so it can scale inside the product
+        self.exact_alpha = math.frexp(self.scale)[0] == 0.5
         self.eps = inner.norm.variance_epsilon
         self.embed = inner.embed_tokens.weight
         self.final_norm = inner.norm.weight
@@ -174,16 +184,19 @@ class DecodeStep:
             qk = _rotate(qkv[:, :qk_width].view(b, heads + kv_heads, d), cos, sin)
             k_buf[:, :, length] = qk[:, heads:]
             v_buf[:, :, length] = qkv[:, qk_width:].view(b, kv_heads, d)
-            q = (qk[:, :heads] * self.scale).view(b * kv_heads, groups, d)
+            q = qk[:, :heads].reshape(b * kv_heads, groups, d)
             keys_t = k_buf.view(b * kv_heads, capacity, d).transpose(1, 2)
-            scores = torch.baddbmm(bias, q, keys_t)  # (B H_kv, G, C)
+            if self.exact_alpha:  # round(scale * acc) == round(acc) * scale: one operator
+                scores = torch.baddbmm(bias, q, keys_t, alpha=self.scale)  # (B H_kv, G, C)
+            else:  # the model's order: round the product, then scale, then mask
+                scores = torch.bmm(q, keys_t).mul_(self.scale).add_(bias)
             dtype = torch.promote_types(scores.dtype, torch.float32)
             weights = torch.softmax(scores, dim=-1, dtype=dtype).to(v_buf.dtype)
             attended = weights @ v_buf.view(b * kv_heads, capacity, d)  # (B H_kv, G, D)
             h = h + w.out(attended.view(b, heads * d))
             gate_up = w.gate_up(rms_norm(h, w.mlp_norm, self.eps))
-            act = nn.functional.silu(gate_up[:, : self.intermediate])
-            h = h + w.down(act * gate_up[:, self.intermediate :])
+            act = nn.functional.silu(gate_up[:, : w.intermediate])
+            h = h + w.down(act * gate_up[:, w.intermediate :])
         return self.head(rms_norm(h, self.final_norm, self.eps))
 
 
@@ -212,6 +225,7 @@ def _layer_weights(layer: nn.Module, rows: int) -> LayerWeights:
         down=Linear(mlp.down_proj.weight, rows=rows),
         attn_norm=layer.input_layernorm.weight,
         mlp_norm=layer.post_attention_layernorm.weight,
+        intermediate=mlp.gate_proj.out_features,
     )
 
 
@@ -251,8 +265,8 @@ def _plain_layer(layer: nn.Module) -> bool:
     attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
     linears = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
     linears += [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
-    if not all(type(m) is nn.Linear for m in linears):
-        return False
+    if not all(type(m) is nn.Linear and type(m.weight) is nn.Parameter for m in linears):
+        return False  # LoRA wrappers, quantised weights (tensor subclasses)
     q, k, v, o, gate, up, down = linears
     biases = [m.bias is not None for m in (q, k, v)]
     norms = [getattr(layer, n, None) for n in ("input_layernorm", "post_attention_layernorm")]
@@ -263,11 +277,17 @@ def _plain_layer(layer: nn.Module) -> bool:
         and all(n is not None and _is_plain_rms_norm(n) and _is_rms_norm(n) for n in norms)
         and hasattr(attn, "head_dim")
         and hasattr(attn, "scaling")
+        and getattr(attn, "sliding_window", None) is None
     )
 
 
 def _full_attention(config: object) -> bool:
-    """Does every layer attend to all earlier positions (no sliding window)?"""
+    """Does every layer attend to all earlier positions (no sliding window)?
+
+    Mistral applies ``sliding_window`` whatever else its config says, so it must be None there.
+    """
+    if getattr(config, "model_type", None) == "mistral":
+        return getattr(config, "sliding_window", None) is None
     layer_types = getattr(config, "layer_types", None)
     if layer_types is not None:
         return all(t == "full_attention" for t in layer_types)
@@ -296,6 +316,8 @@ def decode_step(model: nn.Module, rows: int = 64) -> DecodeStep | None:
         or layers is None
         or not hasattr(model, "lm_head")
         or type(model.lm_head) is not nn.Linear
+        or type(getattr(inner, "embed_tokens", None)) is not nn.Embedding
+        or len(layers) != getattr(config, "num_hidden_layers", len(layers))
         or model.lm_head.bias is not None
         or any(p.device.type != "cpu" for p in model.parameters())
         or getattr(config, "final_logit_softcapping", None)
