@@ -23,6 +23,11 @@ from rlhfkit.rollout.sampler import HFGenerator
 
 PROMPTS = [[5, 17, 33, 8], [40, 2], [9, 9, 12, 60, 71, 3, 44]]
 
+PACKABLE = torch.backends.mkldnn.is_available() and bool(
+    getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)()
+)
+"""Whether this CPU and build run bf16 products on prepacked oneDNN weights."""
+
 
 def _qwen2(**overrides: object) -> Qwen2ForCausalLM:
     config = Qwen2Config(
@@ -198,7 +203,7 @@ def test_linear_on_prepacked_weights_equals_f_linear(rows, bias):
     b = torch.randn(40, generator=gen).to(torch.bfloat16) if bias else None
     x = torch.randn(rows, 24, generator=gen).to(torch.bfloat16)
     linear = Linear(weight, b, rows=16)
-    assert (linear.packed is not None) == torch.backends.mkldnn.is_available()
+    assert (linear.packed is not None) == PACKABLE
     torch.testing.assert_close(linear(x), torch.nn.functional.linear(x, weight, b))
     assert Linear(weight.float(), rows=16).packed is None
 
@@ -207,4 +212,4 @@ def test_bf16_decode_step_runs_on_prepacked_weights():
     step = decode_step(tiny_model(dtype=torch.bfloat16).eval(), rows=3)
     names = ("qkv", "out", "gate_up", "down")
     linears = [step.head] + [getattr(w, n) for w in step.layers for n in names]
-    assert all((m.packed is not None) == torch.backends.mkldnn.is_available() for m in linears)
+    assert all((m.packed is not None) == PACKABLE for m in linears)

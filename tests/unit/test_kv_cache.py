@@ -77,7 +77,8 @@ def test_buffers_beyond_the_filled_part_are_zero_and_advance_counts_written_posi
     cache.batch_select_indices(torch.tensor([2, 0]))
     keys, values = cache.buffers()
     assert torch.equal(keys[0][:, :, :4], k[[2, 0]]) and (keys[0][:, :, 4:] == 0).all()
-    cache.reserve(9)  # grows (doubles) and keeps the zeros beyond the filled part
+    for layer in cache.layers:  # grows (doubles) and keeps the zeros beyond the filled part
+        layer.reserve(9)
     keys, values = cache.buffers()
     assert keys[0].shape[2] == 12 and (keys[0][:, :, 4:] == 0).all()
     new = torch.randn(2, 3, 4, generator=gen)

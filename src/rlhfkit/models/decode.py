@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from rlhfkit.models.fused import _is_plain_rms_norm
+from rlhfkit.models.fused import _is_plain_rms_norm, _same_formula
 from rlhfkit.ops.fused import rms_norm
 
 DECODE_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
@@ -235,23 +235,6 @@ def _hooked(model: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def _is_rms_norm(module: nn.Module) -> bool:
-    """Does the module compute :func:`rms_norm` (bit for bit, on a probe)?
-
-    The probe comes from a generator of its own: a check must not move the global random
-    stream, or a run whose sampler takes this path would train differently from one that does
-    not (after the check, the same seed would give other dropout masks and batch orders).
-    """
-    weight = module.weight
-    if weight.device.type == "meta":
-        return False
-    gen = torch.Generator(device=weight.device).manual_seed(0)
-    probe = torch.randn(2, 3, weight.shape[0], generator=gen, device=weight.device)
-    probe = probe.to(weight.dtype)
-    return torch.equal(module(probe), rms_norm(probe, weight, module.variance_epsilon))
-
-
-@torch.no_grad()
 def _is_silu(act: object) -> bool:
     """Is ``act`` SiLU (``nn.SiLU`` or transformers' activation), checked on a probe?"""
     if not isinstance(act, nn.Module) or "silu" not in type(act).__name__.lower():
@@ -274,7 +257,7 @@ def _plain_layer(layer: nn.Module) -> bool:
         len(set(biases)) == 1
         and all(m.bias is None for m in (o, gate, up, down))
         and _is_silu(getattr(mlp, "act_fn", None))
-        and all(n is not None and _is_plain_rms_norm(n) and _is_rms_norm(n) for n in norms)
+        and all(n is not None and _is_plain_rms_norm(n) and _same_formula(n) for n in norms)
         and hasattr(attn, "head_dim")
         and hasattr(attn, "scaling")
         and getattr(attn, "sliding_window", None) is None
@@ -324,7 +307,7 @@ def decode_step(model: nn.Module, rows: int = 64) -> DecodeStep | None:
         or not _full_attention(config)
         or _hooked(model)
         or not all(_plain_layer(layer) for layer in layers)
-        or not (_is_plain_rms_norm(inner.norm) and _is_rms_norm(inner.norm))
+        or not (_is_plain_rms_norm(inner.norm) and _same_formula(inner.norm))
     ):
         return None
     return DecodeStep(model, rows)

@@ -134,7 +134,7 @@ class PreallocatedCache(DynamicCache):
 
     Besides transformers' interface (the model's forward calls ``update``), a caller that
     computes the step itself (:class:`rlhfkit.models.decode.DecodeStep`) writes into
-    :meth:`buffers` after :meth:`reserve` and then calls :meth:`advance`.
+    :meth:`buffers` (within their capacity) and then calls :meth:`advance`.
     """
 
     def __init__(self, capacity: int) -> None:
@@ -147,11 +147,6 @@ class PreallocatedCache(DynamicCache):
             each: (B, H_kv, capacity, D).
         """
         return [layer._keys for layer in self.layers], [layer._values for layer in self.layers]
-
-    def reserve(self, size: int) -> None:
-        """Make room for ``size`` positions in every layer."""
-        for layer in self.layers:
-            layer.reserve(size)
 
     def advance(self, n: int = 1) -> None:
         """Count ``n`` more positions as filled in every layer."""

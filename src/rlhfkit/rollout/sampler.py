@@ -350,7 +350,7 @@ class HFGenerator:
         forward = (
             _ModelSteps(self.model, self._cache_kw, attention)
             if fast is None
-            else _FusedSteps(fast, attention, cache.get_seq_length() + sampling.max_new_tokens)
+            else _FusedSteps(fast, attention, cache)
         )
         n = len(prompts) * g
         buffers = VocabBuffers(n, logits.shape[-1], logits.device)
@@ -424,13 +424,17 @@ class _ModelSteps:
 class _FusedSteps:
     """Decode steps through :class:`DecodeStep`, attending over the cache's whole buffers.
 
+    The cache was sized for the prompt and every new token (:meth:`HFGenerator._prefill`), and
+    the last token sampled is never fed, so the buffers never grow while decoding.
+
     Shapes:
         mask: (B, C) bool over the buffer positions: the prompt's attention, then True for
         every position fed since (finished rows too, as the model's path does).
     """
 
-    def __init__(self, step: DecodeStep, attention: torch.Tensor, capacity: int) -> None:
+    def __init__(self, step: DecodeStep, attention: torch.Tensor, cache: PreallocatedCache) -> None:
         self.step = step
+        capacity = cache.buffers()[0][0].shape[2]
         self.mask = attention.new_zeros(len(attention), capacity, dtype=torch.bool)
         self.mask[:, : attention.shape[1]] = attention.bool()
 
@@ -443,12 +447,7 @@ class _FusedSteps:
     ) -> torch.Tensor:
         """Logits (B, V) after feeding ``tokens`` (B,) at ``positions`` (B,)."""
         length = cache.get_seq_length()
-        cache.reserve(length + 1)
         keys, values = cache.buffers()
-        if keys[0].shape[2] > self.mask.shape[1]:  # the cache grew: the mask follows
-            grown = self.mask.new_zeros(len(self.mask), keys[0].shape[2])
-            grown[:, : self.mask.shape[1]] = self.mask
-            self.mask = grown
         self.mask[:, length] = True
         logits = self.step(tokens, positions, self.mask, keys, values, length)
         cache.advance(1)
