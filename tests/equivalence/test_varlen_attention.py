@@ -189,3 +189,169 @@ def test_doc_attention_scales_and_masks_inside_the_product_exactly():
     weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(torch.bfloat16)
     want = (weights.view(1, 2, 63, 21) @ v).view(1, 6, 21, 64)
     assert torch.equal(doc_attention(q, k, v, mask, 0.125, 0.0), want)
+
+
+def _per_document(q, k, v, lengths, scale):
+    """The naive twin of packed_attention: doc_attention on each document in turn."""
+    from rlhfkit.models.attention import doc_attention
+
+    pieces = zip(*(t.split(lengths, dim=2) for t in (q, k, v)), strict=True)
+    outs = [doc_attention(a, b, c, None, scale, 0.0) for a, b, c in pieces]
+    return torch.cat(outs, dim=2).transpose(1, 2).contiguous()
+
+
+@pytest.mark.parametrize(
+    "lengths", [[7], [5, 5, 5], [3, 11, 6, 1, 9, 9, 2], [30, 4, 4, 4, 4, 4, 4, 4, 4, 29]]
+)
+def test_packed_attention_equals_per_document(lengths):
+    """Documents batched by length (right-padded, causal) give each document's own attention:
+    values and gradients equal the one-document-at-a-time loop (fp64, 3 query heads per
+    key-value head)."""
+    from rlhfkit.models.attention import packed_attention
+
+    gen = torch.Generator().manual_seed(11)
+    n = sum(lengths)
+    q, k, v = (
+        torch.randn(1, h, n, 8, dtype=torch.float64, generator=gen, requires_grad=True)
+        for h in (6, 2, 2)
+    )
+    ours = packed_attention(q, k, v, lengths, 0.3)
+    theirs = _per_document(q, k, v, lengths, 0.3)
+    assert ours.shape == (1, n, 6, 8) and ours.is_contiguous()
+    torch.testing.assert_close(ours, theirs, atol=1e-12, rtol=0)
+    weights = torch.randn(ours.shape, dtype=torch.float64, generator=gen)
+    g1 = torch.autograd.grad((ours * weights).sum(), (q, k, v))
+    g2 = torch.autograd.grad((theirs * weights).sum(), (q, k, v))
+    for a, b in zip(g1, g2, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+
+def test_packed_attention_bf16_forward_equals_per_document():
+    """bf16, SmolLM2's head layout: the batched forward gives the per-document values bit for
+    bit (the products reduce over the same head dimension; padded keys weigh exactly 0), and
+    its gradients agree to bf16 rounding."""
+    from rlhfkit.models.attention import group_plan, packed_attention
+
+    lengths = [79, 70, 71, 67, 72, 79, 116, 93, 91, 76, 74, 87, 135, 90, 50, 67]
+    assert 1 < len(group_plan(tuple(lengths), torch.device("cpu")).shapes) < len(lengths)
+    gen = torch.Generator().manual_seed(5)
+    n = sum(lengths)
+    q, k, v = (
+        torch.randn(1, h, n, 64, generator=gen).to(torch.bfloat16).requires_grad_()
+        for h in (9, 3, 3)
+    )
+    ours = packed_attention(q, k, v, lengths, 0.125)
+    theirs = _per_document(q, k, v, lengths, 0.125)
+    assert torch.equal(ours, theirs)
+    weights = torch.randn(ours.shape, generator=gen).to(torch.bfloat16)
+    g1 = torch.autograd.grad((ours * weights).sum(), (q, k, v))
+    g2 = torch.autograd.grad((theirs * weights).sum(), (q, k, v))
+    for a, b in zip(g1, g2, strict=True):
+        torch.testing.assert_close(a.float(), b.float(), atol=0.05, rtol=0.02)
+
+
+def _partitions(items):
+    """Every set partition of ``items``."""
+    if not items:
+        yield []
+        return
+    first, rest = items[0], items[1:]
+    for part in _partitions(rest):
+        for i in range(len(part)):
+            yield [*part[:i], [first, *part[i]], *part[i + 1 :]]
+        yield [[first], *part]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_length_groups_is_optimal(seed):
+    """The dynamic programme finds the least cost over *every* set partition (brute force),
+    covers each document once and respects the group size bound."""
+    import random
+
+    from rlhfkit.models.attention import length_groups
+
+    rng = random.Random(seed)
+    lengths = tuple(rng.randint(1, 120) for _ in range(rng.randint(1, 7)))
+    overhead, max_docs = rng.choice([0, 500, 9000, 10**6]), rng.choice([2, 3, 64])
+
+    def cost(groups):
+        return sum(overhead + len(g) * max(lengths[i] for i in g) ** 2 for g in groups)
+
+    groups = length_groups(lengths, overhead, max_docs)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    assert all(len(g) <= max_docs for g in groups)
+    feasible = [p for p in _partitions(list(range(len(lengths)))) if max(map(len, p)) <= max_docs]
+    assert cost(groups) == min(cost(p) for p in feasible)
+
+
+def test_group_plan_gathers_and_scatters_back():
+    """gather puts each document's positions first in its padded slot (padding repeats the
+    document's last position); back finds every position again."""
+    from rlhfkit.models.attention import group_plan
+
+    lengths = (4, 1, 6, 3, 6)
+    plan = group_plan(lengths, torch.device("cpu"))
+    positions = torch.arange(sum(lengths))
+    stacked = positions.index_select(0, plan.gather)
+    assert stacked.numel() == sum(b * size for b, size in plan.shapes)
+    assert torch.equal(stacked.index_select(0, plan.back), positions)
+    starts = [0, 4, 5, 11, 14]
+    offset = 0
+    for b, size in plan.shapes:
+        for row in stacked[offset : offset + b * size].view(b, size):
+            doc = starts.index(int(row[0]))
+            real = lengths[doc]
+            assert row[:real].tolist() == list(range(row[0], row[0] + real))
+            assert (row[real:] == row[0] + real - 1).all()
+        offset += b * size
+
+
+@pytest.mark.parametrize("path", ["plain", "masks", "context", "dropout"])
+def test_varlen_batches_only_plain_causal_documents(monkeypatch, path):
+    """Plain causal documents go through packed_attention; explicit masks, a shared context and
+    dropout keep the per-document loop."""
+    import rlhfkit.models.attention as attention
+
+    calls = []
+    monkeypatch.setattr(
+        attention, "packed_attention", lambda *a: calls.append(a) or _per_document(*a)
+    )
+    module = torch.nn.Module()
+    module.num_key_value_groups = 1
+    module.training = True
+    lengths = [3, 5, 4]
+    q, k, v = (torch.randn(1, 2, 12, 8, dtype=torch.float64) for _ in range(3))
+    kwargs = {"cu_seq_lens_q": torch.tensor([0, 3, 8, 12])}
+    if path == "masks":
+        kwargs["doc_masks"] = [None, torch.ones(5, 5, dtype=torch.bool).tril(), None]
+    if path == "context":
+        kwargs["doc_context"] = 3
+    out, _ = attention.varlen_sdpa_attention(
+        module, q, k, v, None, dropout=0.5 if path == "dropout" else 0.0, **kwargs
+    )
+    assert out.shape == (1, 12, 2, 8)
+    assert len(calls) == (1 if path == "plain" else 0)
+    assert calls == [] or calls[0][3] == lengths
+
+
+def test_biased_attention_backward_equals_autograd():
+    """The hand-written backward equals autograd of the same forward (fp64; in bf16 it
+    differentiates the rounded probabilities, so it agrees to rounding)."""
+    from rlhfkit.models.attention import _BiasedAttention, _causal_bias
+
+    gen = torch.Generator().manual_seed(2)
+    for dtype, atol in ((torch.float64, 1e-12), (torch.bfloat16, 0.05)):
+        q, k, v = (
+            torch.randn(4, n, 16, generator=gen).to(dtype).requires_grad_() for n in (18, 6, 6)
+        )
+        bias = _causal_bias(6, 6, 3, dtype, torch.device("cpu"))
+        ours = _BiasedAttention.apply(q, k, v, bias, 0.25)
+        scores = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=0.25)
+        probs = torch.softmax(scores, -1, dtype=torch.promote_types(dtype, torch.float32))
+        theirs = probs.to(dtype) @ v
+        assert torch.equal(ours, theirs)
+        weights = torch.randn(ours.shape, generator=gen).to(dtype)
+        g1 = torch.autograd.grad((ours * weights).sum(), (q, k, v))
+        g2 = torch.autograd.grad((theirs * weights).sum(), (q, k, v))
+        for a, b in zip(g1, g2, strict=True):
+            torch.testing.assert_close(a.double(), b.double(), atol=atol, rtol=0.02)
