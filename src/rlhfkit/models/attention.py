@@ -8,7 +8,8 @@ boundaries (``cu_seq_lens_q``, the same keyword transformers passes to flash-att
 kernels) and runs causal sdpa on each document separately: exact, and O(sum of L_d^2) instead of
 O(N^2). Without boundaries (padded batches, generation) it is plain ``sdpa``. A document may
 carry its own mask (``doc_masks``): a prompt shared by several completions is then computed
-once (:func:`rlhfkit.ops.masking.prefix_tree_mask`).
+once (:func:`rlhfkit.ops.masking.prefix_tree_mask`). On CPU, plain causal documents of similar
+length are batched into one padded call (:func:`packed_attention`) instead of one call each.
 
 It is registered with transformers' attention and mask interfaces under the name ``varlen_sdpa``
 so that ``from_pretrained(..., attn_implementation="varlen_sdpa")`` or
