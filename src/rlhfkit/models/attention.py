@@ -193,11 +193,13 @@ class GroupPlan:
             keys; the causal mask keeps every real query off them).
         back: (N,) index into the groups' outputs stacked (b * L rows per group, in group
             order) of each position of the row.
+        slots: (sum of b * L,) the row position each stacked slot holds, N for a padding slot.
     """
 
     shapes: tuple[tuple[int, int], ...]
     gather: torch.Tensor
     back: torch.Tensor
+    slots: torch.Tensor
 
 
 def length_groups(
@@ -241,7 +243,7 @@ def group_plan(lengths: tuple[int, ...], device: torch.device) -> GroupPlan:
     Cached: every layer of a forward meets the same lengths.
     """
     starts = [0, *itertools.accumulate(lengths)]
-    shapes, gather, back = [], [], [0] * starts[-1]
+    shapes, gather, slots, back = [], [], [], [0] * starts[-1]
     for members in length_groups(lengths):
         longest = max(lengths[i] for i in members)
         for doc in members:
@@ -250,9 +252,73 @@ def group_plan(lengths: tuple[int, ...], device: torch.device) -> GroupPlan:
                 back[first + t] = len(gather) + t
             gather.extend(range(first, first + size))
             gather.extend([first + size - 1] * (longest - size))
+            slots.extend(range(first, first + size))
+            slots.extend([starts[-1]] * (longest - size))
         shapes.append((len(members), longest))
     as_index = functools.partial(torch.tensor, dtype=torch.long, device=device)
-    return GroupPlan(tuple(shapes), as_index(gather), as_index(back))
+    return GroupPlan(tuple(shapes), as_index(gather), as_index(back), as_index(slots))
+
+
+class _PadDocuments(torch.autograd.Function):
+    """x.index_select(1, gather) whose backward reads each position's own slot only.
+
+    Autograd's backward of a gather zero-fills the input's shape and scatter-adds every slot
+    into it (0.9 ms for 9 heads x 1,344 positions, bf16). Here the gradient reaching a padding
+    slot is exactly zero: no real query attends to a padding key (causal, right padding), and a
+    padding query's output is dropped, so its probabilities' gradient is zero and so are the
+    key and value gradients it would send. The input's gradient is then the gradient at each
+    position's own slot, one ``index_select`` through ``back`` (0.06 ms), the same values.
+
+    Shapes:
+        x: (H, N, D); gather: (S,); back: (N,); returns (H, S, D).
+    """
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        x: torch.Tensor,
+        gather: torch.Tensor,
+        back: torch.Tensor,
+    ) -> torch.Tensor:
+        ctx.save_for_backward(back)
+        return x.index_select(1, gather)
+
+    @staticmethod
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
+    ) -> tuple[torch.Tensor | None, ...]:
+        (back,) = ctx.saved_tensors
+        return grad.index_select(1, back), None, None
+
+
+class _UnpadDocuments(torch.autograd.Function):
+    """stacked.index_select(0, back): the row's positions from the groups' padded outputs.
+
+    Backward: each slot's gradient is its position's (a zero row appended for the padding
+    slots, ``slots`` pointing there), one ``index_select`` instead of autograd's zero-fill and
+    scatter-add; the same values.
+
+    Shapes:
+        stacked: (S, H, D); back: (N,); slots: (S,); returns (N, H, D).
+    """
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        stacked: torch.Tensor,
+        back: torch.Tensor,
+        slots: torch.Tensor,
+    ) -> torch.Tensor:
+        ctx.save_for_backward(slots)
+        return stacked.index_select(0, back)
+
+    @staticmethod
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
+    ) -> tuple[torch.Tensor | None, ...]:
+        (slots,) = ctx.saved_tensors
+        padded = torch.cat([grad, grad.new_zeros(1, *grad.shape[1:])])
+        return padded.index_select(0, slots), None, None
 
 
 def packed_attention(
@@ -289,13 +355,16 @@ def packed_attention(
     plan = group_plan(tuple(lengths), query.device)
     heads, d = query.shape[1], query.shape[3]
     sizes = [b * longest for b, longest in plan.shapes]
-    pieces = [t[0].index_select(1, plan.gather).split(sizes, dim=1) for t in (query, key, value)]
+    pieces = [
+        _PadDocuments.apply(t[0], plan.gather, plan.back).split(sizes, dim=1)
+        for t in (query, key, value)
+    ]
     outputs = []
     for (b, longest), q, k, v in zip(plan.shapes, *pieces, strict=True):
         q, k, v = (t.view(t.shape[0], b, longest, d).transpose(0, 1) for t in (q, k, v))
         out = doc_attention(q, k, v, None, scale, 0.0)  # (b, H, L, D)
         outputs.append(out.transpose(1, 2).reshape(b * longest, heads, d))
-    return torch.cat(outputs).index_select(0, plan.back)[None]
+    return _UnpadDocuments.apply(torch.cat(outputs), plan.back, plan.slots)[None]
 
 
 BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
