@@ -91,3 +91,59 @@ def test_falls_back_to_the_full_backbone(model, monkeypatch):
     handle.remove()
     assert calls == [1]  # the last layer ran as a whole
     torch.testing.assert_close(got, expected, atol=0, rtol=0)
+
+
+def test_a_hook_on_the_last_layer_keeps_the_full_forward(model):
+    """A steering edit or recording on the last layer must see (and may change) its whole
+    output, which only the layer's own forward gives: the shortcut steps aside."""
+    batch = BATCHES["packed"]()
+    inputs, (rows, cols) = _model_inputs(batch), last_positions(batch)
+
+    def shift(_module, _args, output):
+        return (output[0] + 0.5, *output[1:]) if isinstance(output, tuple) else output + 0.5
+
+    handle = model.model.layers[-1].register_forward_hook(shift)
+    try:
+        expected = backbone_hidden(model, **inputs)[rows, cols]
+        got = selected_hidden(model, inputs, rows, cols)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(got, expected, atol=0, rtol=0)
+    assert not torch.allclose(got, selected_hidden(model, inputs, rows, cols))
+
+
+@pytest.mark.parametrize("kind", ["padded", "packed"])
+def test_label_logprobs_read_the_last_layer_at_label_positions_only(tiny_model_dir, kind):
+    """label_logprobs and label_hidden take the shortcut at the label positions: the same
+    values and gradients as the full backbone's hidden states there (fp64)."""
+    from rlhfkit.models.forward import fused_head, label_hidden, label_logprobs
+    from rlhfkit.ops.logprobs import linear_logprobs
+
+    from rlhfkit.models.forward import _decoder
+
+    lm = load_model(str(tiny_model_dir), dtype=torch.float64)
+    assert _decoder(lm) is not None  # the shortcut applies to this model
+    batch = BATCHES[kind]()
+    batch["labels"] = torch.where(batch["input_ids"] > 100, batch["input_ids"], -100)
+    select = batch["labels"][:, 1:] != -100
+    targets = batch["labels"][:, 1:][select]
+    head = fused_head(lm).weight
+
+    def full():
+        hidden = backbone_hidden(lm, **_model_inputs(batch))[:, :-1][select]
+        return linear_logprobs(hidden, head, targets)
+
+    results = []
+    for fn in (lambda: label_logprobs(lm, batch)[0], full):
+        lm.zero_grad()
+        value = fn()
+        value.sum().backward()
+        results.append((value.detach(), [p.grad.clone() for p in lm.parameters()]))
+    (fast, fast_grads), (slow, slow_grads) = results
+    assert 0 < fast.numel() < select.numel()
+    torch.testing.assert_close(fast, slow, atol=1e-10, rtol=0)
+    for a, b in zip(fast_grads, slow_grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
+    hidden, _ = label_hidden(lm, batch)
+    expected = backbone_hidden(lm, **_model_inputs(batch))[:, :-1][select]
+    torch.testing.assert_close(hidden, expected, atol=1e-10, rtol=0)

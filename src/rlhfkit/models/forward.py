@@ -118,7 +118,9 @@ def _decoder(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     """(backbone, last decoder layer) when the last layer can run on selected positions.
 
     Not for an FSDP2-sharded model: its layers must run as whole forwards (a layer stopped in
-    its pre-forward hook would skip FSDP's post-forward and stay gathered).
+    its pre-forward hook would skip FSDP's post-forward and stay gathered). Nor when the last
+    layer carries hooks of its own (steering edits, recordings): they fire only on the layer's
+    own forward, which the partial path does not call.
     """
     lm = _unwrap(model)
     backbone = getattr(lm, lm.base_model_prefix, None)
@@ -132,6 +134,8 @@ def _decoder(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     ):
         return None
     last = layers[-1]
+    if last._forward_hooks or last._forward_pre_hooks:
+        return None
     parts = ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")
     return (backbone, last) if all(hasattr(last, a) for a in parts) else None
 
@@ -139,7 +143,7 @@ def _decoder(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
 def selected_hidden(
     model: nn.Module, inputs: dict[str, torch.Tensor], rows: torch.Tensor, cols: torch.Tensor
 ) -> torch.Tensor:
-    """Final hidden states at the positions ``(rows, cols)`` only (pooled reward heads).
+    """Final hidden states at the positions ``(rows, cols)`` only (reward heads, label positions).
 
     Equal to ``backbone_hidden(model, **inputs)[rows, cols]``. Every layer but the last runs
     on all positions; the last one's attention too (its keys and values are needed
@@ -211,6 +215,10 @@ def label_logprobs(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 log-probabilities of every labelled token of a (padded or packed) batch.
 
+    The head, and the last decoder layer's MLP (:func:`selected_hidden`), run only at the
+    positions that predict a label: for SFT rows, where about 45% of positions are labels,
+    that skips 1.5% of SmolLM2-135M's backbone FLOPs besides the head's.
+
     Args:
         model: A causal LM.
         batch: ``input_ids`` and ``labels`` (-100 = not a label), optional ``attention_mask``
@@ -232,8 +240,8 @@ def label_logprobs(
     if head is None:
         logits = model(**_model_inputs(batch), use_cache=False).logits[:, :-1]  # (B, L-1, V)
         return logits_logprobs(logits[select].float() / temperature, targets), rows
-    hidden = backbone_hidden(model, **_model_inputs(batch))[:, :-1]  # (B, L-1, H)
-    return linear_logprobs(hidden[select], head.weight, targets, temperature=temperature), rows
+    hidden = selected_hidden(model, _model_inputs(batch), rows, select.nonzero()[:, 1])  # (N, H)
+    return linear_logprobs(hidden, head.weight, targets, temperature=temperature), rows
 
 
 def label_hidden(
@@ -256,9 +264,8 @@ def label_hidden(
     head = fused_head(model)
     if head is None:
         raise ValueError(f"{type(_unwrap(model)).__name__} has no plain linear output head")
-    select = batch["labels"][:, 1:] != -100  # (B, L-1)
-    hidden = backbone_hidden(model, **_model_inputs(batch))[:, :-1]  # (B, L-1, H)
-    return hidden[select], head.weight
+    rows, cols = (batch["labels"][:, 1:] != -100).nonzero().unbind(1)  # (N,) each
+    return selected_hidden(model, _model_inputs(batch), rows, cols), head.weight
 
 
 def completion_inputs(
