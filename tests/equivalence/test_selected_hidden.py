@@ -116,10 +116,8 @@ def test_a_hook_on_the_last_layer_keeps_the_full_forward(model):
 def test_label_logprobs_read_the_last_layer_at_label_positions_only(tiny_model_dir, kind):
     """label_logprobs and label_hidden take the shortcut at the label positions: the same
     values and gradients as the full backbone's hidden states there (fp64)."""
-    from rlhfkit.models.forward import fused_head, label_hidden, label_logprobs
+    from rlhfkit.models.forward import _decoder, fused_head, label_hidden, label_logprobs
     from rlhfkit.ops.logprobs import linear_logprobs
-
-    from rlhfkit.models.forward import _decoder
 
     lm = load_model(str(tiny_model_dir), dtype=torch.float64)
     assert _decoder(lm) is not None  # the shortcut applies to this model
