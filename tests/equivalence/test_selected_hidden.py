@@ -93,22 +93,31 @@ def test_falls_back_to_the_full_backbone(model, monkeypatch):
     torch.testing.assert_close(got, expected, atol=0, rtol=0)
 
 
-def test_a_hook_on_the_last_layer_keeps_the_full_forward(model):
-    """A steering edit or recording on the last layer must see (and may change) its whole
-    output, which only the layer's own forward gives: the shortcut steps aside."""
+@pytest.mark.parametrize("where", ["layer", "mlp", "norm"])
+def test_a_hook_on_the_last_layer_keeps_the_full_forward(model, where):
+    """A steering edit or recording on the last layer (or one of its modules, or the final
+    norm) must see, and may change, the whole row's output, which only the full forward
+    gives: the shortcut steps aside."""
     batch = BATCHES["packed"]()
     inputs, (rows, cols) = _model_inputs(batch), last_positions(batch)
 
-    def shift(_module, _args, output):
-        return (output[0] + 0.5, *output[1:]) if isinstance(output, tuple) else output + 0.5
+    seen = []
 
-    handle = model.model.layers[-1].register_forward_hook(shift)
+    def shift(_module, _args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        seen.append(hidden.dim())
+        return (hidden + 0.5, *output[1:]) if isinstance(output, tuple) else hidden + 0.5
+
+    last = model.model.layers[-1]
+    module = {"layer": last, "mlp": last.mlp, "norm": model.model.norm}[where]
+    handle = module.register_forward_hook(shift)
     try:
         expected = backbone_hidden(model, **inputs)[rows, cols]
         got = selected_hidden(model, inputs, rows, cols)
     finally:
         handle.remove()
     torch.testing.assert_close(got, expected, atol=0, rtol=0)
+    assert seen == [3, 3]  # the hooked module saw the whole (B, L, H) row both times
     assert not torch.allclose(got, selected_hidden(model, inputs, rows, cols))
 
 

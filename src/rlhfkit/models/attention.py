@@ -106,20 +106,33 @@ def doc_attention(
     return out.view(b, heads, lq, d)
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=16)
 def _causal_bias(
     lq: int, lk: int, groups: int, dtype: torch.dtype, device: torch.device
 ) -> torch.Tensor:
     """Additive causal bias (0 where key j <= query i + L_k - L_q, else -inf), G times stacked.
 
-    One tensor per shape, shared by every layer and step that meets the shape (never written).
+    One tensor per shape, shared by every layer and step that meets the shape (never written);
+    a step meets a few shapes, so a small cache serves it. Built outside inference mode, so a
+    bias first made under ``torch.inference_mode`` still serves a training forward.
+
+    Args:
+        lq: Queries.
+        lk: Keys (the queries are the last L_q of them).
+        groups: Query heads per key/value head (the bias is stacked that many times).
+        dtype: The scores' dtype.
+        device: Where the scores live.
+
+    Returns:
+        The bias.
 
     Shapes:
         returns (G * L_q, L_k).
     """
-    mask = torch.ones(lq, lk, dtype=torch.bool, device=device).tril(lk - lq)
-    bias = torch.zeros(lq, lk, dtype=dtype, device=device).masked_fill_(~mask, float("-inf"))
-    return bias.repeat(groups, 1)
+    with torch.inference_mode(False):
+        mask = torch.ones(lq, lk, dtype=torch.bool, device=device).tril(lk - lq)
+        bias = torch.zeros(lq, lk, dtype=dtype, device=device)
+        return bias.masked_fill_(~mask, float("-inf")).repeat(groups, 1)
 
 
 class _BiasedAttention(torch.autograd.Function):
@@ -131,13 +144,14 @@ class _BiasedAttention(torch.autograd.Function):
         dV = P^T dO,   dP = dO V^T,   dS = P * (dP - rowsum(dP * P)),
         dQ = dS K * scale,   dK = dS^T Q * scale
 
-    with P the rounded probabilities the forward multiplied, and the softmax gradient computed
-    in fp32 internally by ``_softmax_backward_data`` on those compute-dtype tensors. Autograd of
+    with P the rounded probabilities the forward multiplied (the softmax gradient is taken from
+    those compute-dtype tensors by ``_softmax_backward_data``, whose CPU kernel accumulates
+    reduced-precision inputs in fp32). Autograd of
     the same forward would keep P in fp32 for the softmax gradient: in bf16 that is twice the
     memory per score, and for several documents batched together (:func:`packed_attention`)
     the fp32 scores fall out of cache, 1.5-2x slower forward + backward (16 documents of 100
     tokens, 9 query / 3 key-value heads of 64, AMD EPYC). In fp32 and fp64 the two are the same
-    computation.
+    computation. First derivatives only (``once_differentiable``), and only those asked for.
 
     Shapes:
         q: (B, M, D); k, v: (B, L_k, D); bias: broadcastable to (B, M, L_k); returns (B, M, D).
@@ -160,15 +174,22 @@ class _BiasedAttention(torch.autograd.Function):
         return torch.bmm(weights, v)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(
         ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
     ) -> tuple[torch.Tensor | None, ...]:
         q, k, v, weights = ctx.saved_tensors
-        grad_weights = torch.bmm(grad, v.transpose(1, 2))
-        grad_v = torch.bmm(weights.transpose(1, 2), grad)
-        grad_scores = torch._softmax_backward_data(grad_weights, weights, -1, weights.dtype)
-        grad_q = torch.bmm(grad_scores, k).mul_(ctx.scale)
-        grad_k = torch.bmm(grad_scores.transpose(1, 2), q).mul_(ctx.scale)
+        need_q, need_k, need_v = ctx.needs_input_grad[:3]
+        grad_q = grad_k = grad_v = None
+        if need_v:
+            grad_v = torch.bmm(weights.transpose(1, 2), grad)
+        if need_q or need_k:
+            grad_weights = torch.bmm(grad, v.transpose(1, 2))
+            grad_scores = torch._softmax_backward_data(grad_weights, weights, -1, weights.dtype)
+            if need_q:
+                grad_q = torch.bmm(grad_scores, k).mul_(ctx.scale)
+            if need_k:
+                grad_k = torch.bmm(grad_scores.transpose(1, 2), q).mul_(ctx.scale)
         return grad_q, grad_k, grad_v, None, None
 
 
@@ -240,11 +261,31 @@ def length_groups(
 def group_plan(lengths: tuple[int, ...], device: torch.device) -> GroupPlan:
     """The gather and scatter indices of :func:`length_groups`' partition.
 
-    Cached: every layer of a forward meets the same lengths.
+    Cached (every layer of a forward meets the same lengths), and built outside inference
+    mode, so a plan first made under ``torch.inference_mode`` still serves a training forward.
+    Empty documents hold no position and join no group.
+
+    Args:
+        lengths: Document lengths of the packed row (sum N).
+        device: Where the indices live.
+
+    Returns:
+        The plan.
+
+    Shapes:
+        gather, slots: (S,) with S = sum over groups of b * L; back: (N,).
     """
+    with torch.inference_mode(False):
+        return _group_plan(lengths, device)
+
+
+def _group_plan(lengths: tuple[int, ...], device: torch.device) -> GroupPlan:
+    """:func:`group_plan` itself."""
     starts = [0, *itertools.accumulate(lengths)]
     shapes, gather, slots, back = [], [], [], [0] * starts[-1]
-    for members in length_groups(lengths):
+    nonempty = tuple(i for i, size in enumerate(lengths) if size)
+    for part in length_groups(tuple(lengths[i] for i in nonempty)):
+        members = [nonempty[i] for i in part]
         longest = max(lengths[i] for i in members)
         for doc in members:
             first, size = starts[doc], lengths[doc]

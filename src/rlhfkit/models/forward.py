@@ -119,8 +119,9 @@ def _decoder(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
 
     Not for an FSDP2-sharded model: its layers must run as whole forwards (a layer stopped in
     its pre-forward hook would skip FSDP's post-forward and stay gathered). Nor when the last
-    layer carries hooks of its own (steering edits, recordings): they fire only on the layer's
-    own forward, which the partial path does not call.
+    layer, one of its modules or the final norm carries hooks (steering edits, recordings) or
+    accelerate's dispatch wrapper (``_hf_hook``, device maps and offloading): they expect the
+    layer's own forward on the whole row, which the partial path does not call.
     """
     lm = _unwrap(model)
     backbone = getattr(lm, lm.base_model_prefix, None)
@@ -134,7 +135,10 @@ def _decoder(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     ):
         return None
     last = layers[-1]
-    if last._forward_hooks or last._forward_pre_hooks:
+    if any(
+        m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook")
+        for m in (*last.modules(), backbone.norm)
+    ):
         return None
     parts = ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")
     return (backbone, last) if all(hasattr(last, a) for a in parts) else None
