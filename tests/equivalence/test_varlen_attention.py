@@ -83,6 +83,16 @@ def test_padded_batches_fall_back_to_sdpa(examples):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
 
 
+def _assert_same_function(ours, theirs, inputs, gen, atol=1e-12):
+    """Equal values, and equal gradients of a random weighting of the outputs (fp64)."""
+    torch.testing.assert_close(ours, theirs, atol=atol, rtol=0)
+    weights = torch.randn(ours.shape, dtype=ours.dtype, generator=gen)
+    g1 = torch.autograd.grad((ours * weights).sum(), inputs)
+    g2 = torch.autograd.grad((theirs * weights).sum(), inputs)
+    for a, b in zip(g1, g2, strict=True):
+        torch.testing.assert_close(a, b, atol=atol, rtol=0)
+
+
 @pytest.mark.parametrize("groups", [1, 3])
 @pytest.mark.parametrize("kind", ["causal", "context_causal", "tree"])
 def test_doc_attention_equals_sdpa(groups, kind):
@@ -102,12 +112,7 @@ def test_doc_attention_equals_sdpa(groups, kind):
     theirs = torch.nn.functional.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, scale=0.3, enable_gqa=groups > 1
     )
-    torch.testing.assert_close(ours, theirs, atol=1e-12, rtol=0)
-    weights = torch.randn(ours.shape, dtype=torch.float64, generator=gen)
-    g1 = torch.autograd.grad((ours * weights).sum(), (q, k, v))
-    g2 = torch.autograd.grad((theirs * weights).sum(), (q, k, v))
-    for a, b in zip(g1, g2, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+    _assert_same_function(ours, theirs, (q, k, v), gen)
 
 
 @pytest.mark.parametrize("masked", [False, True])
@@ -234,12 +239,7 @@ def test_packed_attention_equals_per_document(lengths):
     ours = packed_attention(q, k, v, lengths, 0.3)
     theirs = _per_document_sdpa(q, k, v, lengths, 0.3)
     assert ours.shape == (1, n, 6, 8) and ours.is_contiguous()
-    torch.testing.assert_close(ours, theirs, atol=1e-12, rtol=0)
-    weights = torch.randn(ours.shape, dtype=torch.float64, generator=gen)
-    g1 = torch.autograd.grad((ours * weights).sum(), (q, k, v))
-    g2 = torch.autograd.grad((theirs * weights).sum(), (q, k, v))
-    for a, b in zip(g1, g2, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+    _assert_same_function(ours, theirs, (q, k, v), gen)
 
 
 def test_packed_attention_bf16_forward_equals_per_document():
