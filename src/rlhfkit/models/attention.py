@@ -146,12 +146,12 @@ class _BiasedAttention(torch.autograd.Function):
 
     with P the rounded probabilities the forward multiplied (the softmax gradient is taken from
     those compute-dtype tensors by ``_softmax_backward_data``, whose CPU kernel accumulates
-    reduced-precision inputs in fp32). Autograd of
-    the same forward would keep P in fp32 for the softmax gradient: in bf16 that is twice the
-    memory per score, and for several documents batched together (:func:`packed_attention`)
-    the fp32 scores fall out of cache, 1.5-2x slower forward + backward (16 documents of 100
-    tokens, 9 query / 3 key-value heads of 64, AMD EPYC). In fp32 and fp64 the two are the same
-    computation. First derivatives only (``once_differentiable``), and only those asked for.
+    reduced-precision inputs in fp32). Autograd of the same forward would keep P in fp32 for
+    the softmax gradient: in bf16 that is twice the memory per score, and for several
+    documents batched together (:func:`packed_attention`) the fp32 scores fall out of cache,
+    1.5-2x slower forward + backward (16 documents of 100 tokens, 9 query / 3 key-value heads
+    of 64, AMD EPYC). In fp32 and fp64 the two are the same computation. First derivatives
+    only (``once_differentiable``), and only those asked for.
 
     Shapes:
         q: (B, M, D); k, v: (B, L_k, D); bias: broadcastable to (B, M, L_k); returns (B, M, D).
