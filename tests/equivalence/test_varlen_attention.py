@@ -97,7 +97,7 @@ def _assert_same_function(ours, theirs, inputs, gen, atol=1e-12):
 @pytest.mark.parametrize("kind", ["causal", "context_causal", "tree"])
 def test_doc_attention_equals_sdpa(groups, kind):
     """The explicit per-document kernel equals sdpa (fp64): values and gradients."""
-    from rlhfkit.models.attention import doc_attention
+    from rlhfkit.models.doc_attention import doc_attention
 
     gen = torch.Generator().manual_seed(7)
     lq, context = 9, (4 if kind != "causal" else 0)
@@ -181,7 +181,7 @@ def test_cached_decoding_equals_sdpa_model(monkeypatch):
 def test_doc_attention_scales_and_masks_inside_the_product_exactly():
     """bf16, head size 64 (scale 1/8, a power of two): the fused product (baddbmm with the
     scale and a 0/-inf bias) gives the scaled-then-masked formula's values bit for bit."""
-    from rlhfkit.models.attention import doc_attention
+    from rlhfkit.models.doc_attention import doc_attention
 
     gen = torch.Generator().manual_seed(3)
     q, k, v = (
@@ -198,7 +198,7 @@ def test_doc_attention_scales_and_masks_inside_the_product_exactly():
 
 def _per_document(q, k, v, lengths, scale):
     """The naive twin of packed_attention: doc_attention on each document in turn."""
-    from rlhfkit.models.attention import doc_attention
+    from rlhfkit.models.doc_attention import doc_attention
 
     pieces = zip(*(t.split(lengths, dim=2) for t in (q, k, v)), strict=True)
     outs = [doc_attention(a, b, c, None, scale, 0.0) for a, b, c in pieces]
@@ -226,7 +226,7 @@ def test_packed_attention_equals_per_document(lengths):
     """Documents batched by length (right-padded, causal) give each document's own attention:
     values and gradients equal torch's causal sdpa run one document at a time (fp64, 3 query
     heads per key-value head; one group or several; empty documents)."""
-    from rlhfkit.models.attention import group_plan, packed_attention
+    from rlhfkit.models.doc_attention import group_plan, packed_attention
 
     gen = torch.Generator().manual_seed(11)
     n = sum(lengths)
@@ -247,7 +247,7 @@ def test_packed_attention_bf16_forward_equals_per_document():
     rounding (padded keys weigh exactly 0, but the probabilities-times-values product sums over
     the group's longest document, which a CPU kernel may block differently; on the AMD EPYC it
     was bit for bit), and so do its gradients."""
-    from rlhfkit.models.attention import group_plan, packed_attention
+    from rlhfkit.models.doc_attention import group_plan, packed_attention
 
     lengths = [79, 70, 71, 67, 72, 79, 116, 93, 91, 76, 74, 87, 135, 90, 50, 67]
     assert 1 < len(group_plan(tuple(lengths), torch.device("cpu")).shapes) < len(lengths)
@@ -285,7 +285,7 @@ def test_length_groups_is_optimal(seed):
     covers each document once and respects the group size bound."""
     import random
 
-    from rlhfkit.models.attention import length_groups
+    from rlhfkit.models.doc_attention import length_groups
 
     rng = random.Random(seed)
     lengths = tuple(rng.randint(1, 120) for _ in range(rng.randint(1, 7)))
@@ -304,7 +304,7 @@ def test_length_groups_is_optimal(seed):
 def test_group_plan_gathers_and_scatters_back():
     """gather puts each document's positions first in its padded slot (padding repeats the
     document's last position); back finds every position again."""
-    from rlhfkit.models.attention import group_plan
+    from rlhfkit.models.doc_attention import group_plan
 
     lengths = (4, 1, 6, 3, 6)
     plan = group_plan(lengths, torch.device("cpu"))
@@ -354,7 +354,7 @@ def test_varlen_batches_only_plain_causal_documents(monkeypatch, path):
 def test_biased_attention_backward_equals_autograd():
     """The hand-written backward equals autograd of the same forward (fp64; in bf16 it
     differentiates the rounded probabilities, so it agrees to rounding)."""
-    from rlhfkit.models.attention import _BiasedAttention, _causal_bias
+    from rlhfkit.models.doc_attention import _BiasedAttention, _causal_bias
 
     gen = torch.Generator().manual_seed(2)
     for dtype, atol in ((torch.float64, 1e-12), (torch.bfloat16, 0.05)):
@@ -377,7 +377,7 @@ def test_biased_attention_backward_equals_autograd():
 def test_packed_attention_plan_made_in_inference_mode_serves_training():
     """The cached indices and bias of a shape first met under inference_mode (a reference
     forward) are ordinary tensors: a training forward of the same shape can save them."""
-    from rlhfkit.models.attention import packed_attention
+    from rlhfkit.models.doc_attention import packed_attention
 
     lengths = [6, 2, 9, 3]
     q, k, v = (torch.randn(1, h, 20, 8, dtype=torch.float64) for h in (4, 2, 2))
@@ -391,7 +391,7 @@ def test_packed_attention_plan_made_in_inference_mode_serves_training():
 def test_biased_attention_computes_only_the_gradients_asked_for():
     """Frozen keys and values get no gradient (and the query's is unchanged); second
     derivatives are refused rather than silently wrong."""
-    from rlhfkit.models.attention import _BiasedAttention, _causal_bias
+    from rlhfkit.models.doc_attention import _BiasedAttention, _causal_bias
 
     gen = torch.Generator().manual_seed(4)
     q = torch.randn(2, 6, 8, dtype=torch.float64, generator=gen, requires_grad=True)

@@ -239,12 +239,12 @@ def label_logprobs(
     labels = batch["labels"][:, 1:]  # (B, L-1): label i+1 is predicted at position i
     select = labels != -100  # (B, L-1)
     targets = labels[select]  # (N,)
-    rows = select.nonzero()[:, 0]  # (N,)
+    rows, cols = select.nonzero().unbind(1)  # (N,) each, row-major as select's order
     head = fused_head(model)
     if head is None:
         logits = model(**_model_inputs(batch), use_cache=False).logits[:, :-1]  # (B, L-1, V)
         return logits_logprobs(logits[select].float() / temperature, targets), rows
-    hidden = selected_hidden(model, _model_inputs(batch), rows, select.nonzero()[:, 1])  # (N, H)
+    hidden = selected_hidden(model, _model_inputs(batch), rows, cols)  # (N, H)
     return linear_logprobs(hidden, head.weight, targets, temperature=temperature), rows
 
 
